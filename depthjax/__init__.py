@@ -1,0 +1,12 @@
+"""depthjax: depth as data. A transformer is a table of stacked blocks plus a Program
+that says how the table is walked, run in one `lax.scan`."""
+
+from . import configs
+from .config import ConfigError, ModelConfig, Remat
+from .model import DepthModel, Trace, apply, init
+from .program import Program, ProgramError
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "DepthModel", "ModelConfig", "Program", "ProgramError", "Remat",
+           "Trace", "apply", "configs", "init"]

@@ -1,0 +1,46 @@
+"""The embedded default corpus: the source files of the running Python's standard library.
+
+Real text that is present on every machine, so nothing is downloaded. Files are split
+into train and validation deterministically by a hash of their path relative to the
+stdlib root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+
+def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Path]:
+    """Sorted .py files of the standard library (site-packages excluded) in `split`."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if "site-packages" in rel or "/test" in "/" + rel:
+            continue
+        h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:4], "little") / 2**32
+        if (h < valid_fraction) == (split == "valid"):
+            files.append(path)
+    if not files:
+        raise RuntimeError(f"no standard library sources found under {root}")
+    return files
+
+
+def byte_batch(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train"):
+    """int32 [batch_size, seq_len] byte windows drawn deterministically from the corpus."""
+    rng = np.random.default_rng(seed)
+    files = stdlib_files(split)
+    out = np.zeros((batch_size, seq_len), np.int32)
+    for b in range(batch_size):
+        data = b""
+        while len(data) <= seq_len:
+            data = files[rng.integers(len(files))].read_bytes()
+        start = rng.integers(len(data) - seq_len)
+        out[b] = np.frombuffer(data[start:start + seq_len], np.uint8)
+    return out

@@ -1,0 +1,229 @@
+"""DepthModel, init and apply: embeddings, a table of stacked blocks walked by a Program
+in one `lax.scan`, and the output head.
+
+Parameters: {"embed": ..., "blocks": every leaf [n_blocks, ...], "head": ...}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from . import program as program_lib
+from .block import Block
+from .config import ModelConfig, Remat
+from .layers import init_normal, make_norm
+from .program import Program, ProgramError
+
+
+class Embed(nn.Module):
+    """Token (+ learned position, + token type) embeddings, then the optional embed norm."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, token_types_BT=None):
+        cfg = self.cfg
+        embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg),
+                                         name=name)
+        x_BTD = embed(cfg.vocab_size, "tok")(tokens_BT)
+        if cfg.position == "learned":
+            x_BTD = x_BTD + embed(cfg.max_seq_len, "pos")(positions_BT)
+        if cfg.type_vocab_size:
+            types = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
+            x_BTD = x_BTD + embed(cfg.type_vocab_size, "type")(types)
+        if cfg.embed_norm:
+            x_BTD = make_norm(cfg, "norm")(x_BTD)
+        return x_BTD.astype(cfg.dtype)
+
+
+class Head(nn.Module):
+    """Final norm, then logits: tied (x @ tok_embedding.T) or an untied `out` projection."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, tok_embedding_VD=None, *, logits: bool = True):
+        cfg = self.cfg
+        if cfg.final_norm:
+            x_BTD = make_norm(cfg, "norm")(x_BTD)
+        if not logits:
+            return x_BTD
+        if cfg.tie_embeddings:
+            return jnp.einsum("btd,vd->btv", x_BTD, tok_embedding_VD.astype(cfg.dtype),
+                              preferred_element_type=jnp.float32)
+        out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                       kernel_init=init_normal(cfg), name="out")(x_BTD)
+        return out.astype(jnp.float32)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "program"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class DepthModel:
+    """A config (static), its parameters, and the program that walks the block table."""
+
+    config: ModelConfig
+    params: dict
+    program: Program
+
+    @property
+    def n_blocks(self) -> int:
+        """Rows of the block table."""
+        return jax.tree.leaves(self.params["blocks"])[0].shape[0]
+
+    @property
+    def depth(self) -> int:
+        """Steps of the program."""
+        return self.program.depth
+
+    def replace(self, **changes) -> "DepthModel":
+        return dataclasses.replace(self, **changes)
+
+    def with_program(self, program: Program) -> "DepthModel":
+        program_lib.validate(program, self.n_blocks)
+        return self.replace(program=program)
+
+    def __repr__(self) -> str:
+        n = sum(x.size for x in jax.tree.leaves(self.params))
+        return (f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
+                f"blocks={self.n_blocks}, depth={self.depth}, params={n:,})\n{self.program!r}")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["residual", "attn_out", "mlp_out"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """Per-step activations. residual[i] is the input of step i, residual[i+1] its output.
+
+    residual [depth+1, B, T, D]; attn_out, mlp_out [depth, B, T, D] are the gated updates,
+    so for a sequential program residual[i+1] == residual[i] + attn_out[i] + mlp_out[i].
+    """
+
+    residual: jax.Array
+    attn_out: jax.Array
+    mlp_out: jax.Array
+
+
+def init(cfg: ModelConfig, key: jax.Array, program: Program | None = None) -> DepthModel:
+    """Random parameters for `cfg.n_layers` table rows; the default program is sequential."""
+    k_embed, k_blocks, k_head = jax.random.split(key, 3)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    x = jnp.zeros((1, 1, cfg.d_model), jnp.float32)
+    embed = Embed(cfg).init(k_embed, tokens, tokens)["params"]
+    init_block = lambda k: Block(cfg).init(k, x, 1.0, 1.0, tokens)["params"]
+    blocks = jax.vmap(init_block)(jax.random.split(k_blocks, cfg.n_layers))
+    head = Head(cfg).init(k_head, x, embed["tok"]["embedding"])
+    params = {"embed": embed, "blocks": blocks, "head": head.get("params", {})}
+    program = Program.sequential(cfg.n_layers) if program is None else program
+    program_lib.validate(program, cfg.n_layers)
+    return DepthModel(cfg, params, program)
+
+
+_REMAT_POLICIES = {
+    Remat.FULL: None,
+    Remat.DOTS: jax.checkpoint_policies.checkpoint_dots,
+    Remat.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def segment_positions(segment_ids_BT):
+    """Positions that restart at 0 where a new segment (packed document) begins."""
+    T = segment_ids_BT.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                              segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, *,
+               segment_ids_BT=None, kv_mask_BT=None, trace: bool = False, unroll: bool = False):
+    """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
+
+    The carry is (base, acc): `base` is the input shared by the current parallel group and
+    `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
+    parallel=False first commits the previous group (base += acc).
+    """
+    block = Block(cfg)
+
+    def step(carry, step_prog: Program):
+        base, acc = carry
+        base = jnp.where(step_prog.parallel, base, base + acc)
+        acc = jnp.where(step_prog.parallel, acc, jnp.zeros_like(acc))
+        row = jax.tree.map(lambda table: table[step_prog.block], blocks)
+        u_attn, u_mlp = block.apply({"params": row}, base, step_prog.attn, step_prog.mlp,
+                                    positions_BT, segment_ids_BT=segment_ids_BT,
+                                    kv_mask_BT=kv_mask_BT)
+        acc = acc + u_attn + u_mlp
+        return (base, acc), ((base + acc, u_attn, u_mlp) if trace else None)
+
+    if cfg.remat is not Remat.NONE:
+        step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
+    carry = (x_BTD, jnp.zeros_like(x_BTD))
+    if unroll:
+        ys = []
+        for i in range(program.depth):
+            carry, y = step(carry, jax.tree.map(lambda a: a[i], program))
+            ys.append(y)
+        ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if trace else None
+    else:
+        carry, ys = jax.lax.scan(step, carry, program)
+    base, acc = carry
+    return base + acc, ys
+
+
+def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment_ids_BT):
+    cfg = model.config
+    if jnp.ndim(tokens_BT) != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {jnp.shape(tokens_BT)}")
+    if not jnp.issubdtype(jnp.asarray(tokens_BT).dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got {jnp.asarray(tokens_BT).dtype}")
+    T = tokens_BT.shape[1]
+    if cfg.position == "learned" and T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+    for name, arr in (("mask", mask_BT), ("token_types", token_types_BT),
+                      ("segment_ids", segment_ids_BT)):
+        if arr is not None and jnp.shape(arr) != jnp.shape(tokens_BT):
+            raise ValueError(f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}")
+    if token_types_BT is not None and not cfg.type_vocab_size:
+        raise ValueError(f"token_types given but the {cfg.family} config has no token types")
+    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(model.params["blocks"])}
+    if sizes != {model.n_blocks}:
+        raise ProgramError(f"block table leaves disagree on the number of rows: {sorted(sizes)}")
+    if model.program.block.ndim != 1:
+        raise ProgramError(f"apply takes one program; got a batch {model.program.block.shape} "
+                           "(vmap over programs instead)")
+    program_lib.validate(model.program, model.n_blocks)
+
+
+def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
+          positions=None, trace: bool = False, unroll: bool = False, output: str = "logits"):
+    """Forward pass. tokens int [B, T] -> logits float32 [B, T, vocab].
+
+    mask [B, T]: 1 for real tokens, 0 for padding (keys that may not be attended to).
+    segment_ids [B, T]: packed documents; attention stays within a segment and positions
+    restart at each segment unless `positions` is given. output="hidden" returns the final
+    hidden states [B, T, D] (after the final norm) instead of logits. With trace=True,
+    returns (out, Trace). unroll=True walks the program in Python (same block function).
+    """
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+    _check_inputs(model, tokens_BT, mask, token_types, segment_ids)
+    cfg, params = model.config, model.params
+    if positions is None:
+        positions = (segment_positions(segment_ids) if segment_ids is not None else
+                     jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
+    x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
+    x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
+                           segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
+                           unroll=unroll)
+    tok = params["embed"]["tok"]["embedding"]
+    out = Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=output == "logits")
+    if not trace:
+        return out
+    residual, attn_out, mlp_out = ys
+    return out, Trace(jnp.concatenate([x0_BTD[None], residual]), attn_out, mlp_out)

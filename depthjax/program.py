@@ -1,0 +1,119 @@
+"""Program: how the block table is walked, one entry per depth step.
+
+`block[i]` is the table row that runs at step i, `attn[i]`/`mlp[i]` scale that step's
+sublayer updates (0 switches a sublayer off), and `parallel[i]` makes step i read the
+same residual input as step i-1, its update added to the group's sum.
+
+A Program is a pytree of four equal-length arrays, so programs of the same depth share
+one compiled forward and can be stacked and `vmap`-ed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ProgramError(ValueError):
+    """A program that cannot be run on the model it is given to."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Program:
+    block: jax.Array      # int32 [depth]
+    attn: jax.Array       # float32 [depth]
+    mlp: jax.Array        # float32 [depth]
+    parallel: jax.Array   # bool [depth]
+
+    @classmethod
+    def create(cls, block, attn=None, mlp=None, parallel=None, *, n_blocks=None) -> "Program":
+        """A validated program; gates default to 1 and `parallel` to False."""
+        block_np = np.asarray(block)
+        if block_np.ndim != 1:
+            raise ProgramError(f"block ids must be a 1-d sequence, got shape {block_np.shape}")
+        if block_np.size and not np.issubdtype(block_np.dtype, np.integer):
+            raise ProgramError(f"block ids must be integers, got {block_np.dtype}: "
+                               f"{block_np.tolist()}")
+        n = block_np.size
+        program = cls(
+            block=jnp.asarray(block_np, jnp.int32),
+            attn=jnp.asarray(np.ones(n) if attn is None else attn, jnp.float32),
+            mlp=jnp.asarray(np.ones(n) if mlp is None else mlp, jnp.float32),
+            parallel=jnp.asarray(np.zeros(n, bool) if parallel is None else parallel, bool),
+        )
+        validate(program, n_blocks, _lengths=(n, _len(attn, n), _len(mlp, n), _len(parallel, n)))
+        return program
+
+    @classmethod
+    def sequential(cls, n: int) -> "Program":
+        """Steps 0..n-1 run table rows 0..n-1 in order, all gates 1."""
+        return cls.create(np.arange(n))
+
+    @property
+    def depth(self) -> int:
+        return self.block.shape[-1]
+
+    def replace(self, **changes) -> "Program":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, list]:
+        return {f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d, *, n_blocks=None) -> "Program":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ProgramError(f"unknown program fields {sorted(unknown)}")
+        return cls.create(d["block"], d.get("attn"), d.get("mlp"), d.get("parallel"),
+                          n_blocks=n_blocks)
+
+    def __repr__(self) -> str:
+        if not is_concrete(self):
+            return f"Program(depth={self.depth}, traced)"
+        rows = [f"{'step':>5} {'block':>5} {'attn':>6} {'mlp':>6} parallel"]
+        for i, (b, a, m, p) in enumerate(zip(*(np.asarray(x).reshape(-1, self.depth)[0] for x in
+                                              (self.block, self.attn, self.mlp, self.parallel)))):
+            rows.append(f"{i:>5} {b:>5} {a:>6.3g} {m:>6.3g} {'  ||' if p else ''}")
+        batch = f", batch={self.block.shape[:-1]}" if self.block.ndim > 1 else ""
+        return f"Program(depth={self.depth}{batch})\n" + "\n".join(rows)
+
+
+def _len(x, default: int) -> int:
+    return default if x is None else np.size(x)
+
+
+def is_concrete(program: Program) -> bool:
+    """True when the program holds values (not tracers), so it can be checked on the host."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(program))
+
+
+def validate(program: Program, n_blocks: int | None = None, *, _lengths=None) -> None:
+    """Raise ProgramError naming the problem; a no-op for traced programs (inside jit)."""
+    if not is_concrete(program):
+        return
+    fields = ("block", "attn", "mlp", "parallel")
+    lengths = _lengths or tuple((np.shape(getattr(program, f)) or (0,))[-1] for f in fields)
+    if len(set(lengths)) != 1:
+        raise ProgramError("block, attn, mlp and parallel must have equal lengths, got "
+                           + ", ".join(f"{f}={n}" for f, n in zip(fields, lengths)))
+    if lengths[0] == 0:
+        raise ProgramError("empty program: a model needs at least one step")
+    block = np.asarray(program.block)
+    if not np.issubdtype(block.dtype, np.integer):
+        raise ProgramError(f"block ids must be integers, got dtype {block.dtype}")
+    block = block.reshape(-1, lengths[0])  # programs may carry leading batch axes (vmap)
+    if (block < 0).any():
+        raise ProgramError(f"negative block ids at steps {np.flatnonzero(block.min(0) < 0).tolist()}")
+    if n_blocks is not None and (block >= n_blocks).any():
+        bad = np.flatnonzero(block.max(0) >= n_blocks).tolist()
+        raise ProgramError(f"block ids out of range at steps {bad}: the table has {n_blocks} "
+                           f"rows (valid ids 0..{n_blocks - 1})")
+    if np.asarray(program.parallel).reshape(-1, lengths[0])[:, 0].any():
+        raise ProgramError("parallel[0] must be False: the first step has no step to share input with")
+    for gate in ("attn", "mlp"):
+        if not np.isfinite(np.asarray(getattr(program, gate))).all():
+            raise ProgramError(f"{gate} gates must be finite")
