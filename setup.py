@@ -15,6 +15,13 @@ setup(
         "flax>=0.10",
         "numpy",
         "pyyaml",
+        "safetensors",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "array-record",
+        "tokenizers",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist"],

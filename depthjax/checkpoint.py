@@ -1,0 +1,246 @@
+"""Native single-model checkpoints: `dj.save(model, path)` and `dj.load(path)`.
+
+A checkpoint is a directory:
+
+    config.json          ModelConfig.to_dict()
+    program.json         Program.to_dict()
+    params.safetensors   every parameter leaf, keyed by its "/"-joined path
+    manifest.json        format version, the parameter tree ("dtype[shape]" per leaf, so
+                         empty subtrees survive) and a CRC-32 of params.safetensors
+
+Saves are atomic: everything is written to a temporary sibling directory, flushed, and
+renamed into place, so a reader sees either the old checkpoint or the new one, never a
+half-written one. Loading is bit-exact and checks the parameters against the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from .config import ModelConfig
+from .model import DepthModel, init
+from .program import Program
+
+FORMAT = "depthjax-checkpoint"
+VERSION = 1
+FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
+
+# safetensors dtype codes -> numpy dtypes (safetensors.numpy cannot read bfloat16).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+           "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+           "U8": np.uint8, "BOOL": np.bool_}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, corrupt or inconsistent."""
+
+
+# -- parameter trees <-> flat dicts ----------------------------------------------------
+def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
+    """{"a/b/c": host array} for a nested dict of arrays (keys must be '/'-free strings)."""
+    flat = {}
+    for key, value in params.items():
+        if not isinstance(key, str) or "/" in key or not key:
+            raise CheckpointError(f"parameter key {prefix + str(key)!r}: keys must be "
+                                  "non-empty strings without '/'")
+        path = prefix + key
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, path + "/"))
+        elif isinstance(value, (jax.Array, np.ndarray)):
+            flat[path] = np.asarray(jax.device_get(value))
+        else:
+            raise CheckpointError(f"parameter {path!r} is a {type(value).__name__}; "
+                                  "checkpoints hold nested dicts of arrays")
+    return flat
+
+
+def _describe(params) -> dict:
+    """The tree with each leaf replaced by 'dtype[d0,d1,...]'."""
+    return {k: _describe(v) if isinstance(v, dict) else
+            f"{np.dtype(v.dtype).name}[{','.join(map(str, v.shape))}]" for k, v in params.items()}
+
+
+def _unflatten(tree: dict, flat: dict[str, np.ndarray], prefix: str = "") -> dict:
+    out = {}
+    for key, spec in tree.items():
+        path = prefix + key
+        if isinstance(spec, dict):
+            out[key] = _unflatten(spec, flat, path + "/")
+            continue
+        if path not in flat:
+            raise CheckpointError(f"params.safetensors lacks {path!r} listed in the manifest")
+        arr = flat.pop(path)
+        if _describe({key: arr})[key] != spec:
+            raise CheckpointError(f"{path!r} is {_describe({key: arr})[key]} in "
+                                  f"params.safetensors but {spec} in the manifest")
+        out[key] = arr
+    return out
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- save / load -----------------------------------------------------------------------
+def save(model: DepthModel, path) -> Path:
+    """Write `model` to the directory `path` atomically and return the path.
+
+    An existing depthjax checkpoint at `path` is replaced; any other existing file or
+    non-empty directory is left alone and raises FileExistsError.
+    """
+    if not isinstance(model, DepthModel):
+        raise TypeError(f"save expects a DepthModel, got {type(model).__name__}")
+    if model.program.block.ndim != 1:
+        raise CheckpointError(f"save takes a model with one program; got a batch of "
+                              f"programs {model.program.block.shape}")
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / "manifest.json").exists()
+                                                 or not any(path.iterdir()))):
+        raise FileExistsError(f"{path} exists and is not a depthjax checkpoint; "
+                              "refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = flatten_params(model.params)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _write_json(tmp / "config.json", model.config.to_dict())
+        _write_json(tmp / "program.json", model.program.to_dict())
+        safetensors.numpy.save_file(flat, tmp / "params.safetensors")
+        with open(tmp / "params.safetensors", "rb+") as f:
+            os.fsync(f.fileno())
+        _write_json(tmp / "manifest.json", {
+            "format": FORMAT, "version": VERSION, "params": _describe(model.params),
+            "params_crc32": _crc32(tmp / "params.safetensors")})
+        _fsync_dir(tmp)
+        if path.exists():  # swap: the old checkpoint stays whole until the new one is in
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "ckpt")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is incomplete: {path.name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
+
+
+def load(path, *, verify: bool = True) -> DepthModel:
+    """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
+
+    verify=True checks the CRC-32 of the parameter file (one pass over it).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: "
+                              f"{'not a directory' if path.exists() else 'does not exist'}")
+    manifest = _read_json(path / "manifest.json")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format "
+                              f"{manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}; "
+                              f"this depthjax reads version {VERSION}")
+    try:
+        config = ModelConfig.from_dict(_read_json(path / "config.json"))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}/config.json does not describe a model: {e}") from None
+    params_file = path / "params.safetensors"
+    if not params_file.exists():
+        raise CheckpointError(f"{path} is incomplete: params.safetensors is missing")
+    if verify and _crc32(params_file) != manifest["params_crc32"]:
+        raise CheckpointError(f"{params_file} is corrupt: its CRC-32 does not match the "
+                              "manifest (truncated or modified after saving)")
+    try:
+        tensors = safetensors.deserialize(params_file.read_bytes())
+        flat = {name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
+                for name, t in tensors}
+    except Exception as e:  # the Rust reader raises its own error types
+        raise CheckpointError(f"{params_file} is corrupt: {e}") from None
+    params = _unflatten(manifest["params"], flat)
+    if flat:
+        raise CheckpointError(f"params.safetensors holds tensors not in the manifest: "
+                              f"{sorted(flat)[:5]}")
+    check_params(config, params)
+    params = jax.tree.map(jnp.asarray, params)
+    n_blocks = jax.tree.leaves(params["blocks"])[0].shape[0]
+    program = Program.from_dict(_read_json(path / "program.json"), n_blocks=n_blocks)
+    return DepthModel(config, params, program)
+
+
+def check_params(config: ModelConfig, params: dict) -> None:
+    """Raise CheckpointError unless embed/blocks/head have exactly the shapes `config` makes.
+
+    The block table may have any number of rows (tied or grown models); other top-level
+    subtrees (e.g. adapters) are not checked here.
+    """
+    for part in ("embed", "blocks", "head"):
+        if part not in params:
+            raise CheckpointError(f"params lack the {part!r} subtree")
+    rows = {x.shape[0] for x in jax.tree.leaves(params["blocks"])}
+    if len(rows) != 1:
+        raise CheckpointError(f"block table leaves disagree on the number of rows: {sorted(rows)}")
+    cfg = config.replace(n_layers=rows.pop())
+    expected = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
+    # Shapes only: a model saved with parameters cast to bfloat16 is still consistent.
+    flat_want = {k: v.split("[")[1] for k, v in _flat_specs(_describe(
+        {p: expected[p] for p in ("embed", "blocks", "head")})).items()}
+    flat_got = {k: v.split("[")[1] for k, v in _flat_specs(_describe(
+        {p: params[p] for p in ("embed", "blocks", "head")})).items()}
+    problems = [f"missing {k} [{v}" for k, v in flat_want.items() if k not in flat_got]
+    problems += [f"unexpected {k} [{v}" for k, v in flat_got.items() if k not in flat_want]
+    problems += [f"{k} has shape [{flat_got[k]}, config needs [{v}" for k, v in flat_want.items()
+                 if k in flat_got and flat_got[k] != v]
+    if problems:
+        raise CheckpointError("parameters do not match the config: " + "; ".join(problems[:8])
+                              + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+
+def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat_specs(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
+    return out
