@@ -1,0 +1,400 @@
+"""Fused (flash) attention in Pallas, forward and backward, layout [B, T, H, D].
+
+Online softmax over key blocks, nothing of size T x S is ever materialized. The kernels are
+written against the portable Pallas model (Triton backend on GPU; they also run anywhere
+in interpret mode, which is how the tests check them on CPU). On TPU `flash_attention`
+delegates to `kernels.splash` (see there for why).
+
+Design:
+* grouped-query attention: the K/V BlockSpec index map sends query head h to K/V head
+  h // G, so K/V are never repeated; the dK/dV kernel runs once per K/V head and loops
+  over that head's G query heads, so gradients are summed in registers, not in HBM;
+* the softmax runs in base 2 (scale * log2(e) folded into one multiply); the forward saves
+  the per-row log-sum-exp so the backward recomputes probabilities without a second max;
+* backward (FlashAttention-2 style): delta = rowsum(dO * O) in plain JAX, then one kernel
+  for dQ (grid over query blocks) and one for dK/dV (grid over key blocks);
+* masks are never arrays of size T x S: causal is an index comparison, packed documents
+  and padding are int32 segment ids per position; for causal attention only the blocks
+  on the diagonal pay for the mask, blocks above it are skipped;
+* lengths that are not a multiple of the block size are padded; padded keys get a
+  segment id no query has and padded queries one no key has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -1e30                      # finite, so fully masked rows never produce inf - inf
+KV_PAD_SEGMENT = -(2 ** 31)             # segment id of padded / masked-out keys
+Q_PAD_SEGMENT = -(2 ** 31) + 1          # segment id of padded queries (match no key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialize on (hashable: a custom_vjp nondiff argument)."""
+
+    causal: bool
+    scale: float
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    has_segments: bool
+    interpret: bool
+    num_warps: int | None
+    num_stages: int | None
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+    """2-D matmul with float32 accumulation (full precision for float32 inputs)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _block_mask(st: _Static, q_start, k_start, bq, bk, q_seg, kv_seg, *, causal: bool):
+    """Boolean [bq, bk] for one tile, or None when nothing in it can be masked."""
+    mask = None
+    if causal:
+        q_idx = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        k_idx = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        mask = k_idx <= q_idx
+    if st.has_segments:
+        seg = q_seg[:, None] == kv_seg[None, :]
+        mask = seg if mask is None else mask & seg
+    return mask
+
+
+def _compiler_params(st: _Static):
+    if st.interpret:
+        return None
+    # Always explicit on GPU: the default Pallas GPU backend changed between jax releases.
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=st.num_warps or 4, num_stages=st.num_stages or 2)
+
+
+# ----------------------------------------------------------------------------- forward
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, n_kv: int):
+    """One query block of one head. q_ref [BQ, D]; k_ref, v_ref [Sp, D] (this head's KV)."""
+    if st.has_segments:
+        qseg_ref, kvseg_ref, o_ref, lse_ref = refs
+        q_seg = qseg_ref[...]
+    else:
+        o_ref, lse_ref = refs
+        q_seg = kvseg_ref = None
+    bq, bk = st.block_q, st.block_k
+    i = pl.program_id(2)
+    q = q_ref[...]
+    qk_scale = st.scale * LOG2E
+
+    def body(j, carry, *, causal):
+        m, l, acc = carry
+        k_start = j * bk
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s = _dot(q, k, trans_b=True) * qk_scale
+        kv_seg = kvseg_ref[pl.ds(k_start, bk)] if st.has_segments else None
+        mask = _block_mask(st, i * bq, k_start, bq, bk, q_seg, kv_seg, causal=causal)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp2(s - m_new[:, None])
+        if mask is not None:      # a row with nothing visible yet has m_new == MASK_VALUE
+            p = jnp.where(mask, p, 0.0)
+        alpha = jnp.exp2(m - m_new)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return m_new, l, acc
+
+    carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
+             jnp.zeros((bq, q.shape[-1]), jnp.float32))
+    if st.causal:
+        n_full = jnp.minimum((i * bq) // bk, n_kv)        # key blocks entirely at or below
+        n_end = jnp.minimum(pl.cdiv((i + 1) * bq, bk), n_kv)  # the diagonal; none above it
+        carry = lax.fori_loop(0, n_full, functools.partial(body, causal=False), carry)
+        carry = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), carry)
+    else:
+        carry = lax.fori_loop(0, n_kv, functools.partial(body, causal=False), carry)
+    m, l, acc = carry
+    empty = l == 0.0                                      # no visible key: output zeros
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+def _fwd(st: _Static, q, k, v, q_seg, kv_seg):
+    """q [B, Tp, H, D], k/v [B, Sp, K, D] -> o [B, Tp, H, D], lse2 [B, H, Tp] (base 2)."""
+    B, Tp, H, D = q.shape
+    Sp, K = k.shape[1], k.shape[2]
+    G = H // K
+    n_q, n_kv = Tp // st.block_q, Sp // st.block_k
+    in_specs = [
+        pl.BlockSpec((None, st.block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
+        pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
+    ]
+    args = [q, k, v]
+    if st.has_segments:
+        in_specs += [pl.BlockSpec((None, st.block_q), lambda b, h, i: (b, i)),
+                     pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))]
+        args += [q_seg, kv_seg]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, n_kv=n_kv),
+        grid=(B, H, n_q),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, st.block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
+        compiler_params=_compiler_params(st),
+        interpret=st.interpret,
+        name="depthjax_flash_fwd",
+    )(*args)
+
+
+# ---------------------------------------------------------------------------- backward
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, n_kv: int):
+    """dQ for one query block of one head; loops over key blocks up to the diagonal."""
+    if st.has_segments:
+        qseg_ref, kvseg_ref, dq_ref = refs
+        q_seg = qseg_ref[...]
+    else:
+        (dq_ref,) = refs
+        q_seg = kvseg_ref = None
+    bq, bk = st.block_q_bwd, st.block_k_bwd
+    i = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    qk_scale = st.scale * LOG2E
+
+    def body(j, dq, *, causal):
+        k_start = j * bk
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s = _dot(q, k, trans_b=True) * qk_scale
+        kv_seg = kvseg_ref[pl.ds(k_start, bk)] if st.has_segments else None
+        mask = _block_mask(st, i * bq, k_start, bq, bk, q_seg, kv_seg, causal=causal)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        p = jnp.exp2(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    if st.causal:
+        n_full = jnp.minimum((i * bq) // bk, n_kv)
+        n_end = jnp.minimum(pl.cdiv((i + 1) * bq, bk), n_kv)
+        dq = lax.fori_loop(0, n_full, functools.partial(body, causal=False), dq)
+        dq = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), dq)
+    else:
+        dq = lax.fori_loop(0, n_kv, functools.partial(body, causal=False), dq)
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, n_q: int,
+                group: int):
+    """dK, dV for one key block of one K/V head, summed over its `group` query heads.
+
+    q_ref, do_ref [Tp, G, D]; lse_ref, delta_ref [G, Tp]; k_ref, v_ref [BK, D].
+    """
+    if st.has_segments:
+        qseg_ref, kvseg_ref, dk_ref, dv_ref = refs
+        kv_seg = kvseg_ref[...]
+    else:
+        dk_ref, dv_ref = refs
+        qseg_ref = kv_seg = None
+    bq, bk = st.block_q_bwd, st.block_k_bwd
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    qk_scale = st.scale * LOG2E
+
+    def body(i, carry, *, g, causal):
+        dk, dv = carry
+        q_start = i * bq
+        q = q_ref[pl.ds(q_start, bq), g, :]
+        do = do_ref[pl.ds(q_start, bq), g, :]
+        lse = lse_ref[g, pl.ds(q_start, bq)]
+        delta = delta_ref[g, pl.ds(q_start, bq)]
+        s = _dot(q, k, trans_b=True) * qk_scale
+        q_seg = qseg_ref[pl.ds(q_start, bq)] if st.has_segments else None
+        mask = _block_mask(st, q_start, j * bk, bq, bk, q_seg, kv_seg, causal=causal)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        p = jnp.exp2(s - lse[:, None])                                   # [BQ, BK]
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if st.causal:
+        i_start = jnp.minimum((j * bk) // bq, n_q)                  # first block reaching the key
+        i_full = jnp.clip(pl.cdiv((j + 1) * bk - 1, bq), i_start, n_q)  # first fully visible
+    for g in range(group):                 # static: G is small and indexes the head axis
+        if st.causal:
+            carry = lax.fori_loop(i_start, i_full, functools.partial(body, g=g, causal=True),
+                                  carry)
+            carry = lax.fori_loop(i_full, n_q, functools.partial(body, g=g, causal=False), carry)
+        else:
+            carry = lax.fori_loop(0, n_q, functools.partial(body, g=g, causal=False), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd(st: _Static, res, do):
+    q, k, v, q_seg, kv_seg, o, lse = res
+    B, Tp, H, D = q.shape
+    Sp, K = k.shape[1], k.shape[2]
+    G = H // K
+    bq, bk = st.block_q_bwd, st.block_k_bwd
+    n_q, n_kv = Tp // bq, Sp // bk
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    seg_args = [q_seg, kv_seg] if st.has_segments else []
+    common = dict(compiler_params=_compiler_params(st), interpret=st.interpret)
+
+    dq_specs = [
+        pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
+        pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
+        pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
+        pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
+        pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+        pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+    ]
+    if st.has_segments:
+        dq_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
+                     pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, n_kv=n_kv),
+        grid=(B, H, n_q), in_specs=dq_specs,
+        out_specs=pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        name="depthjax_flash_bwd_dq", **common,
+    )(q, k, v, do, lse, delta, *seg_args)
+
+    # Index maps over (b, kv head, key block); the G query heads of a K/V head are the
+    # contiguous block [kh * G, (kh + 1) * G) of the head axis.
+    dkv_specs = [
+        pl.BlockSpec((None, Tp, G, D), lambda b, kh, j: (b, 0, kh, 0)),
+        pl.BlockSpec((None, bk, None, D), lambda b, kh, j: (b, j, kh, 0)),
+        pl.BlockSpec((None, bk, None, D), lambda b, kh, j: (b, j, kh, 0)),
+        pl.BlockSpec((None, Tp, G, D), lambda b, kh, j: (b, 0, kh, 0)),
+        pl.BlockSpec((None, G, Tp), lambda b, kh, j: (b, kh, 0)),
+        pl.BlockSpec((None, G, Tp), lambda b, kh, j: (b, kh, 0)),
+    ]
+    if st.has_segments:
+        dkv_specs += [pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0)),
+                      pl.BlockSpec((None, bk), lambda b, kh, j: (b, j))]
+    kv_out = pl.BlockSpec((None, bk, None, D), lambda b, kh, j: (b, j, kh, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st, n_q=n_q, group=G),
+        grid=(B, K, n_kv), in_specs=dkv_specs, out_specs=[kv_out, kv_out],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        name="depthjax_flash_bwd_dkv", **common,
+    )(q, k, v, do, lse, delta, *seg_args)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Static, q, k, v, q_seg, kv_seg):
+    return _fwd(st, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(st, q, k, v, q_seg, kv_seg):
+    o, lse = _fwd(st, q, k, v, q_seg, kv_seg)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(st, res, do):
+    dq, dk, dv = _bwd(st, res, do)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------------------ public
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def check_inputs(q, k, v, segment_ids, kv_segment_ids) -> None:
+    """Raise ValueError naming the problem for shapes/dtypes no attention kernel accepts."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got ndim {q.ndim}, {k.ndim}, {v.ndim}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    B, T, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
+    if H % k.shape[2]:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads "
+                         f"({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype {q.dtype} is not supported (float32, bfloat16, float16)")
+    if segment_ids is not None and segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+    if kv_segment_ids is not None and kv_segment_ids.shape != (B, k.shape[1]):
+        raise ValueError(f"kv_segment_ids must be [B, S] = {(B, k.shape[1])}, "
+                         f"got {kv_segment_ids.shape}")
+
+
+def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None,
+                    scale: float | None = None, interpret: bool = False,
+                    block_q: int = 128, block_k: int = 64, block_q_bwd: int = 64,
+                    block_k_bwd: int = 64, num_warps: int | None = None,
+                    num_stages: int | None = None):
+    """Fused attention. q [B, T, H, D]; k, v [B, S, K, D] with H % K == 0. Returns [B, T, H, D].
+
+    causal: query t sees keys s <= t. segment_ids [B, T]: packed documents; queries see only
+    keys with the same id (`kv_segment_ids` [B, S] when keys differ from queries, e.g. key
+    padding: give masked keys an id no query has). scale defaults to 1/sqrt(D).
+    Accumulation is float32 for every input dtype. Rows that see no key return zeros.
+    Any T, S: lengths are padded to the block size internally and the padding masked.
+    interpret=True runs the Pallas kernels in the Pallas interpreter (any backend, slow).
+    Differentiable in q, k, v (custom VJP with its own backward kernels).
+    """
+    check_inputs(q, k, v, segment_ids, kv_segment_ids)
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("kv_segment_ids needs segment_ids for the queries")
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    if causal and T != S:
+        raise ValueError(f"causal attention needs T == S (got T={T}, S={S})")
+    for name, value in (("block_q", block_q), ("block_k", block_k),
+                        ("block_q_bwd", block_q_bwd), ("block_k_bwd", block_k_bwd)):
+        if value <= 0 or value & (value - 1):
+            raise ValueError(f"{name} must be a positive power of two, got {value}")
+    # Blocks (powers of two, >= 16 for the matmul units) never exceed the padded sequence.
+    fit = lambda block, n: min(block, max(16, 1 << (n - 1).bit_length()))
+    bq, bk = fit(block_q, T), fit(block_k, S)
+    bq_bwd, bk_bwd = fit(block_q_bwd, T), fit(block_k_bwd, S)
+    Tp = _round_up(T, math.lcm(bq, bq_bwd))
+    Sp = _round_up(S, math.lcm(bk, bk_bwd))
+    has_segments = segment_ids is not None or Tp != T or Sp != S
+    q_seg = kv_seg = None
+    if has_segments:
+        q_seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        kv_seg = q_seg if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, Tp - T)), constant_values=Q_PAD_SEGMENT)
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)), constant_values=KV_PAD_SEGMENT)
+    if Tp != T:
+        q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    if Sp != S:
+        k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    st = _Static(causal=causal, scale=scale, block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
+                 block_k_bwd=bk_bwd, has_segments=has_segments, interpret=interpret,
+                 num_warps=num_warps, num_stages=num_stages)
+    return _flash(st, q, k, v, q_seg, kv_seg)[:, :T]
