@@ -1,0 +1,17 @@
+"""Hugging Face checkpoints: local directories of config.json + safetensors.
+
+    model = dj.hf.load("path/to/llama")            # Llama, Mistral, Qwen2, Qwen3, GPT-2, BERT
+    dj.hf.save(model, "out/")                      # transformers loads it to the same logits
+    tok = dj.hf.load_tokenizer("path/to/llama")    # tokenizers.Tokenizer from tokenizer.json
+
+Nothing is downloaded. Unsupported config options and unknown tensors raise HFError.
+"""
+
+from .hf_config import HFError, from_hf as config_from_hf, to_hf as config_to_hf
+from .load import load
+from .pooling import mean_pool, pool, sentence_pooling
+from .save import save
+from .tokenizer import load_tokenizer
+
+__all__ = ["HFError", "config_from_hf", "config_to_hf", "load", "load_tokenizer",
+           "mean_pool", "pool", "save", "sentence_pooling"]

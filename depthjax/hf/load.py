@@ -1,0 +1,169 @@
+"""`load(dir)`: a local Hugging Face checkpoint as a DepthModel, streamed tensor by tensor.
+
+Every tensor is checked before any data is read (missing, unexpected, wrong shape), then
+each rule's leaves are filled layer by layer into one preallocated [n_layers, ...] numpy
+stack, placed on device (optionally sharded) and freed before the next, so host memory
+holds at most one stacked leaf group next to the memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ..model import DepthModel, init
+from ..program import Program
+from . import tensor_map
+from .hf_config import HFError, from_hf
+from .safetensors_files import Checkpoint
+
+Sharding = jax.sharding.Sharding
+ShardingSpec = Sharding | Callable[[tuple[str, ...], tuple[int, ...]], Sharding | None] | dict | None
+
+
+def read_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise HFError(f"{directory} is not a directory")
+    if not os.path.exists(path):
+        raise HFError(f"no config.json in {directory}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise HFError(f"{path} is not valid JSON: {e}") from None
+
+
+def model_directory(path: str) -> str:
+    """The directory holding config.json; for a sentence-transformers directory, that of
+    its Transformer module (modules.json)."""
+    modules = os.path.join(path, "modules.json")
+    if os.path.exists(os.path.join(path, "config.json")) or not os.path.exists(modules):
+        return path
+    with open(modules) as f:
+        for module in json.load(f):
+            if module.get("type", "").endswith("Transformer"):
+                return os.path.join(path, module.get("path", ""))
+    raise HFError(f"{modules} lists no Transformer module")
+
+
+def _sharding_for(shardings: ShardingSpec, path: tuple[str, ...], shape) -> Sharding | None:
+    if shardings is None or isinstance(shardings, Sharding):
+        return shardings
+    if callable(shardings):
+        return shardings(path, shape)
+    node = shardings
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise HFError(f"shardings has no entry for parameter {'/'.join(path)}")
+        node = node[key]
+    return node
+
+
+def _put(tree: dict, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _names(rule: tensor_map.TensorRule, prefix: str, n_layers: int) -> list[str]:
+    if rule.per_layer:
+        return [rule.hf_name(prefix, i) for i in range(n_layers)]
+    return [rule.hf_name(prefix)]
+
+
+def _check_names(ckpt: Checkpoint, rules, prefix: str, cfg, family: str) -> list[str]:
+    """Raise on missing or unexpected tensors; return the known-but-unmodelled ones."""
+    n = cfg.n_layers
+    expected = {name for rule in rules for name in _names(rule, prefix, n)}
+    extra = lambda templates: {t.format(p=prefix, i=i) for t in templates for i in range(n)}
+    buffers = extra(tensor_map.BUFFERS.get(family, ()))
+    unmodelled = extra(tensor_map.NOT_MODELLED.get(family, ()))
+    if cfg.tie_embeddings and family != "bert":
+        buffers.add("lm_head.weight")   # allowed if it equals the embedding (checked later)
+    names = ckpt.names()
+    missing = sorted(expected - names)
+    if missing:
+        raise HFError(f"checkpoint {ckpt.directory} is missing {len(missing)} tensor(s) the "
+                      f"config needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    unexpected = sorted(names - expected - buffers - unmodelled)
+    if unexpected:
+        raise HFError(f"checkpoint {ckpt.directory} has {len(unexpected)} tensor(s) that "
+                      f"depthjax does not understand for this config: {unexpected[:8]}"
+                      f"{' ...' if len(unexpected) > 8 else ''}")
+    return sorted(names & unmodelled)
+
+
+def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
+         progress: bool | None = None) -> DepthModel:
+    """Load a local Hugging Face directory (config.json + safetensors) as a DepthModel.
+
+    shardings: where each parameter goes -- one `jax.sharding.Sharding` for all, a pytree
+    shaped like `params` with a Sharding per leaf, or a callable
+    `(path: tuple[str, ...], shape) -> Sharding | None`; None uses the default device.
+    ignore_keys: config.json keys to skip knowingly (unknown keys raise otherwise).
+    progress: print one line per tensor group (default: for checkpoints over 256 MiB).
+    """
+    t0 = time.time()
+    directory = model_directory(path)
+    cfg, model_type = from_hf(read_config(directory), ignore_keys=ignore_keys)
+    family = tensor_map.hf_family(model_type)
+    shapes = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
+    rules = tensor_map.rules_for(cfg, model_type)
+    with Checkpoint(directory) as ckpt:
+        names = ckpt.names()
+        prefix = next((p for p in tensor_map.PREFIXES[family]
+                       if tensor_map.PROBE[family].format(p=p) in names), None)
+        if prefix is None:
+            probes = [tensor_map.PROBE[family].format(p=p) for p in tensor_map.PREFIXES[family]]
+            raise HFError(f"checkpoint {directory} has none of {probes}: not a {model_type} "
+                          "model's weights")
+        unmodelled = _check_names(ckpt, rules, prefix, cfg, family)
+        structs = []
+        for rule in rules:
+            leaves = [tensor_map.leaf_at(shapes, p) for p in rule.leaves]
+            per_layer = [jax.ShapeDtypeStruct(l.shape[1:] if rule.per_layer else l.shape, l.dtype)
+                         for l in leaves]
+            want = tuple(jax.eval_shape(rule.to_hf, *per_layer).shape)
+            for name in _names(rule, prefix, cfg.n_layers):
+                if ckpt.shape(name) != want:
+                    raise HFError(f"tensor {name!r} has shape {list(ckpt.shape(name))}, the "
+                                  f"config implies {list(want)}")
+            structs.append(leaves)
+        total = sum(int(np.prod(ckpt.shape(n))) for n in names) * 4
+        verbose = total > 256 * 2**20 if progress is None else progress
+        params: dict = {}
+        for k, (rule, leaves) in enumerate(zip(rules, structs)):
+            stacks = [np.empty(l.shape, np.float32) for l in leaves]
+            layers = range(cfg.n_layers) if rule.per_layer else [None]
+            for i in layers:
+                pieces = rule.to_ours(ckpt.get(rule.hf_name(prefix, i)))
+                for stack, piece in zip(stacks, pieces):
+                    if i is None:
+                        stack[...] = piece
+                    else:
+                        stack[i] = piece
+            for leaf_path, stack in zip(rule.leaves, stacks):
+                sharding = _sharding_for(shardings, leaf_path, stack.shape)
+                _put(params, leaf_path, jax.device_put(stack, sharding))
+            del stacks
+            if verbose:
+                print(f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
+                      f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+        if cfg.tie_embeddings and "lm_head.weight" in names and family != "bert":
+            if not np.array_equal(ckpt.get("lm_head.weight"),
+                                  np.asarray(params["embed"]["tok"]["embedding"])):
+                raise HFError("tie_word_embeddings is true but lm_head.weight differs from the "
+                              "token embedding; set tie_word_embeddings=false in config.json")
+    if unmodelled:
+        warnings.warn(f"ignored {unmodelled}: depthjax's {model_type} model has no such "
+                      "parameters (it returns the last hidden states)", stacklevel=2)
+    params.setdefault("head", {})
+    return DepthModel(cfg, params, Program.sequential(cfg.n_layers))
