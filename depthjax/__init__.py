@@ -2,6 +2,7 @@
 that says how the table is walked, run in one `lax.scan`."""
 
 from . import configs
+from . import hf
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
 from .model import DepthModel, Trace, apply, init
@@ -12,3 +13,4 @@ __version__ = "0.1.0"
 __all__ = ["ConfigError", "DepthModel", "ModelConfig", "Program", "ProgramError", "Remat",
            "Trace", "apply", "configs", "init"]
 __all__ += ["CheckpointError", "load", "save"]
+__all__ += ["hf"]
