@@ -1,4 +1,14 @@
 """depthjax.kernels: Pallas kernels, each beside a pure-JAX reference.
 
 This folder is installed as the package `depthjax.kernels` (see setup.py).
+
+* `flash_attention`: fused attention, forward + backward (Triton backend on GPU; any
+  backend with interpret=True); `reference_attention` is its naive float32 reference;
+* `splash_attention`: the TPU path, a wrapper over JAX's splash attention kernel.
 """
+
+from .flash_attention import flash_attention
+from .reference import reference_attention
+from .splash import splash_attention
+
+__all__ = ["flash_attention", "reference_attention", "splash_attention"]
