@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from . import train_cli
+
 
 def _demo(args) -> int:
     """A small end-to-end job: build a model, run real text through it, report per-step
@@ -61,7 +63,7 @@ def _add_presets(sub):
     sub.add_parser("presets", help="list named model configs").set_defaults(func=_presets)
 
 
-COMMANDS = [_add_demo, _add_presets]
+COMMANDS = [_add_demo, _add_presets, train_cli.add_command]
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,7 @@ from .train_log import RunLog
 from .train_step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
 
 # Keys that may change between a run and its resumption without breaking bit-exactness.
-_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep_checkpoints",
+_RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "keep_checkpoints",
                       "async_checkpoint", "tensorboard", "eval_every", "eval_batches",
                       "peak_tflops", "distributed"}
 
@@ -299,3 +299,4 @@ def _evaluate(tc, out_dir, cfg, eval_fn, state, program_dev, mesh) -> float:
                                                    tc.batch_size), program_dev)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
+

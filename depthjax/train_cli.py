@@ -1,0 +1,42 @@
+"""`depthjax train` argument parsing; light to import (jax loads only when it runs)."""
+
+from __future__ import annotations
+
+
+def add_command(sub) -> None:
+    """Register `depthjax train` on an argparse subparsers object."""
+    import argparse
+
+    from .train_config import help_text
+    p = sub.add_parser(
+        "train", help="train or resume a model (sharded, checkpointed, resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train into --out; resumes automatically when it holds checkpoints. "
+                    "Writes metrics.jsonl, tensorboard/, checkpoints/ and the final model/.",
+        epilog="keys (key=value; YAML values; nested keys with dots):\n" + help_text()
+               + "\n\nexample: depthjax train --out runs/a model=llama-tiny steps=200 "
+                 "batch_size=16 seq_len=256 mesh.data=2 mesh.fsdp=2 mesh.tensor=2")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--config", help="YAML file of keys (key=value arguments override it)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    import sys
+
+    from .config import ConfigError
+    from . import train
+    from .train_config import TrainConfigError, parse
+    try:
+        tc = parse(args.overrides, args.config)
+        tc.model_config()  # reject a bad preset / model.FIELD before any work
+    except (TrainConfigError, ConfigError, OSError) as e:
+        print(f"depthjax train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train.run(args.out, tc)
+    except train.NonFiniteLossError as e:
+        print(f"depthjax train: {e}", file=sys.stderr)
+        return 3
+    return 0
