@@ -82,7 +82,7 @@ def _prepare_directory(path: str, overwrite: bool) -> None:
     existing = [p for p in ours if os.path.exists(p)]
     if existing and not overwrite:
         raise HFError(f"{path} already holds a checkpoint ({os.path.basename(existing[0])}); "
-                      "pass overwrite=True to replace it")
+                      "pass overwrite=True (convert --overwrite) to replace it")
     for p in existing:   # stale shards of an earlier save would confuse loaders
         os.remove(p)
 

@@ -1,0 +1,70 @@
+"""`depthjax convert`: Hugging Face directories <-> native depthjax checkpoints.
+
+    depthjax convert --from hf DIR --to OUT            HF -> native (dj.save; keeps ties)
+    depthjax convert --from native DIR --to OUT        native -> HF (dj.hf.save)
+    depthjax convert --from hf DIR --to OUT --to-format hf    HF -> HF (re-shard, rewrite)
+
+Tokenizer files travel with the weights in every direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _convert(args) -> int:
+    import depthjax as dj
+    from .hf_config import HFError
+    from .load import model_directory, read_config
+    from .tokenizer import copy_tokenizer_files
+
+    t0 = time.time()
+    to_format = args.to_format or ("native" if args.source_format == "hf" else "hf")
+    try:
+        if args.source_format == "hf":
+            model = dj.hf.load(args.source, progress=True, ignore_keys=tuple(args.ignore_key))
+            source_dir = model_directory(args.source)
+            source_type = read_config(source_dir)["model_type"]  # hf -> hf keeps it
+        else:
+            model = dj.load(args.source)
+            source_dir, source_type = args.source, None
+        print(f"[convert] read {args.source_format} {args.source}: "
+              f"{repr(model).splitlines()[0]}", flush=True)
+        if to_format == "hf":
+            dj.hf.save(model, args.out, model_type=args.model_type or source_type, zero_gated=args.zero_gated,
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       progress=True)
+        else:
+            dj.save(model, args.out)
+    except (HFError, dj.CheckpointError, FileExistsError) as e:
+        print(f"depthjax convert: error: {e}", file=sys.stderr)
+        return 1
+    copied = copy_tokenizer_files(source_dir, args.out)
+    print(f"[convert] wrote {to_format} {args.out}"
+          f"{' with ' + ', '.join(copied) if copied else ''} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("convert", help="convert Hugging Face <-> native depthjax checkpoints",
+                       description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source_format", choices=("hf", "native"), required=True,
+                   help="format of the source directory")
+    p.add_argument("source", metavar="DIR", help="source directory")
+    p.add_argument("--to", dest="out", metavar="OUT", required=True, help="output directory")
+    p.add_argument("--to-format", choices=("hf", "native"), default=None,
+                   help="output format (default: the other one)")
+    p.add_argument("--model-type", default=None,
+                   help="HF architecture to write (llama, mistral, qwen2, qwen3, gpt2, bert; "
+                        "default: inferred from the config)")
+    p.add_argument("--zero-gated", action="store_true",
+                   help="export gated-off sublayers as zero output weights (pre-norm only)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")
+    p.add_argument("--ignore-key", action="append", default=[],
+                   help="config.json key to skip knowingly (repeatable)")
+    p.set_defaults(func=_convert)
+
