@@ -23,7 +23,7 @@ NORM_PLACEMENTS = ("pre", "post", "peri")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")  # see depthjax/attention.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -90,7 +90,7 @@ class ModelConfig:
     final_norm: bool | None = None      # norm before the output head
     parallel_block: bool = False        # GPT-J block: attention and MLP read the same input
     # Execution.
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"         # "auto" | "xla" | "cudnn" | "pallas" (depthjax.attention)
     dtype: str = "float32"              # compute dtype; parameters are always float32
     remat: Remat = Remat.NONE
     init_std: float = 0.02
