@@ -116,7 +116,8 @@ class RunLog:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k == "mfu" else v)
+        # JSON has no NaN/inf: a non-finite value is written as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
         self._jsonl.write(json.dumps(clean) + "\n")
         self._jsonl.flush()
@@ -127,7 +128,8 @@ class RunLog:
     def _progress(self, r: dict) -> None:
         step, frac = r["step"], r["step"] / max(self.total, 1)
         elapsed = time.time() - self._t0
-        parts = [f"step {step}/{self.total}", f"loss {r['loss']:.4f}"]
+        loss = "nan" if r["loss"] is None else f"{r['loss']:.4f}"
+        parts = [f"step {step}/{self.total}", f"loss {loss}"]
         if r.get("tokens_per_s"):
             parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
         if r.get("mfu") is not None:
