@@ -153,6 +153,9 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
             for leaf_path, stack in zip(rule.leaves, stacks):
                 sharding = _sharding_for(shardings, leaf_path, stack.shape)
                 _put(params, leaf_path, jax.device_put(stack, sharding))
+            # transfers are asynchronous and hold their host stack until done: wait, so
+            # host memory never holds more than this group's stacks
+            jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
             del stacks
             if verbose:
                 print(f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
