@@ -49,8 +49,8 @@ class _Static:
     block_k_bwd: int
     has_segments: bool
     interpret: bool
-    num_warps: int | None
-    num_stages: int | None
+    num_warps: int
+    num_stages: int
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
@@ -60,8 +60,13 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _block_mask(st: _Static, q_start, k_start, bq, bk, q_seg, kv_seg, *, causal: bool):
-    """Boolean [bq, bk] for one tile, or None when nothing in it can be masked."""
+def _scores(st: _Static, q, k, q_start, k_start, q_seg, kv_seg, *, causal: bool):
+    """Scaled base-2 logits of one tile [bq, bk] with the mask applied, and the mask.
+
+    The mask is None when nothing in the tile can be masked (no select is emitted).
+    """
+    bq, bk = q.shape[0], k.shape[0]
+    s = _dot(q, k, trans_b=True) * (st.scale * LOG2E)
     mask = None
     if causal:
         q_idx = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
@@ -70,7 +75,22 @@ def _block_mask(st: _Static, q_start, k_start, bq, bk, q_seg, kv_seg, *, causal:
     if st.has_segments:
         seg = q_seg[:, None] == kv_seg[None, :]
         mask = seg if mask is None else mask & seg
-    return mask
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    return s, mask
+
+
+def _loop_over_keys(st: _Static, i, bq, bk, n_kv, body, carry):
+    """Run body(j, carry, causal=...) over the key blocks query block i can see.
+
+    Causal: blocks entirely below the diagonal skip the mask, blocks above it are skipped.
+    """
+    if not st.causal:
+        return lax.fori_loop(0, n_kv, functools.partial(body, causal=False), carry)
+    n_full = jnp.minimum((i * bq) // bk, n_kv)
+    n_end = jnp.minimum(pl.cdiv((i + 1) * bq, bk), n_kv)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, causal=False), carry)
+    return lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), carry)
 
 
 def _compiler_params(st: _Static):
@@ -78,7 +98,7 @@ def _compiler_params(st: _Static):
         return None
     # Always explicit on GPU: the default Pallas GPU backend changed between jax releases.
     from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=st.num_warps or 4, num_stages=st.num_stages or 2)
+    return pltriton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -93,18 +113,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, n_kv: int):
     bq, bk = st.block_q, st.block_k
     i = pl.program_id(2)
     q = q_ref[...]
-    qk_scale = st.scale * LOG2E
 
     def body(j, carry, *, causal):
         m, l, acc = carry
         k_start = j * bk
-        k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s = _dot(q, k, trans_b=True) * qk_scale
         kv_seg = kvseg_ref[pl.ds(k_start, bk)] if st.has_segments else None
-        mask = _block_mask(st, i * bq, k_start, bq, bk, q_seg, kv_seg, causal=causal)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
+        s, mask = _scores(st, q, k_ref[pl.ds(k_start, bk), :], i * bq, k_start, q_seg, kv_seg,
+                          causal=causal)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp2(s - m_new[:, None])
         if mask is not None:      # a row with nothing visible yet has m_new == MASK_VALUE
@@ -116,14 +132,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, n_kv: int):
 
     carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
              jnp.zeros((bq, q.shape[-1]), jnp.float32))
-    if st.causal:
-        n_full = jnp.minimum((i * bq) // bk, n_kv)        # key blocks entirely at or below
-        n_end = jnp.minimum(pl.cdiv((i + 1) * bq, bk), n_kv)  # the diagonal; none above it
-        carry = lax.fori_loop(0, n_full, functools.partial(body, causal=False), carry)
-        carry = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), carry)
-    else:
-        carry = lax.fori_loop(0, n_kv, functools.partial(body, causal=False), carry)
-    m, l, acc = carry
+    m, l, acc = _loop_over_keys(st, i, bq, bk, n_kv, body, carry)
     empty = l == 0.0                                      # no visible key: output zeros
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
@@ -172,29 +181,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Stat
     i = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    qk_scale = st.scale * LOG2E
 
     def body(j, dq, *, causal):
         k_start = j * bk
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s = _dot(q, k, trans_b=True) * qk_scale
         kv_seg = kvseg_ref[pl.ds(k_start, bk)] if st.has_segments else None
-        mask = _block_mask(st, i * bq, k_start, bq, bk, q_seg, kv_seg, causal=causal)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
+        s, _ = _scores(st, q, k, i * bq, k_start, q_seg, kv_seg, causal=causal)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    if st.causal:
-        n_full = jnp.minimum((i * bq) // bk, n_kv)
-        n_end = jnp.minimum(pl.cdiv((i + 1) * bq, bk), n_kv)
-        dq = lax.fori_loop(0, n_full, functools.partial(body, causal=False), dq)
-        dq = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), dq)
-    else:
-        dq = lax.fori_loop(0, n_kv, functools.partial(body, causal=False), dq)
+    dq = _loop_over_keys(st, i, bq, bk, n_kv, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -213,7 +211,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Sta
     bq, bk = st.block_q_bwd, st.block_k_bwd
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
-    qk_scale = st.scale * LOG2E
 
     def body(i, carry, *, g, causal):
         dk, dv = carry
@@ -222,11 +219,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Sta
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
         delta = delta_ref[g, pl.ds(q_start, bq)]
-        s = _dot(q, k, trans_b=True) * qk_scale
         q_seg = qseg_ref[pl.ds(q_start, bq)] if st.has_segments else None
-        mask = _block_mask(st, q_start, j * bk, bq, bk, q_seg, kv_seg, causal=causal)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
+        s, _ = _scores(st, q, k, q_start, j * bk, q_seg, kv_seg, causal=causal)
         p = jnp.exp2(s - lse[:, None])                                   # [BQ, BK]
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
@@ -394,7 +388,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
     if Sp != S:
         k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    # Untuned defaults (no GPU was available to tune on): wider tiles want more warps.
+    num_warps = num_warps or (8 if D >= 128 else 4)
     st = _Static(causal=causal, scale=scale, block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
                  block_k_bwd=bk_bwd, has_segments=has_segments, interpret=interpret,
-                 num_warps=num_warps, num_stages=num_stages)
+                 num_warps=num_warps, num_stages=num_stages or 2)
     return _flash(st, q, k, v, q_seg, kv_seg)[:, :T]
