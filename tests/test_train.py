@@ -19,11 +19,21 @@ TINY = ["model=llama-tiny", "model.n_layers=2", "batch_size=4", "seq_len=32", "s
         "warmup_steps=2", "lr=3e-3", "log_every=1", "shuffle_window=16", "tensorboard=false"]
 
 
+# Subprocess runs share a persistent compilation cache: compiling dominates a tiny run.
+_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(Path(__import__("tempfile").gettempdir())
+                                           / "depthjax-test-jax-cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _env(devices=1, extra=None):
+    return {**os.environ, **_CACHE, **(extra or {}), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
 def _train(out, *keys, env=None, devices=1, check=True):
     """`depthjax train` in a subprocess (fresh JAX, so the device count can be set)."""
-    env = {**os.environ, **(env or {}),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
+    env = _env(devices, env)
     proc = subprocess.run([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
                            *TINY, *keys], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -57,8 +67,7 @@ def test_metrics_have_required_fields(reference, tmp_path_factory):
 
 def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
+    env = _env()
     proc = subprocess.Popen([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
                              *TINY, "steps=6", "checkpoint_every=2", "log_every=1"],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
