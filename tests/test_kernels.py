@@ -168,3 +168,24 @@ def test_bad_input_errors(change, message):
     with pytest.raises(ValueError, match=message):
         flash_attention(q, k, v, causal=change.get("causal", False), segment_ids=seg,
                         block_q=change.get("block_q", 16), interpret=True)
+
+
+@pytest.mark.parametrize("dtype,D,H,K", [(jnp.bfloat16, 128, 8, 2), (jnp.float32, 64, 6, 2)])
+def test_triton_lowering_for_h100(dtype, D, H, K):
+    """Without a GPU: the forward and both backward kernels lower to Triton for an H100.
+
+    Catches what interpret mode cannot: ops or shapes the Triton backend rejects.
+    """
+    mesh_lib = pytest.importorskip("jax._src.mesh")
+    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
+        pytest.skip("this jax cannot describe an abstract GPU")
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    q = jax.ShapeDtypeStruct((2, 300, H, D), dtype)
+    kv = jax.ShapeDtypeStruct((2, 300, K, D), dtype)
+    seg = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+    grad = jax.grad(lambda q, k, v, s: flash_attention(q, k, v, causal=True, segment_ids=s)
+                    .astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(grad).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= 3, "expected forward, dq and dkv Triton kernels"
