@@ -116,6 +116,14 @@ def test_inexpressible_configs_are_refused(tmp_path, changes, match):
         dj.hf.save(model, str(tmp_path))
 
 
+def test_execution_options(saved):
+    model, path = saved
+    loaded = dj.hf.load(str(path), dtype="bfloat16", remat="full")
+    assert loaded.config == model.config.replace(dtype="bfloat16", remat="full")
+    with pytest.raises(TypeError, match="n_layers"):
+        dj.hf.load(str(path), n_layers=2)
+
+
 def test_save_refuses_to_overwrite(saved, tmp_path):
     model, path = saved
     with pytest.raises(HFError, match="already holds"):

@@ -101,8 +101,11 @@ def _check_names(ckpt: Checkpoint, rules, prefix: str, cfg, family: str) -> list
     return sorted(names & unmodelled)
 
 
+_EXECUTION = ("dtype", "remat", "attention_impl")
+
+
 def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
-         progress: bool | None = None) -> DepthModel:
+         progress: bool | None = None, **execution) -> DepthModel:
     """Load a local Hugging Face directory (config.json + safetensors) as a DepthModel.
 
     shardings: where each parameter goes -- one `jax.sharding.Sharding` for all, a pytree
@@ -110,10 +113,17 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
     `(path: tuple[str, ...], shape) -> Sharding | None`; None uses the default device.
     ignore_keys: config.json keys to skip knowingly (unknown keys raise otherwise).
     progress: print one line per tensor group (default: for checkpoints over 256 MiB).
+    execution: how to run it -- dtype, remat, attention_impl (ModelConfig fields); the
+    weights themselves are always stored in float32.
     """
     t0 = time.time()
     directory = model_directory(path)
+    bad = sorted(set(execution) - set(_EXECUTION))
+    if bad:
+        raise TypeError(f"load() got unexpected keyword arguments {bad}; the model's shape "
+                        f"comes from config.json, only {_EXECUTION} may be chosen")
     cfg, model_type = from_hf(read_config(directory), ignore_keys=ignore_keys)
+    cfg = cfg.replace(**execution)
     family = tensor_map.hf_family(model_type)
     shapes = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
     rules = tensor_map.rules_for(cfg, model_type)
