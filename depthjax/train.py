@@ -156,6 +156,20 @@ def _check_resume_compatible(stored: dict, tc: TrainConfig, log: RunLog) -> None
             + "; the run will not match an uninterrupted one")
 
 
+def state_shardings(abstract_params, mask, tx, mesh) -> TrainState:
+    """Shardings of a TrainState: params by the rules table, optimizer moments like their
+    parameters, counters replicated."""
+    param_sh = shd.param_shardings(abstract_params, mesh)
+    repl = shd.replicated(mesh)
+    trainable_sh = jax.tree.map(lambda m, s: s if m else None, mask, param_sh)
+    abstract_opt = jax.eval_shape(tx.init, jax.tree.map(lambda m, x: x if m else None, mask,
+                                                        abstract_params))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_sh,
+                                   transform_non_params=lambda _: repl,
+                                   is_leaf=lambda x: x is None)
+    return TrainState(step=repl, params=param_sh, opt_state=opt_sh, bad_step=repl, skipped=repl)
+
+
 # -- the loop ----------------------------------------------------------------------------
 def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     """Train into `out_dir` (resuming from its checkpoints). Returns the final state and
@@ -179,16 +193,8 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
                        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params))
     mask = trainable_mask(abstract_params, tc.trainable)
     tx, schedule = optimizer(tc), learning_rate(tc)
-    param_sh = shd.param_shardings(abstract_params, mesh)
-    repl = shd.replicated(mesh)
-    trainable_sh = jax.tree.map(lambda m, s: s if m else None, mask, param_sh)
-    abstract_opt = jax.eval_shape(tx.init, jax.tree.map(lambda m, x: x if m else None, mask,
-                                                        abstract_params))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_sh,
-                                   transform_non_params=lambda _: repl,
-                                   is_leaf=lambda x: x is None)
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, bad_step=repl,
-                          skipped=repl)
+    state_sh = state_shardings(abstract_params, mask, tx, mesh)
+    param_sh, repl = state_sh.params, state_sh.step
 
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
@@ -249,34 +255,33 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
 
     step, last_t, last_step = step0, time.time(), step0
     try:
-        with mesh:
-            while step < tc.steps:
-                local = next(data_it)
-                state, metrics = step_fn(state, _global_batch(local, shd.batch_sharding(mesh),
-                                                              tc.batch_size), program_dev)
-                step += 1
-                done = step == tc.steps
-                if step % tc.log_every == 0 or done:
-                    m = jax.device_get(metrics)
-                    now = time.time()
-                    tps = (step - last_step) * tc.batch_size * tc.seq_len / (now - last_t)
-                    record = {"step": step, "loss": float(m["loss"]),
-                              "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                              "tokens_per_s": tps,
-                              "mfu": (tps * flops_per_token / (peak * jax.device_count())
-                                      if peak else None),
-                              "step_time_s": (now - last_t) / (step - last_step)}
-                    if tc.nan_policy == "skip":
-                        record["skipped"] = int(jax.device_get(state.skipped))
-                    if tc.eval_every and (step % tc.eval_every == 0 or done):
-                        record["eval_loss"] = _evaluate(tc, out_dir, cfg, eval_fn, state,
-                                                        program_dev, mesh)
-                    check_finite(state, step)
-                    log.log(record)
-                    last_t, last_step = time.time(), step
-                if step % tc.checkpoint_every == 0 or done:
-                    check_finite(state, step)
-                    ckpts.save(step, state, data_it.get_state(), meta)
+        while step < tc.steps:
+            local = next(data_it)
+            state, metrics = step_fn(state, _global_batch(local, shd.batch_sharding(mesh),
+                                                          tc.batch_size), program_dev)
+            step += 1
+            done = step == tc.steps
+            if step % tc.log_every == 0 or done:
+                m = jax.device_get(metrics)
+                now = time.time()
+                tps = (step - last_step) * tc.batch_size * tc.seq_len / (now - last_t)
+                record = {"step": step, "loss": float(m["loss"]),
+                          "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                          "tokens_per_s": tps,
+                          "mfu": (tps * flops_per_token / (peak * jax.device_count())
+                                  if peak else None),
+                          "step_time_s": (now - last_t) / (step - last_step)}
+                if tc.nan_policy == "skip":
+                    record["skipped"] = int(jax.device_get(state.skipped))
+                if tc.eval_every and (step % tc.eval_every == 0 or done):
+                    record["eval_loss"] = _evaluate(tc, out_dir, cfg, eval_fn, state,
+                                                    program_dev, mesh)
+                check_finite(state, step)
+                log.log(record)
+                last_t, last_step = time.time(), step
+            if step % tc.checkpoint_every == 0 or done:
+                check_finite(state, step)
+                ckpts.save(step, state, data_it.get_state(), meta)
         ckpts.wait()
         if main_process or jax.process_count() == 1:
             final = jax.device_get(state.params) if jax.process_count() == 1 else None
