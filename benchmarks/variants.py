@@ -2,7 +2,9 @@
 
 Evaluates N random programs (block ids, gates, parallel flags) one after another through
 one `jax.jit` function, and checks that exactly one compilation happened; reports time
-per variant against a plain forward of the sequential program.
+per variant against a plain forward of the sequential program. Then evaluates a batch of
+16 programs at once with `vmap` (one compilation), and checks that program-only depth
+transforms allocate no new parameter buffers.
 
     python benchmarks/variants.py [--variants 32] [--depth 16]
 """
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import depthjax as dj
+import depthjax.depth as D
 from common import header, timed
 
 
@@ -48,6 +51,22 @@ def main():
           f"(want 1)")
     print(f"plain forward {plain * 1e3:.2f}ms; per variant {per_variant * 1e3:.2f}ms "
           f"-> {per_variant / plain:.2f}x a plain forward")
+
+    batch = jax.tree.map(lambda *a: jnp.stack(a), *[p for p in programs[:16]])
+    many = jax.jit(jax.vmap(lambda prog, m, t: dj.apply(m.replace(program=prog), t),
+                            in_axes=(0, None, None)))
+    t_vmap = timed(many, batch, model, tokens)
+    print(f"vmap over 16 programs: {many._cache_size()} compilation(s); "
+          f"{t_vmap * 1e3:.2f}ms = {t_vmap / 16 / plain:.2f}x a plain forward per program")
+
+    pointers = lambda m: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(m.params)}
+    before = pointers(model)
+    edits = {"drop": D.drop(model, [1]), "drop_sublayers": D.drop_sublayers(model, attn=[0]),
+             "repeat": D.repeat(model, [2, 3], 2), "reorder": D.reorder(model, [3, 2, 1]),
+             "parallelize": D.parallelize(model, [[1, 2]])}
+    for name, edited in edits.items():
+        new = pointers(edited) - before
+        print(f"{name:15} new parameter buffers: {len(new)}")
 
 
 if __name__ == "__main__":

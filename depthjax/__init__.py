@@ -1,7 +1,7 @@
 """depthjax: depth as data. A transformer is a table of stacked blocks plus a Program
 that says how the table is walked, run in one `lax.scan`."""
 
-from . import configs
+from . import configs, depth
 from . import hf
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
@@ -14,3 +14,4 @@ __all__ = ["ConfigError", "DepthModel", "ModelConfig", "Program", "ProgramError"
            "Trace", "apply", "configs", "init"]
 __all__ += ["CheckpointError", "load", "save"]
 __all__ += ["hf"]
+__all__ += ["depth"]

@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import train_cli
+from .depth import cli as depth_cli
 from .hf import convert as hf_convert
 
 
@@ -66,6 +67,7 @@ def _add_presets(sub):
 
 COMMANDS = [_add_demo, _add_presets, train_cli.add_command]
 COMMANDS.append(hf_convert.add_command)
+COMMANDS.append(depth_cli.add_command)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """DepthModel, init and apply: embeddings, a table of stacked blocks walked by a Program
 in one `lax.scan`, and the output head.
 
-Parameters: {"embed": ..., "blocks": every leaf [n_blocks, ...], "head": ...}.
+Parameters: {"embed": ..., "blocks": every leaf [n_blocks, ...], "head": ...} and
+optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.steps).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from . import program as program_lib
+from . import steps as steps_lib
 from .block import Block
 from .config import ModelConfig, Remat
 from .layers import init_normal, make_norm
@@ -141,8 +143,11 @@ def segment_positions(segment_ids_BT):
 
 
 def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, *,
-               segment_ids_BT=None, kv_mask_BT=None, trace: bool = False, unroll: bool = False):
+               step_params=None, segment_ids_BT=None, kv_mask_BT=None, trace: bool = False,
+               unroll: bool = False):
     """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
+
+    `step_params` (leaves [depth, ...], see depthjax.steps) is scanned with the program.
 
     The carry is (base, acc): `base` is the input shared by the current parallel group and
     `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
@@ -150,28 +155,33 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     """
     block = Block(cfg)
 
-    def step(carry, step_prog: Program):
+    def step(carry, xs):
+        step_prog, step_params = xs
         base, acc = carry
         base = jnp.where(step_prog.parallel, base, base + acc)
         acc = jnp.where(step_prog.parallel, acc, jnp.zeros_like(acc))
         row = jax.tree.map(lambda table: table[step_prog.block], blocks)
+        row = steps_lib.effective_row(row, step_params)
         u_attn, u_mlp = block.apply({"params": row}, base, step_prog.attn, step_prog.mlp,
                                     positions_BT, segment_ids_BT=segment_ids_BT,
                                     kv_mask_BT=kv_mask_BT)
+        s = steps_lib.scale(step_params)
+        u_attn, u_mlp = (u * jnp.asarray(s, u.dtype) for u in (u_attn, u_mlp))
         acc = acc + u_attn + u_mlp
         return (base, acc), ((base + acc, u_attn, u_mlp) if trace else None)
 
     if cfg.remat is not Remat.NONE:
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
     carry = (x_BTD, jnp.zeros_like(x_BTD))
+    xs = (program, step_params)
     if unroll:
         ys = []
         for i in range(program.depth):
-            carry, y = step(carry, jax.tree.map(lambda a: a[i], program))
+            carry, y = step(carry, jax.tree.map(lambda a: a[i], xs))
             ys.append(y)
         ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if trace else None
     else:
-        carry, ys = jax.lax.scan(step, carry, program)
+        carry, ys = jax.lax.scan(step, carry, xs)
     base, acc = carry
     return base + acc, ys
 
@@ -198,6 +208,7 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
         raise ProgramError(f"apply takes one program; got a batch {model.program.block.shape} "
                            "(vmap over programs instead)")
     program_lib.validate(model.program, model.n_blocks)
+    steps_lib.check(model.params.get("steps"), model.program.depth)
 
 
 def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
@@ -219,7 +230,7 @@ def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_
                      jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
     x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
     x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
-                           segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
+                           step_params=params.get("steps"), segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
                            unroll=unroll)
     tok = params["embed"]["tok"]["embedding"]
     out = Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=output == "logits")

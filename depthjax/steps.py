@@ -1,0 +1,63 @@
+"""Per-step parameters: state indexed by program step, never by table row.
+
+`params["steps"]` is optional; every leaf has a leading [depth] axis and is scanned along
+with the program. It holds what makes one step differ from the shared row it runs:
+
+* ``delta``: a subtree of the block leaves, added to the gathered row (e.g. untied norms);
+* ``lora``:  at a kernel's position in the block tree, ``{"a": [in, r], "b": [r, out]}``:
+  the step runs kernel + (a @ b) reshaped to the kernel (relaxed recursive models);
+* ``scale``: [depth] multiplier on the step's whole update (averaged parallel groups).
+
+Transforms that select, reorder or insert steps move these leaves with the program
+(see `depthjax.depth`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+
+def kernel_in_dims(path: tuple) -> int:
+    """Leading kernel axes that are inputs: 2 for the attention output [H, Dh, D], else 1."""
+    return 2 if path[-2:] == ("o", "kernel") else 1
+
+
+def to_2d(path: tuple, kernel):
+    """One row's kernel (no table axis) as a matrix [in, out]."""
+    n_in = kernel_in_dims(path)
+    return kernel.reshape(math.prod(kernel.shape[:n_in]), -1)
+
+
+def effective_row(row: dict, step: dict | None) -> dict:
+    """The block parameters that this step actually runs."""
+    if not step:
+        return row
+    flat = traverse_util.flatten_dict(row)
+    for path, d in traverse_util.flatten_dict(step.get("delta", {})).items():
+        flat[path] = flat[path] + d
+    for path, ab in _lora_items(step.get("lora", {})):
+        w = flat[path]
+        flat[path] = w + (ab["a"] @ ab["b"]).reshape(w.shape).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _lora_items(lora: dict):
+    """(kernel path, {"a", "b"}) pairs of a lora subtree."""
+    flat = traverse_util.flatten_dict(lora)
+    paths = sorted({p[:-1] for p in flat})
+    return [(p, {"a": flat[p + ("a",)], "b": flat[p + ("b",)]}) for p in paths]
+
+
+def scale(step: dict | None):
+    return 1.0 if not step or "scale" not in step else step["scale"]
+
+
+def check(steps: dict | None, depth: int) -> None:
+    """Every per-step leaf must have a leading axis equal to the program depth."""
+    for path, leaf in traverse_util.flatten_dict(steps or {}).items():
+        if jnp.ndim(leaf) == 0 or leaf.shape[0] != depth:
+            raise ValueError(f"params['steps'] leaf {'/'.join(path)} has shape "
+                             f"{jnp.shape(leaf)}; its leading axis must be the program depth {depth}")
