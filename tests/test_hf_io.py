@@ -278,6 +278,15 @@ for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 one = dj.hf.load(path, shardings=NamedSharding(mesh, P()))
 assert one.params["embed"]["tok"]["embedding"].sharding.spec == P()
+tree = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "data") if x.ndim > 1 else P()),
+                    plain.params)
+by_tree = dj.hf.load(path, shardings=tree)
+assert by_tree.params["blocks"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "data")
+try:   # 3 layers cannot be split in 2: the error names the parameter
+    dj.hf.load(path, shardings=jax.tree.map(lambda x: NamedSharding(mesh, P("data")), tree))
+    raise AssertionError("indivisible sharding accepted")
+except dj.hf.HFError as e:
+    assert "blocks/" in str(e) or "embed/" in str(e), e
 tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
 np.testing.assert_allclose(np.asarray(jax.jit(dj.apply)(sharded, tokens)),
                            np.asarray(dj.apply(plain, tokens)), atol=1e-5)

@@ -162,7 +162,11 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
                         stack[i] = piece
             for leaf_path, stack in zip(rule.leaves, stacks):
                 sharding = _sharding_for(shardings, leaf_path, stack.shape)
-                _put(params, leaf_path, jax.device_put(stack, sharding))
+                try:
+                    _put(params, leaf_path, jax.device_put(stack, sharding))
+                except ValueError as e:
+                    raise HFError(f"cannot place parameter {'/'.join(leaf_path)} "
+                                  f"{list(stack.shape)} with {sharding}: {e}") from None
             # transfers are asynchronous and hold their host stack until done: wait, so
             # host memory never holds more than this group's stacks
             jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
