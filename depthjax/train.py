@@ -58,7 +58,10 @@ def maybe_initialize_distributed(mode: str) -> None:
                 or "," in env.get("TPU_WORKER_HOSTNAMES", "")
                 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
     if mode == "on" or detected:
-        jax.distributed.initialize()
+        # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count/id: pass them.
+        explicit = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                 ("process_id", "JAX_PROCESS_ID")) if v in env}
+        jax.distributed.initialize(**explicit)
 
 
 # -- checkpoints -------------------------------------------------------------------------
