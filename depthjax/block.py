@@ -24,31 +24,48 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, attn_gate, mlp_gate, positions_BT, *, segment_ids_BT=None,
-                 kv_mask_BT=None):
-        """Returns the gated updates (u_attn_BTD, u_mlp_BTD); the block output is x + both."""
+                 kv_mask_BT=None, kv_cache=None, attn_enabled: bool = True):
+        """Returns the gated updates (u_attn_BTD, u_mlp_BTD); the block output is x + both.
+
+        With `kv_cache` (see `Attention`) returns (u_attn_BTD, u_mlp_BTD, kv_cache).
+        attn_enabled=False (static) skips the attention sublayer: exactly gate 0, without
+        its compute (decoding steps that have no cache slot).
+        """
         cfg = self.cfg
         attn = Attention(cfg, name="attn")
         mlp = MLP(cfg, name="mlp")
         attn_norm = make_norm(cfg, "attn_norm")
-        run_attn = lambda h: attn(h, positions_BT, segment_ids_BT=segment_ids_BT,
-                                  kv_mask_BT=kv_mask_BT)
+        cache = [kv_cache]  # run_attn swaps in the updated cache
+
+        def run_attn(h_BTD):
+            out = attn(h_BTD, positions_BT, segment_ids_BT=segment_ids_BT,
+                       kv_mask_BT=kv_mask_BT, kv_cache=cache[0])
+            if kv_cache is None:
+                return out
+            y_BTD, cache[0] = out
+            return y_BTD
+
         x_BTD = x_BTD.astype(cfg.dtype)
         attn_gate, mlp_gate = (jnp.asarray(g, cfg.dtype) for g in (attn_gate, mlp_gate))
+        gated_attn = lambda update: (attn_gate * update() if attn_enabled
+                                     else jnp.zeros_like(x_BTD))
 
         if cfg.parallel_block:
             h_BTD = attn_norm(x_BTD)
-            return attn_gate * run_attn(h_BTD), mlp_gate * mlp(h_BTD)
-
-        mlp_norm = make_norm(cfg, "mlp_norm")
-        if cfg.norm_placement == "pre":
-            u_attn = attn_gate * run_attn(attn_norm(x_BTD))
-            h_BTD = x_BTD + u_attn
-            return u_attn, mlp_gate * mlp(mlp_norm(h_BTD))
-        if cfg.norm_placement == "peri":
-            u_attn = attn_gate * make_norm(cfg, "attn_out_norm")(run_attn(attn_norm(x_BTD)))
-            h_BTD = x_BTD + u_attn
-            return u_attn, mlp_gate * make_norm(cfg, "mlp_out_norm")(mlp(mlp_norm(h_BTD)))
-        # post
-        u_attn = attn_gate * (attn_norm(x_BTD + run_attn(x_BTD)) - x_BTD)
-        h_BTD = x_BTD + u_attn
-        return u_attn, mlp_gate * (mlp_norm(h_BTD + mlp(h_BTD)) - h_BTD)
+            u_attn, u_mlp = gated_attn(lambda: run_attn(h_BTD)), mlp_gate * mlp(h_BTD)
+        else:
+            mlp_norm = make_norm(cfg, "mlp_norm")
+            if cfg.norm_placement == "pre":
+                u_attn = gated_attn(lambda: run_attn(attn_norm(x_BTD)))
+                h_BTD = x_BTD + u_attn
+                u_mlp = mlp_gate * mlp(mlp_norm(h_BTD))
+            elif cfg.norm_placement == "peri":
+                u_attn = gated_attn(lambda: make_norm(cfg, "attn_out_norm")(
+                    run_attn(attn_norm(x_BTD))))
+                h_BTD = x_BTD + u_attn
+                u_mlp = mlp_gate * make_norm(cfg, "mlp_out_norm")(mlp(mlp_norm(h_BTD)))
+            else:  # post
+                u_attn = gated_attn(lambda: attn_norm(x_BTD + run_attn(x_BTD)) - x_BTD)
+                h_BTD = x_BTD + u_attn
+                u_mlp = mlp_gate * (mlp_norm(h_BTD + mlp(h_BTD)) - h_BTD)
+        return (u_attn, u_mlp) if kv_cache is None else (u_attn, u_mlp, cache[0])

@@ -48,7 +48,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None):
+    def __call__(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None,
+                 kv_cache=None):
+        """Returns y [B, T, D]; with `kv_cache` (a depthjax.kv_cache.StepCache), returns
+        (y, kv_cache) after writing this call's keys/values and attending over the cache."""
         cfg = self.cfg
         dense = lambda heads, name, bias: nn.DenseGeneral(
             (heads, cfg.head_dim), use_bias=bias, dtype=cfg.dtype, kernel_init=init_normal(cfg),
@@ -62,10 +65,15 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             q_BTHD = rope(q_BTHD, positions_BT, cfg.rope_theta)
             k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
-        out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, causal=cfg.causal, segment_ids_BT=segment_ids_BT,
-                          kv_mask_BS=kv_mask_BT, impl=cfg.attention_impl)
-        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
-                               kernel_init=init_normal(cfg), name="o")(out_BTHD)
+        causal, k_BSKD, v_BSKD, kv_mask_BS = cfg.causal, k_BTKD, v_BTKD, kv_mask_BT
+        if kv_cache is not None:
+            kv_cache, k_BSKD, v_BSKD, kv_mask_BS, causal = kv_cache.update(k_BTKD, v_BTKD,
+                                                                           kv_mask_BT, causal)
+        out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, causal=causal, segment_ids_BT=segment_ids_BT,
+                          kv_mask_BS=kv_mask_BS, impl=cfg.attention_impl)
+        y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
+                                kernel_init=init_normal(cfg), name="o")(out_BTHD)
+        return y_BTD if kv_cache is None else (y_BTD, kv_cache)
 
 
 class MLP(nn.Module):
