@@ -142,6 +142,26 @@ def segment_positions(segment_ids_BT):
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_params,
+                 positions_BT, *, kv_cache=None, attn_enabled: bool = True, **block_kwargs):
+    """One step of the program on the residual carry (base, acc); see `run_blocks`.
+
+    Returns (carry, u_attn_BTD, u_mlp_BTD), and the updated `kv_cache` when one is given
+    (decoding, see depthjax.generate). The training forward and decoding share this.
+    """
+    base, acc = carry
+    base = jnp.where(step_prog.parallel, base, base + acc)
+    acc = jnp.where(step_prog.parallel, acc, jnp.zeros_like(acc))
+    row = jax.tree.map(lambda table: table[step_prog.block], blocks)
+    row = steps_lib.effective_row(row, step_params)
+    out = Block(cfg).apply({"params": row}, base, step_prog.attn, step_prog.mlp, positions_BT,
+                           kv_cache=kv_cache, attn_enabled=attn_enabled, **block_kwargs)
+    s = steps_lib.scale(step_params)
+    u_attn, u_mlp = (u * jnp.asarray(s, u.dtype) for u in out[:2])
+    acc = acc + u_attn + u_mlp
+    return ((base, acc), u_attn, u_mlp) + tuple(out[2:])
+
+
 def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, *,
                step_params=None, segment_ids_BT=None, kv_mask_BT=None, trace: bool = False,
                unroll: bool = False):
@@ -153,22 +173,14 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
     parallel=False first commits the previous group (base += acc).
     """
-    block = Block(cfg)
 
     def step(carry, xs):
         step_prog, step_params = xs
+        carry, u_attn, u_mlp = program_step(cfg, blocks, carry, step_prog, step_params,
+                                            positions_BT, segment_ids_BT=segment_ids_BT,
+                                            kv_mask_BT=kv_mask_BT)
         base, acc = carry
-        base = jnp.where(step_prog.parallel, base, base + acc)
-        acc = jnp.where(step_prog.parallel, acc, jnp.zeros_like(acc))
-        row = jax.tree.map(lambda table: table[step_prog.block], blocks)
-        row = steps_lib.effective_row(row, step_params)
-        u_attn, u_mlp = block.apply({"params": row}, base, step_prog.attn, step_prog.mlp,
-                                    positions_BT, segment_ids_BT=segment_ids_BT,
-                                    kv_mask_BT=kv_mask_BT)
-        s = steps_lib.scale(step_params)
-        u_attn, u_mlp = (u * jnp.asarray(s, u.dtype) for u in (u_attn, u_mlp))
-        acc = acc + u_attn + u_mlp
-        return (base, acc), ((base + acc, u_attn, u_mlp) if trace else None)
+        return carry, ((base + acc, u_attn, u_mlp) if trace else None)
 
     if cfg.remat is not Remat.NONE:
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
@@ -211,6 +223,13 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
     steps_lib.check(model.params.get("steps"), model.program.depth)
 
 
+def output_head(cfg: ModelConfig, params: dict, x_BTD, *, logits: bool = True):
+    """The last residual [B, T, D] -> logits float32 [B, T, vocab] (or, logits=False, the
+    final hidden states after the final norm). Shared by `apply` and decoding."""
+    tok = params["embed"]["tok"]["embedding"]
+    return Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=logits)
+
+
 def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
           positions=None, trace: bool = False, unroll: bool = False, output: str = "logits"):
     """Forward pass. tokens int [B, T] -> logits float32 [B, T, vocab].
@@ -232,8 +251,7 @@ def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_
     x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
                            step_params=params.get("steps"), segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
                            unroll=unroll)
-    tok = params["embed"]["tok"]["embedding"]
-    out = Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=output == "logits")
+    out = output_head(cfg, params, x_BTD, logits=output == "logits")
     if not trace:
         return out
     residual, attn_out, mlp_out = ys
