@@ -1,0 +1,137 @@
+"""The KV cache for decoding, indexed by program step (never by block id).
+
+Only steps whose attention gate is non-zero get a slot: a looped block has one slot per
+step it runs at, and a program with a third of its attention sublayers gated off holds
+exactly a third fewer KV bytes. The slot map is static (computed on the host from the
+concrete program) and travels with the cache as pytree metadata.
+
+Layout: k, v [N slots, B, S, K, Dh]; `valid` [N, B, S] says which keys a query may see
+(prompt padding and tokens that exited early before reaching a step are invalid). All
+sequences write at the same cache index `length`; each has its own position counter
+`next_pos` for RoPE / learned positions, so left and right padding both work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .program import Program, ProgramError, is_concrete
+
+
+def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ...]:
+    """The steps (among the first `depth`) whose attention sublayer runs: gate != 0."""
+    if not is_concrete(program):
+        raise ProgramError("the KV cache layout needs a concrete program (not a traced one)")
+    if program.block.ndim != 1:
+        raise ProgramError(f"decoding takes one program, got a batch {program.block.shape}")
+    attn = np.asarray(program.attn)[:depth]
+    return tuple(int(i) for i in np.flatnonzero(attn != 0))
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "valid", "length", "next_pos"],
+                   meta_fields=["steps", "depth"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array          # [N, B, S, K, Dh]
+    v: jax.Array          # [N, B, S, K, Dh]
+    valid: jax.Array      # bool [N, B, S]
+    length: jax.Array     # int32 []: cache index the next token is written at
+    next_pos: jax.Array   # int32 [B]: position of each sequence's next token
+    steps: tuple[int, ...]  # slot n belongs to program step steps[n]
+    depth: int              # the cache covers program steps 0..depth-1
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, program: Program, batch: int, max_len: int, *,
+               depth: int | None = None) -> "KVCache":
+        """An empty cache for `program` (its first `depth` steps): one slot per attention step."""
+        depth = program.depth if depth is None else depth
+        if not 1 <= depth <= program.depth:
+            raise ValueError(f"cache depth {depth} outside 1..{program.depth} (program depth)")
+        return cls.empty(cfg, attention_steps(program, depth), depth, batch, max_len)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int,
+              max_len: int) -> "KVCache":
+        """An empty cache with slots for `steps` (works under jit: the layout is static)."""
+        shape = (len(steps), batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+                   valid=jnp.zeros(shape[:3], bool), length=jnp.zeros((), jnp.int32),
+                   next_pos=jnp.zeros((batch,), jnp.int32), steps=steps, depth=depth)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.steps)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values (the `valid` mask adds N*B*S bytes)."""
+        return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
+
+    def slot_map(self) -> np.ndarray:
+        """int32 [depth]: the slot of each step, -1 for steps without attention."""
+        slots = np.full(self.depth, -1, np.int32)
+        slots[list(self.steps)] = np.arange(self.n_slots)
+        return slots
+
+    def replace(self, **changes) -> "KVCache":
+        return dataclasses.replace(self, **changes)
+
+    def check_program(self, program: Program, depth: int) -> None:
+        """Raise if running `depth` steps of `program` needs a slot this cache lacks."""
+        if depth > self.depth:
+            raise ValueError(f"the cache covers {self.depth} steps; cannot run {depth}")
+        if not is_concrete(program):
+            return
+        want = attention_steps(program, self.depth)
+        if want != self.steps:
+            raise ProgramError(f"the cache has slots for attention steps {list(self.steps)} "
+                               f"but the program's attention steps are {list(want)}: build "
+                               "the cache (prefill) with the same program")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["cache", "slot", "write_B"], meta_fields=["prefill"])
+@dataclasses.dataclass(frozen=True)
+class StepCache:
+    """What one attention call sees: the cache, its slot, and which rows really write.
+
+    prefill=True: the T new tokens are the whole cache content so far (written at 0) and
+    attend causally among themselves; prefill=False: one new token per sequence, written
+    at `cache.length`, attends to every valid key of the slot.
+    """
+
+    cache: KVCache
+    slot: jax.Array       # int32 []
+    write_B: jax.Array    # bool [B]: False marks the written keys invalid (exited tokens)
+    prefill: bool
+
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
+        """Write the new keys/values; returns (self', keys, values, key mask, causal) to attend."""
+        c = self.cache
+        start = 0 if self.prefill else c.length
+        T = k_BTKD.shape[1]
+        write = lambda buf, new: jax.lax.dynamic_update_slice(
+            buf, new[None].astype(buf.dtype), (self.slot, 0, start) + (0,) * (buf.ndim - 3))
+        valid_BT = jnp.broadcast_to(self.write_B[:, None], (self.write_B.shape[0], T))
+        if kv_mask_BT is not None:
+            valid_BT = valid_BT & kv_mask_BT.astype(bool)
+        c = c.replace(k=write(c.k, k_BTKD), v=write(c.v, v_BTKD), valid=write(c.valid, valid_BT))
+        new = dataclasses.replace(self, cache=c)
+        if self.prefill:
+            return new, k_BTKD, v_BTKD, kv_mask_BT, causal
+        if T != 1:
+            raise ValueError(f"decoding writes one token per sequence, got {T}")
+        slot = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.slot, keepdims=False)
+        # The cache holds only the past and this token, so no causal mask is needed.
+        return new, slot(c.k), slot(c.v), slot(c.valid), False
