@@ -7,6 +7,8 @@ from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
 from .model import DepthModel, Trace, apply, init
 from .program import Program, ProgramError
+from .decoding import Generation, decode_step, generate, prefill
+from .kv_cache import KVCache
 
 __version__ = "0.1.0"
 
@@ -15,3 +17,4 @@ __all__ = ["ConfigError", "DepthModel", "ModelConfig", "Program", "ProgramError"
 __all__ += ["CheckpointError", "load", "save"]
 __all__ += ["hf"]
 __all__ += ["depth"]
+__all__ += ["Generation", "KVCache", "decode_step", "generate", "prefill"]
