@@ -2,7 +2,8 @@
 in one `lax.scan`, and the output head.
 
 Parameters: {"embed": ..., "blocks": every leaf [n_blocks, ...], "head": ...} and
-optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.steps).
+optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.steps) and
+"final_adapter" (applied to the last residual before the head; see depthjax.recover).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_param
     base, acc = carry
     base = jnp.where(step_prog.parallel, base, base + acc)
     acc = jnp.where(step_prog.parallel, acc, jnp.zeros_like(acc))
+    if step_params and "adapter" in step_params:
+        update = steps_lib.adapter_update(step_params["adapter"], base)
+        base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
     row = jax.tree.map(lambda table: table[step_prog.block], blocks)
     row = steps_lib.effective_row(row, step_params)
     out = Block(cfg).apply({"params": row}, base, step_prog.attn, step_prog.mlp, positions_BT,
@@ -226,6 +230,8 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
 def output_head(cfg: ModelConfig, params: dict, x_BTD, *, logits: bool = True):
     """The last residual [B, T, D] -> logits float32 [B, T, vocab] (or, logits=False, the
     final hidden states after the final norm). Shared by `apply` and decoding."""
+    if "final_adapter" in params:  # emulates steps removed after the last one (recover)
+        x_BTD = x_BTD + steps_lib.adapter_update(params["final_adapter"], x_BTD)
     tok = params["embed"]["tok"]["embedding"]
     return Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=logits)
 

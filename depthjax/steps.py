@@ -6,7 +6,10 @@ with the program. It holds what makes one step differ from the shared row it run
 * ``delta``: a subtree of the block leaves, added to the gathered row (e.g. untied norms);
 * ``lora``:  at a kernel's position in the block tree, ``{"a": [in, r], "b": [r, out]}``:
   the step runs kernel + (a @ b) reshaped to the kernel (relaxed recursive models);
-* ``scale``: [depth] multiplier on the step's whole update (averaged parallel groups).
+* ``scale``: [depth] multiplier on the step's whole update (averaged parallel groups);
+* ``adapter``: ``{"bias": [D], "a": [D, r], "b": [r, D]}`` (a/b optional): the step's
+  input x becomes x + bias + (x @ a) @ b before the block runs (recovery of pruned units,
+  see depthjax.recover). A group's input is adapted once, at the group's first step.
 
 Transforms that select, reorder or insert steps move these leaves with the program
 (see `depthjax.depth`).
@@ -49,6 +52,14 @@ def _lora_items(lora: dict):
     flat = traverse_util.flatten_dict(lora)
     paths = sorted({p[:-1] for p in flat})
     return [(p, {"a": flat[p + ("a",)], "b": flat[p + ("b",)]}) for p in paths]
+
+
+def adapter_update(adapter: dict, x_BTD):
+    """What an adapter adds to the residual stream x [B, T, D]."""
+    out = jnp.broadcast_to(adapter["bias"].astype(x_BTD.dtype), x_BTD.shape)
+    if "a" in adapter:
+        out = out + (x_BTD @ adapter["a"].astype(x_BTD.dtype)) @ adapter["b"].astype(x_BTD.dtype)
+    return out
 
 
 def scale(step: dict | None):

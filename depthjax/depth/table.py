@@ -49,10 +49,14 @@ def materialize(model: DepthModel) -> DepthModel:
 
 
 def compact(model: DepthModel) -> DepthModel:
-    """Drop steps whose attention and MLP gates are both 0, then table rows no step uses.
-    The model's function is unchanged."""
+    """Drop steps whose attention and MLP gates are both 0 (and that carry no recovery
+    adapter), then table rows no step uses. The model's function is unchanged."""
     prog = model.program
     off = np.asarray((prog.attn == 0) & (prog.mlp == 0))
+    adapter = (model.params.get("steps") or {}).get("adapter")
+    if adapter is not None:  # a gated-off step may still carry a recovery adapter
+        off &= ~np.any([np.any(np.asarray(a).reshape(model.depth, -1) != 0, axis=1)
+                        for a in jax.tree.leaves(adapter)], axis=0)
     if off.all():
         raise ProgramError("every step is gated off; compacting would leave no steps")
     if off.any():

@@ -1,0 +1,20 @@
+"""Step importance metrics. Each takes a model and batches (a token array [B, T], or an
+iterable of arrays or of {"tokens", "mask"} dicts) and accumulates on device.
+
+Trace metrics read one traced forward (block_influence, angular_distance,
+relative_contribution, residual_norm; trace_metrics returns all of them from one pass);
+coalition metrics evaluate programs with units switched off through one compiled
+function (ablation, shapley, present_minus_absent, removal_curve).
+"""
+
+from .batches import as_batches
+from .coalitions import ablation, coalition_measures, present_minus_absent, removal_curve, shapley
+from .lens import logit_lens, skip_effect
+from .scores import Scores
+from .trace import (angular_distance, block_influence, relative_contribution, residual_norm,
+                    trace_metrics, trace_statistics)
+
+__all__ = ["Scores", "ablation", "angular_distance", "as_batches", "block_influence",
+           "coalition_measures", "logit_lens", "present_minus_absent", "relative_contribution",
+           "removal_curve", "residual_norm", "shapley", "skip_effect", "trace_metrics",
+           "trace_statistics"]

@@ -1,0 +1,174 @@
+"""Metrics that evaluate the model with sets of units switched off: leave-one-out
+ablation, Monte-Carlo Shapley values, the present-minus-absent estimator and removal
+curves.
+
+Every coalition is a *program* (the unit's gates set to 0), so all coalitions of a call go
+through one compiled function that maps a vmapped forward over chunks of stacked
+programs; the measure of each is accumulated over batches on device.
+
+A unit is a step ("block": both gates), an attention or MLP sublayer ("attn", "mlp"), or
+any sublayer ("sublayer": attn_0..attn_{S-1}, mlp_0..mlp_{S-1}, ranked jointly).
+The measure of a coalition is its next-token loss ("loss") or the mean L2 distance of its
+logits to the full model's ("logit"); lower is better, and a unit's value is how much
+the measure rises without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..model import DepthModel, apply
+from ..program import Program
+from .batches import as_batches, nll_sums, require_causal
+from .scores import Scores
+
+MEASURES = ("loss", "logit")
+
+
+def n_units(model: DepthModel, unit: str) -> int:
+    if unit not in ("block", "attn", "mlp", "sublayer"):
+        raise ValueError(f"unit must be 'block', 'attn', 'mlp' or 'sublayer', got {unit!r}")
+    return 2 * model.depth if unit == "sublayer" else model.depth
+
+
+def programs_for(model: DepthModel, unit: str, keep) -> Program:
+    """Stacked programs [K, depth]: the model's program with units where keep[k] == 0 off."""
+    keep = jnp.asarray(keep, jnp.float32)                   # [K, n_units]
+    S, p = model.depth, model.program
+    if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
+        raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
+    attn_keep = {"block": keep, "attn": keep, "mlp": 1.0, "sublayer": keep[:, :S] if unit == "sublayer" else 1.0}[unit]
+    mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep, "sublayer": keep[:, S:] if unit == "sublayer" else 1.0}[unit]
+    K = keep.shape[0]
+    tile = lambda a: jnp.broadcast_to(a, (K, S))
+    return Program(block=tile(p.block), attn=tile(p.attn) * attn_keep,
+                   mlp=tile(p.mlp) * mlp_keep, parallel=tile(p.parallel))
+
+
+def _chunk(K: int, tokens_shape, cfg) -> int:
+    """Programs evaluated at once: bounded so each chunk's activations stay near 256 MiB."""
+    B, T = tokens_shape
+    per_program = B * T * (cfg.vocab_size + 8 * cfg.d_model) * 4
+    return int(max(1, min(K, (256 << 20) // per_program)))
+
+
+@functools.partial(jax.jit, static_argnames=("measure", "chunk"))
+def _coalition_sums(model, programs, tokens_BT, mask_BT, *, measure, chunk):
+    """[K] (measure sums, weights) of every program on one batch."""
+    ref = apply(model, tokens_BT, mask=mask_BT) if measure == "logit" else None
+
+    def one(program):
+        logits = apply(model.replace(program=program), tokens_BT, mask=mask_BT)
+        if measure == "loss":
+            return nll_sums(logits, tokens_BT, mask_BT)
+        dist = jnp.linalg.norm(logits - ref, axis=-1)
+        return jnp.sum(dist * mask_BT), jnp.sum(mask_BT)
+
+    return jax.lax.map(one, programs, batch_size=chunk)
+
+
+def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str = "loss"):
+    """Mean measure [K] of the model with each coalition keep[k] (1 = unit on)."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    if measure == "loss":
+        require_causal(model, "measure='loss'")
+    programs = programs_for(model, unit, keep)
+    total = weight = 0.0
+    for b in as_batches(batches):
+        s, w = _coalition_sums(model, programs, b.tokens, b.mask, measure=measure,
+                               chunk=_chunk(programs.block.shape[0], b.tokens.shape, model.config))
+        total, weight = total + s, weight + w
+    return np.asarray(total / weight, np.float64)
+
+
+def _unique_measures(model, batches, unit, keep, measure):
+    """Measures of coalition rows, evaluating each distinct coalition once."""
+    uniq, inverse = np.unique(np.asarray(keep, np.int8), axis=0, return_inverse=True)
+    return coalition_measures(model, batches, unit, uniq, measure)[inverse.reshape(-1)]
+
+
+def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "loss") -> Scores:
+    """Leave-one-out: rise of the measure when each unit alone is switched off.
+    extra["full"] is the full model's measure."""
+    n = n_units(model, unit)
+    keep = np.vstack([np.ones((1, n)), 1 - np.eye(n)])
+    m = coalition_measures(model, batches, unit, keep, measure)
+    return Scores(f"ablation_{measure}", unit, m[1:] - m[0], {"full": float(m[0])})
+
+
+def _permutations(n, num_permutations, key):
+    if num_permutations is None:
+        if n > 8:
+            raise ValueError(f"all {n}! permutations is too many; pass num_permutations")
+        return np.array(list(itertools.permutations(range(n))))
+    keys = jax.random.split(key, num_permutations)
+    return np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n))(keys))
+
+
+def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: int | None = 16,
+            key=None, measure: str = "loss") -> Scores:
+    """Monte-Carlo permutation Shapley values of the units for v(S) = -measure(S).
+
+    Each permutation adds units one at a time from the empty coalition; a unit's value is
+    the mean drop of the measure when it joins. Per permutation the values sum exactly to
+    v(all) - v(none) = measure(none) - measure(all). num_permutations=None enumerates all
+    n! permutations (exact Shapley values; n <= 8).
+    """
+    n = n_units(model, unit)
+    key = jax.random.key(0) if key is None else key
+    perms = _permutations(n, num_permutations, key)           # [P, n]
+    P = len(perms)
+    keep = np.zeros((P, n + 1, n), np.int8)                   # prefix coalitions
+    for p, perm in enumerate(perms):
+        for j, u in enumerate(perm):
+            keep[p, j + 1:, u] = 1
+    m = _unique_measures(model, batches, unit, keep.reshape(-1, n), measure).reshape(P, n + 1)
+    marginal = np.zeros((P, n))
+    marginal[np.arange(P)[:, None], perms] = m[:, :-1] - m[:, 1:]
+    values = marginal.mean(0)
+    stderr = marginal.std(0, ddof=1) / math.sqrt(P) if P > 1 else np.full(n, np.nan)
+    return Scores(f"shapley_{measure}", unit, values,
+                  {"stderr": stderr, "permutations": P, "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
+
+
+def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_samples: int = 32,
+                         key=None, measure: str = "loss") -> Scores:
+    """mean v(S) over sampled coalitions containing a unit minus the mean over those
+    without it, v = -measure, coalitions = the full set, every leave-one-out set and
+    `num_samples` random halves (the estimator of prior depth-pruning work; not Shapley)."""
+    n = n_units(model, unit)
+    key = jax.random.key(0) if key is None else key
+    halves = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n) < n // 2)(
+        jax.random.split(key, num_samples)), np.int8)
+    keep = np.vstack([np.ones((1, n), np.int8), 1 - np.eye(n, dtype=np.int8), halves])
+    v = -_unique_measures(model, batches, unit, keep, measure)
+    present = np.array([v[keep[:, i] == 1].mean() for i in range(n)])
+    absent = np.array([v[keep[:, i] == 0].mean() for i in range(n)])
+    return Scores(f"present_minus_absent_{measure}", unit, present - absent,
+                  {"coalitions": len(keep)})
+
+
+def removal_curve(model: DepthModel, batches, scores, max_units: int | None = None,
+                  unit: str | None = None, measure: str = "loss") -> np.ndarray:
+    """Measure after removing k = 0..max_units units, least important first by `scores`
+    (ties broken by position); all k evaluated as programs in one compiled call."""
+    unit = unit or getattr(scores, "unit", None)
+    values = np.asarray(scores, np.float64)
+    n = n_units(model, unit)
+    if values.shape != (n,):
+        raise ValueError(f"scores for unit={unit!r} must have {n} values, got {values.shape}")
+    K = n - 1 if max_units is None else max_units
+    if not 0 <= K < n:
+        raise ValueError(f"max_units must be in 0..{n - 1}, got {K}")
+    order = np.argsort(values, kind="stable")
+    keep = np.ones((K + 1, n), np.int8)
+    for k in range(1, K + 1):
+        keep[k:, order[k - 1]] = 0
+    return coalition_measures(model, batches, unit, keep, measure)

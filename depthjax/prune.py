@@ -1,0 +1,77 @@
+"""dj.prune: remove the n least important units by a metric's scores.
+
+Blocks are dropped from the program (the table is shared, nothing is copied); attention,
+MLP or jointly ranked sublayers are gated off (depth unchanged; `depth.compact` removes
+steps left with both gates 0). Units already off are never chosen again.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import depth
+from .metrics.scores import Scores
+from .model import DepthModel
+
+
+def _active(model: DepthModel, unit: str) -> np.ndarray:
+    a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
+    return {"block": np.ones(model.depth, bool), "attn": a, "mlp": m,
+            "sublayer": np.concatenate([a, m])}[unit]
+
+
+def _remove(model: DepthModel, units: np.ndarray, unit: str) -> DepthModel:
+    S = model.depth
+    if unit == "block":
+        return depth.drop(model, units)
+    if unit == "attn":
+        return depth.drop_sublayers(model, attn=units)
+    if unit == "mlp":
+        return depth.drop_sublayers(model, mlp=units)
+    return depth.drop_sublayers(model, attn=units[units < S], mlp=units[units >= S] - S)
+
+
+def choose(model: DepthModel, scores, n: int, unit: str) -> np.ndarray:
+    """Indices of the n lowest-scored units that are still on (ties: earlier first)."""
+    values = np.asarray(scores, np.float64)
+    active = _active(model, unit)
+    if values.shape != active.shape:
+        raise ValueError(f"scores for unit={unit!r} must have {len(active)} values, "
+                         f"got {values.shape}")
+    candidates = np.flatnonzero(active)
+    if not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
+        raise ValueError(f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
+                         f"({len(candidates)} are still on)")
+    if unit == "block" and n == len(candidates):
+        raise ValueError(f"n={n} would remove every step")
+    order = candidates[np.argsort(values[candidates], kind="stable")]
+    return np.sort(order[:n])
+
+
+def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: str | None = None,
+          *, metric: Callable[[DepthModel], Scores] | None = None,
+          iterative: bool = False) -> DepthModel:
+    """Remove the n least important units.
+
+    scores: a metric's Scores (its unit is used unless `unit` is given) or an array.
+    unit: "block" | "attn" | "mlp" | "sublayer" (joint ranking of all 2*depth sublayers,
+    "What Matters in Transformers"). iterative=True re-scores with `metric(model)` after
+    each removal (scores may then be None).
+    """
+    unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
+    if unit not in ("block", "attn", "mlp", "sublayer"):
+        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)")
+    if not iterative:
+        if scores is None:
+            scores = metric(model) if metric else None
+        if scores is None:
+            raise ValueError("prune needs scores (or a metric to compute them)")
+        return _remove(model, choose(model, scores, n, unit), unit)
+    if metric is None:
+        raise ValueError("iterative pruning re-scores after each removal: pass metric=")
+    choose(model, np.zeros(len(_active(model, unit))), n, unit)   # validates n up front
+    for _ in range(n):
+        model = _remove(model, choose(model, metric(model), 1, unit), unit)
+    return model

@@ -1,0 +1,238 @@
+"""dj.recover: emulate what pruning removed, with per-step adapters in the pruned model.
+
+The units removed from `original` form spans: runs of dropped steps, or runs of gated-off
+sublayers in the order attn_0, mlp_0, attn_1, ... . Each span maps its input x (the
+original residual stream where the span starts) to an update d (the residual where it
+ends, minus x). An adapter fitted on calibration tokens adds g(x) ~ d where the next kept
+unit reads its input: at the following step (params["steps"]["adapter"], see
+depthjax.steps) or before the head (params["final_adapter"]).
+
+methods: "bias"   g(x) = mean d;
+         "linear" g(x) = c + x W, W of rank r: closed-form least squares, reduced to rank r
+                  along the top principal directions of the fitted values;
+         "lora"   per-step LoRA of rank r on the pruned blocks, trained on the LM loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .metrics.batches import as_batches, nll_sums, require_causal
+from .model import DepthModel, apply
+from .program import ProgramError
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Removed units between original residual points `start` and `end`.
+
+    A point is (step, 0) for the input of step `step` or (step, 1) for the point between
+    its attention and MLP; `target` is the pruned step whose input gets the adapter
+    (None: before the head)."""
+    start: tuple[int, int]
+    end: tuple[int, int]
+    target: int | None
+
+
+def _align(pruned: DepthModel, original: DepthModel) -> np.ndarray:
+    """Original step of every pruned step (pruned = original with steps deleted)."""
+    po, pp = original.program, pruned.program
+    ob, pb = np.asarray(po.block), np.asarray(pp.block)
+    same = lambda j, k: (pb[j] == ob[k] and float(pp.attn[j]) == float(po.attn[k])
+                         and float(pp.mlp[j]) == float(po.mlp[k]))
+    idx, k = [], 0
+    for j in range(pruned.depth):
+        while k < original.depth and not same(j, k):
+            k += 1
+        if k == original.depth:
+            raise ProgramError(f"pruned step {j} matches no remaining original step: recover "
+                               "needs a model made from `original` by dropping steps (or, at "
+                               "equal depth, by gating sublayers off)")
+        idx.append(k)
+        k += 1
+    return np.asarray(idx)
+
+
+def find_spans(pruned: DepthModel, original: DepthModel) -> list[Span]:
+    """The removed spans and where their adapters go."""
+    if np.asarray(original.program.parallel).any() or np.asarray(pruned.program.parallel).any():
+        raise ProgramError("recover does not support parallel groups")
+    S = original.depth
+    if pruned.depth < S:
+        kept = _align(pruned, original)
+        gone = np.setdiff1d(np.arange(S), kept)
+        spans = []
+        for run in np.split(gone, np.flatnonzero(np.diff(gone) != 1) + 1):
+            nxt = np.flatnonzero(kept > run[-1])
+            spans.append(Span((int(run[0]), 0), (int(run[-1]) + 1, 0),
+                              int(nxt[0]) if nxt.size else None))
+        return spans
+    if pruned.depth != S:
+        raise ProgramError(f"pruned has more steps ({pruned.depth}) than original ({S})")
+    po, pp = original.program, pruned.program
+    if not np.array_equal(np.asarray(po.block), np.asarray(pp.block)):
+        raise ProgramError("pruned and original run different blocks at equal depth")
+    # Sublayer sequence attn_0, mlp_0, attn_1, ...: removed = on in original, off in pruned.
+    on_o = np.stack([np.asarray(po.attn) != 0, np.asarray(po.mlp) != 0], 1).reshape(-1)
+    on_p = np.stack([np.asarray(pp.attn) != 0, np.asarray(pp.mlp) != 0], 1).reshape(-1)
+    if (on_p & ~on_o).any():
+        raise ProgramError("pruned switches on sublayers that are off in original")
+    spans, i = [], 0
+    while i < 2 * S:
+        if not (on_o[i] and not on_p[i]):
+            i += 1
+            continue
+        j = i  # extend over removed (or originally absent) sublayers
+        while j + 1 < 2 * S and not on_p[j + 1]:
+            j += 1
+        last_removed = max(k for k in range(i, j + 1) if on_o[k] and not on_p[k])
+        point = lambda k: (k // 2, k % 2)
+        end = point(last_removed + 1) if last_removed + 1 < 2 * S else (S, 0)
+        nxt = j + 1  # the next sublayer still on; its step's input gets the adapter
+        spans.append(Span(point(i), end, nxt // 2 if nxt < 2 * S else None))
+        i = j + 1
+    return spans
+
+
+def _point(tr, p):
+    step, mid = p
+    x = tr.residual[step]
+    return x + tr.attn_out[step] if mid else x
+
+
+@functools.partial(jax.jit, static_argnames=("spans",))
+def _moment_sums(model, tokens_BT, mask_BT, spans):
+    """Per span: (n, sum x, sum d, sum x x^T, sum x d^T) over real tokens."""
+    _, tr = apply(model, tokens_BT, mask=mask_BT, trace=True)
+    w = mask_BT.reshape(-1, 1).astype(jnp.float32)
+    out = []
+    for sp in spans:
+        x = _point(tr, sp.start).reshape(-1, tr.residual.shape[-1]).astype(jnp.float32)
+        d = _point(tr, sp.end).reshape(x.shape).astype(jnp.float32) - x
+        xw = x * w
+        out.append((jnp.sum(w), xw.sum(0), (d * w).sum(0), xw.T @ x, xw.T @ d))
+    return out
+
+
+def fit_linear(n, sx, sd, sxx, sxd, rank: int):
+    """Least squares d ~ c + x W from moment sums, W reduced to `rank` (float64).
+    Returns (c [D], a [D, r], b [r, D]) with W = a @ b."""
+    mx, md = sx / n, sd / n
+    cxx = sxx / n - np.outer(mx, mx)
+    cxd = sxd / n - np.outer(mx, md)
+    w = np.linalg.pinv(cxx, rcond=1e-10, hermitian=True) @ cxd          # [D, D]
+    fitted_cov = w.T @ cxx @ w                                          # cov of x W
+    _, vecs = np.linalg.eigh(fitted_cov)
+    v = vecs[:, ::-1][:, :rank]                                         # top directions
+    a, b = w @ v, v.T
+    return md - mx @ a @ b, a, b
+
+
+def _with_adapters(pruned: DepthModel, spans, fits) -> DepthModel:
+    D, S = pruned.config.d_model, pruned.depth
+    steps = dict(pruned.params.get("steps") or {})
+    old = steps.get("adapter")
+    if old is not None and any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(old)):
+        raise ProgramError("the pruned model already has recovery adapters")
+    r = max((f[1].shape[1] for f in fits if len(f) == 3), default=0)
+    adapter = {"bias": np.zeros((S, D), np.float32)}
+    if r:
+        adapter.update(a=np.zeros((S, D, r), np.float32), b=np.zeros((S, r, D), np.float32))
+    final = None
+    for sp, fit in zip(spans, fits):
+        c = fit[0]
+        ab = (fit[1], fit[2]) if len(fit) == 3 else None
+        if sp.target is None:
+            final = {"bias": jnp.asarray(c, jnp.float32)}
+            if ab:
+                final.update(a=jnp.asarray(ab[0], jnp.float32), b=jnp.asarray(ab[1], jnp.float32))
+            continue
+        if np.any(adapter["bias"][sp.target]):
+            raise ProgramError(f"two removed spans end at pruned step {sp.target}")
+        adapter["bias"][sp.target] = c
+        if ab:
+            adapter["a"][sp.target, :, :ab[0].shape[1]] = ab[0]
+            adapter["b"][sp.target, :ab[1].shape[0]] = ab[1]
+    steps["adapter"] = jax.tree.map(jnp.asarray, adapter)
+    params = {**pruned.params, "steps": steps}
+    if final is not None:
+        params["final_adapter"] = final
+    return pruned.replace(params=params)
+
+
+def recover(pruned: DepthModel, original: DepthModel, batches, method: str = "bias",
+            rank: int | None = None, *, steps: int = 100, learning_rate: float = 1e-3,
+            key=None, log_every: int = 0) -> DepthModel:
+    """The pruned model with lightweight adapters emulating the removed units (see module
+    docstring). `batches` are calibration tokens (any iterable metrics accept)."""
+    if method == "lora":
+        return _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every)
+    if method not in ("bias", "linear"):
+        raise ValueError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
+    if method == "linear" and (not isinstance(rank, (int, np.integer))
+                               or not 1 <= rank <= original.config.d_model):
+        raise ValueError(f"method='linear' needs rank in 1..{original.config.d_model}, got {rank!r}")
+    spans = find_spans(pruned, original)
+    if not spans:
+        raise ProgramError("nothing was removed from `original`: no spans to recover")
+    total = None
+    for b in as_batches(batches):
+        sums = _moment_sums(original, b.tokens, b.mask, tuple(spans))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    fits = []
+    for n, sx, sd, sxx, sxd in jax.tree.map(lambda a: np.asarray(a, np.float64), total):
+        fits.append((sd / n,) if method == "bias" else fit_linear(n, sx, sd, sxx, sxd, rank))
+    return _with_adapters(pruned, spans, fits)
+
+
+def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
+    """Per-step LoRA (a ~ N(0, 1/in), b = 0) on every kernel, trained alone with Adam on
+    the next-token loss, cycling through the batches."""
+    from flax import traverse_util
+
+    from . import steps as steps_lib
+    from .depth.table import step_rows
+    require_causal(pruned, "method='lora'")
+    if not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"method='lora' needs a positive integer rank, got {rank!r}")
+    data = as_batches(batches)
+    key = jax.random.key(0) if key is None else key
+    lora = {}
+    for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):
+        if path[-1] != "kernel":
+            continue
+        mats = jax.vmap(lambda m: steps_lib.to_2d(path, m))(w)           # [S, in, out]
+        S, n_in, n_out = mats.shape
+        lora[path + ("a",)] = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank)) / np.sqrt(n_in)
+        lora[path + ("b",)] = jnp.zeros((S, rank, n_out))
+    lora = traverse_util.unflatten_dict(lora)
+    base = {k: v for k, v in (pruned.params.get("steps") or {}).items() if k != "lora"}
+
+    def with_lora(lo):
+        return pruned.replace(params={**pruned.params, "steps": {**base, "lora": lo}})
+
+    def loss(lo, tokens, mask):
+        s, n = nll_sums(apply(with_lora(lo), tokens, mask=mask), tokens, mask)
+        return s / n
+
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def update(lo, state, tokens, mask):
+        value, grads = jax.value_and_grad(loss)(lo, tokens, mask)
+        upd, state = opt.update(grads, state, lo)
+        return optax.apply_updates(lo, upd), state, value
+
+    state = opt.init(lora)
+    for t in range(steps):
+        b = data[t % len(data)]
+        lora, state, value = update(lora, state, b.tokens, b.mask)
+        if log_every and (t % log_every == 0 or t == steps - 1):
+            print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
+    return with_lora(lora)
