@@ -22,6 +22,7 @@ setup(
         "tensorflow-datasets",
         "array-record",
         "tokenizers",
+        "matplotlib",
         "importlib_resources",  # imported by tensorflow-datasets builders, not declared by it
     ],
     extras_require={

@@ -244,3 +244,27 @@ def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
     for k, v in tree.items():
         out.update(_flat_specs(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
     return out
+
+
+def load_model(path) -> DepthModel:
+    """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return load(p)
+    if (p / "config.json").is_file():
+        from . import hf
+        return hf.load(p)
+    raise CheckpointError(f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
+                          "Hugging Face directory (no config.json)")
+
+
+def tokenizer_for(path, model: DepthModel):
+    """The tokenizer.json saved beside a model, or bytes for a 256-token vocabulary."""
+    from .data import load_tokenizer
+    tok = Path(path) / "tokenizer.json"
+    if tok.is_file():
+        return load_tokenizer(str(tok))
+    if model.config.vocab_size == 256:
+        return load_tokenizer("byte")
+    raise CheckpointError(f"{path} has no tokenizer.json and the vocabulary "
+                          f"({model.config.vocab_size}) is not byte-level")

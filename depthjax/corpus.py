@@ -32,15 +32,23 @@ def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Pat
     return files
 
 
-def byte_batch(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train"):
-    """int32 [batch_size, seq_len] byte windows drawn deterministically from the corpus."""
+def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train",
+                   encode=None):
+    """int32 [batch_size, seq_len] token windows drawn deterministically from the corpus.
+
+    encode: text bytes -> int token ids (default: the bytes themselves, vocab 256)."""
+    encode = encode or (lambda data: np.frombuffer(data, np.uint8))
     rng = np.random.default_rng(seed)
     files = stdlib_files(split)
     out = np.zeros((batch_size, seq_len), np.int32)
     for b in range(batch_size):
-        data = b""
-        while len(data) <= seq_len:
-            data = files[rng.integers(len(files))].read_bytes()
-        start = rng.integers(len(data) - seq_len)
-        out[b] = np.frombuffer(data[start:start + seq_len], np.uint8)
+        ids = np.zeros(0, np.int32)
+        for _ in range(1000):
+            ids = np.asarray(encode(files[rng.integers(len(files))].read_bytes()))
+            if len(ids) > seq_len:
+                break
+        else:
+            raise RuntimeError(f"no corpus file is longer than seq_len={seq_len} tokens")
+        start = rng.integers(len(ids) - seq_len)
+        out[b] = ids[start:start + seq_len]
     return out

@@ -128,3 +128,22 @@ def test_recover_rejects_unrelated_models():
         dj.recover(D.reorder(m, [3, 2]), m, CALIB)
     with pytest.raises(ValueError, match="needs rank"):
         dj.recover(D.drop(m, [1]), m, CALIB, method="linear")
+
+
+def test_score_and_prune_cli(tmp_path, capsys):
+    import json
+
+    from depthjax import cli
+    dj.save(dj.init(dj.configs.get("llama-tiny"), jax.random.key(0)), tmp_path / "ck")
+    data = ["--batches", "1", "--batch-size", "2", "--seq-len", "32"]
+    assert cli.main(["score", "--model", str(tmp_path / "ck"), "--out", str(tmp_path / "rep"),
+                     "--shapley-permutations", "2", *data]) == 0
+    report = json.loads((tmp_path / "rep" / "scores.json").read_text())
+    assert len(report["scores"]["block_influence"]["values"]) == 4
+    assert len(report["removal_curves"]["ablation_block"]) == 4
+    assert (tmp_path / "rep" / "profiles.png").stat().st_size > 1000
+    assert cli.main(["prune", "--model", str(tmp_path / "ck"), "--metric", "ablation", "--unit", "attn",
+                     "--n", "2", "--recover", "bias", "--out", str(tmp_path / "pruned"), *data]) == 0
+    pruned = dj.load(tmp_path / "pruned")
+    assert float(pruned.program.attn.sum()) == 2 and "adapter" in pruned.params["steps"]
+    assert "after bias recovery" in capsys.readouterr().out

@@ -1,0 +1,137 @@
+"""Score a model with every metric, draw removal curves, and write tables, JSON and plots.
+
+Shared by `depthjax score`, `depthjax prune` and `depthjax demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics as M
+from .metrics.scores import Scores
+from .model import DepthModel
+
+
+def _progress(msg: str) -> None:
+    print(f"[score] {msg}", flush=True)
+
+
+def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
+              progress=_progress) -> dict[str, Scores]:
+    """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
+    blocks, attention and MLP, Shapley values of blocks, and the logit lens."""
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        progress(f"{name:<28} {time.perf_counter() - t0:6.2f}s")
+        return out
+
+    out = dict(timed("trace metrics", lambda: M.trace_metrics(model, batches)))
+    for unit in ("block", "attn", "mlp"):
+        out[f"ablation_{unit}"] = timed(f"ablation ({unit})", lambda: M.ablation(model, batches, unit=unit))
+    if shapley_permutations:
+        out["shapley_block"] = timed(f"shapley ({shapley_permutations} permutations)",
+                                     lambda: M.shapley(model, batches, num_permutations=shapley_permutations, key=key))
+    out["logit_lens"] = timed("logit lens", lambda: M.logit_lens(model, batches))
+    return out
+
+
+def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
+    """The scores that rank units of kind `unit` (higher = more important)."""
+    return {k: s for k, s in scores.items() if s.unit == unit and k != "logit_lens"}
+
+
+def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: str = "block",
+                   max_units: int | None = None) -> dict[str, np.ndarray]:
+    """Loss after removing k = 0..max_units units in each metric's order."""
+    return {name: M.removal_curve(model, batches, s, max_units=max_units, unit=unit)
+            for name, s in importance(scores, unit).items()}
+
+
+def table(scores: dict[str, Scores], unit: str = "block") -> str:
+    """Per-step table of the metrics ranking `unit` (plus residual norm)."""
+    cols = importance(scores, unit)
+    norm = next((s.extra["residual_norm"] for s in scores.values() if "residual_norm" in s.extra), None)
+    names = list(cols)
+    head = f"{'step':>4} " + " ".join(f"{n[:14]:>14}" for n in names)
+    head += f" {'|resid in|':>10}" if norm is not None else ""
+    rows = [head]
+    for i in range(len(next(iter(cols.values())))):
+        row = f"{i:>4} " + " ".join(f"{cols[n].values[i]:>14.5f}" for n in names)
+        rows.append(row + (f" {norm[i]:>10.3f}" if norm is not None else ""))
+    return "\n".join(rows)
+
+
+def to_json(obj):
+    if isinstance(obj, Scores):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_json(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(obj, path) -> None:
+    Path(path).write_text(json.dumps(to_json(obj), indent=1))
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
+    """One panel per metric across depth; cosine metrics carry the residual norm."""
+    plt = _plt()
+    names = list(scores)
+    cols = 3
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        s = scores[name]
+        ax.plot(np.arange(len(s.values)), s.values, "o-", ms=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step" if s.unit != "span" else "depth index")
+        if "residual_norm" in s.extra:
+            twin = ax.twinx()
+            norm = np.asarray(s.extra["residual_norm"])
+            twin.plot(np.arange(len(norm)), norm, ":", color="gray", lw=1)
+            twin.set_ylabel("|residual|", fontsize=7, color="gray")
+            twin.tick_params(labelsize=6, colors="gray")
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, np.ndarray], path, *, xlabel: str, ylabel: str = "loss",
+                title: str = "", baseline: float | None = None) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in curves.items():
+        ax.plot(np.arange(len(ys)), ys, "o-", ms=3, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls=":", lw=1, label="full model")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
