@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from . import score_cli, train_cli
+from . import train_cli
 from .depth import cli as depth_cli
 from .hf import convert as hf_convert
 from . import generate_cli
@@ -26,7 +26,7 @@ def _demo(args) -> int:
     cfg = dj.configs.get(args.model)
     model = dj.init(cfg, jax.random.key(args.seed))
     print(f"[demo] {model!r}".splitlines()[0], flush=True)
-    tokens = corpus.sample_windows(args.batch_size, args.seq_len, seed=args.seed)
+    tokens = corpus.byte_batch(args.batch_size, args.seq_len, seed=args.seed)
     forward = jax.jit(lambda m, t: dj.apply(m, t, trace=True))
     logits, trace = forward(model, tokens)
     res = trace.residual.astype(jnp.float32)
@@ -70,7 +70,6 @@ COMMANDS = [_add_demo, _add_presets, train_cli.add_command]
 COMMANDS.append(hf_convert.add_command)
 COMMANDS.append(depth_cli.add_command)
 COMMANDS.append(generate_cli.add_command)
-COMMANDS.append(score_cli.add_commands)
 
 
 def main(argv=None) -> int:

@@ -258,3 +258,21 @@ def test_errors_name_the_problem():
         dj.decode_step(model, cache, tokens[:, 0])
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(jnp.zeros((1, 4)), top_p=0.0)
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_generates_from_native_and_hf_directories(tmp_path, capsys):
+    from depthjax.cli import main
+    model = _model(CONFIGS["llama"])
+    dj.save(model, tmp_path / "native")
+    dj.hf.save(model, str(tmp_path / "hf"))
+    prompt = "def f(x):"
+    ids = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
+    want = bytes(np.asarray(dj.generate(model, ids, 8, temperature=0.0).tokens[0],
+                            np.uint8)).decode("utf-8", errors="replace")
+    for d in ("native", "hf"):
+        assert main(["generate", "--model", str(tmp_path / d), "--prompt", prompt,
+                     "--max-new-tokens", "8"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == (prompt + want).splitlines()[-1]
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
+    assert "neither a depthjax checkpoint" in capsys.readouterr().err
