@@ -26,7 +26,7 @@ setup(
         "importlib_resources",  # imported by tensorflow-datasets builders, not declared by it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist"],
+        "test": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["depthjax=depthjax.cli:main"]},
 )
