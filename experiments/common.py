@@ -1,0 +1,151 @@
+"""Shared pieces of the experiment scripts: flags, a cached trained model, evaluation
+batches, the loss of any program, and result files (JSON, Markdown table, plots).
+
+Every script trains (or reuses) its models through `depthjax.train.run`; a model is cached
+under --cache (default experiments/.cache, gitignored) keyed by its full TrainConfig, so
+the scripts that share the base model train it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import depthjax as dj
+from depthjax import metrics as M
+from depthjax import report
+from depthjax.corpus import sample_windows
+from depthjax.train import run as train_run
+from depthjax.train_config import TrainConfig
+
+HERE = Path(__file__).resolve().parent
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress line with the seconds since the script started."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
+    """Flags every experiment shares; `defaults` overrides their default values.
+
+    The default base model is an 8-step llama-style byte model (d_model 64) trained for
+    600 steps on the embedded corpus: about 4 minutes on a 2-core CPU, then cached."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("base model (trained once, cached)")
+    g.add_argument("--model", default="llama-tiny", help="preset name (depthjax presets)")
+    g.add_argument("--layers", type=int, default=8, help="n_layers of the model")
+    g.add_argument("--d-model", type=int, default=None, help="d_model (default: the preset's)")
+    g.add_argument("--steps", type=int, default=600, help="training steps")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-batches", type=int, default=4,
+                   help="validation batches of [batch-size, seq-len] tokens for every loss")
+    g.add_argument("--score-batches", type=int, default=2,
+                   help="separate validation batches the metrics score on")
+    g = p.add_argument_group("files")
+    g.add_argument("--cache", default=str(HERE / ".cache"), help="trained-model cache dir")
+    g.add_argument("--out", default=str(HERE / "results" / name), help="results dir")
+    p.set_defaults(**defaults)
+    return p
+
+
+def model_overrides(args, **extra) -> dict:
+    over = {"n_layers": args.layers, **extra}
+    if args.d_model:
+        over["d_model"] = args.d_model
+    return over
+
+
+def train_config(args, **changes) -> TrainConfig:
+    """The TrainConfig of the base model from the flags, with `changes` applied."""
+    base = dict(model=args.model, model_overrides=model_overrides(args), steps=args.steps,
+                batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                warmup_steps=min(50, max(args.steps // 10, 1)), log_every=max(args.steps // 10, 1),
+                checkpoint_every=args.steps, keep_checkpoints=1, tensorboard=False)
+    return TrainConfig(**{**base, **changes})
+
+
+def trained(args, tag: str, tc: TrainConfig) -> dj.DepthModel:
+    """Train with `tc` into the cache (or reuse an earlier identical run) and load it."""
+    key = json.dumps(tc.to_dict(), sort_keys=True, default=str)
+    run_dir = Path(args.cache) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if not (run_dir / "model").is_dir():
+        log(f"training {tag}: {tc.steps} steps of {tc.batch_size}x{tc.seq_len} tokens "
+            f"into {run_dir}")
+        train_run(run_dir, tc)
+    else:
+        log(f"reusing {tag} from {run_dir}")
+    return dj.load(run_dir / "model")
+
+
+def base_model(args) -> dj.DepthModel:
+    return trained(args, "base", train_config(args))
+
+
+def batches(args, n: int, seed: int) -> list[np.ndarray]:
+    """n fixed validation batches int32 [batch-size, seq-len] of the embedded corpus."""
+    return [sample_windows(args.batch_size, args.seq_len, seed=seed + i, split="valid")
+            for i in range(n)]
+
+
+def eval_batches(args):
+    return batches(args, args.eval_batches, seed=1000)
+
+
+def score_batches(args):
+    """Disjoint from eval_batches' seeds, so rankings are not judged on their own data."""
+    return batches(args, args.score_batches, seed=2000)
+
+
+def loss(model: dj.DepthModel, data) -> float:
+    """Mean next-token loss of `model` (any program) on `data`, through the same compiled
+    coalition evaluator the metrics use."""
+    return float(M.coalition_measures(model, data, "block", np.ones((1, model.depth)))[0])
+
+
+def losses(model: dj.DepthModel, data, keep, unit: str = "block") -> np.ndarray:
+    """Loss of every row of the keep masks [K, units] (1 = unit on), in one compiled call."""
+    return M.coalition_measures(model, data, unit, np.asarray(keep))
+
+
+def n_params(tree) -> int:
+    import jax
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def out_dir(args) -> Path:
+    d = Path(args.out)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def md_table(headers, rows, floatfmt: str = ".4f") -> str:
+    """A GitHub Markdown table; floats formatted with `floatfmt`."""
+    fmt = lambda v: (f"{v:{floatfmt}}" if isinstance(v, (float, np.floating)) else str(v))
+    lines = ["| " + " | ".join(map(str, headers)) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, title: str, sections: list[str], data: dict, argv=None) -> None:
+    """results.md (title, the command, sections) and results.json (data + flags)."""
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(HERE.parent) if script.is_relative_to(HERE.parent) else script
+    cmd = " ".join(["python", script.as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    text = f"# {title}\n\nCommand: `{cmd}`\n\n" + "\n\n".join(sections) + "\n"
+    (out / "results.md").write_text(text)
+    report.write_json({**data, "command": cmd}, out / "results.json")
+    print("\n" + text, flush=True)
+    log(f"wrote {out}/results.md, results.json")
