@@ -1,0 +1,243 @@
+"""Experiment 4: skip a layer or loop it? Per-example search over chains of layers.
+
+"Skip a Layer or Loop it? Test-Time Depth Adaptation of Pretrained LLMs" (Li et al.
+2025) searches, per input, over chains of layers (CoLa: any sequence of a model's
+layers, skips and repeats allowed) and reports that many correctly answered inputs keep
+their answer with a shorter chain and many wrongly answered ones are fixed by some chain.
+
+Task: k-hop pointer chasing over a small alphabet, as bytes. A document lists a random
+permutation as pairs ("ac bd ...", in random order) and then queries "|xk=y": following
+the pairs k times from x gives y. A small model is trained on it with depthjax.train
+(data=files, a generated JSONL file). Evaluation examples are fresh permutations, each
+with one query; the prediction is the byte after "=".
+
+Search (greedy, per example, in rounds): the neighbours of a chain are every chain with
+one position skipped, one position repeated (looped once more) or two adjacent positions
+swapped. For an example the model gets right the search keeps it right while shortening
+the chain; for one it gets wrong it climbs the log-probability of the right answer.
+Every (chain, example) pair of a round runs through one compiled, vmapped forward
+(chains padded to one length with gated-off steps). Control: the same search aimed at a
+random wrong letter shows how often a search over many chains hits a target by chance.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+import depthjax as dj
+
+
+# -- the task ------------------------------------------------------------------------------
+def make_example(rng, n_letters: int, max_hops: int, n_queries: int) -> tuple[str, list]:
+    """A permutation as shuffled pairs, then queries; returns (text, [(x, k, answer)])."""
+    letters = [chr(ord("a") + i) for i in range(n_letters)]
+    perm = rng.permutation(n_letters)
+    pairs = [letters[i] + letters[perm[i]] for i in rng.permutation(n_letters)]
+    queries, text = [], " ".join(pairs)
+    for _ in range(n_queries):
+        x, k = int(rng.integers(n_letters)), int(rng.integers(1, max_hops + 1))
+        y = x
+        for _ in range(k):
+            y = perm[y]
+        queries.append((letters[x], k, letters[y]))
+        text += f"|{letters[x]}{k}={letters[y]}"
+    return text, queries
+
+
+def write_train_file(path: Path, n_docs: int, args) -> None:
+    rng = np.random.default_rng(args.seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            text, _ = make_example(rng, args.letters, args.max_hops, args.queries)
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def eval_set(args):
+    """tokens int32 [N, T] ending at the first query's "=", answers [N] (byte), hops [N]."""
+    rng = np.random.default_rng(10_000 + args.seed)
+    toks, ans, hops = [], [], []
+    for _ in range(args.examples):
+        text, q = make_example(rng, args.letters, args.max_hops, 1)
+        prompt = text[:-1]
+        toks.append(np.frombuffer(prompt.encode(), np.uint8))
+        ans.append(ord(q[0][2]))
+        hops.append(q[0][1])
+    return np.stack(toks).astype(np.int32), np.asarray(ans), np.asarray(hops)
+
+
+# -- chains ------------------------------------------------------------------------------
+def neighbours(chain: tuple, max_len: int) -> set[tuple]:
+    """Chains one edit away: skip a position, repeat one (loop it once more), swap two
+    adjacent ones."""
+    out = set()
+    for i in range(len(chain)):
+        if len(chain) > 1:
+            out.add(chain[:i] + chain[i + 1:])
+        if len(chain) < max_len:
+            out.add(chain[:i + 1] + chain[i:])
+        if i + 1 < len(chain):
+            out.add(chain[:i] + (chain[i + 1], chain[i]) + chain[i + 2:])
+    out.discard(chain)
+    return out
+
+
+def skips(chain: tuple) -> set[tuple]:
+    return {chain[:i] + chain[i + 1:] for i in range(len(chain))} if len(chain) > 1 else set()
+
+
+def chain_program(chain: tuple, max_len: int) -> dict:
+    """Program arrays of `chain` padded to max_len with steps whose gates are 0 (no-ops)."""
+    pad = max_len - len(chain)
+    on = np.r_[np.ones(len(chain)), np.zeros(pad)].astype(np.float32)
+    return {"block": np.r_[chain, np.zeros(pad)].astype(np.int32), "gate": on}
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _answer_logprobs(model, block_ML, gate_ML, tokens_MT, *, chunk: int):
+    """log-probabilities [M, V] of the next byte after each prompt under its own chain."""
+    def one(xs):
+        block, gate, tokens = xs
+        program = dj.Program(block=block, attn=gate, mlp=gate,
+                             parallel=jnp.zeros_like(gate, bool))
+        logits = dj.apply(model.replace(program=program), tokens[None])[0, -1]
+        return jax.nn.log_softmax(logits)
+    return jax.lax.map(one, (block_ML, gate_ML, tokens_MT), batch_size=chunk)
+
+
+def evaluate(model, chains: list[tuple], tokens_MT, max_len: int, chunk: int = 128):
+    """Answer log-probabilities [M, V] of (chains[m], tokens[m]) pairs, padded to whole
+    chunks so a few shapes compile once."""
+    M = len(chains)
+    size = -(-M // chunk) * chunk
+    progs = [chain_program(c, max_len) for c in chains] + [chain_program((0,), max_len)] * (size - M)
+    block = np.stack([p["block"] for p in progs])
+    gate = np.stack([p["gate"] for p in progs])
+    tok = np.concatenate([tokens_MT, np.repeat(tokens_MT[:1], size - M, 0)])
+    return np.asarray(_answer_logprobs(model, block, gate, tok, chunk=chunk))[:M]
+
+
+def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shorten_if_right: bool):
+    """Greedy per-example search. targets [N] bytes. Returns per example: whether the
+    start chain predicts the target, whether any evaluated chain does, the shortest chain
+    length that does (0 if none), and the final chain."""
+    N = len(tokens)
+    lp0 = evaluate(model, [start] * N, tokens, max_len)
+    right0 = lp0.argmax(-1) == targets
+    cur = [start] * N
+    cur_lp = lp0[np.arange(N), targets]
+    hit = right0.copy()
+    shortest = np.where(right0, len(start), 0)
+    for r in range(rounds):
+        # A right example only tries skips (it is being shortened); a wrong one tries all.
+        shorten = lambda e: shorten_if_right and right0[e]
+        pairs = [(nb, e) for e in range(N) for nb in sorted(
+            skips(cur[e]) if shorten(e) else neighbours(cur[e], max_len))]
+        if not pairs:
+            break
+        lp = evaluate(model, [c for c, _ in pairs], tokens[[e for _, e in pairs]], max_len)
+        best: dict[int, tuple] = {}
+        for (chain, e), row in zip(pairs, lp):
+            t = targets[e]
+            ok = row.argmax() == t
+            if ok:
+                hit[e] = True
+                shortest[e] = len(chain) if shortest[e] == 0 else min(shortest[e], len(chain))
+            if (not ok) if shorten(e) else row[t] <= cur_lp[e]:
+                continue       # a move must keep a right answer / raise the target's log-prob
+            if e not in best or row[t] > best[e][0]:
+                best[e] = (row[t], chain)
+        for e, (lp_e, chain) in best.items():
+            cur[e], cur_lp[e] = chain, lp_e
+        moved = len(best)
+        common.log(f"  round {r + 1}/{rounds}: {len(pairs):,} (chain, example) pairs, "
+                   f"{moved} examples moved")
+    return right0, hit, shortest, cur
+
+
+def main(argv=None):
+    p = common.parser("04_skip_or_loop", __doc__, layers=6, steps=1500, batch_size=32,
+                      seq_len=64, lr=2e-3)
+    p.add_argument("--letters", type=int, default=6, help="alphabet size of the permutation")
+    p.add_argument("--max-hops", type=int, default=3)
+    p.add_argument("--queries", type=int, default=8, help="queries per training document")
+    p.add_argument("--train-docs", type=int, default=50_000)
+    p.add_argument("--examples", type=int, default=300, help="evaluation examples")
+    p.add_argument("--rounds", type=int, default=4, help="greedy search rounds")
+    p.add_argument("--extra-steps", type=int, default=2,
+                   help="chains may be this many steps longer than the model")
+    args = p.parse_args(argv)
+    if not 2 <= args.letters <= 26 or args.max_hops > 9:
+        raise SystemExit("--letters must be in 2..26 and --max-hops in 1..9")
+    out = common.out_dir(args)
+    data_dir = Path(args.cache) / "hops_data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_file = data_dir / (f"hops-l{args.letters}-h{args.max_hops}-q{args.queries}-"
+                             f"n{args.train_docs}-s{args.seed}.jsonl")
+    if not train_file.exists():
+        common.log(f"writing {args.train_docs:,} training documents to {train_file}")
+        write_train_file(train_file, args.train_docs, args)
+    tc = common.train_config(args, data="files", data_files=[str(train_file)])
+    model = common.trained(args, "hops", tc)
+
+    tokens, answers, hops = eval_set(args)
+    S = model.depth
+    start, max_len = tuple(range(S)), S + args.extra_steps
+    common.log(f"search: {len(tokens)} examples, chains up to {max_len} steps")
+    right0, fixed_or_kept, shortest, final = search(model, tokens, answers, start, args.rounds,
+                                                    max_len, shorten_if_right=True)
+    # Control: aim the same search at a random letter that is neither the answer nor the
+    # model's prediction; a "fix" rate near this one would be luck, not structure.
+    rng = np.random.default_rng(args.seed)
+    pred0 = evaluate(model, [start] * len(tokens), tokens, max_len).argmax(-1)
+    letters = ord("a") + np.arange(args.letters)
+    decoys = np.array([rng.choice([c for c in letters if c not in (a, p_)])
+                       for a, p_ in zip(answers, pred0)])
+    wrong = ~right0
+    common.log("control search toward random wrong letters")
+    _, decoy_hit, _, _ = search(model, tokens[wrong], decoys[wrong], start, args.rounds,
+                                max_len, shorten_if_right=False)
+
+    kept_shorter = right0 & (shortest < S) & (shortest > 0)
+    fixed = wrong & fixed_or_kept
+    rows = []
+    for k in list(range(1, args.max_hops + 1)) + ["all"]:
+        sel = np.ones(len(hops), bool) if k == "all" else hops == k
+        r, w = sel & right0, sel & wrong
+        dsel = (hops[wrong] == k) if k != "all" else np.ones(wrong.sum(), bool)
+        rows.append([k, int(sel.sum()), f"{r.sum() / max(sel.sum(), 1):.1%}",
+                     f"{(kept_shorter & sel).sum()}/{r.sum()}",
+                     f"{shortest[r].mean():.2f}" if r.any() else "-",
+                     f"{(fixed & sel).sum()}/{w.sum()}",
+                     f"{decoy_hit[dsel].sum()}/{dsel.sum()}"])
+    lengths = np.bincount(shortest[right0], minlength=max_len + 1)
+    sections = [
+        f"Model: {S} steps, d_model={model.config.d_model}, trained {args.steps} steps on "
+        f"{args.letters}-letter permutations with 1..{args.max_hops} hops. Search: "
+        f"{args.rounds} greedy rounds, chains up to {max_len} steps.",
+        "## Per hop count\n\n" + common.md_table(
+            ["hops", "examples", "accuracy (full chain)", "right, kept by a shorter chain",
+             "mean shortest right chain", "wrong, fixed by some chain",
+             "control: wrong, pushed to a random wrong letter"], rows),
+        "## Shortest chain found that keeps a right answer\n\n" + common.md_table(
+            ["steps"] + list(range(1, max_len + 1)),
+            [["examples"] + lengths[1:].tolist()]),
+        "## Example chains found (example: hops, chain)\n\n" + "\n".join(
+            f"* {i}: {hops[i]} hops, {'right' if right0[i] else 'wrong'} -> "
+            f"{'right' if fixed_or_kept[i] else 'wrong'} with chain {list(final[i])}"
+            for i in range(min(8, len(tokens)))),
+    ]
+    common.write_results(out, "Experiment 4: skip or loop (chain-of-layers search)", sections,
+                         {"right0": right0, "hit": fixed_or_kept, "shortest": shortest,
+                          "hops": hops, "decoy_hit": decoy_hit,
+                          "final_chains": [list(c) for c in final]})
+
+
+if __name__ == "__main__":
+    main()
