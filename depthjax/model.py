@@ -96,6 +96,10 @@ class DepthModel:
         return (f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
                 f"blocks={self.n_blocks}, depth={self.depth}, params={n:,})\n{self.program!r}")
 
+    def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
+        from .display import model_html
+        return model_html(self)
+
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["residual", "attn_out", "mlp_out"], meta_fields=[])

@@ -81,6 +81,10 @@ class Program:
         batch = f", batch={self.block.shape[:-1]}" if self.block.ndim > 1 else ""
         return f"Program(depth={self.depth}{batch})\n" + "\n".join(rows)
 
+    def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
+        from .display import program_html
+        return program_html(self)
+
 
 def _len(x, default: int) -> int:
     return default if x is None else np.size(x)
