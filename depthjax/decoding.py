@@ -147,7 +147,7 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
             return carry, kv
 
         carry, kv = jax.lax.cond(slot >= 0, with_attn, without_attn)
-        return freeze(done, residual, carry), kv
+        return (carry if ex.threshold is None else freeze(done, residual, carry)), kv
 
     def step(state, xs):
         residual, kv, done, exit_B, i = state
