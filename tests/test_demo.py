@@ -1,0 +1,31 @@
+"""The README's main job in its quick mode: trains, scores, prunes, recovers, reports."""
+
+import json
+
+import numpy as np
+
+from depthjax import cli
+
+
+def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    for name in ("report.json", "report.md", "profiles.png", "removal_curves.png", "recovery.png"):
+        assert (out / name).stat().st_size > 500, name
+    report = json.loads((out / "report.json").read_text())
+    depth, n = report["model"]["depth"], report["n_blocks"]
+    assert n == max(1, depth // 4)
+    full = report["full_loss"]
+    assert np.isfinite(full) and full < np.log(256)          # it learned something
+    expected = {"block_influence", "angular_distance", "relative_contribution_block",
+                "ablation_block", "shapley_block", "random"}
+    assert set(report["pruning"]["block"]) == expected
+    assert set(report["pruning"]["attn"]) == {"relative_contribution_attn", "ablation_attn", "random"}
+    for unit in ("block", "attn"):
+        for row in report["pruning"][unit].values():
+            assert len(row["removed"]) == n and all(np.isfinite([row["pruned"], row["bias"], row["linear"]]))
+    for curve in report["removal_curves"].values():            # k = 0 is the full model
+        assert len(curve) == depth and abs(curve[0] - full) < 1e-4
+    text = (out / "report.md").read_text()
+    assert "Pruning" in text and "![profiles](profiles.png)" in text
+    assert "validation loss, full model" in capsys.readouterr().out
