@@ -108,7 +108,9 @@ class Trace:
     """Per-step activations. residual[i] is the input of step i, residual[i+1] its output.
 
     residual [depth+1, B, T, D]; attn_out, mlp_out [depth, B, T, D] are the gated updates,
-    so for a sequential program residual[i+1] == residual[i] + attn_out[i] + mlp_out[i].
+    so for a sequential program residual[i+1] == residual[i] + attn_out[i] + mlp_out[i]
+    (plus the step's recovery adapter, if it has one). Inside a parallel group,
+    residual[i+1] is the group's input plus the updates of its steps up to i.
     """
 
     residual: jax.Array
