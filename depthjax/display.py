@@ -75,9 +75,10 @@ def step_extras(steps: dict | None, depth: int) -> list[tuple[str, ...]]:
     out = [[] for _ in range(depth)]
     if not steps or not _has_values(steps):
         return [tuple(["per-step params"] if steps else []) for _ in range(depth)]
-    delta = traverse_util.flatten_dict(steps.get("delta") or {})
+    delta = {p: _nonzero_per_step(leaf, depth)
+             for p, leaf in traverse_util.flatten_dict(steps.get("delta") or {}).items()}
     for i in range(depth):
-        names = sorted({p[0] for p, leaf in delta.items() if _nonzero_per_step(leaf, depth)[i]})
+        names = sorted({p[0] for p, nonzero in delta.items() if nonzero[i]})
         if names:
             out[i].append("Δ " + ", ".join(names))
     lora = traverse_util.flatten_dict(steps.get("lora") or {})
@@ -121,6 +122,7 @@ def step_rows(program: Program, steps: dict | None = None) -> list[StepRow]:
 # -- HTML ----------------------------------------------------------------------------------
 _TABLE = "border-collapse:collapse;font-family:monospace;font-size:12px"
 _CELL = "padding:1px 8px;border-bottom:1px solid #ddd;text-align:right"
+_CELL_L = "padding:1px 8px;border-bottom:1px solid #ddd;text-align:left"
 _FADED = "color:#999"
 
 
@@ -201,10 +203,10 @@ def _table(rows: list[StepRow], colours: dict[int, str]) -> str:
                  f'<td style="{_CELL}">{_gate(r.attn)}</td>',
                  f'<td style="{_CELL}">{_gate(r.mlp)}</td>']
         if any_par:
-            cells.append(f'<td style="{_CELL};text-align:left">{_group_mark(r, rows)}</td>')
-        cells.append(f'<td style="{_CELL};text-align:left">{_ties(r)}</td>')
+            cells.append(f'<td style="{_CELL_L}">{_group_mark(r, rows)}</td>')
+        cells.append(f'<td style="{_CELL_L}">{_ties(r)}</td>')
         if any_extra:
-            cells.append(f'<td style="{_CELL};text-align:left">'
+            cells.append(f'<td style="{_CELL_L}">'
                          f'{html.escape("; ".join(r.extras))}</td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</tbody></table>"

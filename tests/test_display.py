@@ -153,6 +153,22 @@ def test_relax_shows_lora_rank_per_step(model6):
         assert bool(ranks) == ("LoRA" in r["per-step params"])
 
 
+def test_untied_norm_deltas(model6):
+    # Give every step its own norm weights, then tie: the shared rows keep the stepwise
+    # source's norms and the other steps carry the difference as per-step deltas.
+    blocks = dict(model6.params["blocks"])
+    rng = np.random.default_rng(0)
+    blocks["mlp_norm"] = {"scale": 1 + 0.1 * rng.standard_normal(blocks["mlp_norm"]["scale"].shape)}
+    m = model6.replace(params={**model6.params, "blocks": blocks})
+    tied = dj.depth.tie(m, 2, strategy="sequence", share_norms=False)
+    rows = Parsed(tied._repr_html_()).table()
+    scale = np.asarray(blocks["mlp_norm"]["scale"])               # [6, D]
+    src = {0: 0, 1: 3}                                            # stepwise: steps 0 and 3
+    for i, r in enumerate(rows):
+        differs = not np.array_equal(scale[i], scale[src[i // 3]])
+        assert r["per-step params"] == ("Δ mlp_norm" if differs else ""), (i, r)
+
+
 def test_recovery_adapters(model6):
     tokens = np.random.default_rng(0).integers(0, 256, (4, 16)).astype(np.int32)
     pruned = dj.depth.drop(model6, [1, 4])
