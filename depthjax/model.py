@@ -154,7 +154,7 @@ def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_param
     """One step of the program on the residual carry (base, acc); see `run_blocks`.
 
     Returns (carry, u_attn_BTD, u_mlp_BTD), and the updated `kv_cache` when one is given
-    (decoding, see depthjax.generate). The training forward and decoding share this.
+    (decoding, see depthjax.decoding). The training forward and decoding share this.
     """
     base, acc = carry
     base = jnp.where(step_prog.parallel, base, base + acc)
