@@ -76,10 +76,15 @@ def train_config(args, **changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
+def cached_run_dir(args, tag: str, tc: TrainConfig) -> Path:
+    """The cache directory of the run `tc` (named by a hash of its whole config)."""
+    key = json.dumps(tc.to_dict(), sort_keys=True, default=str)
+    return Path(args.cache) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
 def trained(args, tag: str, tc: TrainConfig) -> dj.DepthModel:
     """Train with `tc` into the cache (or reuse an earlier identical run) and load it."""
-    key = json.dumps(tc.to_dict(), sort_keys=True, default=str)
-    run_dir = Path(args.cache) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    run_dir = cached_run_dir(args, tag, tc)
     if not (run_dir / "model").is_dir():
         log(f"training {tag}: {tc.steps} steps of {tc.batch_size}x{tc.seq_len} tokens "
             f"into {run_dir}")
