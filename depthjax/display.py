@@ -123,6 +123,7 @@ def step_rows(program: Program, steps: dict | None = None) -> list[StepRow]:
 _TABLE = "border-collapse:collapse;font-family:monospace;font-size:12px"
 _CELL = "padding:1px 8px;border-bottom:1px solid #ddd;text-align:right"
 _CELL_L = "padding:1px 8px;border-bottom:1px solid #ddd;text-align:left"
+_NUMERIC = ("step", "block", "attn", "mlp")  # right-aligned columns
 _FADED = "color:#999"
 
 
@@ -188,7 +189,8 @@ def _table(rows: list[StepRow], colours: dict[int, str]) -> str:
     heads = ["step", "block", "attn", "mlp"] + (["parallel"] if any_par else []) + \
         ["tied with"] + (["per-step params"] if any_extra else [])
     out = [f'<table style="{_TABLE}"><thead><tr>'
-           + "".join(f'<th style="{_CELL}">{h}</th>' for h in heads) + "</tr></thead><tbody>"]
+           + "".join(f'<th style="{_CELL if h in _NUMERIC else _CELL_L}">{h}</th>' for h in heads)
+           + "</tr></thead><tbody>"]
     shown = rows if len(rows) <= _MAX_ROWS else rows[:_MAX_ROWS // 2] + [None] + rows[-_MAX_ROWS // 2:]
     for r in shown:
         if r is None:

@@ -53,6 +53,7 @@ def _kernel_manager(tmp: Path):
 def _execute(path: Path, extra_cells: list[str], monkeypatch, tmp_path):
     monkeypatch.setenv("DEPTHJAX_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("DEPTHJAX_NOTEBOOK_WORK", str(tmp_path / "work"))
     # A persistent compilation cache (shared with test_train): compiling dominates a tiny run.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR",
                        str(Path(tempfile.gettempdir()) / "depthjax-test-jax-cache"))
