@@ -47,7 +47,7 @@ def main(argv=None):
     p = common.parser("01_metric_comparison", __doc__)
     p.add_argument("--shapley-permutations", type=int, default=24)
     p.add_argument("--random-orders", type=int, default=8)
-    args = p.parse_args(argv)
+    args = common.parse(p, argv, __file__)
     out = common.out_dir(args)
     model = common.base_model(args)
     score_data, data = common.score_batches(args), common.eval_batches(args)
@@ -98,7 +98,7 @@ def main(argv=None):
                           summary),
         "## Scores per step (higher = more important)\n\n```\n" + report.table(scores) + "\n```",
     ]
-    common.write_results(out, "Experiment 1: metric comparison", sections,
+    common.write_results(args, out, "Experiment 1: metric comparison", sections,
                          {"scores": scores, "curves": curves, "seconds": seconds, "full": full})
 
 

@@ -40,7 +40,7 @@ def removed_params(kind: str, order, k: int, S: int, per: dict) -> int:
 
 
 def main(argv=None):
-    args = common.parser("02_attn_vs_mlp", __doc__).parse_args(argv)
+    args = common.parse(common.parser("02_attn_vs_mlp", __doc__), argv, __file__)
     out = common.out_dir(args)
     model = common.base_model(args)
     score_data, data = common.score_batches(args), common.eval_batches(args)
@@ -121,7 +121,7 @@ def main(argv=None):
             [[i, float(rankings[("attn", "ablation")][i]), float(rankings[("mlp", "ablation")][i]),
               float(rankings[("block", "ablation")][i])] for i in range(S)]),
     ]
-    common.write_results(out, "Experiment 2: attention vs MLP dropping", sections,
+    common.write_results(args, out, "Experiment 2: attention vs MLP dropping", sections,
                          {"rows": rows, "per_step_params": per, "full": full,
                           "rankings": {f"{k}/{m}": v for (k, m), v in rankings.items()}})
 

@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--ranks", default="4,16", help="LoRA ranks for relax, comma-separated")
     p.add_argument("--uptrain-steps", type=int, default=100)
     p.add_argument("--uptrain-lr", type=float, default=1e-3)
-    args = p.parse_args(argv)
+    args = common.parse(p, argv, __file__)
     out = common.out_dir(args)
     data = common.eval_batches(args)
     base_tc = common.train_config(args)
@@ -86,7 +86,7 @@ def main(argv=None):
         "## Validation loss\n\n" + common.md_table(
             ["model", "parameters", "after conversion", f"after uptraining / training"], rows),
     ]
-    common.write_results(out, "Experiment 3: recursive conversion", sections,
+    common.write_results(args, out, "Experiment 3: recursive conversion", sections,
                          {"base": base_loss, "full_rank_relax": full_rank_loss,
                           "unique": K, "results": result})
 

@@ -6,10 +6,10 @@ layers, skips and repeats allowed) and reports that many correctly answered inpu
 their answer with a shorter chain and many wrongly answered ones are fixed by some chain.
 
 Task: k-hop pointer chasing over a small alphabet, as bytes. A document lists a random
-permutation as pairs ("ac bd ...", in random order) and then queries "|xk=y": following
+permutation as pairs ("ac bd ...", in random order) and then queries "|kxy": following
 the pairs k times from x gives y. A small model is trained on it with depthjax.train
 (data=files, a generated JSONL file). Evaluation examples are fresh permutations, each
-with one query; the prediction is the byte after "=".
+with one query; the prediction is the byte after the query's start letter.
 
 Search (greedy, per example, in rounds): the neighbours of a chain are every chain with
 one position skipped, one position repeated (looped once more) or two adjacent positions
@@ -47,7 +47,7 @@ def make_example(rng, n_letters: int, max_hops: int, n_queries: int) -> tuple[st
         for _ in range(k):
             y = perm[y]
         queries.append((letters[x], k, letters[y]))
-        text += f"|{letters[x]}{k}={letters[y]}"
+        text += f"|{k}{letters[x]}{letters[y]}"   # y right after x: an induction-style lookup
     return text, queries
 
 
@@ -60,7 +60,8 @@ def write_train_file(path: Path, n_docs: int, args) -> None:
 
 
 def eval_set(args):
-    """tokens int32 [N, T] ending at the first query's "=", answers [N] (byte), hops [N]."""
+    """tokens int32 [N, T] ending at the first query's start letter, answers [N] (byte),
+    hops [N]."""
     rng = np.random.default_rng(10_000 + args.seed)
     toks, ans, hops = [], [], []
     for _ in range(args.examples):
@@ -172,7 +173,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="greedy search rounds")
     p.add_argument("--extra-steps", type=int, default=2,
                    help="chains may be this many steps longer than the model")
-    args = p.parse_args(argv)
+    args = common.parse(p, argv, __file__)
     if not 2 <= args.letters <= 26 or args.max_hops > 9:
         raise SystemExit("--letters must be in 2..26 and --max-hops in 1..9")
     out = common.out_dir(args)
@@ -233,7 +234,7 @@ def main(argv=None):
             f"{'right' if fixed_or_kept[i] else 'wrong'} with chain {list(final[i])}"
             for i in range(min(8, len(tokens)))),
     ]
-    common.write_results(out, "Experiment 4: skip or loop (chain-of-layers search)", sections,
+    common.write_results(args, out, "Experiment 4: skip or loop (chain-of-layers search)", sections,
                          {"right0": right0, "hit": fixed_or_kept, "shortest": shortest,
                           "hops": hops, "decoy_hit": decoy_hit,
                           "final_chains": [list(c) for c in final]})

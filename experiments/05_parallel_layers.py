@@ -36,7 +36,7 @@ def centred_span(S: int, w: int) -> list[int]:
 
 
 def main(argv=None):
-    args = common.parser("05_parallel_layers", __doc__).parse_args(argv)
+    args = common.parse(common.parser("05_parallel_layers", __doc__), argv, __file__)
     out = common.out_dir(args)
     model = common.base_model(args)
     data = common.eval_batches(args)
@@ -99,7 +99,7 @@ def main(argv=None):
         "## One centred span\n\n" + common.md_table(["width", "steps"] + list(span_curves),
                                                     span_rows),
     ]
-    common.write_results(out, "Experiment 5: parallel layers", sections,
+    common.write_results(args, out, "Experiment 5: parallel layers", sections,
                          {"full": full, "pairs": pair_rows, "spans": span_rows})
 
 

@@ -21,7 +21,7 @@ PLACEMENTS = ("pre", "peri", "post")
 
 
 def main(argv=None):
-    args = common.parser("06_norm_placement", __doc__).parse_args(argv)
+    args = common.parse(common.parser("06_norm_placement", __doc__), argv, __file__)
     out = common.out_dir(args)
     score_data, data = common.score_batches(args), common.eval_batches(args)
     res = {}
@@ -80,7 +80,7 @@ def main(argv=None):
             ["step"] + [f"{k} {p}" for k in ("norm", "BI", "ablation") for p in PLACEMENTS],
             per_step, floatfmt=".3f"),
     ]
-    common.write_results(out, "Experiment 6: norm placement", sections, res)
+    common.write_results(args, out, "Experiment 6: norm placement", sections, res)
 
 
 if __name__ == "__main__":

@@ -144,13 +144,19 @@ def md_table(headers, rows, floatfmt: str = ".4f") -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, title: str, sections: list[str], data: dict, argv=None) -> None:
-    """results.md (title, the command, sections) and results.json (data + flags)."""
-    script = Path(sys.argv[0]).resolve()
-    script = script.relative_to(HERE.parent) if script.is_relative_to(HERE.parent) else script
-    cmd = " ".join(["python", script.as_posix(), *(sys.argv[1:] if argv is None else argv)])
-    text = f"# {title}\n\nCommand: `{cmd}`\n\n" + "\n\n".join(sections) + "\n"
+def parse(p: argparse.ArgumentParser, argv, script: str) -> argparse.Namespace:
+    """Parse argv (None: the command line) and record the command that reproduces it."""
+    args = p.parse_args(argv)
+    path = Path(script).resolve()
+    path = path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path
+    args.command = " ".join(["python", path.as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def write_results(args, out: Path, title: str, sections: list[str], data: dict) -> None:
+    """results.md (title, the command, sections) and results.json (data + the command)."""
+    text = f"# {title}\n\nCommand: `{args.command}`\n\n" + "\n\n".join(sections) + "\n"
     (out / "results.md").write_text(text)
-    report.write_json({**data, "command": cmd}, out / "results.json")
+    report.write_json({**data, "command": args.command}, out / "results.json")
     print("\n" + text, flush=True)
     log(f"wrote {out}/results.md, results.json")

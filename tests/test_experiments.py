@@ -1,0 +1,127 @@
+"""experiments/: the scripts run end to end with the tiniest flags, and the pieces they
+add (loss of a program, the pointer-chasing task, padded chains) match naive references."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import depthjax as dj
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+TINY = ["--steps", "4", "--layers", "4", "--batch-size", "2", "--seq-len", "16",
+        "--eval-batches", "1", "--score-batches", "1"]
+
+
+def script(name: str):
+    """Import experiments/<name>.py (file names start with a digit) as a module."""
+    if str(EXP) not in sys.path:
+        sys.path.insert(0, str(EXP))
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", EXP / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("exp-cache")
+
+
+def run(name, cache, tmp_path, *extra):
+    out = tmp_path / name
+    script(name).main(TINY + ["--cache", str(cache), "--out", str(out), *extra])
+    md, data = (out / "results.md").read_text(), json.loads((out / "results.json").read_text())
+    assert md.startswith("# Experiment") and f"experiments/{name}.py" in data["command"]
+    return out, md, data
+
+
+def naive_loss(model, batches):
+    """Mean next-token cross-entropy with a numpy log-softmax."""
+    total = count = 0.0
+    for tokens in batches:
+        logits = np.asarray(dj.apply(model, tokens), np.float64)[:, :-1]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        total -= np.take_along_axis(logp, tokens[:, 1:, None], -1).sum()
+        count += tokens[:, 1:].size
+    return total / count
+
+
+def test_parallel_layers_script_and_program_loss(cache, tmp_path):
+    out, md, data = run("05_parallel_layers", cache, tmp_path)
+    common = script("common")
+    args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache)])
+    model = common.base_model(args)          # the cached model the script used
+    batches = common.eval_batches(args)
+    assert data["full"] == pytest.approx(naive_loss(model, batches), rel=1e-5)
+    # 4 steps: one middle pair [1, 2]; "drop both" leaves steps 0 and 3
+    row = data["pairs"][0]
+    ends = dj.depth.drop(model, [1, 2])
+    assert row[:3] == [1, "[[1, 2]]", 3]
+    assert row[-1] == pytest.approx(naive_loss(ends, batches), rel=1e-5)
+    par = dj.depth.parallelize(model, [[1, 2]], combine="mean")
+    assert row[4] == pytest.approx(naive_loss(par, batches), rel=1e-5)
+    assert (out / "pairs.png").stat().st_size > 0 and (out / "spans.png").stat().st_size > 0
+
+
+def test_pointer_task_answers_follow_the_pairs():
+    hops = script("04_skip_or_loop")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        text, queries = hops.make_example(rng, 7, 4, 3)
+        pairs_text, *qs = text.split("|")
+        mapping = dict(pairs_text.split(" "))            # independent parse of the text
+        assert sorted(mapping) == sorted(mapping.values()) == list("abcdefg")
+        for (x, k, y), q in zip(queries, qs):
+            assert q == f"{k}{x}{y}"
+            z = x
+            for _ in range(k):
+                z = mapping[z]
+            assert z == y
+
+
+def test_chain_neighbours_are_one_edit_away():
+    hops = script("04_skip_or_loop")
+    chain = (0, 1, 2, 3)
+    nbs = hops.neighbours(chain, max_len=5)
+    assert (0, 2, 3) in nbs and (0, 1, 1, 2, 3) in nbs and (0, 2, 1, 3) in nbs
+    assert chain not in nbs
+    assert all(abs(len(n) - len(chain)) <= 1 for n in nbs)
+    # 4 skips + 4 repeats + 3 swaps, all distinct here
+    assert len(nbs) == 11
+    assert all(len(n) <= 4 for n in hops.neighbours(chain, max_len=4))   # no room to loop
+    assert hops.skips((5,)) == set()
+
+
+def test_padded_chains_match_reordered_models():
+    """Chains padded with gated-off steps give the logits of depth.reorder's model."""
+    hops = script("04_skip_or_loop")
+    model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(97, 103, (5, 9)).astype(np.int32)
+    chains = [(0, 1, 2, 3), (3, 3, 1), (2,), (0, 0, 1, 1, 2, 3), (1, 0)]
+    lp = hops.evaluate(model, chains, tokens, max_len=6, chunk=4)
+    for m, chain in enumerate(chains):
+        ref = dj.apply(dj.depth.reorder(model, chain), tokens[m:m + 1])[0, -1]
+        np.testing.assert_allclose(lp[m], jax.nn.log_softmax(ref), atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra", [
+    ("01_metric_comparison", ["--shapley-permutations", "2", "--random-orders", "2"]),
+    ("02_attn_vs_mlp", []),
+    ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
+    ("06_norm_placement", []),
+    ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
+])
+def test_script_runs(cache, tmp_path, name, extra):
+    out, md, data = run(name, cache, tmp_path, *extra)
+    assert not re.search(r"\bnan\b", md, re.I)
+    assert list(out.glob("*.png")) or name in ("03_recursive", "04_skip_or_loop")
+    if name == "03_recursive":      # relax at full rank reproduces the base model
+        assert data["full_rank_relax"] == pytest.approx(data["base"], abs=1e-4)
