@@ -5,11 +5,13 @@
 layers, skips and repeats allowed) and reports that many correctly answered inputs keep
 their answer with a shorter chain and many wrongly answered ones are fixed by some chain.
 
-Task: k-hop pointer chasing over a small alphabet, as bytes. A document lists a random
-permutation as pairs ("ac bd ...", in random order) and then queries "|kxy": following
-the pairs k times from x gives y. A small model is trained on it with depthjax.train
-(data=files, a generated JSONL file). Evaluation examples are fresh permutations, each
-with one query; the prediction is the byte after the query's start letter.
+Task: k-hop composed permutation lookups over a small alphabet, as bytes. A query
+"|kxy" says that applying the permutation k times to letter x gives y. With --task fixed
+(default) one permutation holds for all data and the model must store it in its weights;
+with --task context every document first lists a fresh permutation as pairs ("ac bd
+...", random order), so the hops chase pointers in context. A small model is trained on
+documents of several queries with depthjax.train (data=files, a generated JSONL file).
+Evaluation examples are fresh, one query each; the prediction is the byte after x.
 
 Search (greedy, per example, in rounds): the neighbours of a chain are every chain with
 one position skipped, one position repeated (looped once more) or two adjacent positions
@@ -35,12 +37,19 @@ import depthjax as dj
 
 
 # -- the task ------------------------------------------------------------------------------
-def make_example(rng, n_letters: int, max_hops: int, n_queries: int) -> tuple[str, list]:
-    """A permutation as shuffled pairs, then queries; returns (text, [(x, k, answer)])."""
+def make_example(rng, n_letters: int, max_hops: int, n_queries: int,
+                 perm=None) -> tuple[str, list]:
+    """Queries "|kxy" (y = perm^k(x)) as text, and [(x, k, y)].
+
+    perm=None (task "context"): a fresh random permutation, written first as pairs in
+    random order ("ac bd ..."), so every lookup is in context. Otherwise (task "fixed")
+    the given permutation, which the model has to hold in its weights."""
     letters = [chr(ord("a") + i) for i in range(n_letters)]
-    perm = rng.permutation(n_letters)
-    pairs = [letters[i] + letters[perm[i]] for i in rng.permutation(n_letters)]
-    queries, text = [], " ".join(pairs)
+    text = ""
+    if perm is None:
+        perm = rng.permutation(n_letters)
+        text = " ".join(letters[i] + letters[perm[i]] for i in rng.permutation(n_letters))
+    queries = []
     for _ in range(n_queries):
         x, k = int(rng.integers(n_letters)), int(rng.integers(1, max_hops + 1))
         y = x
@@ -51,11 +60,18 @@ def make_example(rng, n_letters: int, max_hops: int, n_queries: int) -> tuple[st
     return text, queries
 
 
+def task_permutation(args):
+    """The fixed permutation of task "fixed" (None for "context")."""
+    return (np.random.default_rng(args.seed + 77).permutation(args.letters)
+            if args.task == "fixed" else None)
+
+
 def write_train_file(path: Path, n_docs: int, args) -> None:
     rng = np.random.default_rng(args.seed)
     with open(path, "w") as f:
         for _ in range(n_docs):
-            text, _ = make_example(rng, args.letters, args.max_hops, args.queries)
+            text, _ = make_example(rng, args.letters, args.max_hops, args.queries,
+                                   task_permutation(args))
             f.write(json.dumps({"text": text}) + "\n")
 
 
@@ -65,7 +81,7 @@ def eval_set(args):
     rng = np.random.default_rng(10_000 + args.seed)
     toks, ans, hops = [], [], []
     for _ in range(args.examples):
-        text, q = make_example(rng, args.letters, args.max_hops, 1)
+        text, q = make_example(rng, args.letters, args.max_hops, 1, task_permutation(args))
         prompt = text[:-1]
         toks.append(np.frombuffer(prompt.encode(), np.uint8))
         ans.append(ord(q[0][2]))
@@ -165,8 +181,12 @@ def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shor
 def main(argv=None):
     p = common.parser("04_skip_or_loop", __doc__, layers=6, steps=1500, batch_size=32,
                       seq_len=64, lr=2e-3)
-    p.add_argument("--letters", type=int, default=6, help="alphabet size of the permutation")
-    p.add_argument("--max-hops", type=int, default=3)
+    p.add_argument("--task", choices=("fixed", "context"), default="fixed",
+                   help="fixed: one permutation held in the weights; context: a fresh "
+                        "permutation per example, listed before the query")
+    p.add_argument("--letters", type=int, default=None,
+                   help="alphabet size of the permutation (default 16 fixed, 6 context)")
+    p.add_argument("--max-hops", type=int, default=None, help="default 4 fixed, 3 context")
     p.add_argument("--queries", type=int, default=8, help="queries per training document")
     p.add_argument("--train-docs", type=int, default=50_000)
     p.add_argument("--examples", type=int, default=300, help="evaluation examples")
@@ -174,12 +194,14 @@ def main(argv=None):
     p.add_argument("--extra-steps", type=int, default=2,
                    help="chains may be this many steps longer than the model")
     args = common.parse(p, argv, __file__)
+    args.letters = args.letters or (16 if args.task == "fixed" else 6)
+    args.max_hops = args.max_hops or (4 if args.task == "fixed" else 3)
     if not 2 <= args.letters <= 26 or args.max_hops > 9:
         raise SystemExit("--letters must be in 2..26 and --max-hops in 1..9")
     out = common.out_dir(args)
     data_dir = Path(args.cache) / "hops_data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    train_file = data_dir / (f"hops-l{args.letters}-h{args.max_hops}-q{args.queries}-"
+    train_file = data_dir / (f"hops-{args.task}-l{args.letters}-h{args.max_hops}-q{args.queries}-"
                              f"n{args.train_docs}-s{args.seed}.jsonl")
     if not train_file.exists():
         common.log(f"writing {args.train_docs:,} training documents to {train_file}")
@@ -201,9 +223,11 @@ def main(argv=None):
     decoys = np.array([rng.choice([c for c in letters if c not in (a, p_)])
                        for a, p_ in zip(answers, pred0)])
     wrong = ~right0
-    common.log("control search toward random wrong letters")
-    _, decoy_hit, _, _ = search(model, tokens[wrong], decoys[wrong], start, args.rounds,
-                                max_len, shorten_if_right=False)
+    decoy_hit = np.zeros(0, bool)
+    if wrong.any():
+        common.log("control search toward random wrong letters")
+        _, decoy_hit, _, _ = search(model, tokens[wrong], decoys[wrong], start, args.rounds,
+                                    max_len, shorten_if_right=False)
 
     kept_shorter = right0 & (shortest < S) & (shortest > 0)
     fixed = wrong & fixed_or_kept
@@ -220,7 +244,8 @@ def main(argv=None):
     lengths = np.bincount(shortest[right0], minlength=max_len + 1)
     sections = [
         f"Model: {S} steps, d_model={model.config.d_model}, trained {args.steps} steps on "
-        f"{args.letters}-letter permutations with 1..{args.max_hops} hops. Search: "
+        f"task '{args.task}', {args.letters}-letter permutations with 1..{args.max_hops} "
+        f"hops, {args.queries} queries per document. Search: "
         f"{args.rounds} greedy rounds, chains up to {max_len} steps.",
         "## Per hop count\n\n" + common.md_table(
             ["hops", "examples", "accuracy (full chain)", "right, kept by a shorter chain",

@@ -70,7 +70,20 @@ def test_parallel_layers_script_and_program_loss(cache, tmp_path):
     assert (out / "pairs.png").stat().st_size > 0 and (out / "spans.png").stat().st_size > 0
 
 
-def test_pointer_task_answers_follow_the_pairs():
+def test_fixed_permutation_task_answers_compose_the_permutation():
+    hops = script("04_skip_or_loop")
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(10)
+    for _ in range(50):
+        text, queries = hops.make_example(rng, 10, 5, 4, perm)
+        assert text.count("|") == 4 and len(text) == 16
+        for (x, k, y), q in zip(queries, text.split("|")[1:]):
+            assert q == f"{k}{x}{y}"
+            assert y == "abcdefghij"[np.linalg.matrix_power(np.eye(10, dtype=int)[perm], k)
+                                     [ord(x) - 97].argmax()]
+
+
+def test_context_task_answers_follow_the_pairs():
     hops = script("04_skip_or_loop")
     rng = np.random.default_rng(0)
     for _ in range(50):
