@@ -180,6 +180,30 @@ def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shor
     return right0, hit, shortest, cur
 
 
+def plot(path, lengths, rows, depth: int) -> None:
+    """Left: shortest chain that keeps a right answer; right: share of wrong examples the
+    search fixes vs the share it pushes to a random wrong letter, by hop count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.bar(np.arange(1, len(lengths)), lengths[1:])
+    a.axvline(depth, color="gray", ls=":", label=f"model depth {depth}")
+    a.set_xlabel("shortest chain found (steps)")
+    a.set_ylabel("right examples")
+    a.legend(fontsize=7)
+    frac = lambda t: (lambda n, d: n / d if d else np.nan)(*map(int, t.split("/")))
+    hops = np.array([r[0] for r in rows], float)
+    b.bar(hops - 0.2, [frac(r[5]) for r in rows], 0.4, label="fixed (true answer)")
+    b.bar(hops + 0.2, [frac(r[6]) for r in rows], 0.4, label="control (random wrong letter)")
+    b.set_xlabel("hops")
+    b.set_ylabel("share of wrong examples")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = common.parser("04_skip_or_loop", __doc__, layers=6, steps=200, batch_size=32,
                       seq_len=64, lr=2e-3)
@@ -244,6 +268,7 @@ def main(argv=None):
                      f"{(fixed & sel).sum()}/{w.sum()}",
                      f"{decoy_hit[dsel].sum()}/{dsel.sum()}"])
     lengths = np.bincount(shortest[right0], minlength=max_len + 1)
+    plot(out / "search.png", lengths, rows[:-1], S)
     sections = [
         f"Model: {S} steps, d_model={model.config.d_model}, trained {args.steps} steps on "
         f"task '{args.task}', {args.letters}-letter permutations with 1..{args.max_hops} "
