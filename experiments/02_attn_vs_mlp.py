@@ -72,9 +72,7 @@ def main(argv=None):
     full = float(curves[f"{UNITS['block']}, ablation"][0])
 
     # Loss against the share of block weights removed: fair between small and large units.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("ablation", "relative contribution")):
         for kind in UNITS:

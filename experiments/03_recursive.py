@@ -19,9 +19,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
-import numpy as np
-
 import common
 import depthjax as dj
 from depthjax import depth

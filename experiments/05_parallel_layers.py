@@ -17,8 +17,6 @@ with
 
 from __future__ import annotations
 
-import numpy as np
-
 import common
 from depthjax import depth
 from depthjax import report
@@ -76,9 +74,7 @@ def main(argv=None):
     report.plot_curves({n: [full] + v for n, v in pair_curves.items()}, out / "pairs.png",
                        xlabel="middle pairs changed", baseline=full,
                        title="parallel pairs vs dropping")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ws = list(range(2, S - 1))
     for n, v in span_curves.items():

@@ -40,9 +40,7 @@ def main(argv=None):
         }
         common.log(f"{placement}: loss {res[placement]['loss']:.4f}")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     panels = [("residual_norm", "|residual| (input of step i; last = output)"),
               ("block_influence", "block influence 1 - cos(in, out)"),
               ("relative_contribution", "|block update| / |residual in|"),
