@@ -87,8 +87,8 @@ def _markdown(report: dict) -> str:
 
 
 def _plot_recovery(pruning: dict, full: float, path) -> None:
-    from .report import _plt
-    plt = _plt()
+    from .report import pyplot
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, (unit, rows) in zip(axes[0], pruning.items()):
         names = list(rows)

@@ -86,7 +86,8 @@ def write_json(obj, path) -> None:
     Path(path).write_text(json.dumps(to_json(obj), indent=1))
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (works without a display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,7 +96,7 @@ def _plt():
 
 def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
     """One panel per metric across depth; cosine metrics carry the residual norm."""
-    plt = _plt()
+    plt = pyplot()
     names = list(scores)
     cols = 3
     rows = -(-len(names) // cols)
@@ -122,7 +123,7 @@ def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
 
 def plot_curves(curves: dict[str, np.ndarray], path, *, xlabel: str, ylabel: str = "loss",
                 title: str = "", baseline: float | None = None) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in curves.items():
         ax.plot(np.arange(len(ys)), ys, "o-", ms=3, label=name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 import common
+from depthjax.report import pyplot
 from depthjax import metrics as M
 from depthjax import report
 
@@ -72,7 +73,7 @@ def main(argv=None):
     full = float(curves[f"{UNITS['block']}, ablation"][0])
 
     # Loss against the share of block weights removed: fair between small and large units.
-    plt = common.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("ablation", "relative contribution")):
         for kind in UNITS:

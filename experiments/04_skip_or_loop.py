@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
+from depthjax.report import pyplot
 import depthjax as dj
 
 
@@ -183,7 +184,7 @@ def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shor
 def plot(path, lengths, rows, depth: int) -> None:
     """Left: shortest chain that keeps a right answer; right: share of wrong examples the
     search fixes vs the share it pushes to a random wrong letter, by hop count."""
-    plt = common.pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.bar(np.arange(1, len(lengths)), lengths[1:])
     a.axvline(depth, color="gray", ls=":", label=f"model depth {depth}")

@@ -18,6 +18,7 @@ with
 from __future__ import annotations
 
 import common
+from depthjax.report import pyplot
 from depthjax import depth
 from depthjax import report
 
@@ -74,7 +75,7 @@ def main(argv=None):
     report.plot_curves({n: [full] + v for n, v in pair_curves.items()}, out / "pairs.png",
                        xlabel="middle pairs changed", baseline=full,
                        title="parallel pairs vs dropping")
-    plt = common.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ws = list(range(2, S - 1))
     for n, v in span_curves.items():

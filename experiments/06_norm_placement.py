@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 import common
+from depthjax.report import pyplot
 from depthjax import metrics as M
 
 PLACEMENTS = ("pre", "peri", "post")
@@ -40,7 +41,7 @@ def main(argv=None):
         }
         common.log(f"{placement}: loss {res[placement]['loss']:.4f}")
 
-    plt = common.pyplot()
+    plt = pyplot()
     panels = [("residual_norm", "|residual| (input of step i; last = output)"),
               ("block_influence", "block influence 1 - cos(in, out)"),
               ("relative_contribution", "|block update| / |residual in|"),

@@ -129,11 +129,6 @@ def n_params(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), as depthjax.report uses."""
-    return report._plt()
-
-
 def out_dir(args) -> Path:
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
