@@ -45,7 +45,7 @@ class Program:
             mlp=jnp.asarray(np.ones(n) if mlp is None else mlp, jnp.float32),
             parallel=jnp.asarray(np.zeros(n, bool) if parallel is None else parallel, bool),
         )
-        validate(program, n_blocks, _lengths=(n, _len(attn, n), _len(mlp, n), _len(parallel, n)))
+        validate(program, n_blocks)
         return program
 
     @classmethod
@@ -86,21 +86,17 @@ class Program:
         return program_html(self)
 
 
-def _len(x, default: int) -> int:
-    return default if x is None else np.size(x)
-
-
 def is_concrete(program: Program) -> bool:
     """True when the program holds values (not tracers), so it can be checked on the host."""
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(program))
 
 
-def validate(program: Program, n_blocks: int | None = None, *, _lengths=None) -> None:
+def validate(program: Program, n_blocks: int | None = None) -> None:
     """Raise ProgramError naming the problem; a no-op for traced programs (inside jit)."""
     if not is_concrete(program):
         return
     fields = ("block", "attn", "mlp", "parallel")
-    lengths = _lengths or tuple((np.shape(getattr(program, f)) or (0,))[-1] for f in fields)
+    lengths = tuple((np.shape(getattr(program, f)) or (0,))[-1] for f in fields)
     if len(set(lengths)) != 1:
         raise ProgramError("block, attn, mlp and parallel must have equal lengths, got "
                            + ", ".join(f"{f}={n}" for f, n in zip(fields, lengths)))
