@@ -31,7 +31,8 @@ class Program:
 
     @classmethod
     def create(cls, block, attn=None, mlp=None, parallel=None, *, n_blocks=None) -> "Program":
-        """A validated program; gates default to 1 and `parallel` to False."""
+        """A validated program; gates default to 1 and `parallel` to False (a scalar applies
+        to every step)."""
         block_np = np.asarray(block)
         if block_np.ndim != 1:
             raise ProgramError(f"block ids must be a 1-d sequence, got shape {block_np.shape}")
@@ -39,11 +40,12 @@ class Program:
             raise ProgramError(f"block ids must be integers, got {block_np.dtype}: "
                                f"{block_np.tolist()}")
         n = block_np.size
+        full = lambda x, default: np.full(n, default if x is None else x) if np.ndim(x) == 0 else x
         program = cls(
             block=jnp.asarray(block_np, jnp.int32),
-            attn=jnp.asarray(np.ones(n) if attn is None else attn, jnp.float32),
-            mlp=jnp.asarray(np.ones(n) if mlp is None else mlp, jnp.float32),
-            parallel=jnp.asarray(np.zeros(n, bool) if parallel is None else parallel, bool),
+            attn=jnp.asarray(full(attn, 1.0), jnp.float32),
+            mlp=jnp.asarray(full(mlp, 1.0), jnp.float32),
+            parallel=jnp.asarray(full(parallel, False), bool),
         )
         validate(program, n_blocks)
         return program

@@ -81,6 +81,11 @@ def test_bad_inputs(llama):
         dj.apply(gpt2, jnp.zeros((1, 9), jnp.int32))
 
 
+def test_scalar_gates_apply_to_every_step():
+    prog = Program.create([0, 1, 1], attn=0.5, mlp=0)
+    assert np.asarray(prog.attn).tolist() == [0.5] * 3 and np.asarray(prog.mlp).tolist() == [0] * 3
+
+
 def test_program_round_trip_and_repr():
     prog = Program.create([0, 2, 2], attn=[1, 0, 1], parallel=[0, 0, 1])
     again = Program.from_dict(prog.to_dict(), n_blocks=3)
