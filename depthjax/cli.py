@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import demo, score_cli, train_cli
@@ -37,7 +38,29 @@ def main(argv=None) -> int:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:  # bad input: say what is wrong, not where in the code
+        if os.environ.get("DEPTHJAX_DEBUG"):
+            raise
+        print(f"depthjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    from .attention import AttentionUnavailable
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .hf.hf_config import HFError
+    from .program import ProgramError
+    from .sharding import ShardingError
+    from .train_config import TrainConfigError
+    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, HFError,
+            ProgramError, ShardingError, TrainConfigError, FileNotFoundError)
+
+
+USER_ERRORS = _user_errors()
 
 
 if __name__ == "__main__":

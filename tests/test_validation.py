@@ -94,3 +94,15 @@ def test_program_round_trip_and_repr():
     assert "depth=3" in text and text.count("\n") == 4 and "||" in text
     with pytest.raises(ProgramError, match="unknown program fields"):
         Program.from_dict({"block": [0], "gates": [1]})
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    from depthjax import cli
+    assert cli.main(["score", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("depthjax score: error:") and "Traceback" not in err
+    (tmp_path / "spec.yaml").write_text("slices: []\n")
+    dj.save(dj.init(dj.configs.get("llama-tiny"), jax.random.key(0)), tmp_path / "ck")
+    assert cli.main(["depth", "--in", str(tmp_path / "ck"), "--spec", str(tmp_path / "spec.yaml"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "non-empty 'slices'" in capsys.readouterr().err
