@@ -80,3 +80,22 @@ def test_flops_per_token_counts_matmul_weights():
     T = 128
     attn = 4 * cfg.n_layers * T * cfg.n_heads * cfg.head_dim
     assert flops.train_flops_per_token(cfg, T) == 3 * (2 * n_matmul + attn)
+
+
+def test_only_the_lora_of_a_relaxed_model_is_trained():
+    """Uptraining a relaxed recursive model: the shared table stays, per-step LoRA learns."""
+    base, _, batch, _ = _setup()
+    model = dj.depth.relax(dj.depth.tie(base, 1), base, rank=2)
+    tc = train_config.parse(["warmup_steps=0", "lr=1e-2", "trainable=steps/lora/"])
+    mask = trainable_mask(model.params, tc.trainable)
+    tx = optimizer(tc)
+    state = TrainState(jnp.int32(0), model.params,
+                       tx.init(jax.tree.map(lambda m, x: x if m else None, mask, model.params)),
+                       jnp.int32(-1), jnp.int32(0))
+    new, metrics = jax.jit(lambda s, b: train_step(
+        s, b, model.program, cfg=model.config, tx=tx, mask=mask, grad_accum=1,
+        nan_policy=tc.nan_policy, schedule=learning_rate(tc)))(state, batch)
+    assert np.isfinite(metrics["loss"])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(model.params), jax.tree.leaves(new.params)):
+        key = jax.tree_util.keystr(path)
+        assert bool((np.asarray(a) != np.asarray(b)).any()) == key.startswith("['steps']['lora']"), key
