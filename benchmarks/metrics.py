@@ -8,7 +8,6 @@ Also times the one-pass trace metrics and Shapley with a few permutations.
     python benchmarks/metrics.py [--depth 32] [--d-model 128] [--batch 8] [--seq-len 128]
 """
 
-import argparse
 import time
 
 import jax
@@ -16,22 +15,13 @@ import numpy as np
 
 import depthjax as dj
 import depthjax.metrics as M
-from common import header, timed
+from common import model_from_args, timed
 from depthjax.metrics import coalitions
 from depthjax.metrics.batches import nll_sums
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depth", type=int, default=32)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    args = p.parse_args()
-    header()
-    cfg = dj.configs.get("llama-tiny", d_model=args.d_model, n_layers=args.depth)
-    model = dj.init(cfg, jax.random.key(0))
-    tokens = np.random.default_rng(0).integers(0, 256, (args.batch, args.seq_len)).astype(np.int32)
+    args, model, tokens = model_from_args(__doc__, depth=32, d_model=128, batch=8, seq_len=128)
     S = args.depth
 
     # Baseline: S + 1 separate forward passes (full model and each step dropped) through

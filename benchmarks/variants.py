@@ -9,7 +9,6 @@ transforms allocate no new parameter buffers.
     python benchmarks/variants.py [--variants 32] [--depth 16]
 """
 
-import argparse
 import time
 
 import jax
@@ -18,21 +17,13 @@ import numpy as np
 
 import depthjax as dj
 import depthjax.depth as D
-from common import header, timed
+from common import model_from_args, timed
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", type=int, default=32)
-    p.add_argument("--depth", type=int, default=16)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    args = p.parse_args()
-    header()
-    cfg = dj.configs.get("llama-tiny", d_model=args.d_model, n_layers=args.depth)
-    model = dj.init(cfg, jax.random.key(0))
-    tokens = jnp.zeros((args.batch, args.seq_len), jnp.int32)
+    args, model, tokens = model_from_args(
+        __doc__, depth=16, d_model=256, batch=4, seq_len=256,
+        extra=lambda p: p.add_argument("--variants", type=int, default=32))
     rng = np.random.default_rng(0)
     programs = [dj.Program.create(rng.integers(0, args.depth, args.depth),
                                   attn=rng.integers(0, 2, args.depth),
