@@ -10,14 +10,12 @@ from pathlib import Path
 
 
 def _load(model_dir: Path):
-    import depthjax as dj
-    if (model_dir / "manifest.json").exists():
-        return dj.load(model_dir), None
-    if (model_dir / "config.json").exists():
-        eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
-        return dj.hf.load(str(model_dir)), eos[0] if isinstance(eos, list) else eos
-    raise ValueError(f"{model_dir} is neither a depthjax checkpoint (manifest.json) nor a "
-                     "Hugging Face directory (config.json)")
+    """The model (native or Hugging Face directory) and its eos id (HF config, if any)."""
+    from depthjax.checkpoint import load_model
+    model = load_model(model_dir)
+    config = model_dir / "config.json"
+    eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
+    return model, eos[0] if isinstance(eos, list) else eos
 
 
 def _generate(args) -> int:
