@@ -124,7 +124,7 @@ def run_demo(out, quick: bool = False, seed: int = 0) -> dict:
     calib = [corpus.sample_windows(s["batch_size"], s["seq_len"], seed=seed + i) for i in range(s["calib"])]
     evals = [corpus.sample_windows(s["eval_batch"], s["seq_len"], seed=seed + 1000 + i, split="valid")
              for i in range(s["evals"])]
-    loss = lambda m: float(M.coalition_measures(m, evals, "block", np.ones((1, m.depth)))[0])
+    loss = lambda m: M.loss(m, evals)
     full = loss(model)
     _log(f"trained: {model!r}".splitlines()[0] + f"; validation loss {full:.4f}")
 

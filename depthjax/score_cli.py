@@ -90,7 +90,7 @@ def _prune(args) -> int:
     metric = _metric(args.metric, args.unit, calib, args)
     scores = None if args.iterative else metric(model)
     pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative)
-    loss = lambda m: float(M.coalition_measures(m, evals, "block", [[1] * m.depth])[0])
+    loss = lambda m: M.loss(m, evals)
     print(f"validation loss: full {loss(model):.4f}  pruned {loss(pruned):.4f}", flush=True)
     if args.recover:
         pruned = dj.recover(pruned, model, calib, method=args.recover, rank=args.rank,

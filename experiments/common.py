@@ -114,9 +114,8 @@ def score_batches(args):
 
 
 def loss(model: dj.DepthModel, data) -> float:
-    """Mean next-token loss of `model` (any program) on `data`, through the same compiled
-    coalition evaluator the metrics use."""
-    return float(M.coalition_measures(model, data, "block", np.ones((1, model.depth)))[0])
+    """Mean next-token loss of `model` (any program) on `data`."""
+    return M.loss(model, data)
 
 
 def losses(model: dj.DepthModel, data, keep, unit: str = "block") -> np.ndarray:

@@ -71,6 +71,7 @@ def test_ablation_matches_naive_leave_one_out(model):
     abl = M.ablation(model, BATCHES)
     full = naive_value(model, np.ones(4))
     np.testing.assert_allclose(abl.extra["full"], full, rtol=1e-5)
+    np.testing.assert_allclose(M.loss(model, BATCHES), full, rtol=1e-5)
     for i in range(4):
         np.testing.assert_allclose(abl.values[i], naive_value(model, 1 - np.eye(4)[i]) - full, atol=2e-5)
 

@@ -111,7 +111,7 @@ def test_recovery_on_real_pruning_helps_and_lora_trains():
     m = dj.init(dj.configs.get("llama-tiny", n_layers=6), jax.random.key(6))
     pruned = dj.prune(m, M.block_influence(m, CALIB), 2)
     # Random bytes have nothing to generalize: healing must lower the loss it trains on.
-    loss = lambda mm: M.coalition_measures(mm, CALIB, "block", np.ones((1, mm.depth)))[0]
+    loss = lambda mm: M.loss(mm, CALIB)
     lin = dj.recover(pruned, m, CALIB, method="linear", rank=8)
     logit_gap = lambda mm: float(jnp.abs(dj.apply(mm, TEST) - dj.apply(m, TEST)).mean())
     assert logit_gap(lin) < logit_gap(pruned)

@@ -88,6 +88,11 @@ def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str
     return np.asarray(total / weight, np.float64)
 
 
+def loss(model: DepthModel, batches) -> float:
+    """Mean next-token loss of the model as it is (its own program), over real tokens."""
+    return float(coalition_measures(model, batches, "block", np.ones((1, model.depth)))[0])
+
+
 def _unique_measures(model, batches, unit, keep, measure):
     """Measures of coalition rows, evaluating each distinct coalition once."""
     uniq, inverse = np.unique(np.asarray(keep, np.int8), axis=0, return_inverse=True)
