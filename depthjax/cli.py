@@ -40,8 +40,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:  # bad input: say what is wrong, not where in the code
-        if os.environ.get("DEPTHJAX_DEBUG"):
+    except (ValueError, FileNotFoundError) as e:  # every user error class is one of these
+        # Bad input: say what is wrong, not where in the code. The classes are resolved
+        # only here, so start-up does not import the data stack.
+        if os.environ.get("DEPTHJAX_DEBUG") or not isinstance(e, _user_errors()):
             raise
         print(f"depthjax {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -58,9 +60,6 @@ def _user_errors() -> tuple[type, ...]:
     from .train_config import TrainConfigError
     return (AttentionUnavailable, CheckpointError, ConfigError, DataError, HFError,
             ProgramError, ShardingError, TrainConfigError, FileNotFoundError)
-
-
-USER_ERRORS = _user_errors()
 
 
 if __name__ == "__main__":
