@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthjax import flops as flops_lib
+from depthjax.train import flops as flops_lib
 from depthjax import sharding as shd
-from depthjax import train_config
+from depthjax.train import config as train_config
 from depthjax.model import init
 from depthjax.program import Program
-from depthjax.train import state_shardings
-from depthjax.train_step import TrainState, learning_rate, optimizer, train_step, trainable_mask
+from depthjax.train.loop import state_shardings
+from depthjax.train.step import TrainState, learning_rate, optimizer, train_step, trainable_mask
 
 
 def main(argv) -> int:

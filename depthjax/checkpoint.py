@@ -256,15 +256,3 @@ def load_model(path) -> DepthModel:
         return hf.load(p)
     raise CheckpointError(f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
                           "Hugging Face directory (no config.json)")
-
-
-def tokenizer_for(path, model: DepthModel):
-    """The tokenizer.json saved beside a model, or bytes for a 256-token vocabulary."""
-    from .data import load_tokenizer
-    tok = Path(path) / "tokenizer.json"
-    if tok.is_file():
-        return load_tokenizer(str(tok))
-    if model.config.vocab_size == 256:
-        return load_tokenizer("byte")
-    raise CheckpointError(f"{path} has no tokenizer.json and the vocabulary "
-                          f"({model.config.vocab_size}) is not byte-level")

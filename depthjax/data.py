@@ -1,4 +1,4 @@
-"""Training data: tokenizers, document sources, and a grain pipeline that packs documents
+"""Training data: document sources, and a grain pipeline that packs documents
 into fixed-length rows with segment ids (document masking).
 
 Sources (each a grain MapDataset of documents, str or bytes):
@@ -33,6 +33,7 @@ import grain.experimental as gx  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from . import corpus  # noqa: E402
+from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
 
@@ -41,47 +42,7 @@ class DataError(ValueError):
     """Data that cannot be read or does not fit the model."""
 
 
-# -- tokenizers --------------------------------------------------------------------------
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, no special tokens, lossless."""
-
-    vocab_size = 256
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return np.frombuffer(data, np.uint8).astype(np.int32)
-
-    def decode(self, ids) -> str:
-        return bytes(np.asarray(ids, np.uint8)).decode("utf-8", errors="replace")
-
-
-class JsonTokenizer:
-    """A Hugging Face `tokenizer.json` through the `tokenizers` library."""
-
-    def __init__(self, path):
-        import tokenizers
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise DataError(f"cannot read tokenizer {path}: {e}") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
-
-    def decode(self, ids) -> str:
-        return self._tok.decode(np.asarray(ids).tolist())
-
-
-def load_tokenizer(spec: str):
-    """'byte' or the path of a tokenizer.json."""
-    if spec == "byte":
-        return ByteTokenizer()
-    if not Path(spec).is_file():
-        raise DataError(f"tokenizer={spec!r}: expected 'byte' or an existing tokenizer.json")
-    return JsonTokenizer(spec)
+# Tokenizers live in depthjax.tokenizer (light to import); re-exported for the pipeline.
 
 
 # -- document sources --------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 from .kv_cache import KVCache, StepCache, attention_steps
 from .model import DepthModel, Embed, output_head, program_step
 from .program import ProgramError, is_concrete
-from .sampling import sample
+from .sampling import GenerationError, sample
 
 
 class Generation(NamedTuple):
@@ -60,26 +60,26 @@ class _Exit:
 def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv) -> _Exit:
     depth = model.depth if exit_at is None else int(exit_at)
     if not 1 <= depth <= model.depth:
-        raise ValueError(f"exit_at={exit_at} outside 1..{model.depth} (program depth)")
+        raise GenerationError(f"exit_at={exit_at} outside 1..{model.depth} (program depth)")
     parallel = np.asarray(model.program.parallel) if is_concrete(model.program) else None
     boundary = lambda k: k == model.depth or parallel is None or not parallel[k]
     if not boundary(depth):
         raise ProgramError(f"exit_at={depth} splits a parallel group (step {depth} reads the "
                            f"same input as step {depth - 1}); exit at a group boundary")
     if exit_kv not in ("skip", "propagate"):
-        raise ValueError(f"exit_kv must be 'skip' or 'propagate', got {exit_kv!r}")
+        raise GenerationError(f"exit_kv must be 'skip' or 'propagate', got {exit_kv!r}")
     cache_steps = attention_steps(model.program, depth)
     if exit_threshold is None:
         if exit_steps is not None:
-            raise ValueError("exit_steps given without exit_threshold")
+            raise GenerationError("exit_steps given without exit_threshold")
         return _Exit(depth, cache_steps)
     if not 0.0 < float(exit_threshold) <= 1.0:
-        raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
+        raise GenerationError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
     checks = (tuple(k for k in range(1, depth) if boundary(k)) if exit_steps is None
               else tuple(sorted({int(k) for k in exit_steps})))
     for k in checks:
         if not 1 <= k < depth:
-            raise ValueError(f"exit step {k} outside 1..{depth - 1}")
+            raise GenerationError(f"exit step {k} outside 1..{depth - 1}")
         if not boundary(k):
             raise ProgramError(f"exit step {k} splits a parallel group; use group boundaries")
     return _Exit(depth, cache_steps, checks, float(exit_threshold), exit_kv)
@@ -87,7 +87,7 @@ def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_
 
 def _check_decodable(model: DepthModel) -> None:
     if not model.config.causal:
-        raise ValueError(f"generation needs a causal model; the {model.config.family} config "
+        raise GenerationError(f"generation needs a causal model; the {model.config.family} config "
                          "is bidirectional")
     if model.program.block.ndim != 1:
         raise ProgramError(f"decoding takes one program, got a batch {model.program.block.shape}")
@@ -96,21 +96,21 @@ def _check_decodable(model: DepthModel) -> None:
 def _prompt_mask(tokens_BT, mask_BT):
     tokens_BT = jnp.asarray(tokens_BT)
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise ValueError(f"prompt tokens must be int [batch, time], got {tokens_BT.dtype} "
+        raise GenerationError(f"prompt tokens must be int [batch, time], got {tokens_BT.dtype} "
                          f"{tokens_BT.shape}")
     mask_BT = jnp.ones(tokens_BT.shape, bool) if mask_BT is None else jnp.asarray(mask_BT)
     if mask_BT.shape != tokens_BT.shape:
-        raise ValueError(f"mask shape {mask_BT.shape} != prompt shape {tokens_BT.shape}")
+        raise GenerationError(f"mask shape {mask_BT.shape} != prompt shape {tokens_BT.shape}")
     lengths = np.asarray(mask_BT).astype(bool).sum(1)
     if (lengths == 0).any():
-        raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()} have no real token")
+        raise GenerationError(f"prompts {np.flatnonzero(lengths == 0).tolist()} have no real token")
     return tokens_BT.astype(jnp.int32), mask_BT.astype(bool), int(lengths.max())
 
 
 def _check_positions(model: DepthModel, longest: int) -> None:
     cfg = model.config
     if cfg.position == "learned" and longest > cfg.max_seq_len:
-        raise ValueError(f"prompt + new tokens need {longest} positions; the model has "
+        raise GenerationError(f"prompt + new tokens need {longest} positions; the model has "
                          f"max_seq_len={cfg.max_seq_len}")
 
 
@@ -212,7 +212,7 @@ def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, exit_at
     _check_decodable(model)
     tokens_BT, mask_BT, longest = _prompt_mask(tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
-        raise ValueError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
+        raise GenerationError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
     _check_positions(model, longest)
     ex = _exit_settings(model, exit_at, None, None, "skip")
     return _prefill(model, tokens_BT, mask_BT, max_len=max_len, ex=ex)
@@ -227,10 +227,10 @@ def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
     cache.check_program(model.program, ex.depth)
     tokens_B = jnp.asarray(tokens_B)
     if tokens_B.shape != cache.next_pos.shape or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
-        raise ValueError(f"decode_step takes int tokens [{cache.next_pos.shape[0]}], got "
+        raise GenerationError(f"decode_step takes int tokens [{cache.next_pos.shape[0]}], got "
                          f"{tokens_B.dtype} {tokens_B.shape}")
     if is_concrete(cache) and int(cache.length) >= cache.max_len:
-        raise ValueError(f"the cache is full ({cache.max_len} tokens)")
+        raise GenerationError(f"the cache is full ({cache.max_len} tokens)")
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), ex=ex)
 
 
@@ -246,11 +246,11 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
     """
     _check_decodable(model)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature != 0 and key is None:
-        raise ValueError("sampling (temperature > 0) needs a PRNG key")
+        raise GenerationError("sampling (temperature > 0) needs a PRNG key")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
     tokens_BT, mask_BT, longest = _prompt_mask(prompt_tokens, mask)
     _check_positions(model, longest + max_new_tokens - 1)
     prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv)

@@ -2,7 +2,7 @@
 in one `lax.scan`, and the output head.
 
 Parameters: {"embed": ..., "blocks": every leaf [n_blocks, ...], "head": ...} and
-optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.steps) and
+optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.step_params) and
 "final_adapter" (applied to the last residual before the head; see depthjax.recover).
 """
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from . import program as program_lib
-from . import steps as steps_lib
+from . import step_params as steps_lib
 from .block import Block
 from .config import ModelConfig, Remat
 from .layers import init_normal, make_norm
@@ -177,7 +177,7 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
                unroll: bool = False):
     """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
 
-    `step_params` (leaves [depth, ...], see depthjax.steps) is scanned with the program.
+    `step_params` (leaves [depth, ...], see depthjax.step_params) is scanned with the program.
 
     The carry is (base, acc): `base` is the input shared by the current parallel group and
     `acc` the sum of its updates so far, so the residual stream is base + acc. A step with

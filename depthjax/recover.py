@@ -5,7 +5,7 @@ sublayers in the order attn_0, mlp_0, attn_1, ... . Each span maps its input x (
 original residual stream where the span starts) to an update d (the residual where it
 ends, minus x). An adapter fitted on calibration tokens adds g(x) ~ d where the next kept
 unit reads its input: at the following step (params["steps"]["adapter"], see
-depthjax.steps) or before the head (params["final_adapter"]).
+depthjax.step_params) or before the head (params["final_adapter"]).
 
 methods: "bias"   g(x) = mean d;
          "linear" g(x) = c + x W, W of rank r: closed-form least squares, reduced to rank r
@@ -167,12 +167,12 @@ def _with_adapters(pruned: DepthModel, spans, fits) -> DepthModel:
 
 
 def recover(pruned: DepthModel, original: DepthModel, batches, method: str = "bias",
-            rank: int | None = None, *, steps: int = 100, learning_rate: float = 1e-3,
+            rank: int | None = None, *, lora_steps: int = 100, learning_rate: float = 1e-3,
             key=None, log_every: int = 0) -> DepthModel:
     """The pruned model with lightweight adapters emulating the removed units (see module
     docstring). `batches` are calibration tokens (any iterable metrics accept)."""
     if method == "lora":
-        return _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every)
+        return _heal_lora(pruned, batches, rank, lora_steps, learning_rate, key, log_every)
     if method not in ("bias", "linear"):
         raise ValueError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
     if method == "linear" and (not isinstance(rank, (int, np.integer))
@@ -196,7 +196,7 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     the next-token loss, cycling through the batches."""
     from flax import traverse_util
 
-    from . import steps as steps_lib
+    from . import step_params as steps_lib
     from .depth.table import step_rows
     require_causal(pruned, "method='lora'")
     if not isinstance(rank, (int, np.integer)) or rank < 1:

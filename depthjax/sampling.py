@@ -6,6 +6,10 @@ import jax
 import jax.numpy as jnp
 
 
+class GenerationError(ValueError):
+    """Generation arguments that do not fit the model or each other."""
+
+
 def filter_logits(logits_BV, *, top_k: int | None = None, top_p: float | None = None):
     """Set logits outside the top-k / top-p nucleus to -inf (ties at the cut are kept).
 
@@ -16,12 +20,12 @@ def filter_logits(logits_BV, *, top_k: int | None = None, top_p: float | None = 
     V = logits_BV.shape[-1]
     if top_k is not None:
         if not 1 <= top_k:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise GenerationError(f"top_k must be >= 1, got {top_k}")
         kth_B1 = jax.lax.top_k(logits_BV, min(top_k, V))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p is not None:
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV   # mass of strictly better tokens

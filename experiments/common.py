@@ -21,8 +21,7 @@ import depthjax as dj
 from depthjax import metrics as M
 from depthjax import report
 from depthjax.corpus import sample_windows
-from depthjax.train import run as train_run
-from depthjax.train_config import TrainConfig
+from depthjax.train import TrainConfig, run as train_run
 
 HERE = Path(__file__).resolve().parent
 _T0 = time.perf_counter()

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from depthjax import data, train_config
+from depthjax import data
+from depthjax.train import config as train_config
 from depthjax.sharding import logical_to_spec, param_logical_axes
 
 
@@ -35,7 +36,7 @@ def test_json_tokenizer_matches_vocabulary(tmp_path):
     loaded = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert loaded.vocab_size == 5
     assert loaded.encode("def f return x y").tolist() == [1, 2, 3, 4, 0]
-    with pytest.raises(data.DataError, match="expected 'byte' or an existing tokenizer.json"):
+    with pytest.raises(data.TokenizerError, match="expected 'byte' or an existing tokenizer.json"):
         data.load_tokenizer(str(tmp_path / "missing.json"))
 
 

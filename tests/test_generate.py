@@ -274,7 +274,7 @@ def test_cli_generates_from_native_and_hf_directories(tmp_path, capsys):
         assert main(["generate", "--model", str(tmp_path / d), "--prompt", prompt,
                      "--max-new-tokens", "8"]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == (prompt + want).splitlines()[-1]
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither a depthjax checkpoint" in capsys.readouterr().err
 
 

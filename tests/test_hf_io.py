@@ -312,6 +312,6 @@ def test_convert_cli_round_trip(saved, tmp_path, capsys):
     _assert_same_params(model, dj.hf.load(str(back)))
     assert (back / "tokenizer.json").exists()
     assert cli_main(["convert", "--from", "hf", str(tmp_path / "missing"), "--to",
-                     str(tmp_path / "x")]) == 1
+                     str(tmp_path / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
     os.remove(path / "tokenizer.json")

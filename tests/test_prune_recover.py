@@ -115,7 +115,7 @@ def test_recovery_on_real_pruning_helps_and_lora_trains():
     lin = dj.recover(pruned, m, CALIB, method="linear", rank=8)
     logit_gap = lambda mm: float(jnp.abs(dj.apply(mm, TEST) - dj.apply(m, TEST)).mean())
     assert logit_gap(lin) < logit_gap(pruned)
-    healed = dj.recover(pruned, m, CALIB, method="lora", rank=2, steps=15, learning_rate=1e-2)
+    healed = dj.recover(pruned, m, CALIB, method="lora", rank=2, lora_steps=15, learning_rate=1e-2)
     assert loss(healed) < loss(pruned)
     assert set(healed.params["steps"]) == {"lora"}
 

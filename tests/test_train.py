@@ -151,7 +151,7 @@ def test_sharded_2x2x2_mesh_matches_one_device(reference, tmp_path):
 
 
 def test_tensorboard_events_are_valid_tfrecords(tmp_path):
-    from depthjax.train_log import crc32c
+    from depthjax.train.logs import crc32c
     assert crc32c(b"123456789") == 0xE3069283          # RFC 3720 check value
     assert crc32c(bytes(32)) == 0x8A9136AA              # RFC 3720 B.4: 32 bytes of zeros
     _train(tmp_path, "steps=2", "checkpoint_every=2", "tensorboard=true")

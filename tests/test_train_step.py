@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax import flops, train_config
-from depthjax.train_step import (TrainState, learning_rate, loss_sums, optimizer, train_step,
+from depthjax.train import config as train_config, flops
+from depthjax.train.step import (TrainState, learning_rate, loss_sums, optimizer, train_step,
                                  trainable_mask)
 
 

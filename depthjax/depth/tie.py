@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import steps as steps_lib
+from .. import step_params as steps_lib
 from ..model import DepthModel
 from ..program import ProgramError
 from .table import step_rows, with_table

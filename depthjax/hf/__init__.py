@@ -7,7 +7,7 @@
 Nothing is downloaded. Unsupported config options and unknown tensors raise HFError.
 """
 
-from .hf_config import HFError, from_hf as config_from_hf, to_hf as config_to_hf
+from .config import HFError, from_hf as config_from_hf, to_hf as config_to_hf
 from .load import load
 from .pooling import mean_pool, pool, sentence_pooling
 from .save import save

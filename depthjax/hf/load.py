@@ -21,7 +21,7 @@ import numpy as np
 from ..model import DepthModel, init
 from ..program import Program
 from . import tensor_map
-from .hf_config import HFError, from_hf
+from .config import HFError, from_hf
 from .safetensors_files import Checkpoint
 
 Sharding = jax.sharding.Sharding

@@ -11,7 +11,7 @@ import os
 
 import jax.numpy as jnp
 
-from .hf_config import HFError
+from .config import HFError
 
 _MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
           "pooling_mode_max_tokens": "max"}

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from .hf_config import HFError
+from .config import HFError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

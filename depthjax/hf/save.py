@@ -22,7 +22,7 @@ import numpy as np
 from ..model import DepthModel
 from ..program import is_concrete
 from . import tensor_map
-from .hf_config import HFError, default_model_type, to_hf
+from .config import HFError, default_model_type, to_hf
 from .safetensors_files import INDEX, write
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from .hf_config import HFError
+from .config import HFError
 
 # Files that make up a tokenizer in a Hugging Face directory (copied on conversion).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

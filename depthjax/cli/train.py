@@ -1,13 +1,13 @@
-"""`depthjax train` argument parsing; light to import (jax loads only when it runs)."""
+"""`depthjax train`: train or resume a run directory (jax loads only when it runs)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 
 def add_command(sub) -> None:
-    """Register `depthjax train` on an argparse subparsers object."""
-    import argparse
-
-    from .train_config import help_text
+    from ..train.config import help_text
     p = sub.add_parser(
         "train", help="train or resume a model (sharded, checkpointed, resumable)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -19,24 +19,16 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", help="YAML file of keys (key=value arguments override it)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=_cli)
+    p.set_defaults(func=_train)
 
 
-def _cli(args) -> int:
-    import sys
-
-    from .config import ConfigError
-    from . import train
-    from .train_config import TrainConfigError, parse
-    try:
-        tc = parse(args.overrides, args.config)
-        tc.model_config()  # reject a bad preset / model.FIELD before any work
-    except (TrainConfigError, ConfigError, OSError) as e:
-        print(f"depthjax train: error: {e}", file=sys.stderr)
-        return 2
+def _train(args) -> int:
+    from .. import train
+    tc = train.parse(args.overrides, args.config)
+    tc.model_config()  # reject a bad preset / model.FIELD before any work
     try:
         train.run(args.out, tc)
-    except train.NonFiniteLossError as e:
+    except train.NonFiniteLossError as e:  # not a user error: the run itself diverged
         print(f"depthjax train: {e}", file=sys.stderr)
         return 3
     return 0

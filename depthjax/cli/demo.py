@@ -35,8 +35,7 @@ def _log(msg: str) -> None:
 def train_model(out: Path, s: dict, seed: int):
     """Train (or resume) into out/train and return the final model."""
     import depthjax as dj
-    from .train import run
-    from .train_config import TrainConfig
+    from ..train import TrainConfig, run
     tc = TrainConfig(model=s["model"], steps=s["steps"], batch_size=s["batch_size"],
                      seq_len=s["seq_len"], seed=seed, lr=3e-3, warmup_steps=max(5, s["steps"] // 10),
                      log_every=max(1, s["steps"] // 10), checkpoint_every=max(10, s["steps"] // 2),
@@ -49,7 +48,7 @@ def prune_and_recover(model, scores: dict, calib, evals, unit: str, n: int, rank
                       loss) -> dict[str, dict]:
     """Validation loss of the pruned and recovered model for each metric's ranking."""
     import depthjax as dj
-    from .prune import choose
+    from ..prune import choose
     rows = {}
     for name, s in scores.items():
         pruned = dj.prune(model, s, n, unit=unit)
@@ -87,7 +86,7 @@ def _markdown(report: dict) -> str:
 
 
 def _plot_recovery(pruning: dict, full: float, path) -> None:
-    from .report import pyplot
+    from ..report import pyplot
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, (unit, rows) in zip(axes[0], pruning.items()):
@@ -111,8 +110,8 @@ def _plot_recovery(pruning: dict, full: float, path) -> None:
 def run_demo(out, quick: bool = False, seed: int = 0) -> dict:
     import jax
 
-    from . import corpus, metrics as M, report
-    from .metrics.scores import Scores
+    from .. import corpus, metrics as M, report
+    from ..metrics.scores import Scores
     t0 = time.time()
     s = SETTINGS["quick" if quick else "full"]
     out = Path(out)

@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from .common import UsageError, load_model
 
-def _load(model_dir: Path):
-    """The model (native or Hugging Face directory) and its eos id (HF config, if any)."""
-    from depthjax.checkpoint import load_model
-    model = load_model(model_dir)
+
+def _eos_id(model_dir: Path):
+    """eos_token_id of a Hugging Face config.json, if there is one."""
     config = model_dir / "config.json"
     eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
-    return model, eos[0] if isinstance(eos, list) else eos
+    return eos[0] if isinstance(eos, list) else eos
 
 
 def _generate(args) -> int:
@@ -23,35 +23,19 @@ def _generate(args) -> int:
     import numpy as np
 
     import depthjax as dj
-    from depthjax.data import DataError, load_tokenizer
 
     model_dir = Path(args.model)
-    try:
-        model, eos = _load(model_dir)
-        spec = args.tokenizer or (str(model_dir / "tokenizer.json")
-                                  if (model_dir / "tokenizer.json").exists() else "byte")
-        tok = load_tokenizer(spec)
-        if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model's "
-                             f"vocabulary is {model.config.vocab_size}")
-    except (ValueError, DataError, dj.CheckpointError, dj.hf.HFError) as e:
-        print(f"depthjax generate: error: {e}", file=sys.stderr)
-        return 1
+    model, tok = load_model(model_dir, args.tokenizer)
     ids = tok.encode(args.prompt)
     if not ids.size:
-        print("depthjax generate: error: the prompt encodes to no tokens", file=sys.stderr)
-        return 1
-    eos = args.eos_id if args.eos_id is not None else eos
+        raise UsageError("the prompt encodes to no tokens")
+    eos = args.eos_id if args.eos_id is not None else _eos_id(model_dir)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               key=jax.random.key(args.seed), eos_id=eos, exit_at=args.exit_at,
               exit_threshold=args.exit_threshold)
     print(f"[generate] {repr(model).splitlines()[0]}; prompt {ids.size} tokens", flush=True)
     t0 = time.time()
-    try:
-        out = dj.generate(model, ids[None], args.max_new_tokens, **kw)
-    except ValueError as e:
-        print(f"depthjax generate: error: {e}", file=sys.stderr)
-        return 1
+    out = dj.generate(model, ids[None], args.max_new_tokens, **kw)
     n = int(out.lengths[0])
     elapsed = time.time() - t0
     print(args.prompt + tok.decode(np.asarray(out.tokens[0, :n])))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # Dense peak FLOP/s per chip: (bfloat16/float16, float32) from vendor data sheets; float32
 # on NVIDIA is TF32 tensor-core throughput, which XLA uses for float32 matmuls by default.

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .config import ModelConfig
-from .model import DepthModel, apply
-from .program import Program
-from .train_config import TrainConfig
+from ..config import ModelConfig
+from ..model import DepthModel, apply
+from ..program import Program
+from .config import TrainConfig
 
 
 @jax.tree_util.register_dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class TrainConfigError(ValueError):
@@ -107,8 +107,8 @@ class TrainConfig:
             raise TrainConfigError("warmup_steps and eval_every must be >= 0")
 
     def model_config(self) -> ModelConfig:
-        from . import configs
-        return configs.get(self.model, **self.model_overrides)
+        from .. import presets
+        return presets.get(self.model, **self.model_overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

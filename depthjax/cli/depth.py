@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
+from .common import UsageError
 
 
 def _depth(args) -> int:
+    import yaml
+
     from .. import checkpoint
-    from . import compact, from_spec, load_spec, to_spec
+    from ..depth import compact, from_spec, load_spec, to_spec
 
     model = checkpoint.load(args.input)
     if args.spec is None:
         print(yaml.safe_dump(to_spec(model), sort_keys=False), end="")
         return 0
     if args.out is None:
-        raise SystemExit("depthjax depth: --spec needs --out")
+        raise UsageError("--spec needs --out")
     model = from_spec(model, load_spec(args.spec))
     if args.compact:
         model = compact(model)

@@ -1,4 +1,4 @@
-"""Named ModelConfig presets: `dj.configs.get("llama-tiny", n_layers=8)`.
+"""Named ModelConfig presets: `dj.presets.get("llama-tiny", n_layers=8)` (also `dj.configs`).
 
 The tiny presets are what tests, the demo and the notebooks use; the larger ones match
 the shapes of well-known checkpoints (for benchmarks and training from scratch).

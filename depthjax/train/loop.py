@@ -15,27 +15,24 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import signal
 import time
-import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from . import checkpoint as native_ckpt
-from . import data as data_lib
+from .. import checkpoint as native_ckpt
+from .. import data as data_lib
+from .. import sharding as shd
+from ..model import DepthModel, init
+from ..program import Program
 from . import flops as flops_lib
-from . import sharding as shd
-from .model import DepthModel, init
-from .program import Program
-from .train_config import TrainConfig
-from .train_log import RunLog
-from .train_step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
+from .checkpoints import TrainCheckpoints
+from .config import TrainConfig
+from .logs import RunLog
+from .step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
 
 # Keys that may change between a run and its resumption without breaking bit-exactness.
 _RESUMABLE_CHANGES = {"log_every", "checkpoint_every", "keep_checkpoints",
@@ -62,58 +59,6 @@ def maybe_initialize_distributed(mode: str) -> None:
         explicit = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
                                                  ("process_id", "JAX_PROCESS_ID")) if v in env}
         jax.distributed.initialize(**explicit)
-
-
-# -- checkpoints -------------------------------------------------------------------------
-class Checkpoints:
-    """orbax CheckpointManager over DIR/checkpoints with items state / data / meta."""
-
-    def __init__(self, directory: Path, tc: TrainConfig):
-        self.directory = directory
-        self.options = ocp.CheckpointManagerOptions(
-            max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=tc.async_checkpoint,
-            cleanup_tmp_directories=True, create=True)
-        self._open()
-
-    def _open(self):
-        self.manager = ocp.CheckpointManager(self.directory, options=self.options,
-                                             item_names=("state", "data", "meta"))
-
-    def save(self, step: int, state: TrainState, data_state: dict, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        if os.environ.get("DEPTHJAX_TEST_KILL_IN_SAVE") == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
-
-    def restore_latest(self, abstract_state, log: RunLog):
-        """(step, state, data_state, meta) of the newest checkpoint that restores, or None."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                r = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-                return step, r.state, r.data, r.meta
-            except Exception as e:  # any failure to read means this checkpoint is unusable
-                msg = (f"checkpoint {step} in {self.directory} cannot be restored "
-                       f"({type(e).__name__}: {str(e)[:200]}); moving it aside and trying "
-                       "an older one")
-                warnings.warn(msg, stacklevel=2)
-                log.message("WARNING: " + msg)
-                if jax.process_index() == 0:
-                    aside = self.directory.parent / "checkpoints_corrupt"
-                    aside.mkdir(exist_ok=True)
-                    shutil.move(str(self.directory / str(step)),
-                                str(aside / f"{step}-{time.time():.0f}"))
-                self.manager.close()
-                self._open()
-        return None
-
-    def wait(self):
-        self.manager.wait_until_finished()
-
-    def close(self):
-        self.manager.close()
 
 
 # -- setup -------------------------------------------------------------------------------
@@ -205,7 +150,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
                           opt_state=tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params)),
                           bad_step=jnp.int32(-1), skipped=jnp.int32(0))
 
-    ckpts = Checkpoints((out_dir / "checkpoints").absolute(), tc)
+    ckpts = TrainCheckpoints((out_dir / "checkpoints").absolute(), tc)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   jax.eval_shape(fresh_state, jax.random.key(0)), state_sh)
     local_rows = tc.batch_size // jax.process_count()

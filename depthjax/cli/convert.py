@@ -10,37 +10,31 @@ Tokenizer files travel with the weights in every direction.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 
 def _convert(args) -> int:
     import depthjax as dj
-    from .hf_config import HFError
-    from .load import model_directory, read_config
-    from .tokenizer import copy_tokenizer_files
+    from ..hf.load import model_directory, read_config
+    from ..hf.tokenizer import copy_tokenizer_files
 
     t0 = time.time()
     to_format = args.to_format or ("native" if args.source_format == "hf" else "hf")
-    try:
-        if args.source_format == "hf":
-            model = dj.hf.load(args.source, progress=True, ignore_keys=tuple(args.ignore_key))
-            source_dir = model_directory(args.source)
-            source_type = read_config(source_dir)["model_type"]  # hf -> hf keeps it
-        else:
-            model = dj.load(args.source)
-            source_dir, source_type = args.source, None
-        print(f"[convert] read {args.source_format} {args.source}: "
-              f"{repr(model).splitlines()[0]}", flush=True)
-        if to_format == "hf":
-            dj.hf.save(model, args.out, model_type=args.model_type or source_type, zero_gated=args.zero_gated,
-                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                       progress=True)
-        else:
-            dj.save(model, args.out)
-    except (HFError, dj.CheckpointError, FileExistsError) as e:
-        print(f"depthjax convert: error: {e}", file=sys.stderr)
-        return 1
+    if args.source_format == "hf":
+        model = dj.hf.load(args.source, progress=True, ignore_keys=tuple(args.ignore_key))
+        source_dir = model_directory(args.source)
+        source_type = read_config(source_dir)["model_type"]  # hf -> hf keeps it
+    else:
+        model = dj.load(args.source)
+        source_dir, source_type = args.source, None
+    print(f"[convert] read {args.source_format} {args.source}: "
+          f"{repr(model).splitlines()[0]}", flush=True)
+    if to_format == "hf":
+        dj.hf.save(model, args.out, model_type=args.model_type or source_type,
+                   zero_gated=args.zero_gated, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                   progress=True)
+    else:
+        dj.save(model, args.out)
     copied = copy_tokenizer_files(source_dir, args.out)
     print(f"[convert] wrote {to_format} {args.out}"
           f"{' with ' + ', '.join(copied) if copied else ''} in {time.time() - t0:.1f}s")

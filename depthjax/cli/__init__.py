@@ -1,0 +1,51 @@
+"""The `depthjax` command line: one module per command, each with `add_command(sub)`.
+
+This is the one place where a user error (a bad config, program, checkpoint, spec, data
+or flag) becomes `depthjax CMD: error: ...` on stderr and exit code 2; commands just
+raise. `DEPTHJAX_DEBUG=1` shows the traceback instead. Command modules import the heavy
+libraries only when they run, so `depthjax --help` starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import convert, demo, depth, generate, presets, prune, score, train
+
+COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="depthjax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_command(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # every user error class derives from one of these
+        # The classes are resolved only here, so start-up does not import the data stack.
+        if os.environ.get("DEPTHJAX_DEBUG") or not isinstance(e, _user_errors()):
+            raise
+        print(f"depthjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type, ...]:
+    from ..attention import AttentionUnavailable
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..decoding import GenerationError
+    from ..hf.config import HFError
+    from ..program import ProgramError
+    from ..sharding import ShardingError
+    from ..tokenizer import TokenizerError
+    from ..train.config import TrainConfigError
+    from .common import UsageError
+    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
+            HFError, ProgramError, ShardingError, TokenizerError, TrainConfigError,
+            UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError)

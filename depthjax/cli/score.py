@@ -1,0 +1,48 @@
+"""`depthjax score`: every metric on a native checkpoint or a local HF directory.
+
+    depthjax score --model DIR [--out REPORT_DIR] [--batches 4] [--batch-size 8] [--seq-len 128]
+
+Calibration and evaluation text comes from the embedded corpus (Python standard library
+sources: train split to score, validation split for the removal curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_data_args, load_with_data
+
+
+def _score(args) -> int:
+    import jax
+
+    from .. import report
+    model, calib, evals = load_with_data(args)
+    print(f"[score] {model!r}".splitlines()[0], flush=True)
+    scores = report.score_all(model, calib, shapley_permutations=args.shapley_permutations,
+                              key=jax.random.key(args.seed))
+    curves = report.removal_curves(model, evals, scores, "block", max_units=args.max_remove)
+    print(report.table(scores, "block"))
+    print("\nvalidation loss after removing k blocks (least important first):")
+    for name, ys in curves.items():
+        print(f"  {name:<28} " + " ".join(f"{y:.3f}" for y in ys))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_json({"scores": scores, "removal_curves": curves}, out / "scores.json")
+        report.plot_profiles(scores, out / "profiles.png", title=f"{args.model}")
+        report.plot_curves(curves, out / "removal_curves.png", xlabel="blocks removed",
+                           ylabel="validation loss", baseline=curves[next(iter(curves))][0])
+        print(f"wrote {out}/scores.json, profiles.png, removal_curves.png")
+    return 0
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("score", help="score every step with every metric; table, JSON, plots",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
+    p.add_argument("--shapley-permutations", type=int, default=8)
+    p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
+    p.set_defaults(func=_score)

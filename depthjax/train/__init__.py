@@ -1,0 +1,31 @@
+"""Training: `depthjax.train.run(out_dir, TrainConfig)`, sharded, checkpointed, resumable.
+
+    config       TrainConfig / MeshConfig, parsed from key=value arguments and YAML
+    step         TrainState, optimizer, learning-rate schedule, the jitted train step
+    loop         run(): mesh, data, the loop, evaluation, the final model
+    checkpoints  TrainCheckpoints: the run's orbax checkpoints (state, data iterator, meta)
+    logs         RunLog: metrics.jsonl, TensorBoard events, console lines
+    flops        FLOPs per token and accelerator peaks (MFU)
+
+Names resolve lazily so that `depthjax train --help` does not import the data stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "config", "MeshConfig": "config", "TrainConfigError": "config",
+    "parse": "config", "help_text": "config",
+    "TrainState": "step", "optimizer": "step", "learning_rate": "step", "train_step": "step",
+    "run": "loop", "NonFiniteLossError": "loop", "maybe_initialize_distributed": "loop",
+    "TrainCheckpoints": "checkpoints", "RunLog": "logs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
