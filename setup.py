@@ -23,6 +23,9 @@ setup(
         "array-record",
         "tokenizers",
         "matplotlib",
+        "rich",  # progress bars (depthjax.progress)
+        "chex",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
         "importlib_resources",  # imported by tensorflow-datasets builders, not declared by it
     ],
     extras_require={
