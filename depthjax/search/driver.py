@@ -93,7 +93,7 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
     objective = as_objective(objective, batches)
     if objective.measure is loss_measure:
         require_causal(model, "objective 'loss'")
-    if per_example and not objective.per_row:
+    if per_example and not objective.per_row(model.config.vocab_size):
         raise SearchError(f"per_example=True needs an objective with one value per row; "
                           f"{objective.name!r} gives one per batch")
     strategy = as_strategy(strategy)

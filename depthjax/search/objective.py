@@ -39,10 +39,14 @@ class Objective:
     batches: tuple
     maximize: bool = False
     differentiable: bool = False
-    per_row: bool = True   # False: the measure gives one value per batch (no per_example)
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.maximize else a < b
+    def per_row(self, vocab_size: int) -> bool:
+        """Whether the measure gives one value per row (so per_example works) rather than
+        one per batch."""
+        b = self.batches[0]
+        spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+        logits = jax.ShapeDtypeStruct(b["tokens"].shape + (vocab_size,), jnp.float32)
+        return jax.eval_shape(self.measure, logits, spec)["score"].shape == b["tokens"].shape[:1]
 
     def key(self, score: float) -> float:
         """Sort key: smaller is better."""
@@ -103,15 +107,8 @@ def logits(fn: Callable, batches, *, maximize: bool = False, name: str | None = 
             out = {k: v[None] for k, v in out.items()}
         return {**out, "weight": jnp.ones_like(out["score"])}
 
-    B = rows[0]["tokens"].shape[0]
-    probe = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in rows[0].items()}
-    # The vocabulary is not known yet; any size probes the output's shape.
-    shape = jax.eval_shape(lambda lg, b: as_dict(fn(lg, b))["score"],
-                           jax.ShapeDtypeStruct((B, probe["tokens"].shape[1], 8), jnp.float32),
-                           probe).shape
     label = name or getattr(fn, "__name__", "objective")
-    return Objective(label, measure, rows, maximize=maximize, differentiable=differentiable,
-                     per_row=shape == (B,))
+    return Objective(label, measure, rows, maximize=maximize, differentiable=differentiable)
 
 
 def as_objective(objective, batches=None) -> Objective:

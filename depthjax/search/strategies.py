@@ -9,10 +9,12 @@ example's generation together.
         removal hurts least, until the program fits).
     Beam(width): keep the `width` best programs; their neighbours form a generation.
     Evolutionary(population, generations): (mu + lambda) selection; children are parents
-        (chosen by tournament) after 1..max_mutations random moves.
-    MCTS(simulations, batch): UCT tree search over moves with priors (PUCT), a batch of
-        leaves per generation (virtual loss keeps them distinct); as in the chain-of-layers
-        search of "Skip a Layer or Loop it?".
+        (chosen by tournament) after 1..max_mutations random moves (geometric: mostly 1).
+    MCTS(simulations, batch): UCT tree search over moves with priors (PUCT; Dirichlet
+        noise at the root), a batch of leaves per generation (virtual loss keeps them
+        distinct); as in the chain-of-layers search of "Skip a Layer or Loop it?".
+
+Greedy and Beam are deterministic; Evolutionary and MCTS draw from the key.
 
 Feasibility: from a program within budget only moves that stay within budget are taken;
 from one over budget only moves that lower the cost, so every strategy descends into the
@@ -142,7 +144,9 @@ class Evolutionary:
         return self.generations + 1
 
     def _mutate(self, pb: Problem, c: Candidate, rng) -> Candidate:
-        for _ in range(int(rng.integers(1, self.max_mutations + 1))):
+        # 1 move with probability 1/2, 2 with 1/4, ... (at most max_mutations): children
+        # stay near their parents, with the occasional longer jump.
+        for _ in range(min(int(rng.geometric(0.5)), self.max_mutations)):
             nbrs = pb.allowed(c)
             if not nbrs:
                 break
@@ -173,6 +177,8 @@ class MCTS:
     simulations: int = 256
     batch: int = 16
     c_puct: float = 1.25
+    noise: float = 0.25        # share of Dirichlet noise in the root's priors (AlphaZero)
+    alpha: float = 0.5         # its concentration
 
     def __post_init__(self):
         if self.simulations < 1 or self.batch < 1:
@@ -201,7 +207,10 @@ class MCTS:
                     p = np.exp(logits)
                 else:
                     p = np.ones(len(kids))
-                priors[node] = p / max(p.sum(), 1e-300)
+                p = p / max(p.sum(), 1e-300)
+                if node == root and kids and self.noise:   # the key's say: root exploration
+                    p = (1 - self.noise) * p + self.noise * rng.dirichlet([self.alpha] * len(kids))
+                priors[node] = p
             return priors[node]
 
         def q_norm(node):
