@@ -20,6 +20,7 @@ row's score / weight. Other keys are reported the same way beside the score.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -83,18 +84,26 @@ def logits(fn: Callable, batches, *, maximize: bool = False, name: str | None = 
     """Any callable on logits: fn(logits_BTV, batch) -> per-row values [B] (each row weighs
     1; per_example works) or one value per batch (batches weigh 1 each), or a dict of such
     arrays with a "score" key (other keys are reported beside it). `batch` is the dict of
-    arrays the batch was given as (with "tokens" and "mask")."""
+    arrays the batch was given as (with "tokens" and "mask"). Objectives of the same `fn`
+    share compiled functions."""
     if not callable(fn):
         raise SearchError(f"an objective callable is needed, got {fn!r}")
-    rows = _rows(batches)
+    label = name or getattr(fn, "__name__", "objective")
+    return Objective(label, _measure_of(fn), _rows(batches), maximize=maximize,
+                     differentiable=differentiable)
 
+
+@functools.lru_cache(maxsize=128)
+def _measure_of(fn: Callable) -> Callable:
+    """The objective measure of a callable on logits (one per callable: compiled functions
+    are cached by the measure's identity)."""
     def as_dict(out):
         return dict(out) if isinstance(out, dict) else {"score": out}
 
     def measure(logits_BTV, batch):
         out = as_dict(fn(logits_BTV, batch))
         if "score" not in out:
-            raise SearchError(f"objective {name or fn!r} returned keys {sorted(out)}; one must be 'score'")
+            raise SearchError(f"objective {fn!r} returned keys {sorted(out)}; one must be 'score'")
         if "weight" in out:
             raise SearchError("objective callables return values; 'weight' is reserved")
         out = {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
@@ -106,9 +115,7 @@ def logits(fn: Callable, batches, *, maximize: bool = False, name: str | None = 
         if not shape:
             out = {k: v[None] for k, v in out.items()}
         return {**out, "weight": jnp.ones_like(out["score"])}
-
-    label = name or getattr(fn, "__name__", "objective")
-    return Objective(label, measure, rows, maximize=maximize, differentiable=differentiable)
+    return measure
 
 
 def as_objective(objective, batches=None) -> Objective:

@@ -110,8 +110,10 @@ class Beam:
             pool = _unique(n for b in beam for n in pb.proposals(b, self.max_candidates))
             yield ([pb.space.start] + pool) if first else pool
             first = False
-            ranked = sorted(_unique(beam + pool), key=pb.rank)[:self.width]
-            if set(ranked) == set(beam):
+            # A program over budget must move on (to a cheaper one), even to a worse score.
+            stay = [b for b in beam if pb.feasible(b)]
+            ranked = sorted(_unique(stay + pool), key=pb.rank)[:self.width]
+            if not ranked or set(ranked) == set(beam):
                 return
             beam = ranked
 
