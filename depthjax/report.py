@@ -20,10 +20,11 @@ def _progress(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
-def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
+def score_all(model: DepthModel, batches, *, shapley_permutations: int | None = None, key=None,
               progress=_progress) -> dict[str, Scores]:
     """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
-    blocks, attention and MLP, Shapley values of blocks, and the logit lens."""
+    blocks, attention and MLP, Shapley values of blocks (see `shapley_permutations_for`;
+    0 skips them), and the logit lens."""
     def timed(name, fn):
         t0 = time.perf_counter()
         out = fn()
@@ -33,11 +34,23 @@ def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=
     out = dict(timed("trace metrics", lambda: M.trace_metrics(model, batches)))
     for unit in ("block", "attn", "mlp"):
         out[f"ablation_{unit}"] = timed(f"ablation ({unit})", lambda: M.ablation(model, batches, unit=unit))
-    if shapley_permutations:
-        out["shapley_block"] = timed(f"shapley ({shapley_permutations} permutations)",
-                                     lambda: M.shapley(model, batches, num_permutations=shapley_permutations, key=key))
+    if shapley_permutations != 0:
+        perms = shapley_permutations_for(model, "block", shapley_permutations)
+        how = f"{perms} permutations" if perms else f"exact, {1 << model.depth} coalitions"
+        out["shapley_block"] = timed(f"shapley ({how})",
+                                     lambda: M.shapley(model, batches, num_permutations=perms, key=key))
     out["logit_lens"] = timed("logit lens", lambda: M.logit_lens(model, batches))
     return out
+
+
+def shapley_permutations_for(model: DepthModel, unit: str, permutations: int | None,
+                             max_coalitions: int = 4096) -> int | None:
+    """None (exact Shapley values) when `permutations` is None and the 2**n coalitions of
+    the n units fit max_coalitions; else `permutations` (16 antithetic ones if None)."""
+    n = M.coalitions.n_units(model, unit)
+    if permutations is None:
+        return None if (1 << n) <= max_coalitions else 16
+    return permutations
 
 
 def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:

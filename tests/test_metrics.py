@@ -87,11 +87,16 @@ def test_shapley_exact_enumeration_and_efficiency(model):
                 w = math.factorial(len(S)) * math.factorial(n - len(S) - 1) / math.factorial(n)
                 exact[i] += w * (v[tuple(sorted(S + (i,)))] - value)
     est = M.shapley(model, BATCHES, num_permutations=None)
-    assert est.extra["permutations"] == 24
+    assert est.extra["exact"] and est.extra["coalitions"] == 16
     np.testing.assert_allclose(est.values, exact, atol=3e-5)
-    sampled = M.shapley(model, BATCHES, num_permutations=3, key=jax.random.key(7))
-    np.testing.assert_allclose(sampled.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
-    np.testing.assert_allclose(sampled.values.sum(), sampled.extra["v_all_minus_v_none"], atol=1e-9)
+    np.testing.assert_allclose(est.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
+    for sampled in (M.shapley(model, BATCHES, num_permutations=3, key=jax.random.key(7)),
+                    M.shapley(model, BATCHES, num_permutations=3, antithetic=False)):
+        np.testing.assert_allclose(sampled.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
+        np.testing.assert_allclose(sampled.values.sum(), sampled.extra["v_all_minus_v_none"], atol=1e-9)
+    assert M.shapley(model, BATCHES, num_permutations=3).extra["permutations"] == 4
+    with pytest.raises(ValueError, match="max_coalitions"):
+        M.shapley(model, BATCHES, unit="sublayer", num_permutations=None, max_coalitions=128)
 
 
 def test_sublayer_units_and_present_minus_absent(model):

@@ -13,7 +13,8 @@ import argparse
 
 from .common import UsageError, add_data_args, load_with_data
 
-METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley")
+METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley",
+           "gate_gradient")
 
 
 def _metric(name: str, unit: str, calib, args):
@@ -22,6 +23,7 @@ def _metric(name: str, unit: str, calib, args):
     import numpy as np
 
     from .. import metrics as M
+    from .. import report
     if name in ("block_influence", "angular_distance") and unit != "block":
         raise UsageError(f"--metric {name} scores whole blocks; use --unit block, or ablation, "
                          "shapley or relative_contribution for sublayers")
@@ -33,11 +35,19 @@ def _metric(name: str, unit: str, calib, args):
             return M.Scores("relative_contribution", "sublayer",
                             np.concatenate([rc["attn"].values, rc["mlp"].values]))
         return contribution
+    if name == "gate_gradient":   # first-order estimate of each unit's ablation, one backward
+        def taylor(m):
+            v = M.gate_gradient(m, calib).values
+            S = m.depth
+            by_unit = {"block": v[:S] + v[S:], "attn": v[:S], "mlp": v[S:], "sublayer": v}
+            return M.Scores("gate_gradient", unit, by_unit[unit])
+        return taylor
     return {"block_influence": lambda m: M.block_influence(m, calib),
             "angular_distance": lambda m: M.angular_distance(m, calib),
             "ablation": lambda m: M.ablation(m, calib, unit=unit),
             "shapley": lambda m: M.shapley(m, calib, unit=unit, key=jax.random.key(args.seed),
-                                           num_permutations=args.shapley_permutations)}[name]
+                                           num_permutations=report.shapley_permutations_for(
+                                               m, unit, args.shapley_permutations))}[name]
 
 
 def _prune(args) -> int:
@@ -70,6 +80,8 @@ def add_command(sub) -> None:
     p.add_argument("--recover", choices=["bias", "linear", "lora"])
     p.add_argument("--rank", type=int, default=None, help="rank for linear / lora recovery")
     p.add_argument("--lora-steps", type=int, default=100)
-    p.add_argument("--shapley-permutations", type=int, default=8)
+    p.add_argument("--shapley-permutations", type=int, default=None,
+                   help="sampled (antithetic) Shapley permutations; default: exact when the "
+                        "2**n coalitions are at most 4096, else 16")
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.set_defaults(func=_prune)

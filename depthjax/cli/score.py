@@ -43,6 +43,8 @@ def add_command(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
-    p.add_argument("--shapley-permutations", type=int, default=8)
+    p.add_argument("--shapley-permutations", type=int, default=None,
+                   help="sampled (antithetic) Shapley permutations; default: exact when the "
+                        "2**n coalitions are at most 4096, else 16")
     p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
     p.set_defaults(func=_score)

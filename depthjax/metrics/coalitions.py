@@ -1,6 +1,6 @@
 """Metrics that evaluate the model with sets of units switched off: leave-one-out
-ablation, Monte-Carlo Shapley values, the present-minus-absent estimator and removal
-curves.
+ablation, Shapley values (exact from all coalitions, or antithetic Monte Carlo), the
+present-minus-absent estimator and removal curves.
 
 Every coalition is a *program* (the unit's gates set to 0), so all coalitions of a call go
 through one compiled function that maps a vmapped forward over chunks of stacked
@@ -108,27 +108,57 @@ def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "lo
     return Scores(f"ablation_{measure}", unit, m[1:] - m[0], {"full": float(m[0])})
 
 
-def _permutations(n, num_permutations, key):
-    if num_permutations is None:
-        if n > 8:
-            raise ValueError(f"all {n}! permutations is too many; pass num_permutations")
-        return np.array(list(itertools.permutations(range(n))))
-    keys = jax.random.split(key, num_permutations)
-    return np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n))(keys))
+def _permutations(n, num_permutations, key, antithetic):
+    """[P, n] random orders; antithetic: P/2 orders (P rounded up to even) and their reverses."""
+    k = -(-num_permutations // 2) if antithetic else num_permutations
+    perms = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, n))(jax.random.split(key, k)))
+    return np.concatenate([perms, perms[:, ::-1]]) if antithetic else perms
+
+
+def _exact_shapley(model, batches, unit, measure, n):
+    """Exact Shapley values from all 2**n coalitions: phi_i = sum over S without i of
+    |S|! (n-|S|-1)! / n! * (v(S + i) - v(S)), v = -measure."""
+    idx = np.arange(1 << n)
+    keep = ((idx[:, None] >> np.arange(n)) & 1).astype(np.int8)      # [2**n, n]
+    v = -coalition_measures(model, batches, unit, keep, measure)
+    size = keep.sum(1)
+    weight = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n)
+                       if s < n else 0.0 for s in range(n + 1)])
+    values = np.zeros(n)
+    for i in range(n):
+        without = idx[keep[:, i] == 0]
+        values[i] = np.sum(weight[size[without]] * (v[without | (1 << i)] - v[without]))
+    return values, float(v[-1] - v[0])
 
 
 def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: int | None = 16,
-            key=None, measure: str = "loss") -> Scores:
-    """Monte-Carlo permutation Shapley values of the units for v(S) = -measure(S).
+            key=None, measure: str = "loss", *, max_coalitions: int = 4096,
+            antithetic: bool = True) -> Scores:
+    """Shapley values of the units for v(S) = -measure(S) (higher = more important).
 
-    Each permutation adds units one at a time from the empty coalition; a unit's value is
-    the mean drop of the measure when it joins. Per permutation the values sum exactly to
-    v(all) - v(none) = measure(none) - measure(all). num_permutations=None enumerates all
-    n! permutations (exact Shapley values; n <= 8).
+    num_permutations=None: exact, from all 2**n coalitions (one compiled call) when
+    2**n <= max_coalitions. Otherwise a Monte-Carlo permutation estimate: each
+    permutation adds units one at a time from the empty coalition, a unit's value is the
+    mean drop of the measure when it joins; antithetic=True pairs every random order with
+    its reverse (a unit joining late in one joins early in the other, which cancels much
+    of the order noise). extra["stderr"] is the estimator's standard error (0 when exact;
+    over antithetic pairs). The values sum to v(all) - v(none) = measure(none) -
+    measure(all), exactly, in every case.
     """
     n = n_units(model, unit)
+    if num_permutations is None:
+        if (1 << n) > max_coalitions:
+            raise ValueError(f"exact Shapley values of {n} units need 2**{n} = {1 << n:,} "
+                             f"coalitions, more than max_coalitions={max_coalitions:,}; pass "
+                             "num_permutations for an estimate (or raise max_coalitions)")
+        values, total = _exact_shapley(model, batches, unit, measure, n)
+        return Scores(f"shapley_{measure}", unit, values,
+                      {"stderr": np.zeros(n), "exact": True, "coalitions": 1 << n,
+                       "v_all_minus_v_none": total})
+    if not isinstance(num_permutations, (int, np.integer)) or num_permutations < 1:
+        raise ValueError(f"num_permutations must be a positive integer or None, got {num_permutations!r}")
     key = jax.random.key(0) if key is None else key
-    perms = _permutations(n, num_permutations, key)           # [P, n]
+    perms = _permutations(n, int(num_permutations), key, antithetic)   # [P, n]
     P = len(perms)
     keep = np.zeros((P, n + 1, n), np.int8)                   # prefix coalitions
     for p, perm in enumerate(perms):
@@ -138,9 +168,12 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
     marginal = np.zeros((P, n))
     marginal[np.arange(P)[:, None], perms] = m[:, :-1] - m[:, 1:]
     values = marginal.mean(0)
-    stderr = marginal.std(0, ddof=1) / math.sqrt(P) if P > 1 else np.full(n, np.nan)
+    samples = 0.5 * (marginal[:P // 2] + marginal[P // 2:]) if antithetic else marginal
+    stderr = (samples.std(0, ddof=1) / math.sqrt(len(samples)) if len(samples) > 1
+              else np.full(n, np.nan))
     return Scores(f"shapley_{measure}", unit, values,
-                  {"stderr": stderr, "permutations": P, "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
+                  {"stderr": stderr, "exact": False, "permutations": P, "antithetic": antithetic,
+                   "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
 
 
 def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_samples: int = 32,
