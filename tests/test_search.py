@@ -318,3 +318,30 @@ def test_bad_input(model):
     with pytest.raises(LookupError, match="no evaluated program fits"):
         search.run(model, "loss", batches=BATCHES, budget=search.Budget.flops(1.0),
                    moves=("swap",), **KW).best
+
+
+def test_search_cli(model, tmp_path, capsys):
+    import yaml
+
+    from depthjax import cli
+    from depthjax.cli import search as search_cli
+    assert search_cli.MOVES == search.MOVES
+    dj.save(model, tmp_path / "ck")
+    data = ["--model", str(tmp_path / "ck"), "--batches", "1", "--batch-size", "2", "--seq-len", "8"]
+    assert cli.main(["search", *data, "--budget", "steps=75%", "--moves", "drop,swap",
+                     "--top", "3", "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    import json
+    res = json.loads((out / "results.json").read_text())
+    assert res["budget"] == "steps <= 3 steps" and len(res["validation"]["ranked"]) == 3
+    assert (out / "pareto.png").stat().st_size > 1000 and "| start |" in (out / "results.md").read_text()
+    spec = yaml.safe_load((out / "specs" / "rank01.yaml").read_text())
+    best = D.from_spec(model, spec)
+    assert best.program.to_dict() == res["ranked"][0]["program"]
+    from depthjax.corpus import sample_windows
+    calib = sample_windows(2, 8, seed=0, split="train")      # what the command scored on
+    np.testing.assert_allclose(M.loss(best, calib), res["ranked"][0]["score"], rtol=1e-5)
+    for bad, msg in (("steps", "expected one of"), ("flops=fast", "not a number"),
+                     ("steps=2.5", "whole number")):
+        assert cli.main(["search", *data, "--budget", bad, "--out", str(tmp_path / "x")]) == 2
+        assert msg in capsys.readouterr().err

@@ -12,9 +12,9 @@ import argparse
 import os
 import sys
 
-from . import convert, demo, depth, generate, presets, prune, score, train
+from . import convert, demo, depth, generate, presets, prune, score, search, train
 
-COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
+COMMANDS = (demo, presets, train, score, prune, search, depth, convert, generate)
 
 
 def main(argv=None) -> int:
@@ -41,11 +41,12 @@ def _user_errors() -> tuple[type, ...]:
     from ..decoding import GenerationError
     from ..hf.config import HFError
     from ..program import ProgramError
+    from ..search import SearchError
     from ..sharding import ShardingError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError
     return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
-            HFError, ProgramError, ShardingError, TokenizerError, TrainConfigError,
+            HFError, ProgramError, SearchError, ShardingError, TokenizerError, TrainConfigError,
             UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError)

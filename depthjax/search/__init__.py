@@ -14,7 +14,7 @@ driver (run).
 """
 
 from .budget import Budget, LatencyModel, active_steps
-from .driver import PRIORS, run
+from .driver import PRIORS, rescore, run
 from .objective import Objective, as_objective, logits, loss
 from .result import Found, PerExampleResult, SearchResult, pareto_front
 from .space import MOVES, Candidate, SearchError, Space
@@ -23,4 +23,4 @@ from .strategies import MCTS, Beam, Evolutionary, Greedy, STRATEGIES
 __all__ = ["Beam", "Budget", "Candidate", "Evolutionary", "Found", "Greedy", "LatencyModel",
            "MCTS", "MOVES", "Objective", "PRIORS", "PerExampleResult", "STRATEGIES",
            "SearchError", "SearchResult", "Space", "active_steps", "as_objective", "logits",
-           "loss", "pareto_front", "run"]
+           "loss", "pareto_front", "rescore", "run"]

@@ -170,3 +170,19 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
                     if feas else start[-1])
     return PerExampleResult(best, start, objective.name, objective.maximize, budget.describe(),
                             name, ev.evaluated, ev.forwards, gens, time.perf_counter() - t0)
+
+
+def rescore(found: list[Found], objective, *, batches=None, chunk: int | None = None) -> np.ndarray:
+    """Scores [K] of programs a search found on another objective (e.g. held-out data),
+    all in one batch through one compiled function."""
+    if not found:
+        return np.zeros(0)
+    spaces = {id(f._space) for f in found}
+    if len(spaces) != 1:
+        raise SearchError("rescore takes programs of one search (one start model)")
+    space = found[0]._space
+    objective = as_objective(objective, batches)
+    ev = Evaluator(space, objective, chunk=chunk)
+    cands = [f.candidate for f in found]
+    ev.pooled(cands)
+    return np.array([ev.scores[c]["score"] for c in cands])
