@@ -17,7 +17,7 @@ import depthjax as dj
 import depthjax.metrics as M
 from common import model_from_args, timed
 from depthjax.metrics import coalitions
-from depthjax.metrics.batches import nll_sums
+from depthjax.loss import nll_sums
 
 
 def main():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import program as program_lib
 from . import step_params as steps_lib
@@ -64,6 +66,11 @@ class Head(nn.Module):
         return out.astype(jnp.float32)
 
 
+def count_params(tree) -> int:
+    """Number of values in a parameter tree (arrays or jax.ShapeDtypeStruct leaves)."""
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "program"],
                    meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +91,11 @@ class DepthModel:
         """Steps of the program."""
         return self.program.depth
 
+    @property
+    def n_params(self) -> int:
+        """Parameter values stored (a tied block counts once, per-step parameters count)."""
+        return count_params(self.params)
+
     def replace(self, **changes) -> "DepthModel":
         return dataclasses.replace(self, **changes)
 
@@ -92,9 +104,9 @@ class DepthModel:
         return self.replace(program=program)
 
     def __repr__(self) -> str:
-        n = sum(x.size for x in jax.tree.leaves(self.params))
         return (f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
-                f"blocks={self.n_blocks}, depth={self.depth}, params={n:,})\n{self.program!r}")
+                f"blocks={self.n_blocks}, depth={self.depth}, params={self.n_params:,})\n"
+                f"{self.program!r}")
 
     def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
         from .display import model_html

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .metrics.batches import as_batches, nll_sums, require_causal
+from .loss import nll_sums, require_causal
+from .metrics.batches import as_batches
 from .model import DepthModel, apply
 from .program import ProgramError
 

@@ -122,11 +122,6 @@ def losses(model: dj.DepthModel, data, keep, unit: str = "block") -> np.ndarray:
     return M.coalition_measures(model, data, unit, np.asarray(keep))
 
 
-def n_params(tree) -> int:
-    import jax
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 def out_dir(args) -> Path:
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,7 @@ def run_demo(out, quick: bool = False, seed: int = 0) -> dict:
     curves = report.removal_curves(model, evals, block_scores, "block")
     res = {
         "model": {"preset": s["model"], "depth": model.depth, "d_model": model.config.d_model,
-                  "params": int(sum(x.size for x in jax.tree.leaves(model.params)))},
+                  "params": model.n_params},
         "train": {"steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"]},
         "full_loss": full, "n_blocks": n, "n_attn": n, "scores": scores, "table": table,
         "pruning": pruning, "removal_curves": curves,

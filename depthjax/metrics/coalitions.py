@@ -25,7 +25,8 @@ import numpy as np
 
 from ..model import DepthModel, apply
 from ..program import Program
-from .batches import as_batches, nll_sums, require_causal
+from ..loss import nll_sums, require_causal
+from .batches import as_batches
 from .scores import Scores
 
 MEASURES = ("loss", "logit")

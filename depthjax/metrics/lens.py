@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model import DepthModel, Head, apply
-from .batches import as_batches, nll_sums, require_causal
+from ..loss import nll_sums, require_causal
+from .batches import as_batches
 from .scores import Scores
 
 _EPS = 1e-12

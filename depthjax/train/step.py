@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import ModelConfig
+from ..loss import packed_nll_sums
 from ..model import DepthModel, apply
 from ..program import Program
 from .config import TrainConfig
@@ -87,9 +88,7 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch):
     batch: int32 [B, T] inputs, targets, segment_ids (0 = padding), positions."""
     logits_BTV = apply(DepthModel(cfg, params, program), batch["inputs"],
                        segment_ids=batch["segment_ids"], positions=batch["positions"])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    weight_BT = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return jnp.sum(nll_BT * weight_BT), jnp.sum(weight_BT)
+    return packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
 
 
 def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
