@@ -97,7 +97,10 @@ def bar(description: str, total: int | None = None, completed: int = 0) -> Itera
         return
     from rich.console import Console
     from rich.progress import Progress
-    with Progress(*_columns(), console=Console(stderr=True), transient=False) as progress:
+    # Prints to stdout go above the bar only when stdout is the same terminal; redirected
+    # to a file, they must reach the file.
+    with Progress(*_columns(), console=Console(stderr=True), transient=False,
+                  redirect_stdout=sys.stdout.isatty()) as progress:
         _LIVE.append(progress)
         try:
             yield Bar(progress, progress.add_task(description, total=total,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import depth
+from . import depth, progress
 from .metrics.scores import Scores
 from .model import DepthModel
 
@@ -72,6 +72,6 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
     if metric is None:
         raise ValueError("iterative pruning re-scores after each removal: pass metric=")
     choose(model, np.zeros(len(_active(model, unit))), n, unit)   # validates n up front
-    for _ in range(n):
+    for _ in progress.track(range(n), f"iterative pruning ({unit})"):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)
     return model

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import progress
 from .loss import nll_sums, require_causal
 from .metrics.batches import as_batches
 from .model import DepthModel, apply
@@ -183,7 +184,7 @@ def recover(pruned: DepthModel, original: DepthModel, batches, method: str = "bi
     if not spans:
         raise ProgramError("nothing was removed from `original`: no spans to recover")
     total = None
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), f"recover {method}: moments"):
         sums = _moment_sums(original, b.tokens, b.mask, tuple(spans))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     fits = []
@@ -231,9 +232,14 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
         return optax.apply_updates(lo, upd), state, value
 
     state = opt.init(lora)
-    for t in range(steps):
-        b = data[t % len(data)]
-        lora, state, value = update(lora, state, b.tokens, b.mask)
-        if log_every and (t % log_every == 0 or t == steps - 1):
-            print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
+    every = log_every or max(1, steps // 20)  # reading the loss syncs with the device
+    with progress.bar("recover lora", total=steps) as bar:
+        for t in range(steps):
+            b = data[t % len(data)]
+            lora, state, value = update(lora, state, b.tokens, b.mask)
+            last = t == steps - 1
+            if bar.drawing:
+                bar.advance(**({"loss": float(value)} if t % every == 0 or last else {}))
+            elif log_every and (t % log_every == 0 or last) and not progress.silenced():
+                print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
     return with_lora(lora)

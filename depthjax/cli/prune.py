@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_data_args, load_with_data
+from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
 
 METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley")
 
@@ -72,4 +72,5 @@ def add_command(sub) -> None:
     p.add_argument("--lora-steps", type=int, default=100)
     p.add_argument("--shapley-permutations", type=int, default=8)
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    add_quiet_arg(p)
     p.set_defaults(func=_prune)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import progress
 from ..model import DepthModel, apply
 from .batches import as_batches
 from .scores import Scores
@@ -74,7 +75,7 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
 def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
     """Means over real tokens (rows, for the last-token angular matrix) of every trace sum."""
     total = None
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), "trace metrics"):
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)

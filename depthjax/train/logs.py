@@ -66,6 +66,7 @@ class RunLog:
         """Open the logs for a run continuing after `step` (0: from the beginning)."""
         if not self.enabled:
             return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         jsonl = self.out_dir / "metrics.jsonl"
         kept = cut_jsonl(jsonl, step)
         self._jsonl = open(jsonl, "a")
