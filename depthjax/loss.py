@@ -7,17 +7,22 @@ Two layouts of the same quantity, sum of -log p(target) over real targets and th
 * `packed_nll_sums(logits_BTV, targets_BT, segment_ids_BT)`: the training layout, inputs
   and targets already shifted and documents packed into segments (0 = padding).
 
-Sums, not means, so callers accumulate over batches (and micro-batches) exactly.
+Sums, not means, so callers accumulate over batches (and micro-batches) exactly. Shapes
+are asserted with chex when traced (no run-time cost): a misaligned call is a bug in the
+caller, reported where it happens instead of as a broadcast.
 """
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 import optax
 
 
 def weighted_nll_sums(logits_BTV, labels_BT, weight_BT):
     """(sum of weight * cross-entropy(logits, label), sum of weight), in float32."""
+    chex.assert_rank(logits_BTV, 3)
+    chex.assert_equal_shape([labels_BT, weight_BT, logits_BTV[..., 0]])
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
                                                              labels_BT)
     return jnp.sum(nll_BT * weight_BT), jnp.sum(weight_BT)
@@ -25,6 +30,7 @@ def weighted_nll_sums(logits_BTV, labels_BT, weight_BT):
 
 def nll_sums(logits_BTV, tokens_BT, mask_BT):
     """Position t predicts token t+1 where both are real (mask 1)."""
+    chex.assert_equal_shape([tokens_BT, mask_BT])
     w_BT = mask_BT[:, 1:] * mask_BT[:, :-1]
     return weighted_nll_sums(logits_BTV[:, :-1], tokens_BT[:, 1:], w_BT)
 

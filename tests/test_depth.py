@@ -1,6 +1,7 @@
 """Depth transforms against independent expectations: the naive forward, explicit index
 maps, and identities (full-rank relax, identity grow, compact/materialize)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,9 +105,9 @@ def test_tie_inits(model):
     rows = model.params["blocks"]
     pick = lambda t, idx: jax.tree.map(lambda a: a[np.asarray(idx)], t)
     stepwise = D.tie(model, 3, "sequence", init="stepwise")     # floor(k * 6 / 3) = 0, 2, 4
-    jax.tree.map(np.testing.assert_array_equal, stepwise.params["blocks"], pick(rows, [0, 2, 4]))
+    chex.assert_trees_all_equal(stepwise.params["blocks"], pick(rows, [0, 2, 4]))
     lower = D.tie(model, 2, "cycle", init="lower")
-    jax.tree.map(np.testing.assert_array_equal, lower.params["blocks"], pick(rows, [0, 1]))
+    chex.assert_trees_all_equal(lower.params["blocks"], pick(rows, [0, 1]))
     avg = D.tie(model, 2, "cycle", init="average")              # slot 0: steps 0, 2, 4
     want = jax.tree.map(lambda a: np.stack([np.asarray(a)[[0, 2, 4]].mean(0),
                                             np.asarray(a)[[1, 3, 5]].mean(0)]), rows)
@@ -265,7 +266,7 @@ def test_save_load_keeps_ties_and_cli_applies_spec(model, tokens, tmp_path):
     dj.save(m, tmp_path / "tied")
     back = dj.load(tmp_path / "tied")
     assert back.n_blocks == 4 and back.config == m.config
-    jax.tree.map(np.testing.assert_array_equal, (m.params, m.program), (back.params, back.program))
+    chex.assert_trees_all_equal((m.params, m.program), (back.params, back.program), strict=True)
 
     dj.save(model, tmp_path / "base")
     (tmp_path / "spec.yaml").write_text("slices:\n  - layer_range: [0, 3]\n  - layers: [1, 2]\n")

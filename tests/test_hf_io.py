@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -28,10 +29,7 @@ def _leaves(model):
 
 
 def _assert_same_params(a, b):
-    la, lb = _leaves(a), _leaves(b)
-    assert la.keys() == lb.keys()
-    for key in la:
-        np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+    chex.assert_trees_all_equal(a.params, b.params, strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +257,7 @@ def test_load_streams_one_leaf_group_at_a_time(tmp_path):
 SHARDED = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, numpy as np
+import chex, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import depthjax as dj
 path = sys.argv[1]
@@ -274,8 +272,7 @@ plain = dj.hf.load(path)
 q = sharded.params["blocks"]["attn"]["q"]["kernel"]
 assert q.sharding.spec == P(None, None, None, "model"), q.sharding
 assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[-1] == 4
-for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+chex.assert_trees_all_equal(sharded.params, plain.params)
 one = dj.hf.load(path, shardings=NamedSharding(mesh, P()))
 assert one.params["embed"]["tok"]["embedding"].sharding.spec == P()
 tree = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "data") if x.ndim > 1 else P()),

@@ -1,6 +1,7 @@
 """Bad programs, configs and inputs are rejected before compute, with a message naming
 the problem."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +90,7 @@ def test_scalar_gates_apply_to_every_step():
 def test_program_round_trip_and_repr():
     prog = Program.create([0, 2, 2], attn=[1, 0, 1], parallel=[0, 0, 1])
     again = Program.from_dict(prog.to_dict(), n_blocks=3)
-    jax.tree.map(np.testing.assert_array_equal, prog, again)
+    chex.assert_trees_all_equal(prog, again, strict=True)
     text = repr(prog)
     assert "depth=3" in text and text.count("\n") == 4 and "||" in text
     with pytest.raises(ProgramError, match="unknown program fields"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -97,7 +98,9 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
     """One optimizer step over a global batch, as `grad_accum` micro-batches in a scan.
 
     The loss is the mean over all real target tokens of the batch, so accumulation gives
-    the same gradient as one big batch."""
+    the same gradient as one big batch. batch: int32 [B, T] each (see `loss_sums`)."""
+    chex.assert_rank(list(batch.values()), 2)
+    chex.assert_equal_shape(list(batch.values()))
     trainable, frozen = split(state.params, mask)
     grad_fn = jax.value_and_grad(lambda t, mb: loss_sums(merge(t, frozen), cfg, program, mb),
                                  has_aux=True)
