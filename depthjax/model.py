@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import program as program_lib
-from . import step_params as steps_lib
+from . import program as program_lib, step_params as steps_lib
 from .block import Block
 from .config import ModelConfig, Remat
 from .layers import init_normal, make_norm
@@ -96,10 +96,10 @@ class DepthModel:
         """Parameter values stored (a tied block counts once, per-step parameters count)."""
         return count_params(self.params)
 
-    def replace(self, **changes) -> "DepthModel":
+    def replace(self, **changes) -> DepthModel:
         return dataclasses.replace(self, **changes)
 
-    def with_program(self, program: Program) -> "DepthModel":
+    def with_program(self, program: Program) -> DepthModel:
         program_lib.validate(program, self.n_blocks)
         return self.replace(program=program)
 
@@ -211,7 +211,7 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     if unroll:
         ys = []
         for i in range(program.depth):
-            carry, y = step(carry, jax.tree.map(lambda a: a[i], xs))
+            carry, y = step(carry, jax.tree.map(operator.itemgetter(i), xs))
             ys.append(y)
         ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if trace else None
     else:
@@ -232,7 +232,8 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
     for name, arr in (("mask", mask_BT), ("token_types", token_types_BT),
                       ("segment_ids", segment_ids_BT)):
         if arr is not None and jnp.shape(arr) != jnp.shape(tokens_BT):
-            raise ValueError(f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}")
+            raise ValueError(f"{name} shape {jnp.shape(arr)} != tokens shape "
+                             f"{jnp.shape(tokens_BT)}")
     if token_types_BT is not None and not cfg.type_vocab_size:
         raise ValueError(f"token_types given but the {cfg.family} config has no token types")
     sizes = {leaf.shape[0] for leaf in jax.tree.leaves(model.params["blocks"])}
@@ -273,8 +274,8 @@ def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_
                      jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
     x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
     x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
-                           step_params=params.get("steps"), segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
-                           unroll=unroll)
+                           step_params=params.get("steps"), segment_ids_BT=segment_ids,
+                           kv_mask_BT=mask, trace=trace, unroll=unroll)
     out = output_head(cfg, params, x_BTD, logits=output == "logits")
     if not trace:
         return out

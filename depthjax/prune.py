@@ -7,7 +7,7 @@ steps left with both gates 0). Units already off are never chosen again.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,7 +62,8 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)")
+        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that "
+                         "carry one)")
     if not iterative:
         if scores is None:
             scores = metric(model) if metric else None

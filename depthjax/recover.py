@@ -179,7 +179,8 @@ def recover(pruned: DepthModel, original: DepthModel, batches, method: str = "bi
         raise ValueError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
     if method == "linear" and (not isinstance(rank, (int, np.integer))
                                or not 1 <= rank <= original.config.d_model):
-        raise ValueError(f"method='linear' needs rank in 1..{original.config.d_model}, got {rank!r}")
+        raise ValueError(f"method='linear' needs rank in 1..{original.config.d_model}, "
+                         f"got {rank!r}")
     spans = find_spans(pruned, original)
     if not spans:
         raise ProgramError("nothing was removed from `original`: no spans to recover")
@@ -209,9 +210,10 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):
         if path[-1] != "kernel":
             continue
-        mats = jax.vmap(lambda m: steps_lib.to_2d(path, m))(w)           # [S, in, out]
+        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(w)           # [S, in, out]
         S, n_in, n_out = mats.shape
-        lora[path + ("a",)] = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank)) / np.sqrt(n_in)
+        a = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank))
+        lora[path + ("a",)] = a / np.sqrt(n_in)
         lora[path + ("b",)] = jnp.zeros((S, rank, n_out))
     lora = traverse_util.unflatten_dict(lora)
     base = {k: v for k, v in (pruned.params.get("steps") or {}).items() if k != "lora"}

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from . import progress
+from . import metrics as M, progress
 from .metrics.scores import Scores
 from .model import DepthModel
 
@@ -28,7 +27,8 @@ def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=
     receives one timing line per metric."""
     stages = [("trace metrics", lambda: M.trace_metrics(model, batches))]
     stages += [(f"ablation ({unit})", lambda unit=unit: {
-        f"ablation_{unit}": M.ablation(model, batches, unit=unit)}) for unit in ("block", "attn", "mlp")]
+        f"ablation_{unit}": M.ablation(model, batches, unit=unit)})
+        for unit in ("block", "attn", "mlp")]
     if shapley_permutations:
         stages.append((f"shapley ({shapley_permutations} permutations)", lambda: {
             "shapley_block": M.shapley(model, batches, num_permutations=shapley_permutations,
@@ -60,7 +60,8 @@ def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: 
 def table(scores: dict[str, Scores], unit: str = "block") -> str:
     """Per-step table of the metrics ranking `unit` (plus residual norm)."""
     cols = importance(scores, unit)
-    norm = next((s.extra["residual_norm"] for s in scores.values() if "residual_norm" in s.extra), None)
+    norm = next((s.extra["residual_norm"] for s in scores.values()
+                 if "residual_norm" in s.extra), None)
     names = list(cols)
     head = f"{'step':>4} " + " ".join(f"{n[:14]:>14}" for n in names)
     head += f" {'|resid in|':>10}" if norm is not None else ""

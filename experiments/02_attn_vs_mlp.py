@@ -15,10 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 import common
-from depthjax.report import pyplot
-from depthjax import metrics as M
-from depthjax import report
+from depthjax import metrics as M, report
 from depthjax.model import count_params
+from depthjax.report import pyplot
 
 UNITS = {"attn": "attention only", "mlp": "MLP only", "sublayer": "joint (attn + MLP)",
          "block": "whole blocks"}

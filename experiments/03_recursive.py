@@ -81,7 +81,7 @@ def main(argv=None):
         f"Uptraining: {args.uptrain_steps} steps at lr {args.uptrain_lr} on the same corpus "
         "(another data order).",
         "## Validation loss\n\n" + common.md_table(
-            ["model", "parameters", "after conversion", f"after uptraining / training"], rows),
+            ["model", "parameters", "after conversion", "after uptraining / training"], rows),
     ]
     common.write_results(args, out, "Experiment 3: recursive conversion", sections,
                          {"base": base_loss, "full_rank_relax": full_rank_loss,

@@ -87,7 +87,8 @@ def test_zero_gated_zeroes_only_the_gated_outputs(tmp_path):
 @pytest.mark.parametrize("program, kwargs, match", [
     (dict(block=[0, 1, 2, 3], parallel=[False, True, False, False]), {}, "parallel"),
     (dict(block=[0, 1, 2, 3], attn=[1, 0.5, 1, 1]), {}, r"attn gates of steps \[1\]"),
-    (dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]), {}, r"mlp is gated off at steps \[2\].*zero_gated"),
+    (dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]), {},
+     r"mlp is gated off at steps \[2\].*zero_gated"),
 ])
 def test_inexpressible_programs_are_refused(tmp_path, program, kwargs, match):
     model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
@@ -178,7 +179,7 @@ def test_sharded_index_problems(saved, tmp_path):
     assert len(shards) > 2
     _assert_same_params(model, dj.hf.load(str(tmp_path)))
     os.remove(tmp_path / shards[1])
-    with pytest.raises(HFError, match=f"which does not exist"):
+    with pytest.raises(HFError, match="which does not exist"):
         dj.hf.load(str(tmp_path))
 
 

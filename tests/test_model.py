@@ -87,7 +87,8 @@ def test_parallel_groups(name, tokens):
     model = _model(FAMILIES[name])
     # A group of one is sequential: parallel=False everywhere is the default program.
     seq = dj.apply(model, tokens)
-    np.testing.assert_allclose(seq, reference.forward(model, tokens, reference.sequential(range(4))), **TOL)
+    want = reference.forward(model, tokens, reference.sequential(range(4)))
+    np.testing.assert_allclose(seq, want, **TOL)
     # Steps 1 and 2 read the same input; their updates add up.
     par = model.with_program(Program.create([0, 1, 2, 3], parallel=[0, 0, 1, 0]))
     want = reference.forward(model, tokens, [[(0, 1, 1)], [(1, 1, 1), (2, 1, 1)], [(3, 1, 1)]])

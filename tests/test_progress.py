@@ -49,13 +49,13 @@ def test_metric_sweeps_are_silent_off_a_terminal(model, capsys):
 
 def test_bars_draw_when_enabled_and_change_no_result(model, capsys, drawing):
     with progress.quiet():
-        plain = M.ablation(model, BATCHES, unit="attn").values, M.block_influence(model, BATCHES).values
+        plain = [M.ablation(model, BATCHES, unit="attn"), M.block_influence(model, BATCHES)]
     assert capsys.readouterr().err == ""
-    drawn = M.ablation(model, BATCHES, unit="attn").values, M.block_influence(model, BATCHES).values
+    drawn = [M.ablation(model, BATCHES, unit="attn"), M.block_influence(model, BATCHES)]
     err = capsys.readouterr().err
     assert "ablation attn (5 programs)" in err and "trace metrics" in err and "3/3" in err
     for a, b in zip(plain, drawn):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a.values, b.values)
 
 
 def test_nested_bars_share_one_display(capsys, drawing):

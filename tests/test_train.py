@@ -4,7 +4,6 @@ and TensorBoard as an uninterrupted run's, corrupt checkpoints are skipped, NaN 
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -186,12 +185,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_nonfinite_steps_can_be_skipped(tmp_path):
     _train(tmp_path, "steps=4", "checkpoint_every=4", "lr=1e30", "warmup_steps=0",
            "clip_norm=0", "weight_decay=0", "nan_policy=skip")
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = _records(tmp_path)
     assert [r["skipped"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["loss"] is not None and all(r["loss"] is None for r in rows[1:])
     import depthjax as dj
     model = dj.load(tmp_path / "model")
-    assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(model.params))
+    leaves = __import__("jax").tree.leaves(model.params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_sharded_2x2x2_mesh_matches_one_device(reference, tmp_path):

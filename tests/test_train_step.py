@@ -9,8 +9,14 @@ import pytest
 
 import depthjax as dj
 from depthjax.train import config as train_config, flops
-from depthjax.train.step import (TrainState, learning_rate, loss_sums, optimizer, train_step,
-                                 trainable_mask)
+from depthjax.train.step import (
+    TrainState,
+    learning_rate,
+    loss_sums,
+    optimizer,
+    train_step,
+    trainable_mask,
+)
 
 
 def _setup(*keys):
@@ -96,6 +102,8 @@ def test_only_the_lora_of_a_relaxed_model_is_trained():
         s, b, model.program, cfg=model.config, tx=tx, mask=mask, grad_accum=1,
         nan_policy=tc.nan_policy, schedule=learning_rate(tc)))(state, batch)
     assert np.isfinite(metrics["loss"])
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(model.params), jax.tree.leaves(new.params)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(model.params),
+                            jax.tree.leaves(new.params)):
         key = jax.tree_util.keystr(path)
-        assert bool((np.asarray(a) != np.asarray(b)).any()) == key.startswith("['steps']['lora']"), key
+        changed = bool((np.asarray(a) != np.asarray(b)).any())
+        assert changed == key.startswith("['steps']['lora']"), key

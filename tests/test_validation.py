@@ -62,7 +62,8 @@ def test_unknown_keys_and_presets_get_suggestions():
 
 def test_family_defaults_and_explicit_head_dim():
     gpt2 = dj.ModelConfig(family="gpt2", d_model=64, n_heads=4)
-    assert (gpt2.norm, gpt2.position, gpt2.mlp, gpt2.tie_embeddings) == ("layer", "learned", "gelu_tanh", True)
+    assert (gpt2.norm, gpt2.position, gpt2.mlp, gpt2.tie_embeddings) == ("layer", "learned",
+                                                                        "gelu_tanh", True)
     bert = dj.ModelConfig(family="bert")
     assert not bert.causal and bert.norm_placement == "post" and bert.type_vocab_size == 2
     qwen3 = dj.configs.get("qwen3-tiny")

@@ -39,7 +39,8 @@ def train_model(out: Path, s: dict, seed: int):
     import depthjax as dj
     from ..train import TrainConfig, run
     tc = TrainConfig(model=s["model"], steps=s["steps"], batch_size=s["batch_size"],
-                     seq_len=s["seq_len"], seed=seed, lr=3e-3, warmup_steps=max(5, s["steps"] // 10),
+                     seq_len=s["seq_len"], seed=seed, lr=3e-3,
+                     warmup_steps=max(5, s["steps"] // 10),
                      log_every=max(1, s["steps"] // 10), checkpoint_every=max(10, s["steps"] // 2),
                      tensorboard=False)
     run(out / "train", tc)
@@ -57,7 +58,8 @@ def prune_and_recover(model, scores: dict, calib, evals, unit: str, n: int, rank
         pruned = dj.prune(model, s, n, unit=unit)
         row = {"removed": choose(model, s, n, unit).tolist(), "pruned": loss(pruned)}
         for method in ("bias", "linear"):
-            rec = dj.recover(pruned, model, calib, method=method, rank=rank if method == "linear" else None)
+            rec = dj.recover(pruned, model, calib, method=method,
+                             rank=rank if method == "linear" else None)
             row[method] = loss(rec)
         rows[name] = row
         _log(f"{unit:>5} by {name:<28} removed {row['removed']}: loss {row['pruned']:.4f} -> "
@@ -67,15 +69,16 @@ def prune_and_recover(model, scores: dict, calib, evals, unit: str, n: int, rank
 
 def _markdown(report: dict) -> str:
     r = report
-    lines = [f"# depthjax demo report", "",
+    lines = ["# depthjax demo report", "",
              f"Model: `{r['model']['preset']}` ({r['model']['params']:,} parameters, "
              f"{r['model']['depth']} steps), trained {r['train']['steps']} steps on Python "
              f"standard library sources (byte-level). Full-model validation loss: "
              f"**{r['full_loss']:.4f}** nats/byte.", "",
              "## Step scores (higher = more important)", "", "```", r["table"], "```", "",
              "![profiles](profiles.png)", ""]
-    for unit, title in (("block", f"Pruning {r['n_blocks']} of {r['model']['depth']} blocks"),
-                        ("attn", f"Pruning {r['n_attn']} of {r['model']['depth']} attention sublayers")):
+    depth = r["model"]["depth"]
+    for unit, title in (("block", f"Pruning {r['n_blocks']} of {depth} blocks"),
+                        ("attn", f"Pruning {r['n_attn']} of {depth} attention sublayers")):
         lines += [f"## {title}", "", "| metric | removed | pruned | + bias | + linear |",
                   "|---|---|---|---|---|"]
         for name, row in r["pruning"][unit].items():
@@ -130,9 +133,10 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
     _log(f"1/5 training {s['model']} for {s['steps']} steps")
     model = train_model(out, s, seed)
     stages.advance()
-    calib = [corpus.sample_windows(s["batch_size"], s["seq_len"], seed=seed + i) for i in range(s["calib"])]
-    evals = [corpus.sample_windows(s["eval_batch"], s["seq_len"], seed=seed + 1000 + i, split="valid")
-             for i in range(s["evals"])]
+    calib = [corpus.sample_windows(s["batch_size"], s["seq_len"], seed=seed + i)
+             for i in range(s["calib"])]
+    evals = [corpus.sample_windows(s["eval_batch"], s["seq_len"], seed=seed + 1000 + i,
+                                   split="valid") for i in range(s["evals"])]
     loss = lambda m: M.loss(m, evals)
     full = loss(model)
     _log(f"trained: {model!r}".splitlines()[0] + f"; validation loss {full:.4f}")
@@ -151,9 +155,11 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
 
     n = max(1, model.depth // 4)
     _log(f"3-4/5 pruning {n} blocks / {n} attention sublayers by each metric, recovering")
-    pruning = {"block": prune_and_recover(model, block_scores, calib, evals, "block", n, s["rank"], loss)}
-    stages.advance()
-    pruning["attn"] = prune_and_recover(model, attn_scores, calib, evals, "attn", n, s["rank"], loss)
+    pruning = {}
+    for unit, unit_scores in (("block", block_scores), ("attn", attn_scores)):
+        pruning[unit] = prune_and_recover(model, unit_scores, calib, evals, unit, n, s["rank"],
+                                          loss)
+        stages.advance()
     stages.advance()
 
     _log("5/5 removal curves and report")

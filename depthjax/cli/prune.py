@@ -46,7 +46,8 @@ def _prune(args) -> int:
     model, calib, evals = load_with_data(args)
     metric = _metric(args.metric, args.unit, calib, args)
     scores = None if args.iterative else metric(model)
-    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative)
+    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric,
+                      iterative=args.iterative)
     loss = lambda m: M.loss(m, evals)
     print(f"validation loss: full {loss(model):.4f}  pruned {loss(pruned):.4f}", flush=True)
     if args.recover:

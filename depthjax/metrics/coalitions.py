@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
+from ..loss import nll_sums, require_causal
 from ..model import DepthModel, apply
 from ..program import Program
-from ..loss import nll_sums, require_causal
 from .batches import as_batches
 from .scores import Scores
 
@@ -45,8 +45,9 @@ def programs_for(model: DepthModel, unit: str, keep) -> Program:
     S, p = model.depth, model.program
     if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
         raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
-    attn_keep = {"block": keep, "attn": keep, "mlp": 1.0, "sublayer": keep[:, :S] if unit == "sublayer" else 1.0}[unit]
-    mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep, "sublayer": keep[:, S:] if unit == "sublayer" else 1.0}[unit]
+    # "sublayer" units are attn_0..attn_{S-1}, then mlp_0..mlp_{S-1}
+    attn_keep = {"block": keep, "attn": keep, "mlp": 1.0}.get(unit, keep[:, :S])
+    mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep}.get(unit, keep[:, S:])
     K = keep.shape[0]
     tile = lambda a: jnp.broadcast_to(a, (K, S))
     return Program(block=tile(p.block), attn=tile(p.attn) * attn_keep,
@@ -148,7 +149,8 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
     values = marginal.mean(0)
     stderr = marginal.std(0, ddof=1) / math.sqrt(P) if P > 1 else np.full(n, np.nan)
     return Scores(f"shapley_{measure}", unit, values,
-                  {"stderr": stderr, "permutations": P, "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
+                  {"stderr": stderr, "permutations": P,
+                   "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
 
 
 def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_samples: int = 32,

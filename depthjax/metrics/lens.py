@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
-from ..model import DepthModel, Head, apply
 from ..loss import nll_sums, require_causal
+from ..model import DepthModel, Head, apply
 from .batches import as_batches
 from .scores import Scores
 
@@ -60,10 +60,12 @@ def _skip_sums(model: DepthModel, tokens_BT, mask_BT):
     def skip(s):
         prog = model.program
         off = jnp.arange(S) == s
-        program = prog.replace(attn=jnp.where(off, 0.0, prog.attn), mlp=jnp.where(off, 0.0, prog.mlp))
+        program = prog.replace(attn=jnp.where(off, 0.0, prog.attn),
+                               mlp=jnp.where(off, 0.0, prog.mlp))
         logits, t = apply(model.replace(program=program), tokens_BT, mask=mask_BT, trace=True)
         u = (t.attn_out + t.mlp_out).astype(jnp.float32)
-        rel = jnp.linalg.norm(u - u_full, axis=-1) / jnp.maximum(jnp.linalg.norm(u_full, axis=-1), _EPS)
+        rel = (jnp.linalg.norm(u - u_full, axis=-1)
+               / jnp.maximum(jnp.linalg.norm(u_full, axis=-1), _EPS))
         return jnp.sum(rel * w, axis=(-2, -1)), jnp.sum(_kl(full, logits) * w)
 
     rel, kl = jax.lax.map(skip, jnp.arange(S))               # [S, S], [S]

@@ -68,7 +68,8 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
         "ratio_block": tok_sum(_ratio(u_attn + u_mlp, x_in)),
         "cos_attn": tok_sum(cos(u_attn, x_in) * (jnp.linalg.norm(u_attn, axis=-1) > 0)),
         "cos_mlp": tok_sum(cos(u_mlp, h) * (jnp.linalg.norm(u_mlp, axis=-1) > 0)),
-        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in) * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
+        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in)
+                             * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
     }
 
 
@@ -79,7 +80,8 @@ def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
-    out = {k: v / total["tokens"] for k, v in total.items() if k not in ("tokens", "rows", "angular")}
+    out = {k: v / total["tokens"] for k, v in total.items()
+           if k not in ("tokens", "rows", "angular")}
     out["angular"] = total["angular"] / total["rows"]       # [S+1, S+1]
     return out
 

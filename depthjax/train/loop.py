@@ -23,9 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import checkpoint as native_ckpt
-from .. import data as data_lib
-from .. import sharding as shd
+from .. import checkpoint as native_ckpt, data as data_lib, sharding as shd
 from ..model import DepthModel, count_params, init
 from ..program import Program
 from . import flops as flops_lib
@@ -138,7 +136,8 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     cfg, program, loaded_params = _initial_model(tc)
     abstract_params = (jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
                        if loaded_params is None else
-                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params))
+                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    loaded_params))
     mask = trainable_mask(abstract_params, tc.trainable)
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
@@ -146,8 +145,8 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
 
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
-        return TrainState(step=jnp.int32(0), params=params,
-                          opt_state=tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params)),
+        opt_state = tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params))
+        return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                           bad_step=jnp.int32(-1), skipped=jnp.int32(0))
 
     ckpts = TrainCheckpoints((out_dir / "checkpoints").absolute(), tc)

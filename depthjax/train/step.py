@@ -110,8 +110,8 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
         def body(acc, mb):
-            (l, n), g = grad_fn(trainable, mb)
-            return jax.tree.map(jnp.add, acc, (l, n, g)), None
+            (loss_sum, n), g = grad_fn(trainable, mb)
+            return jax.tree.map(jnp.add, acc, (loss_sum, n, g)), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
         (loss_sum, count, grads), _ = jax.lax.scan(body, zeros, micro)
