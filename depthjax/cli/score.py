@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_args, load_with_data
+from .common import add_data_args, add_quiet_arg, load_with_data
 
 
 def _score(args) -> int:
@@ -47,4 +47,5 @@ def add_command(sub) -> None:
                    help="sampled (antithetic) Shapley permutations; default: exact when the "
                         "2**n coalitions are at most 4096, else 16")
     p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
+    add_quiet_arg(p)
     p.set_defaults(func=_score)

@@ -10,13 +10,25 @@ gate_interactions).
 """
 
 from .batches import as_batches
-from .coalitions import (ablation, coalition_measures, loss, present_minus_absent, removal_curve,
-                         shapley)
+from .coalitions import (
+    ablation,
+    coalition_measures,
+    loss,
+    present_minus_absent,
+    removal_curve,
+    shapley,
+)
 from .gates import gate_derivatives, gate_gradient, gate_interactions, taylor_estimate
 from .lens import logit_lens, skip_effect
 from .scores import Scores
-from .trace import (angular_distance, block_influence, relative_contribution, residual_norm,
-                    trace_metrics, trace_statistics)
+from .trace import (
+    angular_distance,
+    block_influence,
+    relative_contribution,
+    residual_norm,
+    trace_metrics,
+    trace_statistics,
+)
 
 __all__ = ["Scores", "ablation", "angular_distance", "as_batches", "block_influence",
            "coalition_measures", "gate_derivatives", "gate_gradient", "gate_interactions",

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model import DepthModel, apply
-from .batches import as_batches, loss_measure, require_causal
+from ..loss import loss_measure, require_causal
+from .batches import as_batches
 from .scores import Scores
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from .. import progress
-from ..metrics.batches import loss_measure, require_causal
+from ..loss import loss_measure, require_causal
 from ..metrics.gates import gate_derivatives, taylor_estimate
 from ..model import DepthModel
 from ..depth.edit import selected_parallel

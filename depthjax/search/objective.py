@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..metrics.batches import as_batches, loss_measure
+from ..loss import loss_measure
+from ..metrics.batches import as_batches
 from .space import SearchError
 
 
