@@ -11,6 +11,7 @@ from .model import DepthModel, Trace, apply, init
 from .program import Program, ProgramError
 from .prune import prune
 from .recover import recover
+from .speculative import DraftStats
 
 import sys as _sys
 
@@ -27,5 +28,5 @@ __all__ = [
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation
-    "generate", "prefill", "decode_step", "KVCache", "Generation",
+    "generate", "prefill", "decode_step", "KVCache", "Generation", "DraftStats",
 ]

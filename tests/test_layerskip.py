@@ -155,9 +155,11 @@ def test_bad_settings_name_the_problem():
         LayerSkip.from_config(parse("exit_steps=3,1"), program)
     with pytest.raises(LayerSkipError, match="2 entries for 3"):
         LayerSkip.from_config(parse("exit_steps=all", "exit_weights=1,2"), program)
+    assert LayerSkip.from_config(parse("exit_steps=all", "exit_weights=0.3"),
+                                 program).weights == (0.3, 0.3, 0.3)
     for keys, match in ((["layer_dropout=1.5"], r"layer_dropout must be in \[0, 1\]"),
                         (["exit_steps=a,b"], "exit_steps must be integers"),
-                        (["exit_steps=1,2", "exit_weights=1"], "1 entries for exit_steps"),
+                        (["exit_steps=1,2", "exit_weights=1,2,3"], "3 entries for exit_steps"),
                         (["exit_curriculum=sometimes"], "exit_curriculum")):
         with pytest.raises(train_config.TrainConfigError, match=match):
             parse(*keys)

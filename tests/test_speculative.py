@@ -24,13 +24,14 @@ N = 9  # new tokens: with draft_tokens=3, several rounds of different acceptance
 def _variants():
     base = _model(CONFIGS["llama"], seed=3)
     looped = dj.depth.repeat(dj.depth.drop_sublayers(base, attn=[1]), [1, 2], 2)  # depth 6
+    parallel = dj.depth.parallelize(base, [[1, 2]])
     return {
         # (full model, draft, eos): the first k steps, on plain and looped/attention-dropped
-        # programs; a draft program with steps of its own (shares step 0 only: its steps past
-        # the prefix keep their own cache).
+        # programs; on a parallel program, a draft with steps of its own (it shares step 0
+        # only: its steps past the prefix keep their own cache).
         "prefix k=2": (base, 2, None),
         "looped attn-dropped k=3": (looped, 3, "row1"),
-        "own steps": (base, dj.depth.drop(base, [1]), None),
+        "parallel, own steps": (parallel, dj.depth.drop(parallel, [1]), None),
     }
 
 
@@ -39,7 +40,8 @@ def variants():
     return _variants()
 
 
-@pytest.mark.parametrize("name", ["prefix k=2", "looped attn-dropped k=3", "own steps"])
+@pytest.mark.parametrize("name", ["prefix k=2", "looped attn-dropped k=3",
+                                  "parallel, own steps"])
 def test_greedy_speculative_equals_greedy(variants, name):
     model, draft, eos = variants[name]
     tokens, mask = _prompt()

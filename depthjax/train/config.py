@@ -78,7 +78,8 @@ class TrainConfig:
     exit_steps: list = _key([], "early-exit losses: decode residual[k] (after step k-1) with "
                                 "the shared final norm and head, for each k (e.g. 2,4) or 'all'")
     exit_weights: list = _key([], "weight of each exit's loss, the final output's being 1 "
-                                  "(default 1 each); the objective is normalized by their sum")
+                                  "(one value: every exit; default 1); the objective is "
+                                  "normalized by their sum")
     exit_curriculum: str = _key("none", "which exits are on at step t: 'none' (all), "
                                         "'rotational' (exit i when i % exit_rotation == t % "
                                         "exit_rotation) or 'gradual' (deepest first)",
@@ -130,7 +131,7 @@ class TrainConfig:
         self._normalize_exits()
         if not 0.0 <= self.layer_dropout <= 1.0:
             raise TrainConfigError(f"layer_dropout must be in [0, 1], got {self.layer_dropout}")
-        if self.exit_weights and self.exit_steps != ["all"] and \
+        if len(self.exit_weights) > 1 and self.exit_steps != ["all"] and \
                 len(self.exit_weights) != len(self.exit_steps):
             raise TrainConfigError(f"exit_weights has {len(self.exit_weights)} entries for "
                                    f"exit_steps {self.exit_steps}")

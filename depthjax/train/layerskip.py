@@ -93,8 +93,9 @@ class LayerSkip:
         exits = resolve_exits(tc.exit_steps, program.depth)
         if not tc.layer_dropout and not exits:
             return None
-        weights = (tuple(float(w) for w in tc.exit_weights) if tc.exit_weights
-                   else (1.0,) * len(exits))
+        weights = tuple(float(w) for w in tc.exit_weights) or (1.0,)
+        if len(weights) == 1:  # one weight for every exit
+            weights = weights * len(exits)
         ls = cls(depth=program.depth, total_steps=tc.steps, dropout=float(tc.layer_dropout),
                  dropout_depth=tc.layer_dropout_depth, dropout_schedule=tc.layer_dropout_schedule,
                  exits=exits, weights=weights, curriculum=tc.exit_curriculum,
