@@ -12,7 +12,8 @@ prompts of real text (the embedded corpus' validation split) with
 
 Prints tokens/s, the speed ratio to plain decoding, the draft acceptance rate, tokens per
 verification pass, and how often exit-at-k agrees with the full model. Every timing is the
-median of --repeat calls of one compiled generation (compilation excluded).
+median of --repeat calls of one compiled generation (compilation excluded), the methods
+timed in turns so that load on a shared machine affects them alike.
 
     python benchmarks/speculative.py --model DIR [--model DIR] [--drafts 2,4]
         [--draft-tokens 4] [--batch 1] [--prompt-len 64] [--new-tokens 64] [--json OUT]
@@ -20,40 +21,56 @@ median of --repeat calls of one compiled generation (compilation excluded).
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 import depthjax as dj
-from common import header, timed
+from common import header
 from depthjax.checkpoint import load_model
 from depthjax.corpus import sample_windows
+
+
+def interleaved_seconds(fns: dict, repeat: int) -> dict:
+    """Median wall time of each fn, timed in turns (one call of each per round), so that a
+    shared machine's load drift hits every method alike. fns are warm (compiled) already."""
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def measure(model, prompts, new_tokens: int, drafts, draft_tokens: int, repeat: int) -> list[dict]:
     """One row per decoding method: tokens/s, ratio to plain, acceptance, agreement."""
     run = lambda **kw: dj.generate(model, prompts, new_tokens, temperature=0.0, **kw)
-    tokens = prompts.shape[0] * new_tokens
-    plain = run()
-    want = np.asarray(plain.tokens)
-    base = tokens / timed(lambda: run().tokens, repeat=repeat)
-    rows = [dict(method="plain", k=model.depth, tokens_per_s=base, ratio=1.0)]
+    methods = {("plain", model.depth): {}}
     for k in drafts:
-        exited = run(exit_at=k)
-        tps = tokens / timed(lambda: run(exit_at=k).tokens, repeat=repeat)
-        rows.append(dict(method="exit-at-k", k=k, tokens_per_s=tps, ratio=tps / base,
-                         agreement=float((np.asarray(exited.tokens) == want).mean())))
-        spec = run(draft=k, draft_tokens=draft_tokens)
-        if not np.array_equal(np.asarray(spec.tokens), want):
+        methods[("exit-at-k", k)] = dict(exit_at=k)
+        methods[("speculative", k)] = dict(draft=k, draft_tokens=draft_tokens)
+    outs = {m: run(**kw) for m, kw in methods.items()}  # compiles; the checked outputs
+    seconds = interleaved_seconds({m: (lambda kw=kw: run(**kw).tokens)
+                                   for m, kw in methods.items()}, repeat)
+    want = np.asarray(outs[("plain", model.depth)].tokens)
+    tokens = prompts.shape[0] * new_tokens
+    base = tokens / seconds[("plain", model.depth)]
+    rows = []
+    for (method, k), out in outs.items():
+        got = np.asarray(out.tokens)
+        if method == "speculative" and not np.array_equal(got, want):
             raise AssertionError(f"draft={k}: speculative output differs from plain decoding")
-        tps = tokens / timed(lambda: run(draft=k, draft_tokens=draft_tokens).tokens,
-                             repeat=repeat)
-        st = spec.draft
-        rows.append(dict(method="speculative", k=k, tokens_per_s=tps, ratio=tps / base,
-                         acceptance=st.acceptance, agreement=1.0,
-                         tokens_per_pass=float(np.sum(spec.lengths) - prompts.shape[0])
-                         / max(int(np.sum(st.rounds)), 1)))
+        tps = tokens / seconds[(method, k)]
+        row = dict(method=method, k=k, tokens_per_s=tps, ratio=tps / base,
+                   agreement=float((got == want).mean()))
+        if out.draft is not None:
+            row.update(acceptance=out.draft.acceptance,
+                       tokens_per_pass=float(np.sum(out.lengths) - prompts.shape[0])
+                       / max(int(np.sum(out.draft.rounds)), 1))
+        rows.append(row)
     return rows
 
 
@@ -67,7 +84,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()

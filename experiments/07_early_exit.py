@@ -41,7 +41,7 @@ def main(argv=None):
     g.add_argument("--prompt-len", type=int, default=64)
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--draft-tokens", type=int, default=4)
-    g.add_argument("--repeat", type=int, default=3)
+    g.add_argument("--repeat", type=int, default=5)
     args = common.parse(p, argv, __file__)
     out = common.out_dir(args)
     data = common.eval_batches(args)
