@@ -1,8 +1,15 @@
 """depthjax: depth as data. A transformer is a table of stacked blocks plus a Program
 that says how the table is walked, run in one `lax.scan`."""
 
-from . import depth, hf, metrics, presets
-from . import presets as configs  # the DESIGN name; `presets` says what it holds
+import sys as _sys
+
+from . import (
+    depth,
+    hf,
+    metrics,
+    presets,
+    presets as configs,  # the DESIGN name; `presets` says what it holds
+)
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
 from .decoding import Generation, decode_step, generate, prefill
@@ -13,15 +20,14 @@ from .prune import prune
 from .recover import recover
 from .speculative import DraftStats
 
-import sys as _sys
-
 _sys.modules[__name__ + ".configs"] = presets  # `import depthjax.configs` keeps working
 
 __version__ = "0.1.0"
 
 __all__ = [
     # model
-    "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init", "apply",
+    "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init",
+    "apply",
     "Program", "ProgramError",
     # depth, metrics, pruning
     "depth", "metrics", "prune", "recover",

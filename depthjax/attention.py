@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import ATTENTION_IMPLS as IMPLS
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +90,7 @@ class Problem:
     gpu_capability: tuple[int, int] | None = None
 
     @classmethod
-    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS) -> "Problem":
+    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS) -> Problem:
         device = jax.devices()[0]
         capability = None
         if device.platform == "gpu" and getattr(device, "compute_capability", None):

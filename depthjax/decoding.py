@@ -220,7 +220,8 @@ def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, exit_at
     _check_decodable(model)
     tokens_BT, mask_BT, longest = _prompt_mask(tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
-        raise GenerationError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
+        raise GenerationError(f"max_len={max_len} is shorter than the prompt "
+                              f"({tokens_BT.shape[1]})")
     _check_positions(model, longest)
     ex = _exit_settings(model, exit_at, None, None, "skip")
     return _prefill(model, tokens_BT, mask_BT, max_len=max_len, ex=ex)

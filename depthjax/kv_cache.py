@@ -53,7 +53,7 @@ class KVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, program: Program, batch: int, max_len: int, *,
-               depth: int | None = None) -> "KVCache":
+               depth: int | None = None) -> KVCache:
         """An empty cache for `program` (its first `depth` steps): one slot per attention step."""
         depth = program.depth if depth is None else depth
         if not 1 <= depth <= program.depth:
@@ -62,7 +62,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int,
-              max_len: int) -> "KVCache":
+              max_len: int) -> KVCache:
         """An empty cache with slots for `steps` (works under jit: the layout is static)."""
         shape = (len(steps), batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
@@ -88,7 +88,7 @@ class KVCache:
         slots[list(self.steps)] = np.arange(self.n_slots)
         return slots
 
-    def replace(self, **changes) -> "KVCache":
+    def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
 
     def check_program(self, program: Program, depth: int) -> None:

@@ -11,32 +11,36 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
+from . import metrics as M, progress
 from .metrics.scores import Scores
 from .model import DepthModel
 
 
-def _progress(msg: str) -> None:
+def _log(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
 def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
-              progress=_progress) -> dict[str, Scores]:
+              log=_log) -> dict[str, Scores]:
     """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
-    blocks, attention and MLP, Shapley values of blocks, and the logit lens."""
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        progress(f"{name:<28} {time.perf_counter() - t0:6.2f}s")
-        return out
-
-    out = dict(timed("trace metrics", lambda: M.trace_metrics(model, batches)))
-    for unit in ("block", "attn", "mlp"):
-        out[f"ablation_{unit}"] = timed(f"ablation ({unit})", lambda: M.ablation(model, batches, unit=unit))
+    blocks, attention and MLP, Shapley values of blocks, and the logit lens. `log`
+    receives one timing line per metric."""
+    stages = [("trace metrics", lambda: M.trace_metrics(model, batches))]
+    stages += [(f"ablation ({unit})", lambda unit=unit: {
+        f"ablation_{unit}": M.ablation(model, batches, unit=unit)})
+        for unit in ("block", "attn", "mlp")]
     if shapley_permutations:
-        out["shapley_block"] = timed(f"shapley ({shapley_permutations} permutations)",
-                                     lambda: M.shapley(model, batches, num_permutations=shapley_permutations, key=key))
-    out["logit_lens"] = timed("logit lens", lambda: M.logit_lens(model, batches))
+        stages.append((f"shapley ({shapley_permutations} permutations)", lambda: {
+            "shapley_block": M.shapley(model, batches, num_permutations=shapley_permutations,
+                                       key=key)}))
+    stages.append(("logit lens", lambda: {"logit_lens": M.logit_lens(model, batches)}))
+    out = {}
+    with progress.bar("scoring", total=len(stages)) as bar:
+        for name, fn in stages:
+            t0 = time.perf_counter()
+            out.update(fn())
+            log(f"{name:<28} {time.perf_counter() - t0:6.2f}s")
+            bar.advance()
     return out
 
 
@@ -48,14 +52,16 @@ def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
 def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: str = "block",
                    max_units: int | None = None) -> dict[str, np.ndarray]:
     """Loss after removing k = 0..max_units units in each metric's order."""
-    return {name: M.removal_curve(model, batches, s, max_units=max_units, unit=unit)
-            for name, s in importance(scores, unit).items()}
+    ranked = importance(scores, unit)
+    return {name: M.removal_curve(model, batches, ranked[name], max_units=max_units, unit=unit)
+            for name in progress.track(list(ranked), "removal curves")}
 
 
 def table(scores: dict[str, Scores], unit: str = "block") -> str:
     """Per-step table of the metrics ranking `unit` (plus residual norm)."""
     cols = importance(scores, unit)
-    norm = next((s.extra["residual_norm"] for s in scores.values() if "residual_norm" in s.extra), None)
+    norm = next((s.extra["residual_norm"] for s in scores.values()
+                 if "residual_norm" in s.extra), None)
     names = list(cols)
     head = f"{'step':>4} " + " ".join(f"{n[:14]:>14}" for n in names)
     head += f" {'|resid in|':>10}" if norm is not None else ""

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import depthjax as dj
-from depthjax import metrics as M
-from depthjax import report
+from depthjax import metrics as M, report
 from depthjax.corpus import sample_windows
 from depthjax.train import TrainConfig, run as train_run
 
@@ -37,7 +36,8 @@ def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
 
     The default base model is an 8-step llama-style byte model (d_model 64) trained for
     600 steps on the embedded corpus: about 4 minutes on a 2-core CPU, then cached."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("base model (trained once, cached)")
     g.add_argument("--model", default="llama-tiny", help="preset name (depthjax presets)")
     g.add_argument("--layers", type=int, default=8, help="n_layers of the model")
@@ -120,11 +120,6 @@ def loss(model: dj.DepthModel, data) -> float:
 def losses(model: dj.DepthModel, data, keep, unit: str = "block") -> np.ndarray:
     """Loss of every row of the keep masks [K, units] (1 = unit on), in one compiled call."""
     return M.coalition_measures(model, data, unit, np.asarray(keep))
-
-
-def n_params(tree) -> int:
-    import jax
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def out_dir(args) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import Program, ProgramError
+from depthjax.program import ProgramError
 from depthjax.sampling import filter_logits, sample
 from tests.test_model import _model
 

@@ -42,7 +42,8 @@ def test_trace_metrics_match_numpy(model):
     cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     bi = M.block_influence(model, BATCHES)
     np.testing.assert_allclose(bi.values, (1 - cos(res[:-1], res[1:])).mean((1, 2)), atol=1e-6)
-    np.testing.assert_allclose(bi.extra["residual_norm"], np.linalg.norm(res, axis=-1).mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(bi.extra["residual_norm"], np.linalg.norm(res, axis=-1).mean((1, 2)),
+                               rtol=1e-5)
     ad = M.angular_distance(model, BATCHES, span=2)
     last = res[:, :, -1]
     want = np.arccos(np.clip(cos(last[:-2], last[2:]), -1, 1)).mean(1) / np.pi
@@ -55,7 +56,8 @@ def test_trace_metrics_match_numpy(model):
     n = lambda x: np.linalg.norm(x, axis=-1)
     np.testing.assert_allclose(rc["attn"].values, (n(ua) / n(res[:-1])).mean((1, 2)), rtol=1e-5)
     np.testing.assert_allclose(rc["mlp"].values, (n(um) / n(res[:-1] + ua)).mean((1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(rc["block"].values, (n(ua + um) / n(res[:-1])).mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(rc["block"].values, (n(ua + um) / n(res[:-1])).mean((1, 2)),
+                               rtol=1e-5)
 
 
 def test_gated_off_step_scores_zero(model):
@@ -73,7 +75,8 @@ def test_ablation_matches_naive_leave_one_out(model):
     np.testing.assert_allclose(abl.extra["full"], full, rtol=1e-5)
     np.testing.assert_allclose(M.loss(model, BATCHES), full, rtol=1e-5)
     for i in range(4):
-        np.testing.assert_allclose(abl.values[i], naive_value(model, 1 - np.eye(4)[i]) - full, atol=2e-5)
+        np.testing.assert_allclose(abl.values[i], naive_value(model, 1 - np.eye(4)[i]) - full,
+                                   atol=2e-5)
 
 
 def test_shapley_exact_enumeration_and_efficiency(model):
@@ -120,7 +123,9 @@ def test_skip_effect(model):
     assert np.isnan(change[1, 0]) and np.isnan(change[1, 1])
     assert change[2, 3] < 1e-6 and kl[2] < 1e-7          # skipping a gated-off step changes nothing
     skipped = D.drop_sublayers(model, attn=[0], mlp=[0])
-    u = lambda m, b: np.asarray(dj.apply(m, b, trace=True)[1].attn_out + dj.apply(m, b, trace=True)[1].mlp_out)
+    def u(m, b):
+        trace = dj.apply(m, b, trace=True)[1]
+        return np.asarray(trace.attn_out + trace.mlp_out)
     with np.errstate(invalid="ignore"):  # step 2's update is 0 (it is gated off)
         rel = np.concatenate([np.linalg.norm(u(skipped, b) - u(model, b), axis=-1) /
                               np.linalg.norm(u(model, b), axis=-1) for b in BATCHES], 1)

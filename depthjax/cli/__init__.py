@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from .. import progress
 from . import convert, demo, depth, generate, presets, prune, score, train
 
 COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
         command.add_command(sub)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with progress.quiet(getattr(args, "quiet", False)):
+            return args.func(args)
     except (ValueError, OSError) as e:  # every user error class derives from one of these
         # The classes are resolved only here, so start-up does not import the data stack.
         if os.environ.get("DEPTHJAX_DEBUG") or not isinstance(e, _user_errors()):

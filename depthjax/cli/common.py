@@ -18,6 +18,12 @@ def load_model(path, tokenizer: str | None = None):
     return model, tokenizer_for(path, model.config.vocab_size, tokenizer)
 
 
+def add_quiet_arg(p) -> None:
+    """--quiet for a long-running command (depthjax.cli.main applies it)."""
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-step lines (bars show only on a terminal)")
+
+
 def add_data_args(p) -> None:
     """--model and the calibration-text flags of `score` and `prune`."""
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_data_args, load_with_data
+from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
 
 METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley")
 
@@ -46,7 +46,8 @@ def _prune(args) -> int:
     model, calib, evals = load_with_data(args)
     metric = _metric(args.metric, args.unit, calib, args)
     scores = None if args.iterative else metric(model)
-    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative)
+    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric,
+                      iterative=args.iterative)
     loss = lambda m: M.loss(m, evals)
     print(f"validation loss: full {loss(model):.4f}  pruned {loss(pruned):.4f}", flush=True)
     if args.recover:
@@ -72,4 +73,5 @@ def add_command(sub) -> None:
     p.add_argument("--lora-steps", type=int, default=100)
     p.add_argument("--shapley-permutations", type=int, default=8)
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    add_quiet_arg(p)
     p.set_defaults(func=_prune)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_args, load_with_data
+from .common import add_data_args, add_quiet_arg, load_with_data
 
 
 def _score(args) -> int:
@@ -45,4 +45,5 @@ def add_command(sub) -> None:
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
     p.add_argument("--shapley-permutations", type=int, default=8)
     p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
+    add_quiet_arg(p)
     p.set_defaults(func=_score)

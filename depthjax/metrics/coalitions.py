@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import progress
+from ..loss import nll_sums, require_causal
 from ..model import DepthModel, apply
 from ..program import Program
-from .batches import as_batches, nll_sums, require_causal
+from .batches import as_batches
 from .scores import Scores
 
 MEASURES = ("loss", "logit")
@@ -43,8 +45,9 @@ def programs_for(model: DepthModel, unit: str, keep) -> Program:
     S, p = model.depth, model.program
     if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
         raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
-    attn_keep = {"block": keep, "attn": keep, "mlp": 1.0, "sublayer": keep[:, :S] if unit == "sublayer" else 1.0}[unit]
-    mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep, "sublayer": keep[:, S:] if unit == "sublayer" else 1.0}[unit]
+    # "sublayer" units are attn_0..attn_{S-1}, then mlp_0..mlp_{S-1}
+    attn_keep = {"block": keep, "attn": keep, "mlp": 1.0}.get(unit, keep[:, :S])
+    mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep}.get(unit, keep[:, S:])
     K = keep.shape[0]
     tile = lambda a: jnp.broadcast_to(a, (K, S))
     return Program(block=tile(p.block), attn=tile(p.attn) * attn_keep,
@@ -73,30 +76,35 @@ def _coalition_sums(model, programs, tokens_BT, mask_BT, *, measure, chunk):
     return jax.lax.map(one, programs, batch_size=chunk)
 
 
-def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str = "loss"):
-    """Mean measure [K] of the model with each coalition keep[k] (1 = unit on)."""
+def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str = "loss",
+                       description: str = "coalitions"):
+    """Mean measure [K] of the model with each coalition keep[k] (1 = unit on);
+    `description` labels the progress bar over batches."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     if measure == "loss":
         require_causal(model, "measure='loss'")
     programs = programs_for(model, unit, keep)
     total = weight = 0.0
-    for b in as_batches(batches):
+    K = programs.block.shape[0]
+    for b in progress.track(as_batches(batches), f"{description} ({K} programs)"):
         s, w = _coalition_sums(model, programs, b.tokens, b.mask, measure=measure,
-                               chunk=_chunk(programs.block.shape[0], b.tokens.shape, model.config))
+                               chunk=_chunk(K, b.tokens.shape, model.config))
         total, weight = total + s, weight + w
     return np.asarray(total / weight, np.float64)
 
 
 def loss(model: DepthModel, batches) -> float:
     """Mean next-token loss of the model as it is (its own program), over real tokens."""
-    return float(coalition_measures(model, batches, "block", np.ones((1, model.depth)))[0])
+    return float(coalition_measures(model, batches, "block", np.ones((1, model.depth)),
+                                    description="loss")[0])
 
 
-def _unique_measures(model, batches, unit, keep, measure):
+def _unique_measures(model, batches, unit, keep, measure, description):
     """Measures of coalition rows, evaluating each distinct coalition once."""
     uniq, inverse = np.unique(np.asarray(keep, np.int8), axis=0, return_inverse=True)
-    return coalition_measures(model, batches, unit, uniq, measure)[inverse.reshape(-1)]
+    return coalition_measures(model, batches, unit, uniq, measure,
+                              description)[inverse.reshape(-1)]
 
 
 def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "loss") -> Scores:
@@ -104,7 +112,7 @@ def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "lo
     extra["full"] is the full model's measure."""
     n = n_units(model, unit)
     keep = np.vstack([np.ones((1, n)), 1 - np.eye(n)])
-    m = coalition_measures(model, batches, unit, keep, measure)
+    m = coalition_measures(model, batches, unit, keep, measure, f"ablation {unit}")
     return Scores(f"ablation_{measure}", unit, m[1:] - m[0], {"full": float(m[0])})
 
 
@@ -134,13 +142,15 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
     for p, perm in enumerate(perms):
         for j, u in enumerate(perm):
             keep[p, j + 1:, u] = 1
-    m = _unique_measures(model, batches, unit, keep.reshape(-1, n), measure).reshape(P, n + 1)
+    m = _unique_measures(model, batches, unit, keep.reshape(-1, n), measure,
+                         f"shapley {unit}").reshape(P, n + 1)
     marginal = np.zeros((P, n))
     marginal[np.arange(P)[:, None], perms] = m[:, :-1] - m[:, 1:]
     values = marginal.mean(0)
     stderr = marginal.std(0, ddof=1) / math.sqrt(P) if P > 1 else np.full(n, np.nan)
     return Scores(f"shapley_{measure}", unit, values,
-                  {"stderr": stderr, "permutations": P, "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
+                  {"stderr": stderr, "permutations": P,
+                   "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
 
 
 def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_samples: int = 32,
@@ -153,7 +163,7 @@ def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_sa
     halves = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n) < n // 2)(
         jax.random.split(key, num_samples)), np.int8)
     keep = np.vstack([np.ones((1, n), np.int8), 1 - np.eye(n, dtype=np.int8), halves])
-    v = -_unique_measures(model, batches, unit, keep, measure)
+    v = -_unique_measures(model, batches, unit, keep, measure, f"present-minus-absent {unit}")
     present = np.array([v[keep[:, i] == 1].mean() for i in range(n)])
     absent = np.array([v[keep[:, i] == 0].mean() for i in range(n)])
     return Scores(f"present_minus_absent_{measure}", unit, present - absent,
@@ -176,4 +186,5 @@ def removal_curve(model: DepthModel, batches, scores, max_units: int | None = No
     keep = np.ones((K + 1, n), np.int8)
     for k in range(1, K + 1):
         keep[k:, order[k - 1]] = 0
-    return coalition_measures(model, batches, unit, keep, measure)
+    return coalition_measures(model, batches, unit, keep, measure,
+                              f"removal curve {getattr(scores, 'name', '')}".rstrip())

@@ -64,6 +64,7 @@ class TrainConfig:
     eps: float = _key(1e-8, "AdamW epsilon")
     clip_norm: float = _key(1.0, "clip gradients to this global norm (0: off)")
     nan_policy: str = _key("stop", "non-finite loss or gradient: 'stop' the run (last good "
+<<<<<<< HEAD
                                    "checkpoint kept) or 'skip' the update", choices=("stop", "skip"))
     # early exit (LayerSkip; see depthjax.train.layerskip)
     layer_dropout: float = _key(0.0, "layer dropout: drop rate p_max of the last step; step l "
@@ -87,6 +88,10 @@ class TrainConfig:
     exit_rotation: int = _key(2, "rotational curriculum period")
     exit_curriculum_steps: int = _key(0, "gradual curriculum: steps until every exit is on "
                                          "(0: steps)")
+=======
+                                   "checkpoint kept) or 'skip' the update",
+                           choices=("stop", "skip"))
+>>>>>>> main
     # parallelism
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig, metadata={"help": ""})
     distributed: str = _key("auto", "call jax.distributed.initialize(): 'auto' (when a "
@@ -118,7 +123,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise TrainConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {choices}")
+                raise TrainConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of "
+                                       f"{choices}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
                      "checkpoint_every", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) < 1:
@@ -231,7 +237,8 @@ def _build(cls, tree: dict):
     for f in dataclasses.fields(cls):
         if f.name in tree:
             tp = _field_type(cls, f.name)
-            kwargs[f.name] = _build(tp, tree[f.name]) if dataclasses.is_dataclass(tp) else tree[f.name]
+            value = tree[f.name]
+            kwargs[f.name] = _build(tp, value) if dataclasses.is_dataclass(tp) else value
     return cls(**kwargs)
 
 

@@ -39,7 +39,8 @@ def matmul_params_per_token(cfg: ModelConfig, depth: int | None = None) -> int:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, depth: int | None = None) -> float:
     """Forward + backward FLOPs per trained token at sequence length `seq_len`."""
     depth = cfg.depth if depth is None else depth
-    forward = 2 * matmul_params_per_token(cfg, depth) + 4 * depth * seq_len * cfg.n_heads * cfg.head_dim
+    attention = 4 * depth * seq_len * cfg.n_heads * cfg.head_dim   # q k^T and p v
+    forward = 2 * matmul_params_per_token(cfg, depth) + attention
     return 3.0 * forward
 
 

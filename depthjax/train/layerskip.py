@@ -29,9 +29,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ..config import ModelConfig
+from ..loss import packed_nll_sums
 from ..model import DepthModel, apply, output_head
 from ..program import Program, is_concrete
 from .config import TrainConfigError
@@ -185,14 +185,9 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch, ls: LayerSkip, 
     logits_BTV, trace = apply(DepthModel(cfg, params, program), batch["inputs"],
                               segment_ids=batch["segment_ids"], positions=batch["positions"],
                               trace=True)
-    weight_BT = (batch["segment_ids"] > 0).astype(jnp.float32)
-
-    def nll_sum(logits_BTV):
-        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-        return jnp.sum(nll_BT * weight_BT)
-
-    sums = [nll_sum(logits_BTV)] + [nll_sum(output_head(cfg, params, trace.residual[k]))
-                                    for k in ls.exits]
-    nll = jnp.stack(sums)
+    sums = lambda logits_BTV: packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
+    final, count = sums(logits_BTV)
+    nll = jnp.stack([final] + [sums(output_head(cfg, params, trace.residual[k]))[0]
+                               for k in ls.exits])
     w = jnp.concatenate([jnp.ones((1,)), ls.exit_weights(step)])
-    return jnp.sum(w * nll) / jnp.sum(w), (jnp.sum(weight_BT), nll)
+    return jnp.sum(w * nll) / jnp.sum(w), (count, nll)

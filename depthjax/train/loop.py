@@ -23,10 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import checkpoint as native_ckpt
-from .. import data as data_lib
-from .. import sharding as shd
-from ..model import DepthModel, init
+from .. import checkpoint as native_ckpt, data as data_lib, sharding as shd
+from ..model import DepthModel, count_params, init
 from ..program import Program
 from . import flops as flops_lib
 from .checkpoints import TrainCheckpoints
@@ -140,7 +138,8 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     layerskip = LayerSkip.from_config(tc, program)  # None when both are off
     abstract_params = (jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
                        if loaded_params is None else
-                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params))
+                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    loaded_params))
     mask = trainable_mask(abstract_params, tc.trainable)
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
@@ -148,8 +147,8 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
 
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
-        return TrainState(step=jnp.int32(0), params=params,
-                          opt_state=tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params)),
+        opt_state = tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params))
+        return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                           bad_step=jnp.int32(-1), skipped=jnp.int32(0))
 
     ckpts = TrainCheckpoints((out_dir / "checkpoints").absolute(), tc)
@@ -186,9 +185,8 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     flops_per_token = flops_lib.train_flops_per_token(cfg, tc.seq_len, program.depth)
     peak = (tc.peak_tflops * 1e12 if tc.peak_tflops else
             flops_lib.peak_flops(jax.devices()[0], cfg.dtype))
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
     if step0 == 0:
-        log.message(f"{cfg.family} model, {n_params:,} parameters, mesh "
+        log.message(f"{cfg.family} model, {count_params(abstract_params):,} parameters, mesh "
                     f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].device_kind} "
                     f"device(s), {jax.process_count()} process(es)")
 
@@ -205,6 +203,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
 
     step, last_t, last_step = step0, time.time(), step0
     try:
+        log.start(step0)  # cuts what an earlier attempt logged after step0
         while step < tc.steps:
             local = next(data_it)
             state, metrics = step_fn(state, _global_batch(local, shd.batch_sharding(mesh),
@@ -215,7 +214,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
                 m = jax.device_get(metrics)
                 now = time.time()
                 tps = (step - last_step) * tc.batch_size * tc.seq_len / (now - last_t)
-                record = {"step": step, "loss": float(m["loss"]),
+                record = {"step": step, "time": now, "loss": float(m["loss"]),
                           "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                           "tokens_per_s": tps,
                           "mfu": (tps * flops_per_token / (peak * jax.device_count())

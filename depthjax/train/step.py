@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from ..config import ModelConfig
+from ..loss import packed_nll_sums
 from ..model import DepthModel, apply
 from ..program import Program
 from . import layerskip as layerskip_lib
@@ -88,9 +90,7 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch):
     batch: int32 [B, T] inputs, targets, segment_ids (0 = padding), positions."""
     logits_BTV = apply(DepthModel(cfg, params, program), batch["inputs"],
                        segment_ids=batch["segment_ids"], positions=batch["positions"])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    weight_BT = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return jnp.sum(nll_BT * weight_BT), jnp.sum(weight_BT)
+    return packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
 
 
 def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
@@ -99,9 +99,12 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
     """One optimizer step over a global batch, as `grad_accum` micro-batches in a scan.
 
     The loss is the mean over all real target tokens of the batch, so accumulation gives
-    the same gradient as one big batch. With `layerskip` (layer dropout and early-exit
-    losses, see depthjax.train.layerskip) the gradient is the normalized early-exit
-    objective's; metrics then also hold "objective" and "exit_loss" [n_exits]."""
+    the same gradient as one big batch. batch: int32 [B, T] each (see `loss_sums`).
+    With `layerskip` (layer dropout and early-exit losses, see depthjax.train.layerskip)
+    the gradient is the normalized early-exit objective's; metrics then also hold
+    "objective" and "exit_loss" [n_exits]."""
+    chex.assert_rank(list(batch.values()), 2)
+    chex.assert_equal_shape(list(batch.values()))
     trainable, frozen = split(state.params, mask)
     if layerskip is None:
         def objective(t, mb):
@@ -119,8 +122,8 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
         def body(acc, mb):
-            (l, (n, nll)), g = grad_fn(trainable, mb)
-            return jax.tree.map(jnp.add, acc, (l, n, nll, g)), None
+            (objective_sum, (n, nll)), g = grad_fn(trainable, mb)
+            return jax.tree.map(jnp.add, acc, (objective_sum, n, nll, g)), None
 
         outputs = 1 + (len(layerskip.exits) if layerskip else 0)
         zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros((outputs,)),
