@@ -64,8 +64,8 @@ class TrainConfig:
     eps: float = _key(1e-8, "AdamW epsilon")
     clip_norm: float = _key(1.0, "clip gradients to this global norm (0: off)")
     nan_policy: str = _key("stop", "non-finite loss or gradient: 'stop' the run (last good "
-<<<<<<< HEAD
-                                   "checkpoint kept) or 'skip' the update", choices=("stop", "skip"))
+                                   "checkpoint kept) or 'skip' the update",
+                           choices=("stop", "skip"))
     # early exit (LayerSkip; see depthjax.train.layerskip)
     layer_dropout: float = _key(0.0, "layer dropout: drop rate p_max of the last step; step l "
                                      "drops per sequence with p_max * D(l) * S(t)")
@@ -88,10 +88,6 @@ class TrainConfig:
     exit_rotation: int = _key(2, "rotational curriculum period")
     exit_curriculum_steps: int = _key(0, "gradual curriculum: steps until every exit is on "
                                          "(0: steps)")
-=======
-                                   "checkpoint kept) or 'skip' the update",
-                           choices=("stop", "skip"))
->>>>>>> main
     # parallelism
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig, metadata={"help": ""})
     distributed: str = _key("auto", "call jax.distributed.initialize(): 'auto' (when a "
