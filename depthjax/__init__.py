@@ -19,6 +19,7 @@ from .model import DepthModel, Trace, apply, init
 from .program import Program, ProgramError
 from .prune import prune
 from .recover import recover
+from .speculative import DraftStats
 
 _sys.modules[__name__ + ".configs"] = presets  # `import depthjax.configs` keeps working
 
@@ -34,5 +35,5 @@ __all__ = [
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation
-    "generate", "prefill", "decode_step", "KVCache", "Generation",
+    "generate", "prefill", "decode_step", "KVCache", "Generation", "DraftStats",
 ]
