@@ -210,7 +210,7 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):
         if path[-1] != "kernel":
             continue
-        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(w)           # [S, in, out]
+        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(w)      # [S, in, out]
         S, n_in, n_out = mats.shape
         a = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank))
         lora[path + ("a",)] = a / np.sqrt(n_in)
