@@ -1,7 +1,7 @@
 """depthjax: depth as data. A transformer is a table of stacked blocks plus a Program
 that says how the table is walked, run in one `lax.scan`."""
 
-from . import depth, hf, metrics, presets
+from . import depth, eval, hf, metrics, presets  # noqa: A004 (dj.eval is the DESIGN name)
 from . import presets as configs  # the DESIGN name; `presets` says what it holds
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
@@ -23,7 +23,7 @@ __all__ = [
     "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init", "apply",
     "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover",
+    "depth", "metrics", "prune", "recover", "eval",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation

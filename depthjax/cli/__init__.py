@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..data import DataError
+    from ..textfiles import DataError
     from ..decoding import GenerationError
     from ..hf.config import HFError
     from ..program import ProgramError

@@ -51,7 +51,7 @@ def programs_for(model: DepthModel, unit: str, keep) -> Program:
                    mlp=tile(p.mlp) * mlp_keep, parallel=tile(p.parallel))
 
 
-def _chunk(K: int, tokens_shape, cfg) -> int:
+def program_chunk(K: int, tokens_shape, cfg) -> int:
     """Programs evaluated at once: bounded so each chunk's activations stay near 256 MiB."""
     B, T = tokens_shape
     per_program = B * T * (cfg.vocab_size + 8 * cfg.d_model) * 4
@@ -83,7 +83,7 @@ def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str
     total = weight = 0.0
     for b in as_batches(batches):
         s, w = _coalition_sums(model, programs, b.tokens, b.mask, measure=measure,
-                               chunk=_chunk(programs.block.shape[0], b.tokens.shape, model.config))
+                               chunk=program_chunk(programs.block.shape[0], b.tokens.shape, model.config))
         total, weight = total + s, weight + w
     return np.asarray(total / weight, np.float64)
 
