@@ -20,10 +20,23 @@ def _progress(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
+def default_measure(model: DepthModel, batches, pooling: str = "mean", normalize: bool = False):
+    """What coalition metrics measure when no task is given: the next-token loss of a causal
+    model; for an encoder, 1 - the cosine of its pooled embeddings to the full model's."""
+    if model.config.causal:
+        return "loss"
+    from .eval import Representation
+    return Representation(batches, pooling, normalize)
+
+
 def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
-              progress=_progress) -> dict[str, Scores]:
-    """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
-    blocks, attention and MLP, Shapley values of blocks, and the logit lens."""
+              progress=_progress, measure=None) -> dict[str, Scores]:
+    """Every metric: trace metrics (one pass over `batches`), leave-one-out ablation of
+    blocks, attention and MLP and Shapley values of blocks by `measure` (default: see
+    `default_measure`; a depthjax.eval task brings its own data), and the logit lens
+    (causal models)."""
+    measure = default_measure(model, batches) if measure is None else measure
+
     def timed(name, fn):
         t0 = time.perf_counter()
         out = fn()
@@ -32,11 +45,14 @@ def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=
 
     out = dict(timed("trace metrics", lambda: M.trace_metrics(model, batches)))
     for unit in ("block", "attn", "mlp"):
-        out[f"ablation_{unit}"] = timed(f"ablation ({unit})", lambda: M.ablation(model, batches, unit=unit))
+        out[f"ablation_{unit}"] = timed(f"ablation ({unit})", lambda: M.ablation(
+            model, batches, unit=unit, measure=measure))
     if shapley_permutations:
         out["shapley_block"] = timed(f"shapley ({shapley_permutations} permutations)",
-                                     lambda: M.shapley(model, batches, num_permutations=shapley_permutations, key=key))
-    out["logit_lens"] = timed("logit lens", lambda: M.logit_lens(model, batches))
+                                     lambda: M.shapley(model, batches, num_permutations=shapley_permutations,
+                                                       key=key, measure=measure))
+    if model.config.causal:
+        out["logit_lens"] = timed("logit lens", lambda: M.logit_lens(model, batches))
     return out
 
 
@@ -46,9 +62,11 @@ def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
 
 
 def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: str = "block",
-                   max_units: int | None = None) -> dict[str, np.ndarray]:
-    """Loss after removing k = 0..max_units units in each metric's order."""
-    return {name: M.removal_curve(model, batches, s, max_units=max_units, unit=unit)
+                   max_units: int | None = None, measure=None) -> dict[str, np.ndarray]:
+    """The measure (default: see `default_measure`) after removing k = 0..max_units units
+    in each metric's order."""
+    measure = default_measure(model, batches) if measure is None else measure
+    return {name: M.removal_curve(model, batches, s, max_units=max_units, unit=unit, measure=measure)
             for name, s in importance(scores, unit).items()}
 
 

@@ -51,4 +51,5 @@ def nll_sums(logits_BTV, tokens_BT, mask_BT):
 def require_causal(model, what: str) -> None:
     if not model.config.causal:
         raise ValueError(f"{what} uses the next-token loss, which a bidirectional "
-                         f"{model.config.family} encoder does not define; use measure='logit'")
+                         f"{model.config.family} encoder does not define; use measure='logit' "
+                         "or a representation task (depthjax.eval.Representation)")
