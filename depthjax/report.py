@@ -20,13 +20,24 @@ def _progress(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
-def default_measure(model: DepthModel, batches, pooling: str = "mean", normalize: bool = False):
+def default_measure(model: DepthModel, batches, mode: str = "mean", normalize: bool = False):
     """What coalition metrics measure when no task is given: the next-token loss of a causal
     model; for an encoder, 1 - the cosine of its pooled embeddings to the full model's."""
     if model.config.causal:
         return "loss"
     from .eval import Representation
-    return Representation(batches, pooling, normalize)
+    return Representation(batches, mode, normalize)
+
+
+def measure_label(measure) -> str:
+    """How a measure reads on a plot axis (lower is better for all of them)."""
+    if isinstance(measure, str):
+        return {"loss": "validation loss", "logit": "logit distance"}.get(measure, measure)
+    kind = type(measure).__name__
+    return {"MultipleChoice": f"1 - {getattr(measure, 'metric', 'acc')} ({measure.name})",
+            "ExactMatch": f"1 - exact match ({measure.name})",
+            "Perplexity": f"nats/token ({measure.name})",
+            "Representation": "1 - cosine to the full model"}.get(kind, measure.name)
 
 
 def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,

@@ -19,6 +19,9 @@ def model():
     return dj.init(dj.configs.get("llama-tiny", max_seq_len=64), jax.random.key(3))
 
 
+forward = jax.jit(lambda m, tokens: dj.apply(m, tokens))   # the reference: one row, no padding
+
+
 def log_softmax(x):
     x = np.asarray(x, np.float64)
     m = x.max(-1, keepdims=True)
@@ -30,7 +33,7 @@ def naive_loglik(model, ctx: bytes, cont: bytes, max_len=None):
     seq = np.frombuffer(ctx + cont, np.uint8).astype(np.int32)
     if max_len is not None:
         seq = seq[-(max_len + 1):]
-    logp = log_softmax(dj.apply(model, seq[None, :-1])[0])
+    logp = log_softmax(forward(model, seq[None, :-1])[0])
     n = len(cont)
     rows = np.arange(len(seq) - 1 - n, len(seq) - 1)
     return float(logp[rows, seq[rows + 1]].sum()), bool((logp[rows].argmax(-1) == seq[rows + 1]).all())
@@ -124,7 +127,7 @@ def test_perplexity_equals_metrics_loss_and_direct_sum(model, tmp_path):
     # with a prefix token every token is scored: direct sum over [prefix] + doc
     res = dj.eval.perplexity(model, docs[:1], prefix_token=10)
     seq = np.concatenate([[10], tokens[0]])
-    logp = log_softmax(dj.apply(model, seq[None, :-1])[0])
+    logp = log_softmax(forward(model, seq[None, :-1])[0])
     want = -logp[np.arange(40), seq[1:]].sum()
     assert res["nll"] == pytest.approx(want, rel=1e-5) and res["tokens"] == 40
 
@@ -142,11 +145,11 @@ def naive_rolling_nll(model, ids, max_len, context_len, prefix):
         end = done + n
         starts += [(end - max_len, j) for j in range(end - n, end)]
         done = end
-    total = 0.0
-    for s, j in starts:
-        x = seq[s:j + 1]                      # inputs up to the token before pred[j]
-        logp = log_softmax(dj.apply(model, x[None])[0, -1])
-        total -= logp[pred[j]]
+    total, logp = 0.0, {}
+    for s, j in starts:   # inputs seq[s:j+1]; causal, so read them off one forward from s
+        if s not in logp:
+            logp[s] = log_softmax(forward(model, seq[None, s:s + max_len])[0])
+        total -= logp[s][j - s, pred[j]]
     return total, len(starts)
 
 
@@ -185,11 +188,13 @@ class _Latin1:
 
 
 def naive_greedy(model, prompt: str, n: int) -> str:
-    ids = [ord(c) for c in prompt]
-    for _ in range(n):
-        logits = np.asarray(dj.apply(model, np.array([ids], np.int32))[0, -1])
-        ids.append(int(logits.argmax()))
-    return "".join(chr(i) for i in ids[len(prompt):])
+    """Argmax token by token, recomputing the whole prefix each time (no KV cache); the
+    buffer has a fixed length so one compile serves, and causality keeps it exact."""
+    buf = np.zeros((1, 32), np.int32)
+    buf[0, :len(prompt)] = [ord(c) for c in prompt]
+    for t in range(len(prompt), len(prompt) + n):
+        buf[0, t] = int(np.asarray(forward(model, buf)[0, t - 1]).argmax())
+    return "".join(chr(i) for i in buf[0, len(prompt):len(prompt) + n])
 
 
 def test_generate_until_matches_greedy_loop_and_cuts_at_stop(model):

@@ -12,9 +12,9 @@ import argparse
 import os
 import sys
 
-from . import convert, demo, depth, generate, presets, prune, score, train
+from . import convert, demo, depth, eval, generate, presets, prune, score, train  # noqa: A004
 
-COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
+COMMANDS = (demo, presets, train, score, prune, eval, depth, convert, generate)
 
 
 def main(argv=None) -> int:
@@ -39,13 +39,14 @@ def _user_errors() -> tuple[type, ...]:
     from ..config import ConfigError
     from ..textfiles import DataError
     from ..decoding import GenerationError
+    from ..eval import EvalError
     from ..hf.config import HFError
     from ..program import ProgramError
     from ..sharding import ShardingError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
+    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, EvalError, GenerationError,
             HFError, ProgramError, ShardingError, TokenizerError, TrainConfigError,
             UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError)
