@@ -218,8 +218,8 @@ def test_representation_cosine_matches_numpy():
     pruned = D.drop_sublayers(bert, mlp=[1], attn=[2])
     res = dj.eval.representation(bert, {"tokens": tokens, "mask": mask},
                                  programs=[bert.program, pruned.program])
-    pool = lambda m: np.stack([np.asarray(dj.apply(m, tokens, mask=mask, output="hidden"))[b][mask[b] > 0].mean(0)
-                               for b in range(3)])
+    hidden = jax.jit(lambda m: dj.apply(m, tokens, mask=mask, output="hidden"))
+    pool = lambda m: np.stack([np.asarray(hidden(m))[b][mask[b] > 0].mean(0) for b in range(3)])
     a, b = pool(bert), pool(pruned)
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     np.testing.assert_allclose(res["cosine"], [1.0, cos.mean()], atol=1e-5)
@@ -249,3 +249,59 @@ def test_empty_task_file_and_encoder_loglikelihood_are_errors(tmp_path, model):
     big = dj.init(dj.configs.get("llama-tiny", vocab_size=300), jax.random.key(0))
     with pytest.raises(dj.eval.EvalError, match="pass tokenizer="):
         dj.eval.multiple_choice(big, EXAMPLES)
+
+
+# -- tasks as measures -------------------------------------------------------------------
+def naive_choice_scores(model, examples):
+    """(1 - acc, mean gold cross-entropy) from the unbatched reference log-likelihoods."""
+    wrong = nll = 0.0
+    for ex in examples:
+        ctx = ex["context"].rstrip().encode()
+        space = ex["context"][len(ex["context"].rstrip()):].encode()
+        lls = np.array([naive_loglik(model, ctx, space + c.encode())[0] for c in ex["choices"]])
+        wrong += np.argmax(lls) != ex["label"]
+        nll -= log_softmax(lls)[ex["label"]]
+    return wrong / len(examples), nll / len(examples)
+
+
+def test_task_ablation_equals_naive_leave_one_out_loop(model):
+    acc_task = dj.eval.MultipleChoice(EXAMPLES, metric="acc")
+    nll_task = dj.eval.MultipleChoice(EXAMPLES, metric="nll")
+    by_acc = M.ablation(model, None, unit="attn", measure=acc_task)
+    by_nll = M.ablation(model, None, unit="attn", measure=nll_task)
+    full = naive_choice_scores(model, EXAMPLES)
+    drops = [naive_choice_scores(D.drop_sublayers(model, attn=[i]), EXAMPLES) for i in range(4)]
+    assert by_acc.name == "ablation_multiple_choice" and by_acc.extra["full"] == full[0]
+    np.testing.assert_array_equal(by_acc.values, [d[0] - full[0] for d in drops])
+    np.testing.assert_allclose(by_nll.values, [d[1] - full[1] for d in drops], atol=1e-6)
+    # dj.prune by the task ranks as its leave-one-out scores do
+    pruned = dj.prune(model, None, 2, unit="attn", measure=nll_task)
+    want = dj.prune(model, by_nll, 2)
+    np.testing.assert_array_equal(np.asarray(pruned.program.attn), np.asarray(want.program.attn))
+
+
+def test_task_shapley_and_removal_curve_measure_each_program(model):
+    task = dj.eval.MultipleChoice(EXAMPLES, metric="nll")
+    sh = M.shapley(model, None, unit="block", num_permutations=2, key=jax.random.key(0),
+                   measure=task)
+    off = model.with_program(model.program.replace(attn=model.program.attn * 0,
+                                                   mlp=model.program.mlp * 0))
+    v = lambda m: task.evaluate(m)["nll"]
+    assert sh.extra["v_all_minus_v_none"] == pytest.approx(v(off) - v(model), rel=1e-5)
+    np.testing.assert_allclose(sh.values.sum(), v(off) - v(model), rtol=1e-5)
+    curve = M.removal_curve(model, None, sh, max_units=2, measure=task)
+    order = np.argsort(sh.values, kind="stable")
+    want = [v(model), v(D.drop_sublayers(model, attn=order[:1], mlp=order[:1])),
+            v(D.drop_sublayers(model, attn=order[:2], mlp=order[:2]))]
+    np.testing.assert_allclose(curve, want, rtol=1e-5)
+
+
+def test_module_similarity_matches_numpy(model):
+    tokens = np.random.default_rng(4).integers(0, 256, (2, 12)).astype(np.int32)
+    _, tr = dj.apply(model, tokens, trace=True)
+    x, ua, um = (np.asarray(a, np.float64) for a in (tr.residual[:-1], tr.attn_out, tr.mlp_out))
+    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    want = np.concatenate([(1 - cos(x, x + ua)).mean((1, 2)), (1 - cos(x + ua, x + ua + um)).mean((1, 2))])
+    s = M.module_similarity(model, tokens)
+    assert s.unit == "sublayer"
+    np.testing.assert_allclose(s.values, want, atol=1e-6)
