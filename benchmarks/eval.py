@@ -3,7 +3,7 @@ batch of programs in one call against one call per program.
 
 A multiple-choice task of --examples examples x 4 choices (random byte contexts of 20-120
 tokens, continuations of 2-12) on a random llama-style model:
-1. dj.eval.multiple_choice (sorted, right-padded to power-of-two buckets, batches of 32)
+1. dj.eval.multiple_choice (sorted, right-padded to length buckets, batches of 32)
    vs scoring each (context, choice) alone with a jitted forward of its exact length
    (one compile per length: the loop is timed warm, after its compiles);
 2. --programs leave-one-out programs scored in one `programs=` call (one compile, lax.map

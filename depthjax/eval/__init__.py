@@ -15,11 +15,14 @@ and tokenizer, and has
 so it is a measure for depthjax.metrics (`ablation(model, None, measure=task)`), dj.prune
 and program search. `load_task(path)` reads a JSONL file by its fields.
 
+`corpus_tasks.next_line()` and `corpus_tasks.identifier_recall()` are two multiple-choice
+tasks built from the embedded corpus's held-out split (short- and long-range).
 `depthjax.eval.harness` plugs depthjax models into lm-evaluation-harness (extra [eval]).
 """
 
 from pathlib import Path
 
+from . import corpus_tasks
 from .generation import ExactMatch, exact_match, generate_until
 from .perplexity import Perplexity, documents, perplexity
 from .representation import Representation, representation
@@ -44,7 +47,7 @@ def load_task(path, **kwargs):
                     "(exact match) or text (perplexity)")
 
 
-__all__ = ["EvalError", "ExactMatch", "MultipleChoice", "Perplexity", "Representation",
+__all__ = ["corpus_tasks", "EvalError", "ExactMatch", "MultipleChoice", "Perplexity", "Representation",
            "Request", "TaskError", "documents", "encode_pair", "exact_match", "generate_until",
            "load_task", "loglikelihoods", "multiple_choice", "perplexity", "read_jsonl",
            "representation", "rolling_requests"]

@@ -1,6 +1,6 @@
 """Greedy generation until stop strings, and exact match against targets.
 
-Prompts are left-padded to a power-of-two length in batches of `batch_size` rows and
+Prompts are left-padded to a power-of-two length (at least 8) in batches of `batch_size` rows and
 decoded by `dj.generate` (KV cache, one compiled loop per length bucket). The text is cut
 at the earliest stop string on the host; a stop string that is one token also stops the
 device loop early (it becomes the eos id).

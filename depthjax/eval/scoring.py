@@ -3,7 +3,7 @@ the continuation's summed log-probability and whether it is the greedy decode, f
 of programs, batched, padded and jitted on device.
 
 Requests are sorted longest first, grouped into batches of `batch_size` rows and
-right-padded to a power-of-two length, so a task compiles once per length bucket; every
+right-padded to a length bucket (8 per power of two), so a task compiles a few times; every
 program of one depth goes through that same compiled function (programs are data), with
 `lax.map` walking the stacked programs in chunks. Right padding needs no attention mask:
 a causal model's real positions never see the padding after them.
@@ -107,8 +107,10 @@ def require_causal(model: DepthModel, what: str) -> None:
 
 # -- the engine --------------------------------------------------------------------------
 def _bucket(n: int, cap: int) -> int:
-    """Padded length: the next power of two (at least 8), at most `cap`."""
-    return min(cap, max(8, 1 << (n - 1).bit_length()))
+    """Padded length, at most `cap`: n rounded up to 8 steps per power of two (at least 8),
+    so padding wastes under 1/8 of a batch and a task compiles for few lengths."""
+    step = max(8, 1 << max(0, (n - 1).bit_length() - 3))
+    return min(cap, -(-n // step) * step)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
