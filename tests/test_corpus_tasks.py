@@ -31,7 +31,7 @@ def test_identifier_recall_asks_for_a_name_defined_far_back():
         name = ex["choices"][ex["label"]]
         assert len(set(ex["choices"])) == 4
         assert re.match(rf"[ \t]*def {re.escape(name)}\(", ex["context"])
-        assert 200 <= len(ex["context"]) <= 1500
+        assert 200 <= len(ex["context"]) <= 1000
         assert any(ex["context"] + name + "(" in s for s in sources)
         for other in ex["choices"]:   # every candidate is a function of that file
             assert any(f"def {other}(" in s and ex["context"] in s for s in sources)

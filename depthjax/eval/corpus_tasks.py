@@ -68,7 +68,7 @@ def next_line(n: int = 200, *, context_lines: int = 8, seed: int = 0, split: str
     return MultipleChoice(examples, tokenizer, name="next_line")
 
 
-def identifier_recall(n: int = 100, *, min_gap: int = 200, max_context: int = 1500, seed: int = 0,
+def identifier_recall(n: int = 100, *, min_gap: int = 200, max_context: int = 1000, seed: int = 0,
                       split: str = "valid", tokenizer=None) -> MultipleChoice:
     """`n` examples: which of four functions defined in the file is called here, with its
     definition at least `min_gap` characters back (the context keeps at most
