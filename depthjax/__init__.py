@@ -5,6 +5,7 @@ import sys as _sys
 
 from . import (
     depth,
+    eval,  # noqa: A004 (dj.eval is the DESIGN name)
     hf,
     metrics,
     presets,
@@ -31,7 +32,7 @@ __all__ = [
     "apply",
     "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover", "search",
+    "depth", "metrics", "prune", "recover", "search", "eval",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation

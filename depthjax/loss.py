@@ -65,4 +65,5 @@ def require_causal(model, what: str) -> None:
     """The next-token loss needs a causal model: a clear error for an encoder."""
     if not model.config.causal:
         raise ValueError(f"{what} uses the next-token loss, which a bidirectional "
-                         f"{model.config.family} encoder does not define; use measure='logit'")
+                         f"{model.config.family} encoder does not define; use measure='logit' "
+                         "or a representation task (depthjax.eval.Representation)")

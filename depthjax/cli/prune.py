@@ -1,10 +1,13 @@
 """`depthjax prune`: remove the n least important units of a model, optionally recover.
 
     depthjax prune --model DIR --metric block_influence --n 2 [--unit block]
+                   [--data FILES] [--task TASK.jsonl]
                    [--recover bias|linear|lora] [--rank 8] [--lora-steps 100] --out CKPT
 
-Scores and recovery are calibrated on the embedded corpus's train split; the validation
-loss before and after is measured on its validation split.
+Scores and recovery are calibrated on --data (its first 80%) or the embedded corpus's train
+split; the measure before and after (the --task, else the validation loss, or the
+representation cosine for encoders) on the rest. ablation and shapley rank by that measure;
+module_similarity ("What Matters in Transformers?") ranks sublayers.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import argparse
 
 from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
 
-METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley",
-           "gate_gradient")
+METRICS = ("block_influence", "angular_distance", "relative_contribution", "module_similarity",
+           "ablation", "shapley", "gate_gradient")
 
 
-def _metric(name: str, unit: str, calib, args):
+def _metric(name: str, unit: str, calib, measure, args):
     """model -> Scores ranking `unit` by metric `name`."""
     import jax
     import numpy as np
@@ -26,7 +29,9 @@ def _metric(name: str, unit: str, calib, args):
     from .. import report
     if name in ("block_influence", "angular_distance") and unit != "block":
         raise UsageError(f"--metric {name} scores whole blocks; use --unit block, or ablation, "
-                         "shapley or relative_contribution for sublayers")
+                         "shapley, relative_contribution or module_similarity for sublayers")
+    if name == "module_similarity" and unit != "sublayer":
+        raise UsageError("--metric module_similarity ranks sublayers: use --unit sublayer")
     if name == "relative_contribution":
         def contribution(m):
             rc = M.relative_contribution(m, calib)
@@ -44,26 +49,36 @@ def _metric(name: str, unit: str, calib, args):
         return taylor
     return {"block_influence": lambda m: M.block_influence(m, calib),
             "angular_distance": lambda m: M.angular_distance(m, calib),
-            "ablation": lambda m: M.ablation(m, calib, unit=unit),
+            "module_similarity": lambda m: M.module_similarity(m, calib),
+            "ablation": lambda m: M.ablation(m, calib, unit=unit, measure=measure),
             "shapley": lambda m: M.shapley(m, calib, unit=unit, key=jax.random.key(args.seed),
                                            num_permutations=report.shapley_permutations_for(
-                                               m, unit, args.shapley_permutations))}[name]
+                                               m, unit, args.shapley_permutations),
+                                           measure=measure)}[name]
 
 
 def _prune(args) -> int:
+    import numpy as np
+
     import depthjax as dj
-    from .. import checkpoint, metrics as M
-    model, calib, evals = load_with_data(args)
-    metric = _metric(args.metric, args.unit, calib, args)
+    from .. import checkpoint, metrics as M, report
+    data = load_with_data(args)
+    model, calib = data.model, data.calib
+    metric = _metric(args.metric, args.unit, calib, data.measure(calib), args)
     scores = None if args.iterative else metric(model)
-    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric,
-                      iterative=args.iterative)
-    loss = lambda m: M.loss(m, evals)
-    print(f"validation loss: full {loss(model):.4f}  pruned {loss(pruned):.4f}", flush=True)
+    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative)
+    measure = data.measure(data.evals)
+    # Both models are measured against the full model (a representation measure's reference).
+    if hasattr(measure, "reference") and measure.reference is None:
+        measure.reference = model
+    value = lambda m: float(M.coalition_measures(m, data.evals, "block", np.ones((1, m.depth)),
+                                                 measure)[0])
+    what = report.measure_label(measure)
+    print(f"{what}: full {value(model):.4f}  pruned {value(pruned):.4f}", flush=True)
     if args.recover:
         pruned = dj.recover(pruned, model, calib, method=args.recover, rank=args.rank,
                             lora_steps=args.lora_steps, log_every=max(1, args.lora_steps // 10))
-        print(f"validation loss after {args.recover} recovery: {loss(pruned):.4f}")
+        print(f"{what} after {args.recover} recovery: {value(pruned):.4f}")
     print(pruned.program)
     checkpoint.save(pruned, args.out)
     print(f"wrote {args.out}")

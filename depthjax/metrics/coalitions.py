@@ -8,9 +8,11 @@ programs; the measure of each is accumulated over batches on device.
 
 A unit is a step ("block": both gates), an attention or MLP sublayer ("attn", "mlp"), or
 any sublayer ("sublayer": attn_0..attn_{S-1}, mlp_0..mlp_{S-1}, ranked jointly).
-The measure of a coalition is its next-token loss ("loss") or the mean L2 distance of its
-logits to the full model's ("logit"); lower is better, and a unit's value is how much
-the measure rises without it.
+The measure of a coalition is its next-token loss ("loss"), the mean L2 distance of its
+logits to the full model's ("logit"), or a task's (any object with `measure(model,
+programs) -> [K]` and a `name`, e.g. a depthjax.eval task: 1 - accuracy, perplexity, or 1
+- the representation cosine for encoders); lower is better, and a unit's value is how much
+the measure rises without it. With a task, `batches` may be None: the task has its data.
 """
 
 from __future__ import annotations
@@ -76,12 +78,28 @@ def _coalition_sums(model, programs, tokens_BT, mask_BT, *, measure, chunk):
     return jax.lax.map(one, programs, batch_size=chunk)
 
 
-def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str = "loss",
+def is_task(measure) -> bool:
+    """Whether `measure` is a task object (it measures programs itself)."""
+    return callable(getattr(measure, "measure", None))
+
+
+def measure_name(measure) -> str:
+    return measure.name if is_task(measure) else measure
+
+
+def coalition_measures(model: DepthModel, batches, unit: str, keep, measure="loss",
                        description: str = "coalitions"):
-    """Mean measure [K] of the model with each coalition keep[k] (1 = unit on);
-    `description` labels the progress bar over batches."""
+    """Mean measure [K] of the model with each coalition keep[k] (1 = unit on); a task
+    measures the programs itself. `description` labels the progress bar over batches."""
+    if is_task(measure):
+        values = np.asarray(measure.measure(model, programs_for(model, unit, keep)), np.float64)
+        if values.shape != (np.shape(keep)[0],):
+            raise ValueError(f"task {measure_name(measure)!r} returned {values.shape} values "
+                             f"for {np.shape(keep)[0]} programs")
+        return values
     if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        raise ValueError(f"measure must be one of {MEASURES} or a task (an object with "
+                         f".measure(model, programs)), got {measure!r}")
     if measure == "loss":
         require_causal(model, "measure='loss'")
     programs = programs_for(model, unit, keep)
@@ -107,13 +125,13 @@ def _unique_measures(model, batches, unit, keep, measure, description):
                               description)[inverse.reshape(-1)]
 
 
-def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "loss") -> Scores:
+def ablation(model: DepthModel, batches=None, unit: str = "block", measure="loss") -> Scores:
     """Leave-one-out: rise of the measure when each unit alone is switched off.
     extra["full"] is the full model's measure."""
     n = n_units(model, unit)
     keep = np.vstack([np.ones((1, n)), 1 - np.eye(n)])
     m = coalition_measures(model, batches, unit, keep, measure, f"ablation {unit}")
-    return Scores(f"ablation_{measure}", unit, m[1:] - m[0], {"full": float(m[0])})
+    return Scores(f"ablation_{measure_name(measure)}", unit, m[1:] - m[0], {"full": float(m[0])})
 
 
 def _permutations(n, num_permutations, key, antithetic):
@@ -139,9 +157,9 @@ def _exact_shapley(model, batches, unit, measure, n):
     return values, float(v[-1] - v[0])
 
 
-def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: int | None = 16,
-            key=None, measure: str = "loss", *, max_coalitions: int = 4096,
-            antithetic: bool = True) -> Scores:
+def shapley(model: DepthModel, batches=None, unit: str = "block",
+            num_permutations: int | None = 16, key=None, measure="loss", *,
+            max_coalitions: int = 4096, antithetic: bool = True) -> Scores:
     """Shapley values of the units for v(S) = -measure(S) (higher = more important).
 
     num_permutations=None: exact, from all 2**n coalitions (one compiled call) when
@@ -160,7 +178,7 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
                              f"coalitions, more than max_coalitions={max_coalitions:,}; pass "
                              "num_permutations for an estimate (or raise max_coalitions)")
         values, total = _exact_shapley(model, batches, unit, measure, n)
-        return Scores(f"shapley_{measure}", unit, values,
+        return Scores(f"shapley_{measure_name(measure)}", unit, values,
                       {"stderr": np.zeros(n), "exact": True, "coalitions": 1 << n,
                        "v_all_minus_v_none": total})
     if not isinstance(num_permutations, (int, np.integer)) or num_permutations < 1:
@@ -180,13 +198,13 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
     samples = 0.5 * (marginal[:P // 2] + marginal[P // 2:]) if antithetic else marginal
     stderr = (samples.std(0, ddof=1) / math.sqrt(len(samples)) if len(samples) > 1
               else np.full(n, np.nan))
-    return Scores(f"shapley_{measure}", unit, values,
+    return Scores(f"shapley_{measure_name(measure)}", unit, values,
                   {"stderr": stderr, "exact": False, "permutations": P, "antithetic": antithetic,
                    "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
 
 
-def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_samples: int = 32,
-                         key=None, measure: str = "loss") -> Scores:
+def present_minus_absent(model: DepthModel, batches=None, unit: str = "block", num_samples: int = 32,
+                         key=None, measure="loss") -> Scores:
     """mean v(S) over sampled coalitions containing a unit minus the mean over those
     without it, v = -measure, coalitions = the full set, every leave-one-out set and
     `num_samples` random halves (the estimator of prior depth-pruning work; not Shapley)."""
@@ -198,12 +216,12 @@ def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_sa
     v = -_unique_measures(model, batches, unit, keep, measure, f"present-minus-absent {unit}")
     present = np.array([v[keep[:, i] == 1].mean() for i in range(n)])
     absent = np.array([v[keep[:, i] == 0].mean() for i in range(n)])
-    return Scores(f"present_minus_absent_{measure}", unit, present - absent,
+    return Scores(f"present_minus_absent_{measure_name(measure)}", unit, present - absent,
                   {"coalitions": len(keep)})
 
 
 def removal_curve(model: DepthModel, batches, scores, max_units: int | None = None,
-                  unit: str | None = None, measure: str = "loss") -> np.ndarray:
+                  unit: str | None = None, measure="loss") -> np.ndarray:
     """Measure after removing k = 0..max_units units, least important first by `scores`
     (ties broken by position); all k evaluated as programs in one compiled call."""
     unit = unit or getattr(scores, "unit", None)
