@@ -39,13 +39,13 @@ def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..textfiles import DataError
     from ..decoding import GenerationError
     from ..eval import EvalError
     from ..hf.config import HFError
     from ..program import ProgramError
     from ..search import SearchError
     from ..sharding import ShardingError
+    from ..textfiles import DataError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError

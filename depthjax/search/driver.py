@@ -8,10 +8,10 @@ import jax
 import numpy as np
 
 from .. import progress
+from ..depth.edit import selected_parallel
 from ..loss import loss_measure, require_causal
 from ..metrics.gates import gate_derivatives, taylor_estimate
 from ..model import DepthModel
-from ..depth.edit import selected_parallel
 from .budget import as_budget
 from .evaluate import Evaluator
 from .objective import Objective, as_objective
@@ -28,7 +28,9 @@ def _rng(key) -> np.random.Generator:
         return np.random.default_rng(0)
     if isinstance(key, (int, np.integer)):
         return np.random.default_rng(int(key))
-    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    data = (
+        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    )
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
 
 
@@ -44,8 +46,9 @@ def _prior(space: Space, objective: Objective, kind):
     measure = objective.measure if objective.differentiable else loss_measure
     if measure is loss_measure:
         require_causal(model, "the gradient prior (next-token loss)")
-    value, grad, hess = gate_derivatives(model, list(objective.batches), measure,
-                                         hessian=kind == "hessian")
+    value, grad, hess = gate_derivatives(
+        model, list(objective.batches), measure, hessian=kind == "hessian"
+    )
     gates = np.concatenate([np.asarray(model.program.attn), np.asarray(model.program.mlp)])
     S = model.depth
     start_parallel = np.asarray(model.program.parallel)
@@ -55,18 +58,32 @@ def _prior(space: Space, objective: Objective, kind):
 
     def estimate(c: Candidate):
         steps = np.asarray(c.steps)
-        if np.any(np.diff(steps) <= 0) or \
-                tuple(selected_parallel(start_parallel, steps, np).tolist()) != c.parallel:
+        if (
+            np.any(np.diff(steps) <= 0)
+            or tuple(selected_parallel(start_parallel, steps, np).tolist()) != c.parallel
+        ):
             return None
         keep = np.zeros(2 * S)
         keep[steps], keep[S + steps] = c.attn, c.mlp
         return to_key(float(value + taylor_estimate(gates, grad, keep, hess)[0]))
+
     return estimate
 
 
-def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strategy="greedy",
-        key=None, moves=MOVES, max_depth: int | None = None, per_example: bool = False,
-        prior: str | None = None, chunk: int | None = None):
+def run(
+    model: DepthModel,
+    objective="loss",
+    *,
+    batches=None,
+    budget=None,
+    strategy="greedy",
+    key=None,
+    moves=MOVES,
+    max_depth: int | None = None,
+    per_example: bool = False,
+    prior: str | None = None,
+    chunk: int | None = None,
+):
     """Search the programs reachable from `model`'s program by `moves` for the best
     score under `budget`.
 
@@ -94,8 +111,10 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
     if objective.measure is loss_measure:
         require_causal(model, "objective 'loss'")
     if per_example and not objective.per_row(model.config.vocab_size):
-        raise SearchError(f"per_example=True needs an objective with one value per row; "
-                          f"{objective.name!r} gives one per batch")
+        raise SearchError(
+            f"per_example=True needs an objective with one value per row; "
+            f"{objective.name!r} gives one per batch"
+        )
     strategy = as_strategy(strategy)
     space = Space(model, moves, max_depth)
     budget = as_budget(budget)
@@ -115,8 +134,14 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
 
     def found(c, scores) -> Found:
         measures = {k: v for k, v in scores.items() if k != "score"}
-        return Found(c, scores["score"], cost(c), budget.limit is None or cost(c) <= budget.limit * (1 + 1e-9),
-                     measures, space)
+        return Found(
+            c,
+            scores["score"],
+            cost(c),
+            budget.limit is None or cost(c) <= budget.limit * (1 + 1e-9),
+            measures,
+            space,
+        )
 
     if not per_example:
         pb = Problem(space, cost, budget.limit, lambda c: ev.scores[c]["score"], objective.key, est)
@@ -130,23 +155,44 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
                 history.append(ev.scores[best]["score"] if best else float("nan"))
                 bar.advance(best=history[-1], programs=ev.evaluated)
         everything = [found(c, s) for c, s in ev.scores.items()]
-        ranked = sorted([f for f in everything if f.feasible],
-                        key=lambda f: (objective.key(f.score), f.cost))
-        return SearchResult(ranked, everything, found(space.start, ev.scores[space.start]),
-                            objective.name, objective.maximize, budget.describe(), budget.unit,
-                            name, ev.evaluated, ev.forwards, gens, time.perf_counter() - t0,
-                            history)
+        ranked = sorted(
+            [f for f in everything if f.feasible], key=lambda f: (objective.key(f.score), f.cost)
+        )
+        return SearchResult(
+            ranked,
+            everything,
+            found(space.start, ev.scores[space.start]),
+            objective.name,
+            objective.maximize,
+            budget.describe(),
+            budget.unit,
+            name,
+            ev.evaluated,
+            ev.forwards,
+            gens,
+            time.perf_counter() - t0,
+            history,
+        )
 
-    examples = [{k: v[r] for k, v in b.items()} for b in objective.batches
-                for r in range(b["tokens"].shape[0])]
-    problems = [Problem(space, cost, budget.limit, (lambda e: lambda c: ev.scores[(c, e)]["score"])(e),
-                        objective.key, est) for e in range(len(examples))]
+    examples = [
+        {k: v[r] for k, v in b.items()}
+        for b in objective.batches
+        for r in range(b["tokens"].shape[0])
+    ]
+    problems = [
+        Problem(
+            space, cost, budget.limit, lambda c, e=e: ev.scores[(c, e)]["score"], objective.key, est
+        )
+        for e in range(len(examples))
+    ]
     seed = rng.integers(2**63)
     runs = {e: strategy.run(pb, np.random.default_rng([seed, e])) for e, pb in enumerate(problems)}
     seen: dict[int, list[Candidate]] = {e: [] for e in runs}
     pending = {e: next(g) for e, g in runs.items()}
     gens = 0
-    with progress.bar(f"search ({name}, per example)", total=getattr(strategy, "total", None)) as bar:
+    with progress.bar(
+        f"search ({name}, per example)", total=getattr(strategy, "total", None)
+    ) as bar:
         while pending:
             pairs = [(c, e) for e, cands in pending.items() for c in cands]
             ev.paired(pairs, examples)
@@ -166,10 +212,23 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
         cands = list(dict.fromkeys(seen[e]))
         start.append(found(space.start, ev.scores[(space.start, e)]))
         feas = [c for c in cands if pb.feasible(c)]
-        best.append(found(min(feas, key=pb.rank), ev.scores[(min(feas, key=pb.rank), e)])
-                    if feas else start[-1])
-    return PerExampleResult(best, start, objective.name, objective.maximize, budget.describe(),
-                            name, ev.evaluated, ev.forwards, gens, time.perf_counter() - t0)
+        best.append(
+            found(min(feas, key=pb.rank), ev.scores[(min(feas, key=pb.rank), e)])
+            if feas
+            else start[-1]
+        )
+    return PerExampleResult(
+        best,
+        start,
+        objective.name,
+        objective.maximize,
+        budget.describe(),
+        name,
+        ev.evaluated,
+        ev.forwards,
+        gens,
+        time.perf_counter() - t0,
+    )
 
 
 def rescore(found: list[Found], objective, *, batches=None, chunk: int | None = None) -> np.ndarray:
