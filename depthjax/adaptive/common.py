@@ -1,0 +1,66 @@
+"""Pieces the adaptive-depth mechanisms share: their error class, the embedding and
+input checks of a forward, the per-step loss sums, and routed-token gathering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..model import DepthModel, Embed, _check_inputs
+from ..program import ProgramError
+
+
+class AdaptiveError(ValueError):
+    """An adaptive-depth setting (capacity, loop count, span, router) that cannot work."""
+
+
+def embed(model: DepthModel, tokens_BT, mask_BT=None):
+    """Checked tokens -> (x0_BTD, positions_BT) as `dj.apply` starts its forward."""
+    _check_inputs(model, tokens_BT, mask_BT, None, None)
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    x_BTD = Embed(model.config).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
+    return x_BTD, positions_BT
+
+
+def reject_parallel(model: DepthModel, what: str) -> None:
+    """The adaptive walks carry a single residual: parallel groups are not supported."""
+    par = model.program.parallel
+    if not isinstance(par, jax.core.Tracer) and bool(jnp.any(par)):
+        raise ProgramError(f"{what} needs a program without parallel groups; steps "
+                           f"{jnp.flatnonzero(par).tolist()} share their input")
+
+
+def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
+    """(sum of next-token losses, predicted-token count): position t predicts t+1."""
+    w = jnp.ones(tokens_BT.shape, jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
+    w = w[:, 1:] * w[:, :-1]
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV[:, :-1].astype(jnp.float32), tokens_BT[:, 1:])
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def gather_plan(select_BT, L: int):
+    """Indices of the selected tokens, in order, in a buffer of L slots.
+
+    Returns (idx_BL int32, valid_BL bool): slot l of row b holds token idx[b, l]; slots past
+    the row's selected count are `valid=False` and hold unselected tokens (distinct ones,
+    so a scatter back never collides). Keeping the order keeps causal attention over
+    slots equal to causal attention over positions among the selected tokens.
+    """
+    order_BT = jnp.argsort(~select_BT, axis=1, stable=True).astype(jnp.int32)
+    idx_BL = order_BT[:, :L]
+    valid_BL = jnp.arange(L)[None, :] < jnp.sum(select_BT, axis=1, keepdims=True)
+    return idx_BL, valid_BL
+
+
+def take(x_BT, idx_BL):
+    """x [B, T, ...] gathered at idx [B, L] along time -> [B, L, ...]."""
+    idx = idx_BL.reshape(idx_BL.shape + (1,) * (x_BT.ndim - 2))
+    return jnp.take_along_axis(x_BT, idx, axis=1)
+
+
+def scatter_add(x_BTD, idx_BL, update_BLD):
+    """x with update added at the gathered positions (indices within a row are distinct)."""
+    rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+    return x_BTD.at[rows_B1, idx_BL].add(update_BLD.astype(x_BTD.dtype))
