@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..model import DepthModel, Embed, _check_inputs
+from ..model import DepthModel, Embed, _check_inputs, program_step
 from ..program import ProgramError
 
 
@@ -64,3 +64,22 @@ def scatter_add(x_BTD, idx_BL, update_BLD):
     """x with update added at the gathered positions (indices within a row are distinct)."""
     rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
     return x_BTD.at[rows_B1, idx_BL].add(update_BLD.astype(x_BTD.dtype))
+
+
+def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None,
+         kv_mask_BT=None):
+    """Run `program` (any depth, even 0) on x with `model.program_step`, one scan.
+
+    views: optional per-step caches stacked on a leading [depth] axis (objects with the
+    `update` protocol of depthjax.adaptive.caches); returns (x_out_BTD, updated views).
+    """
+    def step(carry, xs):
+        prog, sp, view = xs
+        out = program_step(cfg, blocks, carry, prog, sp, positions_BT, kv_cache=view,
+                           kv_mask_BT=kv_mask_BT)
+        return out[0], (out[3] if view is not None else None)
+
+    (base, acc), views = jax.lax.scan(step, (x_BTD, jnp.zeros_like(x_BTD)),
+                                      (program, step_params, views))
+    return base + acc, views
+
