@@ -15,9 +15,13 @@ class AdaptiveError(ValueError):
     """An adaptive-depth setting (capacity, loop count, span, router) that cannot work."""
 
 
-def embed(model: DepthModel, tokens_BT, mask_BT=None):
-    """Checked tokens -> (x0_BTD, positions_BT) as `dj.apply` starts its forward."""
+def check_inputs(model: DepthModel, tokens_BT, mask_BT=None) -> None:
+    """The checks `dj.apply` makes on its inputs (on the host, before compute)."""
     _check_inputs(model, tokens_BT, mask_BT, None, None)
+
+
+def embed(model: DepthModel, tokens_BT):
+    """tokens -> (x0_BTD, positions_BT) as `dj.apply` starts its forward."""
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     x_BTD = Embed(model.config).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
     return x_BTD, positions_BT

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from ..model import DepthModel, output_head, program_step
-from .common import (AdaptiveError, embed, gather_plan, nll_sums, reject_parallel,
+from .common import (AdaptiveError, check_inputs, embed, gather_plan, nll_sums, reject_parallel,
                      scatter_add, take)
 
 ROUTINGS = ("topk", "causal")
@@ -140,7 +140,7 @@ def _walk(model: DepthModel, spec: MoD, x_BTD, positions_BT, mask_BT, *, routing
     cfg, blocks = model.config, model.params["blocks"]
     B, T, _ = x_BTD.shape
     real_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
-    L = spec.tokens_routed(T) if routing == "topk" else min(T, budget or T)
+    L = spec.tokens_routed(T) if routing == "topk" else T
 
     def routed(x, step_prog, sp):
         r_BT = router_weight(sp["mod"], x)
@@ -151,8 +151,7 @@ def _walk(model: DepthModel, spec: MoD, x_BTD, positions_BT, mask_BT, *, routing
             sel_BT = sel_BT & real_BT
         else:
             sel_BT = (logit_BT > threshold) & real_BT
-            if budget is not None:
-                sel_BT = sel_BT & (jnp.cumsum(sel_BT, axis=1) <= budget)
+            sel_BT = sel_BT & (jnp.cumsum(sel_BT, axis=1) <= budget)
         if L == 0:
             return x, (sel_BT, r_BT, logit_BT)
         idx_BL, valid_BL = gather_plan(sel_BT, L)
@@ -196,8 +195,15 @@ def apply(model: DepthModel, spec: MoD, tokens_BT, *, mask=None, routing: str = 
     if budget is not None and (not isinstance(budget, (int, np.integer)) or budget < 1):
         raise AdaptiveError(f"budget must be a positive integer, got {budget!r}")
     check(model, spec)
-    x0_BTD, positions_BT = embed(model, tokens_BT, mask)
-    mask_BT = None if mask is None else jnp.asarray(mask)
+    check_inputs(model, tokens_BT, mask)
+    budget = tokens_BT.shape[1] if budget is None else budget
+    return _apply(model, spec, tokens_BT, None if mask is None else jnp.asarray(mask),
+                  jnp.float32(threshold), jnp.int32(budget), routing=routing, unroll=unroll)
+
+
+@functools.partial(jax.jit, static_argnames=("routing", "unroll"))
+def _apply(model, spec, tokens_BT, mask_BT, threshold, budget, *, routing, unroll):
+    x0_BTD, positions_BT = embed(model, tokens_BT)
     x_BTD, (sel, r, logit) = _walk(model, spec, x0_BTD, positions_BT, mask_BT, routing=routing,
                                    threshold=threshold, budget=budget, unroll=unroll)
     logits = output_head(model.config, model.params, x_BTD)

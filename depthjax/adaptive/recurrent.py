@@ -34,6 +34,7 @@ loop counts together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ import numpy as np
 
 from ..model import DepthModel, output_head
 from .caches import LatestView
-from .common import AdaptiveError, embed, nll_sums, walk
+from .common import AdaptiveError, check_inputs, embed, nll_sums, walk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +166,17 @@ def apply(model: DepthModel, rec: Recurrence, tokens_BT, loops, *, backprop: int
                                 "int; pass backprop=k to truncate with a traced loop count")
         backprop = int(loops)
     check_loops(backprop, "backprop")
+    check_inputs(model, tokens_BT)
+    rec.check(model)
+    return _apply(model, tokens_BT, jnp.asarray(loops, jnp.int32), rec=rec, backprop=int(backprop))
+
+
+@functools.partial(jax.jit, static_argnames=("rec", "backprop"))
+def _apply(model, tokens_BT, loops, *, rec, backprop):
     x_BTD, positions_BT = embed(model, tokens_BT)
     parts = _Parts(model, rec, positions_BT)
     s, _ = parts.run("prelude", x_BTD)
-    s = _loop_n(parts, s, s, loops, int(backprop))
+    s = _loop_n(parts, s, s, loops, backprop)
     s, _ = parts.run("coda", s)
     return output_head(model.config, model.params, s)
 
@@ -238,7 +246,9 @@ def apply_adaptive(model: DepthModel, rec: Recurrence, tokens_BT, *, tol: float,
                    max_loops: int, min_loops: int = 1):
     """Per-token loop counts by convergence. Returns (logits [B, T, V], loops int32 [B, T])."""
     check_adaptive(tol, max_loops, min_loops)
-    return _apply_adaptive(model, rec, tokens_BT, float(tol), int(max_loops), int(min_loops))
+    check_inputs(model, tokens_BT)
+    rec.check(model)
+    return _apply_adaptive(model, rec, tokens_BT, jnp.float32(tol), int(max_loops), int(min_loops))
 
 
 def _apply_adaptive_impl(model, rec, tokens_BT, tol, max_loops, min_loops):
