@@ -8,10 +8,12 @@
     routed_decode  decoding with per-token / per-sequence routed steps; a step's KV cache
                    holds only the tokens that ran it
     recurrent_decode  generation with depth-wise batching of tokens at different loop counts
-    fit            a small training loop for these objectives
+    training       fit(): a small training loop for these objectives
 """
 
-from . import mod
+from . import first, mod, recurrent, recurrent_decode, routed_decode
 from .common import AdaptiveError
+from .training import fit
 
-__all__ = ["AdaptiveError", "mod"]
+__all__ = ["AdaptiveError", "first", "fit", "mod", "recurrent", "recurrent_decode",
+           "routed_decode"]

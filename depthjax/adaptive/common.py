@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ..model import DepthModel, Embed, _check_inputs, program_step
-from ..program import ProgramError
+from ..program import ProgramError, is_concrete
 
 
 class AdaptiveError(ValueError):
@@ -29,10 +30,12 @@ def embed(model: DepthModel, tokens_BT):
 
 def reject_parallel(model: DepthModel, what: str) -> None:
     """The adaptive walks carry a single residual: parallel groups are not supported."""
-    par = model.program.parallel
-    if not isinstance(par, jax.core.Tracer) and bool(jnp.any(par)):
+    if not is_concrete(model.program):
+        return
+    par = np.asarray(model.program.parallel)
+    if par.any():
         raise ProgramError(f"{what} needs a program without parallel groups; steps "
-                           f"{jnp.flatnonzero(par).tolist()} share their input")
+                           f"{np.flatnonzero(par).tolist()} share their input")
 
 
 def nll_sums(logits_BTV, tokens_BT, mask_BT=None):

@@ -11,7 +11,7 @@ parameters are shared by every loop, so tokens at loop 1 and loop 7 are one batc
 row that settles moves on to its next token while the others keep looping. The lockstep
 alternative (schedule="lockstep") makes settled rows wait until the whole batch has
 settled, as a decoder without depth-wise batching must; the number of core ticks each needs
-is `ticks` (benchmarks/recurrent_decode.py compares them).
+is `ticks` (experiments/08_recurrent_depth.py compares them).
 
 The core's KV cache has one entry per token per loop it ran (depthjax.adaptive.caches.
 LoopView, [B, S, max_loops, K, Dh] per core step): a token at loop j attends to each
