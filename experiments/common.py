@@ -153,3 +153,25 @@ def write_results(args, out: Path, title: str, sections: list[str], data: dict) 
     report.write_json({**data, "command": args.command}, out / "results.json")
     print("\n" + text, flush=True)
     log(f"wrote {out}/results.md, results.json")
+
+
+def fitted(args, tag: str, settings: dict, train_fn) -> dj.DepthModel:
+    """A model trained by `train_fn()` (e.g. with depthjax.adaptive.fit), cached under
+    --cache by a hash of `settings` (everything that determines the result); the history
+    of the run is kept beside it as history.json."""
+    key = json.dumps(settings, sort_keys=True, default=str)
+    run_dir = Path(args.cache) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if not (run_dir / "model").is_dir():
+        log(f"training {tag} into {run_dir}")
+        model, history = train_fn()
+        dj.save(model, run_dir / "model")
+        report.write_json({"settings": settings, "history": history}, run_dir / "history.json")
+    else:
+        log(f"reusing {tag} from {run_dir}")
+    return dj.load(run_dir / "model")
+
+
+def train_batches(args, seed: int = 0):
+    """batch_fn for depthjax.adaptive.fit: step -> (int32 [batch-size, seq-len],) of the
+    training split, a fixed sequence for a given seed."""
+    return lambda step: (sample_windows(args.batch_size, args.seq_len, seed=seed * 1_000_003 + step),)
