@@ -11,6 +11,7 @@ from .model import DepthModel, Trace, apply, init
 from .program import Program, ProgramError
 from .prune import prune
 from .recover import recover
+from .specialize import Specialized, specialize
 
 import sys as _sys
 
@@ -23,7 +24,7 @@ __all__ = [
     "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init", "apply",
     "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover",
+    "depth", "metrics", "prune", "recover", "specialize", "Specialized",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation

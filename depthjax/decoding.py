@@ -36,6 +36,8 @@ from .kv_cache import KVCache, StepCache, attention_steps
 from .model import DepthModel, Embed, output_head, program_step
 from .program import ProgramError, is_concrete
 from .sampling import GenerationError, sample
+from .specialize import Plan, Specialized
+from .specialize import walk as specialized_walk
 
 
 class Generation(NamedTuple):
@@ -54,10 +56,24 @@ class _Exit:
     checks: tuple[int, ...] = ()     # exit depths at which confidence is tested
     threshold: float | None = None
     kv: str = "skip"
+    plan: Plan | None = None         # a specialized model's plan (depthjax.specialize)
 
 
 # ------------------------------------------------------------------ host-side checks
-def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv) -> _Exit:
+def _unwrap(model) -> tuple[DepthModel, Plan | None]:
+    """(the model, its specialized plan or None): decoding takes either."""
+    if isinstance(model, Specialized):
+        return model.model, model.plan
+    return model, None
+
+
+def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv,
+                   plan: Plan | None = None) -> _Exit:
+    if plan is not None:
+        if exit_threshold is not None or (exit_at is not None and exit_at != model.depth):
+            raise GenerationError("a specialized model runs its whole program: early exit "
+                                  "(exit_at, exit_threshold) needs the DepthModel itself")
+        return _Exit(model.depth, attention_steps(model.program, model.depth), plan=plan)
     depth = model.depth if exit_at is None else int(exit_at)
     if not 1 <= depth <= model.depth:
         raise GenerationError(f"exit_at={exit_at} outside 1..{model.depth} (program depth)")
@@ -121,13 +137,17 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
     cfg = model.config
     if not prefill:  # one query per sequence: plain XLA attention over the cache
         cfg = dataclasses.replace(cfg, attention_impl="xla")
+    B = x_BTD.shape[0]
+    if ex.plan is not None:
+        x_BTD, cache = specialized_walk(model.replace(config=cfg), ex.plan, x_BTD, positions_BT,
+                                        cache=cache, prefill=prefill, kv_mask_BT=kv_mask_BT)
+        return x_BTD, cache, jnp.full((B,), ex.depth, jnp.int32)
     params, k = model.params, ex.depth
     head_params = params  # the exit head reads the same norm / output projection
     xs = (jax.tree.map(lambda a: a[:k], model.program),
           jax.tree.map(lambda a: a[:k], params.get("steps")),
           jnp.asarray(cache.slot_map()[:k]),
           jnp.asarray(np.isin(np.arange(1, k + 1), ex.checks)))
-    B = x_BTD.shape[0]
     freeze = lambda done, old, new: jax.tree.map(
         lambda o, n: jnp.where(done.reshape((B,) + (1,) * (o.ndim - 1)), o, n), old, new)
 
@@ -138,12 +158,13 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
             write = ~done if ex.kv == "skip" else jnp.ones_like(done)
             view = StepCache(kv, slot, write, prefill)
             carry, _, _, view = program_step(cfg, params["blocks"], residual, step_prog,
-                                             step_params, positions_BT, kv_cache=view, **kw)
+                                             step_params, positions_BT, kv_cache=view,
+                                             attn=True, **kw)
             return carry, view.cache
 
         def without_attn():
             carry, _, _ = program_step(cfg, params["blocks"], residual, step_prog, step_params,
-                                       positions_BT, attn_enabled=False, **kw)
+                                       positions_BT, attn=False, **kw)
             return carry, kv
 
         carry, kv = jax.lax.cond(slot >= 0, with_attn, without_attn)
@@ -203,27 +224,31 @@ _decode_jit = jax.jit(_decode, static_argnames=("ex",))
 
 
 # ------------------------------------------------------------------ public API
-def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, exit_at=None):
+def prefill(model: DepthModel | Specialized, tokens_BT, mask_BT=None, *, max_len: int,
+            exit_at=None):
     """Run the prompt [B, T] (mask 1 = real token, padding left or right) and build a cache
     with room for `max_len` tokens. Returns (next-token logits float32 [B, V], KVCache).
 
-    exit_at=k: run and cache only the first k steps (per-call early exit).
+    exit_at=k: run and cache only the first k steps (per-call early exit). `model` may be
+    a `dj.specialize`d model (its plan runs; same cache layout).
     """
+    model, plan = _unwrap(model)
     _check_decodable(model)
     tokens_BT, mask_BT, longest = _prompt_mask(tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
         raise GenerationError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
     _check_positions(model, longest)
-    ex = _exit_settings(model, exit_at, None, None, "skip")
+    ex = _exit_settings(model, exit_at, None, None, "skip", plan)
     return _prefill(model, tokens_BT, mask_BT, max_len=max_len, ex=ex)
 
 
-def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
+def decode_step(model: DepthModel | Specialized, cache: KVCache, tokens_B, *, exit_at=None,
                 exit_threshold=None, exit_steps=None, exit_kv: str = "skip"):
     """Feed one token per sequence. Returns (logits float32 [B, V], cache, exit_B), where
     exit_B int32 [B] is the number of steps each sequence ran (see module docstring)."""
+    model, plan = _unwrap(model)
     _check_decodable(model)
-    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
+    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     cache.check_program(model.program, ex.depth)
     tokens_B = jnp.asarray(tokens_B)
     if tokens_B.shape != cache.next_pos.shape or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
@@ -234,7 +259,7 @@ def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), ex=ex)
 
 
-def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None,
+def generate(model: DepthModel | Specialized, prompt_tokens, max_new_tokens: int, *, mask=None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              key=None, eos_id: int | None = None, exit_at=None, exit_threshold=None,
              exit_steps=None, exit_kv: str = "skip") -> Generation:
@@ -243,7 +268,9 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
     prompt_tokens int [B, T] with `mask` (1 = real token; padding left or right).
     temperature=0 is greedy; top_k / top_p filter before sampling (see depthjax.sampling).
     A row stops at `eos_id` (later tokens are eos_id); the loop ends when every row has.
+    `model` may be a `dj.specialize`d model: prefill and decoding then run its plan.
     """
+    model, plan = _unwrap(model)
     _check_decodable(model)
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -253,8 +280,8 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
         raise GenerationError(f"temperature must be >= 0, got {temperature}")
     tokens_BT, mask_BT, longest = _prompt_mask(prompt_tokens, mask)
     _check_positions(model, longest + max_new_tokens - 1)
-    prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv)
-    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
+    prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv, plan)
+    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     key = jax.random.key(0) if key is None else key
     sampler = dict(temperature=float(temperature), top_k=top_k,
                    top_p=None if top_p is None else float(top_p))
