@@ -175,7 +175,7 @@ def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_param
 
 def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, *,
                step_params=None, segment_ids_BT=None, kv_mask_BT=None, trace: bool = False,
-               unroll: bool = False):
+               unroll: bool = False, start=None):
     """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
 
     `step_params` (leaves [depth, ...], see depthjax.step_params) is scanned with the program.
@@ -183,20 +183,28 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     The carry is (base, acc): `base` is the input shared by the current parallel group and
     `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
     parallel=False first commits the previous group (base += acc).
+
+    start (int32 [], may be traced): x_BTD is the residual *at* step `start` (the input of
+    that step, which must begin a parallel group) and steps before it are skipped at run
+    time: a suffix of the program, in the same compiled function for every start.
     """
 
     def step(carry, xs):
-        step_prog, step_params = xs
-        carry, u_attn, u_mlp = program_step(cfg, blocks, carry, step_prog, step_params,
-                                            positions_BT, segment_ids_BT=segment_ids_BT,
-                                            kv_mask_BT=kv_mask_BT)
-        base, acc = carry
-        return carry, ((base + acc, u_attn, u_mlp) if trace else None)
+        i, step_prog, step_params = xs
+        run = lambda: program_step(cfg, blocks, carry, step_prog, step_params, positions_BT,
+                                   segment_ids_BT=segment_ids_BT, kv_mask_BT=kv_mask_BT)
+        if start is None:
+            new, u_attn, u_mlp = run()
+        else:
+            zeros = jnp.zeros_like(carry[0])
+            new, u_attn, u_mlp = jax.lax.cond(i < start, lambda: (carry, zeros, zeros), run)
+        base, acc = new
+        return new, ((base + acc, u_attn, u_mlp) if trace else None)
 
     if cfg.remat is not Remat.NONE:
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
     carry = (x_BTD, jnp.zeros_like(x_BTD))
-    xs = (program, step_params)
+    xs = (jnp.arange(program.depth), program, step_params)
     if unroll:
         ys = []
         for i in range(program.depth):

@@ -325,6 +325,11 @@ class Specialized:
     def depth(self) -> int:
         return self.plan.depth
 
+    def replace(self, **changes) -> "Specialized":
+        """E.g. fast.replace(model=model.replace(params=p)) to differentiate the parameters
+        (the plan stays: use it for parameter changes, not program edits)."""
+        return dataclasses.replace(self, **changes)
+
     def __call__(self, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
                  positions=None, output: str = "logits"):
         """tokens int [B, T] -> logits float32 [B, T, vocab] (output="hidden": final hidden
