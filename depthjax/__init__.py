@@ -20,6 +20,7 @@ from .model import DepthModel, Trace, apply, init
 from .program import Program, ProgramError
 from .prune import prune
 from .recover import recover
+from .specialize import Specialized, specialize
 from .speculative import DraftStats
 
 _sys.modules[__name__ + ".configs"] = presets  # `import depthjax.configs` keeps working
@@ -32,7 +33,7 @@ __all__ = [
     "apply",
     "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover", "search", "eval",
+    "depth", "metrics", "prune", "recover", "search", "eval", "specialize", "Specialized",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation

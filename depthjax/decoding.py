@@ -36,6 +36,7 @@ from .kv_cache import KVCache, StepCache, attention_steps
 from .model import DepthModel, Embed, output_head, program_step
 from .program import ProgramError, is_concrete
 from .sampling import GenerationError, sample
+from .specialize import Plan, Specialized, walk as specialized_walk
 
 if TYPE_CHECKING:  # speculative imports this module
     from .speculative import DraftStats
@@ -59,10 +60,24 @@ class _Exit:
     threshold: float | None = None
     kv: str = "skip"
     start: int = 0                   # first step run (a walk resumed from residual[start])
+    plan: Plan | None = None         # a specialized model's plan (depthjax.specialize)
 
 
 # ------------------------------------------------------------------ host-side checks
-def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv) -> _Exit:
+def _unwrap(model) -> tuple[DepthModel, Plan | None]:
+    """(the model, its specialized plan or None): decoding takes either."""
+    if isinstance(model, Specialized):
+        return model.model, model.plan
+    return model, None
+
+
+def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv,
+                   plan: Plan | None = None) -> _Exit:
+    if plan is not None:
+        if exit_threshold is not None or (exit_at is not None and exit_at != model.depth):
+            raise GenerationError("a specialized model runs its whole program: early exit "
+                                  "(exit_at, exit_threshold) needs the DepthModel itself")
+        return _Exit(model.depth, attention_steps(model.program, model.depth), plan=plan)
     depth = model.depth if exit_at is None else int(exit_at)
     if not 1 <= depth <= model.depth:
         raise GenerationError(f"exit_at={exit_at} outside 1..{model.depth} (program depth)")
@@ -127,13 +142,17 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
     cfg = model.config
     if not prefill:  # a few queries per sequence: plain XLA attention over the cache
         cfg = dataclasses.replace(cfg, attention_impl="xla")
+    B = x_BTD.shape[0]
+    if ex.plan is not None:  # a specialized model always walks from the embedding (start 0)
+        x_BTD, cache = specialized_walk(model.replace(config=cfg), ex.plan, x_BTD, positions_BT,
+                                        cache=cache, prefill=prefill, kv_mask_BT=kv_mask_BT)
+        return x_BTD, cache, jnp.full((B,), ex.depth, jnp.int32)
     params, j, k = model.params, ex.start, ex.depth
     head_params = params  # the exit head reads the same norm / output projection
     xs = (jax.tree.map(lambda a: a[j:k], model.program),
           jax.tree.map(lambda a: a[j:k], params.get("steps")),
           jnp.asarray(cache.slot_map()[j:k]),
           jnp.asarray(np.isin(np.arange(j + 1, k + 1), ex.checks)))
-    B = x_BTD.shape[0]
     freeze = lambda done, old, new: jax.tree.map(
         lambda o, n: jnp.where(done.reshape((B,) + (1,) * (o.ndim - 1)), o, n), old, new)
 
@@ -144,12 +163,13 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
             write = ~done if ex.kv == "skip" else jnp.ones_like(done)
             view = StepCache(kv, slot, write, prefill)
             carry, _, _, view = program_step(cfg, params["blocks"], residual, step_prog,
-                                             step_params, positions_BT, kv_cache=view, **kw)
+                                             step_params, positions_BT, kv_cache=view,
+                                             attn=True, **kw)
             return carry, view.cache
 
         def without_attn():
             carry, _, _ = program_step(cfg, params["blocks"], residual, step_prog, step_params,
-                                       positions_BT, attn_enabled=False, **kw)
+                                       positions_BT, attn=False, **kw)
             return carry, kv
 
         # A cache without slots (no step runs attention) cannot even trace with_attn.
@@ -211,28 +231,32 @@ _decode_jit = jax.jit(_decode, static_argnames=("ex",))
 
 
 # ------------------------------------------------------------------ public API
-def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, exit_at=None):
+def prefill(model: DepthModel | Specialized, tokens_BT, mask_BT=None, *, max_len: int,
+            exit_at=None):
     """Run the prompt [B, T] (mask 1 = real token, padding left or right) and build a cache
     with room for `max_len` tokens. Returns (next-token logits float32 [B, V], KVCache).
 
-    exit_at=k: run and cache only the first k steps (per-call early exit).
+    exit_at=k: run and cache only the first k steps (per-call early exit). `model` may be
+    a `dj.specialize`d model (its plan runs; same cache layout).
     """
+    model, plan = _unwrap(model)
     _check_decodable(model)
     tokens_BT, mask_BT, longest = _prompt_mask(tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
         raise GenerationError(f"max_len={max_len} is shorter than the prompt "
                               f"({tokens_BT.shape[1]})")
     _check_positions(model, longest)
-    ex = _exit_settings(model, exit_at, None, None, "skip")
+    ex = _exit_settings(model, exit_at, None, None, "skip", plan)
     return _prefill(model, tokens_BT, mask_BT, max_len=max_len, ex=ex)
 
 
-def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
+def decode_step(model: DepthModel | Specialized, cache: KVCache, tokens_B, *, exit_at=None,
                 exit_threshold=None, exit_steps=None, exit_kv: str = "skip"):
     """Feed one token per sequence. Returns (logits float32 [B, V], cache, exit_B), where
     exit_B int32 [B] is the number of steps each sequence ran (see module docstring)."""
+    model, plan = _unwrap(model)
     _check_decodable(model)
-    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
+    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     cache.check_program(model.program, ex.depth)
     tokens_B = jnp.asarray(tokens_B)
     if tokens_B.shape != cache.next_pos.shape or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
@@ -243,7 +267,7 @@ def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), ex=ex)
 
 
-def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None,
+def generate(model: DepthModel | Specialized, prompt_tokens, max_new_tokens: int, *, mask=None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              key=None, eos_id: int | None = None, exit_at=None, exit_threshold=None,
              exit_steps=None, exit_kv: str = "skip", draft=None,
@@ -258,7 +282,9 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
     `draft_tokens` proposals per round by the draft, verified by the full program in one
     pass (depthjax.speculative). The output is the full model's: token for token at
     temperature 0, in distribution when sampling. `Generation.draft` holds the counts.
+    `model` may be a `dj.specialize`d model: prefill and decoding then run its plan.
     """
+    model, plan = _unwrap(model)
     _check_decodable(model)
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -269,12 +295,15 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
     tokens_BT, mask_BT, longest = _prompt_mask(prompt_tokens, mask)
     _check_positions(model, longest + max_new_tokens - 1)
     if draft is not None:
+        if plan is not None:
+            raise GenerationError("draft= (self-speculative decoding) walks the program "
+                                  "step by step; pass the model, not its dj.specialize form")
         return _speculate(model, draft, draft_tokens, tokens_BT, mask_BT, key, max_new_tokens,
                           eos_id, dict(temperature=float(temperature), top_k=top_k,
                                        top_p=None if top_p is None else float(top_p)),
                           early_exit=(exit_at, exit_threshold, exit_steps))
-    prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv)
-    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
+    prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv, plan)
+    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     key = jax.random.key(0) if key is None else key
     sampler = dict(temperature=float(temperature), top_k=top_k,
                    top_p=None if top_p is None else float(top_p))

@@ -185,3 +185,36 @@ def test_bad_input(model):
     with pytest.raises(ValueError, match="measure='logit'"):
         M.ablation(bert, BATCHES)
     assert len(M.ablation(bert, BATCHES, measure="logit")) == 4
+
+
+@pytest.mark.parametrize("strategy", ["batched", "prefix"])
+def test_coalition_strategies_match_separate_forwards(model, strategy):
+    """Both evaluation strategies against each coalition run alone through dj.apply, on a
+    program with a parallel group (prefixes start at group boundaries) and fractional gates."""
+    m = D.parallelize(model, [[0, 1]]).with_program(
+        dj.Program.create(
+            [0, 1, 2, 3], attn=[1, 0.5, 0, 1], mlp=[1, 1, 0, 2], parallel=[0, 1, 0, 0]
+        )
+    )
+    keep = np.vstack([np.ones(8), 1 - np.eye(8), RNG.integers(0, 2, (5, 8))]).astype(np.int8)
+    got = M.coalition_measures(m, BATCHES, "sublayer", keep, strategy=strategy)
+    for k, row in enumerate(keep):
+        prog = m.program.replace(attn=m.program.attn * row[:4], mlp=m.program.mlp * row[4:])
+        want = np.mean([naive_loss(m.replace(program=prog), b) for b in BATCHES])
+        np.testing.assert_allclose(got[k], want, rtol=2e-5)
+
+
+def test_prefix_starts_and_costs(model):
+    from depthjax.metrics import coalitions as C
+
+    prog = dj.Program.create([0, 1, 2, 3], parallel=[0, 0, 1, 0])
+    attn = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 1], [0, 1, 1, 1]], np.float32)
+    # identical: only the head runs; a change at step 2 starts its group at step 1
+    np.testing.assert_array_equal(C.prefix_starts(prog, attn, np.ones((4, 4))), [4, 3, 1, 0])
+    n = 16
+    deep = dj.init(dj.configs.get("llama-tiny", n_layers=n), jax.random.key(0))
+    attn, mlp = C.coalition_gates(deep, "block", np.vstack([np.ones(n), 1 - np.eye(n)]))
+    costs = C.evaluation_costs(deep, attn, mlp, seq_len=16)
+    # all leave-one-outs: the traced forward plus sum_i (n - 1 - i) steps, vs n + 1 forwards
+    steps = costs["prefix"] / costs["batched"] * (n + 1) * n
+    assert steps < (n + n * (n - 1) / 2 + 0.2 * (n + 1))  # heads are the rest

@@ -2,9 +2,21 @@
 ablation, Shapley values (exact from all coalitions, or antithetic Monte Carlo), the
 present-minus-absent estimator and removal curves.
 
-Every coalition is a *program* (the unit's gates set to 0), so all coalitions of a call go
-through one compiled function that maps a vmapped forward over chunks of stacked
-programs; the measure of each is accumulated over batches on device.
+Every coalition is a *program* (the unit's gates set to 0) that differs from the model's
+own only in its gates, so all coalitions of a call go through one compiled function and
+no weights are copied per coalition. Two strategies, and `strategy="auto"` takes the one
+that computes fewer FLOPs (`evaluation_costs`):
+
+* "batched": chunks of coalitions `vmap`-ed over their gates only. Each table row is
+  gathered once per step and shared by the whole chunk (one wider matmul); under vmap a
+  gated-off sublayer is selected away, not skipped, so every coalition costs a forward.
+* "prefix": one coalition after another, each starting from the model's own residual at
+  the first step where its gates differ (taken from one traced forward of the model), and
+  skipping its gated-off sublayers at run time. All n leave-one-out ablations then cost
+  about 1 + (n - 1) / 2 forwards.
+
+Memory does not grow with the number of coalitions beyond a chunk's activations. The
+measure of each coalition is accumulated over batches on device.
 
 A unit is a step ("block": both gates), an attention or MLP sublayer ("attn", "mlp"), or
 any sublayer ("sublayer": attn_0..attn_{S-1}, mlp_0..mlp_{S-1}, ranked jointly).
@@ -26,12 +38,14 @@ import numpy as np
 
 from .. import progress
 from ..loss import nll_sums, require_causal
-from ..model import DepthModel, apply
+from ..model import DepthModel, apply, default_positions, output_head, run_blocks
 from ..program import Program
+from ..train.flops import sublayer_flops_per_token
 from .batches import as_batches
 from .scores import Scores
 
 MEASURES = ("loss", "logit")
+STRATEGIES = ("auto", "batched", "prefix")
 
 
 def n_units(model: DepthModel, unit: str) -> int:
@@ -40,23 +54,54 @@ def n_units(model: DepthModel, unit: str) -> int:
     return 2 * model.depth if unit == "sublayer" else model.depth
 
 
-def programs_for(model: DepthModel, unit: str, keep) -> Program:
-    """Stacked programs [K, depth]: the model's program with units where keep[k] == 0 off."""
-    keep = jnp.asarray(keep, jnp.float32)  # [K, n_units]
+def coalition_gates(model: DepthModel, unit: str, keep) -> tuple[np.ndarray, np.ndarray]:
+    """(attn, mlp) gates float32 [K, depth]: the model's gates with units where keep[k] == 0 off."""
+    keep = np.asarray(keep, np.float32)  # [K, n_units]
     S, p = model.depth, model.program
     if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
         raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
-    # "sublayer" units are attn_0..attn_{S-1}, then mlp_0..mlp_{S-1}
-    attn_keep = {"block": keep, "attn": keep, "mlp": 1.0}.get(unit, keep[:, :S])
-    mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep}.get(unit, keep[:, S:])
-    K = keep.shape[0]
-    tile = lambda a: jnp.broadcast_to(a, (K, S))
+    ones = np.ones((keep.shape[0], S), np.float32)
+    attn_keep = {"block": keep, "attn": keep, "mlp": ones}.get(unit, keep[:, :S])
+    mlp_keep = {"block": keep, "attn": ones, "mlp": keep}.get(unit, keep[:, S:])
+    return np.asarray(p.attn) * attn_keep, np.asarray(p.mlp) * mlp_keep
+
+
+def programs_for(model: DepthModel, unit: str, keep) -> Program:
+    """Stacked programs [K, depth]: the model's program with units where keep[k] == 0 off."""
+    attn, mlp = coalition_gates(model, unit, keep)
+    tile = lambda a: jnp.broadcast_to(a, attn.shape)
+    p = model.program
     return Program(
-        block=tile(p.block),
-        attn=tile(p.attn) * attn_keep,
-        mlp=tile(p.mlp) * mlp_keep,
-        parallel=tile(p.parallel),
+        block=tile(p.block), attn=jnp.asarray(attn), mlp=jnp.asarray(mlp), parallel=tile(p.parallel)
     )
+
+
+def prefix_starts(program: Program, attn_KS, mlp_KS) -> np.ndarray:
+    """int32 [K]: the step each coalition starts at, from `program`'s own residual there:
+    its first step whose gates differ, moved back to the start of that parallel group
+    (depth when nothing differs: only the head runs)."""
+    differs = (attn_KS != np.asarray(program.attn)) | (mlp_KS != np.asarray(program.mlp))
+    S = differs.shape[1]
+    first = np.where(differs.any(1), differs.argmax(1), S)
+    group_start = np.maximum.accumulate(np.where(~np.asarray(program.parallel), np.arange(S), 0))
+    return np.where(first < S, group_start[np.minimum(first, S - 1)], S).astype(np.int32)
+
+
+def evaluation_costs(model: DepthModel, attn_KS, mlp_KS, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of evaluating the coalitions with each strategy."""
+    f = sublayer_flops_per_token(model.config, seq_len)
+    K, S = attn_KS.shape
+    full = (
+        np.count_nonzero(np.asarray(model.program.attn)) * f["attn"]
+        + np.count_nonzero(np.asarray(model.program.mlp)) * f["mlp"]
+    )
+    after = np.arange(S)[None] >= prefix_starts(model.program, attn_KS, mlp_KS)[:, None]
+    prefix = (
+        (full + f["head"])
+        + np.sum(after * ((attn_KS != 0) * f["attn"] + (mlp_KS != 0) * f["mlp"]))
+        + K * f["head"]
+    )
+    return {"batched": float(K * (S * (f["attn"] + f["mlp"]) + f["head"])), "prefix": float(prefix)}
 
 
 def chunk_size(K: int, tokens_shape, cfg) -> int:
@@ -66,19 +111,51 @@ def chunk_size(K: int, tokens_shape, cfg) -> int:
     return int(max(1, min(K, (256 << 20) // per_program)))
 
 
+def _measure_sums(logits, ref, tokens_BT, mask_BT, measure):
+    if measure == "loss":
+        return nll_sums(logits, tokens_BT, mask_BT)
+    dist = jnp.linalg.norm(logits - ref, axis=-1)
+    return jnp.sum(dist * mask_BT), jnp.sum(mask_BT)
+
+
 @functools.partial(jax.jit, static_argnames=("measure", "chunk"))
-def _coalition_sums(model, programs, tokens_BT, mask_BT, *, measure, chunk):
-    """[K] (measure sums, weights) of every program on one batch."""
+def _batched_sums(model, attn_KS, mlp_KS, tokens_BT, mask_BT, *, measure, chunk):
+    """[K] (measure sums, weights): chunks of coalitions vmapped over their gates."""
     ref = apply(model, tokens_BT, mask=mask_BT) if measure == "logit" else None
 
-    def one(program):
+    def one(gates):
+        program = model.program.replace(attn=gates[0], mlp=gates[1])
         logits = apply(model.replace(program=program), tokens_BT, mask=mask_BT)
-        if measure == "loss":
-            return nll_sums(logits, tokens_BT, mask_BT)
-        dist = jnp.linalg.norm(logits - ref, axis=-1)
-        return jnp.sum(dist * mask_BT), jnp.sum(mask_BT)
+        return _measure_sums(logits, ref, tokens_BT, mask_BT, measure)
 
-    return jax.lax.map(one, programs, batch_size=chunk)
+    return jax.lax.map(one, (attn_KS, mlp_KS), batch_size=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("measure",))
+def _prefix_sums(model, attn_KS, mlp_KS, start_K, tokens_BT, mask_BT, *, measure):
+    """[K] (measure sums, weights): coalition k runs from step start_K[k] on the model's own
+    residual there, skipping its gated-off sublayers (one coalition at a time)."""
+    cfg, params = model.config, model.params
+    ref, trace = apply(model, tokens_BT, mask=mask_BT, trace=True)
+    positions_BT = default_positions(tokens_BT)
+
+    def one(xs):
+        attn, mlp, start = xs
+        program = model.program.replace(attn=attn, mlp=mlp)
+        x_BTD, _ = run_blocks(
+            cfg,
+            params["blocks"],
+            program,
+            trace.residual[start],
+            positions_BT,
+            step_params=params.get("steps"),
+            kv_mask_BT=mask_BT,
+            start=start,
+        )
+        logits = output_head(cfg, params, x_BTD)
+        return _measure_sums(logits, ref, tokens_BT, mask_BT, measure)
+
+    return jax.lax.map(one, (attn_KS, mlp_KS, start_K))
 
 
 def is_task(measure) -> bool:
@@ -91,10 +168,17 @@ def measure_name(measure) -> str:
 
 
 def coalition_measures(
-    model: DepthModel, batches, unit: str, keep, measure="loss", description: str = "coalitions"
+    model: DepthModel,
+    batches,
+    unit: str,
+    keep,
+    measure="loss",
+    description: str = "coalitions",
+    strategy: str = "auto",
 ):
     """Mean measure [K] of the model with each coalition keep[k] (1 = unit on); a task
-    measures the programs itself. `description` labels the progress bar over batches."""
+    measures the programs itself. `description` labels the progress bar over batches;
+    strategy: "batched", "prefix" or "auto" (fewer FLOPs; see the module docstring)."""
     if is_task(measure):
         values = np.asarray(measure.measure(model, programs_for(model, unit, keep)), np.float64)
         if values.shape != (np.shape(keep)[0],):
@@ -108,20 +192,30 @@ def coalition_measures(
             f"measure must be one of {MEASURES} or a task (an object with "
             f".measure(model, programs)), got {measure!r}"
         )
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if measure == "loss":
         require_causal(model, "measure='loss'")
-    programs = programs_for(model, unit, keep)
+    attn, mlp = coalition_gates(model, unit, keep)
+    data = as_batches(batches)
+    if strategy == "auto":
+        costs = evaluation_costs(model, attn, mlp, data[0].tokens.shape[1])
+        strategy = min(costs, key=costs.get)
+    start = prefix_starts(model.program, attn, mlp)
     total = weight = 0.0
-    K = programs.block.shape[0]
-    for b in progress.track(as_batches(batches), f"{description} ({K} programs)"):
-        s, w = _coalition_sums(
-            model,
-            programs,
-            b.tokens,
-            b.mask,
-            measure=measure,
-            chunk=chunk_size(K, b.tokens.shape, model.config),
-        )
+    for b in progress.track(data, f"{description} ({len(attn)} programs, {strategy})"):
+        if strategy == "batched":
+            s, w = _batched_sums(
+                model,
+                attn,
+                mlp,
+                b.tokens,
+                b.mask,
+                measure=measure,
+                chunk=chunk_size(len(attn), b.tokens.shape, model.config),
+            )
+        else:
+            s, w = _prefix_sums(model, attn, mlp, start, b.tokens, b.mask, measure=measure)
         total, weight = total + s, weight + w
     return np.asarray(total / weight, np.float64)
 

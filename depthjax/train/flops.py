@@ -4,13 +4,15 @@ Counts follow the PaLM convention: a training step costs 3x the forward (forward
 backward of twice the cost); every matmul of shape [m, k] x [k, n] costs 2mkn; attention
 scores and values cost 2 * 2 * T * H * Dh per token and layer, counted in full (no
 causal halving, which is what the XLA attention computes). Recomputation from remat is
-not counted: this is MFU, not hardware utilization. Every program step is counted, also
-gated-off ones, because the forward computes them.
+not counted: this is MFU, not hardware utilization. `train_flops_per_token` counts every
+step of a depth; `forward_flops_per_token` counts what a program runs (a sublayer whose gate
+is 0 is skipped, see depthjax.gating).
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from ..config import ModelConfig
 
@@ -47,11 +49,25 @@ def sublayer_forward_flops(cfg: ModelConfig, seq_len: int) -> tuple[float, float
     return 2.0 * attn + 4.0 * seq_len * cfg.n_heads * cfg.head_dim, 2.0 * mlp
 
 
+def sublayer_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one attention sublayer, one MLP sublayer and the head."""
+    attn, mlp = sublayer_forward_flops(cfg, seq_len)
+    return {"attn": attn, "mlp": mlp, "head": 2.0 * cfg.d_model * cfg.vocab_size}
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, program) -> float:
+    """Forward FLOPs per token of `program` (concrete): only sublayers whose gate is not 0."""
+    f = sublayer_flops_per_token(cfg, seq_len)
+    n_attn = int(np.count_nonzero(np.asarray(program.attn)))
+    n_mlp = int(np.count_nonzero(np.asarray(program.mlp)))
+    return n_attn * f["attn"] + n_mlp * f["mlp"] + f["head"]
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, depth: int | None = None) -> float:
     """Forward + backward FLOPs per trained token at sequence length `seq_len`."""
     depth = cfg.depth if depth is None else depth
-    attn, mlp = sublayer_forward_flops(cfg, seq_len)
-    return 3.0 * (depth * (attn + mlp) + 2.0 * cfg.d_model * cfg.vocab_size)
+    f = sublayer_flops_per_token(cfg, seq_len)
+    return 3.0 * (depth * (f["attn"] + f["mlp"]) + f["head"])
 
 
 def peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
