@@ -325,9 +325,8 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
             fn = functools.partial(
                 _updates, cfg, attn=batch[0].attn, mlp=batch[0].mlp, **attn_kwargs
             )
-            u_attn, u_mlp, _ = jax.vmap(lambda r, a, m, s, fn=fn: fn(r, x_BTD, a, m, s, positions_BT))(
-                rows, ga, gm, sp
-            )
+            one = lambda r, a, m, s, fn=fn: fn(r, x_BTD, a, m, s, positions_BT)
+            u_attn, u_mlp, _ = jax.vmap(one)(rows, ga, gm, sp)
             updates.update({m.step: (u_attn[k], u_mlp[k]) for k, m in enumerate(batch)})
     else:  # decoding: member by member, each writing its own slot
         slot_map = cache.slot_map()
