@@ -55,7 +55,9 @@ setup(
         "importlib_resources",  # imported by tensorflow-datasets builders, not declared by it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        # tensorboard: its event reader checks our event files (it needs no TensorFlow).
+        "test": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
+                 "tensorboard", "ruff>=0.17,<0.18"],
         # lm-evaluation-harness without its hf extra: no torch (depthjax.eval.harness)
         "eval": ["lm-eval>=0.4.13,<0.5"],
     },

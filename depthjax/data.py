@@ -20,7 +20,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 from absl import flags
 
 if not flags.FLAGS.is_parsed():  # grain reads absl flags; unparsed flags raise inside it
@@ -56,8 +55,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self,
-                                     features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+        features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples("train"),

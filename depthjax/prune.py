@@ -11,11 +11,11 @@ least go first.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from . import depth
+from . import depth, progress
 from .metrics.scores import Scores
 from .model import DepthModel
 
@@ -68,7 +68,8 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)")
+        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that "
+                         "carry one)")
     if measure is not None and metric is None:
         from .metrics import ablation
         metric = lambda m: ablation(m, batches, unit=unit, measure=measure)
@@ -81,6 +82,6 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
     if metric is None:
         raise ValueError("iterative pruning re-scores after each removal: pass metric=")
     choose(model, np.zeros(len(_active(model, unit))), n, unit)   # validates n up front
-    for _ in range(n):
+    for _ in progress.track(range(n), f"iterative pruning ({unit})"):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)
     return model

@@ -142,7 +142,7 @@ def test_script_runs(cache, tmp_path, name, extra):
 
 @pytest.mark.slow
 def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
-    out, md, data = run("07_task_tradeoffs", cache, tmp_path, "--task-examples", "4",
+    out, md, data = run("08_task_tradeoffs", cache, tmp_path, "--task-examples", "4",
                         "--shapley-permutations", "2")
     assert set(data["pruned"]) == {f"{u}/{s}/{m}" for u in ("block", "attn")
                                    for s in ("next_line", "identifier_recall", "loss")

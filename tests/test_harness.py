@@ -14,17 +14,19 @@ import jax
 import numpy as np
 import pytest
 
-if os.environ.get("DEPTHJAX_REQUIRE_LM_EVAL"):   # CI's harness step: a missing lm_eval fails
+if os.environ.get("DEPTHJAX_REQUIRE_LM_EVAL"):  # CI's harness step: a missing lm_eval fails
     import lm_eval  # noqa: F401
 pytest.importorskip("lm_eval")
-pytestmark = pytest.mark.slow   # CI runs these in their own step, after installing [eval]
+pytestmark = pytest.mark.slow  # CI runs these in their own step, after installing [eval]
 
 import depthjax as dj  # noqa: E402
 import depthjax.depth as D  # noqa: E402
 
-MC = [{"context": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " None"], "label": 0},
-      {"context": "import os\nimport", "choices": [" sys", " résumé", " re"], "label": 2},
-      {"context": "x = [1, 2, 3", "choices": ["]", ")", "] + [4]"], "label": 0}]
+MC = [
+    {"context": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " None"], "label": 0},
+    {"context": "import os\nimport", "choices": [" sys", " résumé", " re"], "label": 2},
+    {"context": "x = [1, 2, 3", "choices": ["]", ")", "] + [4]"], "label": 0},
+]
 DOCS = [{"text": "for i in range(3):\n    print(i)\n" * 3}, {"text": "class A:\n    pass\n"}]
 GEN = [{"context": "abc", "target": "d"}, {"context": "xyz", "target": ""}]
 
@@ -68,17 +70,47 @@ def _write(path: Path, rows):
 
 def _lm_eval(model_args: str, tasks_dir: Path, out: Path):
     exe = Path(sys.executable).parent / "lm_eval"
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_HOME=str(out / "hf"), DEPTHJAX_QUIET="1", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([str(exe), "--model", "depthjax", "--model_args", model_args,
-                           "--tasks", "dj_mc,dj_ppl,dj_gen", "--include_path", str(tasks_dir),
-                           "--output_path", str(out / "results"), "--log_samples",
-                           "--batch_size", "4"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(out / "hf"),
+        DEPTHJAX_QUIET="1",
+        JAX_PLATFORMS="cpu",
+    )
+    proc = subprocess.run(
+        [
+            str(exe),
+            "--model",
+            "depthjax",
+            "--model_args",
+            model_args,
+            "--tasks",
+            "dj_mc,dj_ppl,dj_gen",
+            "--include_path",
+            str(tasks_dir),
+            "--output_path",
+            str(out / "results"),
+            "--log_samples",
+            "--batch_size",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(next((out / "results").rglob("results_*.json")).read_text())
-    samples = {t: [json.loads(line) for line in next((out / "results").rglob(f"samples_{t}_*.jsonl"))
-                   .read_text().splitlines()] for t in TASKS}
+    samples = {
+        t: [
+            json.loads(line)
+            for line in next((out / "results").rglob(f"samples_{t}_*.jsonl"))
+            .read_text()
+            .splitlines()
+        ]
+        for t in TASKS
+    }
     return results["results"], samples
 
 
@@ -94,13 +126,18 @@ def setup(tmp_path_factory):
         (tasks / f"{name}.yaml").write_text(text.format(dir=tmp))
     model = dj.init(dj.configs.get("llama-tiny", max_seq_len=32), jax.random.key(7))
     dj.save(model, tmp / "native")
-    (tmp / "spec.yaml").write_text("slices:\n  - layer_range: [0, 2]\n  - layers: [3]\n    mlp: 0\n")
+    (tmp / "spec.yaml").write_text(
+        "slices:\n  - layer_range: [0, 2]\n  - layers: [3]\n    mlp: 0\n"
+    )
     return tmp, model
 
 
 def _check_against_dj_eval(model, results, samples):
     mc = dj.eval.multiple_choice(model, MC)
-    got = [[float(r[0][0]) for r in s["resps"]] for s in sorted(samples["dj_mc"], key=lambda s: s["doc_id"])]
+    got = [
+        [float(r[0][0]) for r in s["resps"]]
+        for s in sorted(samples["dj_mc"], key=lambda s: s["doc_id"])
+    ]
     for lls, want in zip(got, mc["loglikelihoods"]):
         np.testing.assert_allclose(lls, want, rtol=1e-5, atol=1e-4)
     assert results["dj_mc"]["acc,none"] == pytest.approx(mc["acc"])
@@ -116,8 +153,9 @@ def _check_against_dj_eval(model, results, samples):
 
 def test_lm_eval_cli_on_native_checkpoint_with_slice_spec(setup):
     tmp, model = setup
-    results, samples = _lm_eval(f"path={tmp / 'native'},program={tmp / 'spec.yaml'}",
-                                tmp / "tasks", tmp / "run_native")
+    results, samples = _lm_eval(
+        f"path={tmp / 'native'},program={tmp / 'spec.yaml'}", tmp / "tasks", tmp / "run_native"
+    )
     sliced = D.from_spec(model, D.load_spec(tmp / "spec.yaml"))
     _check_against_dj_eval(sliced, results, samples)
     assert math.isfinite(results["dj_ppl"]["bits_per_byte,none"])
@@ -126,6 +164,7 @@ def test_lm_eval_cli_on_native_checkpoint_with_slice_spec(setup):
 def test_lm_eval_cli_on_hugging_face_directory(setup):
     tmp, model = setup
     dj.hf.save(model, tmp / "hf_model")
-    results, samples = _lm_eval(f"path={tmp / 'hf_model'},prefix_token=10", tmp / "tasks",
-                                tmp / "run_hf")
+    results, samples = _lm_eval(
+        f"path={tmp / 'hf_model'},prefix_token=10", tmp / "tasks", tmp / "run_hf"
+    )
     _check_against_dj_eval(dj.hf.load(tmp / "hf_model"), results, samples)

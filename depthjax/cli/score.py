@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_args, load_with_data
+from .common import add_data_args, add_quiet_arg, load_with_data
 
 
 def _score(args) -> int:
@@ -53,6 +53,9 @@ def add_command(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
-    p.add_argument("--shapley-permutations", type=int, default=8)
+    p.add_argument("--shapley-permutations", type=int, default=None,
+                   help="sampled (antithetic) Shapley permutations; default: exact when the "
+                        "2**n coalitions are at most 4096, else 16")
     p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
+    add_quiet_arg(p)
     p.set_defaults(func=_score)

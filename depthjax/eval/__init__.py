@@ -42,12 +42,31 @@ def load_task(path, **kwargs):
         return ExactMatch(path, name=kwargs.pop("name", Path(path).stem), **kwargs)
     if "text" in fields:
         return Perplexity(path, name=kwargs.pop("name", Path(path).stem), **kwargs)
-    raise TaskError(f"{where}: cannot tell the task from the fields {sorted(fields)}: "
-                    "expected context/choices/label (multiple choice), context/target "
-                    "(exact match) or text (perplexity)")
+    raise TaskError(
+        f"{where}: cannot tell the task from the fields {sorted(fields)}: "
+        "expected context/choices/label (multiple choice), context/target "
+        "(exact match) or text (perplexity)"
+    )
 
 
-__all__ = ["corpus_tasks", "EvalError", "ExactMatch", "MultipleChoice", "Perplexity", "Representation",
-           "Request", "TaskError", "documents", "encode_pair", "exact_match", "generate_until",
-           "load_task", "loglikelihoods", "multiple_choice", "perplexity", "read_jsonl",
-           "representation", "rolling_requests"]
+__all__ = [
+    "corpus_tasks",
+    "EvalError",
+    "ExactMatch",
+    "MultipleChoice",
+    "Perplexity",
+    "Representation",
+    "Request",
+    "TaskError",
+    "documents",
+    "encode_pair",
+    "exact_match",
+    "generate_until",
+    "load_task",
+    "loglikelihoods",
+    "multiple_choice",
+    "perplexity",
+    "read_jsonl",
+    "representation",
+    "rolling_requests",
+]

@@ -36,8 +36,9 @@ def _candidate_line(line: str) -> bool:
     return len(s) >= 12 and not s.startswith("#")
 
 
-def next_line(n: int = 200, *, context_lines: int = 8, seed: int = 0, split: str = "valid",
-              tokenizer=None) -> MultipleChoice:
+def next_line(
+    n: int = 200, *, context_lines: int = 8, seed: int = 0, split: str = "valid", tokenizer=None
+) -> MultipleChoice:
     """`n` examples: which of four lines comes next after `context_lines` lines of source."""
     rng = np.random.default_rng(seed)
     files = [t.splitlines() for t in _sources(split)]
@@ -60,21 +61,32 @@ def next_line(n: int = 200, *, context_lines: int = 8, seed: int = 0, split: str
                 distractors.append(d)
         choices = [target] + distractors
         order = rng.permutation(4)
-        examples.append({"context": "\n".join(lines[i - context_lines:i]) + "\n",
-                         "choices": [choices[j] for j in order],
-                         "label": int(np.flatnonzero(order == 0)[0])})
+        examples.append(
+            {
+                "context": "\n".join(lines[i - context_lines : i]) + "\n",
+                "choices": [choices[j] for j in order],
+                "label": int(np.flatnonzero(order == 0)[0]),
+            }
+        )
     if len(examples) < n:
         raise RuntimeError(f"the corpus gave only {len(examples)} next-line examples of {n}")
     return MultipleChoice(examples, tokenizer, name="next_line")
 
 
-def identifier_recall(n: int = 100, *, min_gap: int = 200, max_context: int = 1000, seed: int = 0,
-                      split: str = "valid", tokenizer=None) -> MultipleChoice:
+def identifier_recall(
+    n: int = 100,
+    *,
+    min_gap: int = 200,
+    max_context: int = 1000,
+    seed: int = 0,
+    split: str = "valid",
+    tokenizer=None,
+) -> MultipleChoice:
     """`n` examples: which of four functions defined in the file is called here, with its
     definition at least `min_gap` characters back (the context keeps at most
     `max_context` characters and always the definition)."""
     rng = np.random.default_rng(seed)
-    sites = []   # (text, def start, call start, name, other names)
+    sites = []  # (text, def start, call start, name, other names)
     for text in _sources(split):
         defs = {}
         for m in _DEF.finditer(text):
@@ -82,19 +94,26 @@ def identifier_recall(n: int = 100, *, min_gap: int = 200, max_context: int = 10
         if len(defs) < 4:
             continue
         for name, start in defs.items():
-            for call in re.finditer(rf"(?<!\w){re.escape(name)}\(", text[start + 1:]):
+            for call in re.finditer(rf"(?<!\w){re.escape(name)}\(", text[start + 1 :]):
                 at = start + 1 + call.start()
                 if at - start > max_context:
                     break
-                if at - start >= min_gap:   # every call far enough from the definition
+                if at - start >= min_gap:  # every call far enough from the definition
                     sites.append((text, start, at, name, [d for d in defs if d != name]))
     if len(sites) < n:
-        raise RuntimeError(f"the corpus has only {len(sites)} identifier-recall sites, fewer than {n}")
+        raise RuntimeError(
+            f"the corpus has only {len(sites)} identifier-recall sites, fewer than {n}"
+        )
     examples = []
     for k in rng.choice(len(sites), n, replace=False):
         text, start, at, name, others = sites[k]
         choices = [name] + [others[j] for j in rng.choice(len(others), 3, replace=False)]
         order = rng.permutation(4)
-        examples.append({"context": text[start:at], "choices": [choices[j] for j in order],
-                         "label": int(np.flatnonzero(order == 0)[0])})
+        examples.append(
+            {
+                "context": text[start:at],
+                "choices": [choices[j] for j in order],
+                "label": int(np.flatnonzero(order == 0)[0]),
+            }
+        )
     return MultipleChoice(examples, tokenizer, name="identifier_recall")

@@ -50,33 +50,51 @@ def _special_token(path: Path, *names) -> int | None:
 class DepthjaxLM(TemplateLM):
     """An lm_eval LM over a DepthModel: from `path` (+ `program` spec) or a `model` object."""
 
-    def __init__(self, path=None, program=None, tokenizer=None, batch_size=16, max_length=None,
-                 prefix_token=None, max_gen_toks=256, model: DepthModel | None = None, **kwargs):
+    def __init__(
+        self,
+        path=None,
+        program=None,
+        tokenizer=None,
+        batch_size=16,
+        max_length=None,
+        prefix_token=None,
+        max_gen_toks=256,
+        model: DepthModel | None = None,
+        **kwargs,
+    ):
         super().__init__()
         unknown = set(kwargs) - _LM_EVAL_ARGS
         if unknown:
-            raise EvalError(f"unknown depthjax model_args {sorted(unknown)}; known: path, "
-                            "program, tokenizer, batch_size, max_length, prefix_token, max_gen_toks")
+            raise EvalError(
+                f"unknown depthjax model_args {sorted(unknown)}; known: path, "
+                "program, tokenizer, batch_size, max_length, prefix_token, max_gen_toks"
+            )
         from ..tokenizer import tokenizer_for
+
         if (path is None) == (model is None):
             raise EvalError("the depthjax model needs path=DIR (or, in Python, model=)")
         if model is None:
             model = load_model(path)
         if program is not None:
             from ..depth import from_spec, load_spec
+
             model = from_spec(model, load_spec(program))
         self.model = model
         if tokenizer is not None and not isinstance(tokenizer, str):
             self.tokenizer_obj = tokenizer
         else:
-            self.tokenizer_obj = (tokenizer_for(path, model.config.vocab_size, tokenizer) if path
-                                  else resolve_tokenizer(model, tokenizer))
+            self.tokenizer_obj = (
+                tokenizer_for(path, model.config.vocab_size, tokenizer)
+                if path
+                else resolve_tokenizer(model, tokenizer)
+            )
         self.batch_size = 16 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
         found = _special_token(Path(path), "bos_token_id", "eos_token_id") if path else None
-        self._prefix = int(prefix_token) if prefix_token is not None else (
-            found if found is not None else 10)
+        self._prefix = (
+            int(prefix_token) if prefix_token is not None else (found if found is not None else 10)
+        )
         self._eos = _special_token(Path(path), "eos_token_id") if path else None
 
     # -- what TemplateLM needs ---------------------------------------------------------
@@ -99,10 +117,17 @@ class DepthjaxLM(TemplateLM):
         return self.tokenizer_obj.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        reqs = [Request(np.asarray(ctx, np.int32), np.asarray(cont, np.int32))
-                for _, ctx, cont in requests]
-        ll, greedy = loglikelihoods(self.model, reqs, batch_size=self.batch_size,
-                                    max_len=self._max_length, description="lm_eval loglikelihood")
+        reqs = [
+            Request(np.asarray(ctx, np.int32), np.asarray(cont, np.int32))
+            for _, ctx, cont in requests
+        ]
+        ll, greedy = loglikelihoods(
+            self.model,
+            reqs,
+            batch_size=self.batch_size,
+            max_len=self._max_length,
+            description="lm_eval loglikelihood",
+        )
         out = [(float(a), bool(g)) for a, g in zip(ll[0], greedy[0])]
         for (pair, _, _), answer in zip(requests, out):
             if pair is not None:
@@ -115,12 +140,18 @@ class DepthjaxLM(TemplateLM):
         windows, owner = [], []
         for i, req in enumerate(requests):
             (text,) = req.args
-            doc = rolling_requests(self.tok_encode(text), self._max_length,
-                                   prefix_token=self._prefix)
+            doc = rolling_requests(
+                self.tok_encode(text), self._max_length, prefix_token=self._prefix
+            )
             windows += doc
             owner += [i] * len(doc)
-        ll, _ = loglikelihoods(self.model, windows, batch_size=self.batch_size,
-                               max_len=self._max_length, description="lm_eval rolling")
+        ll, _ = loglikelihoods(
+            self.model,
+            windows,
+            batch_size=self.batch_size,
+            max_len=self._max_length,
+            description="lm_eval rolling",
+        )
         totals = np.zeros(len(requests))
         np.add.at(totals, np.asarray(owner, int), ll[0])
         for req, total in zip(requests, totals):
@@ -135,9 +166,11 @@ class DepthjaxLM(TemplateLM):
             context, kw = req.args
             kw = dict(kw or {})
             if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0:
-                raise EvalError("the depthjax lm_eval model generates greedily only "
-                                f"(got do_sample={kw.get('do_sample')}, "
-                                f"temperature={kw.get('temperature')})")
+                raise EvalError(
+                    "the depthjax lm_eval model generates greedily only "
+                    f"(got do_sample={kw.get('do_sample')}, "
+                    f"temperature={kw.get('temperature')})"
+                )
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             if self._eos is not None:
@@ -147,9 +180,15 @@ class DepthjaxLM(TemplateLM):
             settings.append(context)
         out = [""] * len(requests)
         for (until, max_new), idx in groups.items():
-            texts = generate_until(self.model, [settings[i] for i in idx], stop=until,
-                                   max_new_tokens=max_new, tokenizer=self.tokenizer_obj,
-                                   batch_size=self.batch_size, eos_id=self._eos)
+            texts = generate_until(
+                self.model,
+                [settings[i] for i in idx],
+                stop=until,
+                max_new_tokens=max_new,
+                tokenizer=self.tokenizer_obj,
+                batch_size=self.batch_size,
+                eos_id=self._eos,
+            )
             for i, text in zip(idx, texts):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)

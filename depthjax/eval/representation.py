@@ -17,7 +17,7 @@ import numpy as np
 
 from ..hf.pooling import pool
 from ..metrics.batches import as_batches
-from ..metrics.coalitions import program_chunk
+from ..metrics.coalitions import chunk_size
 from ..model import DepthModel, apply
 from .scoring import stack_programs
 
@@ -62,11 +62,17 @@ class Representation:
 
     def _references(self, model):
         if self.reference is None:
-            return [_embed(model, b.tokens, b.mask, mode=self.pooling, normalize=self.normalize)
-                    for b in self.batches]
+            return [
+                _embed(model, b.tokens, b.mask, mode=self.pooling, normalize=self.normalize)
+                for b in self.batches
+            ]
         if self._ref is None:
-            self._ref = [_embed(self.reference, b.tokens, b.mask, mode=self.pooling,
-                                normalize=self.normalize) for b in self.batches]
+            self._ref = [
+                _embed(
+                    self.reference, b.tokens, b.mask, mode=self.pooling, normalize=self.normalize
+                )
+                for b in self.batches
+            ]
         return self._ref
 
     def cosine(self, model: DepthModel, programs=None) -> np.ndarray:
@@ -74,24 +80,40 @@ class Representation:
         stacked, _ = stack_programs(model, programs)
         total, rows = 0.0, 0
         for b, ref_BD in zip(self.batches, self._references(model)):
-            total = total + _cosine_sums(model, stacked, b.tokens, b.mask, ref_BD, mode=self.pooling,
-                                         normalize=self.normalize,
-                                         chunk=program_chunk(stacked.block.shape[0], b.tokens.shape,
-                                                             model.config))
+            total = total + _cosine_sums(
+                model,
+                stacked,
+                b.tokens,
+                b.mask,
+                ref_BD,
+                mode=self.pooling,
+                normalize=self.normalize,
+                chunk=chunk_size(stacked.block.shape[0], b.tokens.shape, model.config),
+            )
             rows += b.tokens.shape[0]
         return np.asarray(total, np.float64) / rows
 
     def evaluate(self, model: DepthModel, programs=None) -> dict:
         _, batched = stack_programs(model, programs)
         cos = self.cosine(model, programs)
-        return {"cosine": cos if batched else float(cos[0]), "rows": sum(len(b.tokens) for b in self.batches)}
+        return {
+            "cosine": cos if batched else float(cos[0]),
+            "rows": sum(len(b.tokens) for b in self.batches),
+        }
 
     def measure(self, model: DepthModel, programs) -> np.ndarray:
         return 1.0 - self.cosine(model, programs)
 
 
-def representation(model: DepthModel, batches, *, programs=None, pooling: str = "mean",
-                   normalize: bool = False, reference: DepthModel | None = None) -> dict:
+def representation(
+    model: DepthModel,
+    batches,
+    *,
+    programs=None,
+    pooling: str = "mean",
+    normalize: bool = False,
+    reference: DepthModel | None = None,
+) -> dict:
     """{"cosine": mean cosine between each program's pooled embeddings and the reference's
     (default: the model's own program), "rows"}."""
     return Representation(batches, pooling, normalize, reference).evaluate(model, programs)

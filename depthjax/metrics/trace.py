@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import progress
 from ..model import DepthModel, apply
 from .batches import as_batches
 from .scores import Scores
@@ -68,7 +69,8 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
         "ratio_block": tok_sum(_ratio(u_attn + u_mlp, x_in)),
         "cos_attn": tok_sum(cos(u_attn, x_in) * (jnp.linalg.norm(u_attn, axis=-1) > 0)),
         "cos_mlp": tok_sum(cos(u_mlp, h) * (jnp.linalg.norm(u_mlp, axis=-1) > 0)),
-        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in) * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
+        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in)
+                             * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
         # module similarity: 1 - cos(sublayer input, sublayer output), residual included
         "module_attn": tok_sum(one_minus_cos(x_in, h)),
         "module_mlp": tok_sum(one_minus_cos(h, h + u_mlp)),
@@ -78,11 +80,12 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
 def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
     """Means over real tokens (rows, for the last-token angular matrix) of every trace sum."""
     total = None
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), "trace metrics"):
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
-    out = {k: v / total["tokens"] for k, v in total.items() if k not in ("tokens", "rows", "angular")}
+    out = {k: v / total["tokens"] for k, v in total.items()
+           if k not in ("tokens", "rows", "angular")}
     out["angular"] = total["angular"] / total["rows"]       # [S+1, S+1]
     return out
 

@@ -25,17 +25,21 @@ from depthjax.report import pyplot
 
 
 def main(argv=None):
-    p = common.parser("07_task_tradeoffs", __doc__)
+    p = common.parser("08_task_tradeoffs", __doc__)
     p.add_argument("--task-examples", type=int, default=100, help="examples per task")
     p.add_argument("--shapley-permutations", type=int, default=8)
     args = common.parse(p, argv, __file__)
     out = common.out_dir(args)
     model = common.base_model(args)
     score_data, data = common.score_batches(args), common.eval_batches(args)
-    tasks = {"next_line": corpus_tasks.next_line(args.task_examples, seed=args.seed),
-             "identifier_recall": corpus_tasks.identifier_recall(args.task_examples, seed=args.seed)}
-    scorers = {name: dj.eval.MultipleChoice(t.examples, name=name, metric="nll")
-               for name, t in tasks.items()}
+    tasks = {
+        "next_line": corpus_tasks.next_line(args.task_examples, seed=args.seed),
+        "identifier_recall": corpus_tasks.identifier_recall(args.task_examples, seed=args.seed),
+    }
+    scorers = {
+        name: dj.eval.MultipleChoice(t.examples, name=name, metric="nll")
+        for name, t in tasks.items()
+    }
 
     def evaluate(m):
         row = {name: t.evaluate(m)["acc"] for name, t in tasks.items()}
@@ -56,21 +60,54 @@ def main(argv=None):
                 if method == "ablation":
                     s = M.ablation(model, batches, unit=unit, measure=measure)
                 else:
-                    s = M.shapley(model, batches, unit=unit, measure=measure, key=jax.random.key(args.seed),
-                                  num_permutations=args.shapley_permutations)
+                    s = M.shapley(
+                        model,
+                        batches,
+                        unit=unit,
+                        measure=measure,
+                        key=jax.random.key(args.seed),
+                        num_permutations=args.shapley_permutations,
+                    )
                 pruned = dj.prune(model, s, n, unit=unit)
                 ev = evaluate(pruned)
                 key = f"{unit}/{source}/{method}"
                 res["scores"][key] = s.values
                 res["pruned"][key] = {"removed": choose(model, s, n, unit).tolist(), **ev}
-                rows.append([source, method, res["pruned"][key]["removed"], ev["next_line"],
-                             ev["identifier_recall"], ev["loss"]])
+                rows.append(
+                    [
+                        source,
+                        method,
+                        res["pruned"][key]["removed"],
+                        ev["next_line"],
+                        ev["identifier_recall"],
+                        ev["loss"],
+                    ]
+                )
         what = f"{n} of {S} blocks" if unit == "block" else f"{n} of {S} attention sublayers"
-        sections.append(f"## Pruning {what}: accuracy on each task, validation loss\n\n"
-                        + common.md_table(["pruned for", "scores", "removed", "next_line acc",
-                                           "identifier_recall acc", "loss"],
-                                          [["(full model)", "", "", full["next_line"],
-                                            full["identifier_recall"], full["loss"]]] + rows))
+        sections.append(
+            f"## Pruning {what}: accuracy on each task, validation loss\n\n"
+            + common.md_table(
+                [
+                    "pruned for",
+                    "scores",
+                    "removed",
+                    "next_line acc",
+                    "identifier_recall acc",
+                    "loss",
+                ],
+                [
+                    [
+                        "(full model)",
+                        "",
+                        "",
+                        full["next_line"],
+                        full["identifier_recall"],
+                        full["loss"],
+                    ]
+                ]
+                + rows,
+            )
+        )
     plot_scores(res["scores"], S, out / "scores.png")
     sections.append("![per-task scores](scores.png)")
     common.write_results(args, out, "Experiment 7: task-dependent block importance", sections, res)
@@ -80,7 +117,9 @@ def main(argv=None):
 def plot_scores(scores: dict, S: int, path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, (unit, method) in zip(axes, [(u, m) for u in ("block", "attn") for m in ("ablation", "shapley")]):
+    for ax, (unit, method) in zip(
+        axes, [(u, m) for u in ("block", "attn") for m in ("ablation", "shapley")]
+    ):
         for key, values in scores.items():
             u, source, m = key.split("/")
             if (u, m) == (unit, method):
