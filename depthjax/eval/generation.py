@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from ..decoding import generate
@@ -56,7 +57,7 @@ def generate_until(model: DepthModel, contexts, *, stop=("\n",), max_new_tokens:
     K = stacked.block.shape[0]
     outs = [[""] * len(prompts) for _ in range(K)]
     for k in range(K):
-        m = model.with_program(_row(stacked, k))
+        m = model.with_program(jax.tree.map(lambda a, k=k: a[k], stacked))
         for group in track(groups, "generate" + (f" (program {k + 1}/{K})" if K > 1 else "")):
             T = min(room, max(8, 1 << (max(len(prompts[i]) for i in group) - 1).bit_length()))
             tokens, mask = np.zeros((B, T), np.int32), np.zeros((B, T), bool)
@@ -68,11 +69,6 @@ def generate_until(model: DepthModel, contexts, *, stop=("\n",), max_new_tokens:
             for r, i in enumerate(group):
                 outs[k][i] = _cut(tok.decode(new[r, :lengths[r]]), stop)
     return outs if batched else outs[0]
-
-
-def _row(programs, k):
-    import jax
-    return jax.tree.map(lambda a: a[k], programs)
 
 
 def check_target_example(where: str, ex) -> dict:
