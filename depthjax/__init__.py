@@ -5,10 +5,12 @@ import sys as _sys
 
 from . import (
     depth,
+    eval,  # noqa: A004 (dj.eval is the DESIGN name)
     hf,
     metrics,
     presets,
     presets as configs,  # the DESIGN name; `presets` says what it holds
+    search,
 )
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
@@ -18,6 +20,8 @@ from .model import DepthModel, Trace, apply, init
 from .program import Program, ProgramError
 from .prune import prune
 from .recover import recover
+from .specialize import Specialized, specialize
+from .speculative import DraftStats
 
 _sys.modules[__name__ + ".configs"] = presets  # `import depthjax.configs` keeps working
 
@@ -29,9 +33,9 @@ __all__ = [
     "apply",
     "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover",
+    "depth", "metrics", "prune", "recover", "search", "eval", "specialize", "Specialized",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation
-    "generate", "prefill", "decode_step", "KVCache", "Generation",
+    "generate", "prefill", "decode_step", "KVCache", "Generation", "DraftStats",
 ]

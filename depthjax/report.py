@@ -20,20 +20,46 @@ def _log(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
-def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
-              log=_log) -> dict[str, Scores]:
-    """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
-    blocks, attention and MLP, Shapley values of blocks, and the logit lens. `log`
+def default_measure(model: DepthModel, batches, mode: str = "mean", normalize: bool = False):
+    """What coalition metrics measure when no task is given: the next-token loss of a causal
+    model; for an encoder, 1 - the cosine of its pooled embeddings to the full model's."""
+    if model.config.causal:
+        return "loss"
+    from .eval import Representation
+    return Representation(batches, mode, normalize)
+
+
+def measure_label(measure) -> str:
+    """How a measure reads on a plot axis (lower is better for all of them)."""
+    if isinstance(measure, str):
+        return {"loss": "validation loss", "logit": "logit distance"}.get(measure, measure)
+    kind = type(measure).__name__
+    return {"MultipleChoice": f"1 - {getattr(measure, 'metric', 'acc')} ({measure.name})",
+            "ExactMatch": f"1 - exact match ({measure.name})",
+            "Perplexity": f"nats/token ({measure.name})",
+            "Representation": "1 - cosine to the full model"}.get(kind, measure.name)
+
+
+def score_all(model: DepthModel, batches, *, shapley_permutations: int | None = None, key=None,
+              log=_log, measure=None) -> dict[str, Scores]:
+    """Every metric on the same data: trace metrics (one pass over `batches`), leave-one-out
+    ablation of blocks, attention and MLP and Shapley values of blocks (see
+    `shapley_permutations_for`; 0 skips them) by `measure` (default: see `default_measure`;
+    a depthjax.eval task brings its own data), and the logit lens (causal models). `log`
     receives one timing line per metric."""
+    measure = default_measure(model, batches) if measure is None else measure
     stages = [("trace metrics", lambda: M.trace_metrics(model, batches))]
     stages += [(f"ablation ({unit})", lambda unit=unit: {
-        f"ablation_{unit}": M.ablation(model, batches, unit=unit)})
+        f"ablation_{unit}": M.ablation(model, batches, unit=unit, measure=measure)})
         for unit in ("block", "attn", "mlp")]
-    if shapley_permutations:
-        stages.append((f"shapley ({shapley_permutations} permutations)", lambda: {
-            "shapley_block": M.shapley(model, batches, num_permutations=shapley_permutations,
-                                       key=key)}))
-    stages.append(("logit lens", lambda: {"logit_lens": M.logit_lens(model, batches)}))
+    if shapley_permutations != 0:
+        perms = shapley_permutations_for(model, "block", shapley_permutations)
+        how = f"{perms} permutations" if perms else f"exact, {1 << model.depth} coalitions"
+        stages.append((f"shapley ({how})", lambda: {
+            "shapley_block": M.shapley(model, batches, num_permutations=perms, key=key,
+                                       measure=measure)}))
+    if model.config.causal:
+        stages.append(("logit lens", lambda: {"logit_lens": M.logit_lens(model, batches)}))
     out = {}
     with progress.bar("scoring", total=len(stages)) as bar:
         for name, fn in stages:
@@ -44,16 +70,29 @@ def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=
     return out
 
 
+def shapley_permutations_for(model: DepthModel, unit: str, permutations: int | None,
+                             max_coalitions: int = 4096) -> int | None:
+    """None (exact Shapley values) when `permutations` is None and the 2**n coalitions of
+    the n units fit max_coalitions; else `permutations` (16 antithetic ones if None)."""
+    n = M.coalitions.n_units(model, unit)
+    if permutations is None:
+        return None if (1 << n) <= max_coalitions else 16
+    return permutations
+
+
 def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
     """The scores that rank units of kind `unit` (higher = more important)."""
     return {k: s for k, s in scores.items() if s.unit == unit and k != "logit_lens"}
 
 
 def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: str = "block",
-                   max_units: int | None = None) -> dict[str, np.ndarray]:
-    """Loss after removing k = 0..max_units units in each metric's order."""
+                   max_units: int | None = None, measure=None) -> dict[str, np.ndarray]:
+    """The measure (default: see `default_measure`) after removing k = 0..max_units units
+    in each metric's order."""
+    measure = default_measure(model, batches) if measure is None else measure
     ranked = importance(scores, unit)
-    return {name: M.removal_curve(model, batches, ranked[name], max_units=max_units, unit=unit)
+    return {name: M.removal_curve(model, batches, ranked[name], max_units=max_units, unit=unit,
+                                  measure=measure)
             for name in progress.track(list(ranked), "removal curves")}
 
 

@@ -13,9 +13,9 @@ import os
 import sys
 
 from .. import progress
-from . import convert, demo, depth, generate, presets, prune, score, train
+from . import convert, demo, depth, eval, generate, presets, prune, score, search, train  # noqa: A004
 
-COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
+COMMANDS = (demo, presets, train, score, prune, search, eval, depth, convert, generate)
 
 
 def main(argv=None) -> int:
@@ -39,15 +39,18 @@ def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..data import DataError
     from ..decoding import GenerationError
+    from ..eval import EvalError
     from ..hf.config import HFError
     from ..program import ProgramError
+    from ..search import SearchError
     from ..sharding import ShardingError
+    from ..textfiles import DataError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
-            HFError, ProgramError, ShardingError, TokenizerError, TrainConfigError,
+    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, EvalError,
+            GenerationError, HFError, ProgramError, SearchError, ShardingError, TokenizerError,
+            TrainConfigError,
             UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError)

@@ -29,6 +29,7 @@ from ..program import Program
 from . import flops as flops_lib
 from .checkpoints import TrainCheckpoints
 from .config import TrainConfig
+from .layerskip import LayerSkip
 from .logs import RunLog
 from .step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
 
@@ -63,7 +64,7 @@ def maybe_initialize_distributed(mode: str) -> None:
 def _initial_model(tc: TrainConfig) -> tuple:
     """(config, program, params init fn or loaded params) for a fresh run."""
     if tc.init_from:
-        model = native_ckpt.load(tc.init_from)
+        model = native_ckpt.load_model(tc.init_from)  # native or Hugging Face
         cfg = model.config.replace(**tc.model_overrides) if tc.model_overrides else model.config
         native_ckpt.check_params(cfg, model.params)
         return cfg, model.program, model.params
@@ -134,6 +135,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
                          f"devices and by the {jax.process_count()} processes")
 
     cfg, program, loaded_params = _initial_model(tc)
+    layerskip = LayerSkip.from_config(tc, program)  # None when both are off
     abstract_params = (jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
                        if loaded_params is None else
                        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -174,7 +176,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
 
     step_fn = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mask=mask,
                                         grad_accum=tc.grad_accum, nan_policy=tc.nan_policy,
-                                        schedule=schedule),
+                                        schedule=schedule, layerskip=layerskip),
                       in_shardings=(state_sh, shd.batch_sharding(mesh), repl),
                       out_shardings=(state_sh, repl), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_loss_sums, cfg=cfg),
@@ -218,6 +220,10 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
                           "mfu": (tps * flops_per_token / (peak * jax.device_count())
                                   if peak else None),
                           "step_time_s": (now - last_t) / (step - last_step)}
+                if layerskip is not None:
+                    record["objective"] = float(m["objective"])
+                    record.update({f"exit_loss_{k}": float(v)
+                                   for k, v in zip(layerskip.exits, m["exit_loss"])})
                 if tc.nan_policy == "skip":
                     record["skipped"] = int(jax.device_get(state.skipped))
                 if tc.eval_every and (step % tc.eval_every == 0 or done):
