@@ -19,15 +19,15 @@ import numpy as np
 import depthjax as dj
 import depthjax.metrics as M
 from common import model_from_args, timed
+from depthjax.loss import nll_sums
 from depthjax.metrics import coalitions as C
-from depthjax.metrics.batches import nll_sums
 
 
 @jax.jit
 def _old_sums(model, programs, tokens_BT, mask_BT):
     """The path before issue 13: vmap over whole programs (block ids batched), so each
     program of a chunk gathers its own copy of every row."""
-    chunk = C._chunk(programs.block.shape[0], tokens_BT.shape, model.config)
+    chunk = C.chunk_size(programs.block.shape[0], tokens_BT.shape, model.config)
     one = lambda p: nll_sums(dj.apply(model.replace(program=p), tokens_BT, mask=mask_BT),
                              tokens_BT, mask_BT)
     return jax.lax.map(one, programs, batch_size=chunk)
@@ -63,7 +63,8 @@ def main():
     attn, mlp = C.coalition_gates(model, "block", keep)
     costs = C.evaluation_costs(model, attn, mlp, args.seq_len)
     for strategy in ("batched", "prefix", "auto"):
-        run = lambda: M.coalition_measures(model, tokens, "block", keep, strategy=strategy)
+        run = lambda strategy=strategy: M.coalition_measures(model, tokens, "block", keep,
+                                                          strategy=strategy)
         jax.block_until_ready(run())
         t = timed(run, repeat=3)
         flops = costs[strategy] / costs["batched"] if strategy != "auto" else float("nan")
@@ -85,7 +86,8 @@ def main():
     costs = C.evaluation_costs(model, attn, mlp, args.seq_len)
     best = None
     for strategy in ("batched", "prefix", "auto"):
-        run = lambda: M.coalition_measures(model, tokens, "sublayer", keep, strategy=strategy)
+        run = lambda strategy=strategy: M.coalition_measures(model, tokens, "sublayer", keep,
+                                                          strategy=strategy)
         jax.block_until_ready(run())
         t = timed(run, repeat=3)
         best = t if strategy == "auto" else best
@@ -93,7 +95,7 @@ def main():
               f"faster than old" + (f" (picks {min(costs, key=costs.get)})"
                                     if strategy == "auto" else ""))
     print(f"goal <= 1.0x: {'met' if best <= K * plain else 'NOT met'}")
-    chunk = C._chunk(K, tokens.shape, model.config)
+    chunk = C.chunk_size(K, tokens.shape, model.config)
     row_mib = sum(x[0].nbytes for x in jax.tree.leaves(model.params["blocks"])) / 2**20
     mem_old = temp_mib(_old_sums, model, programs, tokens, mask)
     mem_new = temp_mib(C._batched_sums, model, attn, mlp, tokens, mask, measure="loss",
@@ -105,7 +107,8 @@ def main():
           f"prefix {mem_prefix:.1f} MiB (one row of the table: {row_mib:.2f} MiB)")
 
     trace_t = timed(lambda: M.trace_metrics(model, tokens)["block_influence"].values, repeat=3)
-    print(f"\nall trace metrics in one pass: {trace_t * 1e3:.1f}ms = {trace_t / plain:.2f}x a plain forward")
+    print(f"\nall trace metrics in one pass: {trace_t * 1e3:.1f}ms = {trace_t / plain:.2f}x a "
+          "plain forward")
     t_shap = timed(lambda: M.shapley(model, tokens, num_permutations=2).values, repeat=1)
     print(f"Shapley, 2 permutations ({2 * (S + 1)} coalitions, deduplicated): {t_shap:.2f}s "
           f"= {t_shap / (2 * (S + 1) * plain):.2f}x that many plain forwards")

@@ -50,13 +50,17 @@ def main():
     def extra(p):
         p.add_argument("--repeat", type=int, default=3)
         p.add_argument("--no-train", action="store_true", help="forward only")
-    args, model, tokens = model_from_args(__doc__, depth=8, d_model=512, batch=4, seq_len=1024,
-                                          extra=extra)
+
+    args, model, tokens = model_from_args(
+        __doc__, depth=8, d_model=512, batch=4, seq_len=1024, extra=extra
+    )
     mask = jnp.ones(tokens.shape, jnp.float32)
     loss = lambda logits: nll_sums(logits, tokens, mask)[0]
     apply_fwd = jax.jit(dj.apply)
     apply_train = jax.jit(jax.grad(lambda p, m, t: loss(dj.apply(m.replace(params=p), t))))
-    spec_train = jax.jit(jax.grad(lambda p, f, t: loss(f.replace(model=f.model.replace(params=p))(t))))
+    spec_train = jax.jit(
+        jax.grad(lambda p, f, t: loss(f.replace(model=f.model.replace(params=p))(t)))
+    )
     T = args.seq_len
     programs = variants(model)
     fns, flops, mem = {}, {}, {}

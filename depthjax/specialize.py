@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import program as program_lib
-from . import step_params as steps_lib
+from . import program as program_lib, step_params as steps_lib
 from .block import step_updates
 from .kv_cache import StepCache
 from .model import (DepthModel, Embed, check_inputs, default_positions, output_head,
@@ -55,10 +54,14 @@ class Run:
     times: int
     attn: bool
     mlp: bool
-    adapter: bool    # the steps carry recovery adapters (applied to each step's input)
+    adapter: bool  # the steps carry recovery adapters (applied to each step's input)
 
     def describe(self) -> str:
-        rows = f"row {self.row}" if self.length == 1 else f"rows {self.row}-{self.row + self.length - 1}"
+        rows = (
+            f"row {self.row}"
+            if self.length == 1
+            else f"rows {self.row}-{self.row + self.length - 1}"
+        )
         loop = f" x{self.times}" if self.times > 1 else ""
         return f"steps {_span(self.steps)}: {rows}{loop} [{_parts(self)}]"
 
@@ -97,15 +100,22 @@ Segment = Run | Group
 @dataclasses.dataclass(frozen=True)
 class Plan:
     segments: tuple[Segment, ...]
-    depth: int                      # steps of the program (removed ones included)
+    depth: int  # steps of the program (removed ones included)
 
     def describe(self) -> str:
         return "\n".join(s.describe() for s in self.segments) or "(no step runs)"
 
 
 def _parts(s) -> str:
-    parts = [name for name, on in (("adapter", getattr(s, "adapter", False)),
-                                   ("attn", s.attn), ("mlp", s.mlp)) if on]
+    parts = [
+        name
+        for name, on in (
+            ("adapter", getattr(s, "adapter", False)),
+            ("attn", s.attn),
+            ("mlp", s.mlp),
+        )
+        if on
+    ]
     return "+".join(parts) or "nothing"
 
 
@@ -132,8 +142,9 @@ def make_plan(model: DepthModel) -> Plan:
     """The segments that run `model`'s (concrete) program; see the module docstring."""
     prog = model.program
     if not is_concrete(prog):
-        raise ProgramError("specialize needs a concrete program (it is compiled as structure);"
-                           " call it outside jit")
+        raise ProgramError(
+            "specialize needs a concrete program (it is compiled as structure); call it outside jit"
+        )
     if prog.block.ndim != 1:
         raise ProgramError(f"specialize takes one program, got a batch {prog.block.shape}")
     program_lib.validate(prog, model.n_blocks)
@@ -144,11 +155,14 @@ def make_plan(model: DepthModel) -> Plan:
     parallel = np.asarray(prog.parallel)
     adapter_on = _nonzero_per_step((model.params.get("steps") or {}).get("adapter", {}), S)
 
-    units: list[Segment] = []   # one per group; sequential steps become 1-step runs
+    units: list[Segment] = []  # one per group; sequential steps become 1-step runs
     starts = [i for i in range(S) if not parallel[i]] + [S]
     for j, end in zip(starts[:-1], starts[1:]):
-        members = [Member(i, int(block[i]), bool(attn_on[i]), bool(mlp_on[i]))
-                   for i in range(j, end) if attn_on[i] or mlp_on[i]]
+        members = [
+            Member(i, int(block[i]), bool(attn_on[i]), bool(mlp_on[i]))
+            for i in range(j, end)
+            if attn_on[i] or mlp_on[i]
+        ]
         if [m.step for m in members] in ([], [j]):
             m = members[0] if members else Member(j, int(block[j]), False, False)
             if members or adapter_on[j]:
@@ -164,17 +178,25 @@ def _merge_runs(units: list[Segment]) -> list[Segment]:
     runs: list[Segment] = []
     for u in units:
         last = runs[-1] if runs else None
-        if (isinstance(u, Run) and isinstance(last, Run) and last.times == 1 and same(last, u)
-                and u.row == last.row + last.length):
-            runs[-1] = dataclasses.replace(last, steps=last.steps + u.steps,
-                                           length=last.length + 1)
+        if (
+            isinstance(u, Run)
+            and isinstance(last, Run)
+            and last.times == 1
+            and same(last, u)
+            and u.row == last.row + last.length
+        ):
+            runs[-1] = dataclasses.replace(last, steps=last.steps + u.steps, length=last.length + 1)
         else:
             runs.append(u)
     out: list[Segment] = []
     for r in runs:
         last = out[-1] if out else None
-        if (isinstance(r, Run) and isinstance(last, Run) and same(last, r)
-                and (last.row, last.length) == (r.row, r.length)):
+        if (
+            isinstance(r, Run)
+            and isinstance(last, Run)
+            and same(last, r)
+            and (last.row, last.length) == (r.row, r.length)
+        ):
             out[-1] = dataclasses.replace(last, steps=last.steps + r.steps, times=last.times + 1)
         else:
             out.append(r)
@@ -186,7 +208,7 @@ def _take(tree, idx):
     """Leaves indexed by the static ints `idx` along axis 0: a slice when contiguous."""
     idx = list(idx)
     if idx == list(range(idx[0], idx[0] + len(idx))):
-        return jax.tree.map(lambda a: a[idx[0]:idx[0] + len(idx)], tree)
+        return jax.tree.map(lambda a: a[idx[0] : idx[0] + len(idx)], tree)
     return jax.tree.map(lambda a: a[np.asarray(idx)], tree)
 
 
@@ -196,26 +218,62 @@ def _step_data(model: DepthModel, steps):
     return _take((prog.attn, prog.mlp, model.params.get("steps")), steps)
 
 
-def _one_step(cfg, row, x_BTD, attn_gate, mlp_gate, step, positions_BT, *, attn, mlp, adapter,
-              view=None, **attn_kwargs):
+def _one_step(
+    cfg,
+    row,
+    x_BTD,
+    attn_gate,
+    mlp_gate,
+    step,
+    positions_BT,
+    *,
+    attn,
+    mlp,
+    adapter,
+    view=None,
+    **attn_kwargs,
+):
     """(x + the step's update, view'): a sequential step with static sublayers (program_step
     without the group bookkeeping). `view`: the step's StepCache when decoding."""
     if adapter:
         x_BTD = x_BTD + steps_lib.adapter_update(step["adapter"], x_BTD)
-    u_attn, u_mlp, view = _updates(cfg, row, x_BTD, attn_gate, mlp_gate, step, positions_BT,
-                                   attn=attn, mlp=mlp, view=view, **attn_kwargs)
+    u_attn, u_mlp, view = _updates(
+        cfg,
+        row,
+        x_BTD,
+        attn_gate,
+        mlp_gate,
+        step,
+        positions_BT,
+        attn=attn,
+        mlp=mlp,
+        view=view,
+        **attn_kwargs,
+    )
     return x_BTD + (u_attn + u_mlp), view
 
 
-def _updates(cfg, row, x_BTD, attn_gate, mlp_gate, step, positions_BT, *, attn, mlp, view=None,
-             **attn_kwargs):
+def _updates(
+    cfg, row, x_BTD, attn_gate, mlp_gate, step, positions_BT, *, attn, mlp, view=None, **attn_kwargs
+):
     row = steps_lib.effective_row(row, step)
     if view is not None and attn:
-        u_attn, u_mlp, view = step_updates(cfg, row, x_BTD, attn_gate, mlp_gate, positions_BT,
-                                           attn=True, mlp=mlp, kv_cache=view, **attn_kwargs)
+        u_attn, u_mlp, view = step_updates(
+            cfg,
+            row,
+            x_BTD,
+            attn_gate,
+            mlp_gate,
+            positions_BT,
+            attn=True,
+            mlp=mlp,
+            kv_cache=view,
+            **attn_kwargs,
+        )
     else:
-        u_attn, u_mlp = step_updates(cfg, row, x_BTD, attn_gate, mlp_gate, positions_BT,
-                                     attn=attn, mlp=mlp, **attn_kwargs)
+        u_attn, u_mlp = step_updates(
+            cfg, row, x_BTD, attn_gate, mlp_gate, positions_BT, attn=attn, mlp=mlp, **attn_kwargs
+        )
     s = steps_lib.scale(step)
     return u_attn * jnp.asarray(s, u_attn.dtype), u_mlp * jnp.asarray(s, u_mlp.dtype), view
 
@@ -261,15 +319,14 @@ def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **
     return carry
 
 
-def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=True,
-           **attn_kwargs):
+def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=True, **attn_kwargs):
     """One parallel group. Returns (x_in + sum of member updates in step order, cache)."""
     if group.adapter_step is not None:
         adapter = _step_data(model, [group.adapter_step])[2]["adapter"]
         x_BTD = x_BTD + steps_lib.adapter_update(jax.tree.map(lambda a: a[0], adapter), x_BTD)
     updates = {}
     blocks = model.params["blocks"]
-    if cache is None:   # one vmapped call per batch of members with the same sublayers
+    if cache is None:  # one vmapped call per batch of members with the same sublayers
         for batch in group.batches():
             rows = _take(blocks, [m.row for m in batch])
             ga, gm, sp = _step_data(model, [m.step for m in batch])
@@ -279,48 +336,74 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
                                                                        positions_BT))
             u_attn, u_mlp, _ = jax.vmap(member)(rows, ga, gm, sp)
             updates.update({m.step: (u_attn[k], u_mlp[k]) for k, m in enumerate(batch)})
-    else:               # decoding: member by member, each writing its own slot
+    else:  # decoding: member by member, each writing its own slot
         slot_map = cache.slot_map()
         for m in group.members:
-            row = jax.tree.map(lambda a: a[m.row], blocks)
+            row = jax.tree.map(lambda a, m=m: a[m.row], blocks)
             ga, gm, sp = jax.tree.map(lambda a: a[0], _step_data(model, [m.step]))
-            view = (StepCache(cache, jnp.asarray(slot_map[m.step]), jnp.ones(x_BTD.shape[:1], bool),
-                              prefill) if m.attn else None)
-            u_attn, u_mlp, view = _updates(cfg, row, x_BTD, ga, gm, sp, positions_BT, attn=m.attn,
-                                           mlp=m.mlp, view=view, **attn_kwargs)
+            view = (
+                StepCache(
+                    cache, jnp.asarray(slot_map[m.step]), jnp.ones(x_BTD.shape[:1], bool), prefill
+                )
+                if m.attn
+                else None
+            )
+            u_attn, u_mlp, view = _updates(
+                cfg,
+                row,
+                x_BTD,
+                ga,
+                gm,
+                sp,
+                positions_BT,
+                attn=m.attn,
+                mlp=m.mlp,
+                view=view,
+                **attn_kwargs,
+            )
             cache = view.cache if m.attn else cache
             updates[m.step] = (u_attn, u_mlp)
     acc = jnp.zeros_like(x_BTD)
-    for step in sorted(updates):   # dj.apply's summation order
+    for step in sorted(updates):  # dj.apply's summation order
         acc = acc + updates[step][0] + updates[step][1]
     return x_BTD + acc, cache
 
 
-def walk(model: DepthModel, plan: Plan, x_BTD, positions_BT, *, cache=None, prefill=True,
-         **attn_kwargs):
+def walk(
+    model: DepthModel, plan: Plan, x_BTD, positions_BT, *, cache=None, prefill=True, **attn_kwargs
+):
     """Run the plan's segments on the embedded input. Returns (residual_BTD, cache)."""
     for seg in plan.segments:
         run = _run if isinstance(seg, Run) else _group
-        x_BTD, cache = run(model.config, model, seg, x_BTD, positions_BT, cache, prefill,
-                           **attn_kwargs)
+        x_BTD, cache = run(
+            model.config, model, seg, x_BTD, positions_BT, cache, prefill, **attn_kwargs
+        )
     return x_BTD, cache
 
 
 @functools.partial(jax.jit, static_argnames=("output",))
-def _forward(fast: "Specialized", tokens_BT, mask_BT, token_types_BT, segment_ids_BT,
-             positions_BT, *, output: str):
+def _forward(
+    fast: Specialized,
+    tokens_BT,
+    mask_BT,
+    token_types_BT,
+    segment_ids_BT,
+    positions_BT,
+    *,
+    output: str,
+):
     model = fast.model
     cfg, params = model.config, model.params
     if positions_BT is None:
         positions_BT = default_positions(tokens_BT, segment_ids_BT)
     x_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions_BT, token_types_BT)
-    x_BTD, _ = walk(model, fast.plan, x_BTD, positions_BT, segment_ids_BT=segment_ids_BT,
-                    kv_mask_BT=mask_BT)
+    x_BTD, _ = walk(
+        model, fast.plan, x_BTD, positions_BT, segment_ids_BT=segment_ids_BT, kv_mask_BT=mask_BT
+    )
     return output_head(cfg, params, x_BTD, logits=output == "logits")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["model"],
-                   meta_fields=["plan"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["model"], meta_fields=["plan"])
 @dataclasses.dataclass(frozen=True)
 class Specialized:
     """A model compiled for its own program: call it like `dj.apply` (see module docstring)."""
@@ -336,13 +419,21 @@ class Specialized:
     def depth(self) -> int:
         return self.plan.depth
 
-    def replace(self, **changes) -> "Specialized":
+    def replace(self, **changes) -> Specialized:
         """E.g. fast.replace(model=model.replace(params=p)) to differentiate the parameters
         (the plan stays: use it for parameter changes, not program edits)."""
         return dataclasses.replace(self, **changes)
 
-    def __call__(self, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
-                 positions=None, output: str = "logits"):
+    def __call__(
+        self,
+        tokens_BT,
+        *,
+        mask=None,
+        token_types=None,
+        segment_ids=None,
+        positions=None,
+        output: str = "logits",
+    ):
         """tokens int [B, T] -> logits float32 [B, T, vocab] (output="hidden": final hidden
         states [B, T, D]); the arguments mean what they mean in `dj.apply`."""
         if output not in ("logits", "hidden"):

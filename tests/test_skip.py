@@ -31,7 +31,7 @@ def dense_forward(model, tokens, attn, mlp):
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = Embed(cfg).apply({"params": p["embed"]}, tokens, pos)
     for i, b in enumerate(BLOCKS):
-        row = jax.tree.map(lambda t: t[b], p["blocks"])
+        row = jax.tree.map(lambda t, b=b: t[b], p["blocks"])
         u_attn, u_mlp = Block(cfg).apply({"params": row}, x, attn[i], mlp[i], pos)
         x = x + (u_attn + u_mlp)
     return output_head(cfg, p, x)
@@ -111,7 +111,7 @@ def test_vmap_over_programs_selects_and_stays_exact(tokens):
     batched = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))(
         model.params, attn, mlp)
     for k in range(3):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-4),
+        jax.tree.map(lambda a, b, k=k: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-4),
                      batched, f(model.params, attn[k], mlp[k]))
 
 
