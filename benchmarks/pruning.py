@@ -75,26 +75,39 @@ def main():
         mem[name, "apply mem"] = temp_mib(apply_fwd, m, tokens)
         mem[name, "spec mem"] = temp_mib(jax.jit(lambda f, t: f(t)), fast, tokens)
     times = timed_interleaved(fns, repeat=args.repeat)
-    print(f"# llama d_model={args.d_model} depth={args.depth} batch={args.batch} seq={T}; "
-          f"ratios to the full program (best of {args.repeat} interleaved runs, {clock_name()}; "
-          "XLA temp memory)")
+    print(
+        f"# llama d_model={args.d_model} depth={args.depth} batch={args.batch} seq={T}; "
+        f"ratios to the full program (best of {args.repeat} interleaved runs, {clock_name()}; "
+        "XLA temp memory)"
+    )
     cols = ["apply fwd", "apply train", "spec fwd", "spec train"]
-    print(f"{'program':<17}{'FLOPs':>8}" + "".join(f"{c:>13}" for c in cols)
-          + f"{'spec/apply':>12}{'apply mem':>11}{'spec mem':>10}")
+    print(
+        f"{'program':<17}{'FLOPs':>8}"
+        + "".join(f"{c:>13}" for c in cols)
+        + f"{'spec/apply':>12}{'apply mem':>11}{'spec mem':>10}"
+    )
     get = lambda name, c: times.get((name, c), float("nan"))
     for name in programs:
         cells = [get(name, c) / get("full", c) for c in cols]
         cells.append(get(name, "spec fwd") / get(name, "apply fwd"))
         cells += [mem[name, c] / mem["full", c] for c in ("apply mem", "spec mem")]
-        print(f"{name:<17}{flops[name] / flops['full']:>8.3f}" + "".join(
-            f"{x:>13.3f}" for x in cells[:4]) + f"{cells[4]:>12.3f}{cells[5]:>11.3f}"
-            f"{cells[6]:>10.3f}", flush=True)
-    print("full program, absolute: " + ", ".join(
-        f"{c} {get('full', c) * 1e3:.0f}ms" for c in cols if ("full", c) in times)
+        print(
+            f"{name:<17}{flops[name] / flops['full']:>8.3f}"
+            + "".join(f"{x:>13.3f}" for x in cells[:4])
+            + f"{cells[4]:>12.3f}{cells[5]:>11.3f}"
+            f"{cells[6]:>10.3f}",
+            flush=True,
+        )
+    print(
+        "full program, absolute: "
+        + ", ".join(f"{c} {get('full', c) * 1e3:.0f}ms" for c in cols if ("full", c) in times)
         + f"; temp memory apply {mem['full', 'apply mem']:.0f} MiB, "
-          f"specialize {mem['full', 'spec mem']:.0f} MiB")
-    print(f"apply compiled {apply_fwd._cache_size()} forward(s) for the {len(programs)} "
-          "programs (one per depth)")
+        f"specialize {mem['full', 'spec mem']:.0f} MiB"
+    )
+    print(
+        f"apply compiled {apply_fwd._cache_size()} forward(s) for the {len(programs)} "
+        "programs (one per depth)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ import numpy as np
 from . import program as program_lib, step_params as steps_lib
 from .block import step_updates
 from .kv_cache import StepCache
-from .model import (DepthModel, Embed, check_inputs, default_positions, output_head,
-                    rematerialized)
+from .model import DepthModel, Embed, check_inputs, default_positions, output_head, rematerialized
 from .program import ProgramError, is_concrete
 
 
@@ -286,8 +285,9 @@ def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **
     rows before the loop."""
     blocks = model.params["blocks"]
     ga, gm, sp = _step_data(model, run.steps)
-    slots = (np.zeros(len(run.steps), np.int32) if cache is None
-             else cache.slot_map()[list(run.steps)])
+    slots = (
+        np.zeros(len(run.steps), np.int32) if cache is None else cache.slot_map()[list(run.steps)]
+    )
     rows = np.tile(np.arange(run.row, run.row + run.length, dtype=np.int32), run.times)
     reshape = lambda t: jax.tree.map(lambda a: a.reshape((run.times, run.length) + a.shape[1:]), t)
     xs = reshape((jnp.asarray(rows), ga, gm, sp, jnp.asarray(slots)))
@@ -330,10 +330,12 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
         for batch in group.batches():
             rows = _take(blocks, [m.row for m in batch])
             ga, gm, sp = _step_data(model, [m.step for m in batch])
-            updates_fn = functools.partial(_updates, cfg, attn=batch[0].attn,
-                                           mlp=batch[0].mlp, **attn_kwargs)
-            member = rematerialized(cfg, lambda r, a, m, s: updates_fn(r, x_BTD, a, m, s,
-                                                                       positions_BT))
+            updates_fn = functools.partial(
+                _updates, cfg, attn=batch[0].attn, mlp=batch[0].mlp, **attn_kwargs
+            )
+            member = rematerialized(
+                cfg, lambda r, a, m, s, fn=updates_fn: fn(r, x_BTD, a, m, s, positions_BT)
+            )
             u_attn, u_mlp, _ = jax.vmap(member)(rows, ga, gm, sp)
             updates.update({m.step: (u_attn[k], u_mlp[k]) for k, m in enumerate(batch)})
     else:  # decoding: member by member, each writing its own slot
