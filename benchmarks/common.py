@@ -16,6 +16,31 @@ def timed(fn, *args, repeat: int = 5):
     return sorted(times)[len(times) // 2]
 
 
+def timed_interleaved(fns: dict, repeat: int = 3, clock=None) -> dict:
+    """{name: best time (s)} of each zero-argument fn, after one warm-up call each, timing
+    the fns in turn `repeat` times: on a shared machine whose load drifts, ratios of
+    interleaved minima are far steadier than medians taken one fn after another.
+
+    clock: time.perf_counter (wall) or time.process_time (CPU seconds of this process, all
+    threads: on a CPU backend shared with other jobs, the work done rather than the wait);
+    default: process time on CPU, wall time on accelerators."""
+    if clock is None:
+        clock = time.process_time if jax.devices()[0].platform == "cpu" else time.perf_counter
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = clock()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], clock() - t0)
+    return best
+
+
+def clock_name() -> str:
+    return "CPU seconds of this process" if jax.devices()[0].platform == "cpu" else "wall time"
+
+
 def compile_time(jitted, *args):
     """Seconds to trace, lower and compile `jitted` for these arguments."""
     t0 = time.perf_counter()

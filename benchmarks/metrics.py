@@ -27,7 +27,7 @@ from depthjax.metrics import coalitions as C
 def _old_sums(model, programs, tokens_BT, mask_BT):
     """The path before issue 13: vmap over whole programs (block ids batched), so each
     program of a chunk gathers its own copy of every row."""
-    chunk = C._chunk(programs.block.shape[0], tokens_BT.shape, model.config)
+    chunk = C.chunk_size(programs.block.shape[0], tokens_BT.shape, model.config)
     one = lambda p: nll_sums(
         dj.apply(model.replace(program=p), tokens_BT, mask=mask_BT), tokens_BT, mask_BT
     )
@@ -112,7 +112,7 @@ def main():
             + (f" (picks {min(costs, key=costs.get)})" if strategy == "auto" else "")
         )
     print(f"goal <= 1.0x: {'met' if best <= K * plain else 'NOT met'}")
-    chunk = C._chunk(K, tokens.shape, model.config)
+    chunk = C.chunk_size(K, tokens.shape, model.config)
     row_mib = sum(x[0].nbytes for x in jax.tree.leaves(model.params["blocks"])) / 2**20
     mem_old = temp_mib(_old_sums, model, programs, tokens, mask)
     mem_new = temp_mib(C._batched_sums, model, attn, mlp, tokens, mask, measure="loss", chunk=chunk)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import depthjax as dj
-from common import model_from_args, timed
+from common import clock_name, model_from_args, timed_interleaved
 from depthjax.metrics.batches import nll_sums
 from depthjax.train.flops import forward_flops_per_token
 
@@ -62,47 +62,50 @@ def main():
         jax.grad(lambda p, f, t: loss(f.replace(model=f.model.replace(params=p))(t)))
     )
     T = args.seq_len
+    programs = variants(model)
+    fns, flops, mem = {}, {}, {}
+    for name, m in programs.items():
+        fast = dj.specialize(m)
+        flops[name] = forward_flops_per_token(m.config, T, m.program)
+        fns[name, "apply fwd"] = lambda m=m: apply_fwd(m, tokens)
+        fns[name, "spec fwd"] = lambda f=fast: f(tokens)
+        if not args.no_train:
+            fns[name, "apply train"] = lambda m=m: apply_train(m.params, m, tokens)
+            fns[name, "spec train"] = lambda m=m, f=fast: spec_train(m.params, f, tokens)
+        mem[name, "apply mem"] = temp_mib(apply_fwd, m, tokens)
+        mem[name, "spec mem"] = temp_mib(jax.jit(lambda f, t: f(t)), fast, tokens)
+    times = timed_interleaved(fns, repeat=args.repeat)
     print(
         f"# llama d_model={args.d_model} depth={args.depth} batch={args.batch} seq={T}; "
-        f"ratios to the full program (time, temp memory), measured in this run"
+        f"ratios to the full program (best of {args.repeat} interleaved runs, {clock_name()}; "
+        "XLA temp memory)"
     )
-    cols = [
-        "FLOPs",
-        "apply fwd",
-        "apply train",
-        "spec fwd",
-        "spec train",
-        "spec/apply fwd",
-        "apply mem",
-        "spec mem",
-    ]
-    print(f"{'program':<17}" + "".join(f"{c:>15}" for c in cols))
-    base = None
-    for name, m in variants(model).items():
-        fast = dj.specialize(m)
-        row = {"FLOPs": forward_flops_per_token(m.config, T, m.program)}
-        row["apply fwd"] = timed(apply_fwd, m, tokens, repeat=args.repeat)
-        row["spec fwd"] = timed(fast, tokens, repeat=args.repeat)
-        if not args.no_train:
-            row["apply train"] = timed(apply_train, m.params, m, tokens, repeat=args.repeat)
-            row["spec train"] = timed(spec_train, m.params, fast, tokens, repeat=args.repeat)
-        row["apply mem"] = temp_mib(apply_fwd, m, tokens)
-        row["spec mem"] = temp_mib(jax.jit(lambda f, t: f(t)), fast, tokens)
-        base = base or row
-        cells = [row[c] / base[c] if c in row else float("nan") for c in cols[:5]]
-        cells.append(row["spec fwd"] / row["apply fwd"])
-        cells += [row[c] / base[c] for c in cols[6:]]
-        print(f"{name:<17}" + "".join(f"{x:>15.3f}" for x in cells), flush=True)
-        if name == "full":
-            print(
-                f"{'  (absolute)':<17}{'':>15}"
-                + "".join(
-                    f"{row[c] * 1e3:>13.1f}ms" if c in row else f"{'':>15}" for c in cols[1:5]
-                ),
-                flush=True,
-            )
+    cols = ["apply fwd", "apply train", "spec fwd", "spec train"]
     print(
-        f"apply compiled {apply_fwd._cache_size()} forward(s) for the {len(variants(model))} "
+        f"{'program':<17}{'FLOPs':>8}"
+        + "".join(f"{c:>13}" for c in cols)
+        + f"{'spec/apply':>12}{'apply mem':>11}{'spec mem':>10}"
+    )
+    get = lambda name, c: times.get((name, c), float("nan"))
+    for name in programs:
+        cells = [get(name, c) / get("full", c) for c in cols]
+        cells.append(get(name, "spec fwd") / get(name, "apply fwd"))
+        cells += [mem[name, c] / mem["full", c] for c in ("apply mem", "spec mem")]
+        print(
+            f"{name:<17}{flops[name] / flops['full']:>8.3f}"
+            + "".join(f"{x:>13.3f}" for x in cells[:4])
+            + f"{cells[4]:>12.3f}{cells[5]:>11.3f}"
+            f"{cells[6]:>10.3f}",
+            flush=True,
+        )
+    print(
+        "full program, absolute: "
+        + ", ".join(f"{c} {get('full', c) * 1e3:.0f}ms" for c in cols if ("full", c) in times)
+        + f"; temp memory apply {mem['full', 'apply mem']:.0f} MiB, "
+        f"specialize {mem['full', 'spec mem']:.0f} MiB"
+    )
+    print(
+        f"apply compiled {apply_fwd._cache_size()} forward(s) for the {len(programs)} "
         "programs (one per depth)"
     )
 

@@ -167,6 +167,13 @@ _REMAT_POLICIES = {
 }
 
 
+def rematerialized(cfg: ModelConfig, fn, *, prevent_cse: bool = True):
+    """`fn` under the config's remat policy (`jax.checkpoint`); fn itself for Remat.NONE."""
+    if cfg.remat is Remat.NONE:
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=prevent_cse)
+
+
 def segment_positions(segment_ids_BT):
     """Positions that restart at 0 where a new segment (packed document) begins."""
     T = segment_ids_BT.shape[1]
@@ -271,8 +278,7 @@ def run_blocks(
         base, acc = new
         return new, ((base + acc, u_attn, u_mlp) if trace else None)
 
-    if cfg.remat is not Remat.NONE:
-        step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
+    step = rematerialized(cfg, step, prevent_cse=unroll)
     carry = (x_BTD, jnp.zeros_like(x_BTD))
     xs = (jnp.arange(program.depth), program, step_params)
     if unroll:

@@ -138,3 +138,27 @@ def validate(program: Program, n_blocks: int | None = None) -> None:
     for gate in ("attn", "mlp"):
         if not np.isfinite(np.asarray(getattr(program, gate))).all():
             raise ProgramError(f"{gate} gates must be finite")
+
+
+def share_structure(programs: Program) -> Program:
+    """Stacked programs [K, depth] that run the same rows with the same parallel flags keep
+    those once ([depth]); only their gates stay batched [K, depth]. Host side (concrete);
+    see `map_programs`. Other batches are returned as they are."""
+    if programs.block.ndim != 2 or not is_concrete(programs):
+        return programs
+    block, parallel = np.asarray(programs.block), np.asarray(programs.parallel)
+    if (block == block[:1]).all() and (parallel == parallel[:1]).all():
+        return programs.replace(block=programs.block[0], parallel=programs.parallel[0])
+    return programs
+
+
+def map_programs(fn, programs: Program, *, batch_size: int | None = None):
+    """`lax.map` of fn(program) over a batch of programs, `batch_size` at a time (vmapped).
+
+    A batch from `share_structure` maps only the gates: every program of a chunk then
+    reads the same table row at each step, gathered once and shared (one wider matmul),
+    instead of each program gathering its own copy."""
+    if programs.block.ndim == 1:
+        shared = lambda gates: fn(programs.replace(attn=gates[0], mlp=gates[1]))
+        return jax.lax.map(shared, (programs.attn, programs.mlp), batch_size=batch_size)
+    return jax.lax.map(fn, programs, batch_size=batch_size)

@@ -11,9 +11,9 @@ a row is gathered at every step and a gated-off sublayer is skipped by a run-tim
 * a sublayer whose gate is 0 is not in the compiled function at all, and a step with
   nothing left to run (both gates 0, no recovery adapter) is removed;
 * consecutive steps that run consecutive table rows with the same sublayers on form a
-  *run*: one `lax.scan` over the contiguous slice table[a:b] (no per-step gather); a run
-  repeated back to back (a loop, `depth.repeat`) is a scan over its repetitions, every
-  repetition reading the same rows;
+  *run*: one `lax.scan` over rows a..b-1, each read in place from the table (the row
+  index is a known range, not data from a program); a run repeated back to back (a loop,
+  `depth.repeat`) is a scan over its repetitions, every repetition reading the same rows;
 * a parallel group runs as one call `vmap`-ed over its stacked rows (members with the
   same sublayers on together): the projections that read the group's shared input become
   one wider matmul. Prefill and decoding run a group's members one by one (each writes
@@ -38,7 +38,7 @@ import numpy as np
 from . import program as program_lib, step_params as steps_lib
 from .block import step_updates
 from .kv_cache import StepCache
-from .model import DepthModel, Embed, check_inputs, default_positions, output_head
+from .model import DepthModel, Embed, check_inputs, default_positions, output_head, rematerialized
 from .program import ProgramError, is_concrete
 
 
@@ -278,34 +278,42 @@ def _updates(
 
 
 def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **attn_kwargs):
-    """One Run: a scan over its rows (inside a scan over repetitions). Returns (x, cache)."""
-    rows = _take(model.params["blocks"], range(run.row, run.row + run.length))
+    """One Run: a scan over its rows (inside a scan over repetitions). Returns (x, cache).
+
+    Each step reads its row from the table in place (a dynamic slice of the loop-invariant
+    table, as dj.apply does): scanning over a sliced copy table[a:b] would copy the run's
+    rows before the loop."""
+    blocks = model.params["blocks"]
     ga, gm, sp = _step_data(model, run.steps)
     slots = (
         np.zeros(len(run.steps), np.int32) if cache is None else cache.slot_map()[list(run.steps)]
     )
+    rows = np.tile(np.arange(run.row, run.row + run.length, dtype=np.int32), run.times)
     reshape = lambda t: jax.tree.map(lambda a: a.reshape((run.times, run.length) + a.shape[1:]), t)
-    xs = reshape((ga, gm, sp, jnp.asarray(slots)))
+    xs = reshape((jnp.asarray(rows), ga, gm, sp, jnp.asarray(slots)))
     flags = dict(attn=run.attn, mlp=run.mlp, adapter=run.adapter)
     uses_cache = cache is not None and run.attn
 
     def step(carry, xs):
         x, kv = carry
-        row, (a, m, s, slot) = xs
+        r, a, m, s, slot = xs
+        row = jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, r, keepdims=False), blocks)
         view = StepCache(kv, slot, jnp.ones(x.shape[:1], bool), prefill) if uses_cache else None
         x, view = _one_step(cfg, row, x, a, m, s, positions_BT, view=view, **flags, **attn_kwargs)
         return (x, view.cache if uses_cache else kv), None
 
+    # as in dj.apply; CSE is only a risk for the forward outside a scan
+    step = rematerialized(cfg, step, prevent_cse=run.length == run.times == 1)
+    first = lambda t: jax.tree.map(lambda a: a[0], t)
+
     def repetition(carry, xs):
         if run.length == 1:
-            return step(
-                carry, (jax.tree.map(lambda a: a[0], rows), jax.tree.map(lambda a: a[0], xs))
-            )
-        return jax.lax.scan(step, carry, (rows, xs))
+            return step(carry, first(xs))
+        return jax.lax.scan(step, carry, xs)
 
     carry = (x_BTD, cache)
     if run.times == 1:
-        carry, _ = repetition(carry, jax.tree.map(lambda a: a[0], xs))
+        carry, _ = repetition(carry, first(xs))
     else:
         carry, _ = jax.lax.scan(repetition, carry, xs)
     return carry
@@ -322,11 +330,13 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
         for batch in group.batches():
             rows = _take(blocks, [m.row for m in batch])
             ga, gm, sp = _step_data(model, [m.step for m in batch])
-            fn = functools.partial(
+            updates_fn = functools.partial(
                 _updates, cfg, attn=batch[0].attn, mlp=batch[0].mlp, **attn_kwargs
             )
-            one = lambda r, a, m, s, fn=fn: fn(r, x_BTD, a, m, s, positions_BT)
-            u_attn, u_mlp, _ = jax.vmap(one)(rows, ga, gm, sp)
+            member = rematerialized(
+                cfg, lambda r, a, m, s, fn=updates_fn: fn(r, x_BTD, a, m, s, positions_BT)
+            )
+            u_attn, u_mlp, _ = jax.vmap(member)(rows, ga, gm, sp)
             updates.update({m.step: (u_attn[k], u_mlp[k]) for k, m in enumerate(batch)})
     else:  # decoding: member by member, each writing its own slot
         slot_map = cache.slot_map()

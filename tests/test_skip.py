@@ -135,3 +135,25 @@ def test_one_compile_for_every_gate_pattern(tokens):
     for attn, mlp in ((ATTN, MLP), (np.ones(5), np.zeros(5)), (np.zeros(5), np.ones(5))):
         forward(model.with_program(Program.create(BLOCKS, attn, mlp)), tokens)
     assert forward._cache_size() == 1
+
+
+def test_gate_only_batches_share_their_rows(tokens):
+    """map_programs over a batch that differs only in gates maps the gates alone (block ids
+    and flags kept once): same outputs as mapping whole programs."""
+    from depthjax.program import map_programs, share_structure
+
+    model = _model(FAMILIES["pre"])
+    attn = jnp.stack([ATTN, jnp.ones(5), 1 - (ATTN > 0)])
+    stacked = Program(
+        jnp.tile(jnp.asarray(BLOCKS, jnp.int32), (3, 1)),
+        attn,
+        jnp.ones((3, 5)),
+        jnp.zeros((3, 5), bool),
+    )
+    shared = share_structure(stacked)
+    assert shared.block.shape == (5,) and shared.attn.shape == (3, 5)
+    assert share_structure(stacked.replace(block=stacked.block.at[1, 0].set(2))).block.ndim == 2
+    run = jax.jit(
+        lambda m, p: map_programs(lambda q: dj.apply(m.replace(program=q), tokens), p, batch_size=2)
+    )
+    np.testing.assert_allclose(run(model, shared), run(model, stacked), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ from ..hf.pooling import pool
 from ..metrics.batches import as_batches
 from ..metrics.coalitions import chunk_size
 from ..model import DepthModel, apply
+from ..program import map_programs, share_structure
 from .scoring import stack_programs
 
 
@@ -39,7 +40,7 @@ def _cosine_sums(model, programs, tokens_BT, mask_BT, ref_BD, *, mode, normalize
         out_BD = _pooled(model.replace(program=program), tokens_BT, mask_BT, mode, normalize)
         return jnp.sum(unit(out_BD) * unit(ref_BD))
 
-    return jax.lax.map(one, programs, batch_size=chunk)
+    return map_programs(one, programs, batch_size=chunk)
 
 
 @dataclasses.dataclass(eq=False)
@@ -82,7 +83,7 @@ class Representation:
         for b, ref_BD in zip(self.batches, self._references(model)):
             total = total + _cosine_sums(
                 model,
-                stacked,
+                share_structure(stacked),  # gate-only batches share each gathered row
                 b.tokens,
                 b.mask,
                 ref_BD,

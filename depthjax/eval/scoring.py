@@ -24,7 +24,7 @@ import optax
 from .. import program as program_lib
 from ..metrics.coalitions import chunk_size
 from ..model import DepthModel, apply
-from ..program import Program, ProgramError
+from ..program import Program, ProgramError, map_programs, share_structure
 from ..progress import track
 
 
@@ -142,7 +142,7 @@ def _batch_scores(model, programs, tokens_BT, targets_BT, weights_BT, *, chunk):
             jnp.all(greedy_BT | ~on_BT, axis=1),
         )
 
-    return jax.lax.map(one, programs, batch_size=chunk)
+    return map_programs(one, programs, batch_size=chunk)
 
 
 def loglikelihoods(
@@ -199,7 +199,12 @@ def loglikelihoods(
             tokens[r, :L], targets[r, :L] = seq[:-1], seq[1:]
             weights[r, L - n : L] = 1.0
         s, g = _batch_scores(
-            model, programs, tokens, targets, weights, chunk=chunk_size(K, (B, T), model.config)
+            model,
+            share_structure(programs),  # gate-only batches share each gathered row
+            tokens,
+            targets,
+            weights,
+            chunk=chunk_size(K, (B, T), model.config),
         )
         ll[:, group], greedy[:, group] = (
             np.asarray(s)[:, : len(group)],

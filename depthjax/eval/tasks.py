@@ -148,7 +148,7 @@ class MultipleChoice:
         res = self.scores(model, programs)
         pick = (lambda a: a) if batched else (lambda a: a[0])
         out = {
-            k: res[k] if batched else float(res[k][0])
+            k: pick(res[k]) if batched else float(res[k][0])
             for k in ("acc", "acc_norm", "acc_bytes", "nll")
         }
         out["loglikelihoods"] = [pick(x) for x in res["loglikelihoods"]]

@@ -39,7 +39,7 @@ import numpy as np
 from .. import progress
 from ..loss import nll_sums, require_causal
 from ..model import DepthModel, apply, default_positions, output_head, run_blocks
-from ..program import Program
+from ..program import Program, map_programs
 from ..train.flops import sublayer_flops_per_token
 from .batches import as_batches
 from .scores import Scores
@@ -120,15 +120,15 @@ def _measure_sums(logits, ref, tokens_BT, mask_BT, measure):
 
 @functools.partial(jax.jit, static_argnames=("measure", "chunk"))
 def _batched_sums(model, attn_KS, mlp_KS, tokens_BT, mask_BT, *, measure, chunk):
-    """[K] (measure sums, weights): chunks of coalitions vmapped over their gates."""
+    """[K] (measure sums, weights): chunks of coalitions vmapped over their gates only."""
     ref = apply(model, tokens_BT, mask=mask_BT) if measure == "logit" else None
 
-    def one(gates):
-        program = model.program.replace(attn=gates[0], mlp=gates[1])
+    def one(program):
         logits = apply(model.replace(program=program), tokens_BT, mask=mask_BT)
         return _measure_sums(logits, ref, tokens_BT, mask_BT, measure)
 
-    return jax.lax.map(one, (attn_KS, mlp_KS), batch_size=chunk)
+    programs = model.program.replace(attn=attn_KS, mlp=mlp_KS)  # block ids, flags shared
+    return map_programs(one, programs, batch_size=chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("measure",))
