@@ -8,8 +8,8 @@ from . import (
     hf,
     metrics,
     presets,
-    search,
     presets as configs,  # the DESIGN name; `presets` says what it holds
+    search,
 )
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat

@@ -22,8 +22,11 @@ def model():
     return D.drop_sublayers(m, attn=[2], mlp=[2])
 
 
+_apply = jax.jit(dj.apply)   # eager dj.apply retraces its scan on every call (~1 s each)
+
+
 def naive_loss(model, tokens):
-    logits = np.asarray(dj.apply(model, tokens), np.float64)
+    logits = np.asarray(_apply(model, tokens), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     return -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean()
@@ -96,7 +99,8 @@ def test_shapley_exact_enumeration_and_efficiency(model):
     for sampled in (M.shapley(model, BATCHES, num_permutations=3, key=jax.random.key(7)),
                     M.shapley(model, BATCHES, num_permutations=3, antithetic=False)):
         np.testing.assert_allclose(sampled.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
-        np.testing.assert_allclose(sampled.values.sum(), sampled.extra["v_all_minus_v_none"], atol=1e-9)
+        np.testing.assert_allclose(sampled.values.sum(), sampled.extra["v_all_minus_v_none"],
+                                   atol=1e-9)
     assert M.shapley(model, BATCHES, num_permutations=3).extra["permutations"] == 4
     with pytest.raises(ValueError, match="max_coalitions"):
         M.shapley(model, BATCHES, unit="sublayer", num_permutations=None, max_coalitions=128)

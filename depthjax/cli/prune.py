@@ -22,8 +22,7 @@ def _metric(name: str, unit: str, calib, args):
     import jax
     import numpy as np
 
-    from .. import metrics as M
-    from .. import report
+    from .. import metrics as M, report
     if name in ("block_influence", "angular_distance") and unit != "block":
         raise UsageError(f"--metric {name} scores whole blocks; use --unit block, or ablation, "
                          "shapley or relative_contribution for sublayers")

@@ -35,7 +35,8 @@ def parse_budget(text: str, model=None, batch_shape=None):
         return None
     name, sep, value = text.partition("=")
     if not sep or name not in BUDGETS or not value:
-        raise UsageError(f"--budget {text!r}: expected one of {', '.join(b + '=X' for b in BUDGETS)} "
+        forms = ", ".join(b + "=X" for b in BUDGETS)
+        raise UsageError(f"--budget {text!r}: expected one of {forms} "
                          "(X a number or a percentage of the start program) or none")
     try:
         number = float(value.rstrip("%"))
@@ -69,8 +70,11 @@ def _search(args) -> int:
     if args.objective != "loss":
         raise UsageError(f"--objective {args.objective!r}: only 'loss' is available "
                          "(task objectives come with depthjax.eval)")
+    shape = (args.batch_size, args.seq_len)
+    if not args.budget.startswith("latency="):
+        parse_budget(args.budget, None, shape)     # bad flags fail before the model loads
     model, calib, evals = load_with_data(args)
-    budget = parse_budget(args.budget, model, (args.batch_size, args.seq_len))
+    budget = parse_budget(args.budget, model, shape)
     print(f"[search] {model!r}".splitlines()[0] + f"; {args.strategy}, budget {args.budget}, "
           f"moves {','.join(moves)}", flush=True)
     res = search.run(model, "loss", batches=calib, budget=budget, strategy=args.strategy,
@@ -89,12 +93,14 @@ def _search(args) -> int:
                                               f"{f.score:.4f} (calibration), {valid:.4f} "
                                               f"(validation), cost {f.cost:g} {res.cost_unit}")
         (out / "specs" / f"rank{i:02d}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        rows.append(f"| {i} | {f.score:.4f} | {valid:.4f} | {f.cost:.4g} | {f.depth} | `{_cell(f.describe())}` |")
+        rows.append(f"| {i} | {f.score:.4f} | {valid:.4f} | {f.cost:.4g} | {f.depth} "
+                    f"| `{_cell(f.describe())}` |")
     table = "\n".join([
         f"# depthjax search: {args.model}", "",
         f"{res.strategy}, budget {res.budget}, moves {', '.join(moves)}; {res.evaluated} programs "
         f"scored in {res.generations} generations ({res.seconds:.1f}s).", "",
-        f"| rank | {res.objective} (calibration) | {res.objective} (validation) | cost ({res.cost_unit}) "
+        f"| rank | {res.objective} (calibration) | {res.objective} (validation) "
+        f"| cost ({res.cost_unit}) "
         "| depth | program (start steps; a/m: only attn/mlp; \\|: parallel) |",
         "|---|---|---|---|---|---|",
         f"| start | {res.start.score:.4f} | {held_out[0]:.4f} | {res.start.cost:.4g} | "
@@ -117,11 +123,13 @@ def add_command(sub) -> None:
     p.add_argument("--budget", default="none", help="steps=N | flops=X | kv=X | latency=X "
                    "(X absolute or a percentage of the start, e.g. flops=75%%) | none")
     p.add_argument("--objective", default="loss", help="what to minimize (default: loss)")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "evolutionary", "mcts"])
+    p.add_argument("--strategy", default="greedy",
+                   choices=["greedy", "beam", "evolutionary", "mcts"])
     p.add_argument("--moves", default=",".join(MOVES), help="comma-separated subset of "
                    + ", ".join(MOVES))
     p.add_argument("--prior", choices=["gradient", "hessian"], default=None,
-                   help="order candidates by a Taylor estimate from the gate gradient (and Hessian)")
+                   help="order candidates by a Taylor estimate from the gate gradient "
+                        "(and Hessian)")
     p.add_argument("--top", type=int, default=10, help="programs to write as specs")
     p.add_argument("--key", type=int, default=0, help="random seed of the search")
     p.add_argument("--out", required=True, help="output directory")

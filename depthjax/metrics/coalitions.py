@@ -16,7 +16,6 @@ the measure rises without it.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import jax
@@ -164,7 +163,8 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
                       {"stderr": np.zeros(n), "exact": True, "coalitions": 1 << n,
                        "v_all_minus_v_none": total})
     if not isinstance(num_permutations, (int, np.integer)) or num_permutations < 1:
-        raise ValueError(f"num_permutations must be a positive integer or None, got {num_permutations!r}")
+        raise ValueError("num_permutations must be a positive integer or None, got "
+                         f"{num_permutations!r}")
     key = jax.random.key(0) if key is None else key
     perms = _permutations(n, int(num_permutations), key, antithetic)   # [P, n]
     P = len(perms)

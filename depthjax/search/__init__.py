@@ -18,7 +18,7 @@ from .driver import PRIORS, rescore, run
 from .objective import Objective, as_objective, logits, loss
 from .result import Found, PerExampleResult, SearchResult, pareto_front
 from .space import MOVES, Candidate, SearchError, Space
-from .strategies import MCTS, Beam, Evolutionary, Greedy, STRATEGIES
+from .strategies import MCTS, STRATEGIES, Beam, Evolutionary, Greedy
 
 __all__ = ["Beam", "Budget", "Candidate", "Evolutionary", "Found", "Greedy", "LatencyModel",
            "MCTS", "MOVES", "Objective", "PRIORS", "PerExampleResult", "STRATEGIES",

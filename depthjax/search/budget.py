@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,8 @@ class LatencyModel:
 
     def __post_init__(self):
         if self.parallel not in ("sum", "max"):
-            raise SearchError(f"LatencyModel.parallel must be 'sum' or 'max', got {self.parallel!r}")
+            raise SearchError("LatencyModel.parallel must be 'sum' or 'max', got "
+                              f"{self.parallel!r}")
         if min(self.attn_s, self.mlp_s, self.step_s) < 0:
             raise SearchError("latencies must be non-negative")
 
@@ -63,7 +64,7 @@ class LatencyModel:
         return float(sum(per_step[group == g].max() for g in np.unique(group)))
 
     @classmethod
-    def measure(cls, model, batch_shape: tuple[int, int], repeats: int = 20) -> "LatencyModel":
+    def measure(cls, model, batch_shape: tuple[int, int], repeats: int = 20) -> LatencyModel:
         """Median wall time of one attention and one MLP sublayer of `model` (table row 0)
         on activations [B, T, D], jitted, on the default device."""
         from ..block import Block
@@ -107,11 +108,12 @@ class Budget:
         if self.fraction is not None and not self.fraction > 0:
             raise SearchError(f"{self.name} budget: fraction must be > 0, got {self.fraction}")
 
-    def resolve(self, cfg: ModelConfig, start: Program) -> "Budget":
+    def resolve(self, cfg: ModelConfig, start: Program) -> Budget:
         """The budget with an absolute limit (a fraction becomes fraction * start cost)."""
         if self.fraction is None:
             return self
-        return dataclasses.replace(self, limit=self.fraction * self.cost_of(cfg, start), fraction=None)
+        limit = self.fraction * self.cost_of(cfg, start)
+        return dataclasses.replace(self, limit=limit, fraction=None)
 
     def describe(self) -> str:
         if self.fraction is not None:
@@ -120,14 +122,14 @@ class Budget:
 
     # -- the budgets ---------------------------------------------------------------------
     @classmethod
-    def steps(cls, limit: int | None = None, *, fraction: float | None = None) -> "Budget":
+    def steps(cls, limit: int | None = None, *, fraction: float | None = None) -> Budget:
         if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 1):
             raise SearchError(f"a steps budget must be a positive integer, got {limit!r}")
         return cls("steps", "steps", lambda cfg, p: float(active_steps(p)), limit, fraction)
 
     @classmethod
     def flops(cls, limit: float | None = None, *, fraction: float | None = None,
-              seq_len: int = 512) -> "Budget":
+              seq_len: int = 512) -> Budget:
         """Forward FLOPs per token at `seq_len` (sublayers that run, plus the output head)."""
         def cost(cfg, p):
             attn, mlp = sublayer_forward_flops(cfg, seq_len)
@@ -136,7 +138,7 @@ class Budget:
         return cls(f"flops@{seq_len}", "FLOP/token", cost, limit, fraction)
 
     @classmethod
-    def kv_bytes(cls, limit: float | None = None, *, fraction: float | None = None) -> "Budget":
+    def kv_bytes(cls, limit: float | None = None, *, fraction: float | None = None) -> Budget:
         """KV-cache bytes per token of context: keys and values of every step whose
         attention runs (a step with attention off has no cache slot)."""
         def cost(cfg, p):
@@ -146,14 +148,14 @@ class Budget:
 
     @classmethod
     def latency(cls, model: LatencyModel, limit: float | None = None, *,
-                fraction: float | None = None) -> "Budget":
+                fraction: float | None = None) -> Budget:
         if not isinstance(model, LatencyModel):
             raise SearchError(f"Budget.latency needs a LatencyModel, got {type(model).__name__}")
         return cls("latency", "s", lambda cfg, p: model(p), limit, fraction)
 
     @classmethod
     def custom(cls, cost: Callable[[Program], float], limit: float | None = None, *,
-               fraction: float | None = None, name: str = "cost", unit: str = "") -> "Budget":
+               fraction: float | None = None, name: str = "cost", unit: str = "") -> Budget:
         """Any cost of a program (a `Program` of numpy arrays on the start model's table)."""
         return cls(name, unit, lambda cfg, p: float(cost(p)), limit, fraction)
 
@@ -166,4 +168,5 @@ def as_budget(budget) -> Budget:
         return budget
     if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
         return Budget.steps(int(budget))
-    raise SearchError(f"budget must be None, an int (max steps) or a dj.search.Budget, got {budget!r}")
+    raise SearchError("budget must be None, an int (max steps) or a dj.search.Budget, got "
+                      f"{budget!r}")

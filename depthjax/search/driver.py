@@ -8,10 +8,10 @@ import jax
 import numpy as np
 
 from .. import progress
+from ..depth.edit import selected_parallel
 from ..loss import loss_measure, require_causal
 from ..metrics.gates import gate_derivatives, taylor_estimate
 from ..model import DepthModel
-from ..depth.edit import selected_parallel
 from .budget import as_budget
 from .evaluate import Evaluator
 from .objective import Objective, as_objective
@@ -28,7 +28,8 @@ def _rng(key) -> np.random.Generator:
         return np.random.default_rng(0)
     if isinstance(key, (int, np.integer)):
         return np.random.default_rng(int(key))
-    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
 
 
@@ -115,8 +116,8 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
 
     def found(c, scores) -> Found:
         measures = {k: v for k, v in scores.items() if k != "score"}
-        return Found(c, scores["score"], cost(c), budget.limit is None or cost(c) <= budget.limit * (1 + 1e-9),
-                     measures, space)
+        feasible = budget.limit is None or cost(c) <= budget.limit * (1 + 1e-9)
+        return Found(c, scores["score"], cost(c), feasible, measures, space)
 
     if not per_example:
         pb = Problem(space, cost, budget.limit, lambda c: ev.scores[c]["score"], objective.key, est)
@@ -139,14 +140,17 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
 
     examples = [{k: v[r] for k, v in b.items()} for b in objective.batches
                 for r in range(b["tokens"].shape[0])]
-    problems = [Problem(space, cost, budget.limit, (lambda e: lambda c: ev.scores[(c, e)]["score"])(e),
-                        objective.key, est) for e in range(len(examples))]
+    def score_of(e):
+        return lambda c: ev.scores[(c, e)]["score"]
+    problems = [Problem(space, cost, budget.limit, score_of(e), objective.key, est)
+                for e in range(len(examples))]
     seed = rng.integers(2**63)
     runs = {e: strategy.run(pb, np.random.default_rng([seed, e])) for e, pb in enumerate(problems)}
     seen: dict[int, list[Candidate]] = {e: [] for e in runs}
     pending = {e: next(g) for e, g in runs.items()}
     gens = 0
-    with progress.bar(f"search ({name}, per example)", total=getattr(strategy, "total", None)) as bar:
+    total = getattr(strategy, "total", None)
+    with progress.bar(f"search ({name}, per example)", total=total) as bar:
         while pending:
             pairs = [(c, e) for e, cands in pending.items() for c in cands]
             ev.paired(pairs, examples)

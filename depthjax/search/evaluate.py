@@ -14,6 +14,7 @@ its own candidates).
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +69,7 @@ def _chunks(arrays: dict, C: int):
         n = len(next(iter(part.values())))
         if n < C:
             part = {k: np.concatenate([v, np.repeat(v[:1], C - n, 0)]) for k, v in part.items()}
-        yield i, n, part
+        yield n, part
 
 
 class Evaluator:
@@ -89,11 +90,13 @@ class Evaluator:
         cfg, tokens = space.model.config, objective.batches[0]["tokens"]
         typical = 1 << max(len(space.neighbours(space.start)), 1).bit_length()
         self.chunk = chunk or min(typical, chunk_size(1 << 30, tokens.shape, cfg))
-        self.paired_chunk = chunk or min(4 * typical, chunk_size(1 << 30, (1, tokens.shape[1]), cfg))
+        self.paired_chunk = chunk or min(4 * typical,
+                                         chunk_size(1 << 30, (1, tokens.shape[1]), cfg))
 
     def _means(self, sums: dict, idx) -> dict:
         w = sums["weight"][idx]
-        return {k: float(v[idx] / w) if w else float("nan") for k, v in sums.items() if k != "weight"}
+        return {k: float(v[idx] / w) if w else float("nan")
+                for k, v in sums.items() if k != "weight"}
 
     def pooled(self, cands: list[Candidate]) -> None:
         """Score the new candidates among `cands` on all of the objective's data."""
@@ -103,7 +106,7 @@ class Evaluator:
         packed = self.space.pack(new)
         C = self.chunk
         sums = []
-        for i, n, part in _chunks(packed, C):
+        for n, part in _chunks(packed, C):
             acc = None
             for batch in self.objective.batches:
                 out = _pooled(self.space.model, part, batch, measure=self.objective.measure)
@@ -134,7 +137,7 @@ class Evaluator:
             groups.append((group, list(_chunks(packed, self.paired_chunk))))
         for group, parts in groups:
             sums = []
-            for i, n, part in parts:
+            for n, part in parts:
                 cands = {k: v for k, v in part.items() if not k.startswith("row:")}
                 rows = {k[4:]: v for k, v in part.items() if k.startswith("row:")}
                 sums.append((n, _paired(self.space.model, cands, rows,

@@ -102,7 +102,8 @@ class SearchResult:
         return "\n".join(rows)
 
     def __repr__(self) -> str:
-        best = f"best {self.objective} {self.best.score:.4f}" if self.ranked else "none within budget"
+        best = (f"best {self.objective} {self.best.score:.4f}" if self.ranked
+                else "none within budget")
         return (f"SearchResult({self.strategy}, {self.budget}: {best}, start "
                 f"{self.start.score:.4f}; {self.evaluated} programs in {self.generations} "
                 f"generations, {self.seconds:.1f}s)\n{self.table(5)}")
@@ -194,4 +195,5 @@ class PerExampleResult:
         return {"objective": self.objective, "maximize": self.maximize, "budget": self.budget,
                 "strategy": self.strategy, "evaluated": self.evaluated,
                 "generations": self.generations, "seconds": self.seconds, "gain": self.gain(),
-                "best": [f.to_dict() for f in self.best], "start": [f.to_dict() for f in self.start]}
+                "best": [f.to_dict() for f in self.best],
+                "start": [f.to_dict() for f in self.start]}

@@ -20,7 +20,7 @@ one canonical candidate and the same program is never scored twice.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +46,7 @@ class Candidate:
     parallel: tuple[bool, ...]
 
     @classmethod
-    def start(cls, depth: int) -> "Candidate":
+    def start(cls, depth: int) -> Candidate:
         return cls(tuple(range(depth)), (1,) * depth, (1,) * depth, (False,) * depth)
 
     @property
@@ -54,8 +54,10 @@ class Candidate:
         return len(self.steps)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"steps": np.asarray(self.steps, np.int32), "attn": np.asarray(self.attn, np.float32),
-                "mlp": np.asarray(self.mlp, np.float32), "parallel": np.asarray(self.parallel, bool)}
+        return {"steps": np.asarray(self.steps, np.int32),
+                "attn": np.asarray(self.attn, np.float32),
+                "mlp": np.asarray(self.mlp, np.float32),
+                "parallel": np.asarray(self.parallel, bool)}
 
     def describe(self) -> str:
         """Compact text: start steps in order, `a`/`m` = only attention/MLP on, `|` = parallel
@@ -70,7 +72,8 @@ class Space:
     """Moves from a start model's program, with a cap on the depth (so that every candidate
     pads to one length and all of them share one compiled forward)."""
 
-    def __init__(self, model: DepthModel, moves: Iterable[str] = MOVES, max_depth: int | None = None):
+    def __init__(self, model: DepthModel, moves: Iterable[str] = MOVES,
+                 max_depth: int | None = None):
         moves = tuple(moves)
         unknown = [m for m in moves if m not in MOVES]
         if unknown or not moves:
@@ -129,7 +132,8 @@ class Space:
                 elif move == "swap" and i + 1 < n:
                     out.append(self._select(c, list(range(i)) + [i + 1, i] + list(range(i + 2, n))))
                 elif move == "parallelize" and i > 0 and not c.parallel[i]:
-                    out.append(dataclasses.replace(c, parallel=c.parallel[:i] + (True,) + c.parallel[i + 1:]))
+                    joined = c.parallel[:i] + (True,) + c.parallel[i + 1:]
+                    out.append(dataclasses.replace(c, parallel=joined))
         seen, unique = {c}, []
         for nb in map(self.canonical, out):
             if nb.depth and nb not in seen:

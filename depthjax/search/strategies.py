@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -74,7 +74,8 @@ class Problem:
         if max_candidates is None or len(nbrs) <= max_candidates:
             return nbrs
         if self.prior is None:
-            raise SearchError("max_candidates needs a prior to choose the candidates (prior='gradient')")
+            raise SearchError("max_candidates needs a prior to choose the candidates "
+                              "(prior='gradient')")
         keys = np.array([self.prior_key(n) for n in nbrs])
         order = np.argsort(np.where(np.isnan(keys), np.inf, keys), kind="stable")
         return [nbrs[i] for i in order[:max_candidates]]
@@ -137,7 +138,8 @@ class Evolutionary:
     tournament: int = 2
 
     def __post_init__(self):
-        if self.population < 2 or self.generations < 1 or self.max_mutations < 1 or self.tournament < 1:
+        if (self.population < 2 or self.generations < 1 or self.max_mutations < 1
+                or self.tournament < 1):
             raise SearchError("Evolutionary needs population >= 2, generations >= 1, "
                               "max_mutations >= 1 and tournament >= 1")
 
@@ -242,9 +244,12 @@ class MCTS:
                     p = p_of(node)
                     n_parent = N[node] + virtual.get(node, 0)
                     fpu = q_norm(node)   # unvisited children start at their parent's value
-                    ucb = [(q_norm(k) if k in N else fpu) - (virtual.get(k, 0) > 0)
-                           + self.c_puct * p[i] * math.sqrt(n_parent) / (1 + N.get(k, 0) + virtual.get(k, 0))
-                           for i, k in enumerate(kids)]
+                    ucb = []
+                    for i, k in enumerate(kids):
+                        pending_k = virtual.get(k, 0)   # virtual loss: in this batch already
+                        q = q_norm(k) if k in N else fpu
+                        explore = math.sqrt(n_parent) / (1 + N.get(k, 0) + pending_k)
+                        ucb.append(q - (pending_k > 0) + self.c_puct * p[i] * explore)
                     child = kids[int(np.argmax(ucb))]
                     path.append(child)
                     if child not in N:
