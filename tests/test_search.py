@@ -19,7 +19,7 @@ from . import reference as ref
 RNG = np.random.default_rng(0)
 BATCHES = [RNG.integers(0, 256, (2, 8)).astype(np.int32) for _ in range(2)]
 # One chunk size and padded depth everywhere, so searches of one objective share a compile.
-KW = dict(chunk=32, max_depth=6)
+KW = dict(chunk=4, max_depth=6)   # chunk: the CPU default, as the CLI test uses
 apply = jax.jit(dj.apply)     # eager dj.apply retraces its scan on every call
 
 
@@ -331,7 +331,7 @@ def test_search_cli(model, tmp_path, capsys):
     dj.save(model, tmp_path / "ck")
     data = ["--model", str(tmp_path / "ck"), "--batches", "1", "--batch-size", "2",
             "--seq-len", "8"]
-    # the default moves: the padded depth (6) and chunk (32) of KW, so compiles are shared
+    # the default moves: the padded depth (6) and chunk (4) of KW, so compiles are shared
     assert cli.main(["search", *data, "--budget", "steps=75%", "--top", "3",
                      "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"

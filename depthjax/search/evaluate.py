@@ -85,12 +85,16 @@ class Evaluator:
         self.scores: dict = {}
         self.evaluated = 0
         self.forwards = 0
-        # One chunk size for the whole search, so every generation reuses one compile: the
-        # start's neighbourhood (a generation's typical size), within the memory bound.
+        # One chunk size for the whole search, so every generation reuses one compile. On an
+        # accelerator: the start's neighbourhood (a generation's typical size) rounded up to
+        # a multiple of 8, within the memory bound. On CPU, wider batches of programs are no
+        # faster per program (benchmarks/search.py), so chunks stay small: less padding.
         cfg, tokens = space.model.config, objective.batches[0]["tokens"]
-        typical = 1 << max(len(space.neighbours(space.start)), 1).bit_length()
-        self.chunk = chunk or min(typical, chunk_size(1 << 30, tokens.shape, cfg))
-        self.paired_chunk = chunk or min(4 * typical,
+        typical = -(-max(len(space.neighbours(space.start)), 1) // 8) * 8
+        on_cpu = jax.default_backend() == "cpu"
+        self.chunk = chunk or min(4 if on_cpu else typical,
+                                  chunk_size(1 << 30, tokens.shape, cfg))
+        self.paired_chunk = chunk or min(16 if on_cpu else 4 * typical,
                                          chunk_size(1 << 30, (1, tokens.shape[1]), cfg))
 
     def _means(self, sums: dict, idx) -> dict:
