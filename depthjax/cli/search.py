@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, add_data_args, load_with_data
+from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
 
 BUDGETS = ("steps", "flops", "kv", "latency")
 # depthjax.search.MOVES, spelled out so that `depthjax --help` does not import JAX (a test
@@ -133,4 +133,5 @@ def add_command(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="programs to write as specs")
     p.add_argument("--key", type=int, default=0, help="random seed of the search")
     p.add_argument("--out", required=True, help="output directory")
+    add_quiet_arg(p)
     p.set_defaults(func=_search)
