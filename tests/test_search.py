@@ -350,3 +350,23 @@ def test_search_cli(model, tmp_path, capsys):
                      ("steps=2.5", "whole number")):
         assert cli.main(["search", *data, "--budget", bad, "--out", str(tmp_path / "x")]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_router_keeps_part_of_the_oracle_gain(model):
+    """Router mechanics: labels are each row's best class program, its choices are the
+    classifier's argmax, and no routing beats the class oracle."""
+    data = search.loss(BATCHES)
+    per = search.run(model, data, per_example=True, moves=("drop", "repeat"), **KW)
+    router = search.fit_router(per, data, k=2, classes=3, steps=300, chunk=KW["chunk"])
+    assert router.space.start in router.programs and len(router.programs) <= 4
+    gains = search.routing_gain(router, data, per, chunk=KW["chunk"])
+    assert gains["class oracle"] >= max(gains["router"], gains["single best program"]) - 1e-12
+    assert gains["oracle"] == per.gain() >= gains["class oracle"] - 1e-12
+    scores = search.router.class_scores(router.space, router.programs, data, KW["chunk"])
+    for e, f in enumerate(per.best):           # class scores are the per-example scores
+        if f.candidate in router.programs:
+            assert scores[e, router.programs.index(f.candidate)] == pytest.approx(f.score)
+    # 4 rows, at most 4 classes, 300 steps: the router fits its training labels
+    assert gains["router"] == pytest.approx(gains["class oracle"])
+    with pytest.raises(search.SearchError, match="k must be"):
+        search.fit_router(per, data, k=9)
