@@ -68,36 +68,48 @@ def main():
 
     loss = jax.jit(lambda m, t: nll_sums(dj.apply(m, t), t, jnp.ones(t.shape, jnp.float32)))
     cold_sep, sep = _separate(loss, [space.to_model(c) for c in cands], tokens)
-    print(f"one generation: {K} programs of depths {depths[0]}..{depths[-1]} (padded to "
-          f"{space.max_depth}, chunks of {evaluator.chunk}), {args.batch}x{args.seq_len} "
-          "tokens each; programs per second of wall time (of CPU time)")
+    print(
+        f"one generation: {K} programs of depths {depths[0]}..{depths[-1]} (padded to "
+        f"{space.max_depth}, chunks of {evaluator.chunk}), {args.batch}x{args.seq_len} "
+        "tokens each; programs per second of wall time (of CPU time)"
+    )
     rate = lambda c: f"{K / c.wall:8.1f} ({K / c.cpu:6.1f})"
-    print(f"  batched (dj.search):  {rate(batched)}; first call {cold_batched.wall:.2f}s with "
-          f"{compiles} compilation")
+    print(
+        f"  batched (dj.search):  {rate(batched)}; first call {cold_batched.wall:.2f}s with "
+        f"{compiles} compilation"
+    )
     print(f"  separate, warm:       {rate(sep)}")
-    print(f"  separate, cold:       {rate(cold_sep)}; {cold_sep.wall:.2f}s with {len(depths)} "
-          "compilations")
-    print(f"  batched / separate, warm: {sep.wall / batched.wall:.2f}x wall "
-          f"({sep.cpu / batched.cpu:.2f}x CPU); cold: {cold_sep.wall / cold_batched.wall:.2f}x "
-          f"wall ({cold_sep.cpu / cold_batched.cpu:.2f}x CPU)")
+    print(
+        f"  separate, cold:       {rate(cold_sep)}; {cold_sep.wall:.2f}s with {len(depths)} "
+        "compilations"
+    )
+    print(
+        f"  batched / separate, warm: {sep.wall / batched.wall:.2f}x wall "
+        f"({sep.cpu / batched.cpu:.2f}x CPU); cold: {cold_sep.wall / cold_batched.wall:.2f}x "
+        f"wall ({cold_sep.cpu / cold_batched.cpu:.2f}x CPU)"
+    )
 
     # Per example: every (program, row) pair on its own row.
-    rows = [{"tokens": tokens[r], "mask": np.ones(tokens.shape[1], np.float32)}
-            for r in range(len(tokens))]
+    rows = [
+        {"tokens": tokens[r], "mask": np.ones(tokens.shape[1], np.float32)}
+        for r in range(len(tokens))
+    ]
     pairs = [(c, r) for c in cands for r in range(len(tokens))]
-    evaluator.paired(pairs, rows)                     # compile
+    evaluator.paired(pairs, rows)  # compile
     evaluator.scores.clear()
     with Clock() as paired:
         evaluator.paired(pairs, rows)
-    singles = [(space.to_model(c), tokens[r:r + 1]) for c, r in pairs]
-    for m, t in singles[:len(cands)]:                 # one compile per depth
+    singles = [(space.to_model(c), tokens[r : r + 1]) for c, r in pairs]
+    for m, t in singles[: len(cands)]:  # one compile per depth
         jax.block_until_ready(loss(m, t))
     with Clock() as sep_rows:
         for m, t in singles:
             jax.block_until_ready(loss(m, t))
-    print(f"per example: {len(pairs)} (program, row) pairs: batched {len(pairs) / paired.wall:.1f} "
-          f"pairs/s, separate {len(pairs) / sep_rows.wall:.1f} pairs/s: "
-          f"{sep_rows.wall / paired.wall:.2f}x wall ({sep_rows.cpu / paired.cpu:.2f}x CPU)")
+    print(
+        f"per example: {len(pairs)} (program, row) pairs: batched {len(pairs) / paired.wall:.1f} "
+        f"pairs/s, separate {len(pairs) / sep_rows.wall:.1f} pairs/s: "
+        f"{sep_rows.wall / paired.wall:.2f}x wall ({sep_rows.cpu / paired.cpu:.2f}x CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -34,22 +34,31 @@ def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ..
     return tuple(int(i) for i in np.flatnonzero(attn != 0))
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "valid", "length", "next_pos"],
-                   meta_fields=["steps", "depth"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "valid", "length", "next_pos"],
+    meta_fields=["steps", "depth"],
+)
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array          # [N, B, S, K, Dh]
-    v: jax.Array          # [N, B, S, K, Dh]
-    valid: jax.Array      # bool [N, B, S]
-    length: jax.Array     # int32 []: cache index the next token is written at
-    next_pos: jax.Array   # int32 [B]: position of each sequence's next token
+    k: jax.Array  # [N, B, S, K, Dh]
+    v: jax.Array  # [N, B, S, K, Dh]
+    valid: jax.Array  # bool [N, B, S]
+    length: jax.Array  # int32 []: cache index the next token is written at
+    next_pos: jax.Array  # int32 [B]: position of each sequence's next token
     steps: tuple[int, ...]  # slot n belongs to program step steps[n]
-    depth: int              # the cache covers program steps 0..depth-1
+    depth: int  # the cache covers program steps 0..depth-1
 
     @classmethod
-    def create(cls, cfg: ModelConfig, program: Program, batch: int, max_len: int, *,
-               depth: int | None = None) -> KVCache:
+    def create(
+        cls,
+        cfg: ModelConfig,
+        program: Program,
+        batch: int,
+        max_len: int,
+        *,
+        depth: int | None = None,
+    ) -> KVCache:
         """An empty cache for `program` (its first `depth` steps): one slot per attention step."""
         depth = program.depth if depth is None else depth
         if not 1 <= depth <= program.depth:
@@ -57,13 +66,20 @@ class KVCache:
         return cls.empty(cfg, attention_steps(program, depth), depth, batch, max_len)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int,
-              max_len: int) -> KVCache:
+    def empty(
+        cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int, max_len: int
+    ) -> KVCache:
         """An empty cache with slots for `steps` (works under jit: the layout is static)."""
         shape = (len(steps), batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-                   valid=jnp.zeros(shape[:3], bool), length=jnp.zeros((), jnp.int32),
-                   next_pos=jnp.zeros((batch,), jnp.int32), steps=steps, depth=depth)
+        return cls(
+            k=jnp.zeros(shape, cfg.dtype),
+            v=jnp.zeros(shape, cfg.dtype),
+            valid=jnp.zeros(shape[:3], bool),
+            length=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+            steps=steps,
+            depth=depth,
+        )
 
     @property
     def n_slots(self) -> int:
@@ -95,13 +111,18 @@ class KVCache:
             return
         want = attention_steps(program, self.depth)
         if want != self.steps:
-            raise ProgramError(f"the cache has slots for attention steps {list(self.steps)} "
-                               f"but the program's attention steps are {list(want)}: build "
-                               "the cache (prefill) with the same program")
+            raise ProgramError(
+                f"the cache has slots for attention steps {list(self.steps)} "
+                f"but the program's attention steps are {list(want)}: build "
+                "the cache (prefill) with the same program"
+            )
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["cache", "slot", "write_B"], meta_fields=["prefill"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["cache", "slot", "write_B"],
+    meta_fields=["prefill"],
+)
 @dataclasses.dataclass(frozen=True)
 class StepCache:
     """What one attention call sees: the cache, its slot, and which rows really write.
@@ -112,8 +133,8 @@ class StepCache:
     """
 
     cache: KVCache
-    slot: jax.Array       # int32 []
-    write_B: jax.Array    # bool [B]: False marks the written keys invalid (exited tokens)
+    slot: jax.Array  # int32 []
+    write_B: jax.Array  # bool [B]: False marks the written keys invalid (exited tokens)
     prefill: bool
 
     def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
@@ -122,7 +143,8 @@ class StepCache:
         start = 0 if self.prefill else c.length
         T = k_BTKD.shape[1]
         write = lambda buf, new: jax.lax.dynamic_update_slice(
-            buf, new[None].astype(buf.dtype), (self.slot, 0, start) + (0,) * (buf.ndim - 3))
+            buf, new[None].astype(buf.dtype), (self.slot, 0, start) + (0,) * (buf.ndim - 3)
+        )
         valid_BT = jnp.broadcast_to(self.write_B[:, None], (self.write_B.shape[0], T))
         if kv_mask_BT is not None:
             valid_BT = valid_BT & kv_mask_BT.astype(bool)

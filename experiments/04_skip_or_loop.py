@@ -41,8 +41,7 @@ from depthjax.report import pyplot
 
 
 # -- the task ------------------------------------------------------------------------------
-def make_example(rng, n_letters: int, max_hops: int, n_queries: int,
-                 perm=None) -> tuple[str, list]:
+def make_example(rng, n_letters: int, max_hops: int, n_queries: int, perm=None) -> tuple[str, list]:
     """Queries "|kxy" (y = perm^k(x)) as text, and [(x, k, y)].
 
     perm=None (task "context"): a fresh random permutation, written first as pairs in
@@ -60,22 +59,26 @@ def make_example(rng, n_letters: int, max_hops: int, n_queries: int,
         for _ in range(k):
             y = perm[y]
         queries.append((letters[x], k, letters[y]))
-        text += f"|{k}{letters[x]}{letters[y]}"   # y right after x: an induction-style lookup
+        text += f"|{k}{letters[x]}{letters[y]}"  # y right after x: an induction-style lookup
     return text, queries
 
 
 def task_permutation(args):
     """The fixed permutation of task "fixed" (None for "context")."""
-    return (np.random.default_rng(args.seed + 77).permutation(args.letters)
-            if args.task == "fixed" else None)
+    return (
+        np.random.default_rng(args.seed + 77).permutation(args.letters)
+        if args.task == "fixed"
+        else None
+    )
 
 
 def write_train_file(path: Path, n_docs: int, args) -> None:
     rng = np.random.default_rng(args.seed)
     with open(path, "w") as f:
         for _ in range(n_docs):
-            text, _ = make_example(rng, args.letters, args.max_hops, args.queries,
-                                   task_permutation(args))
+            text, _ = make_example(
+                rng, args.letters, args.max_hops, args.queries, task_permutation(args)
+            )
             f.write(json.dumps({"text": text}) + "\n")
 
 
@@ -85,8 +88,9 @@ def eval_set(args):
     rng = np.random.default_rng(10_000 + args.seed)
     toks, ans, hops = [], [], []
     for _ in range(args.examples):
-        text, q = make_example(rng, args.letters, args.max_hops, args.queries,
-                               task_permutation(args))
+        text, q = make_example(
+            rng, args.letters, args.max_hops, args.queries, task_permutation(args)
+        )
         toks.append(np.frombuffer(text[:-1].encode(), np.uint8))
         ans.append(ord(q[-1][2]))
         hops.append(q[-1][1])
@@ -99,8 +103,10 @@ def answer_logprob(logits_BTV, batch):
     and whether it is the model's top prediction ("right")."""
     lp_BV = jax.nn.log_softmax(logits_BTV[:, -1].astype(jnp.float32))
     target = batch["target"]
-    return {"score": jnp.take_along_axis(lp_BV, target[:, None], -1)[:, 0],
-            "right": (jnp.argmax(lp_BV, -1) == target).astype(jnp.float32)}
+    return {
+        "score": jnp.take_along_axis(lp_BV, target[:, None], -1)[:, 0],
+        "right": (jnp.argmax(lp_BV, -1) == target).astype(jnp.float32),
+    }
 
 
 def answer_right(logits_BTV, batch):
@@ -117,11 +123,20 @@ def search(model, tokens, targets, *, shorten: bool, rounds: int, max_len: int):
     right, so the result is the shortest right chain the search reaches. shorten=False:
     skip, loop (repeat) or swap moves that raise the target's log-probability."""
     rows = [{"tokens": tokens, "target": np.asarray(targets, np.int32)}]
-    objective = (dj.search.logits(answer_right, rows, maximize=True, name="right") if shorten
-                 else dj.search.logits(answer_logprob, rows, maximize=True, name="log p(target)"))
+    objective = (
+        dj.search.logits(answer_right, rows, maximize=True, name="right")
+        if shorten
+        else dj.search.logits(answer_logprob, rows, maximize=True, name="log p(target)")
+    )
     moves = ("drop",) if shorten else ("drop", "repeat", "swap")
-    return dj.search.run(model, objective, per_example=True, moves=moves, max_depth=max_len,
-                         strategy=dj.search.Greedy(rounds=rounds))
+    return dj.search.run(
+        model,
+        objective,
+        per_example=True,
+        moves=moves,
+        max_depth=max_len,
+        strategy=dj.search.Greedy(rounds=rounds),
+    )
 
 
 def plot(path, lengths, rows, depth: int) -> None:
@@ -147,20 +162,33 @@ def plot(path, lengths, rows, depth: int) -> None:
 
 
 def main(argv=None):
-    p = common.parser("04_skip_or_loop", __doc__, layers=6, steps=200, batch_size=32,
-                      seq_len=64, lr=2e-3)
-    p.add_argument("--task", choices=("fixed", "context"), default="fixed",
-                   help="fixed: one permutation held in the weights; context: a fresh "
-                        "permutation per example, listed before the query")
-    p.add_argument("--letters", type=int, default=None,
-                   help="alphabet size of the permutation (default 26 fixed, 6 context)")
+    p = common.parser(
+        "04_skip_or_loop", __doc__, layers=6, steps=200, batch_size=32, seq_len=64, lr=2e-3
+    )
+    p.add_argument(
+        "--task",
+        choices=("fixed", "context"),
+        default="fixed",
+        help="fixed: one permutation held in the weights; context: a fresh "
+        "permutation per example, listed before the query",
+    )
+    p.add_argument(
+        "--letters",
+        type=int,
+        default=None,
+        help="alphabet size of the permutation (default 26 fixed, 6 context)",
+    )
     p.add_argument("--max-hops", type=int, default=None, help="default 6 fixed, 3 context")
     p.add_argument("--queries", type=int, default=8, help="queries per training document")
     p.add_argument("--train-docs", type=int, default=50_000)
     p.add_argument("--examples", type=int, default=300, help="evaluation examples")
     p.add_argument("--rounds", type=int, default=8, help="greedy search rounds")
-    p.add_argument("--extra-steps", type=int, default=2,
-                   help="chains may be this many steps longer than the model")
+    p.add_argument(
+        "--extra-steps",
+        type=int,
+        default=2,
+        help="chains may be this many steps longer than the model",
+    )
     args = common.parse(p, argv, __file__)
     args.letters = args.letters or (26 if args.task == "fixed" else 6)
     args.max_hops = args.max_hops or (6 if args.task == "fixed" else 3)
@@ -169,8 +197,10 @@ def main(argv=None):
     out = common.out_dir(args)
     data_dir = Path(args.cache) / "hops_data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    train_file = data_dir / (f"hops-{args.task}-l{args.letters}-h{args.max_hops}-q{args.queries}-"
-                             f"n{args.train_docs}-s{args.seed}.jsonl")
+    train_file = data_dir / (
+        f"hops-{args.task}-l{args.letters}-h{args.max_hops}-q{args.queries}-"
+        f"n{args.train_docs}-s{args.seed}.jsonl"
+    )
     if not train_file.exists():
         common.log(f"writing {args.train_docs:,} training documents to {train_file}")
         write_train_file(train_file, args.train_docs, args)
@@ -189,15 +219,22 @@ def main(argv=None):
     final = [tuple(range(S))] * len(tokens)
     fixed_or_kept = right0.copy()
     if right0.any():
-        kept = search(model, tokens[right0], answers[right0], shorten=True, rounds=args.rounds,
-                      max_len=max_len)
+        kept = search(
+            model,
+            tokens[right0],
+            answers[right0],
+            shorten=True,
+            rounds=args.rounds,
+            max_len=max_len,
+        )
         common.log(f"  right examples: {kept}")
         shortest[right0] = [f.depth for f in kept.best]
         for e, f in zip(np.flatnonzero(right0), kept.best):
             final[e] = f.candidate.steps
     if wrong.any():
-        climbed = search(model, tokens[wrong], answers[wrong], shorten=False, rounds=args.rounds,
-                         max_len=max_len)
+        climbed = search(
+            model, tokens[wrong], answers[wrong], shorten=False, rounds=args.rounds, max_len=max_len
+        )
         common.log(f"  wrong examples: {climbed}")
         fixed_or_kept[wrong] = [f.measures["right"] == 1 for f in climbed.best]
         for e, f in zip(np.flatnonzero(wrong), climbed.best):
@@ -206,13 +243,15 @@ def main(argv=None):
     # model's prediction; a "fix" rate near this one would be luck, not structure.
     rng = np.random.default_rng(args.seed)
     letters = ord("a") + np.arange(args.letters)
-    decoys = np.array([rng.choice([c for c in letters if c not in (a, p_)])
-                       for a, p_ in zip(answers, pred0)])
+    decoys = np.array(
+        [rng.choice([c for c in letters if c not in (a, p_)]) for a, p_ in zip(answers, pred0)]
+    )
     decoy_hit = np.zeros(0, bool)
     if wrong.any():
         common.log("control search toward random wrong letters")
-        control = search(model, tokens[wrong], decoys[wrong], shorten=False, rounds=args.rounds,
-                         max_len=max_len)
+        control = search(
+            model, tokens[wrong], decoys[wrong], shorten=False, rounds=args.rounds, max_len=max_len
+        )
         decoy_hit = np.array([f.measures["right"] == 1 for f in control.best])
 
     kept_shorter = right0 & (shortest < S) & (shortest > 0)
@@ -222,11 +261,17 @@ def main(argv=None):
         sel = np.ones(len(hops), bool) if k == "all" else hops == k
         r, w = sel & right0, sel & wrong
         dsel = (hops[wrong] == k) if k != "all" else np.ones(wrong.sum(), bool)
-        rows.append([k, int(sel.sum()), f"{r.sum() / max(sel.sum(), 1):.1%}",
-                     f"{(kept_shorter & sel).sum()}/{r.sum()}",
-                     f"{shortest[r].mean():.2f}" if r.any() else "-",
-                     f"{(fixed & sel).sum()}/{w.sum()}",
-                     f"{decoy_hit[dsel].sum()}/{dsel.sum()}"])
+        rows.append(
+            [
+                k,
+                int(sel.sum()),
+                f"{r.sum() / max(sel.sum(), 1):.1%}",
+                f"{(kept_shorter & sel).sum()}/{r.sum()}",
+                f"{shortest[r].mean():.2f}" if r.any() else "-",
+                f"{(fixed & sel).sum()}/{w.sum()}",
+                f"{decoy_hit[dsel].sum()}/{dsel.sum()}",
+            ]
+        )
     lengths = np.bincount(shortest[right0], minlength=max_len + 1)
     plot(out / "search.png", lengths, rows[:-1], S)
     sections = [
@@ -234,22 +279,44 @@ def main(argv=None):
         f"task '{args.task}', {args.letters}-letter permutations with 1..{args.max_hops} "
         f"hops, {args.queries} queries per document. Search: "
         f"{args.rounds} greedy rounds, chains up to {max_len} steps.",
-        "## Per hop count\n\n" + common.md_table(
-            ["hops", "examples", "accuracy (full chain)", "right, kept by a shorter chain",
-             "mean shortest right chain", "wrong, fixed by the search's chain",
-             "control: wrong, pushed to a random wrong letter"], rows),
-        "## Shortest chain found that keeps a right answer\n\n" + common.md_table(
-            ["steps"] + list(range(1, max_len + 1)),
-            [["examples"] + lengths[1:].tolist()]),
-        "## Example chains found (example: hops, chain)\n\n" + "\n".join(
+        "## Per hop count\n\n"
+        + common.md_table(
+            [
+                "hops",
+                "examples",
+                "accuracy (full chain)",
+                "right, kept by a shorter chain",
+                "mean shortest right chain",
+                "wrong, fixed by the search's chain",
+                "control: wrong, pushed to a random wrong letter",
+            ],
+            rows,
+        ),
+        "## Shortest chain found that keeps a right answer\n\n"
+        + common.md_table(
+            ["steps"] + list(range(1, max_len + 1)), [["examples"] + lengths[1:].tolist()]
+        ),
+        "## Example chains found (example: hops, chain)\n\n"
+        + "\n".join(
             f"* {i}: {hops[i]} hops, {'right' if right0[i] else 'wrong'} -> "
             f"{'right' if fixed_or_kept[i] else 'wrong'} with chain {list(final[i])}"
-            for i in range(min(8, len(tokens)))),
+            for i in range(min(8, len(tokens)))
+        ),
     ]
-    common.write_results(args, out, "Experiment 4: skip or loop (chain-of-layers search)", sections,
-                         {"right0": right0, "hit": fixed_or_kept, "shortest": shortest,
-                          "hops": hops, "decoy_hit": decoy_hit,
-                          "final_chains": [list(c) for c in final]})
+    common.write_results(
+        args,
+        out,
+        "Experiment 4: skip or loop (chain-of-layers search)",
+        sections,
+        {
+            "right0": right0,
+            "hit": fixed_or_kept,
+            "shortest": shortest,
+            "hops": hops,
+            "decoy_hit": decoy_hit,
+            "final_chains": [list(c) for c in final],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,20 @@ import pytest
 import depthjax as dj
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
-TINY = ["--steps", "4", "--layers", "4", "--batch-size", "2", "--seq-len", "16",
-        "--eval-batches", "1", "--score-batches", "1"]
+TINY = [
+    "--steps",
+    "4",
+    "--layers",
+    "4",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--eval-batches",
+    "1",
+    "--score-batches",
+    "1",
+]
 
 
 def script(name: str):
@@ -57,7 +69,7 @@ def test_parallel_layers_script_and_program_loss(cache, tmp_path):
     out, md, data = run("05_parallel_layers", cache, tmp_path)
     common = script("common")
     args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache)])
-    model = common.base_model(args)          # the cached model the script used
+    model = common.base_model(args)  # the cached model the script used
     batches = common.eval_batches(args)
     assert data["full"] == pytest.approx(naive_loss(model, batches), rel=1e-5)
     # 4 steps: one middle pair [1, 2]; "drop both" leaves steps 0 and 3
@@ -79,8 +91,12 @@ def test_fixed_permutation_task_answers_compose_the_permutation():
         assert text.count("|") == 4 and len(text) == 16
         for (x, k, y), q in zip(queries, text.split("|")[1:]):
             assert q == f"{k}{x}{y}"
-            assert y == "abcdefghij"[np.linalg.matrix_power(np.eye(10, dtype=int)[perm], k)
-                                     [ord(x) - 97].argmax()]
+            assert (
+                y
+                == "abcdefghij"[
+                    np.linalg.matrix_power(np.eye(10, dtype=int)[perm], k)[ord(x) - 97].argmax()
+                ]
+            )
 
 
 def test_context_task_answers_follow_the_pairs():
@@ -89,7 +105,7 @@ def test_context_task_answers_follow_the_pairs():
     for _ in range(50):
         text, queries = hops.make_example(rng, 7, 4, 3)
         pairs_text, *qs = text.split("|")
-        mapping = dict(pairs_text.split(" "))            # independent parse of the text
+        mapping = dict(pairs_text.split(" "))  # independent parse of the text
         assert sorted(mapping) == sorted(mapping.values()) == list("abcdefg")
         for (x, k, y), q in zip(queries, qs):
             assert q == f"{k}{x}{y}"
@@ -109,23 +125,26 @@ def test_chain_search_scores_match_reordered_models():
     targets = rng.integers(97, 103, 2)
     res = hops.search(model, tokens, targets, shorten=False, rounds=2, max_len=6)
     for e, (f, start) in enumerate(zip(res.best, res.start)):
-        ref = dj.apply(dj.depth.reorder(model, f.candidate.steps), tokens[e:e + 1])[0, -1]
+        ref = dj.apply(dj.depth.reorder(model, f.candidate.steps), tokens[e : e + 1])[0, -1]
         np.testing.assert_allclose(f.score, jax.nn.log_softmax(ref)[targets[e]], atol=2e-5)
         assert f.score >= start.score and f.depth <= 6
         assert f.measures["right"] == float(np.argmax(ref) == targets[e])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,extra", [
-    ("01_metric_comparison", ["--shapley-permutations", "2", "--random-orders", "2"]),
-    ("02_attn_vs_mlp", []),
-    ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
-    ("06_norm_placement", []),
-    ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
-])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("01_metric_comparison", ["--shapley-permutations", "2", "--random-orders", "2"]),
+        ("02_attn_vs_mlp", []),
+        ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
+        ("06_norm_placement", []),
+        ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
+    ],
+)
 def test_script_runs(cache, tmp_path, name, extra):
     out, md, data = run(name, cache, tmp_path, *extra)
     assert not re.search(r"\bnan\b", md, re.I)
     assert list(out.glob("*.png")) or name in ("03_recursive", "04_skip_or_loop")
-    if name == "03_recursive":      # relax at full rank reproduces the base model
+    if name == "03_recursive":  # relax at full rank reproduces the base model
         assert data["full_rank_relax"] == pytest.approx(data["base"], abs=1e-4)

@@ -19,13 +19,13 @@ from . import reference as ref
 RNG = np.random.default_rng(0)
 BATCHES = [RNG.integers(0, 256, (2, 8)).astype(np.int32) for _ in range(2)]
 # One chunk size and padded depth everywhere, so searches of one objective share a compile.
-KW = dict(chunk=4, max_depth=6)   # chunk: the CPU default, as the CLI test uses
-apply = jax.jit(dj.apply)     # eager dj.apply retraces its scan on every call
+KW = dict(chunk=4, max_depth=6)  # chunk: the CPU default, as the CLI test uses
+apply = jax.jit(dj.apply)  # eager dj.apply retraces its scan on every call
 
 
 @pytest.fixture(scope="module")
 def model(llama):
-    return llama          # conftest's llama-tiny (4 steps), shared with other test files
+    return llama  # conftest's llama-tiny (4 steps), shared with other test files
 
 
 def groups_of(program):
@@ -58,9 +58,14 @@ def test_moves_match_depth_transforms(model):
     by_program = {}
     for nb in space.neighbours(start):
         by_program[str(space.to_model(nb).program.to_dict())] = nb
-    want = [D.drop(model, [1]), D.drop_sublayers(model, attn=[2]), D.drop_sublayers(model, mlp=[0]),
-            D.repeat(model, [2], 2), D.reorder(model, [0, 2, 1, 3]),
-            D.parallelize(model, [[1, 2]])]
+    want = [
+        D.drop(model, [1]),
+        D.drop_sublayers(model, attn=[2]),
+        D.drop_sublayers(model, mlp=[0]),
+        D.repeat(model, [2], 2),
+        D.reorder(model, [0, 2, 1, 3]),
+        D.parallelize(model, [[1, 2]]),
+    ]
     for m in want:
         assert str(m.program.to_dict()) in by_program, m.program
     # 4 drops + 8 sublayer drops + 4 repeats + 3 swaps + 3 parallelizations, all distinct
@@ -73,20 +78,23 @@ def test_moves_match_depth_transforms(model):
 def test_batched_scores_equal_naive_forward(model):
     """Every generation is one batch of padded programs; each score must equal the naive
     forward of that program alone (depths 2..6, repeats, swaps, parallel groups)."""
-    res = search.run(model, "loss", batches=BATCHES, strategy=search.Beam(width=2, rounds=2),
-                     **KW)
+    res = search.run(model, "loss", batches=BATCHES, strategy=search.Beam(width=2, rounds=2), **KW)
     found = res.all
     assert res.evaluated == len(found) > 30
     depths = {f.depth for f in found}
-    assert min(depths) < 4 < max(depths)            # padded ones and longer ones
-    picks = [f for f in found if f.depth != 4][:4] + \
-        [f for f in found if any(f.candidate.parallel)][:2] + [res.start]
+    assert min(depths) < 4 < max(depths)  # padded ones and longer ones
+    picks = (
+        [f for f in found if f.depth != 4][:4]
+        + [f for f in found if any(f.candidate.parallel)][:2]
+        + [res.start]
+    )
     for f in picks:
         np.testing.assert_allclose(f.score, naive_loss(model, f.program), rtol=2e-6)
 
 
 def test_padding_steps_are_exact_no_ops(model):
     from depthjax.search.evaluate import candidate_model
+
     space = Space(model, max_depth=7)
     c = Candidate((2, 0, 0), (1, 1, 0), (1, 0, 1), (False, False, True))
     packed = {k: v[0] for k, v in space.pack([c]).items()}
@@ -102,12 +110,19 @@ def test_search_matches_brute_force_enumeration(model):
     subsets = [s for r in range(1, 5) for s in itertools.combinations(range(4), r)]
     loss = {s: naive_loss(model, D.reorder(model, list(s)).program) for s in subsets}
     best = min((s for s in subsets if len(s) <= 2), key=loss.get)
-    beam = search.run(model, "loss", batches=BATCHES, budget=2, moves=("drop",),
-                      strategy=search.Beam(width=4), **KW)
+    beam = search.run(
+        model,
+        "loss",
+        batches=BATCHES,
+        budget=2,
+        moves=("drop",),
+        strategy=search.Beam(width=4),
+        **KW,
+    )
     assert beam.best.candidate.steps == best
     np.testing.assert_allclose(beam.best.score, loss[best], rtol=2e-6)
     ranked = sorted((s for s in subsets if len(s) <= 2), key=loss.get)
-    assert [f.candidate.steps for f in beam.ranked] == ranked     # every subset, in order
+    assert [f.candidate.steps for f in beam.ranked] == ranked  # every subset, in order
 
     # Greedy by hand: drop the step whose removal hurts least until the program fits (the
     # block-pruning baseline), then keep dropping while that lowers the loss.
@@ -117,8 +132,9 @@ def test_search_matches_brute_force_enumeration(model):
         if len(cur) <= 2 and not loss[nxt] < loss[cur]:
             break
         cur = nxt
-    greedy = search.run(model, "loss", batches=BATCHES, budget=2, moves=("drop",),
-                        strategy="greedy", **KW)
+    greedy = search.run(
+        model, "loss", batches=BATCHES, budget=2, moves=("drop",), strategy="greedy", **KW
+    )
     assert greedy.best.candidate.steps == cur
     assert greedy.best.score >= beam.best.score - 1e-9
 
@@ -142,8 +158,14 @@ def test_idle_steps_are_dropped_first(model):
         blocks["mlp"]["down"]["kernel"] = blocks["mlp"]["down"]["kernel"].at[row].set(0)
     idle = model.replace(params={**model.params, "blocks": blocks})
     for strategy in ("greedy", "beam"):
-        res = search.run(idle, distance_to(idle), budget=2, moves=("drop", "drop_sublayer"),
-                         strategy=strategy, **KW)
+        res = search.run(
+            idle,
+            distance_to(idle),
+            budget=2,
+            moves=("drop", "drop_sublayer"),
+            strategy=strategy,
+            **KW,
+        )
         assert res.best.candidate.steps == (0, 2)
         assert res.best.score < 1e-12 < 1e-6 < res.ranked[1].score
 
@@ -165,8 +187,16 @@ def test_priors_order_and_cut_candidates(model, prior):
     while len(cur) > 2:
         cur = min((tuple(x for x in cur if x != d) for d in cur), key=estimate)
         path.append(cur)
-    res = search.run(model, "loss", batches=BATCHES, budget=2, moves=("drop",), prior=prior,
-                     strategy=search.Greedy(max_candidates=1, rounds=2), **KW)
+    res = search.run(
+        model,
+        "loss",
+        batches=BATCHES,
+        budget=2,
+        moves=("drop",),
+        prior=prior,
+        strategy=search.Greedy(max_candidates=1, rounds=2),
+        **KW,
+    )
     assert [f.candidate.steps for f in res.all] == [(0, 1, 2, 3)] + path
     assert res.best.candidate.steps == path[-1] and res.evaluated == 3
 
@@ -178,22 +208,38 @@ def teacher_objective(model):
     return distance_to(D.reorder(model, [0, 2, 1, 1, 3]))
 
 
-@pytest.mark.parametrize("strategy", [
-    "greedy", search.Beam(width=3), search.Evolutionary(population=16, generations=8),
-    search.MCTS(simulations=96, batch=16)])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "greedy",
+        search.Beam(width=3),
+        search.Evolutionary(population=16, generations=8),
+        search.MCTS(simulations=96, batch=16),
+    ],
+)
 def test_strategies_find_a_known_optimum(model, teacher_objective, strategy):
-    res = search.run(model, teacher_objective, strategy=strategy, key=jax.random.key(0),
-                     moves=("drop", "repeat", "swap"), **KW)
+    res = search.run(
+        model,
+        teacher_objective,
+        strategy=strategy,
+        key=jax.random.key(0),
+        moves=("drop", "repeat", "swap"),
+        **KW,
+    )
     assert res.best.candidate.steps == (0, 2, 1, 1, 3), res
     assert res.best.score < 1e-12 < 1e-6 < res.start.score
 
 
 def test_deterministic_given_the_key(model, teacher_objective):
     kw = dict(moves=("drop", "repeat", "swap"), **KW)
-    for strategy in (search.Evolutionary(population=8, generations=3),
-                     search.MCTS(simulations=40, batch=8)):
-        runs = [search.run(model, teacher_objective, strategy=strategy, key=jax.random.key(k), **kw)
-                for k in (1, 1, 2)]
+    for strategy in (
+        search.Evolutionary(population=8, generations=3),
+        search.MCTS(simulations=40, batch=8),
+    ):
+        runs = [
+            search.run(model, teacher_objective, strategy=strategy, key=jax.random.key(k), **kw)
+            for k in (1, 1, 2)
+        ]
         same = lambda r: [(f.candidate, f.score) for f in r.all]
         assert same(runs[0]) == same(runs[1])
         assert same(runs[0]) != same(runs[2])
@@ -201,21 +247,25 @@ def test_deterministic_given_the_key(model, teacher_objective):
 
 def test_per_example_equals_a_search_on_each_row(model):
     """Each example's program is what a pooled search on that row alone finds."""
-    res = search.run(model, "loss", batches=BATCHES[:1], per_example=True, moves=("drop", "repeat"),
-                     **KW)
+    res = search.run(
+        model, "loss", batches=BATCHES[:1], per_example=True, moves=("drop", "repeat"), **KW
+    )
     assert len(res) == 2 and res.gain() > 0
     for e in range(2):
-        row = BATCHES[0][[e, e]]          # the row twice: same loss, the batch shape of BATCHES
+        row = BATCHES[0][[e, e]]  # the row twice: same loss, the batch shape of BATCHES
         alone = search.run(model, "loss", batches=[row], moves=("drop", "repeat"), **KW)
         assert res.best[e].candidate == alone.best.candidate
         np.testing.assert_allclose(res.best[e].score, alone.best.score, rtol=1e-6)
-        np.testing.assert_allclose(res.best[e].score,
-                                   naive_loss(model, res.best[e].program, [BATCHES[0][e:e + 1]]),
-                                   rtol=2e-6)
+        np.testing.assert_allclose(
+            res.best[e].score,
+            naive_loss(model, res.best[e].program, [BATCHES[0][e : e + 1]]),
+            rtol=2e-6,
+        )
 
 
 def test_budgets_and_pareto(model):
     from depthjax.train.flops import sublayer_forward_flops
+
     space = Space(model)
     c = Candidate((0, 1, 1, 3), (1, 0, 1, 1), (1, 1, 1, 0), (False, False, True, False))
     p = space.program(c)
@@ -232,8 +282,15 @@ def test_budgets_and_pareto(model):
     half = search.Budget.flops(fraction=0.5).resolve(cfg, start)
     assert half.limit == 0.5 * search.Budget.flops().cost_of(cfg, start)
 
-    res = search.run(model, "loss", batches=BATCHES, budget=search.Budget.kv_bytes(fraction=0.5),
-                     moves=("drop", "drop_sublayer"), strategy=search.Beam(width=2), **KW)
+    res = search.run(
+        model,
+        "loss",
+        batches=BATCHES,
+        budget=search.Budget.kv_bytes(fraction=0.5),
+        moves=("drop", "drop_sublayer"),
+        strategy=search.Beam(width=2),
+        **KW,
+    )
     assert res.ranked and all(f.cost <= 2 * 256 for f in res.ranked)
     assert all(sum(f.candidate.attn) <= 2 for f in res.ranked) and res.best.measures == {}
     front = res.pareto()
@@ -253,8 +310,9 @@ def naive_loss64(model, gates_K, batches):
     (attn_0.., mlp_0..), for finite differences without float32 rounding."""
     S = model.depth
     with _x64():
-        m64 = model.replace(params=jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
-                                                model.params))
+        m64 = model.replace(
+            params=jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.params)
+        )
 
         def one(g):
             total = 0.0
@@ -263,6 +321,7 @@ def naive_loss64(model, gates_K, batches):
                 logp = jax.nn.log_softmax(ref.forward(m64, tokens, groups))
                 total += -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean()
             return total / len(batches)
+
         return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(gates_K, jnp.float64)))
 
 
@@ -273,13 +332,20 @@ def test_gate_derivatives_match_finite_differences(model):
     n, h, cols = 2 * S, 1e-3, (0, S + 1)
     eye = np.eye(n)
     keep = np.ones(n)
-    keep[[0, S]] = 0.9                                          # step 0's gates -0.1
-    pts = np.vstack([1 + h * eye, 1 - h * eye] +
-                    [1 + h * (si * eye[i] + sj * eye[j]) for j in cols for i in range(n)
-                     for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1))] + [keep, np.ones(n)])
-    f = naive_loss64(model, pts, data)                          # gates are all 1
+    keep[[0, S]] = 0.9  # step 0's gates -0.1
+    pts = np.vstack(
+        [1 + h * eye, 1 - h * eye]
+        + [
+            1 + h * (si * eye[i] + sj * eye[j])
+            for j in cols
+            for i in range(n)
+            for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1))
+        ]
+        + [keep, np.ones(n)]
+    )
+    f = naive_loss64(model, pts, data)  # gates are all 1
     g = M.gate_gradient(model, data)
-    fd_grad = (f[:n] - f[n:2 * n]) / (2 * h)
+    fd_grad = (f[:n] - f[n : 2 * n]) / (2 * h)
     np.testing.assert_allclose(g.extra["grad"], fd_grad, atol=2e-6, rtol=1e-4)
     np.testing.assert_allclose(g.values, -fd_grad, atol=2e-6, rtol=1e-4)
     np.testing.assert_allclose(g.extra["loss"], f[-1], rtol=2e-6)
@@ -287,7 +353,7 @@ def test_gate_derivatives_match_finite_differences(model):
 
     H = M.gate_interactions(model, data)
     np.testing.assert_array_equal(H, H.T)
-    second = f[2 * n:-2].reshape(len(cols), n, 4)
+    second = f[2 * n : -2].reshape(len(cols), n, 4)
     fd_cols = (second[..., 0] - second[..., 1] - second[..., 2] + second[..., 3]) / (4 * h * h)
     np.testing.assert_allclose(H[:, cols].T, fd_cols, atol=2e-5, rtol=1e-3)
     # Turning step 0 down: the second-order estimate is closer to the truth than the first.
@@ -316,8 +382,9 @@ def test_bad_input(model):
         search.logits(lambda lg, b: lg[:, 0, 0], [{"tokens": BATCHES[0], "y": np.zeros(3)}])
     with pytest.raises(search.SearchError, match="max_depth"):
         search.run(model, "loss", batches=BATCHES, max_depth=2)
-    nothing = search.run(model, "loss", batches=BATCHES, budget=search.Budget.flops(1.0),
-                         moves=("swap",), **KW)
+    nothing = search.run(
+        model, "loss", batches=BATCHES, budget=search.Budget.flops(1.0), moves=("swap",), **KW
+    )
     with pytest.raises(LookupError, match="no evaluated program fits"):
         nothing.best  # noqa: B018
 
@@ -327,15 +394,29 @@ def test_search_cli(model, tmp_path, capsys):
 
     from depthjax import cli
     from depthjax.cli import search as search_cli
+
     assert search_cli.MOVES == search.MOVES
     dj.save(model, tmp_path / "ck")
-    data = ["--model", str(tmp_path / "ck"), "--batches", "1", "--batch-size", "2",
-            "--seq-len", "8"]
+    data = [
+        "--model",
+        str(tmp_path / "ck"),
+        "--batches",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+    ]
     # the default moves: the padded depth (6) and chunk (4) of KW, so compiles are shared
-    assert cli.main(["search", *data, "--budget", "steps=75%", "--top", "3",
-                     "--out", str(tmp_path / "out")]) == 0
+    assert (
+        cli.main(
+            ["search", *data, "--budget", "steps=75%", "--top", "3", "--out", str(tmp_path / "out")]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     import json
+
     res = json.loads((out / "results.json").read_text())
     assert res["budget"] == "steps <= 3 steps" and len(res["validation"]["ranked"]) == 3
     assert (out / "pareto.png").stat().st_size > 1000
@@ -344,10 +425,14 @@ def test_search_cli(model, tmp_path, capsys):
     best = D.from_spec(model, spec)
     assert best.program.to_dict() == res["ranked"][0]["program"]
     from depthjax.corpus import sample_windows
-    calib = sample_windows(2, 8, seed=0, split="train")      # what the command scored on
+
+    calib = sample_windows(2, 8, seed=0, split="train")  # what the command scored on
     np.testing.assert_allclose(M.loss(best, calib), res["ranked"][0]["score"], rtol=1e-5)
-    for bad, msg in (("steps", "expected one of"), ("flops=fast", "not a number"),
-                     ("steps=2.5", "whole number")):
+    for bad, msg in (
+        ("steps", "expected one of"),
+        ("flops=fast", "not a number"),
+        ("steps=2.5", "whole number"),
+    ):
         assert cli.main(["search", *data, "--budget", bad, "--out", str(tmp_path / "x")]) == 2
         assert msg in capsys.readouterr().err
 
@@ -363,7 +448,7 @@ def test_router_keeps_part_of_the_oracle_gain(model):
     assert gains["class oracle"] >= max(gains["router"], gains["single best program"]) - 1e-12
     assert gains["oracle"] == per.gain() >= gains["class oracle"] - 1e-12
     scores = search.router.class_scores(router.space, router.programs, data, KW["chunk"])
-    for e, f in enumerate(per.best):           # class scores are the per-example scores
+    for e, f in enumerate(per.best):  # class scores are the per-example scores
         if f.candidate in router.programs:
             assert scores[e, router.programs.index(f.candidate)] == pytest.approx(f.score)
     # 4 rows, at most 4 classes, 300 steps: the router fits its training labels

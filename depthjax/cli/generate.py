@@ -30,9 +30,15 @@ def _generate(args) -> int:
     if not ids.size:
         raise UsageError("the prompt encodes to no tokens")
     eos = args.eos_id if args.eos_id is not None else _eos_id(model_dir)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              key=jax.random.key(args.seed), eos_id=eos, exit_at=args.exit_at,
-              exit_threshold=args.exit_threshold)
+    kw = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        key=jax.random.key(args.seed),
+        eos_id=eos,
+        exit_at=args.exit_at,
+        exit_threshold=args.exit_threshold,
+    )
     print(f"[generate] {repr(model).splitlines()[0]}; prompt {ids.size} tokens", flush=True)
     t0 = time.time()
     out = dj.generate(model, ids[None], args.max_new_tokens, **kw)
@@ -40,9 +46,12 @@ def _generate(args) -> int:
     elapsed = time.time() - t0
     print(args.prompt + tok.decode(np.asarray(out.tokens[0, :n])))
     exits = np.asarray(out.exit_steps[0, :n])
-    print(f"[generate] {n} tokens in {elapsed:.2f}s including compilation; KV cache "
-          f"{out.cache.nbytes / 2**20:.2f} MiB in {out.cache.n_slots} step slots; "
-          f"mean steps per token {exits.mean():.2f} of {model.depth}", file=sys.stderr)
+    print(
+        f"[generate] {n} tokens in {elapsed:.2f}s including compilation; KV cache "
+        f"{out.cache.nbytes / 2**20:.2f} MiB in {out.cache.n_slots} step slots; "
+        f"mean steps per token {exits.mean():.2f} of {model.depth}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -55,11 +64,22 @@ def add_command(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None,
-                   help="'byte' or a tokenizer.json (default: the model directory's, else byte)")
-    p.add_argument("--eos-id", type=int, default=None,
-                   help="stop token (default: eos_token_id of a Hugging Face config)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer.json (default: the model directory's, else byte)",
+    )
+    p.add_argument(
+        "--eos-id",
+        type=int,
+        default=None,
+        help="stop token (default: eos_token_id of a Hugging Face config)",
+    )
     p.add_argument("--exit-at", type=int, default=None, help="run only the first K steps")
-    p.add_argument("--exit-threshold", type=float, default=None,
-                   help="per-token early exit at this max softmax probability")
+    p.add_argument(
+        "--exit-threshold",
+        type=float,
+        default=None,
+        help="per-token early exit at this max softmax probability",
+    )
     p.set_defaults(func=_generate)

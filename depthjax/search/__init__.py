@@ -21,7 +21,31 @@ from .router import Router, fit_router, routing_gain
 from .space import MOVES, Candidate, SearchError, Space
 from .strategies import MCTS, STRATEGIES, Beam, Evolutionary, Greedy
 
-__all__ = ["Beam", "Budget", "Candidate", "Evolutionary", "Found", "Greedy", "LatencyModel",
-           "MCTS", "MOVES", "Objective", "PRIORS", "PerExampleResult", "Router", "STRATEGIES",
-           "SearchError", "SearchResult", "Space", "active_steps", "as_objective", "logits",
-           "fit_router", "loss", "pareto_front", "rescore", "routing_gain", "run"]
+__all__ = [
+    "Beam",
+    "Budget",
+    "Candidate",
+    "Evolutionary",
+    "Found",
+    "Greedy",
+    "LatencyModel",
+    "MCTS",
+    "MOVES",
+    "Objective",
+    "PRIORS",
+    "PerExampleResult",
+    "Router",
+    "STRATEGIES",
+    "SearchError",
+    "SearchResult",
+    "Space",
+    "active_steps",
+    "as_objective",
+    "logits",
+    "fit_router",
+    "loss",
+    "pareto_front",
+    "rescore",
+    "routing_gain",
+    "run",
+]

@@ -50,8 +50,9 @@ class LatencyModel:
 
     def __post_init__(self):
         if self.parallel not in ("sum", "max"):
-            raise SearchError("LatencyModel.parallel must be 'sum' or 'max', got "
-                              f"{self.parallel!r}")
+            raise SearchError(
+                f"LatencyModel.parallel must be 'sum' or 'max', got {self.parallel!r}"
+            )
         if min(self.attn_s, self.mlp_s, self.step_s) < 0:
             raise SearchError("latencies must be non-negative")
 
@@ -68,6 +69,7 @@ class LatencyModel:
         """Median wall time of one attention and one MLP sublayer of `model` (table row 0)
         on activations [B, T, D], jitted, on the default device."""
         from ..block import Block
+
         cfg = model.config
         B, T = batch_shape
         x = jnp.ones((B, T, cfg.d_model), cfg.dtype)
@@ -75,8 +77,11 @@ class LatencyModel:
         row = jax.tree.map(lambda a: a[0], model.params["blocks"])
 
         def timed(attn_on: bool) -> float:
-            f = jax.jit(lambda r, x: sum(Block(cfg).apply({"params": r}, x, 1.0, 1.0, pos,
-                                                          attn_enabled=attn_on)))
+            f = jax.jit(
+                lambda r, x: sum(
+                    Block(cfg).apply({"params": r}, x, 1.0, 1.0, pos, attn_enabled=attn_on)
+                )
+            )
             jax.block_until_ready(f(row, x))
             times = []
             for _ in range(repeats):
@@ -128,34 +133,47 @@ class Budget:
         return cls("steps", "steps", lambda cfg, p: float(active_steps(p)), limit, fraction)
 
     @classmethod
-    def flops(cls, limit: float | None = None, *, fraction: float | None = None,
-              seq_len: int = 512) -> Budget:
+    def flops(
+        cls, limit: float | None = None, *, fraction: float | None = None, seq_len: int = 512
+    ) -> Budget:
         """Forward FLOPs per token at `seq_len` (sublayers that run, plus the output head)."""
+
         def cost(cfg, p):
             attn, mlp = sublayer_forward_flops(cfg, seq_len)
             a, m = _on(p)
             return float(a.sum() * attn + m.sum() * mlp + 2.0 * cfg.d_model * cfg.vocab_size)
+
         return cls(f"flops@{seq_len}", "FLOP/token", cost, limit, fraction)
 
     @classmethod
     def kv_bytes(cls, limit: float | None = None, *, fraction: float | None = None) -> Budget:
         """KV-cache bytes per token of context: keys and values of every step whose
         attention runs (a step with attention off has no cache slot)."""
+
         def cost(cfg, p):
             per_step = 2 * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
             return float(_on(p)[0].sum() * per_step)
+
         return cls("kv_bytes", "bytes/token", cost, limit, fraction)
 
     @classmethod
-    def latency(cls, model: LatencyModel, limit: float | None = None, *,
-                fraction: float | None = None) -> Budget:
+    def latency(
+        cls, model: LatencyModel, limit: float | None = None, *, fraction: float | None = None
+    ) -> Budget:
         if not isinstance(model, LatencyModel):
             raise SearchError(f"Budget.latency needs a LatencyModel, got {type(model).__name__}")
         return cls("latency", "s", lambda cfg, p: model(p), limit, fraction)
 
     @classmethod
-    def custom(cls, cost: Callable[[Program], float], limit: float | None = None, *,
-               fraction: float | None = None, name: str = "cost", unit: str = "") -> Budget:
+    def custom(
+        cls,
+        cost: Callable[[Program], float],
+        limit: float | None = None,
+        *,
+        fraction: float | None = None,
+        name: str = "cost",
+        unit: str = "",
+    ) -> Budget:
         """Any cost of a program (a `Program` of numpy arrays on the start model's table)."""
         return cls(name, unit, lambda cfg, p: float(cost(p)), limit, fraction)
 
@@ -168,5 +186,6 @@ def as_budget(budget) -> Budget:
         return budget
     if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
         return Budget.steps(int(budget))
-    raise SearchError("budget must be None, an int (max steps) or a dj.search.Budget, got "
-                      f"{budget!r}")
+    raise SearchError(
+        f"budget must be None, an int (max steps) or a dj.search.Budget, got {budget!r}"
+    )

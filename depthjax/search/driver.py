@@ -45,8 +45,9 @@ def _prior(space: Space, objective: Objective, kind):
     measure = objective.measure if objective.differentiable else loss_measure
     if measure is loss_measure:
         require_causal(model, "the gradient prior (next-token loss)")
-    value, grad, hess = gate_derivatives(model, list(objective.batches), measure,
-                                         hessian=kind == "hessian")
+    value, grad, hess = gate_derivatives(
+        model, list(objective.batches), measure, hessian=kind == "hessian"
+    )
     gates = np.concatenate([np.asarray(model.program.attn), np.asarray(model.program.mlp)])
     S = model.depth
     start_parallel = np.asarray(model.program.parallel)
@@ -56,18 +57,32 @@ def _prior(space: Space, objective: Objective, kind):
 
     def estimate(c: Candidate):
         steps = np.asarray(c.steps)
-        if np.any(np.diff(steps) <= 0) or \
-                tuple(selected_parallel(start_parallel, steps, np).tolist()) != c.parallel:
+        if (
+            np.any(np.diff(steps) <= 0)
+            or tuple(selected_parallel(start_parallel, steps, np).tolist()) != c.parallel
+        ):
             return None
         keep = np.zeros(2 * S)
         keep[steps], keep[S + steps] = c.attn, c.mlp
         return to_key(float(value + taylor_estimate(gates, grad, keep, hess)[0]))
+
     return estimate
 
 
-def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strategy="greedy",
-        key=None, moves=MOVES, max_depth: int | None = None, per_example: bool = False,
-        prior: str | None = None, chunk: int | None = None):
+def run(
+    model: DepthModel,
+    objective="loss",
+    *,
+    batches=None,
+    budget=None,
+    strategy="greedy",
+    key=None,
+    moves=MOVES,
+    max_depth: int | None = None,
+    per_example: bool = False,
+    prior: str | None = None,
+    chunk: int | None = None,
+):
     """Search the programs reachable from `model`'s program by `moves` for the best
     score under `budget`.
 
@@ -95,8 +110,10 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
     if objective.measure is loss_measure:
         require_causal(model, "objective 'loss'")
     if per_example and not objective.per_row(model.config.vocab_size):
-        raise SearchError(f"per_example=True needs an objective with one value per row; "
-                          f"{objective.name!r} gives one per batch")
+        raise SearchError(
+            f"per_example=True needs an objective with one value per row; "
+            f"{objective.name!r} gives one per batch"
+        )
     strategy = as_strategy(strategy)
     space = Space(model, moves, max_depth)
     budget = as_budget(budget)
@@ -131,19 +148,38 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
                 history.append(ev.scores[best]["score"] if best else float("nan"))
                 bar.advance(best=history[-1], programs=ev.evaluated)
         everything = [found(c, s) for c, s in ev.scores.items()]
-        ranked = sorted([f for f in everything if f.feasible],
-                        key=lambda f: (objective.key(f.score), f.cost))
-        return SearchResult(ranked, everything, found(space.start, ev.scores[space.start]),
-                            objective.name, objective.maximize, budget.describe(), budget.unit,
-                            name, ev.evaluated, ev.forwards, gens, time.perf_counter() - t0,
-                            history)
+        ranked = sorted(
+            [f for f in everything if f.feasible], key=lambda f: (objective.key(f.score), f.cost)
+        )
+        return SearchResult(
+            ranked,
+            everything,
+            found(space.start, ev.scores[space.start]),
+            objective.name,
+            objective.maximize,
+            budget.describe(),
+            budget.unit,
+            name,
+            ev.evaluated,
+            ev.forwards,
+            gens,
+            time.perf_counter() - t0,
+            history,
+        )
 
-    examples = [{k: v[r] for k, v in b.items()} for b in objective.batches
-                for r in range(b["tokens"].shape[0])]
+    examples = [
+        {k: v[r] for k, v in b.items()}
+        for b in objective.batches
+        for r in range(b["tokens"].shape[0])
+    ]
+
     def score_of(e):
         return lambda c: ev.scores[(c, e)]["score"]
-    problems = [Problem(space, cost, budget.limit, score_of(e), objective.key, est)
-                for e in range(len(examples))]
+
+    problems = [
+        Problem(space, cost, budget.limit, score_of(e), objective.key, est)
+        for e in range(len(examples))
+    ]
     seed = rng.integers(2**63)
     runs = {e: strategy.run(pb, np.random.default_rng([seed, e])) for e, pb in enumerate(problems)}
     seen: dict[int, list[Candidate]] = {e: [] for e in runs}
@@ -170,10 +206,23 @@ def run(model: DepthModel, objective="loss", *, batches=None, budget=None, strat
         cands = list(dict.fromkeys(seen[e]))
         start.append(found(space.start, ev.scores[(space.start, e)]))
         feas = [c for c in cands if pb.feasible(c)]
-        best.append(found(min(feas, key=pb.rank), ev.scores[(min(feas, key=pb.rank), e)])
-                    if feas else start[-1])
-    return PerExampleResult(best, start, objective.name, objective.maximize, budget.describe(),
-                            name, ev.evaluated, ev.forwards, gens, time.perf_counter() - t0)
+        best.append(
+            found(min(feas, key=pb.rank), ev.scores[(min(feas, key=pb.rank), e)])
+            if feas
+            else start[-1]
+        )
+    return PerExampleResult(
+        best,
+        start,
+        objective.name,
+        objective.maximize,
+        budget.describe(),
+        name,
+        ev.evaluated,
+        ev.forwards,
+        gens,
+        time.perf_counter() - t0,
+    )
 
 
 def rescore(found: list[Found], objective, *, batches=None, chunk: int | None = None) -> np.ndarray:

@@ -29,15 +29,20 @@ from .space import Candidate, Space
 def candidate_model(model: DepthModel, c: dict) -> DepthModel:
     """The start model running packed candidate c (arrays [L]; traceable)."""
     p, s = model.program, c["steps"]
-    program = Program(block=p.block[s], attn=p.attn[s] * c["attn"], mlp=p.mlp[s] * c["mlp"],
-                      parallel=c["parallel"])
+    program = Program(
+        block=p.block[s],
+        attn=p.attn[s] * c["attn"],
+        mlp=p.mlp[s] * c["mlp"],
+        parallel=c["parallel"],
+    )
     params = dict(model.params)
     if "steps" in params:
         steps = jax.tree.map(lambda a: a[s], params["steps"])
         if "adapter" in steps:  # a padding step must add nothing, its adapter included
             steps["adapter"] = jax.tree.map(
                 lambda a: a * c["real"].reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype),
-                steps["adapter"])
+                steps["adapter"],
+            )
         params["steps"] = steps
     return model.replace(params=params, program=program)
 
@@ -45,19 +50,23 @@ def candidate_model(model: DepthModel, c: dict) -> DepthModel:
 @functools.partial(jax.jit, static_argnames=("measure",))
 def _pooled(model, cands, batch, *, measure):
     """{key: [C]} sums of the measure of every candidate over the batch's rows."""
+
     def one(c):
         logits = apply(candidate_model(model, c), batch["tokens"], mask=batch["mask"])
         return {k: jnp.sum(v) for k, v in measure(logits, batch).items()}
+
     return jax.vmap(one)(cands)
 
 
 @functools.partial(jax.jit, static_argnames=("measure",))
 def _paired(model, cands, rows, *, measure):
     """{key: [C]} measure of candidate k on row k alone."""
+
     def one(c, row):
         b = jax.tree.map(lambda a: a[None], row)
         logits = apply(candidate_model(model, c), b["tokens"], mask=b["mask"])
         return {k: v[0] for k, v in measure(logits, b).items()}
+
     return jax.vmap(one)(cands, rows)
 
 
@@ -65,7 +74,7 @@ def _chunks(arrays: dict, C: int):
     """Slices of C rows; the last one padded with copies of row 0 (results dropped)."""
     K = len(next(iter(arrays.values())))
     for i in range(0, K, C):
-        part = {k: v[i:i + C] for k, v in arrays.items()}
+        part = {k: v[i : i + C] for k, v in arrays.items()}
         n = len(next(iter(part.values())))
         if n < C:
             part = {k: np.concatenate([v, np.repeat(v[:1], C - n, 0)]) for k, v in part.items()}
@@ -92,15 +101,16 @@ class Evaluator:
         cfg, tokens = space.model.config, objective.batches[0]["tokens"]
         typical = -(-max(len(space.neighbours(space.start)), 1) // 8) * 8
         on_cpu = jax.default_backend() == "cpu"
-        self.chunk = chunk or min(4 if on_cpu else typical,
-                                  chunk_size(1 << 30, tokens.shape, cfg))
-        self.paired_chunk = chunk or min(16 if on_cpu else 4 * typical,
-                                         chunk_size(1 << 30, (1, tokens.shape[1]), cfg))
+        self.chunk = chunk or min(4 if on_cpu else typical, chunk_size(1 << 30, tokens.shape, cfg))
+        self.paired_chunk = chunk or min(
+            16 if on_cpu else 4 * typical, chunk_size(1 << 30, (1, tokens.shape[1]), cfg)
+        )
 
     def _means(self, sums: dict, idx) -> dict:
         w = sums["weight"][idx]
-        return {k: float(v[idx] / w) if w else float("nan")
-                for k, v in sums.items() if k != "weight"}
+        return {
+            k: float(v[idx] / w) if w else float("nan") for k, v in sums.items() if k != "weight"
+        }
 
     def pooled(self, cands: list[Candidate]) -> None:
         """Score the new candidates among `cands` on all of the objective's data."""
@@ -116,8 +126,10 @@ class Evaluator:
                 out = _pooled(self.space.model, part, batch, measure=self.objective.measure)
                 acc = out if acc is None else jax.tree.map(jnp.add, acc, out)
             sums.append((n, acc))
-        total = {k: np.concatenate([np.asarray(a[k], np.float64)[:n] for n, a in sums])
-                 for k in sums[0][1]}
+        total = {
+            k: np.concatenate([np.asarray(a[k], np.float64)[:n] for n, a in sums])
+            for k in sums[0][1]
+        }
         rows = sum(b["tokens"].shape[0] for b in self.objective.batches)
         for k, c in enumerate(new):
             self.scores[c] = self._means(total, k)
@@ -136,20 +148,26 @@ class Evaluator:
         groups = []
         for group in by_len.values():
             packed = self.space.pack([c for c, _ in group])
-            packed.update({f"row:{k}": np.stack([examples[e][k] for _, e in group])
-                           for k in examples[group[0][1]]})
+            packed.update(
+                {
+                    f"row:{k}": np.stack([examples[e][k] for _, e in group])
+                    for k in examples[group[0][1]]
+                }
+            )
             groups.append((group, list(_chunks(packed, self.paired_chunk))))
         for group, parts in groups:
             sums = []
             for n, part in parts:
                 cands = {k: v for k, v in part.items() if not k.startswith("row:")}
                 rows = {k[4:]: v for k, v in part.items() if k.startswith("row:")}
-                sums.append((n, _paired(self.space.model, cands, rows,
-                                        measure=self.objective.measure)))
-            total = {k: np.concatenate([np.asarray(a[k], np.float64)[:n] for n, a in sums])
-                     for k in sums[0][1]}
+                sums.append(
+                    (n, _paired(self.space.model, cands, rows, measure=self.objective.measure))
+                )
+            total = {
+                k: np.concatenate([np.asarray(a[k], np.float64)[:n] for n, a in sums])
+                for k in sums[0][1]
+            }
             for k, p in enumerate(group):
                 self.scores[p] = self._means(total, k)
         self.evaluated += len(new)
         self.forwards += len(new)
-

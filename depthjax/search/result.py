@@ -40,9 +40,15 @@ class Found:
         return self.candidate.describe()
 
     def to_dict(self) -> dict:
-        return {"program": self.program.to_dict(), "steps": list(self.candidate.steps),
-                "chain": self.describe(), "score": self.score, "cost": self.cost,
-                "feasible": self.feasible, **{k: v for k, v in self.measures.items()}}
+        return {
+            "program": self.program.to_dict(),
+            "steps": list(self.candidate.steps),
+            "chain": self.describe(),
+            "score": self.score,
+            "cost": self.cost,
+            "feasible": self.feasible,
+            **{k: v for k, v in self.measures.items()},
+        }
 
 
 def pareto_front(found: list[Found], maximize: bool) -> list[Found]:
@@ -94,44 +100,85 @@ class SearchResult:
         return pareto_front(self.all, self.maximize)
 
     def table(self, n: int = 10) -> str:
-        rows = [f"{'rank':>4} {self.objective:>10} {'cost':>12} {'depth':>5}  program "
-                "(start steps; a/m: only attn/mlp; |: parallel)"]
+        rows = [
+            f"{'rank':>4} {self.objective:>10} {'cost':>12} {'depth':>5}  program "
+            "(start steps; a/m: only attn/mlp; |: parallel)"
+        ]
         for i, f in enumerate([self.start] + self.ranked[:n]):
-            rows.append(f"{'start' if i == 0 else i:>4} {f.score:>10.4f} {f.cost:>12.4g} "
-                        f"{f.depth:>5}  {f.describe()}")
+            rows.append(
+                f"{'start' if i == 0 else i:>4} {f.score:>10.4f} {f.cost:>12.4g} "
+                f"{f.depth:>5}  {f.describe()}"
+            )
         return "\n".join(rows)
 
     def __repr__(self) -> str:
-        best = (f"best {self.objective} {self.best.score:.4f}" if self.ranked
-                else "none within budget")
-        return (f"SearchResult({self.strategy}, {self.budget}: {best}, start "
-                f"{self.start.score:.4f}; {self.evaluated} programs in {self.generations} "
-                f"generations, {self.seconds:.1f}s)\n{self.table(5)}")
+        best = (
+            f"best {self.objective} {self.best.score:.4f}" if self.ranked else "none within budget"
+        )
+        return (
+            f"SearchResult({self.strategy}, {self.budget}: {best}, start "
+            f"{self.start.score:.4f}; {self.evaluated} programs in {self.generations} "
+            f"generations, {self.seconds:.1f}s)\n{self.table(5)}"
+        )
 
     def to_dict(self) -> dict:
-        return {"objective": self.objective, "maximize": self.maximize, "budget": self.budget,
-                "cost_unit": self.cost_unit, "strategy": self.strategy,
-                "evaluated": self.evaluated, "forwards": self.forwards,
-                "generations": self.generations, "seconds": self.seconds,
-                "history": self.history, "start": self.start.to_dict(),
-                "ranked": [f.to_dict() for f in self.ranked],
-                "pareto": [f.to_dict() for f in self.pareto()]}
+        return {
+            "objective": self.objective,
+            "maximize": self.maximize,
+            "budget": self.budget,
+            "cost_unit": self.cost_unit,
+            "strategy": self.strategy,
+            "evaluated": self.evaluated,
+            "forwards": self.forwards,
+            "generations": self.generations,
+            "seconds": self.seconds,
+            "history": self.history,
+            "start": self.start.to_dict(),
+            "ranked": [f.to_dict() for f in self.ranked],
+            "pareto": [f.to_dict() for f in self.pareto()],
+        }
 
     def plot(self, path) -> None:
         """Score vs cost of every evaluated program, the Pareto front and the start."""
         from ..report import pyplot
+
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([f.cost for f in self.all], [f.score for f in self.all], s=8, alpha=0.35,
-                   label=f"evaluated ({len(self.all)})")
+        ax.scatter(
+            [f.cost for f in self.all],
+            [f.score for f in self.all],
+            s=8,
+            alpha=0.35,
+            label=f"evaluated ({len(self.all)})",
+        )
         front = self.pareto()
-        ax.plot([f.cost for f in front], [f.score for f in front], "o-", color="C3", ms=4,
-                label="Pareto front")
-        ax.scatter([self.start.cost], [self.start.score], marker="*", s=120, color="k",
-                   label="start", zorder=3)
+        ax.plot(
+            [f.cost for f in front],
+            [f.score for f in front],
+            "o-",
+            color="C3",
+            ms=4,
+            label="Pareto front",
+        )
+        ax.scatter(
+            [self.start.cost],
+            [self.start.score],
+            marker="*",
+            s=120,
+            color="k",
+            label="start",
+            zorder=3,
+        )
         if self.ranked:
-            ax.scatter([self.best.cost], [self.best.score], marker="D", s=50, color="C2",
-                       label="best within budget", zorder=3)
+            ax.scatter(
+                [self.best.cost],
+                [self.best.score],
+                marker="D",
+                s=50,
+                color="C2",
+                label="best within budget",
+                zorder=3,
+            )
         ax.set_xlabel(f"cost ({self.cost_unit})")
         ax.set_ylabel(self.objective + (" (higher is better)" if self.maximize else ""))
         ax.legend(fontsize=7)
@@ -186,14 +233,23 @@ class PerExampleResult:
         return sorted(uniq.items(), key=lambda kv: -kv[1])
 
     def __repr__(self) -> str:
-        return (f"PerExampleResult({self.strategy}, {self.budget}: {len(self)} examples, mean "
-                f"{self.objective} {self.start_scores.mean():.4f} -> {self.scores.mean():.4f}, "
-                f"{len(self.counts())} distinct programs; {self.evaluated} (program, example) "
-                f"pairs, {self.seconds:.1f}s)")
+        return (
+            f"PerExampleResult({self.strategy}, {self.budget}: {len(self)} examples, mean "
+            f"{self.objective} {self.start_scores.mean():.4f} -> {self.scores.mean():.4f}, "
+            f"{len(self.counts())} distinct programs; {self.evaluated} (program, example) "
+            f"pairs, {self.seconds:.1f}s)"
+        )
 
     def to_dict(self) -> dict:
-        return {"objective": self.objective, "maximize": self.maximize, "budget": self.budget,
-                "strategy": self.strategy, "evaluated": self.evaluated,
-                "generations": self.generations, "seconds": self.seconds, "gain": self.gain(),
-                "best": [f.to_dict() for f in self.best],
-                "start": [f.to_dict() for f in self.start]}
+        return {
+            "objective": self.objective,
+            "maximize": self.maximize,
+            "budget": self.budget,
+            "strategy": self.strategy,
+            "evaluated": self.evaluated,
+            "generations": self.generations,
+            "seconds": self.seconds,
+            "gain": self.gain(),
+            "best": [f.to_dict() for f in self.best],
+            "start": [f.to_dict() for f in self.start],
+        }

@@ -36,17 +36,22 @@ def _mean_residual(model, tokens_BT, mask_BT, k):
 
 
 def _rows(objective: Objective) -> list[dict]:
-    return [{k: v[r] for k, v in b.items()} for b in objective.batches
-            for r in range(b["tokens"].shape[0])]
+    return [
+        {k: v[r] for k, v in b.items()}
+        for b in objective.batches
+        for r in range(b["tokens"].shape[0])
+    ]
 
 
 def _features(model, objective: Objective, k: int) -> np.ndarray:
-    return np.concatenate([np.asarray(_mean_residual(model, b["tokens"], b["mask"], k))
-                           for b in objective.batches])
+    return np.concatenate(
+        [np.asarray(_mean_residual(model, b["tokens"], b["mask"], k)) for b in objective.batches]
+    )
 
 
-def class_scores(space: Space, programs: list[Candidate], objective: Objective,
-                 chunk: int | None = None) -> np.ndarray:
+def class_scores(
+    space: Space, programs: list[Candidate], objective: Objective, chunk: int | None = None
+) -> np.ndarray:
     """Score [N, M] of each class program on each example (one batch of pairs)."""
     rows = _rows(objective)
     ev = Evaluator(space, objective, chunk=chunk)
@@ -77,9 +82,17 @@ class Router:
         return self.logits(_features(self.space.model, objective, self.k)).argmax(-1)
 
 
-def fit_router(result: PerExampleResult, objective: Objective, *, k: int, classes: int = 8,
-               steps: int = 500, lr: float = 1e-2, weight_decay: float = 1e-3,
-               chunk: int | None = None) -> Router:
+def fit_router(
+    result: PerExampleResult,
+    objective: Objective,
+    *,
+    k: int,
+    classes: int = 8,
+    steps: int = 500,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-3,
+    chunk: int | None = None,
+) -> Router:
     """Train a router on the examples of a per-example search (`objective` must be the
     search's, so rows line up with `result.best`)."""
     if not isinstance(result, PerExampleResult):
@@ -92,7 +105,7 @@ def fit_router(result: PerExampleResult, objective: Objective, *, k: int, classe
         raise SearchError(f"the objective has {n} rows; the search had {len(result)} examples")
     programs = [c for c, _ in result.counts()[:classes]]
     if space.start not in programs:
-        programs.append(space.start)       # the router may always keep the start program
+        programs.append(space.start)  # the router may always keep the start program
     scores = class_scores(space, programs, objective, chunk)
     labels = (scores.argmax if objective.maximize else scores.argmin)(-1)
     x = _features(space.model, objective, k)
@@ -109,32 +122,48 @@ def fit_router(result: PerExampleResult, objective: Objective, *, k: int, classe
         def loss(p):
             lg = xn @ p["w"] + p["b"]
             return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean()
+
         grads = jax.grad(loss)(params)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     for _ in range(steps):
         params, state = step(params, state)
-    return Router(programs, k, np.asarray(params["w"]), np.asarray(params["b"]), mu, sd, space,
-                  objective.maximize)
+    return Router(
+        programs,
+        k,
+        np.asarray(params["w"]),
+        np.asarray(params["b"]),
+        mu,
+        sd,
+        space,
+        objective.maximize,
+    )
 
 
-def routing_gain(router: Router, objective: Objective, oracle: PerExampleResult | None = None,
-                 chunk: int | None = None) -> dict:
+def routing_gain(
+    router: Router,
+    objective: Objective,
+    oracle: PerExampleResult | None = None,
+    chunk: int | None = None,
+) -> dict:
     """Mean improvement over the start program on the objective's rows of: the router's
     programs, the best class program per row (class oracle), the one class program best on
     average (a single global program) and, given a per-example search on these rows, its
     oracle; plus the share of the oracle's gain the router keeps."""
-    scores = class_scores(router.space, router.programs, objective, chunk)      # [N, M]
+    scores = class_scores(router.space, router.programs, objective, chunk)  # [N, M]
     start = scores[:, router.programs.index(router.space.start)]
     sign = 1.0 if router.maximize else -1.0
     gain = lambda s: float(np.mean(sign * (s - start)))
     chosen = router.choose(objective)
     best_class = scores.max(1) if router.maximize else scores.min(1)
     global_class = scores[:, int(np.argmax(sign * scores.mean(0)))]
-    out = {"router": gain(scores[np.arange(len(chosen)), chosen]),
-           "class oracle": gain(best_class), "single best program": gain(global_class),
-           "classes": len(router.programs)}
+    out = {
+        "router": gain(scores[np.arange(len(chosen)), chosen]),
+        "class oracle": gain(best_class),
+        "single best program": gain(global_class),
+        "classes": len(router.programs),
+    }
     if oracle is not None:
         out["oracle"] = oracle.gain()
         share = out["router"] / out["oracle"] if out["oracle"] else float("nan")

@@ -54,10 +54,12 @@ class Candidate:
         return len(self.steps)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"steps": np.asarray(self.steps, np.int32),
-                "attn": np.asarray(self.attn, np.float32),
-                "mlp": np.asarray(self.mlp, np.float32),
-                "parallel": np.asarray(self.parallel, bool)}
+        return {
+            "steps": np.asarray(self.steps, np.int32),
+            "attn": np.asarray(self.attn, np.float32),
+            "mlp": np.asarray(self.mlp, np.float32),
+            "parallel": np.asarray(self.parallel, bool),
+        }
 
     def describe(self) -> str:
         """Compact text: start steps in order, `a`/`m` = only attention/MLP on, `|` = parallel
@@ -72,8 +74,9 @@ class Space:
     """Moves from a start model's program, with a cap on the depth (so that every candidate
     pads to one length and all of them share one compiled forward)."""
 
-    def __init__(self, model: DepthModel, moves: Iterable[str] = MOVES,
-                 max_depth: int | None = None):
+    def __init__(
+        self, model: DepthModel, moves: Iterable[str] = MOVES, max_depth: int | None = None
+    ):
         moves = tuple(moves)
         unknown = [m for m in moves if m not in MOVES]
         if unknown or not moves:
@@ -91,8 +94,10 @@ class Space:
         self._compact = "adapter" not in model.params.get("steps", {})
         self.start = self.canonical(Candidate.start(model.depth))
         if self.start.depth > self.max_depth:
-            raise SearchError(f"the start program has {self.start.depth} steps, more than "
-                              f"max_depth={self.max_depth}")
+            raise SearchError(
+                f"the start program has {self.start.depth} steps, more than "
+                f"max_depth={self.max_depth}"
+            )
 
     # -- building candidates -------------------------------------------------------------
     def canonical(self, c: Candidate) -> Candidate:
@@ -111,8 +116,12 @@ class Space:
         if not idx:
             return dataclasses.replace(c, steps=(), attn=(), mlp=(), parallel=())
         parallel = selected_parallel(np.asarray(c.parallel), idx, np)
-        return Candidate(tuple(c.steps[i] for i in idx), tuple(c.attn[i] for i in idx),
-                         tuple(c.mlp[i] for i in idx), tuple(bool(p) for p in parallel))
+        return Candidate(
+            tuple(c.steps[i] for i in idx),
+            tuple(c.attn[i] for i in idx),
+            tuple(c.mlp[i] for i in idx),
+            tuple(bool(p) for p in parallel),
+        )
 
     def neighbours(self, c: Candidate) -> list[Candidate]:
         """Every valid candidate one move away from c (no duplicates, c excluded)."""
@@ -132,7 +141,7 @@ class Space:
                 elif move == "swap" and i + 1 < n:
                     out.append(self._select(c, list(range(i)) + [i + 1, i] + list(range(i + 2, n))))
                 elif move == "parallelize" and i > 0 and not c.parallel[i]:
-                    joined = c.parallel[:i] + (True,) + c.parallel[i + 1:]
+                    joined = c.parallel[:i] + (True,) + c.parallel[i + 1 :]
                     out.append(dataclasses.replace(c, parallel=joined))
         seen, unique = {c}, []
         for nb in map(self.canonical, out):
@@ -146,33 +155,42 @@ class Space:
         """Stacked candidate arrays [K, max_depth], padded with gated-off steps (exact no-ops:
         a step with both gates 0 and parallel=False adds exactly 0)."""
         K, L = len(cands), self.max_depth
-        out = {"steps": np.zeros((K, L), np.int32), "attn": np.zeros((K, L), np.float32),
-               "mlp": np.zeros((K, L), np.float32), "parallel": np.zeros((K, L), bool),
-               "real": np.zeros((K, L), np.float32)}
+        out = {
+            "steps": np.zeros((K, L), np.int32),
+            "attn": np.zeros((K, L), np.float32),
+            "mlp": np.zeros((K, L), np.float32),
+            "parallel": np.zeros((K, L), bool),
+            "real": np.zeros((K, L), np.float32),
+        }
         for k, c in enumerate(cands):
             if c.depth > L:
                 raise SearchError(f"candidate of depth {c.depth} exceeds max_depth={L}")
             for name, value in c.arrays().items():
-                out[name][k, :c.depth] = value
-            out["real"][k, :c.depth] = 1
+                out[name][k, : c.depth] = value
+            out["real"][k, : c.depth] = 1
         return out
 
     def program(self, c: Candidate) -> Program:
         """Candidate c as a Program of numpy arrays on the start model's table (for costs)."""
         s = np.asarray(c.steps, np.int64)
         p = self._start_np
-        return Program(block=p["block"][s], attn=p["attn"][s] * np.asarray(c.attn, np.float32),
-                       mlp=p["mlp"][s] * np.asarray(c.mlp, np.float32),
-                       parallel=np.asarray(c.parallel, bool))
+        return Program(
+            block=p["block"][s],
+            attn=p["attn"][s] * np.asarray(c.attn, np.float32),
+            mlp=p["mlp"][s] * np.asarray(c.mlp, np.float32),
+            parallel=np.asarray(c.parallel, bool),
+        )
 
     def to_model(self, c: Candidate) -> DepthModel:
         """The start model running candidate c (the table and per-step parameters are the
         start model's, selected by step; nothing is copied)."""
         m = select_steps(self.model, np.asarray(c.steps))
         p = m.program
-        program = p.replace(attn=p.attn * jnp.asarray(c.attn, jnp.float32),
-                            mlp=p.mlp * jnp.asarray(c.mlp, jnp.float32),
-                            parallel=jnp.asarray(c.parallel, bool))
+        program = p.replace(
+            attn=p.attn * jnp.asarray(c.attn, jnp.float32),
+            mlp=p.mlp * jnp.asarray(c.mlp, jnp.float32),
+            parallel=jnp.asarray(c.parallel, bool),
+        )
         try:
             return m.with_program(program)
         except ProgramError as e:  # a bug in a move, never the user's input

@@ -37,9 +37,15 @@ class Problem:
     """One search: the space, costs and feasibility, the score of evaluated candidates,
     and an optional prior: candidate -> estimated sort key (smaller = better) or None."""
 
-    def __init__(self, space: Space, cost: Callable[[Candidate], float], limit: float | None,
-                 score: Callable[[Candidate], float], key: Callable[[float], float],
-                 prior: Callable[[Candidate], float | None] | None = None):
+    def __init__(
+        self,
+        space: Space,
+        cost: Callable[[Candidate], float],
+        limit: float | None,
+        score: Callable[[Candidate], float],
+        key: Callable[[float], float],
+        prior: Callable[[Candidate], float | None] | None = None,
+    ):
         self.space, self.cost, self.limit = space, cost, limit
         self.score, self.key, self.prior = score, key, prior
         self._nbrs: dict[Candidate, list[Candidate]] = {}
@@ -74,8 +80,9 @@ class Problem:
         if max_candidates is None or len(nbrs) <= max_candidates:
             return nbrs
         if self.prior is None:
-            raise SearchError("max_candidates needs a prior to choose the candidates "
-                              "(prior='gradient')")
+            raise SearchError(
+                "max_candidates needs a prior to choose the candidates (prior='gradient')"
+            )
         keys = np.array([self.prior_key(n) for n in nbrs])
         order = np.argsort(np.where(np.isnan(keys), np.inf, keys), kind="stable")
         return [nbrs[i] for i in order[:max_candidates]]
@@ -93,8 +100,8 @@ class Beam:
     """Keep the `width` best programs each round (width=1 is greedy)."""
 
     width: int = 4
-    rounds: int | None = None           # None: until the beam stops changing
-    max_candidates: int | None = None   # per program and round, by prior (needs a prior)
+    rounds: int | None = None  # None: until the beam stops changing
+    max_candidates: int | None = None  # per program and round, by prior (needs a prior)
 
     def __post_init__(self):
         if self.width < 1:
@@ -113,7 +120,7 @@ class Beam:
             first = False
             # A program over budget must move on (to a cheaper one), even to a worse score.
             stay = [b for b in beam if pb.feasible(b)]
-            ranked = sorted(_unique(stay + pool), key=pb.rank)[:self.width]
+            ranked = sorted(_unique(stay + pool), key=pb.rank)[: self.width]
             if not ranked or set(ranked) == set(beam):
                 return
             beam = ranked
@@ -138,10 +145,16 @@ class Evolutionary:
     tournament: int = 2
 
     def __post_init__(self):
-        if (self.population < 2 or self.generations < 1 or self.max_mutations < 1
-                or self.tournament < 1):
-            raise SearchError("Evolutionary needs population >= 2, generations >= 1, "
-                              "max_mutations >= 1 and tournament >= 1")
+        if (
+            self.population < 2
+            or self.generations < 1
+            or self.max_mutations < 1
+            or self.tournament < 1
+        ):
+            raise SearchError(
+                "Evolutionary needs population >= 2, generations >= 1, "
+                "max_mutations >= 1 and tournament >= 1"
+            )
 
     @property
     def total(self):
@@ -161,15 +174,15 @@ class Evolutionary:
         start = pb.space.start
         children = [self._mutate(pb, start, rng) for _ in range(self.population - 1)]
         yield _unique([start] + children)
-        pop = sorted(_unique([start] + children), key=pb.rank)[:self.population]
+        pop = sorted(_unique([start] + children), key=pb.rank)[: self.population]
         for _ in range(self.generations):
             children = []
             for _ in range(self.population):
                 picks = rng.integers(len(pop), size=self.tournament)
-                parent = pop[int(picks.min())]       # pop is sorted: lowest index is best
+                parent = pop[int(picks.min())]  # pop is sorted: lowest index is best
                 children.append(self._mutate(pb, parent, rng))
             yield _unique(children)
-            pop = sorted(_unique(pop + children), key=pb.rank)[:self.population]
+            pop = sorted(_unique(pop + children), key=pb.rank)[: self.population]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +194,8 @@ class MCTS:
     simulations: int = 256
     batch: int = 16
     c_puct: float = 1.25
-    noise: float = 0.25        # share of Dirichlet noise in the root's priors (AlphaZero)
-    alpha: float = 0.5         # its concentration
+    noise: float = 0.25  # share of Dirichlet noise in the root's priors (AlphaZero)
+    alpha: float = 0.5  # its concentration
 
     def __post_init__(self):
         if self.simulations < 1 or self.batch < 1:
@@ -212,7 +225,7 @@ class MCTS:
                 else:
                     p = np.ones(len(kids))
                 p = p / max(p.sum(), 1e-300)
-                if node == root and kids and self.noise:   # the key's say: root exploration
+                if node == root and kids and self.noise:  # the key's say: root exploration
                     p = (1 - self.noise) * p + self.noise * rng.dirichlet([self.alpha] * len(kids))
                 priors[node] = p
             return priors[node]
@@ -243,10 +256,10 @@ class MCTS:
                         break
                     p = p_of(node)
                     n_parent = N[node] + virtual.get(node, 0)
-                    fpu = q_norm(node)   # unvisited children start at their parent's value
+                    fpu = q_norm(node)  # unvisited children start at their parent's value
                     ucb = []
                     for i, k in enumerate(kids):
-                        pending_k = virtual.get(k, 0)   # virtual loss: in this batch already
+                        pending_k = virtual.get(k, 0)  # virtual loss: in this batch already
                         q = q_norm(k) if k in N else fpu
                         explore = math.sqrt(n_parent) / (1 + N.get(k, 0) + pending_k)
                         ucb.append(q - (pending_k > 0) + self.c_puct * p[i] * explore)
@@ -258,7 +271,7 @@ class MCTS:
                 leaf = path[-1]
                 for n in path:
                     virtual[n] = virtual.get(n, 0) + 1
-                if leaf in N:     # a dead end (no moves): back up its known value again
+                if leaf in N:  # a dead end (no moves): back up its known value again
                     backup(path, W[leaf] / N[leaf])
                     done += 1
                 elif leaf not in pending:
@@ -266,7 +279,7 @@ class MCTS:
                     paths.append(path)
                     leaves.append(leaf)
             if not leaves:
-                return            # nothing new is reachable
+                return  # nothing new is reachable
             yield leaves
             for path in paths:
                 backup(path, -pb.key(pb.score(path[-1])))
@@ -279,8 +292,10 @@ STRATEGIES = {"greedy": Greedy, "beam": Beam, "evolutionary": Evolutionary, "mct
 def as_strategy(strategy):
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
-            raise SearchError(f"strategy must be one of {sorted(STRATEGIES)} or a strategy "
-                              f"object, got {strategy!r}")
+            raise SearchError(
+                f"strategy must be one of {sorted(STRATEGIES)} or a strategy "
+                f"object, got {strategy!r}"
+            )
         return STRATEGIES[strategy]()
     if not hasattr(strategy, "run"):
         raise SearchError(f"not a search strategy: {strategy!r}")
