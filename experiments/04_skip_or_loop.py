@@ -15,18 +15,19 @@ Evaluation examples are fresh documents of the same form; the prediction is the 
 query's answer (the byte after its x), which the model gets wrong more often than the
 first query's.
 
-Search (greedy, per example, in rounds): the neighbours of a chain are every chain with
-one position skipped, one position repeated (looped once more) or two adjacent positions
-swapped. For an example the model gets right the search keeps it right while shortening
-the chain; for one it gets wrong it climbs the log-probability of the right answer.
-Every (chain, example) pair of a round runs through one compiled, vmapped forward
-(chains padded to one length with gated-off steps). Control: the same search aimed at a
-random wrong letter shows how often a search over many chains hits a target by chance.
+Search: `dj.search.run(..., per_example=True)`, greedy, in rounds; the neighbours of a
+chain are every chain with one position skipped, one position repeated (looped once more)
+or two adjacent positions swapped. For an example the model gets right the search keeps
+it right while shortening the chain (skips only); for one it gets wrong it climbs the
+log-probability of the right answer, and the example counts as fixed when the chain it
+ends on answers right. Every (chain, example) pair of a round runs through one compiled,
+vmapped forward (chains padded to one length with gated-off steps). Control: the same
+search aimed at a random wrong letter shows how often a search over many chains reaches a
+target by chance.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -96,100 +97,46 @@ def eval_set(args):
     return np.stack(toks).astype(np.int32), np.asarray(ans), np.asarray(hops)
 
 
-# -- chains ------------------------------------------------------------------------------
-def neighbours(chain: tuple, max_len: int) -> set[tuple]:
-    """Chains one edit away: skip a position, repeat one (loop it once more), swap two
-    adjacent ones."""
-    out = set()
-    for i in range(len(chain)):
-        if len(chain) > 1:
-            out.add(chain[:i] + chain[i + 1 :])
-        if len(chain) < max_len:
-            out.add(chain[: i + 1] + chain[i:])
-        if i + 1 < len(chain):
-            out.add(chain[:i] + (chain[i + 1], chain[i]) + chain[i + 2 :])
-    out.discard(chain)
-    return out
+# -- search (dj.search, per example) ---------------------------------------------------------
+def answer_logprob(logits_BTV, batch):
+    """Objective: log-probability of each row's target byte after its prompt (maximize),
+    and whether it is the model's top prediction ("right")."""
+    lp_BV = jax.nn.log_softmax(logits_BTV[:, -1].astype(jnp.float32))
+    target = batch["target"]
+    return {
+        "score": jnp.take_along_axis(lp_BV, target[:, None], -1)[:, 0],
+        "right": (jnp.argmax(lp_BV, -1) == target).astype(jnp.float32),
+    }
 
 
-def skips(chain: tuple) -> set[tuple]:
-    return {chain[:i] + chain[i + 1 :] for i in range(len(chain))} if len(chain) > 1 else set()
+def answer_right(logits_BTV, batch):
+    """Objective: 1 where the top prediction is the target (maximize; ties go to the
+    shorter chain, so a search on it shortens chains that stay right)."""
+    return (jnp.argmax(logits_BTV[:, -1], -1) == batch["target"]).astype(jnp.float32)
 
 
-def chain_program(chain: tuple, max_len: int) -> dict:
-    """Program arrays of `chain` padded to max_len with steps whose gates are 0 (no-ops)."""
-    pad = max_len - len(chain)
-    on = np.r_[np.ones(len(chain)), np.zeros(pad)].astype(np.float32)
-    return {"block": np.r_[chain, np.zeros(pad)].astype(np.int32), "gate": on}
+def search(model, tokens, targets, *, shorten: bool, rounds: int, max_len: int):
+    """Greedy per-example chain search (dj.search.run(per_example=True)): every round's
+    (chain, example) pairs of all examples go through one compiled forward.
 
-
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _answer_logprobs(model, block_ML, gate_ML, tokens_MT, *, chunk: int):
-    """log-probabilities [M, V] of the next byte after each prompt under its own chain."""
-
-    def one(xs):
-        block, gate, tokens = xs
-        program = dj.Program(block=block, attn=gate, mlp=gate, parallel=jnp.zeros_like(gate, bool))
-        logits = dj.apply(model.replace(program=program), tokens[None])[0, -1]
-        return jax.nn.log_softmax(logits)
-
-    return jax.lax.map(one, (block_ML, gate_ML, tokens_MT), batch_size=chunk)
-
-
-def evaluate(model, chains: list[tuple], tokens_MT, max_len: int, chunk: int = 128):
-    """Answer log-probabilities [M, V] of (chains[m], tokens[m]) pairs, padded to whole
-    chunks so a few shapes compile once."""
-    M = len(chains)
-    size = -(-M // chunk) * chunk
-    padding = [chain_program((0,), max_len)] * (size - M)
-    progs = [chain_program(c, max_len) for c in chains] + padding
-    block = np.stack([p["block"] for p in progs])
-    gate = np.stack([p["gate"] for p in progs])
-    tok = np.concatenate([tokens_MT, np.repeat(tokens_MT[:1], size - M, 0)])
-    return np.asarray(_answer_logprobs(model, block, gate, tok, chunk=chunk))[:M]
-
-
-def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shorten_if_right: bool):
-    """Greedy per-example search. targets [N] bytes. Returns per example: whether the
-    start chain predicts the target, whether any evaluated chain does, the shortest chain
-    length that does (0 if none), and the final chain."""
-    N = len(tokens)
-    lp0 = evaluate(model, [start] * N, tokens, max_len)
-    right0 = lp0.argmax(-1) == targets
-    cur = [start] * N
-    cur_lp = lp0[np.arange(N), targets]
-    hit = right0.copy()
-    shortest = np.where(right0, len(start), 0)
-    for r in range(rounds):
-        # A right example only tries skips (it is being shortened); a wrong one tries all.
-        shorten = lambda e: shorten_if_right and right0[e]
-        pairs = [
-            (nb, e)
-            for e in range(N)
-            for nb in sorted(skips(cur[e]) if shorten(e) else neighbours(cur[e], max_len))
-        ]
-        if not pairs:
-            break
-        lp = evaluate(model, [c for c, _ in pairs], tokens[[e for _, e in pairs]], max_len)
-        best: dict[int, tuple] = {}
-        for (chain, e), row in zip(pairs, lp):
-            t = targets[e]
-            ok = row.argmax() == t
-            if ok:
-                hit[e] = True
-                shortest[e] = len(chain) if shortest[e] == 0 else min(shortest[e], len(chain))
-            if (not ok) if shorten(e) else row[t] <= cur_lp[e]:
-                continue  # a move must keep a right answer / raise the target's log-prob
-            if e not in best or row[t] > best[e][0]:
-                best[e] = (row[t], chain)
-        for e, (lp_e, chain) in best.items():
-            cur[e], cur_lp[e] = chain, lp_e
-        moved = len(best)
-        common.log(
-            f"  round {r + 1}/{rounds}: {len(pairs):,} (chain, example) pairs, "
-            f"{moved} examples moved"
-        )
-    return right0, hit, shortest, cur
+    shorten=True (examples the full chain gets right): skips only, each keeping the answer
+    right, so the result is the shortest right chain the search reaches. shorten=False:
+    skip, loop (repeat) or swap moves that raise the target's log-probability."""
+    rows = [{"tokens": tokens, "target": np.asarray(targets, np.int32)}]
+    objective = (
+        dj.search.logits(answer_right, rows, maximize=True, name="right")
+        if shorten
+        else dj.search.logits(answer_logprob, rows, maximize=True, name="log p(target)")
+    )
+    moves = ("drop",) if shorten else ("drop", "repeat", "swap")
+    return dj.search.run(
+        model,
+        objective,
+        per_example=True,
+        moves=moves,
+        max_depth=max_len,
+        strategy=dj.search.Greedy(rounds=rounds),
+    )
 
 
 def plot(path, lengths, rows, depth: int) -> None:
@@ -262,26 +209,50 @@ def main(argv=None):
 
     tokens, answers, hops = eval_set(args)
     S = model.depth
-    start, max_len = tuple(range(S)), S + args.extra_steps
+    max_len = S + args.extra_steps
+    logits = jax.jit(dj.apply)(model, tokens)[:, -1]
+    pred0 = np.asarray(logits.argmax(-1))
+    right0 = pred0 == answers
+    wrong = ~right0
     common.log(f"search: {len(tokens)} examples, chains up to {max_len} steps")
-    right0, fixed_or_kept, shortest, final = search(
-        model, tokens, answers, start, args.rounds, max_len, shorten_if_right=True
-    )
+    shortest = np.zeros(len(tokens), int)
+    final = [tuple(range(S))] * len(tokens)
+    fixed_or_kept = right0.copy()
+    if right0.any():
+        kept = search(
+            model,
+            tokens[right0],
+            answers[right0],
+            shorten=True,
+            rounds=args.rounds,
+            max_len=max_len,
+        )
+        common.log(f"  right examples: {kept}")
+        shortest[right0] = [f.depth for f in kept.best]
+        for e, f in zip(np.flatnonzero(right0), kept.best):
+            final[e] = f.candidate.steps
+    if wrong.any():
+        climbed = search(
+            model, tokens[wrong], answers[wrong], shorten=False, rounds=args.rounds, max_len=max_len
+        )
+        common.log(f"  wrong examples: {climbed}")
+        fixed_or_kept[wrong] = [f.measures["right"] == 1 for f in climbed.best]
+        for e, f in zip(np.flatnonzero(wrong), climbed.best):
+            final[e] = f.candidate.steps
     # Control: aim the same search at a random letter that is neither the answer nor the
     # model's prediction; a "fix" rate near this one would be luck, not structure.
     rng = np.random.default_rng(args.seed)
-    pred0 = evaluate(model, [start] * len(tokens), tokens, max_len).argmax(-1)
     letters = ord("a") + np.arange(args.letters)
     decoys = np.array(
         [rng.choice([c for c in letters if c not in (a, p_)]) for a, p_ in zip(answers, pred0)]
     )
-    wrong = ~right0
     decoy_hit = np.zeros(0, bool)
     if wrong.any():
         common.log("control search toward random wrong letters")
-        _, decoy_hit, _, _ = search(
-            model, tokens[wrong], decoys[wrong], start, args.rounds, max_len, shorten_if_right=False
+        control = search(
+            model, tokens[wrong], decoys[wrong], shorten=False, rounds=args.rounds, max_len=max_len
         )
+        decoy_hit = np.array([f.measures["right"] == 1 for f in control.best])
 
     kept_shorter = right0 & (shortest < S) & (shortest > 0)
     fixed = wrong & fixed_or_kept
@@ -316,7 +287,7 @@ def main(argv=None):
                 "accuracy (full chain)",
                 "right, kept by a shorter chain",
                 "mean shortest right chain",
-                "wrong, fixed by some chain",
+                "wrong, fixed by the search's chain",
                 "control: wrong, pushed to a random wrong letter",
             ],
             rows,

@@ -115,29 +115,20 @@ def test_context_task_answers_follow_the_pairs():
             assert z == y
 
 
-def test_chain_neighbours_are_one_edit_away():
-    hops = script("04_skip_or_loop")
-    chain = (0, 1, 2, 3)
-    nbs = hops.neighbours(chain, max_len=5)
-    assert (0, 2, 3) in nbs and (0, 1, 1, 2, 3) in nbs and (0, 2, 1, 3) in nbs
-    assert chain not in nbs
-    assert all(abs(len(n) - len(chain)) <= 1 for n in nbs)
-    # 4 skips + 4 repeats + 3 swaps, all distinct here
-    assert len(nbs) == 11
-    assert all(len(n) <= 4 for n in hops.neighbours(chain, max_len=4))  # no room to loop
-    assert hops.skips((5,)) == set()
-
-
-def test_padded_chains_match_reordered_models():
-    """Chains padded with gated-off steps give the logits of depth.reorder's model."""
+def test_chain_search_scores_match_reordered_models():
+    """The per-example search's log-probabilities are those of depth.reorder's model on
+    that example alone, and greedy never ends below its start."""
     hops = script("04_skip_or_loop")
     model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
-    tokens = np.random.default_rng(0).integers(97, 103, (5, 9)).astype(np.int32)
-    chains = [(0, 1, 2, 3), (3, 3, 1), (2,), (0, 0, 1, 1, 2, 3), (1, 0)]
-    lp = hops.evaluate(model, chains, tokens, max_len=6, chunk=4)
-    for m, chain in enumerate(chains):
-        ref = dj.apply(dj.depth.reorder(model, chain), tokens[m : m + 1])[0, -1]
-        np.testing.assert_allclose(lp[m], jax.nn.log_softmax(ref), atol=2e-5)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(97, 103, (2, 9)).astype(np.int32)
+    targets = rng.integers(97, 103, 2)
+    res = hops.search(model, tokens, targets, shorten=False, rounds=2, max_len=6)
+    for e, (f, start) in enumerate(zip(res.best, res.start)):
+        ref = dj.apply(dj.depth.reorder(model, f.candidate.steps), tokens[e : e + 1])[0, -1]
+        np.testing.assert_allclose(f.score, jax.nn.log_softmax(ref)[targets[e]], atol=2e-5)
+        assert f.score >= start.score and f.depth <= 6
+        assert f.measures["right"] == float(np.argmax(ref) == targets[e])
 
 
 @pytest.mark.slow

@@ -22,8 +22,11 @@ def model():
     return D.drop_sublayers(m, attn=[2], mlp=[2])
 
 
+_apply = jax.jit(dj.apply)  # eager dj.apply retraces its scan on every call (~1 s each)
+
+
 def naive_loss(model, tokens):
-    logits = np.asarray(dj.apply(model, tokens), np.float64)
+    logits = np.asarray(_apply(model, tokens), np.float64)
     logp = (
         logits
         - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))

@@ -19,7 +19,7 @@ from . import reference as ref
 RNG = np.random.default_rng(0)
 BATCHES = [RNG.integers(0, 256, (2, 8)).astype(np.int32) for _ in range(2)]
 # One chunk size and padded depth everywhere, so searches of one objective share a compile.
-KW = dict(chunk=32, max_depth=6)
+KW = dict(chunk=4, max_depth=6)  # chunk: the CPU default, as the CLI test uses
 apply = jax.jit(dj.apply)  # eager dj.apply retraces its scan on every call
 
 
@@ -382,10 +382,11 @@ def test_bad_input(model):
         search.logits(lambda lg, b: lg[:, 0, 0], [{"tokens": BATCHES[0], "y": np.zeros(3)}])
     with pytest.raises(search.SearchError, match="max_depth"):
         search.run(model, "loss", batches=BATCHES, max_depth=2)
+    nothing = search.run(
+        model, "loss", batches=BATCHES, budget=search.Budget.flops(1.0), moves=("swap",), **KW
+    )
     with pytest.raises(LookupError, match="no evaluated program fits"):
-        _ = search.run(
-            model, "loss", batches=BATCHES, budget=search.Budget.flops(1.0), moves=("swap",), **KW
-        ).best
+        nothing.best  # noqa: B018
 
 
 def test_search_cli(model, tmp_path, capsys):
@@ -406,20 +407,10 @@ def test_search_cli(model, tmp_path, capsys):
         "--seq-len",
         "8",
     ]
+    # the default moves: the padded depth (6) and chunk (4) of KW, so compiles are shared
     assert (
         cli.main(
-            [
-                "search",
-                *data,
-                "--budget",
-                "steps=75%",
-                "--moves",
-                "drop,swap",
-                "--top",
-                "3",
-                "--out",
-                str(tmp_path / "out"),
-            ]
+            ["search", *data, "--budget", "steps=75%", "--top", "3", "--out", str(tmp_path / "out")]
         )
         == 0
     )
@@ -428,9 +419,8 @@ def test_search_cli(model, tmp_path, capsys):
 
     res = json.loads((out / "results.json").read_text())
     assert res["budget"] == "steps <= 3 steps" and len(res["validation"]["ranked"]) == 3
-    assert (out / "pareto.png").stat().st_size > 1000 and "| start |" in (
-        out / "results.md"
-    ).read_text()
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert "| start |" in (out / "results.md").read_text()
     spec = yaml.safe_load((out / "specs" / "rank01.yaml").read_text())
     best = D.from_spec(model, spec)
     assert best.program.to_dict() == res["ranked"][0]["program"]
@@ -445,3 +435,23 @@ def test_search_cli(model, tmp_path, capsys):
     ):
         assert cli.main(["search", *data, "--budget", bad, "--out", str(tmp_path / "x")]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_router_keeps_part_of_the_oracle_gain(model):
+    """Router mechanics: labels are each row's best class program, its choices are the
+    classifier's argmax, and no routing beats the class oracle."""
+    data = search.loss(BATCHES)
+    per = search.run(model, data, per_example=True, moves=("drop", "repeat"), **KW)
+    router = search.fit_router(per, data, k=2, classes=3, steps=300, chunk=KW["chunk"])
+    assert router.space.start in router.programs and len(router.programs) <= 4
+    gains = search.routing_gain(router, data, per, chunk=KW["chunk"])
+    assert gains["class oracle"] >= max(gains["router"], gains["single best program"]) - 1e-12
+    assert gains["oracle"] == per.gain() >= gains["class oracle"] - 1e-12
+    scores = search.router.class_scores(router.space, router.programs, data, KW["chunk"])
+    for e, f in enumerate(per.best):  # class scores are the per-example scores
+        if f.candidate in router.programs:
+            assert scores[e, router.programs.index(f.candidate)] == pytest.approx(f.score)
+    # 4 rows, at most 4 classes, 300 steps: the router fits its training labels
+    assert gains["router"] == pytest.approx(gains["class oracle"])
+    with pytest.raises(search.SearchError, match="k must be"):
+        search.fit_router(per, data, k=9)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError, add_data_args, load_with_data
+from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
 
 BUDGETS = ("steps", "flops", "kv", "latency")
 # depthjax.search.MOVES, spelled out so that `depthjax --help` does not import JAX (a test
@@ -36,8 +36,9 @@ def parse_budget(text: str, model=None, batch_shape=None):
         return None
     name, sep, value = text.partition("=")
     if not sep or name not in BUDGETS or not value:
+        forms = ", ".join(b + "=X" for b in BUDGETS)
         raise UsageError(
-            f"--budget {text!r}: expected one of {', '.join(b + '=X' for b in BUDGETS)} "
+            f"--budget {text!r}: expected one of {forms} "
             "(X a number or a percentage of the start program) or none"
         )
     try:
@@ -78,8 +79,11 @@ def _search(args) -> int:
             f"--objective {args.objective!r}: only 'loss' is available "
             "(task objectives come with depthjax.eval)"
         )
+    shape = (args.batch_size, args.seq_len)
+    if not args.budget.startswith("latency="):
+        parse_budget(args.budget, None, shape)  # bad flags fail before the model loads
     model, calib, evals = load_with_data(args)
-    budget = parse_budget(args.budget, model, (args.batch_size, args.seq_len))
+    budget = parse_budget(args.budget, model, shape)
     print(
         f"[search] {model!r}".splitlines()[0] + f"; {args.strategy}, budget {args.budget}, "
         f"moves {','.join(moves)}",
@@ -176,4 +180,5 @@ def add_command(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="programs to write as specs")
     p.add_argument("--key", type=int, default=0, help="random seed of the search")
     p.add_argument("--out", required=True, help="output directory")
+    add_quiet_arg(p)
     p.set_defaults(func=_search)

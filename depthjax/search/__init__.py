@@ -10,13 +10,14 @@ forward (programs of different depths pad with gated-off steps, which are exact 
 
 Modules: space (candidates and moves), budget (costs), objective (what is scored),
 evaluate (batched scoring), strategies (greedy, beam, evolutionary, MCTS), result,
-driver (run).
+driver (run, rescore), router (a classifier from inputs to per-example programs).
 """
 
 from .budget import Budget, LatencyModel, active_steps
 from .driver import PRIORS, rescore, run
 from .objective import Objective, as_objective, logits, loss
 from .result import Found, PerExampleResult, SearchResult, pareto_front
+from .router import Router, fit_router, routing_gain
 from .space import MOVES, Candidate, SearchError, Space
 from .strategies import MCTS, STRATEGIES, Beam, Evolutionary, Greedy
 
@@ -33,6 +34,7 @@ __all__ = [
     "Objective",
     "PRIORS",
     "PerExampleResult",
+    "Router",
     "STRATEGIES",
     "SearchError",
     "SearchResult",
@@ -40,8 +42,10 @@ __all__ = [
     "active_steps",
     "as_objective",
     "logits",
+    "fit_router",
     "loss",
     "pareto_front",
     "rescore",
+    "routing_gain",
     "run",
 ]

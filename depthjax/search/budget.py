@@ -117,9 +117,8 @@ class Budget:
         """The budget with an absolute limit (a fraction becomes fraction * start cost)."""
         if self.fraction is None:
             return self
-        return dataclasses.replace(
-            self, limit=self.fraction * self.cost_of(cfg, start), fraction=None
-        )
+        limit = self.fraction * self.cost_of(cfg, start)
+        return dataclasses.replace(self, limit=limit, fraction=None)
 
     def describe(self) -> str:
         if self.fraction is not None:

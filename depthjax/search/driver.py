@@ -28,9 +28,8 @@ def _rng(key) -> np.random.Generator:
         return np.random.default_rng(0)
     if isinstance(key, (int, np.integer)):
         return np.random.default_rng(int(key))
-    data = (
-        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    )
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
 
 
@@ -134,14 +133,8 @@ def run(
 
     def found(c, scores) -> Found:
         measures = {k: v for k, v in scores.items() if k != "score"}
-        return Found(
-            c,
-            scores["score"],
-            cost(c),
-            budget.limit is None or cost(c) <= budget.limit * (1 + 1e-9),
-            measures,
-            space,
-        )
+        feasible = budget.limit is None or cost(c) <= budget.limit * (1 + 1e-9)
+        return Found(c, scores["score"], cost(c), feasible, measures, space)
 
     if not per_example:
         pb = Problem(space, cost, budget.limit, lambda c: ev.scores[c]["score"], objective.key, est)
@@ -179,10 +172,12 @@ def run(
         for b in objective.batches
         for r in range(b["tokens"].shape[0])
     ]
+
+    def score_of(e):
+        return lambda c: ev.scores[(c, e)]["score"]
+
     problems = [
-        Problem(
-            space, cost, budget.limit, lambda c, e=e: ev.scores[(c, e)]["score"], objective.key, est
-        )
+        Problem(space, cost, budget.limit, score_of(e), objective.key, est)
         for e in range(len(examples))
     ]
     seed = rng.integers(2**63)
@@ -190,9 +185,8 @@ def run(
     seen: dict[int, list[Candidate]] = {e: [] for e in runs}
     pending = {e: next(g) for e, g in runs.items()}
     gens = 0
-    with progress.bar(
-        f"search ({name}, per example)", total=getattr(strategy, "total", None)
-    ) as bar:
+    total = getattr(strategy, "total", None)
+    with progress.bar(f"search ({name}, per example)", total=total) as bar:
         while pending:
             pairs = [(c, e) for e, cands in pending.items() for c in cands]
             ev.paired(pairs, examples)

@@ -78,7 +78,7 @@ def _chunks(arrays: dict, C: int):
         n = len(next(iter(part.values())))
         if n < C:
             part = {k: np.concatenate([v, np.repeat(v[:1], C - n, 0)]) for k, v in part.items()}
-        yield i, n, part
+        yield n, part
 
 
 class Evaluator:
@@ -94,13 +94,16 @@ class Evaluator:
         self.scores: dict = {}
         self.evaluated = 0
         self.forwards = 0
-        # One chunk size for the whole search, so every generation reuses one compile: the
-        # start's neighbourhood (a generation's typical size), within the memory bound.
+        # One chunk size for the whole search, so every generation reuses one compile. On an
+        # accelerator: the start's neighbourhood (a generation's typical size) rounded up to
+        # a multiple of 8, within the memory bound. On CPU, wider batches of programs are no
+        # faster per program (benchmarks/search.py), so chunks stay small: less padding.
         cfg, tokens = space.model.config, objective.batches[0]["tokens"]
-        typical = 1 << max(len(space.neighbours(space.start)), 1).bit_length()
-        self.chunk = chunk or min(typical, chunk_size(1 << 30, tokens.shape, cfg))
+        typical = -(-max(len(space.neighbours(space.start)), 1) // 8) * 8
+        on_cpu = jax.default_backend() == "cpu"
+        self.chunk = chunk or min(4 if on_cpu else typical, chunk_size(1 << 30, tokens.shape, cfg))
         self.paired_chunk = chunk or min(
-            4 * typical, chunk_size(1 << 30, (1, tokens.shape[1]), cfg)
+            16 if on_cpu else 4 * typical, chunk_size(1 << 30, (1, tokens.shape[1]), cfg)
         )
 
     def _means(self, sums: dict, idx) -> dict:
@@ -117,7 +120,7 @@ class Evaluator:
         packed = self.space.pack(new)
         C = self.chunk
         sums = []
-        for _, n, part in _chunks(packed, C):
+        for n, part in _chunks(packed, C):
             acc = None
             for batch in self.objective.batches:
                 out = _pooled(self.space.model, part, batch, measure=self.objective.measure)
@@ -154,7 +157,7 @@ class Evaluator:
             groups.append((group, list(_chunks(packed, self.paired_chunk))))
         for group, parts in groups:
             sums = []
-            for _, n, part in parts:
+            for n, part in parts:
                 cands = {k: v for k, v in part.items() if not k.startswith("row:")}
                 rows = {k[4:]: v for k, v in part.items() if k.startswith("row:")}
                 sums.append(

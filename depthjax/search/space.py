@@ -141,11 +141,8 @@ class Space:
                 elif move == "swap" and i + 1 < n:
                     out.append(self._select(c, list(range(i)) + [i + 1, i] + list(range(i + 2, n))))
                 elif move == "parallelize" and i > 0 and not c.parallel[i]:
-                    out.append(
-                        dataclasses.replace(
-                            c, parallel=c.parallel[:i] + (True,) + c.parallel[i + 1 :]
-                        )
-                    )
+                    joined = c.parallel[:i] + (True,) + c.parallel[i + 1 :]
+                    out.append(dataclasses.replace(c, parallel=joined))
         seen, unique = {c}, []
         for nb in map(self.canonical, out):
             if nb.depth and nb not in seen:

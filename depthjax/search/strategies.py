@@ -257,15 +257,12 @@ class MCTS:
                     p = p_of(node)
                     n_parent = N[node] + virtual.get(node, 0)
                     fpu = q_norm(node)  # unvisited children start at their parent's value
-                    ucb = [
-                        (q_norm(k) if k in N else fpu)
-                        - (virtual.get(k, 0) > 0)
-                        + self.c_puct
-                        * p[i]
-                        * math.sqrt(n_parent)
-                        / (1 + N.get(k, 0) + virtual.get(k, 0))
-                        for i, k in enumerate(kids)
-                    ]
+                    ucb = []
+                    for i, k in enumerate(kids):
+                        pending_k = virtual.get(k, 0)  # virtual loss: in this batch already
+                        q = q_norm(k) if k in N else fpu
+                        explore = math.sqrt(n_parent) / (1 + N.get(k, 0) + pending_k)
+                        ucb.append(q - (pending_k > 0) + self.c_puct * p[i] * explore)
                     child = kids[int(np.argmax(ucb))]
                     path.append(child)
                     if child not in N:
