@@ -104,7 +104,8 @@ def main():
         rows = measure(model, prompts, args.new_tokens, drafts, args.draft_tokens, args.repeat)
         results[name] = rows
         for r in rows:
-            fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
+            def fmt(key, spec, r=r):
+                return format(r[key], spec) if key in r else "-"
             print(f"{name[:24]:<24} {r['method']:<12} {r['k']:>3} {r['tokens_per_s']:>9.1f} "
                   f"{r['ratio']:>6.2f} {fmt('acceptance', '>7.1%'):>7} "
                   f"{fmt('tokens_per_pass', '>8.2f'):>8} {fmt('agreement', '>6.1%'):>6}",

@@ -126,7 +126,8 @@ def draft_model(model: DepthModel, draft) -> tuple[DepthModel, int]:
         return select_steps(model, np.arange(k)), k
     if isinstance(draft, Program):
         if not program_lib.is_concrete(draft) or draft.block.ndim != 1:
-            raise ProgramError("a draft program must be one concrete program (not traced or batched)")
+            raise ProgramError("a draft program must be one concrete program (not traced or "
+                               "batched)")
         program_lib.validate(draft, model.n_blocks)
         if model.params.get("steps") and draft.depth != model.depth:
             raise GenerationError("the model has per-step parameters (params['steps']); pass "

@@ -14,11 +14,15 @@ import pytest
 import depthjax as dj
 from depthjax.train import config as train_config
 from depthjax.train.layerskip import LayerSkip, LayerSkipError, loss_sums, with_dropout
-from depthjax.train.step import learning_rate, optimizer, train_step, trainable_mask
-from depthjax.train.step import loss_sums as plain_loss_sums
+from depthjax.train.step import (
+    learning_rate,
+    loss_sums as plain_loss_sums,
+    optimizer,
+    train_step,
+    trainable_mask,
+)
 from tests.test_model import _model
 from tests.test_train_step import _setup
-
 
 _apply = jax.jit(dj.apply)
 
@@ -94,11 +98,11 @@ def test_rate_zero_equals_plain_training(tiny):
 def test_drop_rates_follow_depth_and_time_scales():
     L, T = 5, 11
     ls = LayerSkip(depth=L, total_steps=T, dropout=0.4, dropout_schedule="linear")
-    l = np.arange(L)
-    np.testing.assert_allclose(ls.drop_rates(5), 0.4 * (2 ** (l / 4) - 1) * 0.5, rtol=1e-6)
+    step = np.arange(L)
+    np.testing.assert_allclose(ls.drop_rates(5), 0.4 * (2 ** (step / 4) - 1) * 0.5, rtol=1e-6)
     lin = LayerSkip(depth=L, total_steps=T, dropout=0.4, dropout_depth="linear",
                     dropout_schedule="exp")
-    np.testing.assert_allclose(lin.drop_rates(10), 0.4 * l / 4 * 1.0, rtol=1e-6)
+    np.testing.assert_allclose(lin.drop_rates(10), 0.4 * step / 4 * 1.0, rtol=1e-6)
     uni = LayerSkip(depth=L, total_steps=T, dropout=0.3, dropout_depth="uniform")
     np.testing.assert_allclose(uni.drop_rates(3), np.full(L, 0.3), rtol=1e-6)
     # The masks drop at those rates (statistically: 20000 rows, 4.5 sigma)...
@@ -141,6 +145,8 @@ def test_grad_accumulation_with_dropout_equals_one_big_batch():
     assert not np.asarray(ls.keep_mask(0, 4)).all(), "the mask should drop something"
     for k in ("loss", "objective", "exit_loss", "grad_norm"):
         np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)  # Adam's first step ~ lr * sign(grad)
 
 
 def test_bad_settings_name_the_problem():
@@ -187,7 +193,8 @@ def test_continued_pretraining_from_hf_resumes_bit_exactly_after_kill9(tmp_path)
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5]
     for step, losses in got.items():
         assert all(loss == ref[step][0] for loss in losses), (step, losses, ref[step])
-    rows = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert {"objective", "exit_loss_1"} <= set(rows[0])
     # Rotational curriculum: the exit is on at steps t = 0, 2, 4 (logged as steps 1, 3, 5).
     for r in rows:

@@ -147,7 +147,8 @@ class TrainConfig:
             try:
                 steps = [int(k) for k in steps]
             except (TypeError, ValueError):
-                raise TrainConfigError(f"exit_steps must be integers or 'all', got {steps}") from None
+                raise TrainConfigError(f"exit_steps must be integers or 'all', got "
+                                       f"{steps}") from None
         try:
             weights = [float(w) for w in weights]
         except (TypeError, ValueError):

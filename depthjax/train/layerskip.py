@@ -77,7 +77,8 @@ class LayerSkip:
                                  f"residual[k], the output of step k-1 of the {self.depth}-step "
                                  "program (the final output is always trained)")
         if len(set(self.exits)) != len(self.exits) or list(self.exits) != sorted(self.exits):
-            raise LayerSkipError(f"exit_steps must be increasing and distinct, got {list(self.exits)}")
+            raise LayerSkipError("exit_steps must be increasing and distinct, got "
+                                 f"{list(self.exits)}")
         if len(self.weights) != len(self.exits):
             raise LayerSkipError(f"exit_weights has {len(self.weights)} entries for "
                                  f"{len(self.exits)} exit_steps")
@@ -87,7 +88,7 @@ class LayerSkip:
             raise LayerSkipError(f"exit_rotation must be >= 1, got {self.rotation}")
 
     @classmethod
-    def from_config(cls, tc, program: Program) -> "LayerSkip | None":
+    def from_config(cls, tc, program: Program) -> LayerSkip | None:
         """The settings of a TrainConfig for `program`, or None when both are off (then the
         training step is exactly the plain one)."""
         exits = resolve_exits(tc.exit_steps, program.depth)
