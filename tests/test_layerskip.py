@@ -60,9 +60,10 @@ def test_early_exit_loss_equals_naive_per_exit_cross_entropy(tiny):
     ls = LayerSkip(depth=4, total_steps=10, exits=(1, 3), weights=(0.5, 2.0))
     total, (count, nll) = jax.jit(lambda p, b: loss_sums(p, model.config, model.program, b, ls,
                                                          0))(model.params, _with_keep(batch, ls))
-    # Reference: each exit k is the model truncated after k steps, run on its own.
-    want = [_naive_ce(model, batch)] + [_naive_ce(dj.depth.drop(model, list(range(k, 4))), batch)
-                                        for k in (1, 3)]
+    # Reference: exit k is the model with every step from k on switched off (both gates 0:
+    # the final residual is residual[k]), the loss computed by hand.
+    off = lambda k: dj.depth.drop_sublayers(model, attn=range(k, 4), mlp=range(k, 4))
+    want = [_naive_ce(model, batch)] + [_naive_ce(off(k), batch) for k in (1, 3)]
     np.testing.assert_allclose(nll, want, rtol=1e-5)
     np.testing.assert_allclose(total, (want[0] + 0.5 * want[1] + 2.0 * want[2]) / 3.5, rtol=1e-5)
     assert count == (np.asarray(batch["segment_ids"]) > 0).sum()
@@ -73,8 +74,9 @@ def test_dropped_steps_equal_the_program_without_them(tiny):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 10)), jnp.int32)
     keep = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
     got = _apply(model.replace(params=with_dropout(model.params, jnp.asarray(keep))), tokens)
-    for b in range(3):
-        dropped = dj.depth.drop(model, list(np.flatnonzero(~keep[b])))
+    for b in range(3):  # reference: the program with those steps' gates at 0 (same depth)
+        gone = np.flatnonzero(~keep[b])
+        dropped = dj.depth.drop_sublayers(model, attn=gone, mlp=gone)
         np.testing.assert_allclose(got[b], _apply(dropped, tokens[b:b + 1])[0], atol=1e-5)
 
 
@@ -174,6 +176,7 @@ def test_bad_settings_name_the_problem():
 
 
 # ------------------------------------------------------------------ whole runs
+@pytest.mark.slow
 def test_continued_pretraining_from_hf_resumes_bit_exactly_after_kill9(tmp_path):
     """`depthjax train init_from=<HF dir>` with layer dropout and early exits: a run killed
     (SIGKILL) right after checkpoint 4 was issued resumes from checkpoint 2 and logs the

@@ -88,9 +88,12 @@ def test_shared_prefix_is_the_common_prefix_cut_to_a_group_boundary(variants):
     assert shared_prefix(m, D.drop_sublayers(m, attn=[3])) == 3
     # Steps 0-1 agree, but residual[2] is inside the full program's parallel group {1, 2}.
     assert shared_prefix(D.parallelize(m, [[1, 2]]), D.drop(m, [3])) == 1
-    relaxed = D.relax(D.tie(m, 2), m, rank=2)     # per-step LoRA move with the steps
-    assert shared_prefix(relaxed, D.drop(relaxed, [3])) == 3
-    assert shared_prefix(relaxed, D.tie(m, 2)) == 0
+    # Per-step parameters count: a step whose own scale differs is not shared.
+    scaled = m.replace(params={**m.params, "steps": {"scale": jnp.ones(4)}})
+    other = scaled.replace(params={**m.params, "steps": {"scale": jnp.array([1, 1, 2, 1.0])}})
+    assert shared_prefix(scaled, other) == 2
+    assert shared_prefix(scaled, D.drop(scaled, [3])) == 3
+    assert shared_prefix(scaled, D.drop(m, [3])) == 0   # params["steps"] only on one side
 
 
 # ---------------------------------------------------------------- sampled: exact distribution
