@@ -30,8 +30,15 @@ setup(
     ],
     extras_require={
         # tensorboard: its event reader checks our event files (it needs no TensorFlow).
-        "test": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "tensorboard", "ruff>=0.17,<0.18"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "tensorboard",
+            "ruff>=0.17,<0.18",
+        ],
     },
     entry_points={"console_scripts": ["depthjax=depthjax.cli:main"]},
 )

@@ -32,8 +32,9 @@ def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Pat
     return files
 
 
-def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train",
-                   encode=None):
+def sample_windows(
+    batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train", encode=None
+):
     """int32 [batch_size, seq_len] token windows drawn deterministically from the corpus.
 
     encode: text bytes -> int token ids (default: the bytes themselves, vocab 256)."""
@@ -50,5 +51,5 @@ def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str =
         else:
             raise RuntimeError(f"no corpus file is longer than seq_len={seq_len} tokens")
         start = rng.integers(len(ids) - seq_len)
-        out[b] = ids[start:start + seq_len]
+        out[b] = ids[start : start + seq_len]
     return out

@@ -20,19 +20,31 @@ def _log(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
-def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
-              log=_log) -> dict[str, Scores]:
+def score_all(
+    model: DepthModel, batches, *, shapley_permutations: int = 8, key=None, log=_log
+) -> dict[str, Scores]:
     """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
     blocks, attention and MLP, Shapley values of blocks, and the logit lens. `log`
     receives one timing line per metric."""
     stages = [("trace metrics", lambda: M.trace_metrics(model, batches))]
-    stages += [(f"ablation ({unit})", lambda unit=unit: {
-        f"ablation_{unit}": M.ablation(model, batches, unit=unit)})
-        for unit in ("block", "attn", "mlp")]
+    stages += [
+        (
+            f"ablation ({unit})",
+            lambda unit=unit: {f"ablation_{unit}": M.ablation(model, batches, unit=unit)},
+        )
+        for unit in ("block", "attn", "mlp")
+    ]
     if shapley_permutations:
-        stages.append((f"shapley ({shapley_permutations} permutations)", lambda: {
-            "shapley_block": M.shapley(model, batches, num_permutations=shapley_permutations,
-                                       key=key)}))
+        stages.append(
+            (
+                f"shapley ({shapley_permutations} permutations)",
+                lambda: {
+                    "shapley_block": M.shapley(
+                        model, batches, num_permutations=shapley_permutations, key=key
+                    )
+                },
+            )
+        )
     stages.append(("logit lens", lambda: {"logit_lens": M.logit_lens(model, batches)}))
     out = {}
     with progress.bar("scoring", total=len(stages)) as bar:
@@ -49,19 +61,27 @@ def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
     return {k: s for k, s in scores.items() if s.unit == unit and k != "logit_lens"}
 
 
-def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: str = "block",
-                   max_units: int | None = None) -> dict[str, np.ndarray]:
+def removal_curves(
+    model: DepthModel,
+    batches,
+    scores: dict[str, Scores],
+    unit: str = "block",
+    max_units: int | None = None,
+) -> dict[str, np.ndarray]:
     """Loss after removing k = 0..max_units units in each metric's order."""
     ranked = importance(scores, unit)
-    return {name: M.removal_curve(model, batches, ranked[name], max_units=max_units, unit=unit)
-            for name in progress.track(list(ranked), "removal curves")}
+    return {
+        name: M.removal_curve(model, batches, ranked[name], max_units=max_units, unit=unit)
+        for name in progress.track(list(ranked), "removal curves")
+    }
 
 
 def table(scores: dict[str, Scores], unit: str = "block") -> str:
     """Per-step table of the metrics ranking `unit` (plus residual norm)."""
     cols = importance(scores, unit)
-    norm = next((s.extra["residual_norm"] for s in scores.values()
-                 if "residual_norm" in s.extra), None)
+    norm = next(
+        (s.extra["residual_norm"] for s in scores.values() if "residual_norm" in s.extra), None
+    )
     names = list(cols)
     head = f"{'step':>4} " + " ".join(f"{n[:14]:>14}" for n in names)
     head += f" {'|resid in|':>10}" if norm is not None else ""
@@ -95,8 +115,10 @@ def write_json(obj, path) -> None:
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (works without a display)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -119,7 +141,7 @@ def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
             twin.set_ylabel("|residual|", fontsize=7, color="gray")
             twin.tick_params(labelsize=6, colors="gray")
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -127,8 +149,15 @@ def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, np.ndarray], path, *, xlabel: str, ylabel: str = "loss",
-                title: str = "", baseline: float | None = None) -> None:
+def plot_curves(
+    curves: dict[str, np.ndarray],
+    path,
+    *,
+    xlabel: str,
+    ylabel: str = "loss",
+    title: str = "",
+    baseline: float | None = None,
+) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in curves.items():

@@ -49,9 +49,9 @@ from .sampling import GenerationError, filter_logits, sample
 class DraftStats(NamedTuple):
     """Per-row counts of a self-speculative generation."""
 
-    accepted: jax.Array   # int32 [B]: draft tokens accepted (the full model agreed)
-    drafted: jax.Array    # int32 [B]: draft tokens proposed (draft_tokens per round)
-    rounds: jax.Array     # int32 [B]: verification passes of the full program
+    accepted: jax.Array  # int32 [B]: draft tokens accepted (the full model agreed)
+    drafted: jax.Array  # int32 [B]: draft tokens proposed (draft_tokens per round)
+    rounds: jax.Array  # int32 [B]: verification passes of the full program
 
     @property
     def acceptance(self) -> float:
@@ -63,15 +63,16 @@ class DraftStats(NamedTuple):
 class _Plan:
     """Static layout of one compiled speculative loop."""
 
-    depth: int                    # steps of the full program
-    shared: int                   # m: leading steps the draft shares with it
+    depth: int  # steps of the full program
+    shared: int  # m: leading steps the draft shares with it
     draft_depth: int
-    n: int                        # draft tokens per round
+    n: int  # draft tokens per round
     cache_steps: tuple[int, ...]  # the full program's attention steps (its cache slots)
-    tail_steps: tuple[int, ...]   # the draft's attention steps in [shared, draft_depth)
+    tail_steps: tuple[int, ...]  # the draft's attention steps in [shared, draft_depth)
 
     def walk(self, start: int, stop: int, steps: tuple[int, ...]):
         from .decoding import _Exit
+
         return _Exit(stop, steps, start=start)
 
 
@@ -83,14 +84,16 @@ def shared_prefix(model: DepthModel, draft: DepthModel) -> int:
     steps_p, steps_q = model.params.get("steps") or {}, draft.params.get("steps") or {}
     if jax.tree.structure(steps_p) != jax.tree.structure(steps_q):
         return 0  # per-step parameters of different kinds: no step is run alike
-    columns = lambda m, steps: ([np.asarray(getattr(m.program, f))
-                                 for f in ("block", "attn", "mlp", "parallel")]
-                                + [np.asarray(x) for x in jax.tree.leaves(steps)])
+    columns = lambda m, steps: (
+        [np.asarray(getattr(m.program, f)) for f in ("block", "attn", "mlp", "parallel")]
+        + [np.asarray(x) for x in jax.tree.leaves(steps)]
+    )
     cp, cq = columns(model, steps_p), columns(draft, steps_q)
     P, Q = model.program, draft.program
     m = 0
-    while m < min(P.depth, Q.depth) and all(np.array_equal(a[m], b[m])
-                                            for a, b in zip(cp, cq, strict=True)):
+    while m < min(P.depth, Q.depth) and all(
+        np.array_equal(a[m], b[m]) for a, b in zip(cp, cq, strict=True)
+    ):
         m += 1
     splits = lambda prog, k: k < prog.depth and bool(np.asarray(prog.parallel)[k])
     while m > 0 and (splits(P, m) or splits(Q, m)):
@@ -112,44 +115,66 @@ def draft_model(model: DepthModel, draft) -> tuple[DepthModel, int]:
     if isinstance(draft, (int, np.integer)):
         k = int(draft)
         if not 1 <= k < model.depth:
-            raise GenerationError(f"draft={k}: drafting with the first k steps needs "
-                                  f"1 <= k <= {model.depth - 1} (the program has {model.depth} "
-                                  "steps)")
+            raise GenerationError(
+                f"draft={k}: drafting with the first k steps needs "
+                f"1 <= k <= {model.depth - 1} (the program has {model.depth} "
+                "steps)"
+            )
         if bool(np.asarray(model.program.parallel)[k]):
-            raise ProgramError(f"draft={k} splits a parallel group (step {k} reads the same "
-                               f"input as step {k - 1}); draft to a group boundary")
+            raise ProgramError(
+                f"draft={k} splits a parallel group (step {k} reads the same "
+                f"input as step {k - 1}); draft to a group boundary"
+            )
         from .depth.edit import select_steps
+
         return select_steps(model, np.arange(k)), k
     if isinstance(draft, Program):
         if not program_lib.is_concrete(draft) or draft.block.ndim != 1:
-            raise ProgramError("a draft program must be one concrete program (not traced or "
-                               "batched)")
+            raise ProgramError(
+                "a draft program must be one concrete program (not traced or batched)"
+            )
         program_lib.validate(draft, model.n_blocks)
         if model.params.get("steps") and draft.depth != model.depth:
-            raise GenerationError("the model has per-step parameters (params['steps']); pass "
-                                  "the draft as a DepthModel from depthjax.depth so they follow "
-                                  "its steps")
+            raise GenerationError(
+                "the model has per-step parameters (params['steps']); pass "
+                "the draft as a DepthModel from depthjax.depth so they follow "
+                "its steps"
+            )
         draft = model.replace(program=draft)
     if not isinstance(draft, DepthModel):
-        raise GenerationError(f"draft must be a depth k, a Program or a DepthModel, got "
-                              f"{type(draft).__name__}")
+        raise GenerationError(
+            f"draft must be a depth k, a Program or a DepthModel, got {type(draft).__name__}"
+        )
     if draft.config != model.config or not _same_table(model, draft):
-        raise GenerationError("the draft must run over the model's own block table (same config "
-                              "and blocks: a program or a depthjax.depth edit of the model)")
+        raise GenerationError(
+            "the draft must run over the model's own block table (same config "
+            "and blocks: a program or a depthjax.depth edit of the model)"
+        )
     m = shared_prefix(model, draft)
     if m == model.depth:
-        raise GenerationError("the draft runs the whole full program (and more): it cannot be "
-                              "cheaper; draft with fewer steps")
+        raise GenerationError(
+            "the draft runs the whole full program (and more): it cannot be "
+            "cheaper; draft with fewer steps"
+        )
     return draft, m
 
 
 def plan(model: DepthModel, draft: DepthModel, shared: int, draft_tokens: int) -> _Plan:
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) \
-            or draft_tokens < 1:
+    if (
+        isinstance(draft_tokens, bool)
+        or not isinstance(draft_tokens, (int, np.integer))
+        or draft_tokens < 1
+    ):
         raise GenerationError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
     tail = tuple(s for s in attention_steps(draft.program) if s >= shared)
-    return _Plan(depth=model.depth, shared=shared, draft_depth=draft.depth, n=int(draft_tokens),
-                 cache_steps=attention_steps(model.program), tail_steps=tail)
+    return _Plan(
+        depth=model.depth,
+        shared=shared,
+        draft_depth=draft.depth,
+        n=int(draft_tokens),
+        cache_steps=attention_steps(model.program),
+        tail_steps=tail,
+    )
 
 
 # ------------------------------------------------------------------ the compiled loop
@@ -166,8 +191,9 @@ def _accept_sampled(z_BTV, q_logits_BNV, d_BN, key, sampler):
     B, T, V = z_BTV.shape
     n = T - 1
     temperature, top_k, top_p = sampler["temperature"], sampler["top_k"], sampler["top_p"]
-    probs = lambda logits: jax.nn.softmax(filter_logits(
-        logits.reshape(-1, V) / temperature, top_k=top_k, top_p=top_p), -1).reshape(logits.shape)
+    probs = lambda logits: jax.nn.softmax(
+        filter_logits(logits.reshape(-1, V) / temperature, top_k=top_k, top_p=top_p), -1
+    ).reshape(logits.shape)
     p_BTV, q_BNV = probs(z_BTV), probs(q_logits_BNV)
     pick = lambda x, i: jnp.take_along_axis(x, i[..., None], -1)[..., 0]
     k_accept, k_fix = jax.random.split(key)
@@ -187,11 +213,22 @@ def _accept_sampled(z_BTV, q_logits_BNV, d_BN, key, sampler):
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "plan", "eos_id", "sampler"))
-def generate(model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *,
-             max_new_tokens: int, plan: _Plan, eos_id: int | None, sampler: tuple):
+def generate(
+    model: DepthModel,
+    draft: DepthModel,
+    tokens_BT,
+    mask_BT,
+    key,
+    *,
+    max_new_tokens: int,
+    plan: _Plan,
+    eos_id: int | None,
+    sampler: tuple,
+):
     """The whole self-speculative generation in one compiled loop (arguments checked by
     `depthjax.generate`). Returns a `Generation` with `draft` statistics."""
     from .decoding import Generation, _walk
+
     cfg, (B, T), N, n = model.config, tokens_BT.shape, max_new_tokens, plan.n
     m, L = plan.shared, plan.depth
     sampler = dict(sampler)
@@ -200,8 +237,9 @@ def generate(model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *,
     rest_ex = plan.walk(m, L, plan.cache_steps)
     tail_ex = plan.walk(m, plan.draft_depth, plan.tail_steps)
     has_tail = plan.draft_depth > m
-    embed = lambda tok_BT, pos_BT: Embed(cfg).apply({"params": model.params["embed"]}, tok_BT,
-                                                   pos_BT)
+    embed = lambda tok_BT, pos_BT: Embed(cfg).apply(
+        {"params": model.params["embed"]}, tok_BT, pos_BT
+    )
 
     # Prefill: the full program over the prompt, and the draft's own steps past m.
     max_len = T + N + n  # each round writes n + 1 entries past a row's emitted tokens
@@ -210,14 +248,14 @@ def generate(model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *,
     tail = KVCache.empty(cfg, plan.tail_steps, plan.draft_depth, B, max_len)
     x_BTD = embed(tokens_BT, positions_BT)
     if m:
-        x_BTD, cache, _ = _walk(model, x_BTD, positions_BT, mask_BT, cache, shared_ex,
-                                prefill=True)
+        x_BTD, cache, _ = _walk(model, x_BTD, positions_BT, mask_BT, cache, shared_ex, prefill=True)
     if has_tail:
         _, tail, _ = _walk(draft, x_BTD, positions_BT, mask_BT, tail, tail_ex, prefill=True)
     x_BTD, cache, _ = _walk(model, x_BTD, positions_BT, mask_BT, cache, rest_ex, prefill=True)
     last_B = T - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
-    logits_BV = output_head(cfg, model.params,
-                            jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
+    logits_BV = output_head(
+        cfg, model.params, jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+    )[:, 0]
     at = lambda c, length, pos: c.replace(length=length, next_pos=pos)
     length_B, pos_B = jnp.full((B,), T, jnp.int32), mask_BT.sum(1).astype(jnp.int32)
     cache, tail = at(cache, length_B, pos_B), at(tail, length_B, pos_B)
@@ -226,12 +264,16 @@ def generate(model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *,
     x0_B = sample(logits_BV, sub, **sampler)
     pad = 0 if eos_id is None else eos_id
     zeros_B = jnp.zeros((B,), jnp.int32)
-    state = dict(cache=cache, tail=tail, x0=x0_B, key=key,
-                 tokens=jnp.full((B, N), pad, jnp.int32).at[:, 0].set(x0_B),
-                 emitted=jnp.ones((B,), jnp.int32),
-                 done=(jnp.full((B,), N == 1) if eos_id is None
-                       else (x0_B == eos_id) | (N == 1)),
-                 stats=DraftStats(zeros_B, zeros_B, zeros_B))
+    state = dict(
+        cache=cache,
+        tail=tail,
+        x0=x0_B,
+        key=key,
+        tokens=jnp.full((B, N), pad, jnp.int32).at[:, 0].set(x0_B),
+        emitted=jnp.ones((B,), jnp.int32),
+        done=(jnp.full((B,), N == 1) if eos_id is None else (x0_B == eos_id) | (N == 1)),
+        stats=DraftStats(zeros_B, zeros_B, zeros_B),
+    )
 
     def draft_step(carry, i):
         """Feed token i of the round (x_0, then d_i) through the draft; propose d_{i+1}."""
@@ -240,39 +282,47 @@ def generate(model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *,
         pos_B1 = pos[:, None]
         r_B1D = embed(tok_B[:, None], pos_B1)
         if m:
-            r_B1D, c, _ = _walk(model, r_B1D, pos_B1, None, at(cache, length, pos), shared_ex,
-                                prefill=False)
+            r_B1D, c, _ = _walk(
+                model, r_B1D, pos_B1, None, at(cache, length, pos), shared_ex, prefill=False
+            )
             cache = at(c, cache.length, cache.next_pos)
         h_B1D = r_B1D
         if has_tail:
-            h_B1D, c, _ = _walk(draft, r_B1D, pos_B1, None, at(tail, length, pos), tail_ex,
-                                prefill=False)
+            h_B1D, c, _ = _walk(
+                draft, r_B1D, pos_B1, None, at(tail, length, pos), tail_ex, prefill=False
+            )
             tail = at(c, tail.length, tail.next_pos)
 
         def propose():  # the last fed token's proposal would not be verified: skip its head
             q_BV = output_head(cfg, draft.params, h_B1D)[:, 0]
             return q_BV, sample(q_BV, jax.random.fold_in(k_draft, i), **sampler)
 
-        q_BV, d_B = jax.lax.cond(i < n, propose, lambda: (
-            jnp.zeros((B, cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32)))
+        q_BV, d_B = jax.lax.cond(
+            i < n,
+            propose,
+            lambda: (jnp.zeros((B, cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32)),
+        )
         return (cache, tail, d_B, k_draft), (r_B1D[:, 0], d_B, q_BV)
 
     def round_(s):
         key, k_draft, k_accept = jax.random.split(s["key"], 3)
         cache, tail = s["cache"], s["tail"]
         (cache, tail, _, _), (r_TBD, d_TB, q_TBV) = jax.lax.scan(
-            draft_step, (cache, tail, s["x0"], k_draft), jnp.arange(n + 1))
+            draft_step, (cache, tail, s["x0"], k_draft), jnp.arange(n + 1)
+        )
         # Verify: the full program's steps m.. on the n + 1 residuals, in one pass.
         pos_BT = cache.next_pos[:, None] + jnp.arange(n + 1)
-        z_BTD, cache, _ = _walk(model, jnp.swapaxes(r_TBD, 0, 1), pos_BT, None, cache, rest_ex,
-                                prefill=False)
+        z_BTD, cache, _ = _walk(
+            model, jnp.swapaxes(r_TBD, 0, 1), pos_BT, None, cache, rest_ex, prefill=False
+        )
         z_BTV = output_head(cfg, model.params, z_BTD)
         d_BN = jnp.swapaxes(d_TB[:n], 0, 1)
         if greedy:
             a_B, emit_BT = _accept_greedy(z_BTV, d_BN)
         else:
-            a_B, emit_BT = _accept_sampled(z_BTV, jnp.swapaxes(q_TBV[:n], 0, 1), d_BN,
-                                           k_accept, sampler)
+            a_B, emit_BT = _accept_sampled(
+                z_BTV, jnp.swapaxes(q_TBV[:n], 0, 1), d_BN, k_accept, sampler
+            )
         # Emit a + 1 tokens per active row (fewer at eos or max_new_tokens).
         j = jnp.arange(n + 1)
         count_B = a_B + 1
@@ -291,11 +341,21 @@ def generate(model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *,
         advance_B = jnp.where(active_B, a_B + 1, 0)
         move = lambda c: at(c, c.length + advance_B, c.next_pos + advance_B)
         st = s["stats"]
-        stats = DraftStats(st.accepted + jnp.where(active_B, a_B, 0),
-                           st.drafted + jnp.where(active_B, n, 0), st.rounds + active_B)
-        return dict(cache=move(cache), tail=move(tail), key=key, tokens=tokens,
-                    x0=jnp.take_along_axis(emit_BT, a_B[:, None], 1)[:, 0], emitted=emitted,
-                    done=s["done"] | (emitted >= N) | (stop_B & active_B), stats=stats)
+        stats = DraftStats(
+            st.accepted + jnp.where(active_B, a_B, 0),
+            st.drafted + jnp.where(active_B, n, 0),
+            st.rounds + active_B,
+        )
+        return dict(
+            cache=move(cache),
+            tail=move(tail),
+            key=key,
+            tokens=tokens,
+            x0=jnp.take_along_axis(emit_BT, a_B[:, None], 1)[:, 0],
+            emitted=emitted,
+            done=s["done"] | (emitted >= N) | (stop_B & active_B),
+            stats=stats,
+        )
 
     s = jax.lax.while_loop(lambda s: ~s["done"].all(), round_, state)
     exit_steps = jnp.where(jnp.arange(N)[None] < s["emitted"][:, None], L, 0).astype(jnp.int32)

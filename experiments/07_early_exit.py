@@ -33,8 +33,9 @@ RECIPES = ("plain", "layerskip")
 
 def main(argv=None):
     # The demo's llama-small (8 blocks, d_model 128), on shorter sequences: CPU scale.
-    p = common.parser("07_early_exit", __doc__, model="llama-small", layers=8, steps=200,
-                      seq_len=128)
+    p = common.parser(
+        "07_early_exit", __doc__, model="llama-small", layers=8, steps=200, seq_len=128
+    )
     g = p.add_argument_group("early-exit recipe")
     g.add_argument("--layer-dropout", type=float, default=0.2, help="p_max (last step)")
     g.add_argument("--exit-weight", type=float, default=0.3, help="weight of every exit's loss")
@@ -48,9 +49,12 @@ def main(argv=None):
     data = common.eval_batches(args)
 
     every = dict(exit_steps=["all"], log_every=max(1, args.steps // 50))
-    configs = {"plain": common.train_config(args, exit_weights=[0.0], **every),
-               "layerskip": common.train_config(args, exit_weights=[args.exit_weight],
-                                                layer_dropout=args.layer_dropout, **every)}
+    configs = {
+        "plain": common.train_config(args, exit_weights=[0.0], **every),
+        "layerskip": common.train_config(
+            args, exit_weights=[args.exit_weight], layer_dropout=args.layer_dropout, **every
+        ),
+    }
     runs, models = {}, {}
     for name, tc in configs.items():
         models[name] = common.trained(args, f"early-exit-{name}", tc)
@@ -62,28 +66,49 @@ def main(argv=None):
 
     # Speed: one benchmark run over both models (ratios comparable within it).
     bench_json = out / "benchmark.json"
-    cmd = [sys.executable, str(common.HERE.parent / "benchmarks" / "speculative.py"),
-           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-           "--draft-tokens", str(args.draft_tokens), "--repeat", str(args.repeat),
-           "--json", str(bench_json)]
+    cmd = [
+        sys.executable,
+        str(common.HERE.parent / "benchmarks" / "speculative.py"),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--draft-tokens",
+        str(args.draft_tokens),
+        "--repeat",
+        str(args.repeat),
+        "--json",
+        str(bench_json),
+    ]
     for name in RECIPES:
         cmd += ["--model", str(runs[name] / "model")]
     common.log("benchmark: " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
     bench = json.loads(bench_json.read_text())["results"]
 
-    curves = {n: [json.loads(line) for line in (runs[n] / "metrics.jsonl").read_text().splitlines()]
-              for n in RECIPES}
+    curves = {
+        n: [json.loads(line) for line in (runs[n] / "metrics.jsonl").read_text().splitlines()]
+        for n in RECIPES
+    }
     _plot(out, curves, exit_loss, depth)
     tradeoff = []
     for name in RECIPES:
         for r in bench[runs[name].name]:
             at = r["k"] if r["method"] == "exit-at-k" else depth
             quality = exit_loss[name][at - 1]
-            tradeoff.append([name, r["method"], r["k"], float(quality), r.get("agreement", 1.0),
-                             r["tokens_per_s"], r["ratio"],
-                             f"{r['acceptance']:.1%}" if "acceptance" in r else "-",
-                             f"{r['tokens_per_pass']:.2f}" if "tokens_per_pass" in r else "-"])
+            tradeoff.append(
+                [
+                    name,
+                    r["method"],
+                    r["k"],
+                    float(quality),
+                    r.get("agreement", 1.0),
+                    r["tokens_per_s"],
+                    r["ratio"],
+                    f"{r['acceptance']:.1%}" if "acceptance" in r else "-",
+                    f"{r['tokens_per_pass']:.2f}" if "tokens_per_pass" in r else "-",
+                ]
+            )
     per_exit = [[k] + [float(exit_loss[n][k - 1]) for n in RECIPES] for k in range(1, depth + 1)]
     sections = [
         f"{depth}-step `{args.model}` models, {args.steps} training steps of {args.batch_size}x"
@@ -96,13 +121,30 @@ def main(argv=None):
         f"new tokens, {args.draft_tokens} draft tokens per round)\n\n"
         "Quality: the validation loss of what is decoded (exit-at-k: the first k steps; the "
         "full model and self-speculation: the full model) and the share of greedy tokens equal "
-        "to the full model's.\n\n" + common.md_table(
-            ["model", "method", "k", "val. loss", "agreement", "tokens/s", "speed ratio",
-             "acceptance", "tokens / pass"], tradeoff, floatfmt=".3f"),
+        "to the full model's.\n\n"
+        + common.md_table(
+            [
+                "model",
+                "method",
+                "k",
+                "val. loss",
+                "agreement",
+                "tokens/s",
+                "speed ratio",
+                "acceptance",
+                "tokens / pass",
+            ],
+            tradeoff,
+            floatfmt=".3f",
+        ),
     ]
-    common.write_results(args, out, "Experiment 7: early exit that pays", sections,
-                         {"exit_loss": exit_loss, "benchmark": bench,
-                          "curves": {n: c for n, c in curves.items()}})
+    common.write_results(
+        args,
+        out,
+        "Experiment 7: early exit that pays",
+        sections,
+        {"exit_loss": exit_loss, "benchmark": bench, "curves": {n: c for n, c in curves.items()}},
+    )
 
 
 def _plot(out, curves, exit_loss, depth: int) -> None:
@@ -113,8 +155,13 @@ def _plot(out, curves, exit_loss, depth: int) -> None:
         rows = curves[name]
         steps = [r["step"] for r in rows]
         for k in range(1, depth):
-            ax.plot(steps, [r[f"exit_loss_{k}"] for r in rows], color=colors[k - 1], lw=1,
-                    label=f"exit {k}")
+            ax.plot(
+                steps,
+                [r[f"exit_loss_{k}"] for r in rows],
+                color=colors[k - 1],
+                lw=1,
+                label=f"exit {k}",
+            )
         ax.plot(steps, [r["loss"] for r in rows], color="k", lw=1.5, label=f"final ({depth})")
         ax.set_title(f"{name}: training loss per exit", fontsize=9)
         ax.set_xlabel("training step")

@@ -47,7 +47,22 @@ def _user_errors() -> tuple[type, ...]:
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
-            HFError, ProgramError, ShardingError, TokenizerError, TrainConfigError,
-            UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+
+    return (
+        AttentionUnavailable,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        GenerationError,
+        HFError,
+        ProgramError,
+        ShardingError,
+        TokenizerError,
+        TrainConfigError,
+        UsageError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )

@@ -14,14 +14,18 @@ def load_model(path, tokenizer: str | None = None):
     `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own."""
     from ..checkpoint import load_model as load
     from ..tokenizer import tokenizer_for
+
     model = load(path)
     return model, tokenizer_for(path, model.config.vocab_size, tokenizer)
 
 
 def add_quiet_arg(p) -> None:
     """--quiet for a long-running command (depthjax.cli.main applies it)."""
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars or per-step lines (bars show only on a terminal)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or per-step lines (bars show only on a terminal)",
+    )
 
 
 def add_data_args(p) -> None:
@@ -37,11 +41,16 @@ def load_with_data(args):
     """(model, calibration batches, evaluation batches) from the embedded corpus: the train
     split to score and calibrate, the validation split to evaluate."""
     from .. import corpus
+
     model, tok = load_model(Path(args.model))
-    window = lambda split, seed: corpus.sample_windows(args.batch_size, args.seq_len, seed=seed,
-                                                       split=split, encode=tok.encode)
+    window = lambda split, seed: corpus.sample_windows(
+        args.batch_size, args.seq_len, seed=seed, split=split, encode=tok.encode
+    )
     calib = [window("train", args.seed + i) for i in range(args.batches)]
     evals = [window("valid", args.seed + 1000 + i) for i in range(args.batches)]
-    print(f"[data] {args.batches} x {args.batch_size} x {args.seq_len} tokens of stdlib "
-          f"source (train to score, valid to evaluate)", flush=True)
+    print(
+        f"[data] {args.batches} x {args.batch_size} x {args.seq_len} tokens of stdlib "
+        f"source (train to score, valid to evaluate)",
+        flush=True,
+    )
     return model, calib, evals

@@ -22,37 +22,61 @@ def _metric(name: str, unit: str, calib, args):
     import numpy as np
 
     from .. import metrics as M
+
     if name in ("block_influence", "angular_distance") and unit != "block":
-        raise UsageError(f"--metric {name} scores whole blocks; use --unit block, or ablation, "
-                         "shapley or relative_contribution for sublayers")
+        raise UsageError(
+            f"--metric {name} scores whole blocks; use --unit block, or ablation, "
+            "shapley or relative_contribution for sublayers"
+        )
     if name == "relative_contribution":
+
         def contribution(m):
             rc = M.relative_contribution(m, calib)
             if unit != "sublayer":
                 return rc[unit]
-            return M.Scores("relative_contribution", "sublayer",
-                            np.concatenate([rc["attn"].values, rc["mlp"].values]))
+            return M.Scores(
+                "relative_contribution",
+                "sublayer",
+                np.concatenate([rc["attn"].values, rc["mlp"].values]),
+            )
+
         return contribution
-    return {"block_influence": lambda m: M.block_influence(m, calib),
-            "angular_distance": lambda m: M.angular_distance(m, calib),
-            "ablation": lambda m: M.ablation(m, calib, unit=unit),
-            "shapley": lambda m: M.shapley(m, calib, unit=unit, key=jax.random.key(args.seed),
-                                           num_permutations=args.shapley_permutations)}[name]
+    return {
+        "block_influence": lambda m: M.block_influence(m, calib),
+        "angular_distance": lambda m: M.angular_distance(m, calib),
+        "ablation": lambda m: M.ablation(m, calib, unit=unit),
+        "shapley": lambda m: M.shapley(
+            m,
+            calib,
+            unit=unit,
+            key=jax.random.key(args.seed),
+            num_permutations=args.shapley_permutations,
+        ),
+    }[name]
 
 
 def _prune(args) -> int:
     import depthjax as dj
     from .. import checkpoint, metrics as M
+
     model, calib, evals = load_with_data(args)
     metric = _metric(args.metric, args.unit, calib, args)
     scores = None if args.iterative else metric(model)
-    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric,
-                      iterative=args.iterative)
+    pruned = dj.prune(
+        model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative
+    )
     loss = lambda m: M.loss(m, evals)
     print(f"validation loss: full {loss(model):.4f}  pruned {loss(pruned):.4f}", flush=True)
     if args.recover:
-        pruned = dj.recover(pruned, model, calib, method=args.recover, rank=args.rank,
-                            lora_steps=args.lora_steps, log_every=max(1, args.lora_steps // 10))
+        pruned = dj.recover(
+            pruned,
+            model,
+            calib,
+            method=args.recover,
+            rank=args.rank,
+            lora_steps=args.lora_steps,
+            log_every=max(1, args.lora_steps // 10),
+        )
         print(f"validation loss after {args.recover} recovery: {loss(pruned):.4f}")
     print(pruned.program)
     checkpoint.save(pruned, args.out)
@@ -61,8 +85,12 @@ def _prune(args) -> int:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("prune", help="remove the n least important units, optionally recover",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "prune",
+        help="remove the n least important units, optionally recover",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_args(p)
     p.add_argument("--metric", default="block_influence", choices=METRICS)
     p.add_argument("--n", type=int, required=True, help="units to remove")

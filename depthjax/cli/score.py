@@ -18,10 +18,12 @@ def _score(args) -> int:
     import jax
 
     from .. import report
+
     model, calib, evals = load_with_data(args)
     print(f"[score] {model!r}".splitlines()[0], flush=True)
-    scores = report.score_all(model, calib, shapley_permutations=args.shapley_permutations,
-                              key=jax.random.key(args.seed))
+    scores = report.score_all(
+        model, calib, shapley_permutations=args.shapley_permutations, key=jax.random.key(args.seed)
+    )
     curves = report.removal_curves(model, evals, scores, "block", max_units=args.max_remove)
     print(report.table(scores, "block"))
     print("\nvalidation loss after removing k blocks (least important first):")
@@ -32,15 +34,24 @@ def _score(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         report.write_json({"scores": scores, "removal_curves": curves}, out / "scores.json")
         report.plot_profiles(scores, out / "profiles.png", title=f"{args.model}")
-        report.plot_curves(curves, out / "removal_curves.png", xlabel="blocks removed",
-                           ylabel="validation loss", baseline=curves[next(iter(curves))][0])
+        report.plot_curves(
+            curves,
+            out / "removal_curves.png",
+            xlabel="blocks removed",
+            ylabel="validation loss",
+            baseline=curves[next(iter(curves))][0],
+        )
         print(f"wrote {out}/scores.json, profiles.png, removal_curves.png")
     return 0
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("score", help="score every step with every metric; table, JSON, plots",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "score",
+        help="score every step with every metric; table, JSON, plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_args(p)
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
     p.add_argument("--shapley-permutations", type=int, default=8)

@@ -27,7 +27,21 @@ from .trace import (
     trace_statistics,
 )
 
-__all__ = ["Scores", "ablation", "angular_distance", "as_batches", "block_influence",
-           "coalition_measures", "logit_lens", "loss", "present_minus_absent",
-           "relative_contribution", "removal_curve", "residual_norm", "shapley", "skip_effect",
-           "trace_metrics", "trace_statistics"]
+__all__ = [
+    "Scores",
+    "ablation",
+    "angular_distance",
+    "as_batches",
+    "block_influence",
+    "coalition_measures",
+    "logit_lens",
+    "loss",
+    "present_minus_absent",
+    "relative_contribution",
+    "removal_curve",
+    "residual_norm",
+    "shapley",
+    "skip_effect",
+    "trace_metrics",
+    "trace_statistics",
+]

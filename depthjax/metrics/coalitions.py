@@ -41,7 +41,7 @@ def n_units(model: DepthModel, unit: str) -> int:
 
 def programs_for(model: DepthModel, unit: str, keep) -> Program:
     """Stacked programs [K, depth]: the model's program with units where keep[k] == 0 off."""
-    keep = jnp.asarray(keep, jnp.float32)                   # [K, n_units]
+    keep = jnp.asarray(keep, jnp.float32)  # [K, n_units]
     S, p = model.depth, model.program
     if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
         raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
@@ -50,8 +50,12 @@ def programs_for(model: DepthModel, unit: str, keep) -> Program:
     mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep}.get(unit, keep[:, S:])
     K = keep.shape[0]
     tile = lambda a: jnp.broadcast_to(a, (K, S))
-    return Program(block=tile(p.block), attn=tile(p.attn) * attn_keep,
-                   mlp=tile(p.mlp) * mlp_keep, parallel=tile(p.parallel))
+    return Program(
+        block=tile(p.block),
+        attn=tile(p.attn) * attn_keep,
+        mlp=tile(p.mlp) * mlp_keep,
+        parallel=tile(p.parallel),
+    )
 
 
 def _chunk(K: int, tokens_shape, cfg) -> int:
@@ -76,8 +80,14 @@ def _coalition_sums(model, programs, tokens_BT, mask_BT, *, measure, chunk):
     return jax.lax.map(one, programs, batch_size=chunk)
 
 
-def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str = "loss",
-                       description: str = "coalitions"):
+def coalition_measures(
+    model: DepthModel,
+    batches,
+    unit: str,
+    keep,
+    measure: str = "loss",
+    description: str = "coalitions",
+):
     """Mean measure [K] of the model with each coalition keep[k] (1 = unit on);
     `description` labels the progress bar over batches."""
     if measure not in MEASURES:
@@ -88,23 +98,31 @@ def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str
     total = weight = 0.0
     K = programs.block.shape[0]
     for b in progress.track(as_batches(batches), f"{description} ({K} programs)"):
-        s, w = _coalition_sums(model, programs, b.tokens, b.mask, measure=measure,
-                               chunk=_chunk(K, b.tokens.shape, model.config))
+        s, w = _coalition_sums(
+            model,
+            programs,
+            b.tokens,
+            b.mask,
+            measure=measure,
+            chunk=_chunk(K, b.tokens.shape, model.config),
+        )
         total, weight = total + s, weight + w
     return np.asarray(total / weight, np.float64)
 
 
 def loss(model: DepthModel, batches) -> float:
     """Mean next-token loss of the model as it is (its own program), over real tokens."""
-    return float(coalition_measures(model, batches, "block", np.ones((1, model.depth)),
-                                    description="loss")[0])
+    return float(
+        coalition_measures(model, batches, "block", np.ones((1, model.depth)), description="loss")[
+            0
+        ]
+    )
 
 
 def _unique_measures(model, batches, unit, keep, measure, description):
     """Measures of coalition rows, evaluating each distinct coalition once."""
     uniq, inverse = np.unique(np.asarray(keep, np.int8), axis=0, return_inverse=True)
-    return coalition_measures(model, batches, unit, uniq, measure,
-                              description)[inverse.reshape(-1)]
+    return coalition_measures(model, batches, unit, uniq, measure, description)[inverse.reshape(-1)]
 
 
 def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "loss") -> Scores:
@@ -125,8 +143,14 @@ def _permutations(n, num_permutations, key):
     return np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n))(keys))
 
 
-def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: int | None = 16,
-            key=None, measure: str = "loss") -> Scores:
+def shapley(
+    model: DepthModel,
+    batches,
+    unit: str = "block",
+    num_permutations: int | None = 16,
+    key=None,
+    measure: str = "loss",
+) -> Scores:
     """Monte-Carlo permutation Shapley values of the units for v(S) = -measure(S).
 
     Each permutation adds units one at a time from the empty coalition; a unit's value is
@@ -136,42 +160,63 @@ def shapley(model: DepthModel, batches, unit: str = "block", num_permutations: i
     """
     n = n_units(model, unit)
     key = jax.random.key(0) if key is None else key
-    perms = _permutations(n, num_permutations, key)           # [P, n]
+    perms = _permutations(n, num_permutations, key)  # [P, n]
     P = len(perms)
-    keep = np.zeros((P, n + 1, n), np.int8)                   # prefix coalitions
+    keep = np.zeros((P, n + 1, n), np.int8)  # prefix coalitions
     for p, perm in enumerate(perms):
         for j, u in enumerate(perm):
-            keep[p, j + 1:, u] = 1
-    m = _unique_measures(model, batches, unit, keep.reshape(-1, n), measure,
-                         f"shapley {unit}").reshape(P, n + 1)
+            keep[p, j + 1 :, u] = 1
+    m = _unique_measures(
+        model, batches, unit, keep.reshape(-1, n), measure, f"shapley {unit}"
+    ).reshape(P, n + 1)
     marginal = np.zeros((P, n))
     marginal[np.arange(P)[:, None], perms] = m[:, :-1] - m[:, 1:]
     values = marginal.mean(0)
     stderr = marginal.std(0, ddof=1) / math.sqrt(P) if P > 1 else np.full(n, np.nan)
-    return Scores(f"shapley_{measure}", unit, values,
-                  {"stderr": stderr, "permutations": P,
-                   "v_all_minus_v_none": float(m[0, 0] - m[0, -1])})
+    return Scores(
+        f"shapley_{measure}",
+        unit,
+        values,
+        {"stderr": stderr, "permutations": P, "v_all_minus_v_none": float(m[0, 0] - m[0, -1])},
+    )
 
 
-def present_minus_absent(model: DepthModel, batches, unit: str = "block", num_samples: int = 32,
-                         key=None, measure: str = "loss") -> Scores:
+def present_minus_absent(
+    model: DepthModel,
+    batches,
+    unit: str = "block",
+    num_samples: int = 32,
+    key=None,
+    measure: str = "loss",
+) -> Scores:
     """mean v(S) over sampled coalitions containing a unit minus the mean over those
     without it, v = -measure, coalitions = the full set, every leave-one-out set and
     `num_samples` random halves (the estimator of prior depth-pruning work; not Shapley)."""
     n = n_units(model, unit)
     key = jax.random.key(0) if key is None else key
-    halves = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n) < n // 2)(
-        jax.random.split(key, num_samples)), np.int8)
+    halves = np.asarray(
+        jax.vmap(lambda k: jax.random.permutation(k, n) < n // 2)(
+            jax.random.split(key, num_samples)
+        ),
+        np.int8,
+    )
     keep = np.vstack([np.ones((1, n), np.int8), 1 - np.eye(n, dtype=np.int8), halves])
     v = -_unique_measures(model, batches, unit, keep, measure, f"present-minus-absent {unit}")
     present = np.array([v[keep[:, i] == 1].mean() for i in range(n)])
     absent = np.array([v[keep[:, i] == 0].mean() for i in range(n)])
-    return Scores(f"present_minus_absent_{measure}", unit, present - absent,
-                  {"coalitions": len(keep)})
+    return Scores(
+        f"present_minus_absent_{measure}", unit, present - absent, {"coalitions": len(keep)}
+    )
 
 
-def removal_curve(model: DepthModel, batches, scores, max_units: int | None = None,
-                  unit: str | None = None, measure: str = "loss") -> np.ndarray:
+def removal_curve(
+    model: DepthModel,
+    batches,
+    scores,
+    max_units: int | None = None,
+    unit: str | None = None,
+    measure: str = "loss",
+) -> np.ndarray:
     """Measure after removing k = 0..max_units units, least important first by `scores`
     (ties broken by position); all k evaluated as programs in one compiled call."""
     unit = unit or getattr(scores, "unit", None)
@@ -186,5 +231,6 @@ def removal_curve(model: DepthModel, batches, scores, max_units: int | None = No
     keep = np.ones((K + 1, n), np.int8)
     for k in range(1, K + 1):
         keep[k:, order[k - 1]] = 0
-    return coalition_measures(model, batches, unit, keep, measure,
-                              f"removal curve {getattr(scores, 'name', '')}".rstrip())
+    return coalition_measures(
+        model, batches, unit, keep, measure, f"removal curve {getattr(scores, 'name', '')}".rstrip()
+    )

@@ -18,12 +18,12 @@ from ..config import ModelConfig
 # on NVIDIA is TF32 tensor-core throughput, which XLA uses for float32 matmuls by default.
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),   # SXM; the PCIe card is ~25% lower
+    "H100": (989e12, 494e12),  # SXM; the PCIe card is ~25% lower
     "A100": (312e12, 156e12),
     "L4": (121e12, 60e12),
-    "TPU v6": (918e12, 918e12),   # v6e (Trillium)
+    "TPU v6": (918e12, 918e12),  # v6e (Trillium)
     "TPU v5p": (459e12, 459e12),
-    "TPU v5": (197e12, 197e12),   # v5e / "TPU v5 lite"
+    "TPU v5": (197e12, 197e12),  # v5e / "TPU v5 lite"
     "TPU v4": (275e12, 275e12),
 }
 
@@ -39,7 +39,7 @@ def matmul_params_per_token(cfg: ModelConfig, depth: int | None = None) -> int:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, depth: int | None = None) -> float:
     """Forward + backward FLOPs per trained token at sequence length `seq_len`."""
     depth = cfg.depth if depth is None else depth
-    attention = 4 * depth * seq_len * cfg.n_heads * cfg.head_dim   # q k^T and p v
+    attention = 4 * depth * seq_len * cfg.n_heads * cfg.head_dim  # q k^T and p v
     forward = 2 * matmul_params_per_token(cfg, depth) + attention
     return 3.0 * forward
 

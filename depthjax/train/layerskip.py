@@ -66,22 +66,28 @@ class LayerSkip:
     def __post_init__(self):
         if not 0.0 <= self.dropout <= 1.0:
             raise LayerSkipError(f"layer_dropout must be in [0, 1], got {self.dropout}")
-        for name, value, known in (("layer_dropout_depth", self.dropout_depth, DEPTH_SCALES),
-                                   ("layer_dropout_schedule", self.dropout_schedule, SCHEDULES),
-                                   ("exit_curriculum", self.curriculum, CURRICULA)):
+        for name, value, known in (
+            ("layer_dropout_depth", self.dropout_depth, DEPTH_SCALES),
+            ("layer_dropout_schedule", self.dropout_schedule, SCHEDULES),
+            ("exit_curriculum", self.curriculum, CURRICULA),
+        ):
             if value not in known:
                 raise LayerSkipError(f"{name}={value!r} is not one of {known}")
         bad = [k for k in self.exits if not 1 <= k < self.depth]
         if bad:
-            raise LayerSkipError(f"exit_steps {bad} outside 1..{self.depth - 1}: an exit k reads "
-                                 f"residual[k], the output of step k-1 of the {self.depth}-step "
-                                 "program (the final output is always trained)")
+            raise LayerSkipError(
+                f"exit_steps {bad} outside 1..{self.depth - 1}: an exit k reads "
+                f"residual[k], the output of step k-1 of the {self.depth}-step "
+                "program (the final output is always trained)"
+            )
         if len(set(self.exits)) != len(self.exits) or list(self.exits) != sorted(self.exits):
-            raise LayerSkipError("exit_steps must be increasing and distinct, got "
-                                 f"{list(self.exits)}")
+            raise LayerSkipError(
+                f"exit_steps must be increasing and distinct, got {list(self.exits)}"
+            )
         if len(self.weights) != len(self.exits):
-            raise LayerSkipError(f"exit_weights has {len(self.weights)} entries for "
-                                 f"{len(self.exits)} exit_steps")
+            raise LayerSkipError(
+                f"exit_weights has {len(self.weights)} entries for {len(self.exits)} exit_steps"
+            )
         if any(not w >= 0 for w in self.weights):
             raise LayerSkipError(f"exit_weights must be >= 0, got {list(self.weights)}")
         if self.rotation < 1:
@@ -97,11 +103,19 @@ class LayerSkip:
         weights = tuple(float(w) for w in tc.exit_weights) or (1.0,)
         if len(weights) == 1:  # one weight for every exit
             weights = weights * len(exits)
-        ls = cls(depth=program.depth, total_steps=tc.steps, dropout=float(tc.layer_dropout),
-                 dropout_depth=tc.layer_dropout_depth, dropout_schedule=tc.layer_dropout_schedule,
-                 exits=exits, weights=weights, curriculum=tc.exit_curriculum,
-                 rotation=tc.exit_rotation, curriculum_steps=tc.exit_curriculum_steps or tc.steps,
-                 seed=tc.seed)
+        ls = cls(
+            depth=program.depth,
+            total_steps=tc.steps,
+            dropout=float(tc.layer_dropout),
+            dropout_depth=tc.layer_dropout_depth,
+            dropout_schedule=tc.layer_dropout_schedule,
+            exits=exits,
+            weights=weights,
+            curriculum=tc.exit_curriculum,
+            rotation=tc.exit_rotation,
+            curriculum_steps=tc.exit_curriculum_steps or tc.steps,
+            seed=tc.seed,
+        )
         check_exits(program, ls.exits)
         return ls
 
@@ -110,14 +124,15 @@ class LayerSkip:
         """D(l), float32 [depth]."""
         L = self.depth
         frac = np.arange(L) / max(L - 1, 1)
-        scale = {"exp": 2.0 ** frac - 1.0, "linear": frac, "uniform": np.ones(L)}
+        scale = {"exp": 2.0**frac - 1.0, "linear": frac, "uniform": np.ones(L)}
         return scale[self.dropout_depth].astype(np.float32)
 
     def time_scale(self, step):
         """S(t) for the 0-based optimizer step t (traced or concrete)."""
         frac = jnp.asarray(step, jnp.float32) / max(self.total_steps - 1, 1)
-        return {"constant": jnp.ones_like(frac), "linear": frac,
-                "exp": 2.0 ** frac - 1.0}[self.dropout_schedule]
+        return {"constant": jnp.ones_like(frac), "linear": frac, "exp": 2.0**frac - 1.0}[
+            self.dropout_schedule
+        ]
 
     def drop_rates(self, step):
         """float32 [depth]: each step's drop probability at optimizer step `step`."""
@@ -128,8 +143,9 @@ class LayerSkip:
         the step only."""
         if not self.dropout:
             return jnp.ones((batch, self.depth), bool)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _DROPOUT_STREAM),
-                                 step)
+        key = jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(self.seed), _DROPOUT_STREAM), step
+        )
         return jax.random.uniform(key, (batch, self.depth)) >= self.drop_rates(step)
 
     # -- early exits --------------------------------------------------------------------
@@ -160,8 +176,10 @@ def check_exits(program: Program, exits) -> None:
     parallel = np.asarray(program.parallel)
     split = [k for k in exits if k < program.depth and parallel[k]]
     if split:
-        raise LayerSkipError(f"exit_steps {split} split a parallel group (step k reads the same "
-                             "input as step k-1); exit at group boundaries")
+        raise LayerSkipError(
+            f"exit_steps {split} split a parallel group (step k reads the same "
+            "input as step k-1); exit at group boundaries"
+        )
 
 
 def with_dropout(params: dict, keep_BxS) -> dict:
@@ -183,12 +201,17 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch, ls: LayerSkip, 
     normalized objective of the module docstring.
     """
     params = with_dropout(params, batch["keep"]) if ls.dropout else params
-    logits_BTV, trace = apply(DepthModel(cfg, params, program), batch["inputs"],
-                              segment_ids=batch["segment_ids"], positions=batch["positions"],
-                              trace=True)
+    logits_BTV, trace = apply(
+        DepthModel(cfg, params, program),
+        batch["inputs"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        trace=True,
+    )
     sums = lambda logits_BTV: packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
     final, count = sums(logits_BTV)
-    nll = jnp.stack([final] + [sums(output_head(cfg, params, trace.residual[k]))[0]
-                               for k in ls.exits])
+    nll = jnp.stack(
+        [final] + [sums(output_head(cfg, params, trace.residual[k]))[0] for k in ls.exits]
+    )
     w = jnp.concatenate([jnp.ones((1,)), ls.exit_weights(step)])
     return jnp.sum(w * nll) / jnp.sum(w), (count, nll)
