@@ -77,28 +77,22 @@ class _Plan:
 
 
 # ------------------------------------------------------------------ host-side checks
-def _same_step_params(a, b, i: int) -> bool:
-    """Whether per-step parameters (or their absence) agree at step i."""
-    if not a and not b:
-        return True
-    if jax.tree.structure(a) != jax.tree.structure(b):
-        return False
-    return all(np.array_equal(x[i], y[i]) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def shared_prefix(model: DepthModel, draft: DepthModel) -> int:
-    """The number of leading steps the draft runs exactly as the model does, cut back to a
-    parallel-group boundary of both programs (residual[m] must be a group's output)."""
+    """The number of leading steps the draft runs exactly as the model does (same program
+    entries and per-step parameters), cut back to a parallel-group boundary of both
+    programs (residual[m] must be a group's output)."""
+    steps_p, steps_q = model.params.get("steps") or {}, draft.params.get("steps") or {}
+    if jax.tree.structure(steps_p) != jax.tree.structure(steps_q):
+        return 0  # per-step parameters of different kinds: no step is run alike
+    columns = lambda m, steps: (
+        [np.asarray(getattr(m.program, f)) for f in ("block", "attn", "mlp", "parallel")]
+        + [np.asarray(x) for x in jax.tree.leaves(steps)]
+    )
+    cp, cq = columns(model, steps_p), columns(draft, steps_q)
     P, Q = model.program, draft.program
-    fields = lambda prog: [
-        np.asarray(getattr(prog, f)) for f in ("block", "attn", "mlp", "parallel")
-    ]
-    p, q = fields(P), fields(Q)
     m = 0
-    while (
-        m < min(P.depth, Q.depth)
-        and all(a[m] == b[m] for a, b in zip(p, q))
-        and _same_step_params(model.params.get("steps"), draft.params.get("steps"), m)
+    while m < min(P.depth, Q.depth) and all(
+        np.array_equal(a[m], b[m]) for a, b in zip(cp, cq, strict=True)
     ):
         m += 1
     splits = lambda prog, k: k < prog.depth and bool(np.asarray(prog.parallel)[k])

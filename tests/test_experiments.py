@@ -140,6 +140,7 @@ def test_chain_search_scores_match_reordered_models():
         ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
         ("06_norm_placement", []),
         ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
+        ("07_early_exit", ["--prompt-len", "8", "--new-tokens", "8", "--repeat", "1"]),
     ],
 )
 def test_script_runs(cache, tmp_path, name, extra):

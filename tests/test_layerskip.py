@@ -66,10 +66,10 @@ def test_early_exit_loss_equals_naive_per_exit_cross_entropy(tiny):
     total, (count, nll) = jax.jit(lambda p, b: loss_sums(p, model.config, model.program, b, ls, 0))(
         model.params, _with_keep(batch, ls)
     )
-    # Reference: each exit k is the model truncated after k steps, run on its own.
-    want = [_naive_ce(model, batch)] + [
-        _naive_ce(dj.depth.drop(model, list(range(k, 4))), batch) for k in (1, 3)
-    ]
+    # Reference: exit k is the model with every step from k on switched off (both gates 0:
+    # the final residual is residual[k]), the loss computed by hand.
+    off = lambda k: dj.depth.drop_sublayers(model, attn=range(k, 4), mlp=range(k, 4))
+    want = [_naive_ce(model, batch)] + [_naive_ce(off(k), batch) for k in (1, 3)]
     np.testing.assert_allclose(nll, want, rtol=1e-5)
     np.testing.assert_allclose(total, (want[0] + 0.5 * want[1] + 2.0 * want[2]) / 3.5, rtol=1e-5)
     assert count == (np.asarray(batch["segment_ids"]) > 0).sum()
@@ -80,8 +80,9 @@ def test_dropped_steps_equal_the_program_without_them(tiny):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 10)), jnp.int32)
     keep = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
     got = _apply(model.replace(params=with_dropout(model.params, jnp.asarray(keep))), tokens)
-    for b in range(3):
-        dropped = dj.depth.drop(model, list(np.flatnonzero(~keep[b])))
+    for b in range(3):  # reference: the program with those steps' gates at 0 (same depth)
+        gone = np.flatnonzero(~keep[b])
+        dropped = dj.depth.drop_sublayers(model, attn=gone, mlp=gone)
         np.testing.assert_allclose(got[b], _apply(dropped, tokens[b : b + 1])[0], atol=1e-5)
 
 
@@ -169,10 +170,12 @@ def test_grad_accumulation_with_dropout_equals_one_big_batch():
         ),
         static_argnums=2,
     )
-    (_, m1), (_, m2) = run(state, batch, 1), run(state, batch, 2)
+    (one, m1), (two, m2) = run(state, batch, 1), run(state, batch, 2)
     assert not np.asarray(ls.keep_mask(0, 4)).all(), "the mask should drop something"
     for k in ("loss", "objective", "exit_loss", "grad_norm"):
         np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)  # Adam's first step ~ lr * sign(grad)
 
 
 def test_bad_settings_name_the_problem():
@@ -206,6 +209,7 @@ def test_bad_settings_name_the_problem():
 
 
 # ------------------------------------------------------------------ whole runs
+@pytest.mark.slow
 def test_continued_pretraining_from_hf_resumes_bit_exactly_after_kill9(tmp_path):
     """`depthjax train init_from=<HF dir>` with layer dropout and early exits: a run killed
     (SIGKILL) right after checkpoint 4 was issued resumes from checkpoint 2 and logs the

@@ -15,6 +15,7 @@ from scipy import stats
 import depthjax as dj
 from depthjax.program import ProgramError
 from depthjax.sampling import GenerationError, filter_logits
+from depthjax.speculative import shared_prefix
 from tests.test_generate import CONFIGS, _prompt
 from tests.test_model import _model
 
@@ -77,6 +78,22 @@ def test_rows_accept_different_numbers_of_drafts(variants):
     spec = dj.generate(model, tokens, N, mask=mask, temperature=0.0, draft=2, draft_tokens=3)
     assert len(set(np.asarray(spec.draft.rounds).tolist())) > 1, spec.draft
     assert 0 < spec.draft.acceptance < 1
+
+
+def test_shared_prefix_is_the_common_prefix_cut_to_a_group_boundary(variants):
+    m = variants["prefix k=2"][0]
+    D = dj.depth
+    assert shared_prefix(m, D.drop(m, [2, 3])) == 2
+    assert shared_prefix(m, D.drop(m, [1])) == 1
+    assert shared_prefix(m, D.drop_sublayers(m, attn=[3])) == 3
+    # Steps 0-1 agree, but residual[2] is inside the full program's parallel group {1, 2}.
+    assert shared_prefix(D.parallelize(m, [[1, 2]]), D.drop(m, [3])) == 1
+    # Per-step parameters count: a step whose own scale differs is not shared.
+    scaled = m.replace(params={**m.params, "steps": {"scale": jnp.ones(4)}})
+    other = scaled.replace(params={**m.params, "steps": {"scale": jnp.array([1, 1, 2, 1.0])}})
+    assert shared_prefix(scaled, other) == 2
+    assert shared_prefix(scaled, D.drop(scaled, [3])) == 3
+    assert shared_prefix(scaled, D.drop(m, [3])) == 0  # params["steps"] only on one side
 
 
 # ---------------------------------------------------------------- sampled: exact distribution
