@@ -16,13 +16,10 @@ state (`it.get_state()`, a small JSON-able dict) restores the exact next batch.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 from absl import flags
 
 if not flags.FLAGS.is_parsed():  # grain reads absl flags; unparsed flags raise inside it
@@ -33,16 +30,14 @@ import grain.experimental as gx  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from . import corpus  # noqa: E402
+from .textfiles import DataError, expand_files, read_documents  # noqa: E402,F401
 from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
 
 
-class DataError(ValueError):
-    """Data that cannot be read or does not fit the model."""
-
-
-# Tokenizers live in depthjax.tokenizer (light to import); re-exported for the pipeline.
+# Tokenizers live in depthjax.tokenizer and file reading in depthjax.textfiles (both light to
+# import); re-exported for the pipeline.
 
 
 # -- document sources --------------------------------------------------------------------
@@ -60,8 +55,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self,
-                                     features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+        features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples("train"),
@@ -69,43 +64,10 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split):
         for path in self._files:
-            for key, text in _read_documents(path, self._text_key):
+            for key, text in read_documents(path, self._text_key):
                 h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "little") / 2**32
                 if (h < self._valid_fraction) == (split == "valid"):
                     yield key, {"text": text}
-
-
-def _read_documents(path: Path, text_key: str):
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: invalid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise DataError(f"{path}:{i + 1}: expected an object with a string "
-                                    f"field {text_key!r}")
-                yield f"{path.name}:{i}", record[text_key]
-    else:
-        yield path.name, path.read_text(encoding="utf-8", errors="replace")
-
-
-def expand_files(patterns) -> list[Path]:
-    """Sorted files matching the given paths / globs / directories (*.txt, *.jsonl inside)."""
-    files = set()
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            matches = [p for ext in ("txt", "jsonl")
-                       for p in glob.glob(os.path.join(pattern, "**", f"*.{ext}"), recursive=True)]
-        else:
-            matches = glob.glob(pattern, recursive=True)
-        if not matches:
-            raise DataError(f"data_files: nothing matches {pattern!r}")
-        files.update(Path(m).resolve() for m in matches)
-    return sorted(files)
 
 
 def prepare_files(patterns, data_dir, *, text_key: str = "text") -> Path:

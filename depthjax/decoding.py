@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,10 @@ from .kv_cache import KVCache, StepCache, attention_steps
 from .model import DepthModel, Embed, output_head, program_step
 from .program import ProgramError, is_concrete
 from .sampling import GenerationError, sample
+from .specialize import Plan, Specialized, walk as specialized_walk
+
+if TYPE_CHECKING:  # speculative imports this module
+    from .speculative import DraftStats
 
 
 class Generation(NamedTuple):
@@ -43,6 +47,7 @@ class Generation(NamedTuple):
     lengths: jax.Array      # int32 [B]: generated tokens up to and including eos
     exit_steps: jax.Array   # int32 [B, N]: steps run for each token (depth without exit)
     cache: KVCache
+    draft: DraftStats | None = None   # self-speculative decoding (draft=): its counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +59,25 @@ class _Exit:
     checks: tuple[int, ...] = ()     # exit depths at which confidence is tested
     threshold: float | None = None
     kv: str = "skip"
+    start: int = 0                   # first step run (a walk resumed from residual[start])
+    plan: Plan | None = None         # a specialized model's plan (depthjax.specialize)
 
 
 # ------------------------------------------------------------------ host-side checks
-def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv) -> _Exit:
+def _unwrap(model) -> tuple[DepthModel, Plan | None]:
+    """(the model, its specialized plan or None): decoding takes either."""
+    if isinstance(model, Specialized):
+        return model.model, model.plan
+    return model, None
+
+
+def _exit_settings(model: DepthModel, exit_at, exit_threshold, exit_steps, exit_kv,
+                   plan: Plan | None = None) -> _Exit:
+    if plan is not None:
+        if exit_threshold is not None or (exit_at is not None and exit_at != model.depth):
+            raise GenerationError("a specialized model runs its whole program: early exit "
+                                  "(exit_at, exit_threshold) needs the DepthModel itself")
+        return _Exit(model.depth, attention_steps(model.program, model.depth), plan=plan)
     depth = model.depth if exit_at is None else int(exit_at)
     if not 1 <= depth <= model.depth:
         raise GenerationError(f"exit_at={exit_at} outside 1..{model.depth} (program depth)")
@@ -117,17 +137,22 @@ def _check_positions(model: DepthModel, longest: int) -> None:
 # ------------------------------------------------------------------ the scanned walk
 def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex: _Exit, *,
           prefill: bool):
-    """Run steps 0..ex.depth-1 writing the cache. Returns (residual_BTD, cache, exit_B)."""
+    """Run steps ex.start..ex.depth-1 on residual[ex.start] = x_BTD, writing the cache.
+    Returns (residual_BTD, cache, exit_B)."""
     cfg = model.config
-    if not prefill:  # one query per sequence: plain XLA attention over the cache
+    if not prefill:  # a few queries per sequence: plain XLA attention over the cache
         cfg = dataclasses.replace(cfg, attention_impl="xla")
-    params, k = model.params, ex.depth
-    head_params = params  # the exit head reads the same norm / output projection
-    xs = (jax.tree.map(lambda a: a[:k], model.program),
-          jax.tree.map(lambda a: a[:k], params.get("steps")),
-          jnp.asarray(cache.slot_map()[:k]),
-          jnp.asarray(np.isin(np.arange(1, k + 1), ex.checks)))
     B = x_BTD.shape[0]
+    if ex.plan is not None:  # a specialized model always walks from the embedding (start 0)
+        x_BTD, cache = specialized_walk(model.replace(config=cfg), ex.plan, x_BTD, positions_BT,
+                                        cache=cache, prefill=prefill, kv_mask_BT=kv_mask_BT)
+        return x_BTD, cache, jnp.full((B,), ex.depth, jnp.int32)
+    params, j, k = model.params, ex.start, ex.depth
+    head_params = params  # the exit head reads the same norm / output projection
+    xs = (jax.tree.map(lambda a: a[j:k], model.program),
+          jax.tree.map(lambda a: a[j:k], params.get("steps")),
+          jnp.asarray(cache.slot_map()[j:k]),
+          jnp.asarray(np.isin(np.arange(j + 1, k + 1), ex.checks)))
     freeze = lambda done, old, new: jax.tree.map(
         lambda o, n: jnp.where(done.reshape((B,) + (1,) * (o.ndim - 1)), o, n), old, new)
 
@@ -138,15 +163,18 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
             write = ~done if ex.kv == "skip" else jnp.ones_like(done)
             view = StepCache(kv, slot, write, prefill)
             carry, _, _, view = program_step(cfg, params["blocks"], residual, step_prog,
-                                             step_params, positions_BT, kv_cache=view, **kw)
+                                             step_params, positions_BT, kv_cache=view,
+                                             attn=True, **kw)
             return carry, view.cache
 
         def without_attn():
             carry, _, _ = program_step(cfg, params["blocks"], residual, step_prog, step_params,
-                                       positions_BT, attn_enabled=False, **kw)
+                                       positions_BT, attn=False, **kw)
             return carry, kv
 
-        carry, kv = jax.lax.cond(slot >= 0, with_attn, without_attn)
+        # A cache without slots (no step runs attention) cannot even trace with_attn.
+        carry, kv = (jax.lax.cond(slot >= 0, with_attn, without_attn) if kv.n_slots
+                     else without_attn())
         return (carry if ex.threshold is None else freeze(done, residual, carry)), kv
 
     def step(state, xs):
@@ -168,7 +196,7 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
         return (residual, kv, done, exit_B, i + 1), None
 
     state = ((x_BTD, jnp.zeros_like(x_BTD)), cache, jnp.zeros((B,), bool),
-             jnp.full((B,), k, jnp.int32), jnp.zeros((), jnp.int32))
+             jnp.full((B,), k, jnp.int32), jnp.asarray(j, jnp.int32))
     ((base, acc), cache, _, exit_B, _), _ = jax.lax.scan(step, state, xs)
     return base + acc, cache, exit_B
 
@@ -184,7 +212,7 @@ def _prefill(model, tokens_BT, mask_BT, *, max_len: int, ex: _Exit):
     last_B = T - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)   # last real token of each row
     x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
     logits_BV = output_head(cfg, model.params, x_B1D)[:, 0]
-    cache = cache.replace(length=jnp.asarray(T, jnp.int32),
+    cache = cache.replace(length=jnp.full_like(cache.length, T),
                           next_pos=mask_BT.sum(1).astype(jnp.int32))
     return logits_BV, cache
 
@@ -203,47 +231,60 @@ _decode_jit = jax.jit(_decode, static_argnames=("ex",))
 
 
 # ------------------------------------------------------------------ public API
-def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, exit_at=None):
+def prefill(model: DepthModel | Specialized, tokens_BT, mask_BT=None, *, max_len: int,
+            exit_at=None):
     """Run the prompt [B, T] (mask 1 = real token, padding left or right) and build a cache
     with room for `max_len` tokens. Returns (next-token logits float32 [B, V], KVCache).
 
-    exit_at=k: run and cache only the first k steps (per-call early exit).
+    exit_at=k: run and cache only the first k steps (per-call early exit). `model` may be
+    a `dj.specialize`d model (its plan runs; same cache layout).
     """
+    model, plan = _unwrap(model)
     _check_decodable(model)
     tokens_BT, mask_BT, longest = _prompt_mask(tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
-        raise GenerationError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
+        raise GenerationError(f"max_len={max_len} is shorter than the prompt "
+                              f"({tokens_BT.shape[1]})")
     _check_positions(model, longest)
-    ex = _exit_settings(model, exit_at, None, None, "skip")
+    ex = _exit_settings(model, exit_at, None, None, "skip", plan)
     return _prefill(model, tokens_BT, mask_BT, max_len=max_len, ex=ex)
 
 
-def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
+def decode_step(model: DepthModel | Specialized, cache: KVCache, tokens_B, *, exit_at=None,
                 exit_threshold=None, exit_steps=None, exit_kv: str = "skip"):
     """Feed one token per sequence. Returns (logits float32 [B, V], cache, exit_B), where
     exit_B int32 [B] is the number of steps each sequence ran (see module docstring)."""
+    model, plan = _unwrap(model)
     _check_decodable(model)
-    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
+    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     cache.check_program(model.program, ex.depth)
     tokens_B = jnp.asarray(tokens_B)
     if tokens_B.shape != cache.next_pos.shape or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
         raise GenerationError(f"decode_step takes int tokens [{cache.next_pos.shape[0]}], got "
                          f"{tokens_B.dtype} {tokens_B.shape}")
-    if is_concrete(cache) and int(cache.length) >= cache.max_len:
+    if is_concrete(cache) and int(cache.length.max()) >= cache.max_len:
         raise GenerationError(f"the cache is full ({cache.max_len} tokens)")
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), ex=ex)
 
 
-def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None,
+def generate(model: DepthModel | Specialized, prompt_tokens, max_new_tokens: int, *, mask=None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              key=None, eos_id: int | None = None, exit_at=None, exit_threshold=None,
-             exit_steps=None, exit_kv: str = "skip") -> Generation:
+             exit_steps=None, exit_kv: str = "skip", draft=None,
+             draft_tokens: int = 4) -> Generation:
     """Sample `max_new_tokens` tokens after each prompt row, in one compiled loop.
 
     prompt_tokens int [B, T] with `mask` (1 = real token; padding left or right).
     temperature=0 is greedy; top_k / top_p filter before sampling (see depthjax.sampling).
     A row stops at `eos_id` (later tokens are eos_id); the loop ends when every row has.
+
+    draft=k (or a Program / DepthModel over the same table): self-speculative decoding,
+    `draft_tokens` proposals per round by the draft, verified by the full program in one
+    pass (depthjax.speculative). The output is the full model's: token for token at
+    temperature 0, in distribution when sampling. `Generation.draft` holds the counts.
+    `model` may be a `dj.specialize`d model: prefill and decoding then run its plan.
     """
+    model, plan = _unwrap(model)
     _check_decodable(model)
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -253,13 +294,35 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
         raise GenerationError(f"temperature must be >= 0, got {temperature}")
     tokens_BT, mask_BT, longest = _prompt_mask(prompt_tokens, mask)
     _check_positions(model, longest + max_new_tokens - 1)
-    prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv)
-    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
+    if draft is not None:
+        if plan is not None:
+            raise GenerationError("draft= (self-speculative decoding) walks the program "
+                                  "step by step; pass the model, not its dj.specialize form")
+        return _speculate(model, draft, draft_tokens, tokens_BT, mask_BT, key, max_new_tokens,
+                          eos_id, dict(temperature=float(temperature), top_k=top_k,
+                                       top_p=None if top_p is None else float(top_p)),
+                          early_exit=(exit_at, exit_threshold, exit_steps))
+    prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv, plan)
+    ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     key = jax.random.key(0) if key is None else key
     sampler = dict(temperature=float(temperature), top_k=top_k,
                    top_p=None if top_p is None else float(top_p))
     return _generate(model, tokens_BT, mask_BT, key, max_new_tokens=max_new_tokens,
                      prefill_ex=prefill_ex, ex=ex, eos_id=eos_id, sampler=tuple(sampler.items()))
+
+
+def _speculate(model, draft, draft_tokens, tokens_BT, mask_BT, key, max_new_tokens, eos_id,
+               sampler, early_exit):
+    from . import speculative
+    if any(x is not None for x in early_exit):
+        raise GenerationError("draft= (self-speculative decoding) cannot be combined with "
+                              "exit_at / exit_threshold / exit_steps")
+    draft_model, shared = speculative.draft_model(model, draft)
+    plan = speculative.plan(model, draft_model, shared, draft_tokens)
+    key = jax.random.key(0) if key is None else key
+    return speculative.generate(model, draft_model, tokens_BT, mask_BT, key,
+                                max_new_tokens=max_new_tokens, plan=plan, eos_id=eos_id,
+                                sampler=tuple(sampler.items()))
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "prefill_ex", "ex", "eos_id",

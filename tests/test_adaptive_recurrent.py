@@ -12,7 +12,7 @@ import depthjax as dj
 from depthjax.adaptive import AdaptiveError, recurrent as R, recurrent_decode as RD
 from depthjax.model import run_blocks
 
-SPAN = (1, 3)   # steps 1..2 are the looped core of the 4-step llama-tiny
+SPAN = (1, 3)  # steps 1..2 are the looped core of the 4-step llama-tiny
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,14 @@ def _tokens(B=2, T=10, seed=0):
 def test_fixed_loop_count_equals_the_repeat_program(looped):
     model, rec = looped
     tokens = _tokens()
-    for n in (1, 3):   # a traced count, truncated backprop longer and shorter than n
+    for n in (1, 3):  # a traced count, truncated backprop longer and shorter than n
         want = dj.apply(dj.depth.repeat(model, list(range(*SPAN)), n), tokens)
         got = R.apply(model, rec, tokens, jnp.int32(n), backprop=2)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(R.apply(model, rec, tokens, 3), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(R.static_program(model, rec, 3).program.block, [0, 1, 2, 1, 2, 1, 2, 3])
+    np.testing.assert_allclose(
+        R.static_program(model, rec, 3).program.block, [0, 1, 2, 1, 2, 1, 2, 3]
+    )
 
 
 @pytest.mark.slow
@@ -41,8 +43,9 @@ def test_fresh_injection_keeps_the_static_program(llama):
     model, rec = R.attach(llama, *SPAN, inject=True)
     tokens = _tokens()
     want = dj.apply(dj.depth.repeat(llama, list(range(*SPAN)), 3), tokens)
-    np.testing.assert_allclose(R.apply(model, rec, tokens, jnp.int32(3), backprop=2), want,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        R.apply(model, rec, tokens, jnp.int32(3), backprop=2), want, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -65,15 +68,18 @@ def test_truncated_backprop_gradient_equals_hand_written_reference(looped):
             x, _ = run_blocks(cfg, params["blocks"], prog(1, 3), x, pos)
         x, _ = run_blocks(cfg, params["blocks"], prog(3, 4), x, pos)
         logits = dj.model.output_head(cfg, params, x)
-        return jnp.mean(jax.nn.logsumexp(logits[:, :-1], -1)
-                        - jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], -1)[..., 0])
+        return jnp.mean(
+            jax.nn.logsumexp(logits[:, :-1], -1)
+            - jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+        )
 
-    got = jax.grad(lambda p: R.loss(model.replace(params=p), rec, tokens, jnp.int32(n),
-                                    backprop=k)[0])(model.params)
+    got = jax.grad(
+        lambda p: R.loss(model.replace(params=p), rec, tokens, jnp.int32(n), backprop=k)[0]
+    )(model.params)
     want = jax.grad(reference_loss)(model.params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
-    assert float(jnp.abs(got["embed"]["tok"]["embedding"]).max()) == 0   # cut by truncation
+    assert float(jnp.abs(got["embed"]["tok"]["embedding"]).max()) == 0  # cut by truncation
 
 
 TOL, MAX = 0.3, 6   # on the random llama-tiny these give loop counts 4..6 that vary by token
@@ -109,9 +115,9 @@ def test_depthwise_batched_generation_equals_one_row_at_a_time(looped):
     model, rec = looped
     prompt = _tokens(B=3, T=5, seed=2)
     batched = RD.generate(model, rec, prompt, 5, tol=TOL, max_loops=MAX)
-    assert len(np.unique(batched.loops[:, 5:])) > 1      # rows really loop differently
+    assert len(np.unique(batched.loops[:, 5:])) > 1  # rows really loop differently
     for b in range(3):
-        alone = RD.generate(model, rec, prompt[b:b + 1], 5, tol=TOL, max_loops=MAX)
+        alone = RD.generate(model, rec, prompt[b : b + 1], 5, tol=TOL, max_loops=MAX)
         np.testing.assert_array_equal(alone.tokens[0], batched.tokens[b])
         np.testing.assert_array_equal(alone.loops[0], batched.loops[b])
 

@@ -29,8 +29,11 @@ def _rows(B: int):
     return jnp.arange(B)[:, None]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "count", "write"],
-                   meta_fields=["prefill"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "count", "write"],
+    meta_fields=["prefill"],
+)
 @dataclasses.dataclass(frozen=True)
 class RowView:
     """One step's cache, k/v [B, S, K, Dh], `count[b]` entries of row b filled.
@@ -43,30 +46,33 @@ class RowView:
 
     k: jax.Array
     v: jax.Array
-    count: jax.Array   # int32 [B]
-    write: jax.Array   # bool [B]
+    count: jax.Array  # int32 [B]
+    write: jax.Array  # bool [B]
     prefill: bool = False
 
     def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
         T = k_BTKD.shape[1]
         if self.prefill:
             put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-                buf, new.astype(buf.dtype), 0, axis=1)
+                buf, new.astype(buf.dtype), 0, axis=1
+            )
             new = dataclasses.replace(self, k=put(self.k, k_BTKD), v=put(self.v, v_BTKD))
             return new, k_BTKD, v_BTKD, kv_mask_BT, causal
         if T != 1:
             raise ValueError(f"decoding appends one token per row, got {T}")
         B, S = self.k.shape[:2]
-        at = jnp.where(self.write, self.count, S)[:, None]       # S: out of range, dropped
+        at = jnp.where(self.write, self.count, S)[:, None]  # S: out of range, dropped
         put = lambda buf, new: buf.at[_rows(B), at].set(new.astype(buf.dtype), mode="drop")
         new = dataclasses.replace(self, k=put(self.k, k_BTKD), v=put(self.v, v_BTKD))
         valid_BS = jnp.arange(S)[None] < (self.count + self.write)[:, None]
         return new, new.k, new.v, valid_BS, False
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "active", "record_k", "record_v", "slot"],
-                   meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "active", "record_k", "record_v", "slot"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class LatestView:
     """A looped step run on a whole sequence in which some tokens stopped looping.
@@ -78,10 +84,10 @@ class LatestView:
 
     k: jax.Array
     v: jax.Array
-    active: jax.Array               # bool [B, T]
+    active: jax.Array  # bool [B, T]
     record_k: jax.Array | None = None
     record_v: jax.Array | None = None
-    slot: jax.Array | None = None   # int32 []
+    slot: jax.Array | None = None  # int32 []
 
     def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
         keep = self.active[:, :, None, None]
@@ -91,14 +97,19 @@ class LatestView:
         if self.record_k is not None:
             T = k_BTKD.shape[1]
             put = lambda buf, x: buf.at[:, :T, self.slot].set(
-                jnp.where(keep, x.astype(buf.dtype), buf[:, :T, self.slot]))
-            new = dataclasses.replace(new, record_k=put(self.record_k, k_BTKD),
-                                      record_v=put(self.record_v, v_BTKD))
+                jnp.where(keep, x.astype(buf.dtype), buf[:, :T, self.slot])
+            )
+            new = dataclasses.replace(
+                new, record_k=put(self.record_k, k_BTKD), record_v=put(self.record_v, v_BTKD)
+            )
         return new, k, v, kv_mask_BT, causal
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "pos", "loop", "loops_run", "write"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "pos", "loop", "loops_run", "write"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class LoopView:
     """A looped step while decoding: k/v [B, S, J, K, Dh], one entry per token per loop.
@@ -109,18 +120,21 @@ class LoopView:
 
     k: jax.Array
     v: jax.Array
-    pos: jax.Array        # int32 [B]
-    loop: jax.Array       # int32 [B]
+    pos: jax.Array  # int32 [B]
+    loop: jax.Array  # int32 [B]
     loops_run: jax.Array  # int32 [B, S]
-    write: jax.Array      # bool [B]
+    write: jax.Array  # bool [B]
 
     def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
         B, S = self.k.shape[:2]
         at = jnp.where(self.write, self.pos, S)[:, None]
         put = lambda buf, x: buf.at[_rows(B), at, self.loop[:, None]].set(
-            x.astype(buf.dtype), mode="drop")
+            x.astype(buf.dtype), mode="drop"
+        )
         k, v = put(self.k, k_BTKD), put(self.v, v_BTKD)
         slot_BS = jnp.minimum(self.loop[:, None], self.loops_run - 1)
-        read = lambda buf: jnp.take_along_axis(buf, slot_BS[:, :, None, None, None], axis=2)[:, :, 0]
+        read = lambda buf: jnp.take_along_axis(buf, slot_BS[:, :, None, None, None], axis=2)[
+            :, :, 0
+        ]
         valid_BS = jnp.arange(S)[None] < (self.pos + self.write)[:, None]
         return dataclasses.replace(self, k=k, v=v), read(k), read(v), valid_BS, False

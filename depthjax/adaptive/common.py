@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..model import DepthModel, Embed, _check_inputs, program_step
+from ..model import DepthModel, Embed, check_inputs as check_model_inputs, program_step
 from ..program import ProgramError, is_concrete
 
 
@@ -18,7 +18,7 @@ class AdaptiveError(ValueError):
 
 def check_inputs(model: DepthModel, tokens_BT, mask_BT=None) -> None:
     """The checks `dj.apply` makes on its inputs (on the host, before compute)."""
-    _check_inputs(model, tokens_BT, mask_BT, None, None)
+    check_model_inputs(model, tokens_BT, mask_BT, None, None)
 
 
 def embed(model: DepthModel, tokens_BT):

@@ -39,8 +39,16 @@ import numpy as np
 import optax
 
 from ..model import DepthModel, output_head, program_step
-from .common import (AdaptiveError, check_inputs, embed, gather_plan, nll_sums, reject_parallel,
-                     scatter_add, take)
+from .common import (
+    AdaptiveError,
+    check_inputs,
+    embed,
+    gather_plan,
+    nll_sums,
+    reject_parallel,
+    scatter_add,
+    take,
+)
 
 ROUTINGS = ("topk", "causal")
 
@@ -55,7 +63,7 @@ class MoD:
     routed: jax.Array
 
     @classmethod
-    def create(cls, depth: int, steps, capacity: float) -> "MoD":
+    def create(cls, depth: int, steps, capacity: float) -> MoD:
         check_capacity(capacity)
         steps = np.asarray(list(steps), np.int64)
         bad = steps[(steps < 0) | (steps >= depth)]
@@ -175,7 +183,7 @@ def _walk(model: DepthModel, spec: MoD, x_BTD, positions_BT, mask_BT, *, routing
     if unroll:
         ys = []
         for i in range(model.depth):
-            x_BTD, y = step(x_BTD, jax.tree.map(lambda a: a[i], xs))
+            x_BTD, y = step(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
             ys.append(y)
         return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
     return jax.lax.scan(step, x_BTD, xs)

@@ -54,13 +54,20 @@ class Recurrence:
     inject: bool = False
 
     def check(self, model: DepthModel) -> None:
-        if not (isinstance(self.start, int) and isinstance(self.stop, int)
-                and 0 <= self.start < self.stop <= model.depth):
-            raise AdaptiveError(f"the looped span [start={self.start}, stop={self.stop}) must "
-                                f"be a non-empty range of the program's {model.depth} steps")
+        if not (
+            isinstance(self.start, int)
+            and isinstance(self.stop, int)
+            and 0 <= self.start < self.stop <= model.depth
+        ):
+            raise AdaptiveError(
+                f"the looped span [start={self.start}, stop={self.stop}) must "
+                f"be a non-empty range of the program's {model.depth} steps"
+            )
         if self.inject and "inject" not in model.params.get("recurrence", {}):
-            raise AdaptiveError("inject=True needs params['recurrence']['inject']: use "
-                                "recurrent.attach(model, start, stop, inject=True)")
+            raise AdaptiveError(
+                "inject=True needs params['recurrence']['inject']: use "
+                "recurrent.attach(model, start, stop, inject=True)"
+            )
 
 
 def attach(model: DepthModel, start: int, stop: int, *, inject: bool = False):
@@ -78,14 +85,19 @@ def check_loops(loops, what: str = "loops") -> None:
     if isinstance(loops, (int, np.integer)) and not isinstance(loops, bool):
         if loops < 1:
             raise AdaptiveError(f"{what} must be >= 1, got {loops}")
-    elif not isinstance(loops, jax.Array) or loops.ndim or not jnp.issubdtype(loops.dtype, jnp.integer):
+    elif (
+        not isinstance(loops, jax.Array)
+        or loops.ndim
+        or not jnp.issubdtype(loops.dtype, jnp.integer)
+    ):
         raise AdaptiveError(f"{what} must be a positive int or an int scalar array, got {loops!r}")
     elif not isinstance(loops, jax.core.Tracer) and int(loops) < 1:
         raise AdaptiveError(f"{what} must be >= 1, got {int(loops)}")
 
 
-def sample_loops(rng: np.random.Generator, mean: float, *, sigma: float = 0.5,
-                 max_loops: int | None = None) -> int:
+def sample_loops(
+    rng: np.random.Generator, mean: float, *, sigma: float = 0.5, max_loops: int | None = None
+) -> int:
     """One training loop count from the log-normal Poisson with E[n] = mean (module doc)."""
     if not mean >= 1:
         raise AdaptiveError(f"mean loop count must be >= 1, got {mean}")
@@ -93,17 +105,24 @@ def sample_loops(rng: np.random.Generator, mean: float, *, sigma: float = 0.5,
         raise AdaptiveError(f"max_loops must be >= 1, got {max_loops}")
     if mean == 1:
         return 1
-    tau = rng.normal(np.log(mean - 1) - sigma ** 2 / 2, sigma)
+    tau = rng.normal(np.log(mean - 1) - sigma**2 / 2, sigma)
     n = 1 + int(rng.poisson(np.exp(tau)))
     return n if max_loops is None else min(n, max_loops)
 
 
-def loop_distribution(mean: float, *, sigma: float = 0.5, max_loops: int | None = None,
-                      samples: int = 100_000, seed: int = 0) -> np.ndarray:
+def loop_distribution(
+    mean: float,
+    *,
+    sigma: float = 0.5,
+    max_loops: int | None = None,
+    samples: int = 100_000,
+    seed: int = 0,
+) -> np.ndarray:
     """Empirical probabilities of n = 1..max (index n-1) under `sample_loops`."""
     rng = np.random.default_rng(seed)
-    draws = np.array([sample_loops(rng, mean, sigma=sigma, max_loops=max_loops)
-                      for _ in range(samples)])
+    draws = np.array(
+        [sample_loops(rng, mean, sigma=sigma, max_loops=max_loops) for _ in range(samples)]
+    )
     return np.bincount(draws)[1:] / samples
 
 
@@ -113,10 +132,13 @@ class _Parts:
     def __init__(self, model: DepthModel, rec: Recurrence, positions_BT):
         rec.check(model)
         self.model, self.rec, self.positions = model, rec, positions_BT
-        self.spans = {"prelude": (0, rec.start), "core": (rec.start, rec.stop),
-                      "coda": (rec.stop, model.depth)}
+        self.spans = {
+            "prelude": (0, rec.start),
+            "core": (rec.start, rec.stop),
+            "coda": (rec.stop, model.depth),
+        }
 
-    def at(self, positions_BT) -> "_Parts":
+    def at(self, positions_BT) -> _Parts:
         """The same parts for tokens at other positions (decoding)."""
         return _Parts(self.model, self.rec, positions_BT)
 
@@ -125,8 +147,15 @@ class _Parts:
         params = self.model.params if params is None else params
         lo, hi = self.spans[part]
         cut = lambda a: a[lo:hi]
-        return walk(self.model.config, params["blocks"], jax.tree.map(cut, self.model.program),
-                    jax.tree.map(cut, params.get("steps")), x, self.positions, views=views)
+        return walk(
+            self.model.config,
+            params["blocks"],
+            jax.tree.map(cut, self.model.program),
+            jax.tree.map(cut, params.get("steps")),
+            x,
+            self.positions,
+            views=views,
+        )
 
     def loop(self, s, e, params=None, views=None):
         """One pass of the core on state s (prelude output e, for injection)."""
@@ -142,7 +171,7 @@ def _loop_n(parts: _Parts, s, e, loops, backprop: int):
     n = jnp.asarray(loops, jnp.int32)
     n_free = jnp.maximum(n - backprop, 0)
 
-    def free(s):   # loops without gradients: nothing is kept for the backward pass
+    def free(s):  # loops without gradients: nothing is kept for the backward pass
         params, s, e_ = jax.lax.stop_gradient((parts.model.params, s, e))
         return jax.lax.fori_loop(0, n_free, lambda _, s: parts.loop(s, e_, params)[0], s)
 
@@ -162,8 +191,10 @@ def apply(model: DepthModel, rec: Recurrence, tokens_BT, loops, *, backprop: int
     check_loops(loops)
     if backprop is None:
         if not isinstance(loops, (int, np.integer)):
-            raise AdaptiveError("backprop=None (through every loop) needs loops as a Python "
-                                "int; pass backprop=k to truncate with a traced loop count")
+            raise AdaptiveError(
+                "backprop=None (through every loop) needs loops as a Python "
+                "int; pass backprop=k to truncate with a traced loop count"
+            )
         backprop = int(loops)
     check_loops(backprop, "backprop")
     check_inputs(model, tokens_BT)
@@ -191,6 +222,7 @@ def loss(model: DepthModel, rec: Recurrence, tokens_BT, loops, *, backprop: int 
 def static_program(model: DepthModel, rec: Recurrence, loops: int) -> DepthModel:
     """The equivalent static model: the core span repeated `loops` times (no injection)."""
     from ..depth import repeat
+
     if rec.inject:
         raise AdaptiveError("a model with input injection has no static-program equivalent")
     return repeat(model, list(range(rec.start, rec.stop)), int(loops))
@@ -225,8 +257,14 @@ def adaptive_loops(parts: _Parts, s, *, tol, max_loops, min_loops, record=None):
 
     def body(state):
         j, s, active, n, k, v, rk, rv = state
-        views = LatestView(k, v, jnp.broadcast_to(active, (Sc, B, T)), rk, rv,
-                           jnp.full((Sc,), j, jnp.int32) if rk is not None else None)
+        views = LatestView(
+            k,
+            v,
+            jnp.broadcast_to(active, (Sc, B, T)),
+            rk,
+            rv,
+            jnp.full((Sc,), j, jnp.int32) if rk is not None else None,
+        )
         s_new, views = parts.loop(s, e, views=views)
         j = j + 1
         s_new = jnp.where(active[..., None], s_new, s)
@@ -236,14 +274,23 @@ def adaptive_loops(parts: _Parts, s, *, tol, max_loops, min_loops, record=None):
         return j, s_new, active, n, views.k, views.v, views.record_k, views.record_v
 
     rk, rv = (None, None) if record is None else record
-    state = (jnp.zeros((), jnp.int32), s, jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32),
-             kv, kv, rk, rv)
+    state = (
+        jnp.zeros((), jnp.int32),
+        s,
+        jnp.ones((B, T), bool),
+        jnp.zeros((B, T), jnp.int32),
+        kv,
+        kv,
+        rk,
+        rv,
+    )
     _, s, _, n, _, _, rk, rv = jax.lax.while_loop(lambda st: jnp.any(st[2]), body, state)
     return s, n, (rk, rv)
 
 
-def apply_adaptive(model: DepthModel, rec: Recurrence, tokens_BT, *, tol: float,
-                   max_loops: int, min_loops: int = 1):
+def apply_adaptive(
+    model: DepthModel, rec: Recurrence, tokens_BT, *, tol: float, max_loops: int, min_loops: int = 1
+):
     """Per-token loop counts by convergence. Returns (logits [B, T, V], loops int32 [B, T])."""
     check_adaptive(tol, max_loops, min_loops)
     check_inputs(model, tokens_BT)

@@ -41,9 +41,9 @@ from .common import AdaptiveError, gather_plan, reject_parallel, scatter_add, ta
 class Layout:
     """Static shape of a routed cache: which steps are MoD-routed and the buffer lengths."""
 
-    routed: tuple[bool, ...]   # per step
-    max_len: int               # entries per row of an ordinary step
-    routed_len: int            # entries per row of a routed step
+    routed: tuple[bool, ...]  # per step
+    max_len: int  # entries per row of an ordinary step
+    routed_len: int  # entries per row of a routed step
     threshold: float
 
     def slots(self) -> tuple[np.ndarray, np.ndarray]:
@@ -53,38 +53,47 @@ class Layout:
         return kind, slot
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "count", "rk", "rv", "rcount", "next_pos", "length"],
-                   meta_fields=["layout"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "count", "rk", "rv", "rcount", "next_pos", "length"],
+    meta_fields=["layout"],
+)
 @dataclasses.dataclass(frozen=True)
 class RoutedCache:
-    k: jax.Array        # [N, B, max_len, K, Dh] ordinary steps
+    k: jax.Array  # [N, B, max_len, K, Dh] ordinary steps
     v: jax.Array
-    count: jax.Array    # int32 [N, B]: entries of each row
-    rk: jax.Array       # [Nr, B, routed_len, K, Dh] MoD-routed steps
+    count: jax.Array  # int32 [N, B]: entries of each row
+    rk: jax.Array  # [Nr, B, routed_len, K, Dh] MoD-routed steps
     rv: jax.Array
-    rcount: jax.Array   # int32 [Nr, B]
+    rcount: jax.Array  # int32 [Nr, B]
     next_pos: jax.Array  # int32 [B]
-    length: jax.Array   # int32 []: tokens fed so far (prompt length + decoded)
+    length: jax.Array  # int32 []: tokens fed so far (prompt length + decoded)
     layout: Layout
 
     @classmethod
-    def empty(cls, cfg, layout: Layout, batch: int) -> "RoutedCache":
+    def empty(cls, cfg, layout: Layout, batch: int) -> RoutedCache:
         n_r = sum(layout.routed)
         n = len(layout.routed) - n_r
         shape = lambda n, L: (max(n, 1), batch, L, cfg.n_kv_heads, cfg.head_dim)
         z = lambda n, L: jnp.zeros(shape(n, L), cfg.dtype)
-        return cls(z(n, layout.max_len), z(n, layout.max_len), jnp.zeros((max(n, 1), batch), jnp.int32),
-                   z(n_r, layout.routed_len), z(n_r, layout.routed_len),
-                   jnp.zeros((max(n_r, 1), batch), jnp.int32), jnp.zeros((batch,), jnp.int32),
-                   jnp.zeros((), jnp.int32), layout)
+        return cls(
+            z(n, layout.max_len),
+            z(n, layout.max_len),
+            jnp.zeros((max(n, 1), batch), jnp.int32),
+            z(n_r, layout.routed_len),
+            z(n_r, layout.routed_len),
+            jnp.zeros((max(n_r, 1), batch), jnp.int32),
+            jnp.zeros((batch,), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            layout,
+        )
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (stacks of an absent kind hold one dummy slot)."""
         n_r = sum(self.layout.routed)
         used = lambda a, n: a.size * a.dtype.itemsize * (n > 0)
-        return (2 * used(self.k, len(self.layout.routed) - n_r) + 2 * used(self.rk, n_r))
+        return 2 * used(self.k, len(self.layout.routed) - n_r) + 2 * used(self.rk, n_r)
 
     def entries(self) -> np.ndarray:
         """int [depth, B]: cache entries each step holds for each row (tokens that ran it)."""
@@ -115,14 +124,25 @@ def _row_steps(model: DepthModel, row_steps, B: int):
         return jnp.ones((B, model.depth), bool)
     row_steps = jnp.asarray(row_steps, bool)
     if row_steps.shape != (B, model.depth):
-        raise AdaptiveError(f"row_steps must be bool [batch={B}, depth={model.depth}], got "
-                            f"{row_steps.shape}")
+        raise AdaptiveError(
+            f"row_steps must be bool [batch={B}, depth={model.depth}], got {row_steps.shape}"
+        )
     return row_steps
 
 
-def _walk(model: DepthModel, cache: RoutedCache, x_BTD, positions_BT, real_BT, row_steps_BS, *,
-          prefill: bool):
-    """Run every step on x, appending the tokens that run it. Returns (x, cache, ran [B, T, depth])."""
+def _walk(
+    model: DepthModel,
+    cache: RoutedCache,
+    x_BTD,
+    positions_BT,
+    real_BT,
+    row_steps_BS,
+    *,
+    prefill: bool,
+):
+    """Run every step on x, appending the tokens that run it.
+
+    Returns (x, cache, ran [B, T, depth])."""
     cfg, blocks, lay = model.config, model.params["blocks"], cache.layout
     B, T, _ = x_BTD.shape
     kind, slot = lay.slots()
@@ -152,18 +172,31 @@ def _walk(model: DepthModel, cache: RoutedCache, x_BTD, positions_BT, real_BT, r
                 else:
                     x_in, pos, w = x, positions_BT, w_BT * sel_BT
                     view, mask = RowView(k, v, count, sel_BT[:, 0]), None
-                (base, acc), _, _, view = program_step(cfg, blocks, (x_in, jnp.zeros_like(x_in)),
-                                                       step_prog, sp, pos, kv_cache=view,
-                                                       kv_mask_BT=mask)
+                (base, acc), _, _, view = program_step(
+                    cfg,
+                    blocks,
+                    (x_in, jnp.zeros_like(x_in)),
+                    step_prog,
+                    sp,
+                    pos,
+                    kv_cache=view,
+                    kv_mask_BT=mask,
+                )
                 delta = (base + acc - x_in) * w[..., None].astype(x.dtype)
                 x = scatter_add(x, idx, delta) if prefill else x + delta
                 return x, view.k, view.v, count + jnp.sum(sel_BT, axis=1, dtype=jnp.int32)
 
             x, k, v, count = jax.lax.cond(jnp.any(sel_BT), compute, lambda *a: a, x, k, v, count)
-            c = dataclasses.replace(c, **{kn: getattr(c, kn).at[s].set(k),
-                                          vn: getattr(c, vn).at[s].set(v),
-                                          cn: getattr(c, cn).at[s].set(count)})
+            c = dataclasses.replace(
+                c,
+                **{
+                    kn: getattr(c, kn).at[s].set(k),
+                    vn: getattr(c, vn).at[s].set(v),
+                    cn: getattr(c, cn).at[s].set(count),
+                },
+            )
             return x, c, sel_BT
+
         return run_step
 
     kinds = set(lay.routed)
@@ -179,8 +212,13 @@ def _walk(model: DepthModel, cache: RoutedCache, x_BTD, positions_BT, real_BT, r
             x, c, sel_BT = jax.lax.cond(is_routed, branch(True), branch(False), *args)
         return (x, c), sel_BT
 
-    xs = (model.program, model.params.get("steps"), jnp.asarray(kind, bool), jnp.asarray(slot),
-          row_steps_BS.T)
+    xs = (
+        model.program,
+        model.params.get("steps"),
+        jnp.asarray(kind, bool),
+        jnp.asarray(slot),
+        row_steps_BS.T,
+    )
     (x_BTD, cache), ran_SBT = jax.lax.scan(step, (x_BTD, cache), xs)
     return x_BTD, cache, jnp.moveaxis(ran_SBT, 0, -1)
 
@@ -191,13 +229,15 @@ def _prefill(model, tokens_BT, mask_BT, row_steps_BS, *, layout: Layout):
     cache = RoutedCache.empty(cfg, layout, tokens_BT.shape[0])
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     x_BTD = Embed(cfg).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
-    x_BTD, cache, ran = _walk(model, cache, x_BTD, positions_BT, mask_BT, row_steps_BS,
-                              prefill=True)
+    x_BTD, cache, ran = _walk(
+        model, cache, x_BTD, positions_BT, mask_BT, row_steps_BS, prefill=True
+    )
     T = tokens_BT.shape[1]
     last_B = T - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
     logits_BV = output_head(cfg, model.params, take(x_BTD, last_B[:, None]))[:, 0]
-    cache = dataclasses.replace(cache, next_pos=mask_BT.sum(1).astype(jnp.int32),
-                                length=jnp.asarray(T, jnp.int32))
+    cache = dataclasses.replace(
+        cache, next_pos=mask_BT.sum(1).astype(jnp.int32), length=jnp.asarray(T, jnp.int32)
+    )
     return logits_BV, cache, ran
 
 
@@ -217,8 +257,9 @@ _decode_jit = jax.jit(_decode)
 def _prompt(tokens_BT, mask_BT):
     tokens_BT = jnp.asarray(tokens_BT)
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise GenerationError(f"prompt tokens must be int [batch, time], got {tokens_BT.dtype} "
-                              f"{tokens_BT.shape}")
+        raise GenerationError(
+            f"prompt tokens must be int [batch, time], got {tokens_BT.dtype} {tokens_BT.shape}"
+        )
     mask_BT = jnp.ones(tokens_BT.shape, bool) if mask_BT is None else jnp.asarray(mask_BT, bool)
     if mask_BT.shape != tokens_BT.shape:
         raise GenerationError(f"mask shape {mask_BT.shape} != prompt shape {tokens_BT.shape}")
@@ -227,16 +268,28 @@ def _prompt(tokens_BT, mask_BT):
     return tokens_BT.astype(jnp.int32), mask_BT
 
 
-def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, mod=None,
-            threshold: float = 0.0, routed_len: int | None = None, row_steps=None):
+def prefill(
+    model: DepthModel,
+    tokens_BT,
+    mask_BT=None,
+    *,
+    max_len: int,
+    mod=None,
+    threshold: float = 0.0,
+    routed_len: int | None = None,
+    row_steps=None,
+):
     """Run the prompt [B, T] and build a routed cache with room for `max_len` tokens.
     Returns (next-token logits float32 [B, V], RoutedCache, ran bool [B, T, depth])."""
     tokens_BT, mask_BT = _prompt(tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
-        raise GenerationError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
+        raise GenerationError(
+            f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})"
+        )
     layout = _layout(model, mod, max_len, routed_len, threshold)
-    return _prefill(model, tokens_BT, mask_BT, _row_steps(model, row_steps, tokens_BT.shape[0]),
-                    layout=layout)
+    return _prefill(
+        model, tokens_BT, mask_BT, _row_steps(model, row_steps, tokens_BT.shape[0]), layout=layout
+    )
 
 
 def decode_step(model: DepthModel, cache: RoutedCache, tokens_B, *, row_steps=None):
@@ -244,19 +297,34 @@ def decode_step(model: DepthModel, cache: RoutedCache, tokens_B, *, row_steps=No
     tokens_B = jnp.asarray(tokens_B)
     B = cache.next_pos.shape[0]
     if tokens_B.shape != (B,) or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
-        raise GenerationError(f"decode_step takes int tokens [{B}], got {tokens_B.dtype} "
-                              f"{tokens_B.shape}")
+        raise GenerationError(
+            f"decode_step takes int tokens [{B}], got {tokens_B.dtype} {tokens_B.shape}"
+        )
     if len(cache.layout.routed) != model.depth:
-        raise AdaptiveError(f"the cache was built for {len(cache.layout.routed)} steps; the "
-                            f"program has {model.depth}")
+        raise AdaptiveError(
+            f"the cache was built for {len(cache.layout.routed)} steps; the "
+            f"program has {model.depth}"
+        )
     if int(cache.length) >= cache.layout.max_len:
         raise GenerationError(f"the cache is full ({cache.layout.max_len} tokens)")
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), _row_steps(model, row_steps, B))
 
 
-def generate(model: DepthModel, prompt_BT, max_new_tokens: int, *, mask=None, mod=None,
-             threshold: float = 0.0, routed_len: int | None = None, row_steps=None,
-             temperature: float = 0.0, top_k=None, top_p=None, key=None):
+def generate(
+    model: DepthModel,
+    prompt_BT,
+    max_new_tokens: int,
+    *,
+    mask=None,
+    mod=None,
+    threshold: float = 0.0,
+    routed_len: int | None = None,
+    row_steps=None,
+    temperature: float = 0.0,
+    top_k=None,
+    top_p=None,
+    key=None,
+):
     """Sample `max_new_tokens` after each prompt row in one compiled loop (greedy at
     temperature 0). Returns (tokens int32 [B, N], ran bool [B, N, depth]: which steps each
     generated token's *input* ran (the prompt's last token first), RoutedCache)."""
@@ -267,11 +335,21 @@ def generate(model: DepthModel, prompt_BT, max_new_tokens: int, *, mask=None, mo
     tokens_BT, mask_BT = _prompt(prompt_BT, mask)
     B, T = tokens_BT.shape
     layout = _layout(model, mod, T + max_new_tokens - 1, routed_len, threshold)
-    sampler = (("temperature", float(temperature)), ("top_k", top_k),
-               ("top_p", None if top_p is None else float(top_p)))
-    return _generate(model, tokens_BT, mask_BT, _row_steps(model, row_steps, B),
-                     jax.random.key(0) if key is None else key, n=max_new_tokens,
-                     layout=layout, sampler=sampler)
+    sampler = (
+        ("temperature", float(temperature)),
+        ("top_k", top_k),
+        ("top_p", None if top_p is None else float(top_p)),
+    )
+    return _generate(
+        model,
+        tokens_BT,
+        mask_BT,
+        _row_steps(model, row_steps, B),
+        jax.random.key(0) if key is None else key,
+        n=max_new_tokens,
+        layout=layout,
+        sampler=sampler,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("n", "layout", "sampler"))
@@ -285,8 +363,10 @@ def _generate(model, tokens_BT, mask_BT, row_steps_BS, key, *, n, layout, sample
         key, sub = jax.random.split(key)
         tok = sample(logits, sub, **dict(sampler))
         logits, cache, ran = jax.lax.cond(
-            i + 1 < n, lambda: _decode(model, cache, tok, row_steps_BS),
-            lambda: (logits, cache, jnp.zeros(first_ran.shape, bool)))
+            i + 1 < n,
+            lambda: _decode(model, cache, tok, row_steps_BS),
+            lambda: (logits, cache, jnp.zeros(first_ran.shape, bool)),
+        )
         return (logits, cache, key), (tok, ran)
 
     (_, cache, _), (toks_NB, ran_NBS) = jax.lax.scan(body, (logits, cache, key), jnp.arange(n))

@@ -24,17 +24,33 @@ from ..train.config import TrainConfig
 from ..train.step import merge, optimizer, split, trainable_mask
 
 
-def fit(loss_fn, params, batch_fn, *, steps: int, lr: float = 3e-3, trainable: str = ".*",
-        warmup_steps: int | None = None, weight_decay: float = 0.1, clip_norm: float = 1.0,
-        log_every: int = 0, log=print, description: str = "train"):
+def fit(
+    loss_fn,
+    params,
+    batch_fn,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    trainable: str = ".*",
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.1,
+    clip_norm: float = 1.0,
+    log_every: int = 0,
+    log=print,
+    description: str = "train",
+):
     """Minimize loss_fn(params, *batch_fn(step)) -> (loss, stats dict) for `steps` steps.
 
     Returns (params, history): history is a list of {"step", "loss", **stats, "time_s"}
     for every step. log_every=N also prints a line every N steps through `log`.
     """
-    tc = TrainConfig(steps=steps, lr=lr, weight_decay=weight_decay, clip_norm=clip_norm,
-                     warmup_steps=min(50, max(steps // 10, 1)) if warmup_steps is None
-                     else warmup_steps)
+    tc = TrainConfig(
+        steps=steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        clip_norm=clip_norm,
+        warmup_steps=min(50, max(steps // 10, 1)) if warmup_steps is None else warmup_steps,
+    )
     tx = optimizer(tc)
     mask = trainable_mask(params, trainable)
     train, frozen = split(params, mask)
@@ -51,11 +67,17 @@ def fit(loss_fn, params, batch_fn, *, steps: int, lr: float = 3e-3, trainable: s
     with bar(description, total=steps) as b:
         for i in range(steps):
             train, opt_state, loss, stats = step(train, opt_state, frozen, *batch_fn(i))
-            row = {"step": i, "loss": float(loss), **{k: float(np.asarray(v)) for k, v in stats.items()},
-                   "time_s": time.perf_counter() - t0}
+            row = {
+                "step": i,
+                "loss": float(loss),
+                **{k: float(np.asarray(v)) for k, v in stats.items()},
+                "time_s": time.perf_counter() - t0,
+            }
             history.append(row)
             b.advance(loss=row["loss"])
             if log_every and (i % log_every == 0 or i == steps - 1):
-                log(f"{description} step {i}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in row.items() if k not in ("step",)))
+                log(
+                    f"{description} step {i}: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step",))
+                )
     return merge(train, frozen), history

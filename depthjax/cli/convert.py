@@ -31,8 +31,8 @@ def _convert(args) -> int:
           f"{repr(model).splitlines()[0]}", flush=True)
     if to_format == "hf":
         dj.hf.save(model, args.out, model_type=args.model_type or source_type,
-                   zero_gated=args.zero_gated, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                   progress=True)
+                   zero_gated=args.zero_gated, max_shard_size=args.max_shard_size,
+                   overwrite=args.overwrite, progress=True)
     else:
         dj.save(model, args.out)
     copied = copy_tokenizer_files(source_dir, args.out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_quiet_arg
+
 
 def add_command(sub) -> None:
     from ..train.config import help_text
@@ -19,6 +21,7 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--config", help="YAML file of keys (key=value arguments override it)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_quiet_arg(p)
     p.set_defaults(func=_train)
 
 

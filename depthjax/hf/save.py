@@ -128,7 +128,8 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
                     rule.to_hf(*(leaf(p, layer) for p in rule.leaves)).astype(np.float32))
             items.append((rule.hf_name(prefix, layer), nbytes, make))
     verbose = sum(n for _, n, _ in items) > 256 * 2**20 if progress is None else progress
-    report = (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
+    report = ((lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True))
+              if verbose else None)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     files = ["config.json"] + write(path, items, max_shard_bytes=parse_size(max_shard_size),

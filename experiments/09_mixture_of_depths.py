@@ -32,21 +32,39 @@ from depthjax.adaptive import fit, mod, routed_decode
 def dense_loss(model):
     def loss(params, tokens):
         logits = dj.apply(model.replace(params=params), tokens)
-        value = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+        value = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], tokens[:, 1:]
+        ).mean()
         return value, {}
+
     return loss
 
 
 def train(args, tag, model, loss_fn):
-    settings = {"tag": tag, "config": model.config.to_dict(), "depth": model.depth,
-                "steps": args.steps, "batch": args.batch_size, "seq": args.seq_len,
-                "lr": args.lr, "seed": args.seed}
+    settings = {
+        "tag": tag,
+        "config": model.config.to_dict(),
+        "depth": model.depth,
+        "steps": args.steps,
+        "batch": args.batch_size,
+        "seq": args.seq_len,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
 
     def run():
-        params, history = fit(loss_fn, model.params, common.train_batches(args, args.seed),
-                                  steps=args.steps, lr=args.lr, description=tag,
-                                  log_every=max(args.steps // 4, 1), log=common.log)
+        params, history = fit(
+            loss_fn,
+            model.params,
+            common.train_batches(args, args.seed),
+            steps=args.steps,
+            lr=args.lr,
+            description=tag,
+            log_every=max(args.steps // 4, 1),
+            log=common.log,
+        )
         return model.replace(params=params), history
+
     return common.fitted(args, tag, settings, run)
 
 
@@ -65,7 +83,7 @@ def step_time(fn, params, tokens) -> float:
 
 
 def main(argv=None):
-    p = common.parser("07_mixture_of_depths", __doc__, steps=400)
+    p = common.parser("09_mixture_of_depths", __doc__, steps=400)
     p.add_argument("--capacities", default="0.125,0.5", help="capacities of the MoD models")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     args = common.parse(p, argv, __file__)
@@ -103,13 +121,31 @@ def main(argv=None):
                 total, count = total + float(s), count + float(n)
                 frac += float(np.asarray(routes.select)[routed].mean()) / len(data)
                 acc += float(routes.predictor_accuracy) / len(data)
-            ev[routing] = {"loss": total / count, "routed_fraction": frac, "predictor_accuracy": acc}
-        t = step_time(lambda p, x: mod.loss(model.replace(params=p), spec, x), model.params, tokens)
+            ev[routing] = {
+                "loss": total / count,
+                "routed_fraction": frac,
+                "predictor_accuracy": acc,
+            }
+        t = step_time(
+            lambda p, x, model=model, spec=spec: mod.loss(model.replace(params=p), spec, x),
+            model.params,
+            tokens,
+        )
         result[f"mod c={c:g}"] = {"compute": compute, "step_time": t / t_dense, **ev}
-        rows.append([f"MoD, {S} steps, capacity {c:g}", f"{compute:.2f}", f"{t / t_dense:.2f}",
-                     ev["topk"]["loss"], ev["causal"]["loss"],
-                     f"{ev['causal']['routed_fraction']:.3f} (acc {ev['topk']['predictor_accuracy']:.3f})"])
-        common.log(f"MoD c={c:g}: top-k {ev['topk']['loss']:.4f}, causal {ev['causal']['loss']:.4f}")
+        rows.append(
+            [
+                f"MoD, {S} steps, capacity {c:g}",
+                f"{compute:.2f}",
+                f"{t / t_dense:.2f}",
+                ev["topk"]["loss"],
+                ev["causal"]["loss"],
+                f"{ev['causal']['routed_fraction']:.3f} "
+                f"(acc {ev['topk']['predictor_accuracy']:.3f})",
+            ]
+        )
+        common.log(
+            f"MoD c={c:g}: top-k {ev['topk']['loss']:.4f}, causal {ev['causal']['loss']:.4f}"
+        )
 
     for n in sorted(small_depths):
         model = train(args, f"dense{n}", init(n), dense_loss(init(n)))
@@ -124,28 +160,44 @@ def main(argv=None):
     prompts = data[0][:4, :64]
     max_len = prompts.shape[1] + args.new_tokens - 1
     routed_len = max(1, int(np.ceil(2 * c0 * max_len)))
-    toks, ran, cache = routed_decode.generate(model, prompts, args.new_tokens, mod=spec,
-                                              routed_len=routed_len)
-    full = routed_decode.RoutedCache.empty(model.config, routed_decode.Layout(
-        (False,) * S, max_len, max_len, 0.0), prompts.shape[0])
+    toks, ran, cache = routed_decode.generate(
+        model, prompts, args.new_tokens, mod=spec, routed_len=routed_len
+    )
+    full = routed_decode.RoutedCache.empty(
+        model.config, routed_decode.Layout((False,) * S, max_len, max_len, 0.0), prompts.shape[0]
+    )
     entries = cache.entries().mean(1)
-    result["decode"] = {"entries_per_step": entries.tolist(), "max_len": max_len,
-                        "routed_len": routed_len, "cache_bytes": cache.nbytes,
-                        "dense_cache_bytes": full.nbytes,
-                        "sample": bytes(np.asarray(toks[0], np.uint8)).decode("utf-8", "replace")}
+    result["decode"] = {
+        "entries_per_step": entries.tolist(),
+        "max_len": max_len,
+        "routed_len": routed_len,
+        "cache_bytes": cache.nbytes,
+        "dense_cache_bytes": full.nbytes,
+        "sample": bytes(np.asarray(toks[0], np.uint8)).decode("utf-8", "replace"),
+    }
     sections = [
         f"Models: llama-style, d_model {cfg.d_model}, trained {args.steps} steps of "
         f"{args.batch_size}x{args.seq_len} bytes with depthjax.adaptive.fit (lr {args.lr}); "
         f"MoD routes steps {routed}. 'compute' is the fraction of the dense model's "
         "block work (tokens x steps); 'step time' is a measured training step "
         "(forward + backward) relative to the dense model, same run.",
-        "## Validation loss (nats/byte)\n\n" + common.md_table(
-            ["model", "compute", "step time", "loss (top-k)", "loss (causal predictor)",
-             "causal routed fraction"], rows),
+        "## Validation loss (nats/byte)\n\n"
+        + common.md_table(
+            [
+                "model",
+                "compute",
+                "step time",
+                "loss (top-k)",
+                "loss (causal predictor)",
+                "causal routed fraction",
+            ],
+            rows,
+        ),
         f"## Sampling with the routed KV cache\n\nMoD capacity {c0:g}, {prompts.shape[0]} "
         f"prompts of {prompts.shape[1]} bytes + {args.new_tokens} new, routed steps capped at "
         f"{routed_len} entries per row. Mean cache entries per step: "
-        + ", ".join(f"{e:.1f}" for e in entries) + f" (of {max_len} tokens); KV bytes "
+        + ", ".join(f"{e:.1f}" for e in entries)
+        + f" (of {max_len} tokens); KV bytes "
         f"{cache.nbytes:,} vs {full.nbytes:,} for a dense cache.",
     ]
     common.write_results(args, out, "Experiment 7: Mixture-of-Depths", sections, result)

@@ -47,7 +47,7 @@ def loss_at(model, rec, data, n: int) -> float:
 
 
 def main(argv=None):
-    p = common.parser("08_recurrent_depth", __doc__, layers=4, steps=400)
+    p = common.parser("10_recurrent_depth", __doc__, layers=4, steps=400)
     p.add_argument("--mean-loops", type=float, default=4.0, help="mean training loop count")
     p.add_argument("--max-loops", type=int, default=12, help="clip of the training draw")
     p.add_argument("--backprop", type=int, default=2, help="loops differentiated (truncated)")
@@ -64,10 +64,19 @@ def main(argv=None):
     span = (1, cfg.n_layers - 1)
     mean = args.mean_loops
     batches = common.train_batches(args, args.seed)
-    settings = lambda tag: {"tag": tag, "config": cfg.to_dict(), "span": span, "steps": args.steps,
-                            "batch": args.batch_size, "seq": args.seq_len, "lr": args.lr,
-                            "seed": args.seed, "mean": mean, "max": args.max_loops,
-                            "backprop": args.backprop}
+    settings = lambda tag: {
+        "tag": tag,
+        "config": cfg.to_dict(),
+        "span": span,
+        "steps": args.steps,
+        "batch": args.batch_size,
+        "seq": args.seq_len,
+        "lr": args.lr,
+        "seed": args.seed,
+        "mean": mean,
+        "max": args.max_loops,
+        "backprop": args.backprop,
+    }
 
     fresh, rec = R.attach(base, *span, inject=True)
     rng = np.random.default_rng(args.seed)
@@ -75,10 +84,18 @@ def main(argv=None):
 
     def train_recurrent():
         loss = lambda p, t, n: R.loss(fresh.replace(params=p), rec, t, n, backprop=args.backprop)
-        params, hist = fit(loss, fresh.params, lambda i: (*batches(i), jnp.int32(draws[i])),
-                               steps=args.steps, lr=args.lr, description="recurrent",
-                               log_every=max(args.steps // 4, 1), log=common.log)
+        params, hist = fit(
+            loss,
+            fresh.params,
+            lambda i: (*batches(i), jnp.int32(draws[i])),
+            steps=args.steps,
+            lr=args.lr,
+            description="recurrent",
+            log_every=max(args.steps // 4, 1),
+            log=common.log,
+        )
         return fresh.replace(params=params), hist
+
     recurrent = common.fitted(args, "recurrent", settings("recurrent"), train_recurrent)
 
     static_rec = R.Recurrence(*span)
@@ -86,15 +103,25 @@ def main(argv=None):
 
     def train_static():
         loss = lambda p, t: R.loss(base.replace(params=p), static_rec, t, n_static)
-        params, hist = fit(loss, base.params, batches, steps=args.steps, lr=args.lr,
-                               description="static", log_every=max(args.steps // 4, 1),
-                               log=common.log)
+        params, hist = fit(
+            loss,
+            base.params,
+            batches,
+            steps=args.steps,
+            lr=args.lr,
+            description="static",
+            log_every=max(args.steps // 4, 1),
+            log=common.log,
+        )
         return base.replace(params=params), hist
+
     static = common.fitted(args, "static", settings("static"), train_static)
 
     test_loops = [int(n) for n in args.test_loops.split(",")]
-    curve = {"recurrent": [loss_at(recurrent, rec, data, n) for n in test_loops],
-             "static": [loss_at(static, static_rec, data, n) for n in test_loops]}
+    curve = {
+        "recurrent": [loss_at(recurrent, rec, data, n) for n in test_loops],
+        "static": [loss_at(static, static_rec, data, n) for n in test_loops],
+    }
     for n, a, b in zip(test_loops, curve["recurrent"], curve["static"]):
         common.log(f"loops {n}: recurrent {a:.4f}, static {b:.4f}")
 
@@ -109,26 +136,46 @@ def main(argv=None):
         common.log(f"adaptive tol {tol}: {loops:.2f} loops/token, loss {total / count:.4f}")
 
     # generation: depth-wise batching against lockstep, same tokens
-    prompts = data[0][:args.prompts, :32]
+    prompts = data[0][: args.prompts, :32]
     gen = {}
     tol_gen = adaptive[len(adaptive) // 2]["tol"]
     for schedule in RD.SCHEDULES:
-        run = lambda: RD.generate(recurrent, rec, prompts, args.new_tokens, tol=tol_gen,
-                                  max_loops=args.adaptive_max, schedule=schedule)
+        run = lambda: RD.generate(
+            recurrent,
+            rec,
+            prompts,
+            args.new_tokens,
+            tol=tol_gen,
+            max_loops=args.adaptive_max,
+            schedule=schedule,  # noqa: B023 (run() is called at once)
+        )
         jax.block_until_ready(run())
         t0 = time.perf_counter()
         res = jax.block_until_ready(run())
-        gen[schedule] = {"ticks": int(res.ticks), "seconds": time.perf_counter() - t0,
-                         "tokens": np.asarray(res.tokens), "loops": np.asarray(res.loops)}
+        gen[schedule] = {
+            "ticks": int(res.ticks),
+            "seconds": time.perf_counter() - t0,
+            "tokens": np.asarray(res.tokens),
+            "loops": np.asarray(res.loops),
+        }
     same = bool((gen["depthwise"]["tokens"] == gen["lockstep"]["tokens"]).all())
-    loops_fed = gen["depthwise"]["loops"][:, prompts.shape[1]:]
+    loops_fed = gen["depthwise"]["loops"][:, prompts.shape[1] :]
 
     plt = common.report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(test_loops, curve["recurrent"], "o-", label=f"recurrent (n ~ log-normal Poisson, mean {mean:g})")
+    ax.plot(
+        test_loops,
+        curve["recurrent"],
+        "o-",
+        label=f"recurrent (n ~ log-normal Poisson, mean {mean:g})",
+    )
     ax.plot(test_loops, curve["static"], "s-", label=f"static (trained at n = {n_static})")
-    ax.plot([a["mean_loops"] for a in adaptive], [a["loss"] for a in adaptive], "^--",
-            label="recurrent, per-token exits (mean loops)")
+    ax.plot(
+        [a["mean_loops"] for a in adaptive],
+        [a["loss"] for a in adaptive],
+        "^--",
+        label="recurrent, per-token exits (mean loops)",
+    )
     ax.axvline(mean, color="gray", ls=":", lw=1)
     ax.set_xlabel("core loops at test time")
     ax.set_ylabel("validation loss (nats/byte)")
@@ -139,7 +186,7 @@ def main(argv=None):
 
     rows = [[n, a, b] for n, a, b in zip(test_loops, curve["recurrent"], curve["static"])]
     arows = [[a["tol"], f"{a['mean_loops']:.2f}", a["loss"]] for a in adaptive]
-    d, l = gen["depthwise"], gen["lockstep"]
+    d, lock = gen["depthwise"], gen["lockstep"]
     sections = [
         f"Table: {cfg.n_layers} blocks, d_model {cfg.d_model}; prelude steps [0, {span[0]}), "
         f"core [{span[0]}, {span[1]}), coda [{span[1]}, {cfg.n_layers}). {args.steps} training "
@@ -156,13 +203,25 @@ def main(argv=None):
         f"{prompts.shape[1]} bytes, {args.new_tokens} new tokens each, tol {tol_gen}: loops "
         f"per generated token {loops_fed.min()}..{loops_fed.max()} (mean "
         f"{loops_fed.mean():.2f}). Depth-wise batching: {d['ticks']} core ticks, "
-        f"{d['seconds']:.2f} s; lockstep: {l['ticks']} ticks, {l['seconds']:.2f} s "
-        f"({l['ticks'] / d['ticks']:.2f}x the ticks). Same tokens: {same}.",
+        f"{d['seconds']:.2f} s; lockstep: {lock['ticks']} ticks, {lock['seconds']:.2f} s "
+        f"({lock['ticks'] / d['ticks']:.2f}x the ticks). Same tokens: {same}.",
     ]
-    common.write_results(args, out, "Experiment 8: recurrent depth", sections, {
-        "test_loops": test_loops, "curve": curve, "adaptive": adaptive, "draws_mean": float(np.mean(draws)),
-        "generation": {k: {"ticks": v["ticks"], "seconds": v["seconds"]} for k, v in gen.items()},
-        "same_tokens": same})
+    common.write_results(
+        args,
+        out,
+        "Experiment 8: recurrent depth",
+        sections,
+        {
+            "test_loops": test_loops,
+            "curve": curve,
+            "adaptive": adaptive,
+            "draws_mean": float(np.mean(draws)),
+            "generation": {
+                k: {"ticks": v["ticks"], "seconds": v["seconds"]} for k, v in gen.items()
+            },
+            "same_tokens": same,
+        },
+    )
 
 
 if __name__ == "__main__":
