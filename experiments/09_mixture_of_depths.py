@@ -84,7 +84,7 @@ def step_time(fn, params, tokens) -> float:
 
 
 def main(argv=None):
-    p = common.parser("09_mixture_of_depths", __doc__, steps=400)
+    p = common.parser("09_mixture_of_depths", __doc__, steps=300, batch_size=8)
     p.add_argument("--capacities", default="0.125,0.5", help="capacities of the MoD models")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     args = common.parse(p, argv, __file__)

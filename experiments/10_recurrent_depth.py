@@ -47,7 +47,7 @@ def loss_at(model, rec, data, n: int) -> float:
 
 
 def main(argv=None):
-    p = common.parser("10_recurrent_depth", __doc__, layers=4, steps=400)
+    p = common.parser("10_recurrent_depth", __doc__, layers=4, steps=300, batch_size=8)
     p.add_argument("--mean-loops", type=float, default=4.0, help="mean training loop count")
     p.add_argument("--max-loops", type=int, default=12, help="clip of the training draw")
     p.add_argument("--backprop", type=int, default=2, help="loops differentiated (truncated)")
