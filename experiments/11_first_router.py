@@ -68,7 +68,8 @@ def static_curve(model, after, score_data, eval_data, prompt_len):
 
 def main(argv=None):
     p = common.parser("11_first_router", __doc__)
-    p.add_argument("--after", type=int, default=2, help="the router reads the residual after this step")
+    p.add_argument("--after", type=int, default=2,
+                   help="the router reads the residual after this step")
     p.add_argument("--costs", default="0.005,0.02,0.05,0.1", help="prices per step run")
     p.add_argument("--router-steps", type=int, default=150)
     p.add_argument("--router-lr", type=float, default=3e-3)
@@ -84,11 +85,12 @@ def main(argv=None):
     full_loss = continuation_loss(base, data, prompt_len)
     curve = static_curve(base, args.after, score, data, prompt_len)
     common.log(f"full model {full_loss:.4f}; static curve " +
-               ", ".join(f"{n}:{l:.3f}" for n, l, _ in curve))
+               ", ".join(f"{n}:{loss:.3f}" for n, loss, _ in curve))
 
     results, models = [], {}
     for cost in (float(c) for c in args.costs.split(",")):
-        settings = {"tag": "first", "base": str(common.cached_run_dir(args, "base", common.train_config(args))),
+        base_dir = common.cached_run_dir(args, "base", common.train_config(args))
+        settings = {"tag": "first", "base": str(base_dir),
                     "after": args.after, "cost": cost, "steps": args.router_steps,
                     "lr": args.router_lr, "prompt_len": prompt_len, "seed": args.seed}
 
@@ -112,7 +114,7 @@ def main(argv=None):
         programs = {tuple(r.astype(int)) for r in runs}
         row = {"cost": cost, "steps_run": float(runs.sum(1).mean()), "loss": total / count,
                "distinct_programs": len(programs),
-               "skip_rate": runs[:, args.after:].mean(0).round(3).tolist()}
+               "run_rate": runs[:, args.after:].mean(0).round(3).tolist()}
         results.append(row)
         common.log(f"cost {cost}: {row['steps_run']:.2f} steps, loss {row['loss']:.4f}, "
                    f"{len(programs)} programs")
@@ -131,7 +133,8 @@ def main(argv=None):
 
     plt = common.report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([n for n, _, _ in curve], [l for _, l, _ in curve], "s-", label="static (greedy best program)")
+    ax.plot([n for n, _, _ in curve], [loss for _, loss, _ in curve], "s-",
+            label="static (greedy best program)")
     ax.plot([r["steps_run"] for r in results], [r["loss"] for r in results], "o", ms=7,
             label="FiRST (mean steps run per sequence)")
     for r in results:
@@ -143,9 +146,10 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(out / "quality_vs_steps.png", dpi=120)
 
-    srows = [[n, S - n, l, " ".join(map(str, rem)) or "-"] for n, l, rem in curve]
+    srows = [[n, S - n, loss, " ".join(map(str, rem)) or "-"] for n, loss, rem in curve]
     frows = [[r["cost"], f"{r['steps_run']:.2f}", f"{S - r['steps_run']:.2f}", r["loss"],
-              r["distinct_programs"], " ".join(f"{x:.2f}" for x in r["skip_rate"])] for r in results]
+              r["distinct_programs"], " ".join(f"{x:.2f}" for x in r["run_rate"])]
+             for r in results]
     sections = [
         f"Base: {S} steps (frozen), full-model continuation loss {full_loss:.4f} (the second "
         f"half of each {args.seq_len}-byte window, prompt = first {prompt_len} bytes). Router "
