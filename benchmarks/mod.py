@@ -8,7 +8,7 @@ ratio is (dense steps + routed steps * capacity) / depth, plus the routers' and 
 gather/scatter's overhead. On a CPU backend the times are this process's CPU time (other
 jobs sharing the cores do not distort the ratios); on an accelerator, wall time.
 
-    python benchmarks/mod.py [--depth 8] [--d-model 128] [--batch 4] [--seq-len 512]
+    python benchmarks/mod.py [--depth 8] [--d-model 256] [--batch 8] [--seq-len 512]
 """
 
 import jax
