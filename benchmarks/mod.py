@@ -38,7 +38,7 @@ def main():
         logits = dj.apply(model.replace(params=p), t)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
 
-    clock = compute_clock()   # CPU time on CPU: ratios hold while other jobs share the cores
+    clock = compute_clock()  # CPU time on CPU: ratios hold while other jobs share the cores
     dense_grad = jax.jit(jax.grad(dense_loss))
     dense_fwd = jax.jit(lambda p, t: dj.apply(model.replace(params=p), t))
     t_grad = timed(dense_grad, model.params, tokens, repeat=5, clock=clock)

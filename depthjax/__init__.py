@@ -29,13 +29,36 @@ __version__ = "0.1.0"
 
 __all__ = [
     # model
-    "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init",
+    "ModelConfig",
+    "ConfigError",
+    "Remat",
+    "presets",
+    "configs",
+    "DepthModel",
+    "Trace",
+    "init",
     "apply",
-    "Program", "ProgramError",
+    "Program",
+    "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover", "search", "eval", "specialize", "Specialized",
+    "depth",
+    "metrics",
+    "prune",
+    "recover",
+    "search",
+    "eval",
+    "specialize",
+    "Specialized",
     # checkpoints and Hugging Face
-    "save", "load", "CheckpointError", "hf",
+    "save",
+    "load",
+    "CheckpointError",
+    "hf",
     # generation
-    "generate", "prefill", "decode_step", "KVCache", "Generation", "DraftStats",
+    "generate",
+    "prefill",
+    "decode_step",
+    "KVCache",
+    "Generation",
+    "DraftStats",
 ]

@@ -38,8 +38,9 @@ class Block(nn.Module):
             self.attn_out_norm = make_norm(cfg, "attn_out_norm")
             self.mlp_out_norm = make_norm(cfg, "mlp_out_norm")
 
-    def attn_update(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None,
-                    kv_cache=None):
+    def attn_update(
+        self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None, kv_cache=None
+    ):
         """The attention sublayer's ungated update u_attn [B, T, D] (the block adds
         attn_gate * u_attn); with `kv_cache` (see `Attention`) returns (u_attn, kv_cache)."""
         cfg = self.cfg
@@ -47,8 +48,13 @@ class Block(nn.Module):
         cache = [kv_cache]  # attn swaps in the updated cache
 
         def attn(h_BTD):
-            out = self.attn(h_BTD, positions_BT, segment_ids_BT=segment_ids_BT,
-                            kv_mask_BT=kv_mask_BT, kv_cache=kv_cache)
+            out = self.attn(
+                h_BTD,
+                positions_BT,
+                segment_ids_BT=segment_ids_BT,
+                kv_mask_BT=kv_mask_BT,
+                kv_cache=kv_cache,
+            )
             if kv_cache is None:
                 return out
             y_BTD, cache[0] = out
@@ -81,8 +87,7 @@ class Block(nn.Module):
         out = self.attn_update(x_BTD, positions_BT, **attn_kwargs)
         u_attn, cache = out if attn_kwargs.get("kv_cache") is not None else (out, None)
         u_attn = jnp.asarray(attn_gate, cfg.dtype) * u_attn
-        u_mlp = jnp.asarray(mlp_gate, cfg.dtype) * self.mlp_update(
-            mlp_input(cfg, x_BTD, u_attn))
+        u_mlp = jnp.asarray(mlp_gate, cfg.dtype) * self.mlp_update(mlp_input(cfg, x_BTD, u_attn))
         return (u_attn, u_mlp) if cache is None else (u_attn, u_mlp, cache)
 
 
@@ -92,9 +97,19 @@ def mlp_input(cfg: ModelConfig, x_BTD, u_attn_BTD):
     return x_BTD if cfg.parallel_block else x_BTD + u_attn_BTD
 
 
-def step_updates(cfg: ModelConfig, row: dict, x_BTD, attn_gate, mlp_gate, positions_BT, *,
-                 attn: bool | None = None, mlp: bool | None = None, kv_cache=None,
-                 **attn_kwargs):
+def step_updates(
+    cfg: ModelConfig,
+    row: dict,
+    x_BTD,
+    attn_gate,
+    mlp_gate,
+    positions_BT,
+    *,
+    attn: bool | None = None,
+    mlp: bool | None = None,
+    kv_cache=None,
+    **attn_kwargs,
+):
     """`Block(cfg).apply({"params": row}, x, attn_gate, mlp_gate, positions)`, computing
     only the sublayers that run. Returns (u_attn, u_mlp) (+ kv_cache when one is given).
 
@@ -107,8 +122,9 @@ def step_updates(cfg: ModelConfig, row: dict, x_BTD, attn_gate, mlp_gate, positi
     block = Block(cfg)
 
     def attn_fn(row, x_BTD, positions_BT, attn_kwargs):
-        return block.apply({"params": row}, x_BTD, positions_BT, method=Block.attn_update,
-                           **attn_kwargs)
+        return block.apply(
+            {"params": row}, x_BTD, positions_BT, method=Block.attn_update, **attn_kwargs
+        )
 
     def mlp_fn(row, h_BTD):
         return block.apply({"params": row}, h_BTD, method=Block.mlp_update)

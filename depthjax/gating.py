@@ -47,13 +47,14 @@ def _gated(fn, gate, args):
     def skip():
         shapes = jax.eval_shape(fn, *args)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
     return jax.lax.cond(gate != 0, lambda: _scaled(gate, fn(*args)), skip)
 
 
 def _zeros_for(tangent, primal):
     if not isinstance(tangent, SymbolicZero):
         return tangent
-    if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):   # ints, bools
+    if not jnp.issubdtype(jnp.result_type(primal), jnp.inexact):  # ints, bools
         return np.zeros(np.shape(primal), jax.dtypes.float0)
     return jnp.zeros(np.shape(primal), jnp.result_type(primal))
 
@@ -61,18 +62,23 @@ def _zeros_for(tangent, primal):
 def _gated_jvp(fn, primals, tangents):
     gate, args = primals
     d_gate, d_args = tangents
-    d_args = jax.tree.map(_zeros_for, d_args, args,
-                          is_leaf=lambda t: isinstance(t, SymbolicZero))
-    if isinstance(d_gate, SymbolicZero):   # a constant gate: (gate * y, gate * dy), skippable
+    d_args = jax.tree.map(_zeros_for, d_args, args, is_leaf=lambda t: isinstance(t, SymbolicZero))
+    if isinstance(d_gate, SymbolicZero):  # a constant gate: (gate * y, gate * dy), skippable
+
         def run():
             return _scaled(gate, jax.jvp(fn, args, d_args))
+
         def skip():
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
             return zeros, zeros
+
         return jax.lax.cond(gate != 0, run, skip)
     y, dy = jax.jvp(fn, args, d_args)
-    tangent = jax.tree.map(lambda y_, dy_: jnp.asarray(d_gate, y_.dtype) * y_
-                           + jnp.asarray(gate, y_.dtype) * dy_, y, dy)
+    tangent = jax.tree.map(
+        lambda y_, dy_: jnp.asarray(d_gate, y_.dtype) * y_ + jnp.asarray(gate, y_.dtype) * dy_,
+        y,
+        dy,
+    )
     return _scaled(gate, y), tangent
 
 

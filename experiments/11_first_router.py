@@ -61,15 +61,17 @@ def static_curve(model, after, score_data, eval_data, prompt_len):
         best = min(trials, key=trials.get)
         run[best] = False
         removed.append(best)
-        out.append((int(run.sum()), continuation_loss(model, eval_data, prompt_len, run),
-                    list(removed)))
+        out.append(
+            (int(run.sum()), continuation_loss(model, eval_data, prompt_len, run), list(removed))
+        )
     return out
 
 
 def main(argv=None):
     p = common.parser("11_first_router", __doc__)
-    p.add_argument("--after", type=int, default=2,
-                   help="the router reads the residual after this step")
+    p.add_argument(
+        "--after", type=int, default=2, help="the router reads the residual after this step"
+    )
     p.add_argument("--costs", default="0.005,0.02,0.05,0.1", help="prices per step run")
     p.add_argument("--router-steps", type=int, default=150)
     p.add_argument("--router-lr", type=float, default=3e-3)
@@ -84,23 +86,42 @@ def main(argv=None):
 
     full_loss = continuation_loss(base, data, prompt_len)
     curve = static_curve(base, args.after, score, data, prompt_len)
-    common.log(f"full model {full_loss:.4f}; static curve " +
-               ", ".join(f"{n}:{loss:.3f}" for n, loss, _ in curve))
+    common.log(
+        f"full model {full_loss:.4f}; static curve "
+        + ", ".join(f"{n}:{loss:.3f}" for n, loss, _ in curve)
+    )
 
     results, models = [], {}
     for cost in (float(c) for c in args.costs.split(",")):
         base_dir = common.cached_run_dir(args, "base", common.train_config(args))
-        settings = {"tag": "first", "base": str(base_dir),
-                    "after": args.after, "cost": cost, "steps": args.router_steps,
-                    "lr": args.router_lr, "prompt_len": prompt_len, "seed": args.seed}
+        settings = {
+            "tag": "first",
+            "base": str(base_dir),
+            "after": args.after,
+            "cost": cost,
+            "steps": args.router_steps,
+            "lr": args.router_lr,
+            "prompt_len": prompt_len,
+            "seed": args.seed,
+        }
 
         def train(cost=cost):
-            loss = lambda p, t: first.loss(fresh.replace(params=p), spec, t,
-                                           prompt_len=prompt_len, cost=cost)
-            params, hist = fit(loss, fresh.params, batches, steps=args.router_steps,
-                               lr=args.router_lr, trainable="^first/", description=f"cost {cost}",
-                               log_every=max(args.router_steps // 3, 1), log=common.log)
+            loss = lambda p, t: first.loss(
+                fresh.replace(params=p), spec, t, prompt_len=prompt_len, cost=cost
+            )
+            params, hist = fit(
+                loss,
+                fresh.params,
+                batches,
+                steps=args.router_steps,
+                lr=args.router_lr,
+                trainable="^first/",
+                description=f"cost {cost}",
+                log_every=max(args.router_steps // 3, 1),
+                log=common.log,
+            )
             return fresh.replace(params=params), hist
+
         routed = models[cost] = common.fitted(args, f"first-c{cost:g}", settings, train)
         total = count = 0.0
         runs = []
@@ -112,12 +133,18 @@ def main(argv=None):
             runs.append(np.asarray(gates) > 0.5)
         runs = np.concatenate(runs)
         programs = {tuple(r.astype(int)) for r in runs}
-        row = {"cost": cost, "steps_run": float(runs.sum(1).mean()), "loss": total / count,
-               "distinct_programs": len(programs),
-               "run_rate": runs[:, args.after:].mean(0).round(3).tolist()}
+        row = {
+            "cost": cost,
+            "steps_run": float(runs.sum(1).mean()),
+            "loss": total / count,
+            "distinct_programs": len(programs),
+            "run_rate": runs[:, args.after :].mean(0).round(3).tolist(),
+        }
         results.append(row)
-        common.log(f"cost {cost}: {row['steps_run']:.2f} steps, loss {row['loss']:.4f}, "
-                   f"{len(programs)} programs")
+        common.log(
+            f"cost {cost}: {row['steps_run']:.2f} steps, loss {row['loss']:.4f}, "
+            f"{len(programs)} programs"
+        )
 
     # decoding keeps each row's program: 4 prompts, checked against dj.generate of it
     mid = results[len(results) // 2]
@@ -125,21 +152,44 @@ def main(argv=None):
     prompts = data[0][:4, :prompt_len]
     toks, run = first.generate(routed, spec, prompts, 16)
     run = np.asarray(run)
-    same = all(np.array_equal(toks[b], dj.generate(first.program_for(routed, run[b]),
-                                                   prompts[b:b + 1], 16, temperature=0.0).tokens[0])
-               for b in range(len(prompts)))
-    decode = {"cost": mid["cost"], "programs": [np.flatnonzero(r).tolist() for r in run],
-              "same_as_static_programs": same}
+    same = all(
+        np.array_equal(
+            toks[b],
+            dj.generate(
+                first.program_for(routed, run[b]), prompts[b : b + 1], 16, temperature=0.0
+            ).tokens[0],
+        )
+        for b in range(len(prompts))
+    )
+    decode = {
+        "cost": mid["cost"],
+        "programs": [np.flatnonzero(r).tolist() for r in run],
+        "same_as_static_programs": same,
+    }
 
     plt = common.report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([n for n, _, _ in curve], [loss for _, loss, _ in curve], "s-",
-            label="static (greedy best program)")
-    ax.plot([r["steps_run"] for r in results], [r["loss"] for r in results], "o", ms=7,
-            label="FiRST (mean steps run per sequence)")
+    ax.plot(
+        [n for n, _, _ in curve],
+        [loss for _, loss, _ in curve],
+        "s-",
+        label="static (greedy best program)",
+    )
+    ax.plot(
+        [r["steps_run"] for r in results],
+        [r["loss"] for r in results],
+        "o",
+        ms=7,
+        label="FiRST (mean steps run per sequence)",
+    )
     for r in results:
-        ax.annotate(f"cost {r['cost']:g}", (r["steps_run"], r["loss"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            f"cost {r['cost']:g}",
+            (r["steps_run"], r["loss"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel(f"steps run (of {S})")
     ax.set_ylabel("continuation loss (nats/byte)")
     ax.legend(fontsize=8)
@@ -147,25 +197,47 @@ def main(argv=None):
     fig.savefig(out / "quality_vs_steps.png", dpi=120)
 
     srows = [[n, S - n, loss, " ".join(map(str, rem)) or "-"] for n, loss, rem in curve]
-    frows = [[r["cost"], f"{r['steps_run']:.2f}", f"{S - r['steps_run']:.2f}", r["loss"],
-              r["distinct_programs"], " ".join(f"{x:.2f}" for x in r["run_rate"])]
-             for r in results]
+    frows = [
+        [
+            r["cost"],
+            f"{r['steps_run']:.2f}",
+            f"{S - r['steps_run']:.2f}",
+            r["loss"],
+            r["distinct_programs"],
+            " ".join(f"{x:.2f}" for x in r["run_rate"]),
+        ]
+        for r in results
+    ]
     sections = [
         f"Base: {S} steps (frozen), full-model continuation loss {full_loss:.4f} (the second "
         f"half of each {args.seq_len}-byte window, prompt = first {prompt_len} bytes). Router "
         f"after step {args.after}, trained {args.router_steps} steps per cost.",
         "![quality vs steps](quality_vs_steps.png)",
-        "## FiRST\n\n" + common.md_table(["cost", "steps run", "steps saved", "loss",
-                                          "distinct programs", f"run rate of steps {args.after}.."],
-                                         frows),
-        "## Static baseline (one program for every sequence)\n\n" + common.md_table(
-            ["steps run", "steps saved", "loss", "removed (greedy order)"], srows),
+        "## FiRST\n\n"
+        + common.md_table(
+            [
+                "cost",
+                "steps run",
+                "steps saved",
+                "loss",
+                "distinct programs",
+                f"run rate of steps {args.after}..",
+            ],
+            frows,
+        ),
+        "## Static baseline (one program for every sequence)\n\n"
+        + common.md_table(["steps run", "steps saved", "loss", "removed (greedy order)"], srows),
         f"## Decoding\n\nCost {decode['cost']:g}: the {len(prompts)} prompts run steps "
         + "; ".join(" ".join(map(str, p)) for p in decode["programs"])
         + f". Batched routed decoding equals dj.generate of each row's program: {same}.",
     ]
-    common.write_results(args, out, "Experiment 11: FiRST per-sequence routing", sections,
-                         {"full": full_loss, "static": curve, "first": results, "decode": decode})
+    common.write_results(
+        args,
+        out,
+        "Experiment 11: FiRST per-sequence routing",
+        sections,
+        {"full": full_loss, "static": curve, "first": results, "decode": decode},
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_truncated_backprop_gradient_equals_hand_written_reference(looped):
     assert float(jnp.abs(got["embed"]["tok"]["embedding"]).max()) == 0  # cut by truncation
 
 
-TOL, MAX = 0.3, 6   # on the random llama-tiny these give loop counts 4..6 that vary by token
+TOL, MAX = 0.3, 6  # on the random llama-tiny these give loop counts 4..6 that vary by token
 
 
 def test_adaptive_extremes_are_fixed_loop_counts(looped):
@@ -90,12 +90,14 @@ def test_adaptive_extremes_are_fixed_loop_counts(looped):
     tokens = _tokens()
     logits, loops = R.apply_adaptive(model, rec, tokens, tol=0.0, max_loops=MAX)
     assert (np.asarray(loops) == MAX).all()
-    np.testing.assert_allclose(logits, R.apply(model, rec, tokens, jnp.int32(MAX), backprop=2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits, R.apply(model, rec, tokens, jnp.int32(MAX), backprop=2), rtol=1e-5, atol=1e-5
+    )
     logits, loops = R.apply_adaptive(model, rec, tokens, tol=np.inf, max_loops=MAX)
     assert (np.asarray(loops) == 1).all()
-    np.testing.assert_allclose(logits, R.apply(model, rec, tokens, jnp.int32(1), backprop=2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits, R.apply(model, rec, tokens, jnp.int32(1), backprop=2), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_adaptive_loop_counts_are_causal(looped):

@@ -14,7 +14,7 @@ from depthjax.program import Program
 from tests import reference
 from tests.test_model import _model
 
-FAMILIES = {   # every norm placement, and the GPT-J parallel block
+FAMILIES = {  # every norm placement, and the GPT-J parallel block
     "pre": dj.configs.get("llama-tiny"),
     "peri": dj.configs.get("llama-tiny", norm_placement="peri"),
     "post": dj.configs.get("bert-tiny"),
@@ -38,13 +38,18 @@ def dense_forward(model, tokens, attn, mlp):
 
 
 def skipping_forward(model, tokens, attn, mlp):
-    return dj.apply(model.replace(program=Program(jnp.asarray(BLOCKS, jnp.int32), attn, mlp,
-                                                  jnp.zeros(len(BLOCKS), bool))), tokens)
+    return dj.apply(
+        model.replace(
+            program=Program(jnp.asarray(BLOCKS, jnp.int32), attn, mlp, jnp.zeros(len(BLOCKS), bool))
+        ),
+        tokens,
+    )
 
 
 def _loss(forward, tokens, weights):
     return lambda params, attn, mlp, model: jnp.sum(
-        forward(model.replace(params=params), tokens, attn, mlp) * weights)
+        forward(model.replace(params=params), tokens, attn, mlp) * weights
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,11 @@ def test_skipping_equals_gating_outputs_and_gradients(name, tokens, weights):
         grads[label] = f(model.params, ATTN, MLP, model)
     # gradients w.r.t. the parameters and w.r.t. every gate, including the gates at 0
     # (d loss / d gate there is the skipped sublayer's contribution: not 0)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-                 grads["skip"], grads["dense"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+        grads["skip"],
+        grads["dense"],
+    )
     attn_grad = np.asarray(grads["skip"][1][1])
     assert np.all(np.abs(attn_grad[[1, 3]]) > 1e-6), attn_grad
 
@@ -73,8 +81,9 @@ def test_zero_and_one_gates_match_naive_forward(name, tokens):
     attn, mlp = (ATTN > 0).astype(np.float32), (MLP > 0).astype(np.float32)
     groups = [[(b, float(a), float(m))] for b, a, m in zip(BLOCKS, attn, mlp)]
     want = reference.forward(model, tokens, groups)
-    np.testing.assert_allclose(skipping_forward(model, tokens, attn, mlp), want,
-                               rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        skipping_forward(model, tokens, attn, mlp), want, rtol=2e-5, atol=2e-5
+    )
 
 
 def _poisoned(model, row, sublayer):
@@ -105,14 +114,19 @@ def test_vmap_over_programs_selects_and_stays_exact(tokens):
     model = _model(FAMILIES["pre"])
     attn = jnp.stack([ATTN, 1 - (ATTN > 0), jnp.ones(5)])
     mlp = jnp.stack([MLP, jnp.ones(5), 1 - (MLP > 0)])
-    loss = lambda params, a, m: jnp.sum(skipping_forward(model.replace(params=params), tokens,
-                                                         a, m) ** 2)
+    loss = lambda params, a, m: jnp.sum(
+        skipping_forward(model.replace(params=params), tokens, a, m) ** 2
+    )
     f = jax.jit(jax.value_and_grad(loss))
     batched = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))(
-        model.params, attn, mlp)
+        model.params, attn, mlp
+    )
     for k in range(3):
-        jax.tree.map(lambda a, b, k=k: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-4),
-                     batched, f(model.params, attn[k], mlp[k]))
+        jax.tree.map(
+            lambda a, b, k=k: np.testing.assert_allclose(a[k], b, rtol=1e-4, atol=1e-4),
+            batched,
+            f(model.params, attn[k], mlp[k]),
+        )
 
 
 def test_one_compile_for_every_gate_pattern(tokens):

@@ -35,12 +35,15 @@ def _variants(model, tokens):
         "tied+relaxed": D.relax(D.tie(model, 2, strategy="cycle", init="average"), model, rank=4),
         "parallel": D.parallelize(model, [[1, 2]]),
         "parallel-mean-gated": D.drop_sublayers(
-            D.parallelize(looped, [[0, 1, 2], [4, 5]], combine="mean"), attn=[1], mlp=[2, 5]),
+            D.parallelize(looped, [[0, 1, 2], [4, 5]], combine="mean"), attn=[1], mlp=[2, 5]
+        ),
         "recovered-bias": dj.recover(D.drop(model, [1, 3]), model, tokens, method="bias"),
-        "recovered-linear": dj.recover(D.drop_sublayers(model, attn=[2], mlp=[2]), model, tokens,
-                                       method="linear", rank=4),
-        "fractional-gates": model.with_program(dj.Program.create([0, 1, 2, 3], attn=[1, 0.5, 0, 2],
-                                                                 mlp=[0.25, 1, 1, 0])),
+        "recovered-linear": dj.recover(
+            D.drop_sublayers(model, attn=[2], mlp=[2]), model, tokens, method="linear", rank=4
+        ),
+        "fractional-gates": model.with_program(
+            dj.Program.create([0, 1, 2, 3], attn=[1, 0.5, 0, 2], mlp=[0.25, 1, 1, 0])
+        ),
     }
 
 
@@ -52,26 +55,34 @@ def test_specialize_equals_apply_for_every_program_kind(base, tokens):
 
 def test_specialize_matches_naive_forward(base, tokens):
     groups = [[(3, 1.0, 1.0)], [(0, 1.0, 1.0), (2, 1.0, 0.0)], [(1, 0.0, 1.0)]]
-    model = base.with_program(dj.Program.create([3, 0, 2, 1], attn=[1, 1, 1, 0], mlp=[1, 1, 0, 1],
-                                                parallel=[0, 0, 1, 0]))
-    np.testing.assert_allclose(dj.specialize(model)(tokens),
-                               reference.forward(model, tokens, groups), rtol=2e-5, atol=2e-5)
+    model = base.with_program(
+        dj.Program.create([3, 0, 2, 1], attn=[1, 1, 1, 0], mlp=[1, 1, 0, 1], parallel=[0, 0, 1, 0])
+    )
+    np.testing.assert_allclose(
+        dj.specialize(model)(tokens), reference.forward(model, tokens, groups), rtol=2e-5, atol=2e-5
+    )
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("gpt2", dj.configs.get("gpt2-tiny")),
-    ("bert", dj.configs.get("bert-tiny")),
-    ("peri", dj.configs.get("llama-tiny", norm_placement="peri")),
-    ("gptj", dj.configs.get("gpt2-tiny", parallel_block=True)),
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("gpt2", dj.configs.get("gpt2-tiny")),
+        ("bert", dj.configs.get("bert-tiny")),
+        ("peri", dj.configs.get("llama-tiny", norm_placement="peri")),
+        ("gptj", dj.configs.get("gpt2-tiny", parallel_block=True)),
+    ],
+)
 def test_specialize_families(name, cfg, tokens):
     model = _model(cfg)
     model = D.drop_sublayers(D.parallelize(model, [[1, 2]]), attn=[2], mlp=[3])
     mask = np.ones(tokens.shape, np.float32)
     mask[0, :3] = 0
     output = "hidden" if name == "bert" else "logits"
-    np.testing.assert_allclose(dj.specialize(model)(tokens, mask=mask, output=output),
-                               dj.apply(model, tokens, mask=mask, output=output), **TOL)
+    np.testing.assert_allclose(
+        dj.specialize(model)(tokens, mask=mask, output=output),
+        dj.apply(model, tokens, mask=mask, output=output),
+        **TOL,
+    )
 
 
 def executed_ops(closed_jaxpr) -> collections.Counter:
@@ -84,7 +95,7 @@ def executed_ops(closed_jaxpr) -> collections.Counter:
             inner = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else [value]:
-                    sub = getattr(sub, "jaxpr", sub)   # a closed jaxpr (jax 0.11) or a jaxpr
+                    sub = getattr(sub, "jaxpr", sub)  # a closed jaxpr (jax 0.11) or a jaxpr
                     if hasattr(sub, "eqns"):
                         walk(sub, inner)
 
@@ -92,22 +103,26 @@ def executed_ops(closed_jaxpr) -> collections.Counter:
     return counts
 
 
-ATTN_DOTS, MLP_DOTS, HEAD_DOTS = 6, 3, 1   # q, k, v, o + scores, values; gate, up, down
+ATTN_DOTS, MLP_DOTS, HEAD_DOTS = 6, 3, 1  # q, k, v, o + scores, values; gate, up, down
 
 
-@pytest.mark.parametrize("edit,attn_steps,mlp_steps", [
-    (lambda m: m, 4, 4),
-    (lambda m: D.drop_sublayers(m, attn=[1, 2]), 2, 4),
-    (lambda m: D.drop_sublayers(m, attn=[0, 1, 2, 3], mlp=[3]), 0, 3),
-    (lambda m: D.drop_sublayers(D.repeat(m, [1, 2], 2), attn=[3]), 5, 6),
-    (lambda m: D.drop_sublayers(m, attn=[1], mlp=[1]), 3, 3),   # step 1 removed entirely
-])
-def test_compiled_function_contains_only_sublayers_that_run(base, tokens, edit, attn_steps,
-                                                            mlp_steps):
+@pytest.mark.parametrize(
+    "edit,attn_steps,mlp_steps",
+    [
+        (lambda m: m, 4, 4),
+        (lambda m: D.drop_sublayers(m, attn=[1, 2]), 2, 4),
+        (lambda m: D.drop_sublayers(m, attn=[0, 1, 2, 3], mlp=[3]), 0, 3),
+        (lambda m: D.drop_sublayers(D.repeat(m, [1, 2], 2), attn=[3]), 5, 6),
+        (lambda m: D.drop_sublayers(m, attn=[1], mlp=[1]), 3, 3),  # step 1 removed entirely
+    ],
+)
+def test_compiled_function_contains_only_sublayers_that_run(
+    base, tokens, edit, attn_steps, mlp_steps
+):
     fast = dj.specialize(edit(base))
     ops = executed_ops(jax.make_jaxpr(lambda f: f(tokens))(fast))
     assert ops["dot_general"] == attn_steps * ATTN_DOTS + mlp_steps * MLP_DOTS + HEAD_DOTS
-    assert ops["cond"] == 0    # nothing is decided at run time
+    assert ops["cond"] == 0  # nothing is decided at run time
     # dj.apply compiles every sublayer of every step (and skips at run time)
     apply_ops = executed_ops(jax.make_jaxpr(dj.apply)(edit(base), tokens))
     assert apply_ops["cond"] == 2 * edit(base).depth
@@ -121,15 +136,18 @@ def test_parallel_group_runs_as_one_batched_call(base, tokens):
 
 
 def test_gradients_through_specialize_equal_apply(base, tokens):
-    model = D.relax(D.tie(D.parallelize(D.drop_sublayers(base, attn=[3]), [[1, 2]]), 2),
-                    base, rank=2)
+    model = D.relax(
+        D.tie(D.parallelize(D.drop_sublayers(base, attn=[3]), [[1, 2]]), 2), base, rank=2
+    )
     fast = dj.specialize(model)
     with_params = lambda p: model.replace(params=p)
     g_fast = jax.grad(lambda p: jnp.sum(fast.replace(model=with_params(p))(tokens) ** 2))(
-        model.params)
+        model.params
+    )
     g_apply = jax.grad(lambda p: jnp.sum(dj.apply(with_params(p), tokens) ** 2))(model.params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 g_fast, g_apply)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_fast, g_apply
+    )
 
 
 def test_generate_with_a_specialized_model(base):
@@ -137,7 +155,7 @@ def test_generate_with_a_specialized_model(base):
     fast = dj.specialize(model)
     prompt = np.random.default_rng(1).integers(0, 256, (2, 6)).astype(np.int32)
     mask = np.ones_like(prompt)
-    mask[0, :2] = 0   # left padding
+    mask[0, :2] = 0  # left padding
     want = dj.generate(model, prompt, 5, mask=mask, temperature=0.0)
     got = dj.generate(fast, prompt, 5, mask=mask, temperature=0.0)
     np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -153,7 +171,7 @@ def test_generate_with_a_specialized_model(base):
 
 
 def test_plan_reads_rows_in_runs(base):
-    plan = dj.specialize(D.tie(base, 2)).plan   # steps run rows 0, 1, 0, 1
+    plan = dj.specialize(D.tie(base, 2)).plan  # steps run rows 0, 1, 0, 1
     assert [(s.row, s.length, s.times) for s in plan.segments] == [(0, 2, 2)]
     plan = dj.specialize(D.drop(base, [2])).plan
     assert [(s.steps, s.row) for s in plan.segments] == [((0, 1), 0), ((2,), 3)]

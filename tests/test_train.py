@@ -14,28 +14,51 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=llama-tiny", "model.n_layers=2", "batch_size=4", "seq_len=32", "seed=3",
-        "warmup_steps=2", "lr=3e-3", "log_every=1", "shuffle_window=16", "tensorboard=false"]
+TINY = [
+    "model=llama-tiny",
+    "model.n_layers=2",
+    "batch_size=4",
+    "seq_len=32",
+    "seed=3",
+    "warmup_steps=2",
+    "lr=3e-3",
+    "log_every=1",
+    "shuffle_window=16",
+    "tensorboard=false",
+]
 
 
 # Subprocess runs share a persistent compilation cache: compiling dominates a tiny run.
-_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(Path(__import__("tempfile").gettempdir())
-                                           / "depthjax-test-jax-cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(
+        Path(__import__("tempfile").gettempdir()) / "depthjax-test-jax-cache"
+    ),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 
 def _env(devices=1, extra=None):
-    return {**os.environ, **_CACHE, **(extra or {}), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        **_CACHE,
+        **(extra or {}),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def _train(out, *keys, env=None, devices=1, check=True):
     """`depthjax train` in a subprocess (fresh JAX, so the device count can be set)."""
     env = _env(devices, env)
-    proc = subprocess.run([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
-                           *TINY, *keys], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "depthjax.cli", "train", "--out", str(out), *TINY, *keys],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -64,6 +87,7 @@ def _run_record(out) -> list[dict]:
 def _tensorboard(out) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] as TensorBoard's own reader sees the run's event files."""
     from tensorboard.backend.event_processing import event_accumulator
+
     acc = event_accumulator.EventAccumulator(str(Path(out, "tensorboard")))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -95,16 +119,30 @@ def test_metrics_have_required_fields(reference, tmp_path_factory):
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
     first = reference[1][0]
     assert abs(first - np.log(256)) < 0.3  # untrained byte model: about uniform
-    assert min(reference[6]) < first      # and it learns
+    assert min(reference[6]) < first  # and it learns
 
 
 def test_kill9_then_resume_is_bit_exact(reference_run, tmp_path):
     out = tmp_path / "run"
     env = _env()
-    proc = subprocess.Popen([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
-                             *TINY, "steps=6", "checkpoint_every=2", "log_every=1"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "depthjax.cli",
+            "train",
+            "--out",
+            str(out),
+            *TINY,
+            "steps=6",
+            "checkpoint_every=2",
+            "log_every=1",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill once step 3 is logged
@@ -121,10 +159,16 @@ def test_kill9_then_resume_is_bit_exact(reference_run, tmp_path):
 
 def test_kill9_during_a_save_resumes_from_previous_checkpoint(reference_run, tmp_path):
     out = tmp_path / "run"
-    proc = _train(out, "steps=6", "checkpoint_every=2", "tensorboard=true",
-                  env={"DEPTHJAX_TEST_KILL_IN_SAVE": "4"}, check=False)
+    proc = _train(
+        out,
+        "steps=6",
+        "checkpoint_every=2",
+        "tensorboard=true",
+        env={"DEPTHJAX_TEST_KILL_IN_SAVE": "4"},
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL
-    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]   # logged past checkpoint 2
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]  # logged past checkpoint 2
     assert _tensorboard(out)["loss"]  # events of the killed attempt, to be superseded
     proc = _train(out, "steps=6", "checkpoint_every=2", "tensorboard=true")
     assert "resumed from checkpoint 2" in proc.stderr
@@ -144,12 +188,13 @@ def test_tensorboard_reads_the_scalars_back(reference_run):
 
 def test_cut_jsonl_keeps_whole_records_up_to_the_step(tmp_path):
     from depthjax.train.logs import cut_jsonl
+
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)]
-    path.write_text("".join(lines) + '{"step": 5, "lo')          # torn by a kill
+    path.write_text("".join(lines) + '{"step": 5, "lo')  # torn by a kill
     assert [r["step"] for r in cut_jsonl(path, 2)] == [1, 2]
     assert path.read_text() == "".join(lines[:2])
-    assert not list(tmp_path.glob(".*tmp*"))                      # replaced, nothing beside
+    assert not list(tmp_path.glob(".*tmp*"))  # replaced, nothing beside
     assert cut_jsonl(tmp_path / "absent.jsonl", 3) == []
 
 
@@ -157,8 +202,11 @@ def test_truncated_checkpoint_is_skipped_with_warning(reference_run, tmp_path):
     out = tmp_path / "run"
     _train(out, "steps=4", "checkpoint_every=2")
     # Truncate every data file of checkpoint 4's train state.
-    state_files = [p for p in (out / "checkpoints" / "4" / "state").rglob("*")
-                   if p.is_file() and p.stat().st_size > 0 and "/d/" in str(p)]
+    state_files = [
+        p
+        for p in (out / "checkpoints" / "4" / "state").rglob("*")
+        if p.is_file() and p.stat().st_size > 0 and "/d/" in str(p)
+    ]
     assert state_files
     for p in state_files:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
@@ -171,32 +219,58 @@ def test_truncated_checkpoint_is_skipped_with_warning(reference_run, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # lr=1e30 makes the parameters ~1e30 after step 1, so step 2's attention overflows.
-    proc = _train(tmp_path, "steps=5", "checkpoint_every=1", "lr=1e30", "warmup_steps=0",
-                  "clip_norm=0", "weight_decay=0", check=False)
+    proc = _train(
+        tmp_path,
+        "steps=5",
+        "checkpoint_every=1",
+        "lr=1e30",
+        "warmup_steps=0",
+        "clip_norm=0",
+        "weight_decay=0",
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "non-finite loss or gradient at step 2" in proc.stderr
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                  if p.name.isdigit()) == [1]
+    assert sorted(
+        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [1]
     import depthjax as dj
+
     assert not (tmp_path / "model").exists()
     del dj
 
 
 def test_nonfinite_steps_can_be_skipped(tmp_path):
-    _train(tmp_path, "steps=4", "checkpoint_every=4", "lr=1e30", "warmup_steps=0",
-           "clip_norm=0", "weight_decay=0", "nan_policy=skip")
+    _train(
+        tmp_path,
+        "steps=4",
+        "checkpoint_every=4",
+        "lr=1e30",
+        "warmup_steps=0",
+        "clip_norm=0",
+        "weight_decay=0",
+        "nan_policy=skip",
+    )
     rows = _records(tmp_path)
     assert [r["skipped"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["loss"] is not None and all(r["loss"] is None for r in rows[1:])
     import depthjax as dj
+
     model = dj.load(tmp_path / "model")
     leaves = __import__("jax").tree.leaves(model.params)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_sharded_2x2x2_mesh_matches_one_device(reference, tmp_path):
-    _train(tmp_path, "steps=6", "checkpoint_every=6", "mesh.data=2", "mesh.fsdp=2",
-           "mesh.tensor=2", devices=8)
+    _train(
+        tmp_path,
+        "steps=6",
+        "checkpoint_every=6",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        devices=8,
+    )
     got = _losses(tmp_path)
     for step in reference:
         np.testing.assert_allclose(got[step][0], reference[step][0], rtol=2e-3)

@@ -34,8 +34,10 @@ def reject_parallel(model: DepthModel, what: str) -> None:
         return
     par = np.asarray(model.program.parallel)
     if par.any():
-        raise ProgramError(f"{what} needs a program without parallel groups; steps "
-                           f"{np.flatnonzero(par).tolist()} share their input")
+        raise ProgramError(
+            f"{what} needs a program without parallel groups; steps "
+            f"{np.flatnonzero(par).tolist()} share their input"
+        )
 
 
 def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
@@ -70,21 +72,30 @@ def scatter_add(x_BTD, idx_BL, update_BLD):
     return x_BTD.at[rows_B1, idx_BL].add(update_BLD.astype(x_BTD.dtype))
 
 
-def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None,
-         kv_mask_BT=None):
+def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None, kv_mask_BT=None):
     """Run `program` (any depth, even 0) on x with `model.program_step`, one scan.
 
     views: optional per-step caches stacked on a leading [depth] axis (objects with the
     `update` protocol of depthjax.adaptive.caches); returns (x_out_BTD, updated views).
     """
+
     def step(carry, xs):
         prog, sp, view = xs
         # with a cache the attention runs (and writes) whatever its gate: attn=True
-        out = program_step(cfg, blocks, carry, prog, sp, positions_BT, kv_cache=view,
-                           attn=True if view is not None else None, kv_mask_BT=kv_mask_BT)
+        out = program_step(
+            cfg,
+            blocks,
+            carry,
+            prog,
+            sp,
+            positions_BT,
+            kv_cache=view,
+            attn=True if view is not None else None,
+            kv_mask_BT=kv_mask_BT,
+        )
         return out[0], (out[3] if view is not None else None)
 
-    (base, acc), views = jax.lax.scan(step, (x_BTD, jnp.zeros_like(x_BTD)),
-                                      (program, step_params, views))
+    (base, acc), views = jax.lax.scan(
+        step, (x_BTD, jnp.zeros_like(x_BTD)), (program, step_params, views)
+    )
     return base + acc, views
-

@@ -49,8 +49,24 @@ def _user_errors() -> tuple[type, ...]:
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, EvalError,
-            GenerationError, HFError, ProgramError, SearchError, ShardingError, TokenizerError,
-            TrainConfigError,
-            UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+
+    return (
+        AttentionUnavailable,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        EvalError,
+        GenerationError,
+        HFError,
+        ProgramError,
+        SearchError,
+        ShardingError,
+        TokenizerError,
+        TrainConfigError,
+        UsageError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )

@@ -115,8 +115,10 @@ def load_with_data(args) -> Data:
         evals = [
             corpus.stream_windows(stream[cut:], B, T, seed=args.seed + 1000 + i) for i in range(n)
         ]
-        source = (f"{args.data} ({len(docs)} documents, {stream.size} tokens; "
-                  "80% to score, 20% to evaluate)")
+        source = (
+            f"{args.data} ({len(docs)} documents, {stream.size} tokens; "
+            "80% to score, 20% to evaluate)"
+        )
     else:
         window = lambda split, seed: corpus.sample_windows(
             B, T, seed=seed, split=split, encode=tok.encode

@@ -10,8 +10,8 @@ import numpy as np
 
 
 class Batch(NamedTuple):
-    tokens: np.ndarray        # int32 [B, T]
-    mask: np.ndarray          # float32 [B, T], 1 for real tokens
+    tokens: np.ndarray  # int32 [B, T]
+    mask: np.ndarray  # float32 [B, T], 1 for real tokens
 
 
 def as_batches(batches) -> list[Batch]:
@@ -26,8 +26,10 @@ def as_batches(batches) -> list[Batch]:
             raise ValueError(f"batch {i} has no 'tokens'")
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"batch {i}: tokens must be an int array [batch, time], got "
-                             f"{tokens.dtype} {tokens.shape}")
+            raise ValueError(
+                f"batch {i}: tokens must be an int array [batch, time], got "
+                f"{tokens.dtype} {tokens.shape}"
+            )
         mask = np.ones(tokens.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
         if mask.shape != tokens.shape:
             raise ValueError(f"batch {i}: mask shape {mask.shape} != tokens shape {tokens.shape}")

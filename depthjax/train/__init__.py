@@ -16,12 +16,22 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "TrainConfig": "config", "MeshConfig": "config", "TrainConfigError": "config",
-    "parse": "config", "help_text": "config",
-    "TrainState": "step", "optimizer": "step", "learning_rate": "step", "train_step": "step",
-    "run": "loop", "NonFiniteLossError": "loop", "maybe_initialize_distributed": "loop",
-    "TrainCheckpoints": "checkpoints", "RunLog": "logs",
-    "LayerSkip": "layerskip", "LayerSkipError": "layerskip",
+    "TrainConfig": "config",
+    "MeshConfig": "config",
+    "TrainConfigError": "config",
+    "parse": "config",
+    "help_text": "config",
+    "TrainState": "step",
+    "optimizer": "step",
+    "learning_rate": "step",
+    "train_step": "step",
+    "run": "loop",
+    "NonFiniteLossError": "loop",
+    "maybe_initialize_distributed": "loop",
+    "TrainCheckpoints": "checkpoints",
+    "RunLog": "logs",
+    "LayerSkip": "layerskip",
+    "LayerSkipError": "layerskip",
 }
 
 __all__ = sorted(_EXPORTS)
