@@ -5,15 +5,23 @@ import time
 import jax
 
 
-def timed(fn, *args, repeat: int = 5):
-    """Median wall time (s) of fn(*args) after one warm-up call, blocking on the result."""
+def timed(fn, *args, repeat: int = 5, clock=time.perf_counter):
+    """Median time (s) of fn(*args) after one warm-up call, blocking on the result.
+
+    clock: wall time by default; `compute_clock()` for work done rather than elapsed."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def compute_clock():
+    """This process's CPU time on a CPU backend (other jobs sharing the cores do not count),
+    wall time on an accelerator (where the host clock says nothing about device work)."""
+    return time.process_time if jax.default_backend() == "cpu" else time.perf_counter
 
 
 def timed_interleaved(fns: dict, repeat: int = 3, clock=None) -> dict:
@@ -24,8 +32,7 @@ def timed_interleaved(fns: dict, repeat: int = 3, clock=None) -> dict:
     clock: time.perf_counter (wall) or time.process_time (CPU seconds of this process, all
     threads: on a CPU backend shared with other jobs, the work done rather than the wait);
     default: process time on CPU, wall time on accelerators."""
-    if clock is None:
-        clock = time.process_time if jax.devices()[0].platform == "cpu" else time.perf_counter
+    clock = clock or compute_clock()
     for fn in fns.values():
         jax.block_until_ready(fn())
     best = {name: float("inf") for name in fns}

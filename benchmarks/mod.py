@@ -5,7 +5,8 @@ model whose routed steps (every other step, as in the paper, or --routed all) ta
 `capacity` fraction of tokens, against the dense model (dj.apply, same depth) in the same
 run. The routed blocks really run on the gathered k = capacity * T tokens, so the ideal
 ratio is (dense steps + routed steps * capacity) / depth, plus the routers' and the
-gather/scatter's overhead.
+gather/scatter's overhead. On a CPU backend the times are this process's CPU time (other
+jobs sharing the cores do not distort the ratios); on an accelerator, wall time.
 
     python benchmarks/mod.py [--depth 8] [--d-model 256] [--batch 8] [--seq-len 512]
 """
@@ -14,7 +15,7 @@ import jax
 import optax
 
 import depthjax as dj
-from common import model_from_args, timed
+from common import compute_clock, model_from_args, timed
 from depthjax.adaptive import mod
 
 
@@ -37,10 +38,11 @@ def main():
         logits = dj.apply(model.replace(params=p), t)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], t[:, 1:]).mean()
 
+    clock = compute_clock()  # CPU time on CPU: ratios hold while other jobs share the cores
     dense_grad = jax.jit(jax.grad(dense_loss))
     dense_fwd = jax.jit(lambda p, t: dj.apply(model.replace(params=p), t))
-    t_grad = timed(dense_grad, model.params, tokens, repeat=3)
-    t_fwd = timed(dense_fwd, model.params, tokens, repeat=3)
+    t_grad = timed(dense_grad, model.params, tokens, repeat=5, clock=clock)
+    t_fwd = timed(dense_fwd, model.params, tokens, repeat=5, clock=clock)
     print(f"routed steps {steps} of {args.depth}; tokens {tokens.shape}")
     print(
         f"{'model':<18} {'train step ms':>13} {'ratio':>6} {'forward ms':>11} {'ratio':>6} "
@@ -56,8 +58,8 @@ def main():
             jax.grad(lambda p, t, spec=spec: mod.loss(routed_model.replace(params=p), spec, t)[0])
         )
         fwd = jax.jit(lambda p, t, spec=spec: mod.apply(routed_model.replace(params=p), spec, t)[0])
-        g = timed(grad, routed_model.params, tokens, repeat=3)
-        f = timed(fwd, routed_model.params, tokens, repeat=3)
+        g = timed(grad, routed_model.params, tokens, repeat=5, clock=clock)
+        f = timed(fwd, routed_model.params, tokens, repeat=5, clock=clock)
         ideal = (
             args.depth - len(steps) + len(steps) * spec.tokens_routed(args.seq_len) / args.seq_len
         ) / args.depth

@@ -1,4 +1,4 @@
-"""Experiment 7: Mixture-of-Depths against dense models of equal compute.
+"""Experiment 9: Mixture-of-Depths against dense models of equal compute.
 
 "Mixture-of-Depths" (Raposo et al. 2024) routes only the top-k tokens of a sequence
 through a block (every other block, capacity 12.5% in their best setting), the rest skip
@@ -27,6 +27,7 @@ import optax
 import common
 import depthjax as dj
 from depthjax.adaptive import fit, mod, routed_decode
+from depthjax.loss import nll_sums
 
 
 def dense_loss(model):
@@ -83,7 +84,7 @@ def step_time(fn, params, tokens) -> float:
 
 
 def main(argv=None):
-    p = common.parser("09_mixture_of_depths", __doc__, steps=400)
+    p = common.parser("09_mixture_of_depths", __doc__, steps=300, batch_size=8)
     p.add_argument("--capacities", default="0.125,0.5", help="capacities of the MoD models")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     args = common.parse(p, argv, __file__)
@@ -117,7 +118,7 @@ def main(argv=None):
             total = count = frac = acc = 0.0
             for b in data:
                 logits, routes = mod.apply(model, spec, b, routing=routing)
-                s, n = common.M.batches.nll_sums(logits, b, np.ones(b.shape, np.float32))
+                s, n = nll_sums(logits, b, np.ones(b.shape, np.float32))
                 total, count = total + float(s), count + float(n)
                 frac += float(np.asarray(routes.select)[routed].mean()) / len(data)
                 acc += float(routes.predictor_accuracy) / len(data)
@@ -200,7 +201,7 @@ def main(argv=None):
         + f" (of {max_len} tokens); KV bytes "
         f"{cache.nbytes:,} vs {full.nbytes:,} for a dense cache.",
     ]
-    common.write_results(args, out, "Experiment 7: Mixture-of-Depths", sections, result)
+    common.write_results(args, out, "Experiment 9: Mixture-of-Depths", sections, result)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Experiment 8: recurrent depth - loops drawn in training, loops chosen per token at test.
+"""Experiment 10: recurrent depth - loops drawn in training, loops chosen per token at test.
 
 Huginn (Geiping et al. 2025, "Scaling up test-time compute with latent reasoning") trains
 a prelude / recurrent core / coda model whose core is looped a number of times drawn per
@@ -29,7 +29,7 @@ import numpy as np
 import common
 import depthjax as dj
 from depthjax.adaptive import fit, recurrent as R, recurrent_decode as RD
-from depthjax.metrics.batches import nll_sums
+from depthjax.loss import nll_sums
 
 
 def nll(logits, tokens):
@@ -47,7 +47,7 @@ def loss_at(model, rec, data, n: int) -> float:
 
 
 def main(argv=None):
-    p = common.parser("10_recurrent_depth", __doc__, layers=4, steps=400)
+    p = common.parser("10_recurrent_depth", __doc__, layers=4, steps=300, batch_size=8)
     p.add_argument("--mean-loops", type=float, default=4.0, help="mean training loop count")
     p.add_argument("--max-loops", type=int, default=12, help="clip of the training draw")
     p.add_argument("--backprop", type=int, default=2, help="loops differentiated (truncated)")
@@ -209,7 +209,7 @@ def main(argv=None):
     common.write_results(
         args,
         out,
-        "Experiment 8: recurrent depth",
+        "Experiment 10: recurrent depth",
         sections,
         {
             "test_loops": test_loops,

@@ -68,7 +68,7 @@ def test_capacity_one_with_fresh_routers_is_the_plain_model(routed_model):
     assert bool(routes.select.all()) and float(mod.step_fraction(spec, routes)) == 1.0
 
 
-@pytest.mark.parametrize("capacity", [0.25])
+@pytest.mark.parametrize("capacity", [0.5])
 def test_gathered_routing_equals_dense_masked_reference(routed_model, capacity):
     _, model = routed_model
     spec = mod.MoD.create(model.depth, ROUTED, capacity)
@@ -147,6 +147,7 @@ def test_predictor_loss_trains_only_the_predictor(routed_model):
     assert float(jnp.abs(grads["steps"]["mod"]["router"]).max()) == 0
 
 
+@pytest.mark.slow
 def test_routed_decoding_equals_full_causal_forward(routed_model):
     _, model = routed_model
     spec = mod.MoD.create(model.depth, ROUTED, 0.5)

@@ -165,3 +165,36 @@ def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
     assert (out / "scores.png").stat().st_size > 1000 and "Pruning 1 of 4 blocks" in md
     full = data["full"]
     assert 0.0 <= full["next_line"] <= 1.0 and 0.0 <= full["identifier_recall"] <= 1.0
+
+
+@pytest.mark.slow
+def test_adaptive_depth_scripts(cache, tmp_path):
+    """Experiments 9-11 (Mixture-of-Depths, recurrent depth, FiRST) at the tiniest flags."""
+    _, md, data = run(
+        "09_mixture_of_depths", cache, tmp_path, "--new-tokens", "3", "--capacities", "0.5"
+    )
+    assert set(data["mod c=0.5"]["causal"]) == {"loss", "routed_fraction", "predictor_accuracy"}
+    assert data["decode"]["cache_bytes"] < data["decode"]["dense_cache_bytes"]
+    _, md, data = run(
+        "10_recurrent_depth",
+        cache,
+        tmp_path,
+        "--test-loops",
+        "1,3",
+        "--tols",
+        "0.3",
+        "--adaptive-max",
+        "3",
+        "--prompts",
+        "2",
+        "--new-tokens",
+        "3",
+        "--max-loops",
+        "3",
+    )
+    assert data["same_tokens"] and len(data["curve"]["recurrent"]) == 2
+    g = data["generation"]
+    assert g["depthwise"]["ticks"] <= g["lockstep"]["ticks"]
+    _, md, data = run("11_first_router", cache, tmp_path, "--costs", "0.1", "--router-steps", "2")
+    assert data["decode"]["same_as_static_programs"]
+    assert [n for n, _, _ in data["static"]] == [4, 3]

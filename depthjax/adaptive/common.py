@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from .. import loss as loss_lib
 from ..model import DepthModel, Embed, check_inputs as check_model_inputs, program_step
 from ..program import ProgramError, is_concrete
 
@@ -41,13 +41,9 @@ def reject_parallel(model: DepthModel, what: str) -> None:
 
 
 def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
-    """(sum of next-token losses, predicted-token count): position t predicts t+1."""
-    w = jnp.ones(tokens_BT.shape, jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
-    w = w[:, 1:] * w[:, :-1]
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV[:, :-1].astype(jnp.float32), tokens_BT[:, 1:]
-    )
-    return jnp.sum(nll * w), jnp.sum(w)
+    """depthjax.loss.nll_sums with an optional mask (None: every token is real)."""
+    mask = jnp.ones(tokens_BT.shape, jnp.float32) if mask_BT is None else mask_BT
+    return loss_lib.nll_sums(logits_BTV, tokens_BT, jnp.asarray(mask, jnp.float32))
 
 
 def gather_plan(select_BT, L: int):
@@ -85,8 +81,17 @@ def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None, 
 
     def step(carry, xs):
         prog, sp, view = xs
+        # with a cache the attention runs (and writes) whatever its gate: attn=True
         out = program_step(
-            cfg, blocks, carry, prog, sp, positions_BT, kv_cache=view, kv_mask_BT=kv_mask_BT
+            cfg,
+            blocks,
+            carry,
+            prog,
+            sp,
+            positions_BT,
+            kv_cache=view,
+            attn=True if view is not None else None,
+            kv_mask_BT=kv_mask_BT,
         )
         return out[0], (out[3] if view is not None else None)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,24 +88,15 @@ def check_capacity(capacity) -> None:
         )
 
 
-class Routes:
-    """Per-step routing of one forward: select, weight, predictor_logit [depth, B, T]
-    (dense steps: select True, weight 1), and the predictor's loss and accuracy against
-    the top-k decisions (top-k routing only)."""
+class Routes(NamedTuple):
+    """Per-step routing of one forward ([depth, B, T]; dense steps: select True, weight 1)
+    and the predictor's loss and accuracy against the top-k decisions (top-k routing)."""
 
-    def __init__(self, select, weight, predictor_logit, predictor_loss, predictor_accuracy):
-        self.select, self.weight, self.predictor_logit = select, weight, predictor_logit
-        self.predictor_loss, self.predictor_accuracy = predictor_loss, predictor_accuracy
-
-
-jax.tree_util.register_pytree_node(
-    Routes,
-    lambda r: (
-        (r.select, r.weight, r.predictor_logit, r.predictor_loss, r.predictor_accuracy),
-        None,
-    ),
-    lambda _, c: Routes(*c),
-)
+    select: jax.Array  # bool: the token ran the step's block
+    weight: jax.Array  # float32: r = 1 + w . x, the update's multiplier
+    predictor_logit: jax.Array  # float32: the causal predictor's logit
+    predictor_loss: jax.Array  # float32 []: BCE against `select` (top-k routing)
+    predictor_accuracy: jax.Array  # float32 []
 
 
 def attach(model: DepthModel, steps, capacity: float, key, *, hidden: int = 32):

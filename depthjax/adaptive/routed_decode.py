@@ -180,6 +180,7 @@ def _walk(
                     sp,
                     pos,
                     kv_cache=view,
+                    attn=True,
                     kv_mask_BT=mask,
                 )
                 delta = (base + acc - x_in) * w[..., None].astype(x.dtype)
