@@ -16,6 +16,7 @@ def _depth(args) -> int:
 
     from .. import checkpoint
     from ..depth import compact, from_spec, load_spec, to_spec
+    from ..hf.tokenizer import tokenizer_files
 
     model = checkpoint.load(args.input)
     if args.spec is None:
@@ -26,7 +27,7 @@ def _depth(args) -> int:
     model = from_spec(model, load_spec(args.spec))
     if args.compact:
         model = compact(model)
-    checkpoint.save(model, args.out)
+    checkpoint.save(model, args.out, files=tokenizer_files(args.input))
     print(f"wrote {args.out}: {model.depth} steps over {model.n_blocks} table rows")
     print(model.program)
     return 0

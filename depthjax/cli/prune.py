@@ -10,6 +10,7 @@ loss before and after is measured on its validation split.
 from __future__ import annotations
 
 import argparse
+import os
 
 from .common import UsageError, add_data_args, load_with_data
 
@@ -43,6 +44,7 @@ def _metric(name: str, unit: str, calib, args):
 def _prune(args) -> int:
     import depthjax as dj
     from .. import checkpoint, metrics as M
+    from ..hf.tokenizer import tokenizer_files
     model, calib, evals = load_with_data(args)
     metric = _metric(args.metric, args.unit, calib, args)
     scores = None if args.iterative else metric(model)
@@ -54,8 +56,10 @@ def _prune(args) -> int:
                             lora_steps=args.lora_steps, log_every=max(1, args.lora_steps // 10))
         print(f"validation loss after {args.recover} recovery: {loss(pruned):.4f}")
     print(pruned.program)
-    checkpoint.save(pruned, args.out)
-    print(f"wrote {args.out}")
+    files = tokenizer_files(args.model)
+    checkpoint.save(pruned, args.out, files=files)
+    print(f"wrote {args.out}" + (f" (with {', '.join(os.path.basename(f) for f in files)})"
+                                 if files else ""))
     return 0
 
 
