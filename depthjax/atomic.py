@@ -70,17 +70,21 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def clean_stale(path: Path) -> None:
+def clean_stale(path: Path, *, any_owner: bool = False) -> None:
     """Remove staging leftovers of dead processes of this host beside `path`; an old
-    directory left between the two renames of a swap is moved back if `path` is gone."""
+    directory left between the two renames of a swap is moved back if `path` is gone.
+
+    any_owner=True (the caller knows nobody else writes `path`, e.g. it holds a run's
+    lock): leftovers of any host or process count as dead, including those of older
+    depthjax versions (`.NAME.tmp-XXXXXXXX`)."""
     path = Path(path)
     if not path.parent.is_dir():
         return
-    host = re.escape(socket.gethostname())
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-{host}-(\d+)-.*")
+    host = r"[^/]*" if any_owner else re.escape(socket.gethostname())
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(?:{host}-(\d+)-)?.*")
     for entry in sorted(path.parent.iterdir()):
         m = pattern.fullmatch(entry.name)
-        if not m or pid_alive(int(m.group(2))):
+        if not m or not (any_owner or (m.group(2) and not pid_alive(int(m.group(2))))):
             continue
         if m.group(1) == "old" and not path.exists():
             os.replace(entry, path)   # the swap died half-way: the old one is the only copy
