@@ -7,10 +7,11 @@ from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
 from .decoding import Generation, decode_step, generate, prefill
 from .kv_cache import KVCache
-from .model import DepthModel, Trace, apply, init
+from .model import DepthModel, InputError, Trace, apply, init
 from .program import Program, ProgramError
-from .prune import prune
-from .recover import recover
+from .prune import PruneError, prune
+from .recover import RecoverError, recover
+from .sampling import GenerationError
 
 import sys as _sys
 
@@ -21,11 +22,11 @@ __version__ = "0.1.0"
 __all__ = [
     # model
     "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init", "apply",
-    "Program", "ProgramError",
+    "InputError", "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "recover",
+    "depth", "metrics", "prune", "PruneError", "recover", "RecoverError",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation
-    "generate", "prefill", "decode_step", "KVCache", "Generation",
+    "generate", "prefill", "decode_step", "KVCache", "Generation", "GenerationError",
 ]

@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 
 
+class DataError(ValueError):
+    """Data that cannot be read or does not fit the model (also `depthjax.data.DataError`)."""
+
+
 def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Path]:
     """Sorted .py files of the standard library (site-packages excluded) in `split`."""
     if split not in ("train", "valid"):
-        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+        raise DataError(f"split must be 'train' or 'valid', got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in sorted(root.rglob("*.py")):
@@ -48,7 +52,7 @@ def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str =
             if len(ids) > seq_len:
                 break
         else:
-            raise RuntimeError(f"no corpus file is longer than seq_len={seq_len} tokens")
+            raise DataError(f"no corpus file is longer than seq_len={seq_len} tokens")
         start = rng.integers(len(ids) - seq_len)
         out[b] = ids[start:start + seq_len]
     return out

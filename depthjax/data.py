@@ -35,13 +35,13 @@ import grain.experimental as gx  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from . import corpus  # noqa: E402
+from .corpus import DataError  # noqa: E402,F401  (defined where the light modules see it)
 from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")   # every batch's arrays
 
 
-class DataError(ValueError):
-    """Data that cannot be read or does not fit the model."""
 
 
 # Tokenizers live in depthjax.tokenizer (light to import); re-exported for the pipeline.

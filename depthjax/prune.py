@@ -16,6 +16,10 @@ from .metrics.scores import Scores
 from .model import DepthModel
 
 
+class PruneError(ValueError):
+    """A pruning request that the model or the scores cannot satisfy."""
+
+
 def _active(model: DepthModel, unit: str) -> np.ndarray:
     a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
     return {"block": np.ones(model.depth, bool), "attn": a, "mlp": m,
@@ -38,14 +42,14 @@ def choose(model: DepthModel, scores, n: int, unit: str) -> np.ndarray:
     values = np.asarray(scores, np.float64)
     active = _active(model, unit)
     if values.shape != active.shape:
-        raise ValueError(f"scores for unit={unit!r} must have {len(active)} values, "
+        raise PruneError(f"scores for unit={unit!r} must have {len(active)} values, "
                          f"got {values.shape}")
     candidates = np.flatnonzero(active)
-    if not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
-        raise ValueError(f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
+        raise PruneError(f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
                          f"({len(candidates)} are still on)")
     if unit == "block" and n == len(candidates):
-        raise ValueError(f"n={n} would remove every step")
+        raise PruneError(f"n={n} would remove every step")
     order = candidates[np.argsort(values[candidates], kind="stable")]
     return np.sort(order[:n])
 
@@ -62,15 +66,15 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)")
+        raise PruneError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)")
     if not iterative:
         if scores is None:
             scores = metric(model) if metric else None
         if scores is None:
-            raise ValueError("prune needs scores (or a metric to compute them)")
+            raise PruneError("prune needs scores (or a metric to compute them)")
         return _remove(model, choose(model, scores, n, unit), unit)
     if metric is None:
-        raise ValueError("iterative pruning re-scores after each removal: pass metric=")
+        raise PruneError("iterative pruning re-scores after each removal: pass metric=")
     choose(model, np.zeros(len(_active(model, unit))), n, unit)   # validates n up front
     for _ in range(n):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)

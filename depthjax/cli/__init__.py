@@ -55,17 +55,22 @@ def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..data import DataError
-    from ..decoding import GenerationError
+    from ..corpus import DataError
     from ..hf.config import HFError
-    from ..program import ProgramError
-    from ..sharding import ShardingError
     from ..integrity import IntegrityError
+    from ..metrics import MetricError
+    from ..model import InputError
+    from ..program import ProgramError
+    from ..prune import PruneError
+    from ..recover import RecoverError
+    from ..sampling import GenerationError
+    from ..sharding import ShardingError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from ..train.run_dir import RunDirError
     from .common import UsageError
     return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
-            HFError, IntegrityError, ProgramError, RunDirError, ShardingError,
-            TokenizerError, TrainConfigError, UsageError, FileNotFoundError,
-            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+            HFError, InputError, IntegrityError, MetricError, ProgramError, PruneError,
+            RecoverError, RunDirError, ShardingError, TokenizerError, TrainConfigError,
+            UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError)

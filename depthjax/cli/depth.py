@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError
+from .common import UsageError, check_out_dir
 
 
 def _depth(args) -> int:
@@ -24,6 +24,7 @@ def _depth(args) -> int:
         return 0
     if args.out is None:
         raise UsageError("--spec needs --out")
+    check_out_dir(args.out, checkpoint=True)
     model = from_spec(model, load_spec(args.spec))
     if args.compact:
         model = compact(model)

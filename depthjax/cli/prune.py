@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import UsageError, add_data_args, load_with_data
+from .common import UsageError, add_data_args, check_out_dir, count, load_with_data
 
 METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley")
 
@@ -41,11 +41,30 @@ def _metric(name: str, unit: str, calib, args):
                                            num_permutations=args.shapley_permutations)}[name]
 
 
+def _check(args, model) -> None:
+    """Flags that cannot fit the model, refused before any scoring."""
+    from ..prune import _active
+    from ..recover import DEFAULT_RANK
+    on = int(_active(model, "block" if args.unit == "block" else args.unit).sum())
+    limit = on - 1 if args.unit == "block" else on
+    if not 1 <= args.n <= limit:
+        raise UsageError(f"--n {args.n}: the model has {model.depth} steps ({on} {args.unit} "
+                         f"units on); choose 1..{limit}")
+    if args.recover in ("linear", "lora"):
+        if args.rank is None:
+            args.rank = min(DEFAULT_RANK[args.recover], model.config.d_model)
+        if args.recover == "linear" and args.rank > model.config.d_model:
+            raise UsageError(f"--rank {args.rank} exceeds the model width d_model="
+                             f"{model.config.d_model}")
+
+
 def _prune(args) -> int:
     import depthjax as dj
     from .. import checkpoint, metrics as M
     from ..hf.tokenizer import tokenizer_files
+    check_out_dir(args.out, checkpoint=True)
     model, calib, evals = load_with_data(args)
+    _check(args, model)
     metric = _metric(args.metric, args.unit, calib, args)
     scores = None if args.iterative else metric(model)
     pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative)
@@ -68,12 +87,14 @@ def add_command(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     p.add_argument("--metric", default="block_influence", choices=METRICS)
-    p.add_argument("--n", type=int, required=True, help="units to remove")
+    p.add_argument("--n", type=count, required=True, help="units to remove")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp", "sublayer"])
     p.add_argument("--iterative", action="store_true", help="re-score after each removal")
     p.add_argument("--recover", choices=["bias", "linear", "lora"])
-    p.add_argument("--rank", type=int, default=None, help="rank for linear / lora recovery")
-    p.add_argument("--lora-steps", type=int, default=100)
-    p.add_argument("--shapley-permutations", type=int, default=8)
+    p.add_argument("--rank", type=count, default=None,
+                   help="rank for linear / lora recovery (default: 16 for linear, capped at "
+                        "d_model; 8 for lora)")
+    p.add_argument("--lora-steps", type=count, default=100)
+    p.add_argument("--shapley-permutations", type=count, default=8)
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     p.set_defaults(func=_prune)

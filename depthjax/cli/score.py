@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_args, load_with_data
+from .common import add_data_args, check_out_dir, count, load_with_data, natural
 
 
 def _score(args) -> int:
     import jax
 
     from .. import report
+    if args.out:
+        check_out_dir(args.out)
     model, calib, evals = load_with_data(args)
     print(f"[score] {model!r}".splitlines()[0], flush=True)
     scores = report.score_all(model, calib, shapley_permutations=args.shapley_permutations,
@@ -43,6 +45,6 @@ def add_command(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
-    p.add_argument("--shapley-permutations", type=int, default=8)
-    p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
+    p.add_argument("--shapley-permutations", type=count, default=8)
+    p.add_argument("--max-remove", type=natural, default=None, help="removal curves up to k blocks")
     p.set_defaults(func=_score)

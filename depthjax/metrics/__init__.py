@@ -11,11 +11,11 @@ from .batches import as_batches
 from .coalitions import (ablation, coalition_measures, loss, present_minus_absent, removal_curve,
                          shapley)
 from .lens import logit_lens, skip_effect
-from .scores import Scores
+from .scores import MetricError, Scores
 from .trace import (angular_distance, block_influence, relative_contribution, residual_norm,
                     trace_metrics, trace_statistics)
 
-__all__ = ["Scores", "ablation", "angular_distance", "as_batches", "block_influence",
+__all__ = ["MetricError", "Scores", "ablation", "angular_distance", "as_batches", "block_influence",
            "coalition_measures", "logit_lens", "loss", "present_minus_absent", "relative_contribution",
            "removal_curve", "residual_norm", "shapley", "skip_effect", "trace_metrics",
            "trace_statistics"]

@@ -26,14 +26,14 @@ import numpy as np
 from ..model import DepthModel, apply
 from ..program import Program
 from .batches import as_batches, nll_sums, require_causal
-from .scores import Scores
+from .scores import MetricError, Scores
 
 MEASURES = ("loss", "logit")
 
 
 def n_units(model: DepthModel, unit: str) -> int:
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError(f"unit must be 'block', 'attn', 'mlp' or 'sublayer', got {unit!r}")
+        raise MetricError(f"unit must be 'block', 'attn', 'mlp' or 'sublayer', got {unit!r}")
     return 2 * model.depth if unit == "sublayer" else model.depth
 
 
@@ -42,7 +42,7 @@ def programs_for(model: DepthModel, unit: str, keep) -> Program:
     keep = jnp.asarray(keep, jnp.float32)                   # [K, n_units]
     S, p = model.depth, model.program
     if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
-        raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
+        raise MetricError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
     attn_keep = {"block": keep, "attn": keep, "mlp": 1.0, "sublayer": keep[:, :S] if unit == "sublayer" else 1.0}[unit]
     mlp_keep = {"block": keep, "attn": 1.0, "mlp": keep, "sublayer": keep[:, S:] if unit == "sublayer" else 1.0}[unit]
     K = keep.shape[0]
@@ -76,12 +76,12 @@ def _coalition_sums(model, programs, tokens_BT, mask_BT, *, measure, chunk):
 def coalition_measures(model: DepthModel, batches, unit: str, keep, measure: str = "loss"):
     """Mean measure [K] of the model with each coalition keep[k] (1 = unit on)."""
     if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        raise MetricError(f"measure must be one of {MEASURES}, got {measure!r}")
     if measure == "loss":
         require_causal(model, "measure='loss'")
     programs = programs_for(model, unit, keep)
     total = weight = 0.0
-    for b in as_batches(batches):
+    for b in as_batches(batches, model.config.vocab_size):
         s, w = _coalition_sums(model, programs, b.tokens, b.mask, measure=measure,
                                chunk=_chunk(programs.block.shape[0], b.tokens.shape, model.config))
         total, weight = total + s, weight + w
@@ -109,9 +109,14 @@ def ablation(model: DepthModel, batches, unit: str = "block", measure: str = "lo
 
 
 def _permutations(n, num_permutations, key):
+    if num_permutations is not None and not (isinstance(num_permutations, (int, np.integer))
+                                             and not isinstance(num_permutations, bool)
+                                             and num_permutations >= 1):
+        raise MetricError(f"num_permutations must be a positive integer (or None for all "
+                          f"{n}! orders), got {num_permutations!r}")
     if num_permutations is None:
         if n > 8:
-            raise ValueError(f"all {n}! permutations is too many; pass num_permutations")
+            raise MetricError(f"all {n}! permutations is too many; pass num_permutations")
         return np.array(list(itertools.permutations(range(n))))
     keys = jax.random.split(key, num_permutations)
     return np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n))(keys))
@@ -168,10 +173,10 @@ def removal_curve(model: DepthModel, batches, scores, max_units: int | None = No
     values = np.asarray(scores, np.float64)
     n = n_units(model, unit)
     if values.shape != (n,):
-        raise ValueError(f"scores for unit={unit!r} must have {n} values, got {values.shape}")
+        raise MetricError(f"scores for unit={unit!r} must have {n} values, got {values.shape}")
     K = n - 1 if max_units is None else max_units
     if not 0 <= K < n:
-        raise ValueError(f"max_units must be in 0..{n - 1}, got {K}")
+        raise MetricError(f"max_units must be in 0..{n - 1}, got {K}")
     order = np.argsort(values, kind="stable")
     keep = np.ones((K + 1, n), np.int8)
     for k in range(1, K + 1):

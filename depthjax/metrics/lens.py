@@ -41,7 +41,7 @@ def logit_lens(model: DepthModel, batches) -> Scores:
     extra["kl"] is the mean KL(final distribution || lens distribution) per token."""
     require_causal(model, "logit_lens")
     nll = n = kl = tokens = 0.0
-    for b in as_batches(batches):
+    for b in as_batches(batches, model.config.vocab_size):
         a, c, k, t = _lens_sums(model, b.tokens, b.mask)
         nll, n, kl, tokens = nll + a, n + c, kl + k, tokens + t
     return Scores("logit_lens_loss", "span", np.asarray(nll / n),
@@ -73,7 +73,7 @@ def skip_effect(model: DepthModel, batches) -> dict[str, np.ndarray]:
     change |u_j(skip s) - u_j| / |u_j| of every later step's update (NaN for j <= s), and
     "output_kl"[s], the mean KL(full || skipped) of the output distribution."""
     rel = kl = tokens = 0.0
-    for b in as_batches(batches):
+    for b in as_batches(batches, model.config.vocab_size):
         r, k, t = _skip_sums(model, b.tokens, b.mask)
         rel, kl, tokens = rel + r, kl + k, tokens + t
     rel = np.asarray(rel / tokens, np.float64)

@@ -229,8 +229,13 @@ def parse(overrides=(), yaml_file=None, base: dict | None = None) -> TrainConfig
     for key, value in (base or {}).items():
         _set(tree, key, value)
     if yaml_file:
-        with open(yaml_file) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(yaml_file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except UnicodeDecodeError:
+            raise TrainConfigError(f"{yaml_file} is not a text file (--config takes YAML)") from None
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{yaml_file} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(loaded, dict):
             raise TrainConfigError(f"{yaml_file}: expected a mapping of keys to values")
         for key, value in loaded.items():
@@ -243,7 +248,12 @@ def parse(overrides=(), yaml_file=None, base: dict | None = None) -> TrainConfig
         key, eq, text = item.partition("=")
         if not eq or not key:
             raise TrainConfigError(f"expected key=value, got {item!r}")
-        _set(tree, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{item!r}: the value is not valid YAML "
+                                   f"({' '.join(str(e).split())})") from None
+        _set(tree, key.strip(), value)
     return _build(TrainConfig, tree)
 
 

@@ -39,7 +39,7 @@ from ..program import Program
 from . import flops as flops_lib
 from . import hosts, run_dir
 from .checkpoints import TrainCheckpoints
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .logs import RunLog
 from .step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
 
@@ -224,7 +224,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     tc.check_model(cfg)
     mesh = shd.make_mesh(tc.mesh.data, tc.mesh.fsdp, tc.mesh.tensor)
     if tc.batch_size % (shd.batch_divisor(mesh) * tc.grad_accum):
-        raise ValueError(f"batch_size={tc.batch_size} must be divisible by grad_accum="
+        raise TrainConfigError(f"batch_size={tc.batch_size} must be divisible by grad_accum="
                          f"{tc.grad_accum} x the {shd.batch_divisor(mesh)} data-parallel "
                          "devices")
     ckpts_dir = (out_dir / "checkpoints").absolute()
@@ -272,14 +272,22 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
         step0 = 0
         state = jax.jit(fresh_state, out_shardings=state_sh)(jax.random.key(tc.seed))
 
+    program_dev = jax.device_put(program, repl)
+    batch_struct = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
+                                            sharding=batch_sh) for k in data_lib.BATCH_KEYS}
+    # Compiled ahead of the loop, then a barrier, so that all processes start the first
+    # step together: gloo gives a process 30 s to join a collective it has not run before.
     step_fn = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mask=mask,
                                         grad_accum=tc.grad_accum, nan_policy=tc.nan_policy,
                                         schedule=schedule),
                       in_shardings=(state_sh, batch_sh, repl),
-                      out_shardings=(state_sh, repl), donate_argnums=0)
+                      out_shardings=(state_sh, repl), donate_argnums=0
+                      ).lower(abstract_state, batch_struct, program_dev).compile()
     eval_fn = jax.jit(functools.partial(eval_loss_sums, cfg=cfg),
                       in_shardings=(param_sh, batch_sh, repl))
-    program_dev = jax.device_put(program, repl)
+    if tc.eval_every:
+        eval_fn = eval_fn.lower(abstract_state.params, batch_struct, program_dev).compile()
+    hosts.barrier("depthjax-compiled")
     flops_per_token = flops_lib.train_flops_per_token(cfg, tc.seq_len, program.depth)
     peak = (tc.peak_tflops * 1e12 if tc.peak_tflops else
             flops_lib.peak_flops(jax.devices()[0], cfg.dtype))

@@ -20,7 +20,7 @@ import optax
 from ..config import ModelConfig
 from ..model import DepthModel, apply
 from ..program import Program
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 
 
 @jax.tree_util.register_dataclass
@@ -42,11 +42,11 @@ def trainable_mask(params, pattern: str):
     try:
         regex = re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"trainable={pattern!r} is not a valid regex: {e}") from None
+        raise TrainConfigError(f"trainable={pattern!r} is not a valid regex: {e}") from None
     mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(path_str(p))), params)
     if not any(jax.tree.leaves(mask)):
         paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-        raise ValueError(f"trainable={pattern!r} matches no parameter; paths look like "
+        raise TrainConfigError(f"trainable={pattern!r} matches no parameter; paths look like "
                          f"{paths[:4]}")
     return mask
 
