@@ -40,7 +40,12 @@ def train_model(out: Path, s: dict, seed: int):
                      seq_len=s["seq_len"], seed=seed, lr=3e-3, warmup_steps=max(5, s["steps"] // 10),
                      log_every=max(1, s["steps"] // 10), checkpoint_every=max(10, s["steps"] // 2),
                      tensorboard=False)
-    run(out / "train", tc)
+    from ..train.run_dir import DifferentRun
+    try:
+        run(out / "train", tc)
+    except DifferentRun as e:  # a demo of other settings (or an older depthjax) trained there
+        _log(f"{out / 'train'} holds another run; starting over (the old one is moved aside): {e}")
+        run(out / "train", tc, fresh=True)
     return dj.load(out / "train" / "model")
 
 

@@ -177,7 +177,8 @@ def _own(out_dir: Path, record: dict, ckpts_dir: Path, fresh: bool) -> tuple[int
         stored = _legacy_record(ckpts_dir, steps[-1])
     unsealed_before = 0
     if stored is not None:
-        refused, warned = run_dir.differences(stored, record)
+        defaults = run_dir.flat(json.loads(json.dumps(TrainConfig().to_dict())))
+        refused, warned = run_dir.differences(stored, record, defaults)
         if refused:
             raise run_dir.refuse(out_dir, refused)
         if warned:

@@ -63,18 +63,20 @@ def describe(model_config: dict, program: dict, train_config: dict) -> dict:
             "train": json.loads(json.dumps(train))}
 
 
-def _flat(tree, prefix=""):
+def flat(tree, prefix=""):
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
 
 
-def differences(stored: dict, now: dict) -> tuple[list[str], list[str]]:
-    """(refused, warned): "key: old -> new" for the keys that differ, by kind."""
+def differences(stored: dict, now: dict, defaults: dict | None = None) -> tuple[list[str], list[str]]:
+    """(refused, warned): "key: old -> new" for the keys that differ, by kind. A training
+    key the stored record lacks (added by a later depthjax) counts as unchanged when it
+    now has its default (`defaults`, flat dotted keys) -- unless it is an identity key."""
     refused, warned = [], []
     old_prog, new_prog = stored.get("program") or {}, now.get("program") or {}
     if old_prog != new_prog:
@@ -82,13 +84,14 @@ def differences(stored: dict, now: dict) -> tuple[list[str], list[str]]:
         refused.append(f"program: depth {depths[0]} -> {depths[1]}" if depths[0] != depths[1]
                        else f"program: {json.dumps(old_prog)} -> {json.dumps(new_prog)}")
     for part, label in (("model", "model."), ("train", "")):
-        old, new = _flat(stored.get(part) or {}), _flat(now.get(part) or {})
+        old, new = flat(stored.get(part) or {}), flat(now.get(part) or {})
         for key in sorted(set(old) | set(new)):
             a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
-            if a == b:
+            top = key.split(".")[0]
+            if a == b or (part == "train" and key not in old and top not in IDENTITY_KEYS
+                          and defaults is not None and defaults.get(key, a) == b):
                 continue
             text = f"{label}{key}: {a!r} -> {b!r}"
-            top = key.split(".")[0]
             if part == "model":
                 (warned if key in EXECUTION_KEYS else refused).append(text)
             elif top in IDENTITY_KEYS or (key == "clip_norm" and 0 in (a, b)):
