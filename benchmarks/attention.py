@@ -16,7 +16,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from common import header, timed
 from depthjax.kernels import flash_attention

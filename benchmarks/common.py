@@ -38,7 +38,8 @@ def model_from_args(doc: str, *, depth: int, d_model: int, batch: int, seq_len: 
     import numpy as np
 
     import depthjax as dj
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=depth)
     p.add_argument("--d-model", type=int, default=d_model)
     p.add_argument("--batch", type=int, default=batch)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import depthjax as dj
-from depthjax import decoding
 from common import header, timed
+from depthjax import decoding
 
 
 def spread(depth: int, fraction: float) -> list[int]:

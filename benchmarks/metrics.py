@@ -16,8 +16,8 @@ import numpy as np
 import depthjax as dj
 import depthjax.metrics as M
 from common import model_from_args, timed
+from depthjax.loss import nll_sums
 from depthjax.metrics import coalitions
-from depthjax.metrics.batches import nll_sums
 
 
 def main():
@@ -50,7 +50,8 @@ def main():
     trace_t = timed(lambda: M.trace_metrics(model, tokens)["block_influence"].values, repeat=3)
     fwd = jax.jit(dj.apply)
     plain = timed(fwd, model, tokens)
-    print(f"all trace metrics in one pass: {trace_t * 1e3:.1f}ms = {trace_t / plain:.2f}x a plain forward")
+    print(f"all trace metrics in one pass: {trace_t * 1e3:.1f}ms = {trace_t / plain:.2f}x a "
+          "plain forward")
     t_shap = timed(lambda: M.shapley(model, tokens, num_permutations=2).values, repeat=1)
     print(f"Shapley, 2 permutations ({2 * (S + 1)} coalitions, deduplicated): {t_shap:.2f}s")
 

@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthjax.train import flops as flops_lib
 from depthjax import sharding as shd
-from depthjax.train import config as train_config
-from depthjax.model import init
+from depthjax.model import count_params, init
 from depthjax.program import Program
+from depthjax.train import config as train_config, flops as flops_lib
 from depthjax.train.loop import state_shardings
 from depthjax.train.step import TrainState, learning_rate, optimizer, train_step, trainable_mask
 
@@ -63,7 +62,7 @@ def main(argv) -> int:
                                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))},
                               shd.batch_sharding(mesh))
 
-    n_params = sum(x.size for x in jax.tree.leaves(abstract))
+    n_params = count_params(abstract)
     per_token = flops_lib.train_flops_per_token(cfg, T)
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else flops_lib.peak_flops(dtype=cfg.dtype)
     print(f"[bench] {tc.model} {n_params / 1e6:.1f}M params, dtype={cfg.dtype}, remat="

@@ -1,8 +1,17 @@
 """depthjax: depth as data. A transformer is a table of stacked blocks plus a Program
 that says how the table is walked, run in one `lax.scan`."""
 
-from . import depth, hf, metrics, presets
-from . import presets as configs  # the DESIGN name; `presets` says what it holds
+import sys as _sys
+
+from . import (
+    depth,
+    eval,  # noqa: A004 (dj.eval is the DESIGN name)
+    hf,
+    metrics,
+    presets,
+    presets as configs,  # the DESIGN name; `presets` says what it holds
+    search,
+)
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
 from .decoding import Generation, decode_step, generate, prefill
@@ -12,8 +21,7 @@ from .program import Program, ProgramError
 from .prune import PruneError, prune
 from .recover import RecoverError, recover
 from .sampling import GenerationError
-
-import sys as _sys
+from .speculative import DraftStats
 
 _sys.modules[__name__ + ".configs"] = presets  # `import depthjax.configs` keeps working
 
@@ -21,12 +29,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     # model
-    "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init", "apply",
-    "InputError", "Program", "ProgramError",
+    "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init",
+    "apply", "InputError", "Program", "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "PruneError", "recover", "RecoverError",
+    "depth", "metrics", "prune", "PruneError", "recover", "RecoverError", "search", "eval",
     # checkpoints and Hugging Face
     "save", "load", "CheckpointError", "hf",
     # generation
     "generate", "prefill", "decode_step", "KVCache", "Generation", "GenerationError",
+    "DraftStats",
 ]

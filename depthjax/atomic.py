@@ -24,8 +24,8 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import ATTENTION_IMPLS as IMPLS
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +59,7 @@ def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask
     """Boolean mask [B or 1, 1, T, S]: True where query t may attend to key s.
 
     `q_offset` is the absolute position of query 0 among the keys (decoding with a cache).
+    kv_mask_BS may also be [B, T, S]: a key mask per query (decoding with a cache).
     """
     mask = jnp.ones((1, 1, T, S), bool)
     if causal:
@@ -66,7 +68,8 @@ def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask
     if segment_ids_BT is not None:
         mask = mask & (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
     if kv_mask_BS is not None:
-        mask = mask & kv_mask_BS.astype(bool)[:, None, None, :]
+        kv = kv_mask_BS.astype(bool)
+        mask = mask & (kv[:, None] if kv.ndim == 3 else kv[:, None, None, :])
     return mask
 
 
@@ -87,7 +90,7 @@ class Problem:
     gpu_capability: tuple[int, int] | None = None
 
     @classmethod
-    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS) -> "Problem":
+    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS) -> Problem:
         device = jax.devices()[0]
         capability = None
         if device.platform == "gpu" and getattr(device, "compute_capability", None):
@@ -210,7 +213,13 @@ def attend(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, segment_ids_BT=None, kv_mask
     """Softmax attention; H must be a multiple of K (grouped-query). Returns [B, T, H, D].
 
     Query rows that can see no key: xla/cudnn average V uniformly, pallas returns zeros.
+    A per-query key mask kv_mask_BS [B, T, S] (decoding from a cache) runs on xla only.
     """
+    if kv_mask_BS is not None and kv_mask_BS.ndim == 3:
+        if impl not in ("xla", "auto"):
+            raise AttentionUnavailable(f"attention_impl={impl!r} cannot run: a per-query key "
+                                       "mask [B, T, S] needs xla")
+        impl = "xla"
     problem = Problem.of(q_BTHD, k_BSKD, causal=causal, segment_ids_BT=segment_ids_BT,
                          kv_mask_BS=kv_mask_BS)
     chosen = choose(impl, problem)

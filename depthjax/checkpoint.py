@@ -178,9 +178,9 @@ def load(path, *, verify: bool = True) -> DepthModel:
         raise CheckpointError(f"no checkpoint at {path}: "
                               f"{'not a directory' if path.exists() else 'does not exist'}")
     manifest = _read_json(path / "manifest.json")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format "
-                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
     if manifest.get("version") not in (1, VERSION):
         raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}; "
                               f"this depthjax reads versions 1..{VERSION}")
@@ -256,11 +256,12 @@ def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def load_model(path) -> DepthModel:
-    """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json)."""
+    """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json,
+    or a sentence-transformers modules.json)."""
     p = Path(path)
     if (p / "manifest.json").is_file():
         return load(p)
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or (p / "modules.json").is_file():
         from . import hf
         return hf.load(p)
     raise CheckpointError(f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "

@@ -19,7 +19,8 @@ import enum
 import functools
 import math
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 FAMILIES = ("llama", "gpt2", "bert")
 NORM_PLACEMENTS = ("pre", "post", "peri")
@@ -30,7 +31,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")  # see depthjax/attention.p
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class Remat(str, enum.Enum):
+class Remat(enum.StrEnum):
     """What the backward pass keeps from each step's forward (see `jax.checkpoint`).
 
     NONE keeps everything; FULL recomputes the whole step; DOTS keeps matmul outputs;
@@ -74,7 +75,7 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None   # None: n_heads (multi-head); fewer: grouped-query attention
     head_dim: int | None = None     # None: d_model // n_heads
-    d_ff: int | None = None         # None: 4 * d_model (gelu) or 8/3 * d_model rounded to 8 (swiglu)
+    d_ff: int | None = None         # None: 4 d_model (gelu), 8/3 d_model rounded to 8 (swiglu)
     max_seq_len: int = 1024         # size of the learned position table
     # Family-dependent (None: the family default, see module docstring).
     norm: str | None = None
@@ -173,7 +174,7 @@ class ModelConfig:
     def depth(self) -> int:
         return self.n_layers
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         _check_keys(changes)
         return dataclasses.replace(self, **changes)
 
@@ -183,7 +184,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         _check_keys(d)
         return cls(**d)
 

@@ -56,3 +56,13 @@ def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str =
         start = rng.integers(len(ids) - seq_len)
         out[b] = ids[start:start + seq_len]
     return out
+
+
+def stream_windows(token_stream, batch_size: int, seq_len: int, *, seed: int = 0):
+    """int32 [batch_size, seq_len] windows at seeded random offsets of one token stream
+    (e.g. a user's documents encoded and joined)."""
+    stream = np.asarray(token_stream, np.int32)
+    if stream.size < seq_len:
+        raise ValueError(f"the data has {stream.size} tokens, fewer than seq_len={seq_len}")
+    starts = np.random.default_rng(seed).integers(0, stream.size - seq_len + 1, batch_size)
+    return np.stack([stream[s:s + seq_len] for s in starts])

@@ -18,7 +18,6 @@ iterator state (`get_state()`, a small JSON-able dict) restores the exact next b
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -35,16 +34,15 @@ import grain.experimental as gx  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from . import corpus  # noqa: E402
-from .corpus import DataError  # noqa: E402,F401  (defined where the light modules see it)
+from .textfiles import DataError, expand_files, read_documents  # noqa: E402,F401
 from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")   # every batch's arrays
 
 
-
-
-# Tokenizers live in depthjax.tokenizer (light to import); re-exported for the pipeline.
+# Tokenizers live in depthjax.tokenizer and file reading in depthjax.textfiles (both light to
+# import); re-exported for the pipeline.
 
 
 # -- document sources --------------------------------------------------------------------
@@ -63,15 +61,15 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self,
-                                     features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+        features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
         # Documents go to a split by a hash of their key. When that leaves a split empty
         # (a single book.txt), the largest document is cut at a line: its head trains,
         # its last valid_fraction validates.
         sizes = {key: len(text) for path in self._files
-                 for key, text in _read_documents(path, self._text_key)}
+                 for key, text in read_documents(path, self._text_key)}
         if not sizes:
             raise DataError("data_files hold no documents")
         in_valid = {key for key in sizes if _fraction(key) < self._valid_fraction}
@@ -86,7 +84,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split, in_valid, donor):
         for path in self._files:
-            for key, text in _read_documents(path, self._text_key):
+            for key, text in read_documents(path, self._text_key):
                 if key == donor:
                     cut = _cut(text, 1 - self._valid_fraction)
                     yield (f"{key}:head", {"text": text[:cut]}) if split == "train" else \
@@ -104,39 +102,6 @@ def _cut(text: str, at: float) -> int:
     target = min(max(int(len(text) * at), 1), len(text) - 1)
     line = text.rfind("\n", 0, target) + 1
     return line if 0 < line < len(text) else target
-
-
-def _read_documents(path: Path, text_key: str):
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: invalid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise DataError(f"{path}:{i + 1}: expected an object with a string "
-                                    f"field {text_key!r}")
-                yield f"{path.name}:{i}", record[text_key]
-    else:
-        yield path.name, path.read_text(encoding="utf-8", errors="replace")
-
-
-def expand_files(patterns) -> list[Path]:
-    """Sorted files matching the given paths / globs / directories (*.txt, *.jsonl inside)."""
-    files = set()
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            matches = [p for ext in ("txt", "jsonl")
-                       for p in glob.glob(os.path.join(pattern, "**", f"*.{ext}"), recursive=True)]
-        else:
-            matches = glob.glob(pattern, recursive=True)
-        if not matches:
-            raise DataError(f"data_files: nothing matches {pattern!r}")
-        files.update(Path(m).resolve() for m in matches)
-    return sorted(files)
 
 
 def prepare_files(patterns, data_dir, *, text_key: str = "text") -> Path:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +37,16 @@ from .model import DepthModel, Embed, check_ids, output_head, program_step
 from .program import ProgramError, is_concrete
 from .sampling import GenerationError, sample
 
+if TYPE_CHECKING:  # speculative imports this module
+    from .speculative import DraftStats
+
 
 class Generation(NamedTuple):
     tokens: jax.Array       # int32 [B, N]; after `eos_id` the rows hold eos_id
     lengths: jax.Array      # int32 [B]: generated tokens up to and including eos
     exit_steps: jax.Array   # int32 [B, N]: steps run for each token (depth without exit)
     cache: KVCache
+    draft: DraftStats | None = None   # self-speculative decoding (draft=): its counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class _Exit:
     checks: tuple[int, ...] = ()     # exit depths at which confidence is tested
     threshold: float | None = None
     kv: str = "skip"
+    start: int = 0                   # first step run (a walk resumed from residual[start])
 
 
 # ------------------------------------------------------------------ host-side checks
@@ -118,16 +123,17 @@ def _check_positions(model: DepthModel, longest: int) -> None:
 # ------------------------------------------------------------------ the scanned walk
 def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex: _Exit, *,
           prefill: bool):
-    """Run steps 0..ex.depth-1 writing the cache. Returns (residual_BTD, cache, exit_B)."""
+    """Run steps ex.start..ex.depth-1 on residual[ex.start] = x_BTD, writing the cache.
+    Returns (residual_BTD, cache, exit_B)."""
     cfg = model.config
-    if not prefill:  # one query per sequence: plain XLA attention over the cache
+    if not prefill:  # a few queries per sequence: plain XLA attention over the cache
         cfg = dataclasses.replace(cfg, attention_impl="xla")
-    params, k = model.params, ex.depth
+    params, j, k = model.params, ex.start, ex.depth
     head_params = params  # the exit head reads the same norm / output projection
-    xs = (jax.tree.map(lambda a: a[:k], model.program),
-          jax.tree.map(lambda a: a[:k], params.get("steps")),
-          jnp.asarray(cache.slot_map()[:k]),
-          jnp.asarray(np.isin(np.arange(1, k + 1), ex.checks)))
+    xs = (jax.tree.map(lambda a: a[j:k], model.program),
+          jax.tree.map(lambda a: a[j:k], params.get("steps")),
+          jnp.asarray(cache.slot_map()[j:k]),
+          jnp.asarray(np.isin(np.arange(j + 1, k + 1), ex.checks)))
     B = x_BTD.shape[0]
     freeze = lambda done, old, new: jax.tree.map(
         lambda o, n: jnp.where(done.reshape((B,) + (1,) * (o.ndim - 1)), o, n), old, new)
@@ -147,7 +153,9 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
                                        positions_BT, attn_enabled=False, **kw)
             return carry, kv
 
-        carry, kv = jax.lax.cond(slot >= 0, with_attn, without_attn)
+        # A cache without slots (no step runs attention) cannot even trace with_attn.
+        carry, kv = (jax.lax.cond(slot >= 0, with_attn, without_attn) if kv.n_slots
+                     else without_attn())
         return (carry if ex.threshold is None else freeze(done, residual, carry)), kv
 
     def step(state, xs):
@@ -169,7 +177,7 @@ def _walk(model: DepthModel, x_BTD, positions_BT, kv_mask_BT, cache: KVCache, ex
         return (residual, kv, done, exit_B, i + 1), None
 
     state = ((x_BTD, jnp.zeros_like(x_BTD)), cache, jnp.zeros((B,), bool),
-             jnp.full((B,), k, jnp.int32), jnp.zeros((), jnp.int32))
+             jnp.full((B,), k, jnp.int32), jnp.asarray(j, jnp.int32))
     ((base, acc), cache, _, exit_B, _), _ = jax.lax.scan(step, state, xs)
     return base + acc, cache, exit_B
 
@@ -185,7 +193,7 @@ def _prefill(model, tokens_BT, mask_BT, *, max_len: int, ex: _Exit):
     last_B = T - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)   # last real token of each row
     x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
     logits_BV = output_head(cfg, model.params, x_B1D)[:, 0]
-    cache = cache.replace(length=jnp.asarray(T, jnp.int32),
+    cache = cache.replace(length=jnp.full_like(cache.length, T),
                           next_pos=mask_BT.sum(1).astype(jnp.int32))
     return logits_BV, cache
 
@@ -213,7 +221,8 @@ def prefill(model: DepthModel, tokens_BT, mask_BT=None, *, max_len: int, exit_at
     _check_decodable(model)
     tokens_BT, mask_BT, longest = _prompt_mask(model, tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
-        raise GenerationError(f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})")
+        raise GenerationError(f"max_len={max_len} is shorter than the prompt "
+                              f"({tokens_BT.shape[1]})")
     _check_positions(model, longest)
     ex = _exit_settings(model, exit_at, None, None, "skip")
     return _prefill(model, tokens_BT, mask_BT, max_len=max_len, ex=ex)
@@ -231,7 +240,7 @@ def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
         raise GenerationError(f"decode_step takes int tokens [{cache.next_pos.shape[0]}], got "
                          f"{tokens_B.dtype} {tokens_B.shape}")
     check_ids(tokens_B, model.config.vocab_size, "tokens", GenerationError)
-    if is_concrete(cache) and int(cache.length) >= cache.max_len:
+    if is_concrete(cache) and int(cache.length.max()) >= cache.max_len:
         raise GenerationError(f"the cache is full ({cache.max_len} tokens)")
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), ex=ex)
 
@@ -239,12 +248,18 @@ def decode_step(model: DepthModel, cache: KVCache, tokens_B, *, exit_at=None,
 def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              key=None, eos_id: int | None = None, exit_at=None, exit_threshold=None,
-             exit_steps=None, exit_kv: str = "skip") -> Generation:
+             exit_steps=None, exit_kv: str = "skip", draft=None,
+             draft_tokens: int = 4) -> Generation:
     """Sample `max_new_tokens` tokens after each prompt row, in one compiled loop.
 
     prompt_tokens int [B, T] with `mask` (1 = real token; padding left or right).
     temperature=0 is greedy; top_k / top_p filter before sampling (see depthjax.sampling).
     A row stops at `eos_id` (later tokens are eos_id); the loop ends when every row has.
+
+    draft=k (or a Program / DepthModel over the same table): self-speculative decoding,
+    `draft_tokens` proposals per round by the draft, verified by the full program in one
+    pass (depthjax.speculative). The output is the full model's: token for token at
+    temperature 0, in distribution when sampling. `Generation.draft` holds the counts.
     """
     _check_decodable(model)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -259,6 +274,11 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
                               f"0..{model.config.vocab_size - 1}")
     tokens_BT, mask_BT, longest = _prompt_mask(model, prompt_tokens, mask)
     _check_positions(model, longest + max_new_tokens - 1)
+    if draft is not None:
+        return _speculate(model, draft, draft_tokens, tokens_BT, mask_BT, key, max_new_tokens,
+                          eos_id, dict(temperature=float(temperature), top_k=top_k,
+                                       top_p=None if top_p is None else float(top_p)),
+                          early_exit=(exit_at, exit_threshold, exit_steps))
     prefill_ex = _exit_settings(model, exit_at, None, None, exit_kv)
     ex = _exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv)
     key = jax.random.key(0) if key is None else key
@@ -266,6 +286,20 @@ def generate(model: DepthModel, prompt_tokens, max_new_tokens: int, *, mask=None
                    top_p=None if top_p is None else float(top_p))
     return _generate(model, tokens_BT, mask_BT, key, max_new_tokens=max_new_tokens,
                      prefill_ex=prefill_ex, ex=ex, eos_id=eos_id, sampler=tuple(sampler.items()))
+
+
+def _speculate(model, draft, draft_tokens, tokens_BT, mask_BT, key, max_new_tokens, eos_id,
+               sampler, early_exit):
+    from . import speculative
+    if any(x is not None for x in early_exit):
+        raise GenerationError("draft= (self-speculative decoding) cannot be combined with "
+                              "exit_at / exit_threshold / exit_steps")
+    draft_model, shared = speculative.draft_model(model, draft)
+    plan = speculative.plan(model, draft_model, shared, draft_tokens)
+    key = jax.random.key(0) if key is None else key
+    return speculative.generate(model, draft_model, tokens_BT, mask_BT, key,
+                                max_new_tokens=max_new_tokens, plan=plan, eos_id=eos_id,
+                                sampler=tuple(sampler.items()))
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "prefill_ex", "ex", "eos_id",

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from .model import count_params
 from .program import Program
 
 # Pastel colours for table rows run by more than one step (ties); dark text on top.
@@ -191,7 +192,8 @@ def _table(rows: list[StepRow], colours: dict[int, str]) -> str:
     out = [f'<table style="{_TABLE}"><thead><tr>'
            + "".join(f'<th style="{_CELL if h in _NUMERIC else _CELL_L}">{h}</th>' for h in heads)
            + "</tr></thead><tbody>"]
-    shown = rows if len(rows) <= _MAX_ROWS else rows[:_MAX_ROWS // 2] + [None] + rows[-_MAX_ROWS // 2:]
+    half = _MAX_ROWS // 2
+    shown = rows if len(rows) <= _MAX_ROWS else rows[:half] + [None] + rows[-half:]
     for r in shown:
         if r is None:
             hidden = len(rows) - _MAX_ROWS
@@ -245,21 +247,18 @@ def program_html(program: Program, steps: dict | None = None, *,
             f"{_strip(rows, colours)}{_table(rows, colours)}</div>")
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
-
-
 def model_html(model) -> str:
     """HTML for a DepthModel: its config, parameter counts by part, then its program."""
     cfg = model.config
     fields = [f"{cfg.family}", f"d_model={cfg.d_model}", f"heads={cfg.n_heads}/{cfg.n_kv_heads}",
-              f"d_ff={cfg.d_ff}", f"vocab={cfg.vocab_size}", f"norm={cfg.norm}/{cfg.norm_placement}",
-              f"dtype={cfg.dtype}"]
-    counts = {k: _count(v) for k, v in model.params.items()}
-    total = sum(counts.values())
+              f"d_ff={cfg.d_ff}", f"vocab={cfg.vocab_size}",
+              f"norm={cfg.norm}/{cfg.norm_placement}", f"dtype={cfg.dtype}"]
+    counts = {k: count_params(v) for k, v in model.params.items()}
+    total = model.n_params
     per_part = " · ".join(f"{k} {n:,}" for k, n in counts.items())
     head = (f"<div><b>DepthModel</b> · {html.escape(', '.join(fields))}</div>"
-            f"<div>table of {model.n_blocks} blocks · {total:,} parameters ({html.escape(per_part)})"
+            f"<div>table of {model.n_blocks} blocks · {total:,} parameters "
+            f"({html.escape(per_part)})"
             + (" · final adapter before the head" if "final_adapter" in model.params else "")
             + "</div>")
     body = program_html(model.program, model.params.get("steps"), n_blocks=model.n_blocks)

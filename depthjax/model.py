@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import operator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import program as program_lib
-from . import step_params as steps_lib
+from . import program as program_lib, step_params as steps_lib
 from .block import Block
 from .config import ModelConfig, Remat
 from .layers import init_normal, make_norm
@@ -81,6 +82,11 @@ class Head(nn.Module):
         return out.astype(jnp.float32)
 
 
+def count_params(tree) -> int:
+    """Number of values in a parameter tree (arrays or jax.ShapeDtypeStruct leaves)."""
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "program"],
                    meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
@@ -101,17 +107,22 @@ class DepthModel:
         """Steps of the program."""
         return self.program.depth
 
-    def replace(self, **changes) -> "DepthModel":
+    @property
+    def n_params(self) -> int:
+        """Parameter values stored (a tied block counts once, per-step parameters count)."""
+        return count_params(self.params)
+
+    def replace(self, **changes) -> DepthModel:
         return dataclasses.replace(self, **changes)
 
-    def with_program(self, program: Program) -> "DepthModel":
+    def with_program(self, program: Program) -> DepthModel:
         program_lib.validate(program, self.n_blocks)
         return self.replace(program=program)
 
     def __repr__(self) -> str:
-        n = sum(x.size for x in jax.tree.leaves(self.params))
         return (f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
-                f"blocks={self.n_blocks}, depth={self.depth}, params={n:,})\n{self.program!r}")
+                f"blocks={self.n_blocks}, depth={self.depth}, params={self.n_params:,})\n"
+                f"{self.program!r}")
 
     def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
         from .display import model_html
@@ -216,7 +227,7 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     if unroll:
         ys = []
         for i in range(program.depth):
-            carry, y = step(carry, jax.tree.map(lambda a: a[i], xs))
+            carry, y = step(carry, jax.tree.map(operator.itemgetter(i), xs))
             ys.append(y)
         ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if trace else None
     else:
@@ -238,7 +249,8 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
     for name, arr in (("mask", mask_BT), ("token_types", token_types_BT),
                       ("segment_ids", segment_ids_BT)):
         if arr is not None and jnp.shape(arr) != jnp.shape(tokens_BT):
-            raise InputError(f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}")
+            raise InputError(f"{name} shape {jnp.shape(arr)} != tokens shape "
+                             f"{jnp.shape(tokens_BT)}")
     if token_types_BT is not None and not cfg.type_vocab_size:
         raise InputError(f"token_types given but the {cfg.family} config has no token types")
     if token_types_BT is not None and not isinstance(token_types_BT, jax.core.Tracer):
@@ -283,8 +295,8 @@ def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_
                      jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
     x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
     x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
-                           step_params=params.get("steps"), segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
-                           unroll=unroll)
+                           step_params=params.get("steps"), segment_ids_BT=segment_ids,
+                           kv_mask_BT=mask, trace=trace, unroll=unroll)
     out = output_head(cfg, params, x_BTD, logits=output == "logits")
     if not trace:
         return out

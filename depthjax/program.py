@@ -30,7 +30,7 @@ class Program:
     parallel: jax.Array   # bool [depth]
 
     @classmethod
-    def create(cls, block, attn=None, mlp=None, parallel=None, *, n_blocks=None) -> "Program":
+    def create(cls, block, attn=None, mlp=None, parallel=None, *, n_blocks=None) -> Program:
         """A validated program; gates default to 1 and `parallel` to False (a scalar applies
         to every step)."""
         block_np = np.asarray(block)
@@ -40,10 +40,12 @@ class Program:
             raise ProgramError(f"block ids must be integers, got {block_np.dtype}: "
                                f"{block_np.tolist()}")
         if block_np.size and (block_np.min() < 0 or block_np.max() > np.iinfo(np.int32).max):
-            big = block_np[(block_np < 0) | (block_np > np.iinfo(np.int32).max)]
-            raise ProgramError(f"block ids {big[:4].tolist()} do not fit int32 (non-negative "
-                               "row numbers of the table)" if big.max(initial=0) > 0 else
-                               f"negative block ids at steps {np.flatnonzero(block_np < 0).tolist()}")
+            if block_np.min() < 0:
+                raise ProgramError("negative block ids at steps "
+                                   f"{np.flatnonzero(block_np < 0).tolist()}")
+            big = block_np[block_np > np.iinfo(np.int32).max]
+            raise ProgramError(f"block ids {big[:4].tolist()} do not fit int32 (row numbers "
+                               "of the table)")
         n = block_np.size
         full = lambda x, default: np.full(n, default if x is None else x) if np.ndim(x) == 0 else x
         program = cls(
@@ -56,7 +58,7 @@ class Program:
         return program
 
     @classmethod
-    def sequential(cls, n: int) -> "Program":
+    def sequential(cls, n: int) -> Program:
         """Steps 0..n-1 run table rows 0..n-1 in order, all gates 1."""
         return cls.create(np.arange(n))
 
@@ -64,14 +66,15 @@ class Program:
     def depth(self) -> int:
         return self.block.shape[-1]
 
-    def replace(self, **changes) -> "Program":
+    def replace(self, **changes) -> Program:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, list]:
-        return {f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)}
+        return {f.name: np.asarray(getattr(self, f.name)).tolist()
+                for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, d, *, n_blocks=None) -> "Program":
+    def from_dict(cls, d, *, n_blocks=None) -> Program:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ProgramError(f"unknown program fields {sorted(unknown)}")
@@ -131,13 +134,15 @@ def validate(program: Program, n_blocks: int | None = None) -> None:
         raise ProgramError(f"block ids must be integers, got dtype {block.dtype}")
     block = block.reshape(-1, lengths[0])  # programs may carry leading batch axes (vmap)
     if (block < 0).any():
-        raise ProgramError(f"negative block ids at steps {np.flatnonzero(block.min(0) < 0).tolist()}")
+        raise ProgramError("negative block ids at steps "
+                           f"{np.flatnonzero(block.min(0) < 0).tolist()}")
     if n_blocks is not None and (block >= n_blocks).any():
         bad = np.flatnonzero(block.max(0) >= n_blocks).tolist()
         raise ProgramError(f"block ids out of range at steps {bad}: the table has {n_blocks} "
                            f"rows (valid ids 0..{n_blocks - 1})")
     if np.asarray(program.parallel).reshape(-1, lengths[0])[:, 0].any():
-        raise ProgramError("parallel[0] must be False: the first step has no step to share input with")
+        raise ProgramError("parallel[0] must be False: the first step has no step to share "
+                           "input with")
     for gate in ("attn", "mlp"):
         if not np.isfinite(np.asarray(getattr(program, gate))).all():
             raise ProgramError(f"{gate} gates must be finite")

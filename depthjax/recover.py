@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .metrics.batches import as_batches, nll_sums, require_causal
+from . import progress
+from .loss import nll_sums, require_causal
+from .metrics.batches import as_batches
 from .model import DepthModel, apply
 from .program import ProgramError
 
@@ -196,7 +198,8 @@ def recover(pruned: DepthModel, original: DepthModel, batches, method: str = "bi
     if not spans:
         raise ProgramError("nothing was removed from `original`: no spans to recover")
     total = None
-    for b in as_batches(batches, original.config.vocab_size):
+    for b in progress.track(as_batches(batches, original.config.vocab_size),
+                            f"recover {method}: moments"):
         sums = _moment_sums(original, b.tokens, b.mask, tuple(spans))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     fits = []
@@ -231,9 +234,10 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):
         if path[-1] != "kernel":
             continue
-        mats = jax.vmap(lambda m: steps_lib.to_2d(path, m))(w)           # [S, in, out]
+        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(w)      # [S, in, out]
         S, n_in, n_out = mats.shape
-        lora[path + ("a",)] = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank)) / np.sqrt(n_in)
+        a = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank))
+        lora[path + ("a",)] = a / np.sqrt(n_in)
         lora[path + ("b",)] = jnp.zeros((S, rank, n_out))
     lora = traverse_util.unflatten_dict(lora)
     base = {k: v for k, v in (pruned.params.get("steps") or {}).items() if k != "lora"}
@@ -254,9 +258,14 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
         return optax.apply_updates(lo, upd), state, value
 
     state = opt.init(lora)
-    for t in range(steps):
-        b = data[t % len(data)]
-        lora, state, value = update(lora, state, b.tokens, b.mask)
-        if log_every and (t % log_every == 0 or t == steps - 1):
-            print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
+    every = log_every or max(1, steps // 20)  # reading the loss syncs with the device
+    with progress.bar("recover lora", total=steps) as bar:
+        for t in range(steps):
+            b = data[t % len(data)]
+            lora, state, value = update(lora, state, b.tokens, b.mask)
+            last = t == steps - 1
+            if bar.drawing:
+                bar.advance(**({"loss": float(value)} if t % every == 0 or last else {}))
+            elif log_every and (t % log_every == 0 or last) and not progress.silenced():
+                print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
     return with_lora(lora)

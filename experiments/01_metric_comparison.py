@@ -17,8 +17,7 @@ import jax
 import numpy as np
 
 import common
-from depthjax import metrics as M
-from depthjax import report
+from depthjax import metrics as M, report
 
 
 def span_curve(model, data, score_data) -> np.ndarray:
@@ -92,7 +91,8 @@ def main(argv=None):
     sections = [
         f"Base model: {model.config.family}, d_model={model.config.d_model}, {S} steps, "
         f"full-model validation loss {full:.4f} nats/byte.",
-        "## Validation loss after dropping k steps\n\n" + common.md_table(["k"] + names, curve_rows),
+        "## Validation loss after dropping k steps\n\n"
+        + common.md_table(["k"] + names, curve_rows),
         f"## Drop order (least important first) and mean loss over k=1..{half}\n\n"
         + common.md_table(["metric", "drop order", f"mean loss k=1..{half}", "score time (s)"],
                           summary),

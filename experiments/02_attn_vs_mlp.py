@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 import common
+from depthjax import metrics as M, report
+from depthjax.model import count_params
 from depthjax.report import pyplot
-from depthjax import metrics as M
-from depthjax import report
 
 UNITS = {"attn": "attention only", "mlp": "MLP only", "sublayer": "joint (attn + MLP)",
          "block": "whole blocks"}
@@ -26,7 +26,7 @@ UNITS = {"attn": "attention only", "mlp": "MLP only", "sublayer": "joint (attn +
 def sublayer_params(model) -> dict[str, int]:
     """Weights of one step's attention and MLP sublayer (norms included)."""
     blocks = model.params["blocks"]
-    one = lambda k: common.n_params(blocks[k]) // model.n_blocks
+    one = lambda k: count_params(blocks[k]) // model.n_blocks
     attn = sum(one(k) for k in blocks if k.startswith("attn"))
     mlp = sum(one(k) for k in blocks if k.startswith("mlp"))
     return {"attn": attn, "mlp": mlp}

@@ -60,8 +60,8 @@ def main(argv=None):
                                  steps=args.uptrain_steps, lr=args.uptrain_lr,
                                  seed=args.seed + 1)
         after = common.loss(common.trained(args, "uptrain-" + init_dir.name, tc), data)
-        result[name] = {"params": common.n_params(model.params), "before": before, "after": after}
-        rows.append([name, f"{common.n_params(model.params):,}", before, after])
+        result[name] = {"params": model.n_params, "before": before, "after": after}
+        rows.append([name, f"{model.n_params:,}", before, after])
         common.log(f"{name}: loss {before:.4f} -> {after:.4f} after {args.uptrain_steps} steps")
 
     small = lambda steps: common.train_config(
@@ -71,17 +71,17 @@ def main(argv=None):
         model = common.trained(args, f"scratch{K}", small(steps))
         name = f"{K}-layer from scratch, {steps} steps ({label})"
         loss = common.loss(model, data)
-        result[name] = {"params": common.n_params(model.params), "after": loss}
-        rows.append([name, f"{common.n_params(model.params):,}", "-", loss])
+        result[name] = {"params": model.n_params, "after": loss}
+        rows.append([name, f"{model.n_params:,}", "-", loss])
 
     sections = [
-        f"Base: {S} steps, {common.n_params(base.params):,} parameters, validation loss "
+        f"Base: {S} steps, {base.n_params:,} parameters, validation loss "
         f"{base_loss:.4f} ({args.steps} steps). Tied to K={K} blocks (cycle: step i runs "
         f"block i mod {K}). Relax at full rank: {full_rank_loss:.4f} (must equal the base). "
         f"Uptraining: {args.uptrain_steps} steps at lr {args.uptrain_lr} on the same corpus "
         "(another data order).",
         "## Validation loss\n\n" + common.md_table(
-            ["model", "parameters", "after conversion", f"after uptraining / training"], rows),
+            ["model", "parameters", "after conversion", "after uptraining / training"], rows),
     ]
     common.write_results(args, out, "Experiment 3: recursive conversion", sections,
                          {"base": base_loss, "full_rank_relax": full_rank_loss,

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from depthjax.report import pyplot
 import depthjax as dj
+from depthjax.report import pyplot
 
 
 # -- the task ------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ def evaluate(model, chains: list[tuple], tokens_MT, max_len: int, chunk: int = 1
     chunks so a few shapes compile once."""
     M = len(chains)
     size = -(-M // chunk) * chunk
-    progs = [chain_program(c, max_len) for c in chains] + [chain_program((0,), max_len)] * (size - M)
+    padding = [chain_program((0,), max_len)] * (size - M)
+    progs = [chain_program(c, max_len) for c in chains] + padding
     block = np.stack([p["block"] for p in progs])
     gate = np.stack([p["gate"] for p in progs])
     tok = np.concatenate([tokens_MT, np.repeat(tokens_MT[:1], size - M, 0)])

@@ -18,9 +18,8 @@ with
 from __future__ import annotations
 
 import common
+from depthjax import depth, report
 from depthjax.report import pyplot
-from depthjax import depth
-from depthjax import report
 
 
 def middle_pairs(S: int, k: int) -> list[list[int]]:
@@ -70,7 +69,8 @@ def main(argv=None):
         for name, v in res.items():
             span_curves[name].append(v)
         span_rows.append([w, f"{span[0]}..{span[-1]}"] + [res[n] for n in span_curves])
-        common.log(f"span {span[0]}..{span[-1]}: " + ", ".join(f"{n} {v:.4f}" for n, v in res.items()))
+        common.log(f"span {span[0]}..{span[-1]}: "
+                   + ", ".join(f"{n} {v:.4f}" for n, v in res.items()))
 
     report.plot_curves({n: [full] + v for n, v in pair_curves.items()}, out / "pairs.png",
                        xlabel="middle pairs changed", baseline=full,

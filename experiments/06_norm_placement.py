@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 import common
-from depthjax.report import pyplot
 from depthjax import metrics as M
+from depthjax.report import pyplot
 
 PLACEMENTS = ("pre", "peri", "post")
 
@@ -73,7 +73,8 @@ def main(argv=None):
         f"{S}-step models, {args.steps} training steps each, same data and seed.",
         "## Summary\n\n" + common.md_table(
             ["placement", "validation loss", "|residual| growth (out of last / in of step 1)",
-             "share of block influence in the deeper half", "share of ablation loss in the deeper half"],
+             "share of block influence in the deeper half",
+             "share of ablation loss in the deeper half"],
             summary),
         "## Per step\n\n" + common.md_table(
             ["step"] + [f"{k} {p}" for k in ("norm", "BI", "ablation") for p in PLACEMENTS],

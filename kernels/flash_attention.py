@@ -379,7 +379,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
     has_segments = segment_ids is not None or Tp != T or Sp != S
     q_seg = kv_seg = None
     if has_segments:
-        q_seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        q_seg = (jnp.zeros((B, T), jnp.int32) if segment_ids is None
+                 else segment_ids.astype(jnp.int32))
         kv_seg = q_seg if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
         q_seg = jnp.pad(q_seg, ((0, 0), (0, Tp - T)), constant_values=Q_PAD_SEGMENT)
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)), constant_values=KV_PAD_SEGMENT)

@@ -32,7 +32,8 @@ def _attention(cfg, p, x, pos, allowed):
     k = _dense(p["k"], x, "btd,dhk->bthk")
     v = _dense(p["v"], x, "btd,dhk->bthk")
     if cfg.qk_norm:
-        q, k = _norm(p["q_norm"], q, cfg.norm_eps, "rms"), _norm(p["k_norm"], k, cfg.norm_eps, "rms")
+        q = _norm(p["q_norm"], q, cfg.norm_eps, "rms")
+        k = _norm(p["k_norm"], k, cfg.norm_eps, "rms")
     if cfg.position == "rope":
         q, k = _rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)
     rep = cfg.n_heads // cfg.n_kv_heads

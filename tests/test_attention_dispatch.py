@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,8 +119,7 @@ def test_model_forward_and_grad_pallas_equals_xla():
     with pallas_interpret():
         got, got_grads = run("pallas")
     np.testing.assert_allclose(got, want, atol=2e-5)
-    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(g, w, atol=2e-5)
+    chex.assert_trees_all_close(got_grads, want_grads, atol=2e-5)
 
 
 SHARDED = textwrap.dedent("""

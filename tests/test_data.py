@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from depthjax import data
-from depthjax.train import config as train_config
 from depthjax.sharding import logical_to_spec, param_logical_axes
+from depthjax.train import config as train_config
 
 
 def _take(it, n):
@@ -107,14 +107,14 @@ def test_stdlib_splits_are_disjoint():
 def test_text_and_jsonl_files_through_tfds_builder(tmp_path):
     (tmp_path / "a.txt").write_text("plain text document")
     lines = [{"text": f"line {i} ünï"} for i in range(40)]
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     kw = dict(data_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")],
               data_dir=str(tmp_path / "cache"))
     train = data.documents("files", "train", **kw)
     valid = data.documents("files", "valid", **kw)
     got = sorted(d.decode() for d in [train[i] for i in range(len(train))] +
                  [valid[i] for i in range(len(valid))])
-    assert got == sorted(["plain text document"] + [l["text"] for l in lines])
+    assert got == sorted(["plain text document"] + [line["text"] for line in lines])
     assert len(valid) >= 1
     assert list((tmp_path / "cache").rglob("*.array_record*"))  # really array_record
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
@@ -142,7 +142,8 @@ def test_global_batch_does_not_depend_on_how_shards_are_split_over_processes():
     docs = _docs([bytes([65 + i]) * (20 + 7 * i) for i in range(23)])   # doc i: one letter
     kw = dict(seq_len=16, batch_size=8, n_shards=4, seed=5, shuffle_window=8)
     one = data.ShardedBatches(docs, data.ByteTokenizer(), shards=range(4), **kw)
-    two = [data.ShardedBatches(docs, data.ByteTokenizer(), shards=s, **kw) for s in ([0, 1], [2, 3])]
+    two = [data.ShardedBatches(docs, data.ByteTokenizer(), shards=s, **kw)
+           for s in ([0, 1], [2, 3])]
 
     def rows(parts):
         merged = {k: v for p in parts for k, v in p.items()}
@@ -184,6 +185,7 @@ def test_train_config_parsing(tmp_path):
 
 def test_sharding_rules_for_llama_parameters():
     import jax
+
     import depthjax as dj
     params = jax.eval_shape(lambda k: dj.init(dj.configs.get("llama-tiny"), k).params,
                             jax.random.key(0))

@@ -87,7 +87,7 @@ def test_sequential_model(model6):
     assert all(r["attn"] == "1" and r["mlp"] == "1" and r["tied with"] == "" for r in rows)
     assert "parallel" not in rows[0] and "per-step params" not in rows[0]
     assert "depth 6 · 6 distinct table rows" in p.all_text
-    n = sum(x.size for x in jax.tree.leaves(model6.params))
+    n = model6.n_params
     blocks = sum(x.size for x in jax.tree.leaves(model6.params["blocks"]))
     assert f"{n:,} parameters" in p.all_text and f"blocks {blocks:,}" in p.all_text
     assert "table of 6 blocks" in p.all_text and "d_model=64" in p.all_text

@@ -138,3 +138,15 @@ def test_script_runs(cache, tmp_path, name, extra):
     assert list(out.glob("*.png")) or name in ("03_recursive", "04_skip_or_loop")
     if name == "03_recursive":      # relax at full rank reproduces the base model
         assert data["full_rank_relax"] == pytest.approx(data["base"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
+    out, md, data = run("08_task_tradeoffs", cache, tmp_path, "--task-examples", "4",
+                        "--shapley-permutations", "2")
+    assert set(data["pruned"]) == {f"{u}/{s}/{m}" for u in ("block", "attn")
+                                   for s in ("next_line", "identifier_recall", "loss")
+                                   for m in ("ablation", "shapley")}
+    assert (out / "scores.png").stat().st_size > 1000 and "Pruning 1 of 4 blocks" in md
+    full = data["full"]
+    assert 0.0 <= full["next_line"] <= 1.0 and 0.0 <= full["identifier_recall"] <= 1.0

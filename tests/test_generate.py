@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import Program, ProgramError
+from depthjax.program import ProgramError
 from depthjax.sampling import filter_logits, sample
 from tests.test_model import _model
 
@@ -270,10 +270,15 @@ def test_cli_generates_from_native_and_hf_directories(tmp_path, capsys):
     ids = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
     want = bytes(np.asarray(dj.generate(model, ids, 8, temperature=0.0).tokens[0],
                             np.uint8)).decode("utf-8", errors="replace")
-    for d in ("native", "hf"):
+    for d, extra in (("native", []), ("hf", []), ("native", ["--draft", "2"])):
         assert main(["generate", "--model", str(tmp_path / d), "--prompt", prompt,
-                     "--max-new-tokens", "8"]) == 0
-        assert capsys.readouterr().out.splitlines()[-1] == (prompt + want).splitlines()[-1]
+                     "--max-new-tokens", "8", *extra]) == 0
+        out = capsys.readouterr()
+        assert out.out.splitlines()[-1] == (prompt + want).splitlines()[-1]
+        assert ("self-speculative: draft 2 steps" in out.err) == bool(extra)
+    assert main(["generate", "--model", str(tmp_path / "native"), "--prompt", "x",
+                 "--draft", "9"]) == 2
+    assert "draft=9" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither a depthjax checkpoint" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -28,10 +29,7 @@ def _leaves(model):
 
 
 def _assert_same_params(a, b):
-    la, lb = _leaves(a), _leaves(b)
-    assert la.keys() == lb.keys()
-    for key in la:
-        np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+    chex.assert_trees_all_equal(a.params, b.params, strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,8 @@ def test_zero_gated_zeroes_only_the_gated_outputs(tmp_path):
 @pytest.mark.parametrize("program, kwargs, match", [
     (dict(block=[0, 1, 2, 3], parallel=[False, True, False, False]), {}, "parallel"),
     (dict(block=[0, 1, 2, 3], attn=[1, 0.5, 1, 1]), {}, r"attn gates of steps \[1\]"),
-    (dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]), {}, r"mlp is gated off at steps \[2\].*zero_gated"),
+    (dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]), {},
+     r"mlp is gated off at steps \[2\].*zero_gated"),
 ])
 def test_inexpressible_programs_are_refused(tmp_path, program, kwargs, match):
     model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
@@ -180,7 +179,7 @@ def test_sharded_index_problems(saved, tmp_path):
     assert len(shards) > 2
     _assert_same_params(model, dj.hf.load(str(tmp_path)))
     os.remove(tmp_path / shards[1])
-    with pytest.raises(HFError, match=f"which does not exist"):
+    with pytest.raises(HFError, match="which does not exist"):
         dj.hf.load(str(tmp_path))
 
 
@@ -202,12 +201,13 @@ def test_sentence_transformers_module_paths_stay_inside(saved, tmp_path):
     model, path = saved
     root = tmp_path / "st"
     root.mkdir()
+    transformer = "sentence_transformers.models.Transformer"
     (root / "modules.json").write_text(json.dumps(
-        [{"idx": 0, "name": "0", "path": "../elsewhere", "type": "sentence_transformers.models.Transformer"}]))
+        [{"idx": 0, "name": "0", "path": "../elsewhere", "type": transformer}]))
     with pytest.raises(HFError, match="outside the model directory"):
         dj.hf.load(str(root))
     (root / "modules.json").write_text(json.dumps(
-        [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        [{"idx": 0, "name": "0", "path": "", "type": transformer},
          {"idx": 1, "name": "1", "path": "/tmp", "type": "sentence_transformers.models.Pooling"}]))
     with pytest.raises(HFError, match="outside the model directory"):
         dj.hf.sentence_pooling(str(root))
@@ -288,7 +288,7 @@ def test_load_streams_one_leaf_group_at_a_time(tmp_path):
 SHARDED = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, numpy as np
+import chex, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import depthjax as dj
 path = sys.argv[1]
@@ -303,8 +303,7 @@ plain = dj.hf.load(path)
 q = sharded.params["blocks"]["attn"]["q"]["kernel"]
 assert q.sharding.spec == P(None, None, None, "model"), q.sharding
 assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[-1] == 4
-for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+chex.assert_trees_all_equal(sharded.params, plain.params)
 one = dj.hf.load(path, shardings=NamedSharding(mesh, P()))
 assert one.params["embed"]["tok"]["embedding"].sharding.spec == P()
 tree = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "data") if x.ndim > 1 else P()),

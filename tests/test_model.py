@@ -87,7 +87,8 @@ def test_parallel_groups(name, tokens):
     model = _model(FAMILIES[name])
     # A group of one is sequential: parallel=False everywhere is the default program.
     seq = dj.apply(model, tokens)
-    np.testing.assert_allclose(seq, reference.forward(model, tokens, reference.sequential(range(4))), **TOL)
+    want = reference.forward(model, tokens, reference.sequential(range(4)))
+    np.testing.assert_allclose(seq, want, **TOL)
     # Steps 1 and 2 read the same input; their updates add up.
     par = model.with_program(Program.create([0, 1, 2, 3], parallel=[0, 0, 1, 0]))
     want = reference.forward(model, tokens, [[(0, 1, 1)], [(1, 1, 1), (2, 1, 1)], [(3, 1, 1)]])
@@ -205,3 +206,19 @@ def test_layers_are_usable_alone(tokens):
     mlp = MLP(cfg)
     mp = mlp.init(jax.random.key(2), x)["params"]
     np.testing.assert_allclose(mlp.apply({"params": mp}, x), reference._mlp(cfg, mp, x), **TOL)
+
+
+def test_n_params_counts_the_table_once():
+    cfg = dj.configs.get("llama-tiny")            # untied head, RMSNorm, GQA, SwiGLU
+    model = dj.init(cfg, jax.random.key(0))
+    D, F, V, Dh = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim
+    attn = D * cfg.n_heads * Dh * 2 + D * cfg.n_kv_heads * Dh * 2     # q, o; k, v
+    block = attn + 3 * D * F + 2 * D                                   # gate, up, down; 2 norms
+    embed_head = V * D + D + D * V                                     # tokens, final norm, out
+    assert model.n_params == cfg.n_layers * block + embed_head
+    # A program is not parameters: a looped walk of two table rows stores two blocks.
+    tied = dj.depth.compact(model.with_program(dj.Program.create([0, 1, 0, 1])))
+    assert tied.n_params == 2 * block + embed_head
+    # Abstract parameters count the same (training reports the count before it allocates).
+    abstract = jax.eval_shape(lambda k: dj.init(cfg, k).params, jax.random.key(0))
+    assert dj.model.count_params(abstract) == model.n_params

@@ -76,7 +76,8 @@ def test_two_processes_train_like_one(tmp_path):
 
     # Two processes; process 1 dies right after issuing checkpoint 4's save.
     out, log = tmp_path / "run", tmp_path / "reads"
-    (rc0, err0, pid0, t0), (rc1, err1, pid1, t1) = _two_processes(out, log, kill_process_1_in_save=4)
+    (rc0, err0, pid0, t0), (rc1, err1, pid1, t1) = _two_processes(out, log,
+                                                                  kill_process_1_in_save=4)
     assert rc1 == -signal.SIGKILL, err1[-3000:]
     assert rc0 != 0 and "another task died" in err0, err0[-3000:]
     assert t0 - t1 < 60, "the surviving process took too long to notice"

@@ -34,7 +34,8 @@ QUICKSTART_CHECKS = textwrap.dedent("""
     assert abs(_naive_loss(model, valid) - results["full model"]) < 1e-4
     _want = _np.sort(_np.argsort(scores["block_influence"].values, kind="stable")[N_PRUNE:])
     assert _np.asarray(pruned["block_influence"].program.block).tolist() == _want.tolist()
-    assert abs(_naive_loss(recovered, valid) - results[f"block_influence: + linear r{LINEAR_RANK}"]) < 1e-4
+    printed = results[f"block_influence: + linear r{LINEAR_RANK}"]
+    assert abs(_naive_loss(recovered, valid) - printed) < 1e-4
     assert (_np.asarray(pruned["attn_ablation"].program.attn) == 0).sum() == 2 * N_PRUNE
     assert edits["loop the middle pair twice"].depth == model.depth + 2
     print("NOTEBOOK CHECKS PASSED")

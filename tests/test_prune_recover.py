@@ -67,7 +67,8 @@ def test_bias_recovery_is_exact_for_a_constant_update():
     m = set_row(m, 2, ("attn", "o", "kernel"), jnp.zeros_like)
     m = set_row(m, 2, ("mlp", "down", "kernel"), jnp.zeros_like)
     rand = lambda i: (lambda b: b + 0.5 * jax.random.normal(jax.random.key(i), b.shape))
-    m = set_row(m, 2, ("mlp", "down", "bias"), rand(0))  # random: LayerNorm centers away a uniform shift
+    # random: LayerNorm centers away a uniform shift
+    m = set_row(m, 2, ("mlp", "down", "bias"), rand(0))
     m = set_row(m, 4, ("attn", "o", "kernel"), jnp.zeros_like)
     m = set_row(m, 4, ("mlp", "down", "kernel"), jnp.zeros_like)
     m = set_row(m, 4, ("attn", "o", "bias"), rand(1))
@@ -81,7 +82,8 @@ def test_bias_recovery_is_exact_for_a_constant_update():
 def test_bias_recovery_of_a_constant_attention_sublayer():
     m = dj.init(dj.configs.get("gpt2-tiny"), jax.random.key(3))
     m = set_row(m, 1, ("attn", "o", "kernel"), jnp.zeros_like)
-    m = set_row(m, 1, ("attn", "o", "bias"), lambda b: b + jax.random.normal(jax.random.key(2), b.shape))
+    m = set_row(m, 1, ("attn", "o", "bias"),
+                lambda b: b + jax.random.normal(jax.random.key(2), b.shape))
     pruned = D.drop_sublayers(m, attn=[1])
     spans = find_spans(pruned, m)
     assert [(s.start, s.end, s.target) for s in spans] == [((1, 0), (1, 1), 1)]
@@ -152,7 +154,8 @@ def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, caps
     assert cli.main(["prune", "--model", str(tmp_path / "hf"), "--n", "1", "--recover", "linear",
                      "--out", str(tmp_path / "pruned"), *data]) == 0
     pruned = tmp_path / "pruned"
-    assert (pruned / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    original = (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    assert (pruned / "tokenizer.json").read_bytes() == original
     assert "tokenizer.json" in integrity.load_sealed(pruned / "manifest.json")["files"]
     assert dj.load(pruned).params["steps"]["adapter"]["a"].shape[-1] == 16  # min(16, d_model)
     (tmp_path / "spec.yaml").write_text("slices:\n  - layers: [1, 0]\n")
@@ -174,8 +177,9 @@ def test_score_and_prune_cli(tmp_path, capsys):
     assert len(report["scores"]["block_influence"]["values"]) == 4
     assert len(report["removal_curves"]["ablation_block"]) == 4
     assert (tmp_path / "rep" / "profiles.png").stat().st_size > 1000
-    assert cli.main(["prune", "--model", str(tmp_path / "ck"), "--metric", "ablation", "--unit", "attn",
-                     "--n", "2", "--recover", "bias", "--out", str(tmp_path / "pruned"), *data]) == 0
+    assert cli.main(["prune", "--model", str(tmp_path / "ck"), "--metric", "ablation",
+                     "--unit", "attn", "--n", "2", "--recover", "bias",
+                     "--out", str(tmp_path / "pruned"), *data]) == 0
     pruned = dj.load(tmp_path / "pruned")
     assert float(pruned.program.attn.sum()) == 2 and "adapter" in pruned.params["steps"]
     assert "after bias recovery" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Bad programs, configs and inputs are rejected before compute, with a message naming
 the problem."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,8 @@ def test_unknown_keys_and_presets_get_suggestions():
 
 def test_family_defaults_and_explicit_head_dim():
     gpt2 = dj.ModelConfig(family="gpt2", d_model=64, n_heads=4)
-    assert (gpt2.norm, gpt2.position, gpt2.mlp, gpt2.tie_embeddings) == ("layer", "learned", "gelu_tanh", True)
+    assert (gpt2.norm, gpt2.position, gpt2.mlp, gpt2.tie_embeddings) == ("layer", "learned",
+                                                                        "gelu_tanh", True)
     bert = dj.ModelConfig(family="bert")
     assert not bert.causal and bert.norm_placement == "post" and bert.type_vocab_size == 2
     qwen3 = dj.configs.get("qwen3-tiny")
@@ -89,7 +91,7 @@ def test_scalar_gates_apply_to_every_step():
 def test_program_round_trip_and_repr():
     prog = Program.create([0, 2, 2], attn=[1, 0, 1], parallel=[0, 0, 1])
     again = Program.from_dict(prog.to_dict(), n_blocks=3)
-    jax.tree.map(np.testing.assert_array_equal, prog, again)
+    chex.assert_trees_all_equal(prog, again, strict=True)
     text = repr(prog)
     assert "depth=3" in text and text.count("\n") == 4 and "||" in text
     with pytest.raises(ProgramError, match="unknown program fields"):

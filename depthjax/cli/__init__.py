@@ -15,9 +15,10 @@ import os
 import sys
 import traceback
 
-from . import convert, demo, depth, generate, presets, prune, score, train
+from .. import progress
+from . import convert, demo, depth, eval, generate, presets, prune, score, search, train  # noqa: A004
 
-COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
+COMMANDS = (demo, presets, train, score, prune, search, eval, depth, convert, generate)
 
 
 def main(argv=None) -> int:
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
         command.add_command(sub)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with progress.quiet(getattr(args, "quiet", False)):
+            return args.func(args)
     except KeyboardInterrupt:
         if os.environ.get("DEPTHJAX_DEBUG"):
             raise
@@ -55,7 +57,7 @@ def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..corpus import DataError
+    from ..eval import EvalError
     from ..hf.config import HFError
     from ..integrity import IntegrityError
     from ..metrics import MetricError
@@ -64,13 +66,15 @@ def _user_errors() -> tuple[type, ...]:
     from ..prune import PruneError
     from ..recover import RecoverError
     from ..sampling import GenerationError
+    from ..search import SearchError
     from ..sharding import ShardingError
+    from ..textfiles import DataError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from ..train.run_dir import RunDirError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
-            HFError, InputError, IntegrityError, MetricError, ProgramError, PruneError,
-            RecoverError, RunDirError, ShardingError, TokenizerError, TrainConfigError,
-            UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, EvalError,
+            GenerationError, HFError, InputError, IntegrityError, MetricError, ProgramError,
+            PruneError, RecoverError, RunDirError, SearchError, ShardingError, TokenizerError,
+            TrainConfigError, UsageError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError)

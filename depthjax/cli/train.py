@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_quiet_arg
+
 
 def add_command(sub) -> None:
     from ..train.config import help_text
@@ -23,6 +25,7 @@ def add_command(sub) -> None:
                         "moved to OUT.prev-TIMESTAMP (never deleted)")
     p.add_argument("--config", help="YAML file of keys (key=value arguments override it)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_quiet_arg(p)
     p.set_defaults(func=_train)
 
 

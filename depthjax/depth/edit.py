@@ -7,7 +7,7 @@ indexed by position in the current program.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,19 @@ def step_list(model: DepthModel, steps, what: str = "steps", *, allow_empty=True
     return np.unique(arr)
 
 
-def group_ids(parallel) -> jax.Array:
+def group_ids(parallel, xp=jnp) -> jax.Array:
     """Parallel group of every step: a group starts at each step with parallel=False."""
-    return jnp.cumsum(~jnp.asarray(parallel, bool), axis=-1)
+    return xp.cumsum(~xp.asarray(parallel, bool), axis=-1)
+
+
+def selected_parallel(parallel, idx, xp=jnp):
+    """The parallel flags of the steps `idx` (ints) selected from a program with flags
+    `parallel`: a selected step stays in its group only when it directly follows an earlier
+    member of that group in the selection. xp=np for host-side candidate programs."""
+    idx = np.asarray(idx, np.int64)
+    gid = group_ids(parallel, xp)
+    return xp.concatenate([xp.zeros(1, bool),
+                           (gid[idx[1:]] == gid[idx[:-1]]) & xp.asarray(idx[1:] > idx[:-1])])
 
 
 def select_steps(model: DepthModel, idx: Sequence[int]) -> DepthModel:
@@ -48,11 +58,8 @@ def select_steps(model: DepthModel, idx: Sequence[int]) -> DepthModel:
     if idx.size == 0:
         raise ProgramError("the edit leaves no steps: a model needs at least one")
     prog = model.program
-    gid = group_ids(prog.parallel)
-    parallel = jnp.concatenate([jnp.zeros(1, bool),
-                                (gid[idx[1:]] == gid[idx[:-1]]) & jnp.asarray(idx[1:] > idx[:-1])])
     program = Program(block=prog.block[idx], attn=prog.attn[idx], mlp=prog.mlp[idx],
-                      parallel=parallel)
+                      parallel=selected_parallel(prog.parallel, idx))
     params = dict(model.params)
     if "steps" in params:
         params["steps"] = jax.tree.map(lambda a: a[idx], params["steps"])

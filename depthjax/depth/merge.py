@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +65,9 @@ def lines(base: DepthModel, finetuned: DepthModel, alpha: float, beta: float) ->
         return b + jnp.asarray(coef, b.dtype).reshape(shape) * (f - b)
 
     bp, fp = base.params, finetuned.params
-    params = {"embed": jax.tree.map(lambda b, f: scaled(np.float32(lam[0]), b, f), bp["embed"], fp["embed"]),
-              "blocks": jax.tree.map(lambda b, f: scaled(row_lam, b, f), bp["blocks"], fp["blocks"]),
-              "head": jax.tree.map(lambda b, f: scaled(np.float32(lam[-1]), b, f), bp["head"], fp["head"])}
+    part = lambda name, lam_: jax.tree.map(lambda b, f: scaled(lam_, b, f), bp[name], fp[name])
+    params = {"embed": part("embed", np.float32(lam[0])), "blocks": part("blocks", row_lam),
+              "head": part("head", np.float32(lam[-1]))}
     if "steps" in bp:
         params["steps"] = jax.tree.map(lambda b, f: scaled(lam, b, f), bp["steps"], fp["steps"])
     return base.replace(params=params)

@@ -93,13 +93,15 @@ def from_spec(model: DepthModel, spec: dict) -> DepthModel:
             r = sl["layer_range"]
             if not (isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r)
                     and r[0] < r[1]):
-                raise ProgramError(f"{where}: layer_range must be [start, stop] with start < stop, got {r!r}")
+                raise ProgramError(f"{where}: layer_range must be [start, stop] with start < "
+                                   f"stop, got {r!r}")
             rows = list(range(r[0], r[1]))
         else:
             rows = sl["layers"] if isinstance(sl["layers"], list) else [sl["layers"]]
         bad = [r for r in rows if not _is_int(r) or not 0 <= r < model.n_blocks]
         if bad:
-            raise ProgramError(f"{where}: rows {bad} are not in the table (0..{model.n_blocks - 1})")
+            raise ProgramError(f"{where}: rows {bad} are not in the table "
+                               f"(0..{model.n_blocks - 1})")
         times = sl.get("repeat", 1)
         if not _is_int(times) or times < 1:
             raise ProgramError(f"{where}: repeat must be a positive integer, got {times!r}")

@@ -115,7 +115,10 @@ def grow(model: DepthModel, after: int, init: str = "identity") -> DepthModel:
     program = prog.replace(block=insert(prog.block, new_id), attn=insert(prog.attn, 1.0),
                            mlp=insert(prog.mlp, 1.0), parallel=insert(prog.parallel, False))
     if steps:
-        new = {k: jax.tree.map(lambda a: jnp.ones_like(a[:1]) if k == "scale"
-                               else jnp.zeros_like(a[:1]), v) for k, v in steps.items()}
+        def fresh(name, tree):  # the new step's per-step parameters: scale 1, deltas 0
+            fill = jnp.ones_like if name == "scale" else jnp.zeros_like
+            return jax.tree.map(lambda a: fill(a[:1]), tree)
+
+        new = {k: fresh(k, v) for k, v in steps.items()}
         steps = jax.tree.map(lambda a, n: jnp.concatenate([a[:pos], n, a[pos:]]), steps, new)
     return with_table(model, blocks, program, steps)

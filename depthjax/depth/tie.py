@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +113,7 @@ def relax(model: DepthModel, original: DepthModel, rank: int | str,
             if vectors:
                 delta[path] = diff
             continue
-        mats = jax.vmap(lambda d: steps_lib.to_2d(path, d))(diff)   # [depth, in, out]
+        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(diff)   # [depth, in, out]
         bound = min(mats.shape[1:])
         r = bound if rank == "full" else rank
         if not isinstance(r, (int, np.integer)) or not 1 <= r <= bound:

@@ -13,7 +13,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +26,8 @@ from .config import HFError, from_hf
 from .safetensors_files import Checkpoint
 
 Sharding = jax.sharding.Sharding
-ShardingSpec = Sharding | Callable[[tuple[str, ...], tuple[int, ...]], Sharding | None] | dict | None
+ShardingFn = Callable[[tuple[str, ...], tuple[int, ...]], Sharding | None]
+ShardingSpec = Sharding | ShardingFn | dict | None
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def model_directory(path: str) -> str:
     modules = os.path.join(path, "modules.json")
     if os.path.exists(os.path.join(path, "config.json")) or not os.path.exists(modules):
         return path
-    from .pooling import read_modules, module_path
+    from .pooling import module_path, read_modules
     for module in read_modules(modules):
         if module.get("type", "").endswith("Transformer"):
             return module_path(path, module, modules)
@@ -139,8 +141,8 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
         structs = []
         for rule in rules:
             leaves = [tensor_map.leaf_at(shapes, p) for p in rule.leaves]
-            per_layer = [jax.ShapeDtypeStruct(l.shape[1:] if rule.per_layer else l.shape, l.dtype)
-                         for l in leaves]
+            per_layer = [jax.ShapeDtypeStruct(x.shape[1:] if rule.per_layer else x.shape, x.dtype)
+                         for x in leaves]
             want = tuple(jax.eval_shape(rule.to_hf, *per_layer).shape)
             for name in _names(rule, prefix, cfg.n_layers):
                 if ckpt.shape(name) != want:
@@ -151,7 +153,7 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
         verbose = total > 256 * 2**20 if progress is None else progress
         params: dict = {}
         for k, (rule, leaves) in enumerate(zip(rules, structs)):
-            stacks = [np.empty(l.shape, np.float32) for l in leaves]
+            stacks = [np.empty(x.shape, np.float32) for x in leaves]
             layers = range(cfg.n_layers) if rule.per_layer else [None]
             for i in layers:
                 pieces = rule.to_ours(ckpt.get(rule.hf_name(prefix, i)))

@@ -138,7 +138,8 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
                     rule.to_hf(*(leaf(p, layer) for p in rule.leaves)).astype(np.float32))
             items.append((rule.hf_name(prefix, layer), nbytes, make))
     verbose = sum(n for _, n, _ in items) > 256 * 2**20 if progress is None else progress
-    report = (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
+    report = ((lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True))
+              if verbose else None)
     extra = [Path(f) for f in files]
     for f in extra:
         if _is_weights_file(f.name) or not f.is_file():

@@ -14,7 +14,7 @@ o [H,Dh,D], gate/up [D,F], down [F,D]. GPT-2's Conv1D weights are already [in, o
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -171,8 +171,9 @@ def _bert_rules(cfg: ModelConfig) -> list[TensorRule]:
              _same(E + "token_type_embeddings.weight", ("embed", "type", "embedding")),
              *_norm(E + "LayerNorm", ("embed", "norm"), bias=True)]
     for hf, ours in (("query", "q"), ("key", "k"), ("value", "v")):
-        rules += [_heads_in(f"{L}attention.self.{hf}.weight", _blocks("attn", ours, "kernel"), H, Dh),
-                  _heads_bias(f"{L}attention.self.{hf}.bias", _blocks("attn", ours, "bias"), H, Dh)]
+        name = f"{L}attention.self.{hf}"
+        rules += [_heads_in(name + ".weight", _blocks("attn", ours, "kernel"), H, Dh),
+                  _heads_bias(name + ".bias", _blocks("attn", ours, "bias"), H, Dh)]
     return rules + [
         _heads_out(L + "attention.output.dense.weight", _blocks("attn", "o", "kernel"), H, Dh),
         _same(L + "attention.output.dense.bias", _blocks("attn", "o", "bias")),

@@ -1,12 +1,12 @@
-"""Batches for metrics: normalization of user input and the next-token loss sums."""
+"""Batches for metrics: normalization of user input (the loss itself is depthjax.loss)."""
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ..model import check_ids
 from .scores import MetricError
@@ -51,18 +51,3 @@ def as_batches(batches, vocab_size: int | None = None) -> list[Batch]:
     if not out:
         raise MetricError("no batches: metrics need at least one batch of tokens")
     return out
-
-
-def nll_sums(logits_BTV, tokens_BT, mask_BT):
-    """(sum of next-token negative log-likelihoods, number of predicted tokens): position t
-    predicts token t+1 where both are real."""
-    w = mask_BT[:, 1:] * mask_BT[:, :-1]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1].astype(jnp.float32),
-                                                          tokens_BT[:, 1:])
-    return jnp.sum(nll * w), jnp.sum(w)
-
-
-def require_causal(model, what: str) -> None:
-    if not model.config.causal:
-        raise MetricError(f"{what} uses the next-token loss, which a bidirectional "
-                         f"{model.config.family} encoder does not define; use measure='logit'")

@@ -1,5 +1,6 @@
 """Metrics read from one traced forward: block influence (ShortGPT), angular distance
-(Gromov et al.), relative contribution (Csordás et al.) and the residual norm.
+(Gromov et al.), relative contribution (Csordás et al.), module similarity ("What Matters
+in Transformers?", He et al.) and the residual norm.
 
 `trace_statistics` runs one compiled forward per batch and accumulates every sum on
 device; each metric is a view of those sums, and `trace_metrics` returns them all.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import progress
 from ..model import DepthModel, apply
 from .batches import as_batches
 from .scores import MetricError, Scores
@@ -67,18 +69,23 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
         "ratio_block": tok_sum(_ratio(u_attn + u_mlp, x_in)),
         "cos_attn": tok_sum(cos(u_attn, x_in) * (jnp.linalg.norm(u_attn, axis=-1) > 0)),
         "cos_mlp": tok_sum(cos(u_mlp, h) * (jnp.linalg.norm(u_mlp, axis=-1) > 0)),
-        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in) * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
+        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in)
+                             * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
+        # module similarity: 1 - cos(sublayer input, sublayer output), residual included
+        "module_attn": tok_sum(one_minus_cos(x_in, h)),
+        "module_mlp": tok_sum(one_minus_cos(h, h + u_mlp)),
     }
 
 
 def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
     """Means over real tokens (rows, for the last-token angular matrix) of every trace sum."""
     total = None
-    for b in as_batches(batches, model.config.vocab_size):
+    for b in progress.track(as_batches(batches, model.config.vocab_size), "trace metrics"):
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
-    out = {k: v / total["tokens"] for k, v in total.items() if k not in ("tokens", "rows", "angular")}
+    out = {k: v / total["tokens"] for k, v in total.items()
+           if k not in ("tokens", "rows", "angular")}
     out["angular"] = total["angular"] / total["rows"]       # [S+1, S+1]
     return out
 
@@ -121,6 +128,19 @@ def _contributions(stats) -> dict[str, Scores]:
             for u in ("attn", "mlp", "block")}
 
 
+def _module_similarity(stats) -> Scores:
+    return Scores("module_similarity", "sublayer",
+                  np.concatenate([stats["module_attn"], stats["module_mlp"]]),
+                  {"residual_norm": stats["residual_norm"]})
+
+
+def module_similarity(model: DepthModel, batches) -> Scores:
+    """"What Matters in Transformers?": 1 - mean cos(X, Y) over real tokens of each
+    sublayer's input X and output Y (the residual after its update), for the attention
+    sublayers of steps 0..S-1 then the MLPs: unit "sublayer", for prune(unit="sublayer")."""
+    return _module_similarity(trace_statistics(model, batches))
+
+
 def residual_norm(model: DepthModel, batches) -> np.ndarray:
     """Mean |residual[i]| over real tokens, i = 0..depth."""
     return trace_statistics(model, batches)["residual_norm"]
@@ -132,4 +152,5 @@ def trace_metrics(model: DepthModel, batches, span: int = 1) -> dict[str, Scores
     out = {"block_influence": _from_stats(stats, "block_influence"),
            "angular_distance": _from_stats(stats, "angular_distance", span)}
     out.update({f"relative_contribution_{k}": v for k, v in _contributions(stats).items()})
+    out["module_similarity"] = _module_similarity(stats)
     return out

@@ -28,19 +28,30 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
 }
 
 
+def sublayer_matmul_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(attention, MLP) weights one step's sublayers pass every token through."""
+    D, Dh, H, K, F = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
+    return D * (H + 2 * K) * Dh + H * Dh * D, (3 if cfg.mlp == "swiglu" else 2) * D * F
+
+
 def matmul_params_per_token(cfg: ModelConfig, depth: int | None = None) -> int:
     """Weights every token passes through in matmuls (embedding lookups excluded)."""
-    D, Dh, H, K, F = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
-    attn = D * (H + 2 * K) * Dh + H * Dh * D
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
-    return (cfg.depth if depth is None else depth) * (attn + mlp) + D * cfg.vocab_size
+    attn, mlp = sublayer_matmul_params(cfg)
+    return (cfg.depth if depth is None else depth) * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def sublayer_forward_flops(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """Forward FLOPs per token of one step's (attention, MLP) sublayer at `seq_len`
+    (attention includes its scores and values, counted in full)."""
+    attn, mlp = sublayer_matmul_params(cfg)
+    return 2.0 * attn + 4.0 * seq_len * cfg.n_heads * cfg.head_dim, 2.0 * mlp
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, depth: int | None = None) -> float:
     """Forward + backward FLOPs per trained token at sequence length `seq_len`."""
     depth = cfg.depth if depth is None else depth
-    forward = 2 * matmul_params_per_token(cfg, depth) + 4 * depth * seq_len * cfg.n_heads * cfg.head_dim
-    return 3.0 * forward
+    attn, mlp = sublayer_forward_flops(cfg, seq_len)
+    return 3.0 * (depth * (attn + mlp) + 2.0 * cfg.d_model * cfg.vocab_size)
 
 
 def peak_flops(device=None, dtype: str = "bfloat16") -> float | None:

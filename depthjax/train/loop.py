@@ -30,16 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import atomic
-from .. import checkpoint as native_ckpt
-from .. import data as data_lib
-from .. import sharding as shd
-from ..model import DepthModel, init
+from .. import atomic, checkpoint as native_ckpt, data as data_lib, sharding as shd
+from ..model import DepthModel, count_params, init
 from ..program import Program
-from . import flops as flops_lib
-from . import hosts, run_dir
+from . import flops as flops_lib, hosts, run_dir
 from .checkpoints import TrainCheckpoints
 from .config import TrainConfig, TrainConfigError
+from .layerskip import LayerSkip
 from .logs import RunLog
 from .step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
 
@@ -223,6 +220,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     main_process = jax.process_index() == 0
     cfg, program, loaded_params = _initial_model(tc)
     tc.check_model(cfg)
+    layerskip = LayerSkip.from_config(tc, program)  # None when both are off
     mesh = shd.make_mesh(tc.mesh.data, tc.mesh.fsdp, tc.mesh.tensor)
     if tc.batch_size % (shd.batch_divisor(mesh) * tc.grad_accum):
         raise TrainConfigError(f"batch_size={tc.batch_size} must be divisible by grad_accum="
@@ -242,7 +240,8 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
 
     abstract_params = (jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
                        if loaded_params is None else
-                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params))
+                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    loaded_params))
     mask = trainable_mask(abstract_params, tc.trainable)
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
@@ -251,8 +250,8 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
 
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
-        return TrainState(step=jnp.int32(0), params=params,
-                          opt_state=tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params)),
+        opt_state = tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params))
+        return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                           bad_step=jnp.int32(-1), skipped=jnp.int32(0))
 
     ckpts = TrainCheckpoints(ckpts_dir, tc, unsealed_before=unsealed_before)
@@ -280,7 +279,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     # step together: gloo gives a process 30 s to join a collective it has not run before.
     step_fn = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mask=mask,
                                         grad_accum=tc.grad_accum, nan_policy=tc.nan_policy,
-                                        schedule=schedule),
+                                        schedule=schedule, layerskip=layerskip),
                       in_shardings=(state_sh, batch_sh, repl),
                       out_shardings=(state_sh, repl), donate_argnums=0
                       ).lower(abstract_state, batch_struct, program_dev).compile()
@@ -292,9 +291,8 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     flops_per_token = flops_lib.train_flops_per_token(cfg, tc.seq_len, program.depth)
     peak = (tc.peak_tflops * 1e12 if tc.peak_tflops else
             flops_lib.peak_flops(jax.devices()[0], cfg.dtype))
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
     if step0 == 0:
-        log.message(f"{cfg.family} model, {n_params:,} parameters, mesh "
+        log.message(f"{cfg.family} model, {count_params(abstract_params):,} parameters, mesh "
                     f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].device_kind} "
                     f"device(s), {jax.process_count()} process(es), {data_shards(tc)} data "
                     "shards")
@@ -312,6 +310,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
 
     step, last_t, last_step = step0, time.time(), step0
     try:
+        log.start(step0)  # cuts what an earlier attempt logged after step0
         while step < tc.steps:
             state, metrics = step_fn(state, _global_batch(next(data_it), batch_sh, tc),
                                      program_dev)
@@ -321,12 +320,16 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
                 m = jax.device_get(metrics)
                 now = time.time()
                 tps = (step - last_step) * tc.batch_size * tc.seq_len / (now - last_t)
-                record = {"step": step, "loss": float(m["loss"]),
+                record = {"step": step, "time": now, "loss": float(m["loss"]),
                           "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                           "tokens_per_s": tps,
                           "mfu": (tps * flops_per_token / (peak * jax.device_count())
                                   if peak else None),
                           "step_time_s": (now - last_t) / (step - last_step)}
+                if layerskip is not None:
+                    record["objective"] = float(m["objective"])
+                    record.update({f"exit_loss_{k}": float(v)
+                                   for k, v in zip(layerskip.exits, m["exit_loss"])})
                 if tc.nan_policy == "skip":
                     record["skipped"] = int(jax.device_get(state.skipped))
                 if tc.eval_every and (step % tc.eval_every == 0 or done):

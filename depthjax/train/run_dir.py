@@ -73,7 +73,8 @@ def flat(tree, prefix=""):
     return out
 
 
-def differences(stored: dict, now: dict, defaults: dict | None = None) -> tuple[list[str], list[str]]:
+def differences(stored: dict, now: dict,
+                defaults: dict | None = None) -> tuple[list[str], list[str]]:
     """(refused, warned): "key: old -> new" for the keys that differ, by kind. A training
     key the stored record lacks (added by a later depthjax) counts as unchanged when it
     now has its default (`defaults`, flat dotted keys) -- unless it is an identity key."""
@@ -175,7 +176,7 @@ class RunLock:
             return f"no heartbeat for {age:.0f}s"
         return None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         mine = self.path.with_name(f".{LOCK}.{self.me['host']}.{self.me['pid']}")
         mine.write_text(json.dumps(self.me) + "\n")
         try:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from ..config import ModelConfig
+from ..loss import packed_nll_sums
 from ..model import DepthModel, apply
 from ..program import Program
+from . import layerskip as layerskip_lib
 from .config import TrainConfig, TrainConfigError
 
 
@@ -87,34 +90,47 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch):
     batch: int32 [B, T] inputs, targets, segment_ids (0 = padding), positions."""
     logits_BTV = apply(DepthModel(cfg, params, program), batch["inputs"],
                        segment_ids=batch["segment_ids"], positions=batch["positions"])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    weight_BT = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return jnp.sum(nll_BT * weight_BT), jnp.sum(weight_BT)
+    return packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
 
 
 def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, mask, grad_accum: int, nan_policy: str,
-               schedule: optax.Schedule):
+               schedule: optax.Schedule, layerskip: layerskip_lib.LayerSkip | None = None):
     """One optimizer step over a global batch, as `grad_accum` micro-batches in a scan.
 
     The loss is the mean over all real target tokens of the batch, so accumulation gives
-    the same gradient as one big batch."""
+    the same gradient as one big batch. batch: int32 [B, T] each (see `loss_sums`).
+    With `layerskip` (layer dropout and early-exit losses, see depthjax.train.layerskip)
+    the gradient is the normalized early-exit objective's; metrics then also hold
+    "objective" and "exit_loss" [n_exits]."""
+    chex.assert_rank(list(batch.values()), 2)
+    chex.assert_equal_shape(list(batch.values()))
     trainable, frozen = split(state.params, mask)
-    grad_fn = jax.value_and_grad(lambda t, mb: loss_sums(merge(t, frozen), cfg, program, mb),
-                                 has_aux=True)
+    if layerskip is None:
+        def objective(t, mb):
+            total, count = loss_sums(merge(t, frozen), cfg, program, mb)
+            return total, (count, total[None])
+    else:
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        batch = {**batch, "keep": layerskip.keep_mask(state.step, rows)}
+        objective = lambda t, mb: layerskip_lib.loss_sums(merge(t, frozen), cfg, program, mb,
+                                                          layerskip, state.step)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(trainable, batch)
+        (objective_sum, (count, nll)), grads = grad_fn(trainable, batch)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
         def body(acc, mb):
-            (l, n), g = grad_fn(trainable, mb)
-            return jax.tree.map(jnp.add, acc, (l, n, g)), None
+            (objective_sum, (n, nll)), g = grad_fn(trainable, mb)
+            return jax.tree.map(jnp.add, acc, (objective_sum, n, nll, g)), None
 
-        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
-        (loss_sum, count, grads), _ = jax.lax.scan(body, zeros, micro)
+        outputs = 1 + (len(layerskip.exits) if layerskip else 0)
+        zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros((outputs,)),
+                 jax.tree.map(jnp.zeros_like, trainable))
+        (objective_sum, count, nll, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(count, 1.0)
-    loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grads)
+    loss, grads = objective_sum / count, jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.global_norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, trainable)
     new_params = merge(optax.apply_updates(trainable, updates), frozen)
@@ -132,6 +148,8 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
                            skipped=skipped)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "tokens": count, "finite": finite}
+    if layerskip is not None:  # "loss" stays the final output's cross-entropy
+        metrics.update(loss=nll[0] / count, objective=loss, exit_loss=nll[1:] / count)
     return new_state, metrics
 
 
