@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Data that cannot be read or does not fit the model (also `depthjax.data.DataError`)."""
+from .textfiles import DataError
 
 
 def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Path]:

@@ -142,13 +142,14 @@ def test_linear_and_lora_recovery_have_a_default_rank():
 
 
 def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, capsys):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
     from depthjax import cli, integrity
     m = dj.init(dj.configs.get("llama-tiny", n_layers=3, d_model=32), jax.random.key(0))
     dj.hf.save(m, str(tmp_path / "hf"))
-    tok = Tokenizer(models.WordLevel({chr(97 + i): i for i in range(26)} | {"[UNK]": 26},
+    tok = Tokenizer(models.WordLevel({chr(i): i for i in range(255)} | {"[UNK]": 255},
                                      unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # characters
     tok.save(str(tmp_path / "hf" / "tokenizer.json"))
     data = ["--batches", "1", "--batch-size", "2", "--seq-len", "16"]
     assert cli.main(["prune", "--model", str(tmp_path / "hf"), "--n", "1", "--recover", "linear",
@@ -158,9 +159,11 @@ def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, caps
     assert (pruned / "tokenizer.json").read_bytes() == original
     assert "tokenizer.json" in integrity.load_sealed(pruned / "manifest.json")["files"]
     assert dj.load(pruned).params["steps"]["adapter"]["a"].shape[-1] == 16  # min(16, d_model)
+    # depth: the tokenizer of a native checkpoint goes into the edited one.
+    dj.save(m, tmp_path / "native", files=[tmp_path / "hf" / "tokenizer.json"])
     (tmp_path / "spec.yaml").write_text("slices:\n  - layers: [1, 0]\n")
-    assert cli.main(["depth", "--in", str(pruned), "--spec", str(tmp_path / "spec.yaml"),
-                     "--out", str(tmp_path / "reordered")]) == 0
+    assert cli.main(["depth", "--in", str(tmp_path / "native"), "--spec",
+                     str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "reordered")]) == 0
     assert (tmp_path / "reordered" / "tokenizer.json").exists()
     capsys.readouterr()
 

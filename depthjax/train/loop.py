@@ -340,6 +340,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
                 last_t, last_step = time.time(), step
             if step % tc.checkpoint_every == 0 or done:
                 check_finite(state, step)
+                log.flush()
                 ckpts.save(step, state, hosts.merged_json(data_it.get_state()), meta)
         ckpts.wait()
         _save_final(out_dir / "model", DepthModel(cfg, state.params, program))
