@@ -56,8 +56,15 @@ setup(
     ],
     extras_require={
         # tensorboard: its event reader checks our event files (it needs no TensorFlow).
-        "test": ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "tensorboard", "ruff>=0.17,<0.18"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "tensorboard",
+            "ruff>=0.17,<0.18",
+        ],
         # lm-evaluation-harness without its hf extra: no torch (depthjax.eval.harness)
         "eval": ["lm-eval>=0.4.13,<0.5"],
     },

@@ -29,17 +29,18 @@ def spread(depth: int, fraction: float) -> list[int]:
 @functools.partial(jax.jit, static_argnames=("n", "ex"))
 def decode_loop(model, cache, logits_BV, *, n, ex):
     """n greedy decode steps; returns the last logits (to block on)."""
+
     def body(_, state):
         logits_BV, cache = state
         tok_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
         logits_BV, cache, _ = decoding._decode(model, cache, tok_B, ex)
         return logits_BV, cache
+
     return jax.lax.fori_loop(0, n, body, (logits_BV, cache))[0]
 
 
 def measure(model, batch, prompt_len, new_tokens):
-    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0,
-                                model.config.vocab_size)
+    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, model.config.vocab_size)
     logits, cache = dj.prefill(model, prompt, max_len=prompt_len + new_tokens)
     ex = decoding._exit_settings(model, None, None, None, "skip")
     seconds = timed(lambda: decode_loop(model, cache, logits, n=new_tokens, ex=ex), repeat=3)
@@ -47,8 +48,9 @@ def measure(model, batch, prompt_len, new_tokens):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     on_cpu = jax.devices()[0].platform == "cpu"
     p.add_argument("--model", default="llama-small" if on_cpu else "llama-1b")
     p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
@@ -66,17 +68,24 @@ def main():
         "attn -50%": dj.depth.drop_sublayers(model, attn=spread(d, 0.5)),
         "blocks -25%": dj.depth.drop(model, spread(d, 0.25)),
     }
-    print(f"# {args.model} ({args.dtype}), depth {d}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} decode steps")
-    print(f"{'batch':>5} {'program':<12} {'tokens/s':>10} {'KV MiB':>9} "
-          f"{'speed ratio':>11} {'KV ratio':>8}")
+    print(
+        f"# {args.model} ({args.dtype}), depth {d}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} decode steps"
+    )
+    print(
+        f"{'batch':>5} {'program':<12} {'tokens/s':>10} {'KV MiB':>9} "
+        f"{'speed ratio':>11} {'KV ratio':>8}"
+    )
     for batch in (int(b) for b in args.batches.split(",")):
         base = None
         for name, m in variants.items():
             tps, kv = measure(m, batch, args.prompt_len, args.new_tokens)
             base = base or (tps, kv)
-            print(f"{batch:>5} {name:<12} {tps:>10.1f} {kv / 2**20:>9.1f} "
-                  f"{tps / base[0]:>11.3f} {kv / base[1]:>8.3f}", flush=True)
+            print(
+                f"{batch:>5} {name:<12} {tps:>10.1f} {kv / 2**20:>9.1f} "
+                f"{tps / base[0]:>11.3f} {kv / base[1]:>8.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

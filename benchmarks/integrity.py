@@ -42,8 +42,10 @@ def main():
         print(f"native checkpoint, {nbytes / 2**20:.0f} MiB of parameters")
         print(f"  dj.save (writes + digests every file)   {save:.3f}s")
         print(f"  dj.load(verify=False)                   {plain:.3f}s")
-        print(f"  dj.load (SHA-256 of every file)         {verified:.3f}s   "
-              f"= {verified / plain:.2f}x unverified")
+        print(
+            f"  dj.load (SHA-256 of every file)         {verified:.3f}s   "
+            f"= {verified / plain:.2f}x unverified"
+        )
 
         state = {"params": model.params, "mu": model.params, "nu": model.params}
         orbax_dir = tmp / "orbax"
@@ -52,6 +54,7 @@ def main():
             shutil.rmtree(orbax_dir, ignore_errors=True)
             with ocp.StandardCheckpointer() as c:
                 c.save(orbax_dir / "step", state)
+
         t_save = clock(orbax_save)
         step = orbax_dir / "step"
         t_seal = clock(lambda: integrity.seal(step))
@@ -60,16 +63,23 @@ def main():
         def orbax_restore():
             with ocp.StandardCheckpointer() as c:
                 jax.block_until_ready(c.restore(step, abstract))
+
         t_restore = clock(orbax_restore)
         t_verify = clock(lambda: integrity.verify(step))
         size = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
         print(f"training checkpoint (orbax, params + 2 moments), {size / 2**20:.0f} MiB on disk")
-        print(f"  orbax save          {t_save:.3f}s    seal   {t_seal:.3f}s = "
-              f"{t_seal / t_save:.2f}x the save")
-        print(f"  orbax restore       {t_restore:.3f}s    verify {t_verify:.3f}s = "
-              f"{t_verify / t_restore:.2f}x the restore")
-        print(f"  hashing throughput  {size / 2**20 / t_verify:.0f} MiB/s (one process; a "
-              "multi-host restore splits the files over the processes)")
+        print(
+            f"  orbax save          {t_save:.3f}s    seal   {t_seal:.3f}s = "
+            f"{t_seal / t_save:.2f}x the save"
+        )
+        print(
+            f"  orbax restore       {t_restore:.3f}s    verify {t_verify:.3f}s = "
+            f"{t_verify / t_restore:.2f}x the restore"
+        )
+        print(
+            f"  hashing throughput  {size / 2**20 / t_verify:.0f} MiB/s (one process; a "
+            "multi-host restore splits the files over the processes)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -38,20 +38,26 @@ def main():
 
     fn = coalitions._coalition_sums
     before = fn._cache_size()
-    jax.block_until_ready(M.ablation(model, tokens).values)       # compile
+    jax.block_until_ready(M.ablation(model, tokens).values)  # compile
     t_ablation = timed(lambda: M.ablation(model, tokens).values, repeat=3)
     compiles = fn._cache_size() - before
-    print(f"{S} leave-one-out ablations (+ full model): {t_ablation:.3f}s after "
-          f"{compiles} compilation(s); {S + 1} separate forwards: {separate:.3f}s")
+    print(
+        f"{S} leave-one-out ablations (+ full model): {t_ablation:.3f}s after "
+        f"{compiles} compilation(s); {S + 1} separate forwards: {separate:.3f}s"
+    )
     ratio = t_ablation / separate
-    print(f"ratio ablation / separate forwards: {ratio:.2f}x (goal <= 1.3x, one compilation): "
-          f"{'met' if ratio <= 1.3 and compiles == 1 else 'NOT met'}")
+    print(
+        f"ratio ablation / separate forwards: {ratio:.2f}x (goal <= 1.3x, one compilation): "
+        f"{'met' if ratio <= 1.3 and compiles == 1 else 'NOT met'}"
+    )
 
     trace_t = timed(lambda: M.trace_metrics(model, tokens)["block_influence"].values, repeat=3)
     fwd = jax.jit(dj.apply)
     plain = timed(fwd, model, tokens)
-    print(f"all trace metrics in one pass: {trace_t * 1e3:.1f}ms = {trace_t / plain:.2f}x a "
-          "plain forward")
+    print(
+        f"all trace metrics in one pass: {trace_t * 1e3:.1f}ms = {trace_t / plain:.2f}x a "
+        "plain forward"
+    )
     t_shap = timed(lambda: M.shapley(model, tokens, num_permutations=2).values, repeat=1)
     print(f"Shapley, 2 permutations ({2 * (S + 1)} coalitions, deduplicated): {t_shap:.2f}s")
 

@@ -53,8 +53,9 @@ def measure(model, prompts, new_tokens: int, drafts, draft_tokens: int, repeat: 
         methods[("exit-at-k", k)] = dict(exit_at=k)
         methods[("speculative", k)] = dict(draft=k, draft_tokens=draft_tokens)
     outs = {m: run(**kw) for m, kw in methods.items()}  # compiles; the checked outputs
-    seconds = interleaved_seconds({m: (lambda kw=kw: run(**kw).tokens)
-                                   for m, kw in methods.items()}, repeat)
+    seconds = interleaved_seconds(
+        {m: (lambda kw=kw: run(**kw).tokens) for m, kw in methods.items()}, repeat
+    )
     want = np.asarray(outs[("plain", model.depth)].tokens)
     tokens = prompts.shape[0] * new_tokens
     base = tokens / seconds[("plain", model.depth)]
@@ -64,21 +65,30 @@ def measure(model, prompts, new_tokens: int, drafts, draft_tokens: int, repeat: 
         if method == "speculative" and not np.array_equal(got, want):
             raise AssertionError(f"draft={k}: speculative output differs from plain decoding")
         tps = tokens / seconds[(method, k)]
-        row = dict(method=method, k=k, tokens_per_s=tps, ratio=tps / base,
-                   agreement=float((got == want).mean()))
+        row = dict(
+            method=method,
+            k=k,
+            tokens_per_s=tps,
+            ratio=tps / base,
+            agreement=float((got == want).mean()),
+        )
         if out.draft is not None:
-            row.update(acceptance=out.draft.acceptance,
-                       tokens_per_pass=float(np.sum(out.lengths) - prompts.shape[0])
-                       / max(int(np.sum(out.draft.rounds)), 1))
+            row.update(
+                acceptance=out.draft.acceptance,
+                tokens_per_pass=float(np.sum(out.lengths) - prompts.shape[0])
+                / max(int(np.sum(out.draft.rounds)), 1),
+            )
         rows.append(row)
     return rows
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True,
-                   help="model directory (repeat to compare models)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", action="append", required=True, help="model directory (repeat to compare models)"
+    )
     p.add_argument("--drafts", default=None, help="draft depths k (default: depth/4,depth/2)")
     p.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per round")
     p.add_argument("--batch", type=int, default=1)
@@ -91,28 +101,40 @@ def main():
     header()
     prompts = sample_windows(args.batch, args.prompt_len, seed=args.seed, split="valid")
     results = {}
-    print(f"# greedy, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, {args.draft_tokens} draft tokens per round")
-    print(f"{'model':<24} {'method':<12} {'k':>3} {'tokens/s':>9} {'ratio':>6} "
-          f"{'accept':>7} {'tok/pass':>8} {'agree':>6}")
+    print(
+        f"# greedy, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new "
+        f"tokens, {args.draft_tokens} draft tokens per round"
+    )
+    print(
+        f"{'model':<24} {'method':<12} {'k':>3} {'tokens/s':>9} {'ratio':>6} "
+        f"{'accept':>7} {'tok/pass':>8} {'agree':>6}"
+    )
     for path in args.model:
         model = load_model(path)
         d = model.depth
-        drafts = ([int(k) for k in args.drafts.split(",")] if args.drafts
-                  else sorted({max(1, d // 4), max(1, d // 2)}))
+        drafts = (
+            [int(k) for k in args.drafts.split(",")]
+            if args.drafts
+            else sorted({max(1, d // 4), max(1, d // 2)})
+        )
         name = Path(path).parent.name if Path(path).name == "model" else Path(path).name
         rows = measure(model, prompts, args.new_tokens, drafts, args.draft_tokens, args.repeat)
         results[name] = rows
         for r in rows:
             fmt = lambda key, spec, r=r: format(r[key], spec) if key in r else "-"
-            print(f"{name[:24]:<24} {r['method']:<12} {r['k']:>3} {r['tokens_per_s']:>9.1f} "
-                  f"{r['ratio']:>6.2f} {fmt('acceptance', '>7.1%'):>7} "
-                  f"{fmt('tokens_per_pass', '>8.2f'):>8} {fmt('agreement', '>6.1%'):>6}",
-                  flush=True)
+            print(
+                f"{name[:24]:<24} {r['method']:<12} {r['k']:>3} {r['tokens_per_s']:>9.1f} "
+                f"{r['ratio']:>6.2f} {fmt('acceptance', '>7.1%'):>7} "
+                f"{fmt('tokens_per_pass', '>8.2f'):>8} {fmt('agreement', '>6.1%'):>6}",
+                flush=True,
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"device": jax.devices()[0].device_kind, "args": vars(args), "results": results},
-            indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": jax.devices()[0].device_kind, "args": vars(args), "results": results},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

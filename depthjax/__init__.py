@@ -29,13 +29,38 @@ __version__ = "0.1.0"
 
 __all__ = [
     # model
-    "ModelConfig", "ConfigError", "Remat", "presets", "configs", "DepthModel", "Trace", "init",
-    "apply", "InputError", "Program", "ProgramError",
+    "ModelConfig",
+    "ConfigError",
+    "Remat",
+    "presets",
+    "configs",
+    "DepthModel",
+    "Trace",
+    "init",
+    "apply",
+    "InputError",
+    "Program",
+    "ProgramError",
     # depth, metrics, pruning
-    "depth", "metrics", "prune", "PruneError", "recover", "RecoverError", "search", "eval",
+    "depth",
+    "metrics",
+    "prune",
+    "PruneError",
+    "recover",
+    "RecoverError",
+    "search",
+    "eval",
     # checkpoints and Hugging Face
-    "save", "load", "CheckpointError", "hf",
+    "save",
+    "load",
+    "CheckpointError",
+    "hf",
     # generation
-    "generate", "prefill", "decode_step", "KVCache", "Generation", "GenerationError",
+    "generate",
+    "prefill",
+    "decode_step",
+    "KVCache",
+    "Generation",
+    "GenerationError",
     "DraftStats",
 ]

@@ -87,7 +87,7 @@ def clean_stale(path: Path, *, any_owner: bool = False) -> None:
         if not m or not (any_owner or (m.group(2) and not pid_alive(int(m.group(2))))):
             continue
         if m.group(1) == "old" and not path.exists():
-            os.replace(entry, path)   # the swap died half-way: the old one is the only copy
+            os.replace(entry, path)  # the swap died half-way: the old one is the only copy
         else:
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -111,10 +111,10 @@ def swap_in(new: Path, path: Path) -> None:
     if not path.exists():
         os.replace(new, path)
     elif _exchange(new, path):
-        shutil.rmtree(new)    # now the old directory
+        shutil.rmtree(new)  # now the old directory
     else:
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{_tag()}-", dir=path.parent))
-        os.replace(path, old)   # onto the empty directory that reserved the name
+        os.replace(path, old)  # onto the empty directory that reserved the name
         os.replace(new, path)
         shutil.rmtree(old)
     fsync_dir(path.parent)

@@ -54,8 +54,9 @@ def pallas_interpret(enabled: bool = True):
         _interpret = previous
 
 
-def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None,
-                   q_offset=0):
+def attention_mask(
+    T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None, q_offset=0
+):
     """Boolean mask [B or 1, 1, T, S]: True where query t may attend to key s.
 
     `q_offset` is the absolute position of query 0 among the keys (decoding with a cache).
@@ -78,15 +79,15 @@ def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask
 class Problem:
     """What an implementation needs to know to say whether it can run."""
 
-    backend: str          # "cpu" | "gpu" | "tpu"
+    backend: str  # "cpu" | "gpu" | "tpu"
     dtype: str
     head_dim: int
     T: int
     S: int
     causal: bool
-    segments: bool        # packed documents (segment ids)
-    kv_mask: bool         # key padding
-    interpret: bool       # Pallas interpreter allowed (CPU testing)
+    segments: bool  # packed documents (segment ids)
+    kv_mask: bool  # key padding
+    interpret: bool  # Pallas interpreter allowed (CPU testing)
     gpu_capability: tuple[int, int] | None = None
 
     @classmethod
@@ -95,10 +96,18 @@ class Problem:
         capability = None
         if device.platform == "gpu" and getattr(device, "compute_capability", None):
             capability = tuple(int(x) for x in str(device.compute_capability).split(".")[:2])
-        return cls(backend=device.platform, dtype=jnp.dtype(q.dtype).name,
-                   head_dim=q.shape[-1], T=q.shape[1], S=k.shape[1], causal=causal,
-                   segments=segment_ids_BT is not None, kv_mask=kv_mask_BS is not None,
-                   interpret=_interpret, gpu_capability=capability)
+        return cls(
+            backend=device.platform,
+            dtype=jnp.dtype(q.dtype).name,
+            head_dim=q.shape[-1],
+            T=q.shape[1],
+            S=k.shape[1],
+            causal=causal,
+            segments=segment_ids_BT is not None,
+            kv_mask=kv_mask_BS is not None,
+            interpret=_interpret,
+            gpu_capability=capability,
+        )
 
 
 def _why_not_cudnn(p: Problem) -> str | None:
@@ -131,8 +140,10 @@ def _why_not_pallas(p: Problem) -> str | None:
         return None
     if p.interpret:
         return None
-    return (f"the Pallas kernels compile for GPU/TPU only (backend is {p.backend}); "
-            "use pallas_interpret() or DEPTHJAX_PALLAS_INTERPRET=1 to run them interpreted")
+    return (
+        f"the Pallas kernels compile for GPU/TPU only (backend is {p.backend}); "
+        "use pallas_interpret() or DEPTHJAX_PALLAS_INTERPRET=1 to run them interpreted"
+    )
 
 
 CAPABILITIES = {"xla": lambda p: None, "cudnn": _why_not_cudnn, "pallas": _why_not_pallas}
@@ -174,14 +185,23 @@ def _pallas(q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, backend, inte
     from depthjax.kernels.splash import splash_attention
 
     kv_seg = None
-    if kv_mask_BS is not None:       # key padding = keys in a segment no query belongs to
-        seg = (segment_ids_BT if segment_ids_BT is not None
-               else jnp.zeros(kv_mask_BS.shape, jnp.int32))
+    if kv_mask_BS is not None:  # key padding = keys in a segment no query belongs to
+        seg = (
+            segment_ids_BT if segment_ids_BT is not None else jnp.zeros(kv_mask_BS.shape, jnp.int32)
+        )
         kv_seg = jnp.where(kv_mask_BS.astype(bool), seg.astype(jnp.int32), KV_PAD_SEGMENT)
         segment_ids_BT = seg
     fn = splash_attention if backend == "tpu" else flash_attention
-    return fn(q, k, v, causal=causal, segment_ids=segment_ids_BT, kv_segment_ids=kv_seg,
-              scale=scale, interpret=interpret)
+    return fn(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids_BT,
+        kv_segment_ids=kv_seg,
+        scale=scale,
+        interpret=interpret,
+    )
 
 
 def _context_mesh():
@@ -202,14 +222,28 @@ def _sharded(fn, mesh, q, k, v, segment_ids_BT, kv_mask_BS):
     qkv = P(b, None, heads, None)
     seg = P(b, None)
     args = (q, k, v, segment_ids_BT, kv_mask_BS)
-    specs = (qkv, qkv, qkv, None if segment_ids_BT is None else seg,
-             None if kv_mask_BS is None else seg)
+    specs = (
+        qkv,
+        qkv,
+        qkv,
+        None if segment_ids_BT is None else seg,
+        None if kv_mask_BS is None else seg,
+    )
     # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation.
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None,
-           scale: float | None = None, impl: str = "xla"):
+def attend(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    *,
+    causal: bool,
+    segment_ids_BT=None,
+    kv_mask_BS=None,
+    scale: float | None = None,
+    impl: str = "xla",
+):
     """Softmax attention; H must be a multiple of K (grouped-query). Returns [B, T, H, D].
 
     Query rows that can see no key: xla/cudnn average V uniformly, pallas returns zeros.
@@ -217,17 +251,29 @@ def attend(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, segment_ids_BT=None, kv_mask
     """
     if kv_mask_BS is not None and kv_mask_BS.ndim == 3:
         if impl not in ("xla", "auto"):
-            raise AttentionUnavailable(f"attention_impl={impl!r} cannot run: a per-query key "
-                                       "mask [B, T, S] needs xla")
+            raise AttentionUnavailable(
+                f"attention_impl={impl!r} cannot run: a per-query key mask [B, T, S] needs xla"
+            )
         impl = "xla"
-    problem = Problem.of(q_BTHD, k_BSKD, causal=causal, segment_ids_BT=segment_ids_BT,
-                         kv_mask_BS=kv_mask_BS)
+    problem = Problem.of(
+        q_BTHD, k_BSKD, causal=causal, segment_ids_BT=segment_ids_BT, kv_mask_BS=kv_mask_BS
+    )
     chosen = choose(impl, problem)
     if chosen == "pallas":
+
         def run(q, k, v, seg, kv_mask):
-            return _pallas(q, k, v, causal=causal, segment_ids_BT=seg, kv_mask_BS=kv_mask,
-                           scale=scale, backend=problem.backend,
-                           interpret=problem.backend == "cpu")
+            return _pallas(
+                q,
+                k,
+                v,
+                causal=causal,
+                segment_ids_BT=seg,
+                kv_mask_BS=kv_mask,
+                scale=scale,
+                backend=problem.backend,
+                interpret=problem.backend == "cpu",
+            )
+
         mesh = _context_mesh()
         if mesh is None:
             return run(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS)
@@ -235,7 +281,9 @@ def attend(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, segment_ids_BT=None, kv_mask
     T, S = q_BTHD.shape[1], k_BSKD.shape[1]
     mask = None
     if segment_ids_BT is not None or kv_mask_BS is not None:
-        mask = attention_mask(T, S, causal=False, segment_ids_BT=segment_ids_BT,
-                              kv_mask_BS=kv_mask_BS)
-    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale,
-                                        is_causal=causal, implementation=chosen)
+        mask = attention_mask(
+            T, S, causal=False, segment_ids_BT=segment_ids_BT, kv_mask_BS=kv_mask_BS
+        )
+    return jax.nn.dot_product_attention(
+        q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale, is_causal=causal, implementation=chosen
+    )

@@ -23,8 +23,18 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, attn_gate, mlp_gate, positions_BT, *, segment_ids_BT=None,
-                 kv_mask_BT=None, kv_cache=None, attn_enabled: bool = True):
+    def __call__(
+        self,
+        x_BTD,
+        attn_gate,
+        mlp_gate,
+        positions_BT,
+        *,
+        segment_ids_BT=None,
+        kv_mask_BT=None,
+        kv_cache=None,
+        attn_enabled: bool = True,
+    ):
         """Returns the gated updates (u_attn_BTD, u_mlp_BTD); the block output is x + both.
 
         With `kv_cache` (see `Attention`) returns (u_attn_BTD, u_mlp_BTD, kv_cache).
@@ -38,8 +48,13 @@ class Block(nn.Module):
         cache = [kv_cache]  # run_attn swaps in the updated cache
 
         def run_attn(h_BTD):
-            out = attn(h_BTD, positions_BT, segment_ids_BT=segment_ids_BT,
-                       kv_mask_BT=kv_mask_BT, kv_cache=cache[0])
+            out = attn(
+                h_BTD,
+                positions_BT,
+                segment_ids_BT=segment_ids_BT,
+                kv_mask_BT=kv_mask_BT,
+                kv_cache=cache[0],
+            )
             if kv_cache is None:
                 return out
             y_BTD, cache[0] = out
@@ -47,8 +62,7 @@ class Block(nn.Module):
 
         x_BTD = x_BTD.astype(cfg.dtype)
         attn_gate, mlp_gate = (jnp.asarray(g, cfg.dtype) for g in (attn_gate, mlp_gate))
-        gated_attn = lambda update: (attn_gate * update() if attn_enabled
-                                     else jnp.zeros_like(x_BTD))
+        gated_attn = lambda update: attn_gate * update() if attn_enabled else jnp.zeros_like(x_BTD)
 
         if cfg.parallel_block:
             h_BTD = attn_norm(x_BTD)
@@ -60,8 +74,9 @@ class Block(nn.Module):
                 h_BTD = x_BTD + u_attn
                 u_mlp = mlp_gate * mlp(mlp_norm(h_BTD))
             elif cfg.norm_placement == "peri":
-                u_attn = gated_attn(lambda: make_norm(cfg, "attn_out_norm")(
-                    run_attn(attn_norm(x_BTD))))
+                u_attn = gated_attn(
+                    lambda: make_norm(cfg, "attn_out_norm")(run_attn(attn_norm(x_BTD)))
+                )
                 h_BTD = x_BTD + u_attn
                 u_mlp = mlp_gate * make_norm(cfg, "mlp_out_norm")(mlp(mlp_norm(h_BTD)))
             else:  # post

@@ -39,14 +39,25 @@ from .model import DepthModel, init
 from .program import Program
 
 FORMAT = "depthjax-checkpoint"
-VERSION = 2   # 1: a CRC-32 of params.safetensors only (still read)
+VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
 
 # safetensors dtype codes -> numpy dtypes (safetensors.numpy cannot read bfloat16).
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
-           "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class CheckpointError(ValueError):
@@ -59,23 +70,30 @@ def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
     flat = {}
     for key, value in params.items():
         if not isinstance(key, str) or "/" in key or not key:
-            raise CheckpointError(f"parameter key {prefix + str(key)!r}: keys must be "
-                                  "non-empty strings without '/'")
+            raise CheckpointError(
+                f"parameter key {prefix + str(key)!r}: keys must be non-empty strings without '/'"
+            )
         path = prefix + key
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "/"))
         elif isinstance(value, (jax.Array, np.ndarray)):
             flat[path] = np.asarray(jax.device_get(value))
         else:
-            raise CheckpointError(f"parameter {path!r} is a {type(value).__name__}; "
-                                  "checkpoints hold nested dicts of arrays")
+            raise CheckpointError(
+                f"parameter {path!r} is a {type(value).__name__}; "
+                "checkpoints hold nested dicts of arrays"
+            )
     return flat
 
 
 def _describe(params) -> dict:
     """The tree with each leaf replaced by 'dtype[d0,d1,...]'."""
-    return {k: _describe(v) if isinstance(v, dict) else
-            f"{np.dtype(v.dtype).name}[{','.join(map(str, v.shape))}]" for k, v in params.items()}
+    return {
+        k: _describe(v)
+        if isinstance(v, dict)
+        else f"{np.dtype(v.dtype).name}[{','.join(map(str, v.shape))}]"
+        for k, v in params.items()
+    }
 
 
 def _unflatten(tree: dict, flat: dict[str, np.ndarray], prefix: str = "") -> dict:
@@ -89,8 +107,10 @@ def _unflatten(tree: dict, flat: dict[str, np.ndarray], prefix: str = "") -> dic
             raise CheckpointError(f"params.safetensors lacks {path!r} listed in the manifest")
         arr = flat.pop(path)
         if _describe({key: arr})[key] != spec:
-            raise CheckpointError(f"{path!r} is {_describe({key: arr})[key]} in "
-                                  f"params.safetensors but {spec} in the manifest")
+            raise CheckpointError(
+                f"{path!r} is {_describe({key: arr})[key]} in "
+                f"params.safetensors but {spec} in the manifest"
+            )
         out[key] = arr
     return out
 
@@ -123,18 +143,24 @@ def save(model: DepthModel, path, *, files=()) -> Path:
     if not isinstance(model, DepthModel):
         raise TypeError(f"save expects a DepthModel, got {type(model).__name__}")
     if model.program.block.ndim != 1:
-        raise CheckpointError(f"save takes a model with one program; got a batch of "
-                              f"programs {model.program.block.shape}")
+        raise CheckpointError(
+            f"save takes a model with one program; got a batch of "
+            f"programs {model.program.block.shape}"
+        )
     path = Path(path)
-    if path.exists() and not (path.is_dir() and ((path / "manifest.json").exists()
-                                                 or not any(path.iterdir()))):
-        raise FileExistsError(f"{path} exists and is not a depthjax checkpoint; "
-                              "refusing to overwrite it")
+    if path.exists() and not (
+        path.is_dir() and ((path / "manifest.json").exists() or not any(path.iterdir()))
+    ):
+        raise FileExistsError(
+            f"{path} exists and is not a depthjax checkpoint; refusing to overwrite it"
+        )
     extra = [Path(f) for f in files]
     for f in extra:
         if f.name in FILES or not f.is_file():
-            raise CheckpointError(f"save(files=...): {f} is not a file that can go into a "
-                                  f"checkpoint (names {FILES} are reserved)")
+            raise CheckpointError(
+                f"save(files=...): {f} is not a file that can go into a "
+                f"checkpoint (names {FILES} are reserved)"
+            )
     flat = flatten_params(model.params)
     old_files = set(FILES) | set(_listed_files(path))
     with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
@@ -144,9 +170,15 @@ def save(model: DepthModel, path, *, files=()) -> Path:
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         names = ["config.json", "program.json", "params.safetensors"] + [f.name for f in extra]
-        integrity.write_sealed(tmp / "manifest.json", {
-            "format": FORMAT, "version": VERSION, "params": _describe(model.params),
-            "files": integrity.file_digests(tmp, names)})
+        integrity.write_sealed(
+            tmp / "manifest.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "params": _describe(model.params),
+                "files": integrity.file_digests(tmp, names),
+            },
+        )
     return path
 
 
@@ -175,15 +207,18 @@ def load(path, *, verify: bool = True) -> DepthModel:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: "
-                              f"{'not a directory' if path.exists() else 'does not exist'}")
+        raise CheckpointError(
+            f"no checkpoint at {path}: {'not a directory' if path.exists() else 'does not exist'}"
+        )
     manifest = _read_json(path / "manifest.json")
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
     if manifest.get("version") not in (1, VERSION):
-        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}; "
-                              f"this depthjax reads versions 1..{VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {manifest.get('version')}; "
+            f"this depthjax reads versions 1..{VERSION}"
+        )
     try:
         if manifest["version"] >= 2:
             manifest = integrity.load_sealed(path / "manifest.json")
@@ -201,18 +236,23 @@ def load(path, *, verify: bool = True) -> DepthModel:
     if not params_file.exists():
         raise CheckpointError(f"{path} is incomplete: params.safetensors is missing")
     if verify and manifest["version"] == 1 and _crc32(params_file) != manifest["params_crc32"]:
-        raise CheckpointError(f"{params_file} is corrupt: its CRC-32 does not match the "
-                              "manifest (truncated or modified after saving)")
+        raise CheckpointError(
+            f"{params_file} is corrupt: its CRC-32 does not match the "
+            "manifest (truncated or modified after saving)"
+        )
     try:
         tensors = safetensors.deserialize(params_file.read_bytes())
-        flat = {name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
-                for name, t in tensors}
+        flat = {
+            name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
+            for name, t in tensors
+        }
     except Exception as e:  # the Rust reader raises its own error types
         raise CheckpointError(f"{params_file} is corrupt: {e}") from None
     params = _unflatten(manifest["params"], flat)
     if flat:
-        raise CheckpointError(f"params.safetensors holds tensors not in the manifest: "
-                              f"{sorted(flat)[:5]}")
+        raise CheckpointError(
+            f"params.safetensors holds tensors not in the manifest: {sorted(flat)[:5]}"
+        )
     check_params(config, params)
     params = jax.tree.map(jnp.asarray, params)
     n_blocks = jax.tree.leaves(params["blocks"])[0].shape[0]
@@ -235,17 +275,31 @@ def check_params(config: ModelConfig, params: dict) -> None:
     cfg = config.replace(n_layers=rows.pop())
     expected = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
     # Shapes only: a model saved with parameters cast to bfloat16 is still consistent.
-    flat_want = {k: v.split("[")[1] for k, v in _flat_specs(_describe(
-        {p: expected[p] for p in ("embed", "blocks", "head")})).items()}
-    flat_got = {k: v.split("[")[1] for k, v in _flat_specs(_describe(
-        {p: params[p] for p in ("embed", "blocks", "head")})).items()}
+    flat_want = {
+        k: v.split("[")[1]
+        for k, v in _flat_specs(
+            _describe({p: expected[p] for p in ("embed", "blocks", "head")})
+        ).items()
+    }
+    flat_got = {
+        k: v.split("[")[1]
+        for k, v in _flat_specs(
+            _describe({p: params[p] for p in ("embed", "blocks", "head")})
+        ).items()
+    }
     problems = [f"missing {k} [{v}" for k, v in flat_want.items() if k not in flat_got]
     problems += [f"unexpected {k} [{v}" for k, v in flat_got.items() if k not in flat_want]
-    problems += [f"{k} has shape [{flat_got[k]}, config needs [{v}" for k, v in flat_want.items()
-                 if k in flat_got and flat_got[k] != v]
+    problems += [
+        f"{k} has shape [{flat_got[k]}, config needs [{v}"
+        for k, v in flat_want.items()
+        if k in flat_got and flat_got[k] != v
+    ]
     if problems:
-        raise CheckpointError("parameters do not match the config: " + "; ".join(problems[:8])
-                              + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+        raise CheckpointError(
+            "parameters do not match the config: "
+            + "; ".join(problems[:8])
+            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
 
 
 def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -263,6 +317,9 @@ def load_model(path) -> DepthModel:
         return load(p)
     if (p / "config.json").is_file() or (p / "modules.json").is_file():
         from . import hf
+
         return hf.load(p)
-    raise CheckpointError(f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
-                          "Hugging Face directory (no config.json)")
+    raise CheckpointError(
+        f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
+        "Hugging Face directory (no config.json)"
+    )

@@ -45,15 +45,48 @@ class Remat(enum.StrEnum):
 
 
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(norm="rms", norm_eps=1e-6, norm_placement="pre", position="rope",
-                  mlp="swiglu", bias=False, qkv_bias=False, tie_embeddings=False,
-                  causal=True, type_vocab_size=0, embed_norm=False, final_norm=True),
-    "gpt2": dict(norm="layer", norm_eps=1e-5, norm_placement="pre", position="learned",
-                 mlp="gelu_tanh", bias=True, qkv_bias=True, tie_embeddings=True,
-                 causal=True, type_vocab_size=0, embed_norm=False, final_norm=True),
-    "bert": dict(norm="layer", norm_eps=1e-12, norm_placement="post", position="learned",
-                 mlp="gelu", bias=True, qkv_bias=True, tie_embeddings=True,
-                 causal=False, type_vocab_size=2, embed_norm=True, final_norm=False),
+    "llama": dict(
+        norm="rms",
+        norm_eps=1e-6,
+        norm_placement="pre",
+        position="rope",
+        mlp="swiglu",
+        bias=False,
+        qkv_bias=False,
+        tie_embeddings=False,
+        causal=True,
+        type_vocab_size=0,
+        embed_norm=False,
+        final_norm=True,
+    ),
+    "gpt2": dict(
+        norm="layer",
+        norm_eps=1e-5,
+        norm_placement="pre",
+        position="learned",
+        mlp="gelu_tanh",
+        bias=True,
+        qkv_bias=True,
+        tie_embeddings=True,
+        causal=True,
+        type_vocab_size=0,
+        embed_norm=False,
+        final_norm=True,
+    ),
+    "bert": dict(
+        norm="layer",
+        norm_eps=1e-12,
+        norm_placement="post",
+        position="learned",
+        mlp="gelu",
+        bias=True,
+        qkv_bias=True,
+        tie_embeddings=True,
+        causal=False,
+        type_vocab_size=2,
+        embed_norm=True,
+        final_norm=False,
+    ),
 }
 
 
@@ -71,31 +104,31 @@ class ModelConfig:
     family: str = "llama"
     vocab_size: int = 256
     d_model: int = 64
-    n_layers: int = 4            # rows of the block table (and steps of the default program)
+    n_layers: int = 4  # rows of the block table (and steps of the default program)
     n_heads: int = 4
-    n_kv_heads: int | None = None   # None: n_heads (multi-head); fewer: grouped-query attention
-    head_dim: int | None = None     # None: d_model // n_heads
-    d_ff: int | None = None         # None: 4 d_model (gelu), 8/3 d_model rounded to 8 (swiglu)
-    max_seq_len: int = 1024         # size of the learned position table
+    n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int | None = None  # None: 4 d_model (gelu), 8/3 d_model rounded to 8 (swiglu)
+    max_seq_len: int = 1024  # size of the learned position table
     # Family-dependent (None: the family default, see module docstring).
     norm: str | None = None
     norm_eps: float | None = None
-    norm_placement: str | None = None   # "pre" | "post" | "peri" (normalize sublayer in and out)
+    norm_placement: str | None = None  # "pre" | "post" | "peri" (normalize sublayer in and out)
     position: str | None = None
     rope_theta: float = 10000.0
     mlp: str | None = None
-    bias: bool | None = None            # biases on the output projection and MLP
-    qkv_bias: bool | None = None        # biases on q, k, v (Qwen2: True with bias=False)
-    qk_norm: bool = False               # per-head RMSNorm on q and k before RoPE (Qwen3)
+    bias: bool | None = None  # biases on the output projection and MLP
+    qkv_bias: bool | None = None  # biases on q, k, v (Qwen2: True with bias=False)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     tie_embeddings: bool | None = None
     causal: bool | None = None
     type_vocab_size: int | None = None  # token types (BERT segments); 0 disables
-    embed_norm: bool | None = None      # norm right after the embeddings (BERT)
-    final_norm: bool | None = None      # norm before the output head
-    parallel_block: bool = False        # GPT-J block: attention and MLP read the same input
+    embed_norm: bool | None = None  # norm right after the embeddings (BERT)
+    final_norm: bool | None = None  # norm before the output head
+    parallel_block: bool = False  # GPT-J block: attention and MLP read the same input
     # Execution.
-    attention_impl: str = "xla"         # "auto" | "xla" | "cudnn" | "pallas" (depthjax.attention)
-    dtype: str = "float32"              # compute dtype; parameters are always float32
+    attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.attention)
+    dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: Remat = Remat.NONE
     init_std: float = 0.02
 
@@ -110,8 +143,9 @@ class ModelConfig:
             try:
                 object.__setattr__(self, "remat", Remat(self.remat))
             except ValueError:
-                raise ConfigError(f"remat={self.remat!r} is not one of "
-                                  f"{tuple(r.value for r in Remat)}") from None
+                raise ConfigError(
+                    f"remat={self.remat!r} is not one of {tuple(r.value for r in Remat)}"
+                ) from None
         self._check_types()
         self._validate()
         if self.head_dim is None:
@@ -124,17 +158,20 @@ class ModelConfig:
         """Every field has its annotated type (an int field takes no bool, a float field
         takes an int as a float): '64' or True where a number belongs is a mistake."""
         import numpy as np
+
         for name, (base, optional) in _field_types().items():
             value = getattr(self, name)
             if value is None and optional:
                 continue
-            if isinstance(value, np.generic):   # numpy scalars from computed configs
+            if isinstance(value, np.generic):  # numpy scalars from computed configs
                 value = value.item()
             if base is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be {_TYPE_NAMES[base]}"
-                                  f"{' or None' if optional else ''}")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} must be {_TYPE_NAMES[base]}"
+                    f"{' or None' if optional else ''}"
+                )
             object.__setattr__(self, name, value)
 
     def _validate(self) -> None:
@@ -148,23 +185,29 @@ class ModelConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads={self.n_heads} must be a multiple of "
-                              f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+            raise ConfigError(
+                f"n_heads={self.n_heads} must be a multiple of "
+                f"n_kv_heads={self.n_kv_heads} (grouped-query attention)"
+            )
         if self.head_dim is None and self.d_model % self.n_heads:
-            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads="
-                              f"{self.n_heads}; set head_dim explicitly")
+            raise ConfigError(
+                f"d_model={self.d_model} is not divisible by n_heads="
+                f"{self.n_heads}; set head_dim explicitly"
+            )
         if self.position == "rope" and (self.head_dim or self.d_model // self.n_heads) % 2:
             raise ConfigError("RoPE needs an even head_dim")
         if self.parallel_block and self.norm_placement != "pre":
-            raise ConfigError(f"parallel_block=True needs norm_placement='pre', "
-                              f"got {self.norm_placement!r}")
+            raise ConfigError(
+                f"parallel_block=True needs norm_placement='pre', got {self.norm_placement!r}"
+            )
         if self.type_vocab_size < 0:
             raise ConfigError("type_vocab_size must be >= 0")
         for name, positive in (("rope_theta", True), ("norm_eps", False), ("init_std", False)):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ConfigError(f"{name}={value!r} must be a finite number "
-                                  f"{'> 0' if positive else '>= 0'}")
+                raise ConfigError(
+                    f"{name}={value!r} must be a finite number {'> 0' if positive else '>= 0'}"
+                )
         for name in ("head_dim", "d_ff"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -199,8 +242,13 @@ def _field_types() -> dict[str, tuple[type, bool]]:
     return out
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               Remat: "a Remat"}
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    Remat: "a Remat",
+}
 
 
 def _check_keys(d: Mapping[str, Any]) -> None:

@@ -38,7 +38,7 @@ from .textfiles import DataError, expand_files, read_documents  # noqa: E402,F40
 from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")   # every batch's arrays
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")  # every batch's arrays
 
 
 # Tokenizers live in depthjax.tokenizer and file reading in depthjax.textfiles (both light to
@@ -53,8 +53,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, files=(), text_key: str = "text", valid_fraction: float = 0.05,
-                 **kwargs):
+    def __init__(self, *, files=(), text_key: str = "text", valid_fraction: float = 0.05, **kwargs):
         self._files = [Path(f) for f in files]
         self._text_key = text_key
         self._valid_fraction = valid_fraction
@@ -68,8 +67,11 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         # Documents go to a split by a hash of their key. When that leaves a split empty
         # (a single book.txt), the largest document is cut at a line: its head trains,
         # its last valid_fraction validates.
-        sizes = {key: len(text) for path in self._files
-                 for key, text in read_documents(path, self._text_key)}
+        sizes = {
+            key: len(text)
+            for path in self._files
+            for key, text in read_documents(path, self._text_key)
+        }
         if not sizes:
             raise DataError("data_files hold no documents")
         in_valid = {key for key in sizes if _fraction(key) < self._valid_fraction}
@@ -77,18 +79,25 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         if not in_valid or len(in_valid) == len(sizes):
             donor = max(sorted(sizes), key=sizes.get)
             if sizes[donor] < 2:
-                raise DataError(f"data_files hold {len(sizes)} document(s), too little text "
-                                "for a train and a validation split")
-        return {"train": self._generate_examples("train", in_valid, donor),
-                "validation": self._generate_examples("valid", in_valid, donor)}
+                raise DataError(
+                    f"data_files hold {len(sizes)} document(s), too little text "
+                    "for a train and a validation split"
+                )
+        return {
+            "train": self._generate_examples("train", in_valid, donor),
+            "validation": self._generate_examples("valid", in_valid, donor),
+        }
 
     def _generate_examples(self, split, in_valid, donor):
         for path in self._files:
             for key, text in read_documents(path, self._text_key):
                 if key == donor:
                     cut = _cut(text, 1 - self._valid_fraction)
-                    yield (f"{key}:head", {"text": text[:cut]}) if split == "train" else \
-                        (f"{key}:tail", {"text": text[cut:]})
+                    yield (
+                        (f"{key}:head", {"text": text[:cut]})
+                        if split == "train"
+                        else (f"{key}:tail", {"text": text[cut:]})
+                    )
                 elif (key in in_valid) == (split == "valid"):
                     yield key, {"text": text}
 
@@ -107,8 +116,11 @@ def _cut(text: str, at: float) -> int:
 def prepare_files(patterns, data_dir, *, text_key: str = "text") -> Path:
     """Write the files to array_record under data_dir/<content hash> once; return that dir."""
     files = expand_files(patterns)
-    sig = hashlib.sha1(json.dumps([text_key] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                                for f in files]).encode()).hexdigest()[:12]
+    sig = hashlib.sha1(
+        json.dumps(
+            [text_key] + [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        ).encode()
+    ).hexdigest()[:12]
     out = Path(data_dir) / sig
     builder = TextFiles(files=files, text_key=text_key, data_dir=str(out))
     if not builder.is_prepared():
@@ -116,39 +128,56 @@ def prepare_files(patterns, data_dir, *, text_key: str = "text") -> Path:
     return out
 
 
-def documents(source: str, split: str, *, data_files=(), data_dir=None, tfds_name=None,
-              text_key: str = "text", train_split: str = "train",
-              valid_split: str = "validation") -> grain.MapDataset:
+def documents(
+    source: str,
+    split: str,
+    *,
+    data_files=(),
+    data_dir=None,
+    tfds_name=None,
+    text_key: str = "text",
+    train_split: str = "train",
+    valid_split: str = "validation",
+) -> grain.MapDataset:
     """A MapDataset of documents (str or bytes) from `source` in {stdlib, files, tfds}."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     if source == "stdlib":
         return grain.MapDataset.source([str(p) for p in corpus.stdlib_files(split)]).map(
-            lambda p: Path(p).read_bytes())
+            lambda p: Path(p).read_bytes()
+        )
     if source == "files":
         if not data_files:
             raise DataError("data=files needs data_files (paths or globs of .txt/.jsonl)")
         if data_dir is None:
             raise DataError("data=files needs a data_dir for the array_record copy")
-        src = tfds.data_source("text_files", data_dir=str(prepare_files(data_files, data_dir,
-                                                                         text_key=text_key)),
-                               split="train" if split == "train" else "validation")
+        src = tfds.data_source(
+            "text_files",
+            data_dir=str(prepare_files(data_files, data_dir, text_key=text_key)),
+            split="train" if split == "train" else "validation",
+        )
         return grain.MapDataset.source(src).map(lambda r: r["text"])
     if source == "tfds":
         if not tfds_name:
             raise DataError("data=tfds needs tfds_name (an installed/prepared TFDS dataset)")
         try:
-            src = tfds.data_source(tfds_name, data_dir=data_dir,
-                                   split=train_split if split == "train" else valid_split)
+            src = tfds.data_source(
+                tfds_name, data_dir=data_dir, split=train_split if split == "train" else valid_split
+            )
         except Exception as e:
-            raise DataError(f"cannot open TFDS dataset {tfds_name!r} split "
-                            f"{train_split if split == 'train' else valid_split!r}: {e}") from None
+            raise DataError(
+                f"cannot open TFDS dataset {tfds_name!r} split "
+                f"{train_split if split == 'train' else valid_split!r}: {e}"
+            ) from None
 
         def text(record):
             if text_key not in record:
-                raise DataError(f"TFDS {tfds_name!r} records have no {text_key!r} field "
-                                f"(fields: {sorted(record)}); set text_key")
+                raise DataError(
+                    f"TFDS {tfds_name!r} records have no {text_key!r} field "
+                    f"(fields: {sorted(record)}); set text_key"
+                )
             return record[text_key]
+
         return grain.MapDataset.source(src).map(text)
     raise DataError(f"data={source!r} is not one of ('stdlib', 'files', 'tfds')")
 
@@ -168,8 +197,8 @@ class _Chunk(gx.FlatMapTransform):
         T = self.seq_len
         out = []
         for s in range(0, len(ids) - 1, T):
-            targets = ids[s + 1:s + T + 1]
-            out.append({"inputs": ids[s:s + len(targets)], "targets": targets})
+            targets = ids[s + 1 : s + T + 1]
+            out.append({"inputs": ids[s : s + len(targets)], "targets": targets})
         return out
 
 
@@ -180,7 +209,7 @@ def shard_documents(docs, shard: int, n_shards: int):
     n = min(len(docs), n_shards)
     if n == 0:
         raise DataError("no documents to read")
-    return docs[shard % n::n]
+    return docs[shard % n :: n]
 
 
 def shard_seed(seed: int, shard: int, n_shards: int) -> int:
@@ -190,9 +219,18 @@ def shard_seed(seed: int, shard: int, n_shards: int) -> int:
     return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0] >> 1)
 
 
-def pipeline(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-             shard_index: int = 0, shard_count: int = 1, shuffle_window: int = 1024,
-             epochs: int | None = None) -> grain.IterDataset:
+def pipeline(
+    docs: grain.MapDataset,
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    shuffle_window: int = 1024,
+    epochs: int | None = None,
+) -> grain.IterDataset:
     """Batches of packed rows from data shard `shard_index` of `shard_count` (see
     `shard_documents`), each a dict of int32 [batch_size, seq_len]: inputs, targets,
     segment_ids (0 = padding, 1.. = documents in the row), positions."""
@@ -210,8 +248,12 @@ def pipeline(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_size: int
     ds = gx.FlatMapIterDataset(ds.to_iter_dataset(), _Chunk(tokenizer, seq_len))
     if shuffle_window > 1:
         ds = gx.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed + 1)
-    ds = gx.FirstFitPackIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len},
-                                    num_packing_bins=batch_size, seed=seed + 2)
+    ds = gx.FirstFitPackIterDataset(
+        ds,
+        length_struct={"inputs": seq_len, "targets": seq_len},
+        num_packing_bins=batch_size,
+        seed=seed + 2,
+    )
     return ds.batch(batch_size, drop_remainder=True).map(_rename)
 
 
@@ -226,17 +268,37 @@ class ShardedBatches:
     {str(shard): grain iterator state} and take states of any superset of shards.
     """
 
-    def __init__(self, docs, tokenizer, *, seq_len: int, batch_size: int, n_shards: int,
-                 shards, seed: int, shuffle_window: int):
+    def __init__(
+        self,
+        docs,
+        tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        n_shards: int,
+        shards,
+        seed: int,
+        shuffle_window: int,
+    ):
         if batch_size % n_shards:
-            raise DataError(f"batch_size={batch_size} is not divisible by "
-                            f"data_shards={n_shards}")
+            raise DataError(f"batch_size={batch_size} is not divisible by data_shards={n_shards}")
         self.rows = batch_size // n_shards
-        window = max(1, shuffle_window // n_shards)   # the same buffer in total
-        self._its = {s: iter(pipeline(docs, tokenizer, seq_len=seq_len, batch_size=self.rows,
-                                      seed=seed, shard_index=s, shard_count=n_shards,
-                                      shuffle_window=window))
-                     for s in sorted(shards)}
+        window = max(1, shuffle_window // n_shards)  # the same buffer in total
+        self._its = {
+            s: iter(
+                pipeline(
+                    docs,
+                    tokenizer,
+                    seq_len=seq_len,
+                    batch_size=self.rows,
+                    seed=seed,
+                    shard_index=s,
+                    shard_count=n_shards,
+                    shuffle_window=window,
+                )
+            )
+            for s in sorted(shards)
+        }
 
     def __iter__(self):
         return self
@@ -256,5 +318,9 @@ class ShardedBatches:
 
 
 def _rename(batch):
-    return {"inputs": batch["inputs"], "targets": batch["targets"],
-            "segment_ids": batch["inputs_segment_ids"], "positions": batch["inputs_positions"]}
+    return {
+        "inputs": batch["inputs"],
+        "targets": batch["targets"],
+        "segment_ids": batch["inputs_segment_ids"],
+        "positions": batch["inputs_positions"],
+    }

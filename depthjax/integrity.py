@@ -35,8 +35,9 @@ def sha256_file(path) -> str:
 
 
 def canonical(obj) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False)
-            + "\n").encode()
+    return (
+        json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
+    ).encode()
 
 
 def dump_sealed(obj: dict) -> bytes:
@@ -71,23 +72,30 @@ def load_sealed(path) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("sha256"), str):
         raise IntegrityError(f"{path.name} is not a sealed record (no sha256 field)")
     if raw != dump_sealed(obj):  # dump_sealed recomputes the digest from the body
-        raise IntegrityError(f"{path.name} was modified after it was written (its bytes do "
-                             "not match its own checksum)")
+        raise IntegrityError(
+            f"{path.name} was modified after it was written (its bytes do "
+            "not match its own checksum)"
+        )
     return obj
 
 
 def list_files(directory) -> list[str]:
     """Relative posix paths of every file below `directory` except the integrity record."""
     directory = Path(directory)
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.name != RECORD)
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != RECORD
+    )
 
 
 def file_digests(directory, names=None) -> dict[str, str]:
     """{relative posix path: sha256} of `names` (default: `list_files(directory)`)."""
     directory = Path(directory)
-    return {name: sha256_file(directory / name)
-            for name in (list_files(directory) if names is None else names)}
+    return {
+        name: sha256_file(directory / name)
+        for name in (list_files(directory) if names is None else names)
+    }
 
 
 def check_digests(directory, expected: dict[str, str]) -> None:
@@ -101,14 +109,17 @@ def check_digests(directory, expected: dict[str, str]) -> None:
         if not file.is_file():
             raise IntegrityError(f"{name} is missing")
         if sha256_file(file) != digest:
-            raise IntegrityError(f"{name} does not match its SHA-256 (bit rot, truncation or "
-                                 "an edit after saving)")
+            raise IntegrityError(
+                f"{name} does not match its SHA-256 (bit rot, truncation or an edit after saving)"
+            )
 
 
 def seal(directory, **info) -> None:
     """Write RECORD into `directory`: the digest of every file below it (and `info`)."""
-    write_sealed(Path(directory) / RECORD, {"format": FORMAT, "version": 1, **info,
-                                            "files": file_digests(directory)})
+    write_sealed(
+        Path(directory) / RECORD,
+        {"format": FORMAT, "version": 1, **info, "files": file_digests(directory)},
+    )
 
 
 def is_sealed(directory) -> bool:

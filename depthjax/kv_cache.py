@@ -38,22 +38,31 @@ def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ..
     return tuple(int(i) for i in np.flatnonzero(attn != 0))
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "valid", "length", "next_pos"],
-                   meta_fields=["steps", "depth"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "valid", "length", "next_pos"],
+    meta_fields=["steps", "depth"],
+)
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array          # [N, B, S, K, Dh]
-    v: jax.Array          # [N, B, S, K, Dh]
-    valid: jax.Array      # bool [N, B, S]
-    length: jax.Array     # int32 [B]: cache index each sequence writes its next token at
-    next_pos: jax.Array   # int32 [B]: position of each sequence's next token
+    k: jax.Array  # [N, B, S, K, Dh]
+    v: jax.Array  # [N, B, S, K, Dh]
+    valid: jax.Array  # bool [N, B, S]
+    length: jax.Array  # int32 [B]: cache index each sequence writes its next token at
+    next_pos: jax.Array  # int32 [B]: position of each sequence's next token
     steps: tuple[int, ...]  # slot n belongs to program step steps[n]
-    depth: int              # the cache covers program steps 0..depth-1
+    depth: int  # the cache covers program steps 0..depth-1
 
     @classmethod
-    def create(cls, cfg: ModelConfig, program: Program, batch: int, max_len: int, *,
-               depth: int | None = None) -> KVCache:
+    def create(
+        cls,
+        cfg: ModelConfig,
+        program: Program,
+        batch: int,
+        max_len: int,
+        *,
+        depth: int | None = None,
+    ) -> KVCache:
         """An empty cache for `program` (its first `depth` steps): one slot per attention step."""
         depth = program.depth if depth is None else depth
         if not 1 <= depth <= program.depth:
@@ -61,13 +70,20 @@ class KVCache:
         return cls.empty(cfg, attention_steps(program, depth), depth, batch, max_len)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int,
-              max_len: int) -> KVCache:
+    def empty(
+        cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int, max_len: int
+    ) -> KVCache:
         """An empty cache with slots for `steps` (works under jit: the layout is static)."""
         shape = (len(steps), batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-                   valid=jnp.zeros(shape[:3], bool), length=jnp.zeros((batch,), jnp.int32),
-                   next_pos=jnp.zeros((batch,), jnp.int32), steps=steps, depth=depth)
+        return cls(
+            k=jnp.zeros(shape, cfg.dtype),
+            v=jnp.zeros(shape, cfg.dtype),
+            valid=jnp.zeros(shape[:3], bool),
+            length=jnp.zeros((batch,), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+            steps=steps,
+            depth=depth,
+        )
 
     @property
     def n_slots(self) -> int:
@@ -99,13 +115,18 @@ class KVCache:
             return
         want = attention_steps(program, self.depth)
         if want != self.steps:
-            raise ProgramError(f"the cache has slots for attention steps {list(self.steps)} "
-                               f"but the program's attention steps are {list(want)}: build "
-                               "the cache (prefill) with the same program")
+            raise ProgramError(
+                f"the cache has slots for attention steps {list(self.steps)} "
+                f"but the program's attention steps are {list(want)}: build "
+                "the cache (prefill) with the same program"
+            )
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["cache", "slot", "write_B"], meta_fields=["prefill"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["cache", "slot", "write_B"],
+    meta_fields=["prefill"],
+)
 @dataclasses.dataclass(frozen=True)
 class StepCache:
     """What one attention call sees: the cache, its slot, and which rows really write.
@@ -118,8 +139,8 @@ class StepCache:
     """
 
     cache: KVCache
-    slot: jax.Array       # int32 []
-    write_B: jax.Array    # bool [B]: False marks the written keys invalid (exited tokens)
+    slot: jax.Array  # int32 []
+    write_B: jax.Array  # bool [B]: False marks the written keys invalid (exited tokens)
     prefill: bool
 
     def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
@@ -132,17 +153,21 @@ class StepCache:
             valid_BT = valid_BT & kv_mask_BT.astype(bool)
         if self.prefill:
             write = lambda buf, new: jax.lax.dynamic_update_slice(
-                buf, new[None].astype(buf.dtype), (self.slot, 0, 0) + (0,) * (buf.ndim - 3))
-            c = c.replace(k=write(c.k, k_BTKD), v=write(c.v, v_BTKD),
-                          valid=write(c.valid, valid_BT))
+                buf, new[None].astype(buf.dtype), (self.slot, 0, 0) + (0,) * (buf.ndim - 3)
+            )
+            c = c.replace(
+                k=write(c.k, k_BTKD), v=write(c.v, v_BTKD), valid=write(c.valid, valid_BT)
+            )
             return dataclasses.replace(self, cache=c), k_BTKD, v_BTKD, kv_mask_BT, causal
         index_BT = c.length[:, None] + jnp.arange(T, dtype=c.length.dtype)
         rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
         put = lambda buf, new: buf.at[self.slot, rows_BT, index_BT].set(
-            new.astype(buf.dtype), mode="drop")
+            new.astype(buf.dtype), mode="drop"
+        )
         c = c.replace(k=put(c.k, k_BTKD), v=put(c.v, v_BTKD), valid=put(c.valid, valid_BT))
         slot = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.slot, keepdims=False)
         S = c.max_len
-        sees_BTS = slot(c.valid)[:, None, :] & (jnp.arange(S)[None, None, :]
-                                                <= index_BT[:, :, None])
+        sees_BTS = slot(c.valid)[:, None, :] & (
+            jnp.arange(S)[None, None, :] <= index_BT[:, :, None]
+        )
         return dataclasses.replace(self, cache=c), slot(c.k), slot(c.v), sees_BTS, False

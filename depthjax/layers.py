@@ -48,14 +48,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None,
-                 kv_cache=None):
+    def __call__(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None, kv_cache=None):
         """Returns y [B, T, D]; with `kv_cache` (a depthjax.kv_cache.StepCache), returns
         (y, kv_cache) after writing this call's keys/values and attending over the cache."""
         cfg = self.cfg
         dense = lambda heads, name, bias: nn.DenseGeneral(
-            (heads, cfg.head_dim), use_bias=bias, dtype=cfg.dtype, kernel_init=init_normal(cfg),
-            name=name)
+            (heads, cfg.head_dim),
+            use_bias=bias,
+            dtype=cfg.dtype,
+            kernel_init=init_normal(cfg),
+            name=name,
+        )
         q_BTHD = dense(cfg.n_heads, "q", cfg.qkv_bias)(x_BTD)
         k_BTKD = dense(cfg.n_kv_heads, "k", cfg.qkv_bias)(x_BTD)
         v_BTKD = dense(cfg.n_kv_heads, "v", cfg.qkv_bias)(x_BTD)
@@ -67,12 +70,26 @@ class Attention(nn.Module):
             k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
         causal, k_BSKD, v_BSKD, kv_mask_BS = cfg.causal, k_BTKD, v_BTKD, kv_mask_BT
         if kv_cache is not None:
-            kv_cache, k_BSKD, v_BSKD, kv_mask_BS, causal = kv_cache.update(k_BTKD, v_BTKD,
-                                                                           kv_mask_BT, causal)
-        out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, causal=causal, segment_ids_BT=segment_ids_BT,
-                          kv_mask_BS=kv_mask_BS, impl=cfg.attention_impl)
-        y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
-                                kernel_init=init_normal(cfg), name="o")(out_BTHD)
+            kv_cache, k_BSKD, v_BSKD, kv_mask_BS, causal = kv_cache.update(
+                k_BTKD, v_BTKD, kv_mask_BT, causal
+            )
+        out_BTHD = attend(
+            q_BTHD,
+            k_BSKD,
+            v_BSKD,
+            causal=causal,
+            segment_ids_BT=segment_ids_BT,
+            kv_mask_BS=kv_mask_BS,
+            impl=cfg.attention_impl,
+        )
+        y_BTD = nn.DenseGeneral(
+            cfg.d_model,
+            axis=(-2, -1),
+            use_bias=cfg.bias,
+            dtype=cfg.dtype,
+            kernel_init=init_normal(cfg),
+            name="o",
+        )(out_BTHD)
         return y_BTD if kv_cache is None else (y_BTD, kv_cache)
 
 
@@ -84,8 +101,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        dense = lambda features, name: nn.Dense(features, use_bias=cfg.bias, dtype=cfg.dtype,
-                                                kernel_init=init_normal(cfg), name=name)
+        dense = lambda features, name: nn.Dense(
+            features, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=init_normal(cfg), name=name
+        )
         if cfg.mlp == "swiglu":
             h_BTF = nn.silu(dense(cfg.d_ff, "gate")(x_BTD)) * dense(cfg.d_ff, "up")(x_BTD)
         else:

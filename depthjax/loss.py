@@ -25,8 +25,9 @@ def weighted_nll_rows(logits_BTV, labels_BT, weight_BT):
     """Per row [B]: (sum of weight * cross-entropy(logits, label), sum of weight), float32."""
     chex.assert_rank(logits_BTV, 3)
     chex.assert_equal_shape([labels_BT, weight_BT, logits_BTV[..., 0]])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
-                                                             labels_BT)
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), labels_BT
+    )
     return jnp.sum(nll_BT * weight_BT, axis=1), jnp.sum(weight_BT, axis=1)
 
 
@@ -65,6 +66,9 @@ def require_causal(model, what: str) -> None:
     """The next-token loss needs a causal model: a clear error for an encoder."""
     if not model.config.causal:
         from .metrics.scores import MetricError  # at call time: depthjax.metrics imports this
-        raise MetricError(f"{what} uses the next-token loss, which a bidirectional "
-                         f"{model.config.family} encoder does not define; use measure='logit' "
-                         "or a representation task (depthjax.eval.Representation)")
+
+        raise MetricError(
+            f"{what} uses the next-token loss, which a bidirectional "
+            f"{model.config.family} encoder does not define; use measure='logit' "
+            "or a representation task (depthjax.eval.Representation)"
+        )

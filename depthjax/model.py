@@ -37,8 +37,10 @@ def check_ids(ids, size: int, what: str, error=InputError) -> None:
     a = np.asarray(ids)
     if a.size and (a.min() < 0 or a.max() >= size):
         bad = np.unique(a[(a < 0) | (a >= size)])
-        raise error(f"{what} hold ids outside the vocabulary 0..{size - 1}: "
-                    f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}")
+        raise error(
+            f"{what} hold ids outside the vocabulary 0..{size - 1}: "
+            f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}"
+        )
 
 
 class Embed(nn.Module):
@@ -49,8 +51,7 @@ class Embed(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, token_types_BT=None):
         cfg = self.cfg
-        embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg),
-                                         name=name)
+        embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg), name=name)
         x_BTD = embed(cfg.vocab_size, "tok")(tokens_BT)
         if cfg.position == "learned":
             x_BTD = x_BTD + embed(cfg.max_seq_len, "pos")(positions_BT)
@@ -75,10 +76,19 @@ class Head(nn.Module):
         if not logits:
             return x_BTD
         if cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x_BTD, tok_embedding_VD.astype(cfg.dtype),
-                              preferred_element_type=jnp.float32)
-        out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                       kernel_init=init_normal(cfg), name="out")(x_BTD)
+            return jnp.einsum(
+                "btd,vd->btv",
+                x_BTD,
+                tok_embedding_VD.astype(cfg.dtype),
+                preferred_element_type=jnp.float32,
+            )
+        out = nn.Dense(
+            cfg.vocab_size,
+            use_bias=False,
+            dtype=cfg.dtype,
+            kernel_init=init_normal(cfg),
+            name="out",
+        )(x_BTD)
         return out.astype(jnp.float32)
 
 
@@ -87,8 +97,9 @@ def count_params(tree) -> int:
     return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "program"],
-                   meta_fields=["config"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["params", "program"], meta_fields=["config"]
+)
 @dataclasses.dataclass(frozen=True)
 class DepthModel:
     """A config (static), its parameters, and the program that walks the block table."""
@@ -120,17 +131,23 @@ class DepthModel:
         return self.replace(program=program)
 
     def __repr__(self) -> str:
-        return (f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
-                f"blocks={self.n_blocks}, depth={self.depth}, params={self.n_params:,})\n"
-                f"{self.program!r}")
+        return (
+            f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
+            f"blocks={self.n_blocks}, depth={self.depth}, params={self.n_params:,})\n"
+            f"{self.program!r}"
+        )
 
     def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
         from .display import model_html
+
         return model_html(self)
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["residual", "attn_out", "mlp_out"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["residual", "attn_out", "mlp_out"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class Trace:
     """Per-step activations. residual[i] is the input of step i, residual[i+1] its output.
@@ -172,13 +189,28 @@ def segment_positions(segment_ids_BT):
     """Positions that restart at 0 where a new segment (packed document) begins."""
     T = segment_ids_BT.shape[1]
     idx = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
-                              segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    starts = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BT[:, :1], bool),
+            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1],
+        ],
+        axis=1,
+    )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
-def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_params,
-                 positions_BT, *, kv_cache=None, attn_enabled: bool = True, **block_kwargs):
+def program_step(
+    cfg: ModelConfig,
+    blocks,
+    carry,
+    step_prog: Program,
+    step_params,
+    positions_BT,
+    *,
+    kv_cache=None,
+    attn_enabled: bool = True,
+    **block_kwargs,
+):
     """One step of the program on the residual carry (base, acc); see `run_blocks`.
 
     Returns (carry, u_attn_BTD, u_mlp_BTD), and the updated `kv_cache` when one is given
@@ -192,17 +224,35 @@ def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_param
         base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
     row = jax.tree.map(lambda table: table[step_prog.block], blocks)
     row = steps_lib.effective_row(row, step_params)
-    out = Block(cfg).apply({"params": row}, base, step_prog.attn, step_prog.mlp, positions_BT,
-                           kv_cache=kv_cache, attn_enabled=attn_enabled, **block_kwargs)
+    out = Block(cfg).apply(
+        {"params": row},
+        base,
+        step_prog.attn,
+        step_prog.mlp,
+        positions_BT,
+        kv_cache=kv_cache,
+        attn_enabled=attn_enabled,
+        **block_kwargs,
+    )
     s = steps_lib.scale(step_params)
     u_attn, u_mlp = (u * jnp.asarray(s, u.dtype) for u in out[:2])
     acc = acc + u_attn + u_mlp
     return ((base, acc), u_attn, u_mlp) + tuple(out[2:])
 
 
-def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, *,
-               step_params=None, segment_ids_BT=None, kv_mask_BT=None, trace: bool = False,
-               unroll: bool = False):
+def run_blocks(
+    cfg: ModelConfig,
+    blocks,
+    program: Program,
+    x_BTD,
+    positions_BT,
+    *,
+    step_params=None,
+    segment_ids_BT=None,
+    kv_mask_BT=None,
+    trace: bool = False,
+    unroll: bool = False,
+):
     """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
 
     `step_params` (leaves [depth, ...], see depthjax.step_params) is scanned with the program.
@@ -214,9 +264,16 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
 
     def step(carry, xs):
         step_prog, step_params = xs
-        carry, u_attn, u_mlp = program_step(cfg, blocks, carry, step_prog, step_params,
-                                            positions_BT, segment_ids_BT=segment_ids_BT,
-                                            kv_mask_BT=kv_mask_BT)
+        carry, u_attn, u_mlp = program_step(
+            cfg,
+            blocks,
+            carry,
+            step_prog,
+            step_params,
+            positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            kv_mask_BT=kv_mask_BT,
+        )
         base, acc = carry
         return carry, ((base + acc, u_attn, u_mlp) if trace else None)
 
@@ -246,11 +303,15 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
     T = tokens_BT.shape[1]
     if cfg.position == "learned" and T > cfg.max_seq_len:
         raise InputError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
-    for name, arr in (("mask", mask_BT), ("token_types", token_types_BT),
-                      ("segment_ids", segment_ids_BT)):
+    for name, arr in (
+        ("mask", mask_BT),
+        ("token_types", token_types_BT),
+        ("segment_ids", segment_ids_BT),
+    ):
         if arr is not None and jnp.shape(arr) != jnp.shape(tokens_BT):
-            raise InputError(f"{name} shape {jnp.shape(arr)} != tokens shape "
-                             f"{jnp.shape(tokens_BT)}")
+            raise InputError(
+                f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}"
+            )
     if token_types_BT is not None and not cfg.type_vocab_size:
         raise InputError(f"token_types given but the {cfg.family} config has no token types")
     if token_types_BT is not None and not isinstance(token_types_BT, jax.core.Tracer):
@@ -261,8 +322,10 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
     if sizes != {model.n_blocks}:
         raise ProgramError(f"block table leaves disagree on the number of rows: {sorted(sizes)}")
     if model.program.block.ndim != 1:
-        raise ProgramError(f"apply takes one program; got a batch {model.program.block.shape} "
-                           "(vmap over programs instead)")
+        raise ProgramError(
+            f"apply takes one program; got a batch {model.program.block.shape} "
+            "(vmap over programs instead)"
+        )
     program_lib.validate(model.program, model.n_blocks)
     steps_lib.check(model.params.get("steps"), model.program.depth)
 
@@ -276,8 +339,18 @@ def output_head(cfg: ModelConfig, params: dict, x_BTD, *, logits: bool = True):
     return Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=logits)
 
 
-def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
-          positions=None, trace: bool = False, unroll: bool = False, output: str = "logits"):
+def apply(
+    model: DepthModel,
+    tokens_BT,
+    *,
+    mask=None,
+    token_types=None,
+    segment_ids=None,
+    positions=None,
+    trace: bool = False,
+    unroll: bool = False,
+    output: str = "logits",
+):
     """Forward pass. tokens int [B, T] -> logits float32 [B, T, vocab].
 
     mask [B, T]: 1 for real tokens, 0 for padding (keys that may not be attended to).
@@ -291,12 +364,24 @@ def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_
     _check_inputs(model, tokens_BT, mask, token_types, segment_ids)
     cfg, params = model.config, model.params
     if positions is None:
-        positions = (segment_positions(segment_ids) if segment_ids is not None else
-                     jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
+        positions = (
+            segment_positions(segment_ids)
+            if segment_ids is not None
+            else jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        )
     x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
-    x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
-                           step_params=params.get("steps"), segment_ids_BT=segment_ids,
-                           kv_mask_BT=mask, trace=trace, unroll=unroll)
+    x_BTD, ys = run_blocks(
+        cfg,
+        params["blocks"],
+        model.program,
+        x0_BTD,
+        positions,
+        step_params=params.get("steps"),
+        segment_ids_BT=segment_ids,
+        kv_mask_BT=mask,
+        trace=trace,
+        unroll=unroll,
+    )
     out = output_head(cfg, params, x_BTD, logits=output == "logits")
     if not trace:
         return out

@@ -80,9 +80,16 @@ def _columns():
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            TextColumn("{task.fields[fields]}"))
+
+    return (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[fields]}"),
+    )
 
 
 @contextlib.contextmanager
@@ -102,14 +109,21 @@ def bar(description: str, total: int | None = None, completed: int = 0) -> Itera
         return
     from rich.console import Console
     from rich.progress import Progress
+
     # Prints to stdout go above the bar only when stdout is the same terminal; redirected
     # to a file, they must reach the file.
-    with Progress(*_columns(), console=Console(stderr=True), transient=False,
-                  redirect_stdout=sys.stdout.isatty()) as progress:
+    with Progress(
+        *_columns(),
+        console=Console(stderr=True),
+        transient=False,
+        redirect_stdout=sys.stdout.isatty(),
+    ) as progress:
         _LIVE.append(progress)
         try:
-            yield Bar(progress, progress.add_task(description, total=total,
-                                                  completed=completed, fields=""))
+            yield Bar(
+                progress,
+                progress.add_task(description, total=total, completed=completed, fields=""),
+            )
         finally:
             _LIVE.pop()
 

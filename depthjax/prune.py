@@ -26,8 +26,12 @@ class PruneError(ValueError):
 
 def _active(model: DepthModel, unit: str) -> np.ndarray:
     a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
-    return {"block": np.ones(model.depth, bool), "attn": a, "mlp": m,
-            "sublayer": np.concatenate([a, m])}[unit]
+    return {
+        "block": np.ones(model.depth, bool),
+        "attn": a,
+        "mlp": m,
+        "sublayer": np.concatenate([a, m]),
+    }[unit]
 
 
 def _remove(model: DepthModel, units: np.ndarray, unit: str) -> DepthModel:
@@ -46,21 +50,32 @@ def choose(model: DepthModel, scores, n: int, unit: str) -> np.ndarray:
     values = np.asarray(scores, np.float64)
     active = _active(model, unit)
     if values.shape != active.shape:
-        raise PruneError(f"scores for unit={unit!r} must have {len(active)} values, "
-                         f"got {values.shape}")
+        raise PruneError(
+            f"scores for unit={unit!r} must have {len(active)} values, got {values.shape}"
+        )
     candidates = np.flatnonzero(active)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
-        raise PruneError(f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
-                         f"({len(candidates)} are still on)")
+        raise PruneError(
+            f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
+            f"({len(candidates)} are still on)"
+        )
     if unit == "block" and n == len(candidates):
         raise PruneError(f"n={n} would remove every step")
     order = candidates[np.argsort(values[candidates], kind="stable")]
     return np.sort(order[:n])
 
 
-def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: str | None = None,
-          *, metric: Callable[[DepthModel], Scores] | None = None, measure=None, batches=None,
-          iterative: bool = False) -> DepthModel:
+def prune(
+    model: DepthModel,
+    scores: Scores | np.ndarray | None,
+    n: int,
+    unit: str | None = None,
+    *,
+    metric: Callable[[DepthModel], Scores] | None = None,
+    measure=None,
+    batches=None,
+    iterative: bool = False,
+) -> DepthModel:
     """Remove the n least important units.
 
     scores: a metric's Scores (its unit is used unless `unit` is given) or an array.
@@ -72,10 +87,12 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise PruneError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that "
-                         "carry one)")
+        raise PruneError(
+            "prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)"
+        )
     if measure is not None and metric is None:
         from .metrics import ablation
+
         metric = lambda m: ablation(m, batches, unit=unit, measure=measure)
     if not iterative:
         if scores is None:
@@ -85,7 +102,7 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
         return _remove(model, choose(model, scores, n, unit), unit)
     if metric is None:
         raise PruneError("iterative pruning re-scores after each removal: pass metric=")
-    choose(model, np.zeros(len(_active(model, unit))), n, unit)   # validates n up front
+    choose(model, np.zeros(len(_active(model, unit))), n, unit)  # validates n up front
     for _ in progress.track(range(n), f"iterative pruning ({unit})"):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)
     return model

@@ -70,6 +70,8 @@ def check(steps: dict | None, depth: int) -> None:
     """Every per-step leaf must have a leading axis equal to the program depth."""
     for path, leaf in traverse_util.flatten_dict(steps or {}).items():
         if jnp.ndim(leaf) == 0 or leaf.shape[0] != depth:
-            raise ValueError(f"params['steps'] leaf {'/'.join(path)} has shape "
-                             f"{jnp.shape(leaf)}; its leading axis must be the program "
-                             f"depth {depth}")
+            raise ValueError(
+                f"params['steps'] leaf {'/'.join(path)} has shape "
+                f"{jnp.shape(leaf)}; its leading axis must be the program "
+                f"depth {depth}"
+            )

@@ -19,8 +19,11 @@ def expand_files(patterns) -> list[Path]:
     for pattern in [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns:
         pattern = str(pattern)
         if os.path.isdir(pattern):
-            matches = [p for ext in ("txt", "jsonl")
-                       for p in glob.glob(os.path.join(pattern, "**", f"*.{ext}"), recursive=True)]
+            matches = [
+                p
+                for ext in ("txt", "jsonl")
+                for p in glob.glob(os.path.join(pattern, "**", f"*.{ext}"), recursive=True)
+            ]
         else:
             matches = glob.glob(pattern, recursive=True)
         if not matches:
@@ -43,8 +46,9 @@ def read_documents(path: Path, text_key: str = "text"):
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i + 1}: invalid JSON ({e})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise DataError(f"{path}:{i + 1}: expected an object with a string "
-                                    f"field {text_key!r}")
+                    raise DataError(
+                        f"{path}:{i + 1}: expected an object with a string field {text_key!r}"
+                    )
                 yield f"{path.name}:{i}", record[text_key]
     else:
         yield path.name, path.read_text(encoding="utf-8", errors="replace")

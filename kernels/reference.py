@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 
-def reference_mask(T: int, S: int, *, causal: bool, q_segment_ids_BT=None,
-                   kv_segment_ids_BS=None):
+def reference_mask(T: int, S: int, *, causal: bool, q_segment_ids_BT=None, kv_segment_ids_BS=None):
     """Boolean [B or 1, T, S]: True where query t may attend to key s."""
     mask = jnp.ones((1, T, S), bool)
     if causal:
@@ -27,8 +26,16 @@ def reference_mask(T: int, S: int, *, causal: bool, q_segment_ids_BT=None,
     return mask
 
 
-def reference_attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = False, segment_ids=None,
-                        kv_segment_ids=None, scale: float | None = None):
+def reference_attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+):
     """Naive softmax attention in float32; returns [B, T, H, D] in q's dtype.
 
     `segment_ids` [B, T] applies to queries and, unless `kv_segment_ids` [B, S] is given,
@@ -37,14 +44,15 @@ def reference_attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = False, segment
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     q = q_BTHD.astype(jnp.float32).reshape(B, T, K, G, D)
     k, v = k_BSKD.astype(jnp.float32), v_BSKD.astype(jnp.float32)
     s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k, precision="highest") * scale
-    mask_BTS = reference_mask(T, S, causal=causal, q_segment_ids_BT=segment_ids,
-                              kv_segment_ids_BS=kv_segment_ids)
+    mask_BTS = reference_mask(
+        T, S, causal=causal, q_segment_ids_BT=segment_ids, kv_segment_ids_BS=kv_segment_ids
+    )
     mask = mask_BTS[:, None, None]
     s_BKGTS = jnp.where(mask, s_BKGTS, -jnp.inf)
     # Rows with no visible key: softmax of all -inf would be NaN; define them as zero output.

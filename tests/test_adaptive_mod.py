@@ -93,11 +93,12 @@ def test_scan_equals_unrolled(routed_model):
 
 def test_capacity_below_one_token_skips_the_routed_steps(routed_model):
     _, model = routed_model
-    spec = mod.MoD.create(model.depth, ROUTED, 0.05)    # floor(0.05 * 12) = 0 tokens
+    spec = mod.MoD.create(model.depth, ROUTED, 0.05)  # floor(0.05 * 12) = 0 tokens
     tokens = _tokens()
     logits, routes = mod.apply(model, spec, tokens)
-    np.testing.assert_allclose(logits, dj.apply(dj.depth.drop(model, ROUTED), tokens),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits, dj.apply(dj.depth.drop(model, ROUTED), tokens), rtol=1e-5, atol=1e-5
+    )
     assert not bool(routes.select[np.asarray(ROUTED)].any())
 
 
@@ -106,7 +107,7 @@ def test_causal_predictor_never_reads_future_tokens(routed_model):
     spec = mod.MoD.create(model.depth, ROUTED, 0.5)
     tokens = _tokens(B=2, T=16)
     _, before = mod.apply(model, spec, tokens, routing="causal")
-    assert 0 < float(before.select[np.asarray(ROUTED)].mean()) < 1   # real decisions
+    assert 0 < float(before.select[np.asarray(ROUTED)].mean()) < 1  # real decisions
     topk_changed = False
     for t in (4, 9, 15):
         changed = tokens.copy()
@@ -126,20 +127,22 @@ def test_causal_predictor_never_reads_future_tokens(routed_model):
 def test_router_and_predictor_get_gradients(routed_model):
     _, model = routed_model
     spec = mod.MoD.create(model.depth, ROUTED, 0.5)
-    grads = jax.grad(lambda p: mod.loss(model.replace(params=p), spec, _tokens())[0])(
-        model.params)["steps"]["mod"]
+    grads = jax.grad(lambda p: mod.loss(model.replace(params=p), spec, _tokens())[0])(model.params)[
+        "steps"
+    ]["mod"]
     assert float(jnp.abs(grads["predictor"]["w1"]).max()) > 0
     router = grads["router"]
-    assert float(jnp.abs(router[np.asarray(ROUTED)]).min(1).max()) > 0   # routed steps learn
-    assert float(jnp.abs(router[np.array([0, 2])]).max()) == 0            # dense steps do not
+    assert float(jnp.abs(router[np.asarray(ROUTED)]).min(1).max()) > 0  # routed steps learn
+    assert float(jnp.abs(router[np.array([0, 2])]).max()) == 0  # dense steps do not
 
 
 @pytest.mark.slow
 def test_predictor_loss_trains_only_the_predictor(routed_model):
     _, model = routed_model
     spec = mod.MoD.create(model.depth, ROUTED, 0.5)
-    grads = jax.grad(lambda p: mod.apply(model.replace(params=p), spec, _tokens())[1]
-                     .predictor_loss)(model.params)
+    grads = jax.grad(
+        lambda p: mod.apply(model.replace(params=p), spec, _tokens())[1].predictor_loss
+    )(model.params)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["blocks"]))
     assert float(jnp.abs(grads["steps"]["mod"]["router"]).max()) == 0
 
@@ -151,8 +154,9 @@ def test_routed_decoding_equals_full_causal_forward(routed_model):
     routed_len = 5
     full, routes = mod.apply(model, spec, tokens, routing="causal", budget=routed_len)
     T0 = 5
-    logits, cache, ran = routed_decode.prefill(model, tokens[:, :T0], max_len=12, mod=spec,
-                                               routed_len=routed_len)
+    logits, cache, ran = routed_decode.prefill(
+        model, tokens[:, :T0], max_len=12, mod=spec, routed_len=routed_len
+    )
     np.testing.assert_allclose(logits, full[:, T0 - 1], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.moveaxis(ran, -1, 0), routes.select[:, :, :T0])
     for t in range(T0, 12):
@@ -163,8 +167,9 @@ def test_routed_decoding_equals_full_causal_forward(routed_model):
     entries = cache.entries()
     np.testing.assert_array_equal(entries, np.asarray(routes.select).sum(-1))
     assert entries[np.asarray(ROUTED)].max() <= routed_len < entries[0].min()
-    full_size = routed_decode.RoutedCache.empty(model.config, routed_decode.Layout(
-        cache.layout.routed, 12, 12, 0.0), 2)
+    full_size = routed_decode.RoutedCache.empty(
+        model.config, routed_decode.Layout(cache.layout.routed, 12, 12, 0.0), 2
+    )
     assert cache.nbytes == full_size.nbytes * (2 + 2 * routed_len / 12) / 4
 
 
@@ -184,8 +189,8 @@ def test_generate_equals_teacher_forced_causal_forward_with_padding(routed_model
         seq = np.concatenate([real, np.asarray(toks[b])])[None]
         full, routes = mod.apply(model, spec, seq, routing="causal", budget=6)
         T = len(real)
-        np.testing.assert_array_equal(toks[b], np.argmax(full[0, T - 1:-1], -1))
-        np.testing.assert_array_equal(ran[b], np.moveaxis(routes.select[:, 0, T - 1:-1], 0, -1))
+        np.testing.assert_array_equal(toks[b], np.argmax(full[0, T - 1 : -1], -1))
+        np.testing.assert_array_equal(ran[b], np.moveaxis(routes.select[:, 0, T - 1 : -1], 0, -1))
 
 
 @pytest.mark.parametrize("capacity", [0, 0.0, -0.5, 1.5, "half"])

@@ -33,5 +33,5 @@ def test_identifier_recall_asks_for_a_name_defined_far_back():
         assert re.match(rf"[ \t]*def {re.escape(name)}\(", ex["context"])
         assert 200 <= len(ex["context"]) <= 1000
         assert any(ex["context"] + name + "(" in s for s in sources)
-        for other in ex["choices"]:   # every candidate is a function of that file
+        for other in ex["choices"]:  # every candidate is a function of that file
             assert any(f"def {other}(" in s and ex["context"] in s for s in sources)

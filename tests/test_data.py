@@ -17,6 +17,7 @@ def _take(it, n):
 
 def _docs(texts):
     import grain
+
     return grain.MapDataset.source(list(texts))
 
 
@@ -46,8 +47,15 @@ def test_packing_covers_every_document_token_once():
     each document's tokens after its first."""
     rng = np.random.default_rng(0)
     docs = [bytes(rng.integers(97, 123, rng.integers(2, 40)).astype(np.uint8)) for _ in range(30)]
-    ds = data.pipeline(_docs(docs), data.ByteTokenizer(), seq_len=16, batch_size=4, seed=1,
-                       epochs=1, shuffle_window=8)
+    ds = data.pipeline(
+        _docs(docs),
+        data.ByteTokenizer(),
+        seq_len=16,
+        batch_size=4,
+        seed=1,
+        epochs=1,
+        shuffle_window=8,
+    )
     seen_targets = []
     for batch in ds:
         for row in range(4):
@@ -67,8 +75,14 @@ def test_packing_covers_every_document_token_once():
 
 
 def test_resume_gives_exact_next_batches():
-    ds = data.pipeline(data.documents("stdlib", "train"), data.ByteTokenizer(), seq_len=32,
-                       batch_size=2, seed=5, shuffle_window=64)
+    ds = data.pipeline(
+        data.documents("stdlib", "train"),
+        data.ByteTokenizer(),
+        seq_len=32,
+        batch_size=2,
+        seed=5,
+        shuffle_window=64,
+    )
     it = iter(ds)
     _take(it, 7)
     state = json.loads(json.dumps(it.get_state()))  # survives a JSON round trip
@@ -79,8 +93,18 @@ def test_resume_gives_exact_next_batches():
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     # A different seed gives a different order (the seed is really used).
-    other = next(iter(data.pipeline(data.documents("stdlib", "train"), data.ByteTokenizer(),
-                                    seq_len=32, batch_size=2, seed=6, shuffle_window=64)))
+    other = next(
+        iter(
+            data.pipeline(
+                data.documents("stdlib", "train"),
+                data.ByteTokenizer(),
+                seq_len=32,
+                batch_size=2,
+                seed=6,
+                shuffle_window=64,
+            )
+        )
+    )
     first = next(iter(ds))
     assert not np.array_equal(first["inputs"], other["inputs"])
 
@@ -89,11 +113,20 @@ def test_process_shards_are_disjoint_and_complete():
     docs = [f"doc{i:03d}-".encode() * 3 for i in range(12)]
     seen = []
     for shard in range(3):
-        ds = data.pipeline(_docs(docs), data.ByteTokenizer(), seq_len=20, batch_size=1,
-                           seed=0, shard_index=shard, shard_count=3, epochs=1, shuffle_window=1)
+        ds = data.pipeline(
+            _docs(docs),
+            data.ByteTokenizer(),
+            seq_len=20,
+            batch_size=1,
+            seed=0,
+            shard_index=shard,
+            shard_count=3,
+            epochs=1,
+            shuffle_window=1,
+        )
         names = {bytes(b["inputs"][0][:6].astype(np.uint8)).decode() for b in ds}
         seen.append(names)
-    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
     assert set.union(*seen) == {f"doc{i:03d}" for i in range(12)}
 
 
@@ -108,19 +141,27 @@ def test_text_and_jsonl_files_through_tfds_builder(tmp_path):
     (tmp_path / "a.txt").write_text("plain text document")
     lines = [{"text": f"line {i} ünï"} for i in range(40)]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    kw = dict(data_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")],
-              data_dir=str(tmp_path / "cache"))
+    kw = dict(
+        data_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")],
+        data_dir=str(tmp_path / "cache"),
+    )
     train = data.documents("files", "train", **kw)
     valid = data.documents("files", "valid", **kw)
-    got = sorted(d.decode() for d in [train[i] for i in range(len(train))] +
-                 [valid[i] for i in range(len(valid))])
+    got = sorted(
+        d.decode()
+        for d in [train[i] for i in range(len(train))] + [valid[i] for i in range(len(valid))]
+    )
     assert got == sorted(["plain text document"] + [line["text"] for line in lines])
     assert len(valid) >= 1
     assert list((tmp_path / "cache").rglob("*.array_record*"))  # really array_record
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(data.DataError, match="bad.jsonl:1: expected an object"):
-        data.documents("files", "train", data_files=[str(tmp_path / "bad.jsonl")],
-                       data_dir=str(tmp_path / "cache"))
+        data.documents(
+            "files",
+            "train",
+            data_files=[str(tmp_path / "bad.jsonl")],
+            data_dir=str(tmp_path / "cache"),
+        )
 
 
 def test_a_single_text_file_gives_a_train_and_a_validation_split(tmp_path):
@@ -133,21 +174,23 @@ def test_a_single_text_file_gives_a_train_and_a_validation_split(tmp_path):
     assert len(train) == 1 and len(valid) == 1
     head, tail = train[0].decode(), valid[0].decode()
     assert head + tail == "".join(lines) and head.endswith("\n")
-    assert 0.9 < len(head) / (len(head) + len(tail)) < 0.99   # the last ~5% validates
+    assert 0.9 < len(head) / (len(head) + len(tail)) < 0.99  # the last ~5% validates
 
 
 def test_global_batch_does_not_depend_on_how_shards_are_split_over_processes():
     """Four data shards built by one process, or two each by two processes (with their
     states saved and restored across the split), give the same global batches."""
-    docs = _docs([bytes([65 + i]) * (20 + 7 * i) for i in range(23)])   # doc i: one letter
+    docs = _docs([bytes([65 + i]) * (20 + 7 * i) for i in range(23)])  # doc i: one letter
     kw = dict(seq_len=16, batch_size=8, n_shards=4, seed=5, shuffle_window=8)
     one = data.ShardedBatches(docs, data.ByteTokenizer(), shards=range(4), **kw)
-    two = [data.ShardedBatches(docs, data.ByteTokenizer(), shards=s, **kw)
-           for s in ([0, 1], [2, 3])]
+    two = [
+        data.ShardedBatches(docs, data.ByteTokenizer(), shards=s, **kw) for s in ([0, 1], [2, 3])
+    ]
 
     def rows(parts):
         merged = {k: v for p in parts for k, v in p.items()}
         return np.concatenate([merged[s]["inputs"] for s in range(4)])
+
     for _ in range(3):
         np.testing.assert_array_equal(rows([next(one)]), rows([next(t) for t in two]))
     # Resume on another number of processes: the states of all shards, merged.
@@ -159,14 +202,16 @@ def test_global_batch_does_not_depend_on_how_shards_are_split_over_processes():
     # Each shard reads only its own documents (i % 4 == shard).
     shard2 = data.ShardedBatches(docs, data.ByteTokenizer(), shards=[2], **kw)
     seen = np.unique(np.concatenate([next(shard2)[2]["inputs"].ravel() for _ in range(3)]))
-    seen = seen[seen > 0] - 65                                            # 0 is padding
+    seen = seen[seen > 0] - 65  # 0 is padding
     assert seen.size and all(i % 4 == 2 for i in seen)
 
 
 def test_train_config_parsing(tmp_path):
     (tmp_path / "c.yaml").write_text("steps: 7\nmesh: {fsdp: 2}\nmodel: {n_layers: 3}\n")
-    tc = train_config.parse(["steps=9", "lr=3e-3", "mesh.tensor=2", "model.dtype=bfloat16",
-                             "data_files=a.txt,b.jsonl"], tmp_path / "c.yaml")
+    tc = train_config.parse(
+        ["steps=9", "lr=3e-3", "mesh.tensor=2", "model.dtype=bfloat16", "data_files=a.txt,b.jsonl"],
+        tmp_path / "c.yaml",
+    )
     assert (tc.steps, tc.lr, tc.mesh.fsdp, tc.mesh.tensor) == (9, 3e-3, 2, 2)
     assert tc.model_overrides == {"n_layers": 3, "dtype": "bfloat16"}
     assert tc.model_config().n_layers == 3 and tc.data_files == ["a.txt", "b.jsonl"]
@@ -187,8 +232,10 @@ def test_sharding_rules_for_llama_parameters():
     import jax
 
     import depthjax as dj
-    params = jax.eval_shape(lambda k: dj.init(dj.configs.get("llama-tiny"), k).params,
-                            jax.random.key(0))
+
+    params = jax.eval_shape(
+        lambda k: dj.init(dj.configs.get("llama-tiny"), k).params, jax.random.key(0)
+    )
     axes = param_logical_axes(params)
     assert axes["blocks"]["attn"]["q"]["kernel"] == ("layers", "embed", "heads", "head_dim")
     assert axes["blocks"]["mlp"]["down"]["kernel"] == ("layers", "mlp", "embed")
@@ -197,6 +244,7 @@ def test_sharding_rules_for_llama_parameters():
 
     class FakeMesh:  # logical_to_spec only reads mesh.shape
         shape = {"data": 2, "fsdp": 2, "tensor": 2}
+
     spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), (4, 64, 4, 16), FakeMesh)
     assert tuple(spec) == (None, "fsdp", "tensor", None)
     # Not divisible -> replicated along that axis rather than an error.

@@ -36,11 +36,16 @@ def test_drop_equals_naive_skip(model, tokens):
 
 
 def test_program_edits_share_the_table(model):
-    for edited in (D.drop(model, [0]), D.drop_sublayers(model, attn=[1]),
-                   D.repeat(model, [2, 3], 2), D.reorder(model, [5, 0, 0]),
-                   D.parallelize(model, [[1, 2]])):
-        for a, b in zip(jax.tree.leaves(model.params["blocks"]),
-                        jax.tree.leaves(edited.params["blocks"])):
+    for edited in (
+        D.drop(model, [0]),
+        D.drop_sublayers(model, attn=[1]),
+        D.repeat(model, [2, 3], 2),
+        D.reorder(model, [5, 0, 0]),
+        D.parallelize(model, [[1, 2]]),
+    ):
+        for a, b in zip(
+            jax.tree.leaves(model.params["blocks"]), jax.tree.leaves(edited.params["blocks"])
+        ):
             assert a is b
 
 
@@ -97,8 +102,9 @@ def test_drop_inside_parallel_group_keeps_groups_consistent(model, tokens):
     close(dj.apply(dropped, tokens), reference.forward(model, tokens, groups))
 
 
-@pytest.mark.parametrize("strategy, want", [("cycle", [0, 1, 2, 0, 1, 2]),
-                                            ("sequence", [0, 0, 1, 1, 2, 2])])
+@pytest.mark.parametrize(
+    "strategy, want", [("cycle", [0, 1, 2, 0, 1, 2]), ("sequence", [0, 0, 1, 1, 2, 2])]
+)
 def test_tie_index_maps(model, strategy, want):
     tied = D.tie(model, 3, strategy=strategy, init="lower")
     assert program_of(tied)["block"] == want and tied.n_blocks == 3 == tied.config.n_layers
@@ -108,15 +114,20 @@ def test_tie_index_maps(model, strategy, want):
 def test_tie_inits(model):
     rows = model.params["blocks"]
     pick = lambda t, idx: jax.tree.map(lambda a: a[np.asarray(idx)], t)
-    stepwise = D.tie(model, 3, "sequence", init="stepwise")     # floor(k * 6 / 3) = 0, 2, 4
+    stepwise = D.tie(model, 3, "sequence", init="stepwise")  # floor(k * 6 / 3) = 0, 2, 4
     chex.assert_trees_all_equal(stepwise.params["blocks"], pick(rows, [0, 2, 4]))
     lower = D.tie(model, 2, "cycle", init="lower")
     chex.assert_trees_all_equal(lower.params["blocks"], pick(rows, [0, 1]))
-    avg = D.tie(model, 2, "cycle", init="average")              # slot 0: steps 0, 2, 4
-    want = jax.tree.map(lambda a: np.stack([np.asarray(a)[[0, 2, 4]].mean(0),
-                                            np.asarray(a)[[1, 3, 5]].mean(0)]), rows)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 avg.params["blocks"], want)
+    avg = D.tie(model, 2, "cycle", init="average")  # slot 0: steps 0, 2, 4
+    want = jax.tree.map(
+        lambda a: np.stack([np.asarray(a)[[0, 2, 4]].mean(0), np.asarray(a)[[1, 3, 5]].mean(0)]),
+        rows,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        avg.params["blocks"],
+        want,
+    )
 
 
 def test_tie_keep_ends_and_private_norms(model, tokens):
@@ -124,17 +135,19 @@ def test_tie_keep_ends_and_private_norms(model, tokens):
     assert program_of(tied)["block"] == [0, 1, 2, 1, 2, 3] and tied.n_blocks == 4
     rows = D.step_rows(tied)
     for name in ("attn_norm", "mlp_norm"):  # every step runs its original norm weights
-        np.testing.assert_allclose(rows[name]["scale"], model.params["blocks"][name]["scale"],
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            rows[name]["scale"], model.params["blocks"][name]["scale"], atol=1e-7
+        )
     for part in ("q", "o"):  # kernels of ends are private, middle ones are averages
-        np.testing.assert_array_equal(rows["attn"][part]["kernel"][0],
-                                      model.params["blocks"]["attn"][part]["kernel"][0])
+        np.testing.assert_array_equal(
+            rows["attn"][part]["kernel"][0], model.params["blocks"]["attn"][part]["kernel"][0]
+        )
 
 
 def test_relax_full_rank_reproduces_original_and_rank_one_does_not(tokens):
     original = dj.init(dj.configs.get("gpt2-tiny", n_layers=4), jax.random.key(1))
     tied = D.tie(original, 2, "cycle", init="average")
-    full = D.relax(tied, original, rank=64)          # min(in, out) of every kernel here is 64
+    full = D.relax(tied, original, rank=64)  # min(in, out) of every kernel here is 64
     want = dj.apply(original, tokens)
     close(dj.apply(full, tokens), want, dict(rtol=1e-4, atol=1e-4))
     low = D.relax(tied, original, rank=1)
@@ -160,8 +173,11 @@ def test_relax_lora_trains_alone(tokens):
 
 
 def test_grow_identity_and_copy(model, tokens):
-    for cfg in (model.config, dj.configs.get("gpt2-tiny"),
-                dj.configs.get("llama-tiny", norm_placement="peri")):
+    for cfg in (
+        model.config,
+        dj.configs.get("gpt2-tiny"),
+        dj.configs.get("llama-tiny", norm_placement="peri"),
+    ):
         m = model if cfg is model.config else dj.init(cfg, jax.random.key(2))
         grown = D.grow(m, 1, init="identity")
         assert program_of(grown)["block"][:3] == [0, 1, m.n_blocks] and grown.depth == m.depth + 1
@@ -197,19 +213,22 @@ def test_transforms_compose_drop_tie_relax(model, tokens):
     close(dj.apply(relaxed, tokens), want, dict(rtol=1e-4, atol=1e-4))
 
 
-@pytest.mark.parametrize("fn, message", [
-    (lambda m: D.drop(m, [6]), r"\[6\] out of range.*6 steps"),
-    (lambda m: D.drop(m, range(6)), "removes every step"),
-    (lambda m: D.tie(m, 4, "sequence"), "sequence tying needs n_unique to divide"),
-    (lambda m: D.tie(m, 7), "n_unique must be an integer in 1..6"),
-    (lambda m: D.repeat(m, [1, 3], 2), "contiguous"),
-    (lambda m: D.parallelize(m, [[1, 2], [2, 3]]), "overlap"),
-    (lambda m: D.parallelize(m, [[1, 3]]), "consecutive"),
-    (lambda m: D.reorder(m, []), "empty"),
-    (lambda m: D.drop_sublayers(m, attn=[1.5]), "integers"),
-    (lambda m: D.relax(D.tie(m, 2), D.drop(m, [0]), 2), "equal depth"),
-    (lambda m: D.grow(m, 6), "out of range"),
-])
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda m: D.drop(m, [6]), r"\[6\] out of range.*6 steps"),
+        (lambda m: D.drop(m, range(6)), "removes every step"),
+        (lambda m: D.tie(m, 4, "sequence"), "sequence tying needs n_unique to divide"),
+        (lambda m: D.tie(m, 7), "n_unique must be an integer in 1..6"),
+        (lambda m: D.repeat(m, [1, 3], 2), "contiguous"),
+        (lambda m: D.parallelize(m, [[1, 2], [2, 3]]), "overlap"),
+        (lambda m: D.parallelize(m, [[1, 3]]), "consecutive"),
+        (lambda m: D.reorder(m, []), "empty"),
+        (lambda m: D.drop_sublayers(m, attn=[1.5]), "integers"),
+        (lambda m: D.relax(D.tie(m, 2), D.drop(m, [0]), 2), "equal depth"),
+        (lambda m: D.grow(m, 6), "out of range"),
+    ],
+)
 def test_bad_input_is_rejected(model, fn, message):
     with pytest.raises((ProgramError, ValueError), match=message):
         fn(model)
@@ -220,8 +239,9 @@ def test_average_and_lines(model):
     soup = D.average([model, other], weights=[3, 1])
     mix = jax.tree.map(lambda a, b: 0.75 * a + 0.25 * b, model.params, other.params)
     chex.assert_trees_all_close(soup.params, mix, rtol=1e-6, atol=1e-7)
-    short = other.replace(params={**other.params,
-                                  "blocks": jax.tree.map(lambda a: a[:5], other.params["blocks"])})
+    short = other.replace(
+        params={**other.params, "blocks": jax.tree.map(lambda a: a[:5], other.params["blocks"])}
+    )
     with pytest.raises(ValueError, match=r"\['blocks'\]\['attn'\].*shape \(5, "):
         D.average([model, short])
     with pytest.raises(ValueError, match="different config"):
@@ -232,8 +252,9 @@ def test_average_and_lines(model):
         lam = 0.5 + i / 5
         np.testing.assert_allclose(q[i], q0[i] + lam * (q1[i] - q0[i]), rtol=1e-5, atol=1e-6)
     tok = lambda m: m.params["embed"]["tok"]["embedding"]
-    np.testing.assert_allclose(tok(scaled), tok(model) + 0.5 * (tok(other) - tok(model)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tok(scaled), tok(model) + 0.5 * (tok(other) - tok(model)), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ProgramError, match="materialize"):
         D.lines(D.repeat(model, [1], 2), D.repeat(other, [1], 2), 0.5, 1.0)
 
@@ -271,8 +292,12 @@ slices:
 
 def test_save_load_keeps_ties_and_cli_applies_spec(model, tokens, tmp_path):
     from depthjax import cli
-    m = D.parallelize(D.relax(D.tie(model, 2, keep_ends=True, share_norms=False), model, rank=3),
-                      [[2, 3]], combine="mean")
+
+    m = D.parallelize(
+        D.relax(D.tie(model, 2, keep_ends=True, share_norms=False), model, rank=3),
+        [[2, 3]],
+        combine="mean",
+    )
     dj.save(m, tmp_path / "tied")
     back = dj.load(tmp_path / "tied")
     assert back.n_blocks == 4 and back.config == m.config
@@ -280,8 +305,21 @@ def test_save_load_keeps_ties_and_cli_applies_spec(model, tokens, tmp_path):
 
     dj.save(model, tmp_path / "base")
     (tmp_path / "spec.yaml").write_text("slices:\n  - layer_range: [0, 3]\n  - layers: [1, 2]\n")
-    assert cli.main(["depth", "--in", str(tmp_path / "base"), "--spec", str(tmp_path / "spec.yaml"),
-                     "--out", str(tmp_path / "variant"), "--compact"]) == 0
+    assert (
+        cli.main(
+            [
+                "depth",
+                "--in",
+                str(tmp_path / "base"),
+                "--spec",
+                str(tmp_path / "spec.yaml"),
+                "--out",
+                str(tmp_path / "variant"),
+                "--compact",
+            ]
+        )
+        == 0
+    )
     variant = dj.load(tmp_path / "variant")
     assert program_of(variant)["block"] == [0, 1, 2, 1, 2] and variant.n_blocks == 3
     want = reference.forward(model, tokens, reference.sequential([0, 1, 2, 1, 2]))

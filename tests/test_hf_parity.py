@@ -22,12 +22,13 @@ TOL = 1e-4
 
 
 def _reference_python() -> str:
-    path = os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin",
-                                                                  "python")
+    path = os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin", "python")
     if not os.path.exists(path):
-        msg = (f"reference interpreter {path} missing: `./dj test` builds it (.venv-ref, "
-               "Python 3.11 with torch==2.13.0 and transformers from "
-               "tests/hf_reference/requirements.txt), or set DEPTHJAX_REF_PYTHON")
+        msg = (
+            f"reference interpreter {path} missing: `./dj test` builds it (.venv-ref, "
+            "Python 3.11 with torch==2.13.0 and transformers from "
+            "tests/hf_reference/requirements.txt), or set DEPTHJAX_REF_PYTHON"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
@@ -35,10 +36,20 @@ def _reference_python() -> str:
 
 
 def _reference(command: str, path: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([_reference_python(), SCRIPT, command, path], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(
+        [_reference_python(), SCRIPT, command, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode:
         pytest.fail(f"reference `{command}` failed:\n{result.stdout}\n{result.stderr[-4000:]}")
 
@@ -54,19 +65,23 @@ def reference(tmp_path_factory):
 def _run(model, kind, inputs):
     if kind == "causal":
         return np.asarray(dj.apply(model, inputs["tokens"]))
-    hidden = dj.apply(model, inputs["tokens"], mask=inputs["mask"],
-                      token_types=inputs["token_types"], output="hidden")
+    hidden = dj.apply(
+        model,
+        inputs["tokens"],
+        mask=inputs["mask"],
+        token_types=inputs["token_types"],
+        output="hidden",
+    )
     return np.asarray(hidden)
 
 
 def _load_case(entry):
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pooler.*")   # BertModel's pooler
+        warnings.filterwarnings("ignore", message=".*pooler.*")  # BertModel's pooler
         return dj.hf.load(entry["dir"]), dict(np.load(entry["inputs"]))
 
 
-CASES = ["llama", "llama_bias_tied", "mistral", "qwen2", "qwen3", "gpt2", "bert",
-         "llama_sharded"]
+CASES = ["llama", "llama_bias_tied", "mistral", "qwen2", "qwen3", "gpt2", "bert", "llama_sharded"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -79,8 +94,9 @@ def test_load_matches_transformers(reference, case):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
     # the scanned and unrolled walks are the same function
     if entry["kind"] == "causal":
-        np.testing.assert_allclose(np.asarray(dj.apply(model, inputs["tokens"], unroll=True)),
-                                   got, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(dj.apply(model, inputs["tokens"], unroll=True)), got, atol=1e-5, rtol=0
+        )
 
 
 def test_sentence_transformers_mean_pooling(reference):
@@ -88,8 +104,13 @@ def test_sentence_transformers_mean_pooling(reference):
     model, inputs = _load_case(entry)
     pooling = dj.hf.sentence_pooling(entry["dir"])
     assert pooling == {"mode": "mean", "normalize": True}
-    hidden = dj.apply(model, inputs["tokens"], mask=inputs["mask"],
-                      token_types=inputs["token_types"], output="hidden")
+    hidden = dj.apply(
+        model,
+        inputs["tokens"],
+        mask=inputs["mask"],
+        token_types=inputs["token_types"],
+        output="hidden",
+    )
     got = np.asarray(dj.hf.pool(hidden, inputs["mask"], **pooling))
     np.testing.assert_allclose(got, np.load(entry["expected"]), atol=TOL, rtol=0)
 
@@ -113,8 +134,12 @@ def exports(reference, tmp_path_factory):
         directory = str(root / name)
         dj.hf.save(model, directory, **kwargs)
         np.save(root / f"{name}_expected.npy", expected)
-        manifest[name] = {"dir": directory, "kind": entry["kind"], "inputs": entry["inputs"],
-                          "expected": str(root / f"{name}_expected.npy")}
+        manifest[name] = {
+            "dir": directory,
+            "kind": entry["kind"],
+            "inputs": entry["inputs"],
+            "expected": str(root / f"{name}_expected.npy"),
+        }
 
     for case in CASES:
         entry = reference[case]
@@ -129,11 +154,17 @@ def exports(reference, tmp_path_factory):
     export("llama_dropped", dropped, reference["llama"], _run(dropped, "causal", inputs))
     gpt2, inputs = _load_case(reference["gpt2"])
     gated = gpt2.with_program(dj.Program.create([0, 1, 2], attn=[1, 0, 1], mlp=[1, 1, 0]))
-    export("gpt2_zero_gated", gated, reference["gpt2"], _run(gated, "causal", inputs),
-           zero_gated=True)
+    export(
+        "gpt2_zero_gated", gated, reference["gpt2"], _run(gated, "causal", inputs), zero_gated=True
+    )
     qwen3, inputs = _load_case(reference["qwen3"])
-    export("qwen3_small_shards", qwen3, reference["qwen3"], np.load(reference["qwen3"]["expected"]),
-           max_shard_size="100KB")
+    export(
+        "qwen3_small_shards",
+        qwen3,
+        reference["qwen3"],
+        np.load(reference["qwen3"]["expected"]),
+        max_shard_size="100KB",
+    )
 
     with open(root / "manifest.json", "w") as f:
         json.dump(manifest, f)
@@ -156,5 +187,6 @@ def test_export_rewrites_layer_count(exports):
         assert json.load(f)["num_hidden_layers"] == 5
     with open(os.path.join(exports["llama_dropped"]["dir"], "config.json")) as f:
         assert json.load(f)["num_hidden_layers"] == 2
-    assert os.path.exists(os.path.join(exports["qwen3_small_shards"]["dir"],
-                                       "model.safetensors.index.json"))
+    assert os.path.exists(
+        os.path.join(exports["qwen3_small_shards"]["dir"], "model.safetensors.index.json")
+    )

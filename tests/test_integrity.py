@@ -25,6 +25,7 @@ def small():
 
 def _tokenizer_file(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     path = tmp_path / "tokenizer.json"
@@ -41,8 +42,13 @@ def _flip(path, bit):
 def test_every_random_bit_flip_in_a_native_checkpoint_is_detected(small, tmp_path):
     ck = dj.save(small, tmp_path / "ck", files=[_tokenizer_file(tmp_path)])
     files = sorted(p for p in ck.iterdir())
-    assert [p.name for p in files] == ["config.json", "manifest.json", "params.safetensors",
-                                       "program.json", "tokenizer.json"]
+    assert [p.name for p in files] == [
+        "config.json",
+        "manifest.json",
+        "params.safetensors",
+        "program.json",
+        "tokenizer.json",
+    ]
     rng = np.random.default_rng(0)
     for trial in range(60):
         # Every file gets flips; the small JSON files would rarely be hit by size-weighting.
@@ -57,9 +63,11 @@ def test_every_random_bit_flip_in_a_native_checkpoint_is_detected(small, tmp_pat
 
 def test_edited_config_program_or_tokenizer_is_detected(small, tmp_path):
     ck = dj.save(small, tmp_path / "ck", files=[_tokenizer_file(tmp_path)])
-    for name, edit in [("config.json", lambda d: {**d, "rope_theta": 500000.0}),
-                       ("program.json", lambda d: {**d, "mlp": [1.0, 0.0]}),
-                       ("manifest.json", lambda d: {**d, "version": 2, "extra": 1})]:
+    for name, edit in [
+        ("config.json", lambda d: {**d, "rope_theta": 500000.0}),
+        ("program.json", lambda d: {**d, "mlp": [1.0, 0.0]}),
+        ("manifest.json", lambda d: {**d, "version": 2, "extra": 1}),
+    ]:
         original = (ck / name).read_bytes()
         (ck / name).write_text(json.dumps(edit(json.loads(original))))
         with pytest.raises(CheckpointError, match=f"corrupt: {name}"):
@@ -89,14 +97,23 @@ def test_manifest_paths_are_confined_to_the_checkpoint(small, tmp_path):
 def test_version_1_checkpoints_still_load(small, tmp_path):
     """A checkpoint written before manifests covered every file (CRC of the weights)."""
     import zlib
+
     ck = dj.save(small, tmp_path / "ck")
     manifest = json.loads((ck / "manifest.json").read_text())
     crc = zlib.crc32((ck / "params.safetensors").read_bytes())
-    (ck / "manifest.json").write_text(json.dumps({"format": manifest["format"], "version": 1,
-                                                  "params": manifest["params"],
-                                                  "params_crc32": crc}))
-    np.testing.assert_array_equal(dj.load(ck).params["embed"]["tok"]["embedding"],
-                                  small.params["embed"]["tok"]["embedding"])
+    (ck / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": manifest["format"],
+                "version": 1,
+                "params": manifest["params"],
+                "params_crc32": crc,
+            }
+        )
+    )
+    np.testing.assert_array_equal(
+        dj.load(ck).params["embed"]["tok"]["embedding"], small.params["embed"]["tok"]["embedding"]
+    )
 
 
 def test_save_keeps_unrelated_files_and_its_directory_mode(small, tmp_path):
@@ -104,8 +121,13 @@ def test_save_keeps_unrelated_files_and_its_directory_mode(small, tmp_path):
     os.chmod(ck, 0o750)
     (ck / "NOTES.md").write_text("mine")
     dj.save(small, ck)  # no tokenizer this time: the old one was part of the checkpoint
-    assert sorted(p.name for p in ck.iterdir()) == ["NOTES.md", "config.json", "manifest.json",
-                                                    "params.safetensors", "program.json"]
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "NOTES.md",
+        "config.json",
+        "manifest.json",
+        "params.safetensors",
+        "program.json",
+    ]
     assert (ck / "NOTES.md").read_text() == "mine" and (ck.stat().st_mode & 0o777) == 0o750
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "tokenizer.json"]
 
@@ -118,6 +140,7 @@ def _dead_pid():
 
 def test_leftovers_of_killed_saves_are_cleaned_or_moved_back(small, tmp_path):
     import socket
+
     host, pid = socket.gethostname(), _dead_pid()
     ck = dj.save(small, tmp_path / "model")
     # A save killed while writing: its staging directory is removed by the next save.
@@ -167,16 +190,35 @@ def test_hf_save_overwrite_never_deletes_before_the_new_copy_is_in(small, tmp_pa
     names = sorted(p.name for p in hf.iterdir())
     assert "model.safetensors" not in names and "model.safetensors.index.json" in names
     assert (hf / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
-    np.testing.assert_array_equal(dj.hf.load(str(hf)).params["embed"]["tok"]["embedding"],
-                                  other.params["embed"]["tok"]["embedding"])
+    np.testing.assert_array_equal(
+        dj.hf.load(str(hf)).params["embed"]["tok"]["embedding"],
+        other.params["embed"]["tok"]["embedding"],
+    )
 
 
 def test_convert_reshards_in_place_and_tokenizers_travel(small, tmp_path):
     from depthjax import cli
+
     hf = _hf_dir(small, tmp_path / "hf")
     shutil.copyfile(_tokenizer_file(tmp_path), hf / "tokenizer.json")
-    assert cli.main(["convert", "--from", "hf", str(hf), "--to", str(hf), "--to-format", "hf",
-                     "--overwrite", "--max-shard-size", "20KB"]) == 0
+    assert (
+        cli.main(
+            [
+                "convert",
+                "--from",
+                "hf",
+                str(hf),
+                "--to",
+                str(hf),
+                "--to-format",
+                "hf",
+                "--overwrite",
+                "--max-shard-size",
+                "20KB",
+            ]
+        )
+        == 0
+    )
     assert (hf / "model.safetensors.index.json").exists()
     assert cli.main(["convert", "--from", "hf", str(hf), "--to", str(tmp_path / "native")]) == 0
     native = tmp_path / "native"
@@ -184,5 +226,6 @@ def test_convert_reshards_in_place_and_tokenizers_travel(small, tmp_path):
     listed = integrity.load_sealed(native / "manifest.json")["files"]
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(listed)
     back = dj.load(native)
-    np.testing.assert_array_equal(back.params["blocks"]["attn"]["q"]["kernel"],
-                                  small.params["blocks"]["attn"]["q"]["kernel"])
+    np.testing.assert_array_equal(
+        back.params["blocks"]["attn"]["q"]["kernel"], small.params["blocks"]["attn"]["q"]["kernel"]
+    )

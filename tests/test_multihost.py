@@ -31,9 +31,14 @@ def _free_port() -> int:
 
 
 def _launch(out, env, *keys):
-    return subprocess.Popen([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
-                             *KEYS, *keys], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "depthjax.cli", "train", "--out", str(out), *KEYS, *keys],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _two_processes(out, read_log, kill_process_1_in_save=None):
@@ -41,8 +46,12 @@ def _two_processes(out, read_log, kill_process_1_in_save=None):
     port = _free_port()
     procs = []
     for i in range(2):
-        extra = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-                 "JAX_PROCESS_ID": str(i), "DEPTHJAX_TEST_READ_LOG": str(read_log)}
+        extra = {
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(i),
+            "DEPTHJAX_TEST_READ_LOG": str(read_log),
+        }
         if i == 1 and kill_process_1_in_save:
             extra["DEPTHJAX_TEST_KILL_IN_SAVE"] = str(kill_process_1_in_save)
         env = _env(2, extra)
@@ -76,8 +85,9 @@ def test_two_processes_train_like_one(tmp_path):
 
     # Two processes; process 1 dies right after issuing checkpoint 4's save.
     out, log = tmp_path / "run", tmp_path / "reads"
-    (rc0, err0, pid0, t0), (rc1, err1, pid1, t1) = _two_processes(out, log,
-                                                                  kill_process_1_in_save=4)
+    (rc0, err0, pid0, t0), (rc1, err1, pid1, t1) = _two_processes(
+        out, log, kill_process_1_in_save=4
+    )
     assert rc1 == -signal.SIGKILL, err1[-3000:]
     assert rc0 != 0 and "another task died" in err0, err0[-3000:]
     assert t0 - t1 < 60, "the surviving process took too long to notice"
@@ -91,6 +101,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert {i % 4 for i in r0} <= {0, 1} and {i % 4 for i in r1} <= {2, 3}
     # One checkpoint directory per step, sealed; step 4 never committed.
     from depthjax import integrity
+
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     integrity.verify(out / "checkpoints" / "2")
 
@@ -101,11 +112,16 @@ def test_two_processes_train_like_one(tmp_path):
     got = _losses(out)
     for step in (3, 4, 5, 6):
         np.testing.assert_allclose(got[step][-1], reference[step][0], rtol=1e-5)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == \
-        ["2", "4", "6"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2",
+        "4",
+        "6",
+    ]
     import depthjax as dj
+
     a, b = dj.load(out / "model"), dj.load(ref_out / "model")
     import jax
+
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     assert json.loads((out / "run.json").read_text())["train"]["steps"] == 6

@@ -29,12 +29,12 @@ def drawing(monkeypatch):
 
 
 def test_enabled_only_on_a_terminal_and_not_under_quiet(monkeypatch):
-    assert not progress.enabled()                      # pytest captures stderr: no terminal
+    assert not progress.enabled()  # pytest captures stderr: no terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert progress.enabled()
     with progress.quiet():
         assert not progress.enabled() and progress.silenced()
-        with progress.quiet(False):                    # an inner block cannot undo quiet
+        with progress.quiet(False):  # an inner block cannot undo quiet
             assert not progress.enabled()
     assert progress.enabled()
     monkeypatch.setenv("DEPTHJAX_QUIET", "1")
@@ -67,7 +67,7 @@ def test_nested_bars_share_one_display(capsys, drawing):
     err = capsys.readouterr().err
     assert "outer" in err and "2/2" in err and "loss 1.5" in err
     assert "a line above the bar" in err
-    assert "inner" not in err                          # nested rows go when they finish
+    assert "inner" not in err  # nested rows go when they finish
 
 
 def _log_run(out, records):
@@ -87,14 +87,14 @@ RECORDS = [{"step": s, "loss": 3.0 / s, "tokens_per_s": 1e4 * s, "mfu": None} fo
 def test_training_console_plain_lines_bar_or_nothing(tmp_path, capsys, monkeypatch):
     # Off a terminal, quiet, then drawing: metrics.jsonl is the same each time.
     lines = _log_run(tmp_path / "a", RECORDS)
-    err = capsys.readouterr().err                       # off a terminal: one line per step
+    err = capsys.readouterr().err  # off a terminal: one line per step
     assert "[train] step 2/3  loss 1.5000  tok/s 20,000" in err and "[train] done" in err
     with progress.quiet():
         assert _log_run(tmp_path / "b", RECORDS) == lines
-    assert capsys.readouterr().err == "[train] starting\n[train] done\n"   # messages only
+    assert capsys.readouterr().err == "[train] starting\n[train] done\n"  # messages only
     monkeypatch.setattr(progress, "enabled", lambda: not progress.silenced())
     assert _log_run(tmp_path / "c", RECORDS) == lines
-    err = capsys.readouterr().err                       # a bar: steps, loss, tokens/s, ETA
+    err = capsys.readouterr().err  # a bar: steps, loss, tokens/s, ETA
     assert "train" in err and "3/3" in err and "loss 1.0000" in err and "eta" in err
     assert "[train] step" not in err and "[train] done" in err
     assert [json.loads(x)["step"] for x in lines.splitlines()] == [1, 2, 3]

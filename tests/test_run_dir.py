@@ -33,11 +33,18 @@ def test_which_changes_a_resume_may_make():
     b["model"] = {**a["model"], "n_layers": 3, "rope_theta": 5e5}
     b["program"] = {**a["program"], "block": [1, 0]}
     refused, warned = _changed(a, b)
-    assert refused == ["program", "model.n_layers", "model.rope_theta", "batch_size", "data",
-                       "seed"] and warned == []
+    assert (
+        refused == ["program", "model.n_layers", "model.rope_theta", "batch_size", "data", "seed"]
+        and warned == []
+    )
     # How it continues: accepted with a warning. Bookkeeping: silently.
-    c = _record(steps=500, lr=1e-3, log_every=7, checkpoint_every=3, mesh={"data": 2, "fsdp": 2,
-                                                                            "tensor": 1})
+    c = _record(
+        steps=500,
+        lr=1e-3,
+        log_every=7,
+        checkpoint_every=3,
+        mesh={"data": 2, "fsdp": 2, "tensor": 1},
+    )
     c["model"] = {**a["model"], "dtype": "bfloat16"}
     assert _changed(a, c) == ([], ["model.dtype", "lr", "steps"])
     # Clipping switched on or off changes the optimizer state's structure: refused.
@@ -49,7 +56,7 @@ def test_which_changes_a_resume_may_make():
     defaults = run_dir.flat(json.loads(json.dumps(TrainConfig().to_dict())))
     assert _changed(old, _record(), defaults=defaults) == ([], [])
     assert _changed(old, _record(nan_policy="skip"), defaults=defaults) == ([], ["nan_policy"])
-    del old["train"]["data_shards"]     # ...but never an identity key
+    del old["train"]["data_shards"]  # ...but never an identity key
     assert _changed(old, _record(), defaults=defaults)[0] == ["data_shards"]
 
 
@@ -71,8 +78,10 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path):
     pid = _dead_pid()
     (tmp_path / "run.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
     lock = run_dir.RunLock(tmp_path).acquire()
-    assert lock.took_over == (f"took over the stale lock of pid {pid} on {socket.gethostname()} "
-                              f"(pid {pid} is no longer running)")
+    assert lock.took_over == (
+        f"took over the stale lock of pid {pid} on {socket.gethostname()} "
+        f"(pid {pid} is no longer running)"
+    )
     lock.release()
     # Another host's process (its pid cannot be checked): stale once its heartbeat is old.
     (tmp_path / "run.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
@@ -83,7 +92,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path):
     lock = run_dir.RunLock(tmp_path).acquire()
     assert "no heartbeat for" in lock.took_over
     lock.release()
-    assert sorted(p.name for p in tmp_path.iterdir()) == []   # no lock debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock debris
 
 
 def test_move_aside_keeps_everything(tmp_path):
@@ -95,4 +104,4 @@ def test_move_aside_keeps_everything(tmp_path):
     assert aside.name.startswith("run.prev-")
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "metrics.jsonl"]
     assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
-    assert run_dir.move_aside(run) is None          # nothing left to move
+    assert run_dir.move_aside(run) is None  # nothing left to move

@@ -40,8 +40,7 @@ def variants():
     return _variants()
 
 
-@pytest.mark.parametrize("name", ["prefix k=2", "looped attn-dropped k=3",
-                                  "parallel, own steps"])
+@pytest.mark.parametrize("name", ["prefix k=2", "looped attn-dropped k=3", "parallel, own steps"])
 def test_greedy_speculative_equals_greedy(variants, name):
     model, draft, eos = variants[name]
     tokens, mask = _prompt()
@@ -49,16 +48,16 @@ def test_greedy_speculative_equals_greedy(variants, name):
     if eos == "row1":  # stop row 1 at its 4th token; the others run on
         eos = int(plain.tokens[1, 3])
         plain = dj.generate(model, tokens, N, mask=mask, temperature=0.0, eos_id=eos)
-    spec = dj.generate(model, tokens, N, mask=mask, temperature=0.0, eos_id=eos, draft=draft,
-                       draft_tokens=3)
+    spec = dj.generate(
+        model, tokens, N, mask=mask, temperature=0.0, eos_id=eos, draft=draft, draft_tokens=3
+    )
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     np.testing.assert_array_equal(spec.lengths, plain.lengths)
     st = spec.draft
     assert (np.asarray(st.drafted) == 3 * np.asarray(st.rounds)).all()
     assert (np.asarray(st.accepted) <= np.asarray(st.drafted)).all()
     # Every round emits accepted + 1 tokens (the first token comes from the prefill).
-    assert ((np.asarray(st.rounds) + np.asarray(st.accepted) >= np.asarray(spec.lengths) - 1)
-            .all())
+    assert (np.asarray(st.rounds) + np.asarray(st.accepted) >= np.asarray(spec.lengths) - 1).all()
     if eos is None:
         # The cache it leaves holds exactly plain decoding's keys and values: the draft wrote
         # the shared steps' entries of every accepted token, verification the rest.
@@ -67,8 +66,9 @@ def test_greedy_speculative_equals_greedy(variants, name):
         assert spec.cache.steps == plain.cache.steps
         np.testing.assert_array_equal(np.asarray(spec.cache.valid)[..., :S], valid)
         for a, b in ((spec.cache.k, plain.cache.k), (spec.cache.v, plain.cache.v)):
-            np.testing.assert_allclose(np.asarray(a)[:, :, :S][valid], np.asarray(b)[valid],
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                np.asarray(a)[:, :, :S][valid], np.asarray(b)[valid], atol=1e-5
+            )
 
 
 def test_rows_accept_different_numbers_of_drafts(variants):
@@ -88,7 +88,7 @@ def _sequence_probs(model, temperature, top_k):
     `model`'s sampling distribution, from one full forward over all of them."""
     seqs = np.array(list(itertools.product(range(V), repeat=NEW)), np.int32)
     full = np.concatenate([np.tile(PROMPT, (len(seqs), 1)), seqs], 1)
-    logits = dj.apply(model, jnp.asarray(full))[:, len(PROMPT) - 1:-1]   # predicts seqs
+    logits = dj.apply(model, jnp.asarray(full))[:, len(PROMPT) - 1 : -1]  # predicts seqs
     flat = filter_logits(logits.reshape(-1, V) / temperature, top_k=top_k)
     logp = np.asarray(jax.nn.log_softmax(flat, -1)).reshape(len(seqs), NEW, V)
     return np.exp(np.take_along_axis(logp, seqs[..., None], -1)[..., 0].sum(1))
@@ -112,12 +112,19 @@ def test_sampled_speculative_follows_the_full_model_exactly():
     assert abs(full_p.sum() - 1) < 1e-5
     tv = 0.5 * np.abs(full_p - draft_p).sum()
     assert tv > 0.2, f"the draft should differ from the full model (TV {tv:.3f})"
-    out = dj.generate(model, np.tile(PROMPT, (rows, 1)).astype(np.int32), NEW, draft=k,
-                      draft_tokens=2, temperature=temperature, top_k=top_k,
-                      key=jax.random.key(0))
+    out = dj.generate(
+        model,
+        np.tile(PROMPT, (rows, 1)).astype(np.int32),
+        NEW,
+        draft=k,
+        draft_tokens=2,
+        temperature=temperature,
+        top_k=top_k,
+        key=jax.random.key(0),
+    )
     assert 0.1 < out.draft.acceptance < 0.95, out.draft.acceptance  # both branches exercised
     index = np.asarray(out.tokens) @ (V ** np.arange(NEW)[::-1])
-    counts = np.bincount(index, minlength=V ** NEW)
+    counts = np.bincount(index, minlength=V**NEW)
     # Fixed seeds: a deterministic test. The full model's distribution fits (p > 1e-3), the
     # draft's, 0.2+ away in total variation, is rejected by the same statistic.
     assert _chi2_pvalue(counts, full_p) > 1e-3

@@ -16,20 +16,38 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=llama-tiny", "model.n_layers=2", "batch_size=4", "seq_len=32", "seed=3",
-        "warmup_steps=2", "lr=3e-3", "log_every=1", "shuffle_window=16", "tensorboard=false"]
+TINY = [
+    "model=llama-tiny",
+    "model.n_layers=2",
+    "batch_size=4",
+    "seq_len=32",
+    "seed=3",
+    "warmup_steps=2",
+    "lr=3e-3",
+    "log_every=1",
+    "shuffle_window=16",
+    "tensorboard=false",
+]
 
 
 # Subprocess runs share a persistent compilation cache: compiling dominates a tiny run.
-_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(Path(__import__("tempfile").gettempdir())
-                                           / "depthjax-test-jax-cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(
+        Path(__import__("tempfile").gettempdir()) / "depthjax-test-jax-cache"
+    ),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 
 def _env(devices=1, extra=None):
-    return {**os.environ, **_CACHE, **(extra or {}), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {
+        **os.environ,
+        **_CACHE,
+        **(extra or {}),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def _train(out, *keys, env=None, devices=1, check=True):
@@ -37,9 +55,14 @@ def _train(out, *keys, env=None, devices=1, check=True):
     env = _env(devices, env)
     flags = [k for k in keys if k.startswith("--")]
     keys = [k for k in keys if not k.startswith("--")]
-    proc = subprocess.run([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
-                           *flags, *TINY, *keys], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "depthjax.cli", "train", "--out", str(out), *flags, *TINY, *keys],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -68,6 +91,7 @@ def _run_record(out) -> list[dict]:
 def _tensorboard(out) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] as TensorBoard's own reader sees the run's event files."""
     from tensorboard.backend.event_processing import event_accumulator
+
     acc = event_accumulator.EventAccumulator(str(Path(out, "tensorboard")))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -99,16 +123,30 @@ def test_metrics_have_required_fields(reference, tmp_path_factory):
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
     first = reference[1][0]
     assert abs(first - np.log(256)) < 0.3  # untrained byte model: about uniform
-    assert min(reference[6]) < first      # and it learns
+    assert min(reference[6]) < first  # and it learns
 
 
 def test_kill9_then_resume_is_bit_exact(reference_run, tmp_path):
     out = tmp_path / "run"
     env = _env()
-    proc = subprocess.Popen([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
-                             *TINY, "steps=6", "checkpoint_every=2", "log_every=1"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "depthjax.cli",
+            "train",
+            "--out",
+            str(out),
+            *TINY,
+            "steps=6",
+            "checkpoint_every=2",
+            "log_every=1",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill once step 3 is logged
@@ -125,10 +163,16 @@ def test_kill9_then_resume_is_bit_exact(reference_run, tmp_path):
 
 def test_kill9_during_a_save_resumes_from_previous_checkpoint(reference_run, tmp_path):
     out = tmp_path / "run"
-    proc = _train(out, "steps=6", "checkpoint_every=2", "tensorboard=true",
-                  env={"DEPTHJAX_TEST_KILL_IN_SAVE": "4"}, check=False)
+    proc = _train(
+        out,
+        "steps=6",
+        "checkpoint_every=2",
+        "tensorboard=true",
+        env={"DEPTHJAX_TEST_KILL_IN_SAVE": "4"},
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL
-    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]   # logged past checkpoint 2
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]  # logged past checkpoint 2
     assert _tensorboard(out)["loss"]  # events of the killed attempt, to be superseded
     proc = _train(out, "steps=6", "checkpoint_every=2", "tensorboard=true")
     assert "resumed from checkpoint 2" in proc.stderr
@@ -148,37 +192,50 @@ def test_tensorboard_reads_the_scalars_back(reference_run):
 
 def test_cut_jsonl_keeps_whole_records_up_to_the_step(tmp_path):
     from depthjax.train.logs import cut_jsonl
+
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)]
-    path.write_text("".join(lines) + '{"step": 5, "lo')          # torn by a kill
+    path.write_text("".join(lines) + '{"step": 5, "lo')  # torn by a kill
     assert [r["step"] for r in cut_jsonl(path, 2)] == [1, 2]
     assert path.read_text() == "".join(lines[:2])
-    assert not list(tmp_path.glob(".*tmp*"))                      # replaced, nothing beside
+    assert not list(tmp_path.glob(".*tmp*"))  # replaced, nothing beside
     assert cut_jsonl(tmp_path / "absent.jsonl", 3) == []
 
 
 def _state_files(step_dir):
-    return sorted(p for p in (step_dir / "state").rglob("*")
-                  if p.is_file() and p.stat().st_size > 0 and "/d/" in str(p))
+    return sorted(
+        p
+        for p in (step_dir / "state").rglob("*")
+        if p.is_file() and p.stat().st_size > 0 and "/d/" in str(p)
+    )
 
 
 def test_bad_checkpoints_are_set_aside_with_their_reason(reference, tmp_path):
     """Checkpoint 6 unsealed (killed between orbax's commit and the seal), one bit flipped
     in checkpoint 4: both are set aside with their reason, 2 is used, the run is exact."""
     out = tmp_path / "run"
-    proc = _train(out, "steps=6", "checkpoint_every=2",
-                  env={"DEPTHJAX_TEST_KILL_BEFORE_SEAL": "6"}, check=False)
+    proc = _train(
+        out,
+        "steps=6",
+        "checkpoint_every=2",
+        env={"DEPTHJAX_TEST_KILL_BEFORE_SEAL": "6"},
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL
     victim = _state_files(out / "checkpoints" / "4")[0]
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     victim.write_bytes(bytes(raw))
+    (out / ".model.tmp-k1ll3d").mkdir()  # a final save killed by an older depthjax
     proc = _train(out, "steps=6", "checkpoint_every=2")
+    assert not (out / ".model.tmp-k1ll3d").exists()
     assert "checkpoint 6" in proc.stderr and "no integrity record" in proc.stderr
     assert "checkpoint 4" in proc.stderr and "does not match its SHA-256" in proc.stderr
     assert "resumed from checkpoint 2" in proc.stderr
-    reasons = {p.parent.name.split("-")[0]: p.read_text()
-               for p in (out / "checkpoints_corrupt").glob("*/REASON.txt")}
+    reasons = {
+        p.parent.name.split("-")[0]: p.read_text()
+        for p in (out / "checkpoints_corrupt").glob("*/REASON.txt")
+    }
     assert sorted(reasons) == ["4", "6"] and "SHA-256" in reasons["4"]
     got = _losses(out)
     for step in (3, 4, 5, 6):
@@ -201,6 +258,7 @@ def test_bad_checkpoints_are_set_aside_with_their_reason(reference, tmp_path):
 
 def test_every_bit_flip_in_a_training_checkpoint_is_detected(reference_run, tmp_path):
     from depthjax import integrity
+
     ck = shutil.copytree(reference_run / "checkpoints" / "6", tmp_path / "6")
     integrity.verify(ck)
     files = sorted(p for p in ck.rglob("*") if p.is_file())
@@ -215,7 +273,7 @@ def test_every_bit_flip_in_a_training_checkpoint_is_detected(reference_run, tmp_
         path.write_bytes(bytes(flipped))
         with pytest.raises(integrity.IntegrityError):
             integrity.verify(ck)
-        path.write_bytes(raw[:len(raw) // 2])            # truncation
+        path.write_bytes(raw[: len(raw) // 2])  # truncation
         with pytest.raises(integrity.IntegrityError):
             integrity.verify(ck)
         path.write_bytes(raw)
@@ -226,9 +284,23 @@ def test_every_bit_flip_in_a_training_checkpoint_is_detected(reference_run, tmp_
 
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "depthjax.cli", "train", "--out", str(out),
-                              *TINY, "steps=100000", "checkpoint_every=100000"], env=_env(),
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "depthjax.cli",
+            "train",
+            "--out",
+            str(out),
+            *TINY,
+            "steps=100000",
+            "checkpoint_every=100000",
+        ],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "run.lock").exists() and time.time() < deadline:
@@ -246,32 +318,58 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # lr=1e30 makes the parameters ~1e30 after step 1, so step 2's attention overflows.
-    proc = _train(tmp_path, "steps=5", "checkpoint_every=1", "lr=1e30", "warmup_steps=0",
-                  "clip_norm=0", "weight_decay=0", check=False)
+    proc = _train(
+        tmp_path,
+        "steps=5",
+        "checkpoint_every=1",
+        "lr=1e30",
+        "warmup_steps=0",
+        "clip_norm=0",
+        "weight_decay=0",
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "non-finite loss or gradient at step 2" in proc.stderr
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                  if p.name.isdigit()) == [1]
+    assert sorted(
+        int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()
+    ) == [1]
     import depthjax as dj
+
     assert not (tmp_path / "model").exists()
     del dj
 
 
 def test_nonfinite_steps_can_be_skipped(tmp_path):
-    _train(tmp_path, "steps=4", "checkpoint_every=4", "lr=1e30", "warmup_steps=0",
-           "clip_norm=0", "weight_decay=0", "nan_policy=skip")
+    _train(
+        tmp_path,
+        "steps=4",
+        "checkpoint_every=4",
+        "lr=1e30",
+        "warmup_steps=0",
+        "clip_norm=0",
+        "weight_decay=0",
+        "nan_policy=skip",
+    )
     rows = _records(tmp_path)
     assert [r["skipped"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["loss"] is not None and all(r["loss"] is None for r in rows[1:])
     import depthjax as dj
+
     model = dj.load(tmp_path / "model")
     leaves = __import__("jax").tree.leaves(model.params)
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_sharded_2x2x2_mesh_matches_one_device(reference, tmp_path):
-    _train(tmp_path, "steps=6", "checkpoint_every=6", "mesh.data=2", "mesh.fsdp=2",
-           "mesh.tensor=2", devices=8)
+    _train(
+        tmp_path,
+        "steps=6",
+        "checkpoint_every=6",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        devices=8,
+    )
     got = _losses(tmp_path)
     for step in reference:
         np.testing.assert_allclose(got[step][0], reference[step][0], rtol=2e-3)

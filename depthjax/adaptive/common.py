@@ -34,8 +34,10 @@ def reject_parallel(model: DepthModel, what: str) -> None:
         return
     par = np.asarray(model.program.parallel)
     if par.any():
-        raise ProgramError(f"{what} needs a program without parallel groups; steps "
-                           f"{np.flatnonzero(par).tolist()} share their input")
+        raise ProgramError(
+            f"{what} needs a program without parallel groups; steps "
+            f"{np.flatnonzero(par).tolist()} share their input"
+        )
 
 
 def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
@@ -43,7 +45,8 @@ def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
     w = jnp.ones(tokens_BT.shape, jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
     w = w[:, 1:] * w[:, :-1]
     nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV[:, :-1].astype(jnp.float32), tokens_BT[:, 1:])
+        logits_BTV[:, :-1].astype(jnp.float32), tokens_BT[:, 1:]
+    )
     return jnp.sum(nll * w), jnp.sum(w)
 
 
@@ -73,20 +76,21 @@ def scatter_add(x_BTD, idx_BL, update_BLD):
     return x_BTD.at[rows_B1, idx_BL].add(update_BLD.astype(x_BTD.dtype))
 
 
-def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None,
-         kv_mask_BT=None):
+def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None, kv_mask_BT=None):
     """Run `program` (any depth, even 0) on x with `model.program_step`, one scan.
 
     views: optional per-step caches stacked on a leading [depth] axis (objects with the
     `update` protocol of depthjax.adaptive.caches); returns (x_out_BTD, updated views).
     """
+
     def step(carry, xs):
         prog, sp, view = xs
-        out = program_step(cfg, blocks, carry, prog, sp, positions_BT, kv_cache=view,
-                           kv_mask_BT=kv_mask_BT)
+        out = program_step(
+            cfg, blocks, carry, prog, sp, positions_BT, kv_cache=view, kv_mask_BT=kv_mask_BT
+        )
         return out[0], (out[3] if view is not None else None)
 
-    (base, acc), views = jax.lax.scan(step, (x_BTD, jnp.zeros_like(x_BTD)),
-                                      (program, step_params, views))
+    (base, acc), views = jax.lax.scan(
+        step, (x_BTD, jnp.zeros_like(x_BTD)), (program, step_params, views)
+    )
     return base + acc, views
-

@@ -53,8 +53,9 @@ from .common import (
 ROUTINGS = ("topk", "causal")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["routed"],
-                   meta_fields=["capacity"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["routed"], meta_fields=["capacity"]
+)
 @dataclasses.dataclass(frozen=True)
 class MoD:
     """Which steps route (bool [depth], data) and the fraction of tokens they take."""
@@ -80,8 +81,10 @@ class MoD:
 
 def check_capacity(capacity) -> None:
     if not isinstance(capacity, (int, float, np.floating)) or not 0.0 < capacity <= 1.0:
-        raise AdaptiveError(f"capacity must be in (0, 1] (the fraction of tokens a routed "
-                            f"step takes), got {capacity!r}")
+        raise AdaptiveError(
+            f"capacity must be in (0, 1] (the fraction of tokens a routed "
+            f"step takes), got {capacity!r}"
+        )
 
 
 class Routes:
@@ -95,8 +98,13 @@ class Routes:
 
 
 jax.tree_util.register_pytree_node(
-    Routes, lambda r: ((r.select, r.weight, r.predictor_logit, r.predictor_loss,
-                        r.predictor_accuracy), None), lambda _, c: Routes(*c))
+    Routes,
+    lambda r: (
+        (r.select, r.weight, r.predictor_logit, r.predictor_loss, r.predictor_accuracy),
+        None,
+    ),
+    lambda _, c: Routes(*c),
+)
 
 
 def attach(model: DepthModel, steps, capacity: float, key, *, hidden: int = 32):
@@ -107,11 +115,15 @@ def attach(model: DepthModel, steps, capacity: float, key, *, hidden: int = 32):
     spec = MoD.create(model.depth, steps, capacity)
     S, D = model.depth, model.config.d_model
     k1, k2 = jax.random.split(key)
-    mod = {"router": jnp.zeros((S, D)),
-           "predictor": {"w1": jax.random.normal(k1, (S, D, hidden)) / np.sqrt(D),
-                         "b1": jnp.zeros((S, hidden)),
-                         "w2": jax.random.normal(k2, (S, hidden)) / np.sqrt(hidden),
-                         "b2": jnp.zeros((S,))}}
+    mod = {
+        "router": jnp.zeros((S, D)),
+        "predictor": {
+            "w1": jax.random.normal(k1, (S, D, hidden)) / np.sqrt(D),
+            "b1": jnp.zeros((S, hidden)),
+            "w2": jax.random.normal(k2, (S, hidden)) / np.sqrt(hidden),
+            "b2": jnp.zeros((S,)),
+        },
+    }
     params = dict(model.params)
     params["steps"] = {**params.get("steps", {}), "mod": mod}
     return model.replace(params=params), spec
@@ -135,16 +147,29 @@ def predictor_logit(mod_step: dict, x_BTD):
 def check(model: DepthModel, spec: MoD) -> None:
     check_capacity(spec.capacity)
     if "mod" not in model.params.get("steps", {}):
-        raise AdaptiveError("the model has no routers (params['steps']['mod']): use "
-                            "mod.attach(model, steps, capacity, key) first")
+        raise AdaptiveError(
+            "the model has no routers (params['steps']['mod']): use "
+            "mod.attach(model, steps, capacity, key) first"
+        )
     if np.shape(spec.routed) != (model.depth,):
-        raise AdaptiveError(f"MoD.routed has shape {np.shape(spec.routed)}; the program has "
-                            f"{model.depth} steps")
+        raise AdaptiveError(
+            f"MoD.routed has shape {np.shape(spec.routed)}; the program has {model.depth} steps"
+        )
     reject_parallel(model, "Mixture-of-Depths")
 
 
-def _walk(model: DepthModel, spec: MoD, x_BTD, positions_BT, mask_BT, *, routing, threshold,
-          budget, unroll):
+def _walk(
+    model: DepthModel,
+    spec: MoD,
+    x_BTD,
+    positions_BT,
+    mask_BT,
+    *,
+    routing,
+    threshold,
+    budget,
+    unroll,
+):
     cfg, blocks = model.config, model.params["blocks"]
     B, T, _ = x_BTD.shape
     real_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
@@ -164,15 +189,23 @@ def _walk(model: DepthModel, spec: MoD, x_BTD, positions_BT, mask_BT, *, routing
             return x, (sel_BT, r_BT, logit_BT)
         idx_BL, valid_BL = gather_plan(sel_BT, L)
         x_BLD = take(x, idx_BL)
-        (base, acc), _, _ = program_step(cfg, blocks, (x_BLD, jnp.zeros_like(x_BLD)), step_prog,
-                                         sp, take(positions_BT, idx_BL), kv_mask_BT=valid_BL)
+        (base, acc), _, _ = program_step(
+            cfg,
+            blocks,
+            (x_BLD, jnp.zeros_like(x_BLD)),
+            step_prog,
+            sp,
+            take(positions_BT, idx_BL),
+            kv_mask_BT=valid_BL,
+        )
         w_BL = take(r_BT, idx_BL) * valid_BL
         x = scatter_add(x, idx_BL, (base + acc - x_BLD) * w_BL[..., None].astype(x.dtype))
         return x, (sel_BT, r_BT, logit_BT)
 
     def dense(x, step_prog, sp):
-        (base, acc), _, _ = program_step(cfg, blocks, (x, jnp.zeros_like(x)), step_prog, sp,
-                                         positions_BT, kv_mask_BT=mask_BT)
+        (base, acc), _, _ = program_step(
+            cfg, blocks, (x, jnp.zeros_like(x)), step_prog, sp, positions_BT, kv_mask_BT=mask_BT
+        )
         return base + acc, (jnp.ones((B, T), bool), jnp.ones((B, T)), jnp.zeros((B, T)))
 
     def step(x, xs):
@@ -189,8 +222,17 @@ def _walk(model: DepthModel, spec: MoD, x_BTD, positions_BT, mask_BT, *, routing
     return jax.lax.scan(step, x_BTD, xs)
 
 
-def apply(model: DepthModel, spec: MoD, tokens_BT, *, mask=None, routing: str = "topk",
-          threshold: float = 0.0, budget: int | None = None, unroll: bool = False):
+def apply(
+    model: DepthModel,
+    spec: MoD,
+    tokens_BT,
+    *,
+    mask=None,
+    routing: str = "topk",
+    threshold: float = 0.0,
+    budget: int | None = None,
+    unroll: bool = False,
+):
     """Forward with routed steps. Returns (logits float32 [B, T, vocab], Routes).
 
     routing="topk": the training forward (each routed step takes the top k tokens by r);
@@ -205,15 +247,32 @@ def apply(model: DepthModel, spec: MoD, tokens_BT, *, mask=None, routing: str = 
     check(model, spec)
     check_inputs(model, tokens_BT, mask)
     budget = tokens_BT.shape[1] if budget is None else budget
-    return _apply(model, spec, tokens_BT, None if mask is None else jnp.asarray(mask),
-                  jnp.float32(threshold), jnp.int32(budget), routing=routing, unroll=unroll)
+    return _apply(
+        model,
+        spec,
+        tokens_BT,
+        None if mask is None else jnp.asarray(mask),
+        jnp.float32(threshold),
+        jnp.int32(budget),
+        routing=routing,
+        unroll=unroll,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("routing", "unroll"))
 def _apply(model, spec, tokens_BT, mask_BT, threshold, budget, *, routing, unroll):
     x0_BTD, positions_BT = embed(model, tokens_BT)
-    x_BTD, (sel, r, logit) = _walk(model, spec, x0_BTD, positions_BT, mask_BT, routing=routing,
-                                   threshold=threshold, budget=budget, unroll=unroll)
+    x_BTD, (sel, r, logit) = _walk(
+        model,
+        spec,
+        x0_BTD,
+        positions_BT,
+        mask_BT,
+        routing=routing,
+        threshold=threshold,
+        budget=budget,
+        unroll=unroll,
+    )
     logits = output_head(model.config, model.params, x_BTD)
     real = jnp.ones(tokens_BT.shape, bool) if mask_BT is None else mask_BT.astype(bool)
     w = (spec.routed[:, None, None] & real[None]).astype(jnp.float32)
@@ -230,8 +289,11 @@ def loss(model: DepthModel, spec: MoD, tokens_BT, *, mask=None, routing: str = "
     logits, routes = apply(model, spec, tokens_BT, mask=mask, routing=routing)
     total, count = nll_sums(logits, tokens_BT, mask)
     lm = total / jnp.maximum(count, 1.0)
-    return lm + routes.predictor_loss, {"lm_loss": lm, "predictor_loss": routes.predictor_loss,
-                                        "predictor_accuracy": routes.predictor_accuracy}
+    return lm + routes.predictor_loss, {
+        "lm_loss": lm,
+        "predictor_loss": routes.predictor_loss,
+        "predictor_accuracy": routes.predictor_accuracy,
+    }
 
 
 def step_fraction(spec: MoD, routes: Routes, mask=None) -> jax.Array:

@@ -43,9 +43,12 @@ def main(argv=None) -> int:
             print(f"depthjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
         traceback.print_exc()
-        print(f"depthjax {args.command}: internal error ({type(e).__name__}): this is a bug in "
-              "depthjax, not a problem with your input; please report it with the traceback "
-              "above (DEPTHJAX_DEBUG=1 re-raises it)", file=sys.stderr)
+        print(
+            f"depthjax {args.command}: internal error ({type(e).__name__}): this is a bug in "
+            "depthjax, not a problem with your input; please report it with the traceback "
+            "above (DEPTHJAX_DEBUG=1 re-raises it)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -73,8 +76,30 @@ def _user_errors() -> tuple[type, ...]:
     from ..train.config import TrainConfigError
     from ..train.run_dir import RunDirError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, EvalError,
-            GenerationError, HFError, InputError, IntegrityError, MetricError, ProgramError,
-            PruneError, RecoverError, RunDirError, SearchError, ShardingError, TokenizerError,
-            TrainConfigError, UsageError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, IsADirectoryError, PermissionError)
+
+    return (
+        AttentionUnavailable,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        EvalError,
+        GenerationError,
+        HFError,
+        InputError,
+        IntegrityError,
+        MetricError,
+        ProgramError,
+        PruneError,
+        RecoverError,
+        RunDirError,
+        SearchError,
+        ShardingError,
+        TokenizerError,
+        TrainConfigError,
+        UsageError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )

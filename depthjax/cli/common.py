@@ -40,8 +40,9 @@ def check_out_dir(path, flag: str = "--out", *, checkpoint: bool = False) -> Non
     if p.exists() and not p.is_dir():
         raise UsageError(f"{flag} {p} is a file; give a directory")
     if checkpoint and p.is_dir() and any(p.iterdir()) and not (p / "manifest.json").exists():
-        raise UsageError(f"{flag} {p} is a directory that is not a depthjax checkpoint; "
-                         "refusing to overwrite it")
+        raise UsageError(
+            f"{flag} {p} is a directory that is not a depthjax checkpoint; refusing to overwrite it"
+        )
 
 
 def load_model(path, tokenizer: str | None = None, program: str | None = None):
@@ -148,8 +149,10 @@ def load_with_data(args) -> Data:
         evals = [
             corpus.stream_windows(stream[cut:], B, T, seed=args.seed + 1000 + i) for i in range(n)
         ]
-        source = (f"{args.data} ({len(docs)} documents, {stream.size} tokens; "
-                  "80% to score, 20% to evaluate)")
+        source = (
+            f"{args.data} ({len(docs)} documents, {stream.size} tokens; "
+            "80% to score, 20% to evaluate)"
+        )
     else:
         window = lambda split, seed: corpus.sample_windows(
             B, T, seed=seed, split=split, encode=tok.encode

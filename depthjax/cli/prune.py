@@ -84,17 +84,21 @@ def _check(args, model) -> None:
     """Flags that cannot fit the model, refused before any scoring."""
     from ..prune import _active
     from ..recover import DEFAULT_RANK
+
     on = int(_active(model, "block" if args.unit == "block" else args.unit).sum())
     limit = on - 1 if args.unit == "block" else on
     if not 1 <= args.n <= limit:
-        raise UsageError(f"--n {args.n}: the model has {model.depth} steps ({on} {args.unit} "
-                         f"units on); choose 1..{limit}")
+        raise UsageError(
+            f"--n {args.n}: the model has {model.depth} steps ({on} {args.unit} "
+            f"units on); choose 1..{limit}"
+        )
     if args.recover in ("linear", "lora"):
         if args.rank is None:
             args.rank = min(DEFAULT_RANK[args.recover], model.config.d_model)
         if args.recover == "linear" and args.rank > model.config.d_model:
-            raise UsageError(f"--rank {args.rank} exceeds the model width d_model="
-                             f"{model.config.d_model}")
+            raise UsageError(
+                f"--rank {args.rank} exceeds the model width d_model={model.config.d_model}"
+            )
 
 
 def _prune(args) -> int:
@@ -136,8 +140,10 @@ def _prune(args) -> int:
     print(pruned.program)
     files = tokenizer_files(args.model)
     checkpoint.save(pruned, args.out, files=files)
-    print(f"wrote {args.out}" + (f" (with {', '.join(os.path.basename(f) for f in files)})"
-                                 if files else ""))
+    print(
+        f"wrote {args.out}"
+        + (f" (with {', '.join(os.path.basename(f) for f in files)})" if files else "")
+    )
     return 0
 
 
@@ -154,9 +160,13 @@ def add_command(sub) -> None:
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp", "sublayer"])
     p.add_argument("--iterative", action="store_true", help="re-score after each removal")
     p.add_argument("--recover", choices=["bias", "linear", "lora"])
-    p.add_argument("--rank", type=count, default=None,
-                   help="rank for linear / lora recovery (default: 16 for linear, capped at "
-                        "d_model; 8 for lora)")
+    p.add_argument(
+        "--rank",
+        type=count,
+        default=None,
+        help="rank for linear / lora recovery (default: 16 for linear, capped at "
+        "d_model; 8 for lora)",
+    )
     p.add_argument("--lora-steps", type=count, default=100)
     p.add_argument(
         "--shapley-permutations",

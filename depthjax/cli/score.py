@@ -23,16 +23,23 @@ def _score(args) -> int:
     import jax
 
     from .. import report
+
     if args.out:
         check_out_dir(args.out)
     data = load_with_data(args)
     model = data.model
     print(f"[score] {model!r}".splitlines()[0], flush=True)
-    scores = report.score_all(model, data.calib, shapley_permutations=args.shapley_permutations,
-                              key=jax.random.key(args.seed), measure=data.measure(data.calib))
+    scores = report.score_all(
+        model,
+        data.calib,
+        shapley_permutations=args.shapley_permutations,
+        key=jax.random.key(args.seed),
+        measure=data.measure(data.calib),
+    )
     measure = data.measure(data.evals)
-    curves = report.removal_curves(model, data.evals, scores, "block", max_units=args.max_remove,
-                                   measure=measure)
+    curves = report.removal_curves(
+        model, data.evals, scores, "block", max_units=args.max_remove, measure=measure
+    )
     what = report.measure_label(measure)
     print(report.table(scores, "block"))
     print(f"\n{what} after removing k blocks (least important first):")
@@ -41,23 +48,37 @@ def _score(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        report.write_json({"scores": scores, "removal_curves": curves, "measure": what},
-                          out / "scores.json")
+        report.write_json(
+            {"scores": scores, "removal_curves": curves, "measure": what}, out / "scores.json"
+        )
         report.plot_profiles(scores, out / "profiles.png", title=f"{args.model}")
-        report.plot_curves(curves, out / "removal_curves.png", xlabel="blocks removed",
-                           ylabel=what, baseline=curves[next(iter(curves))][0])
+        report.plot_curves(
+            curves,
+            out / "removal_curves.png",
+            xlabel="blocks removed",
+            ylabel=what,
+            baseline=curves[next(iter(curves))][0],
+        )
         print(f"wrote {out}/scores.json, profiles.png, removal_curves.png")
     return 0
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("score", help="score every step with every metric; table, JSON, plots",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "score",
+        help="score every step with every metric; table, JSON, plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_args(p)
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
-    p.add_argument("--shapley-permutations", type=count, default=None,
-                   help="sampled (antithetic) Shapley permutations; default: exact when the "
-                        "2**n coalitions are at most 4096, else 16")
+    p.add_argument(
+        "--shapley-permutations",
+        type=count,
+        default=None,
+        help="sampled (antithetic) Shapley permutations; default: exact when the "
+        "2**n coalitions are at most 4096, else 16",
+    )
     p.add_argument("--max-remove", type=natural, default=None, help="removal curves up to k blocks")
     add_quiet_arg(p)
     p.set_defaults(func=_score)

@@ -10,19 +10,29 @@ from .common import add_quiet_arg
 
 def add_command(sub) -> None:
     from ..train.config import help_text
+
     p = sub.add_parser(
-        "train", help="train or resume a model (sharded, checkpointed, resumable)",
+        "train",
+        help="train or resume a model (sharded, checkpointed, resumable)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train into --out; resumes automatically when it holds checkpoints. "
-                    "Writes metrics.jsonl, tensorboard/, checkpoints/ and the final model/.",
-        epilog="keys (key=value; YAML values; nested keys with dots):\n" + help_text()
-               + "\n\nexample: depthjax train --out runs/a model=llama-tiny steps=200 "
-                 "batch_size=16 seq_len=256 mesh.data=2 mesh.fsdp=2 mesh.tensor=2")
-    p.add_argument("--out", required=True, help="run directory (rerunning resumes it; a run "
-                   "with other keys is refused, naming them)")
-    p.add_argument("--fresh", action="store_true",
-                   help="start a new run in --out even if it holds one: the previous run is "
-                        "moved to OUT.prev-TIMESTAMP (never deleted)")
+        "Writes metrics.jsonl, tensorboard/, checkpoints/ and the final model/.",
+        epilog="keys (key=value; YAML values; nested keys with dots):\n"
+        + help_text()
+        + "\n\nexample: depthjax train --out runs/a model=llama-tiny steps=200 "
+        "batch_size=16 seq_len=256 mesh.data=2 mesh.fsdp=2 mesh.tensor=2",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory (rerunning resumes it; a run with other keys is refused, naming them)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run in --out even if it holds one: the previous run is "
+        "moved to OUT.prev-TIMESTAMP (never deleted)",
+    )
     p.add_argument("--config", help="YAML file of keys (key=value arguments override it)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     add_quiet_arg(p)
@@ -31,6 +41,7 @@ def add_command(sub) -> None:
 
 def _train(args) -> int:
     from .. import train
+
     tc = train.parse(args.overrides, args.config)
     tc.model_config()  # reject a bad preset / model.FIELD before any work
     try:

@@ -20,14 +20,17 @@ from ..program import Program, ProgramError
 def step_list(model: DepthModel, steps, what: str = "steps", *, allow_empty=True) -> np.ndarray:
     """`steps` (an int or ints) as a sorted unique int array, checked against the depth."""
     arr = np.atleast_1d(np.asarray(steps if steps is not None else [], dtype=object))
-    if arr.size and not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                            for s in arr):
+    if arr.size and not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in arr
+    ):
         raise ProgramError(f"{what} must be integers, got {list(arr)}")
     arr = np.asarray(arr, np.int64)
     bad = arr[(arr < 0) | (arr >= model.depth)]
     if bad.size:
-        raise ProgramError(f"{what} {bad.tolist()} out of range: the program has "
-                           f"{model.depth} steps (valid 0..{model.depth - 1})")
+        raise ProgramError(
+            f"{what} {bad.tolist()} out of range: the program has "
+            f"{model.depth} steps (valid 0..{model.depth - 1})"
+        )
     if not allow_empty and not arr.size:
         raise ProgramError(f"{what} is empty")
     return np.unique(arr)
@@ -44,8 +47,9 @@ def selected_parallel(parallel, idx, xp=jnp):
     member of that group in the selection. xp=np for host-side candidate programs."""
     idx = np.asarray(idx, np.int64)
     gid = group_ids(parallel, xp)
-    return xp.concatenate([xp.zeros(1, bool),
-                           (gid[idx[1:]] == gid[idx[:-1]]) & xp.asarray(idx[1:] > idx[:-1])])
+    return xp.concatenate(
+        [xp.zeros(1, bool), (gid[idx[1:]] == gid[idx[:-1]]) & xp.asarray(idx[1:] > idx[:-1])]
+    )
 
 
 def select_steps(model: DepthModel, idx: Sequence[int]) -> DepthModel:
@@ -58,8 +62,12 @@ def select_steps(model: DepthModel, idx: Sequence[int]) -> DepthModel:
     if idx.size == 0:
         raise ProgramError("the edit leaves no steps: a model needs at least one")
     prog = model.program
-    program = Program(block=prog.block[idx], attn=prog.attn[idx], mlp=prog.mlp[idx],
-                      parallel=selected_parallel(prog.parallel, idx))
+    program = Program(
+        block=prog.block[idx],
+        attn=prog.attn[idx],
+        mlp=prog.mlp[idx],
+        parallel=selected_parallel(prog.parallel, idx),
+    )
     params = dict(model.params)
     if "steps" in params:
         params["steps"] = jax.tree.map(lambda a: a[idx], params["steps"])
@@ -80,8 +88,9 @@ def drop_sublayers(model: DepthModel, attn=(), mlp=()) -> DepthModel:
     a = step_list(model, attn, "attn steps")
     m = step_list(model, mlp, "mlp steps")
     prog = model.program
-    return model.replace(program=prog.replace(attn=prog.attn.at[a].set(0.0),
-                                              mlp=prog.mlp.at[m].set(0.0)))
+    return model.replace(
+        program=prog.replace(attn=prog.attn.at[a].set(0.0), mlp=prog.mlp.at[m].set(0.0))
+    )
 
 
 def repeat(model: DepthModel, steps, times: int) -> DepthModel:

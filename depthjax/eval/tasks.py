@@ -57,13 +57,18 @@ def check_choice_example(where: str, ex) -> dict:
     if not isinstance(ex["context"], str) or not ex["context"]:
         raise TaskError(f"{where}: context must be a non-empty string")
     choices = ex["choices"]
-    if (not isinstance(choices, list) or len(choices) < 2
-            or not all(isinstance(c, str) and c for c in choices)):
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
         raise TaskError(f"{where}: choices must be a list of at least two non-empty strings")
     label = ex["label"]
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-        raise TaskError(f"{where}: label {label!r} is not an index into its "
-                        f"{len(choices)} choices (0..{len(choices) - 1})")
+        raise TaskError(
+            f"{where}: label {label!r} is not an index into its "
+            f"{len(choices)} choices (0..{len(choices) - 1})"
+        )
     return ex
 
 
@@ -83,7 +88,7 @@ class MultipleChoice:
     examples: list
     tokenizer: object = None
     name: str = "multiple_choice"
-    metric: str = "acc"             # what `measure` reports (lower is better: 1 - metric)
+    metric: str = "acc"  # what `measure` reports (lower is better: 1 - metric)
     batch_size: int = 32
     max_len: int | None = None
 
@@ -98,25 +103,31 @@ class MultipleChoice:
     def requests(self, model: DepthModel):
         """Token requests, every choice of every example in order (cached per tokenizer)."""
         tok = resolve_tokenizer(model, self.tokenizer)
-        key = (id(tok) if self.tokenizer is not None else "byte")
+        key = id(tok) if self.tokenizer is not None else "byte"
         if key not in self._requests:
-            self._requests[key] = [encode_pair(tok, ex["context"], c)
-                                   for ex in self.examples for c in ex["choices"]]
+            self._requests[key] = [
+                encode_pair(tok, ex["context"], c) for ex in self.examples for c in ex["choices"]
+            ]
         return self._requests[key]
 
     def scores(self, model: DepthModel, programs=None) -> dict:
         """Per-program arrays: acc, acc_norm, acc_bytes, nll [K] and the log-likelihoods
         [K, n_choices] of each example (a list)."""
-        ll, greedy = loglikelihoods(model, self.requests(model), programs=programs,
-                                    batch_size=self.batch_size, max_len=self.max_len,
-                                    description=f"{self.name}")
+        ll, greedy = loglikelihoods(
+            model,
+            self.requests(model),
+            programs=programs,
+            batch_size=self.batch_size,
+            max_len=self.max_len,
+            description=f"{self.name}",
+        )
         out = {m: [] for m in ("acc", "acc_norm", "acc_bytes", "nll")}
         lls, greedies, start = [], [], 0
         for ex in self.examples:
             n = len(ex["choices"])
-            x = ll[:, start:start + n]                             # [K, n]
+            x = ll[:, start : start + n]  # [K, n]
             lls.append(x)
-            greedies.append(greedy[:, start:start + n])
+            greedies.append(greedy[:, start : start + n])
             start += n
             chars = np.array([len(c) for c in ex["choices"]], float)
             nbytes = np.array([len(c.encode("utf-8")) for c in ex["choices"]], float)
@@ -136,8 +147,10 @@ class MultipleChoice:
         _, batched = stack_programs(model, programs)
         res = self.scores(model, programs)
         pick = (lambda a: a) if batched else (lambda a: a[0])
-        out = {k: pick(res[k]) if batched else float(res[k][0])
-               for k in ("acc", "acc_norm", "acc_bytes", "nll")}
+        out = {
+            k: pick(res[k]) if batched else float(res[k][0])
+            for k in ("acc", "acc_norm", "acc_bytes", "nll")
+        }
         out["loglikelihoods"] = [pick(x) for x in res["loglikelihoods"]]
         out["is_greedy"] = [pick(x) for x in res["is_greedy"]]
         out["n"] = len(self.examples)
@@ -150,10 +163,20 @@ class MultipleChoice:
         return res["nll"] if self.metric == "nll" else 1.0 - res[self.metric]
 
 
-def multiple_choice(model: DepthModel, examples, *, tokenizer=None, programs=None,
-                    batch_size: int = 32, max_len: int | None = None) -> dict:
+def multiple_choice(
+    model: DepthModel,
+    examples,
+    *,
+    tokenizer=None,
+    programs=None,
+    batch_size: int = 32,
+    max_len: int | None = None,
+) -> dict:
     """Accuracy of a multiple-choice task: examples [{"context", "choices", "label"}] or a
     JSONL path -> {"acc", "acc_norm", "acc_bytes", "nll", "loglikelihoods", ...}."""
-    task = examples if isinstance(examples, MultipleChoice) else MultipleChoice(
-        examples, tokenizer, batch_size=batch_size, max_len=max_len)
+    task = (
+        examples
+        if isinstance(examples, MultipleChoice)
+        else MultipleChoice(examples, tokenizer, batch_size=batch_size, max_len=max_len)
+    )
     return task.evaluate(model, programs)

@@ -28,8 +28,16 @@ from . import tensor_map
 from .config import HFError, default_model_type, to_hf
 from .safetensors_files import INDEX, write
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 # The leaves a gated-off sublayer's update comes out of (zeroed by zero_gated=True).
 _OUTPUTS = {"attn": ("attn", "o"), "mlp": ("mlp", "down")}
 
@@ -50,31 +58,43 @@ def export_plan(model: DepthModel, *, zero_gated: bool = False):
     program = model.program
     if not is_concrete(program) or program.block.ndim != 1:
         raise HFError("export needs one concrete program (not traced, not a batch)")
-    rows, attn, mlp, parallel = (np.asarray(x) for x in
-                                 (program.block, program.attn, program.mlp, program.parallel))
+    rows, attn, mlp, parallel = (
+        np.asarray(x) for x in (program.block, program.attn, program.mlp, program.parallel)
+    )
     if parallel.any():
-        raise HFError(f"steps {np.flatnonzero(parallel).tolist()} run in parallel groups, "
-                      "which Hugging Face architectures cannot express")
+        raise HFError(
+            f"steps {np.flatnonzero(parallel).tolist()} run in parallel groups, "
+            "which Hugging Face architectures cannot express"
+        )
     zeroed = {}
     for name, gate in (("attn", attn), ("mlp", mlp)):
         fractional = np.flatnonzero((gate != 0) & (gate != 1))
         if fractional.size:
-            raise HFError(f"{name} gates of steps {fractional.tolist()} are "
-                          f"{gate[fractional].tolist()}; only 0 or 1 can be exported")
+            raise HFError(
+                f"{name} gates of steps {fractional.tolist()} are "
+                f"{gate[fractional].tolist()}; only 0 or 1 can be exported"
+            )
         off = np.flatnonzero(gate == 0)
         if off.size and not zero_gated:
-            raise HFError(f"{name} is gated off at steps {off.tolist()}, which Hugging Face "
-                          "architectures cannot skip; pass zero_gated=True to export those "
-                          "sublayers with zero output weights")
+            raise HFError(
+                f"{name} is gated off at steps {off.tolist()}, which Hugging Face "
+                "architectures cannot skip; pass zero_gated=True to export those "
+                "sublayers with zero output weights"
+            )
         if off.size and model.config.norm_placement != "pre":
-            raise HFError(f"{name} is gated off at steps {off.tolist()}; a "
-                          f"{model.config.norm_placement}-norm model cannot express that even "
-                          "with zeroed weights (its norm would still run)")
+            raise HFError(
+                f"{name} is gated off at steps {off.tolist()}; a "
+                f"{model.config.norm_placement}-norm model cannot express that even "
+                "with zeroed weights (its norm would still run)"
+            )
         zeroed[name] = set(off.tolist())
     if sorted(set(rows.tolist())) != rows.tolist():
-        warnings.warn(f"program walks the table as {rows.tolist()} (tied, looped or "
-                      f"reordered); the export materializes one private layer per step "
-                      f"({len(rows)} layers)", stacklevel=3)
+        warnings.warn(
+            f"program walks the table as {rows.tolist()} (tied, looped or "
+            f"reordered); the export materializes one private layer per step "
+            f"({len(rows)} layers)",
+            stacklevel=3,
+        )
     return rows, zeroed
 
 
@@ -86,16 +106,28 @@ def _is_weights_file(name: str) -> bool:
 def _check_target(path: str, overwrite: bool) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise HFError(f"{path} is a file; a Hugging Face checkpoint is a directory")
-    existing = sorted(n for n in (os.listdir(path) if os.path.isdir(path) else ())
-                      if _is_weights_file(n))
+    existing = sorted(
+        n for n in (os.listdir(path) if os.path.isdir(path) else ()) if _is_weights_file(n)
+    )
     if existing and not overwrite:
-        raise HFError(f"{path} already holds a checkpoint ({existing[0]}); "
-                      "pass overwrite=True (convert --overwrite) to replace it")
+        raise HFError(
+            f"{path} already holds a checkpoint ({existing[0]}); "
+            "pass overwrite=True (convert --overwrite) to replace it"
+        )
 
 
-def save(model: DepthModel, path: str, *, model_type: str | None = None,
-         zero_gated: bool = False, max_shard_size: int | str = "5GB", tokenizer=None,
-         files=(), overwrite: bool = False, progress: bool | None = None) -> list[str]:
+def save(
+    model: DepthModel,
+    path: str,
+    *,
+    model_type: str | None = None,
+    zero_gated: bool = False,
+    max_shard_size: int | str = "5GB",
+    tokenizer=None,
+    files=(),
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> list[str]:
     """Write `model` to `path` as config.json + safetensors (sharded past max_shard_size).
 
     model_type: "llama", "mistral", "qwen2", "qwen3", "gpt2" or "bert" (default: inferred
@@ -129,17 +161,23 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
 
     items = []
     for rule in tensor_map.rules_for(out_cfg, model_type):
-        for layer in (range(len(rows)) if rule.per_layer else [None]):
-            structs = [jax.ShapeDtypeStruct(
-                np.shape(tensor_map.leaf_at(params, p))[1 if layer is not None else 0:], np.float32)
-                for p in rule.leaves]
+        for layer in range(len(rows)) if rule.per_layer else [None]:
+            structs = [
+                jax.ShapeDtypeStruct(
+                    np.shape(tensor_map.leaf_at(params, p))[1 if layer is not None else 0 :],
+                    np.float32,
+                )
+                for p in rule.leaves
+            ]
             nbytes = int(np.prod(jax.eval_shape(rule.to_hf, *structs).shape)) * 4
-            make = (lambda rule=rule, layer=layer:
-                    rule.to_hf(*(leaf(p, layer) for p in rule.leaves)).astype(np.float32))
+            make = lambda rule=rule, layer=layer: rule.to_hf(
+                *(leaf(p, layer) for p in rule.leaves)
+            ).astype(np.float32)
             items.append((rule.hf_name(prefix, layer), nbytes, make))
     verbose = sum(n for _, n, _ in items) > 256 * 2**20 if progress is None else progress
-    report = ((lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True))
-              if verbose else None)
+    report = (
+        (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
+    )
     extra = [Path(f) for f in files]
     for f in extra:
         if _is_weights_file(f.name) or not f.is_file():
@@ -147,9 +185,9 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
     with atomic.replacing(path, carry=lambda name: not _is_weights_file(name)) as tmp:
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2)
-        written = ["config.json"] + write(str(tmp), items,
-                                          max_shard_bytes=parse_size(max_shard_size),
-                                          progress=report)
+        written = ["config.json"] + write(
+            str(tmp), items, max_shard_bytes=parse_size(max_shard_size), progress=report
+        )
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
             written.append(f.name)
@@ -157,4 +195,3 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
             tokenizer.save(str(tmp / "tokenizer.json"))
             written.append("tokenizer.json")
     return written
-

@@ -26,12 +26,17 @@ Path = tuple[str, ...]
 # Per model type: body prefixes seen in the wild, the canonical one (written on export)
 # first, and the tensor whose presence identifies the prefix.
 PREFIXES = {"llama": ("model.", ""), "gpt2": ("transformer.", ""), "bert": ("", "bert.")}
-PROBE = {"llama": "{p}embed_tokens.weight", "gpt2": "{p}wte.weight",
-         "bert": "{p}embeddings.word_embeddings.weight"}
+PROBE = {
+    "llama": "{p}embed_tokens.weight",
+    "gpt2": "{p}wte.weight",
+    "bert": "{p}embeddings.word_embeddings.weight",
+}
 # Buffers that some checkpoints store although they are not parameters: recomputed here.
-BUFFERS = {"llama": ("{p}layers.{i}.self_attn.rotary_emb.inv_freq",),
-           "gpt2": ("{p}h.{i}.attn.bias", "{p}h.{i}.attn.masked_bias"),
-           "bert": ("{p}embeddings.position_ids", "{p}embeddings.token_type_ids")}
+BUFFERS = {
+    "llama": ("{p}layers.{i}.self_attn.rotary_emb.inv_freq",),
+    "gpt2": ("{p}h.{i}.attn.bias", "{p}h.{i}.attn.masked_bias"),
+    "bert": ("{p}embeddings.position_ids", "{p}embeddings.token_type_ids"),
+}
 # Parameters of the HF model that depthjax's model does not have (skipped with a warning).
 NOT_MODELLED = {"bert": ("{p}pooler.dense.weight", "{p}pooler.dense.bias")}
 
@@ -51,10 +56,10 @@ def _concat(xs, axis):
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
-    name: str                      # HF name template
-    leaves: tuple[Path, ...]       # our parameter paths, e.g. ("blocks", "attn", "q", "kernel")
-    to_ours: Callable              # hf array -> tuple of leaf arrays
-    to_hf: Callable                # leaf arrays -> hf array
+    name: str  # HF name template
+    leaves: tuple[Path, ...]  # our parameter paths, e.g. ("blocks", "attn", "q", "kernel")
+    to_ours: Callable  # hf array -> tuple of leaf arrays
+    to_hf: Callable  # leaf arrays -> hf array
 
     @property
     def per_layer(self) -> bool:
@@ -74,36 +79,56 @@ def _transposed(name, leaf):
 
 def _heads_in(name, leaf, heads, head_dim):
     """Linear [heads*head_dim, D] <-> kernel [D, heads, head_dim]."""
-    return TensorRule(name, (leaf,), lambda w: (w.T.reshape(w.shape[1], heads, head_dim),),
-                      lambda k: k.reshape(k.shape[0], heads * head_dim).T)
+    return TensorRule(
+        name,
+        (leaf,),
+        lambda w: (w.T.reshape(w.shape[1], heads, head_dim),),
+        lambda k: k.reshape(k.shape[0], heads * head_dim).T,
+    )
 
 
 def _heads_bias(name, leaf, heads, head_dim):
-    return TensorRule(name, (leaf,), lambda b: (b.reshape(heads, head_dim),),
-                      lambda b: b.reshape(heads * head_dim))
+    return TensorRule(
+        name,
+        (leaf,),
+        lambda b: (b.reshape(heads, head_dim),),
+        lambda b: b.reshape(heads * head_dim),
+    )
 
 
 def _heads_out(name, leaf, heads, head_dim, *, conv1d=False):
     """Linear [D, H*Dh] (Conv1D: [H*Dh, D]) <-> kernel [H, Dh, D]."""
     if conv1d:
-        return TensorRule(name, (leaf,), lambda w: (w.reshape(heads, head_dim, w.shape[1]),),
-                          lambda k: k.reshape(heads * head_dim, k.shape[-1]))
-    return TensorRule(name, (leaf,), lambda w: (w.T.reshape(heads, head_dim, w.shape[0]),),
-                      lambda k: k.reshape(heads * head_dim, k.shape[-1]).T)
+        return TensorRule(
+            name,
+            (leaf,),
+            lambda w: (w.reshape(heads, head_dim, w.shape[1]),),
+            lambda k: k.reshape(heads * head_dim, k.shape[-1]),
+        )
+    return TensorRule(
+        name,
+        (leaf,),
+        lambda w: (w.T.reshape(heads, head_dim, w.shape[0]),),
+        lambda k: k.reshape(heads * head_dim, k.shape[-1]).T,
+    )
 
 
 def _fused_qkv(name, leaves, heads, head_dim, *, bias: bool):
     """GPT-2 c_attn: Conv1D weight [D, 3*H*Dh] (or bias [3*H*Dh]) <-> q, k, v."""
     width = heads * head_dim
     if bias:
-        split = lambda b: tuple(b[j * width:(j + 1) * width].reshape(heads, head_dim)
-                                for j in range(3))
-        return TensorRule(name, leaves, split,
-                          lambda *bs: _concat([b.reshape(width) for b in bs], 0))
-    split = lambda w: tuple(w[:, j * width:(j + 1) * width].reshape(w.shape[0], heads, head_dim)
-                            for j in range(3))
-    return TensorRule(name, leaves, split,
-                      lambda *ks: _concat([k.reshape(k.shape[0], width) for k in ks], 1))
+        split = lambda b: tuple(
+            b[j * width : (j + 1) * width].reshape(heads, head_dim) for j in range(3)
+        )
+        return TensorRule(
+            name, leaves, split, lambda *bs: _concat([b.reshape(width) for b in bs], 0)
+        )
+    split = lambda w: tuple(
+        w[:, j * width : (j + 1) * width].reshape(w.shape[0], heads, head_dim) for j in range(3)
+    )
+    return TensorRule(
+        name, leaves, split, lambda *ks: _concat([k.reshape(k.shape[0], width) for k in ks], 1)
+    )
 
 
 def _blocks(*path):
@@ -118,20 +143,30 @@ def _norm(name, path, *, bias: bool):
 def _llama_rules(cfg: ModelConfig) -> list[TensorRule]:
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     L = "{p}layers.{i}."
-    rules = [_same("{p}embed_tokens.weight", ("embed", "tok", "embedding")),
-             *_norm(L + "input_layernorm", _blocks("attn_norm"), bias=False)]
+    rules = [
+        _same("{p}embed_tokens.weight", ("embed", "tok", "embedding")),
+        *_norm(L + "input_layernorm", _blocks("attn_norm"), bias=False),
+    ]
     for proj, heads in (("q", H), ("k", K), ("v", K)):
-        rules.append(_heads_in(f"{L}self_attn.{proj}_proj.weight",
-                               _blocks("attn", proj, "kernel"), heads, Dh))
+        rules.append(
+            _heads_in(
+                f"{L}self_attn.{proj}_proj.weight", _blocks("attn", proj, "kernel"), heads, Dh
+            )
+        )
         if cfg.qkv_bias:
-            rules.append(_heads_bias(f"{L}self_attn.{proj}_proj.bias",
-                                     _blocks("attn", proj, "bias"), heads, Dh))
+            rules.append(
+                _heads_bias(
+                    f"{L}self_attn.{proj}_proj.bias", _blocks("attn", proj, "bias"), heads, Dh
+                )
+            )
     rules.append(_heads_out(f"{L}self_attn.o_proj.weight", _blocks("attn", "o", "kernel"), H, Dh))
     if cfg.bias:
         rules.append(_same(f"{L}self_attn.o_proj.bias", _blocks("attn", "o", "bias")))
     if cfg.qk_norm:
-        rules += [_same(f"{L}self_attn.{n}.weight", _blocks("attn", n, "scale"))
-                  for n in ("q_norm", "k_norm")]
+        rules += [
+            _same(f"{L}self_attn.{n}.weight", _blocks("attn", n, "scale"))
+            for n in ("q_norm", "k_norm")
+        ]
     rules += _norm(L + "post_attention_layernorm", _blocks("mlp_norm"), bias=False)
     for proj in ("gate", "up", "down"):
         rules.append(_transposed(f"{L}mlp.{proj}_proj.weight", _blocks("mlp", proj, "kernel")))
@@ -166,14 +201,18 @@ def _bert_rules(cfg: ModelConfig) -> list[TensorRule]:
     H, Dh = cfg.n_heads, cfg.head_dim
     L = "{p}encoder.layer.{i}."
     E = "{p}embeddings."
-    rules = [_same(E + "word_embeddings.weight", ("embed", "tok", "embedding")),
-             _same(E + "position_embeddings.weight", ("embed", "pos", "embedding")),
-             _same(E + "token_type_embeddings.weight", ("embed", "type", "embedding")),
-             *_norm(E + "LayerNorm", ("embed", "norm"), bias=True)]
+    rules = [
+        _same(E + "word_embeddings.weight", ("embed", "tok", "embedding")),
+        _same(E + "position_embeddings.weight", ("embed", "pos", "embedding")),
+        _same(E + "token_type_embeddings.weight", ("embed", "type", "embedding")),
+        *_norm(E + "LayerNorm", ("embed", "norm"), bias=True),
+    ]
     for hf, ours in (("query", "q"), ("key", "k"), ("value", "v")):
         name = f"{L}attention.self.{hf}"
-        rules += [_heads_in(name + ".weight", _blocks("attn", ours, "kernel"), H, Dh),
-                  _heads_bias(name + ".bias", _blocks("attn", ours, "bias"), H, Dh)]
+        rules += [
+            _heads_in(name + ".weight", _blocks("attn", ours, "kernel"), H, Dh),
+            _heads_bias(name + ".bias", _blocks("attn", ours, "bias"), H, Dh),
+        ]
     return rules + [
         _heads_out(L + "attention.output.dense.weight", _blocks("attn", "o", "kernel"), H, Dh),
         _same(L + "attention.output.dense.bias", _blocks("attn", "o", "bias")),

@@ -7,9 +7,17 @@ import os
 from .config import HFError
 
 # Files that make up a tokenizer in a Hugging Face directory (copied on conversion).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
-                   "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 def load_tokenizer(path: str):
@@ -28,5 +36,8 @@ def load_tokenizer(path: str):
 def tokenizer_files(directory) -> list[str]:
     """Paths of the tokenizer (and generation) files in `directory`, to pass on as
     `save(..., files=)` so they travel with the weights."""
-    return [os.path.join(directory, name) for name in TOKENIZER_FILES
-            if os.path.isfile(os.path.join(directory, name))]
+    return [
+        os.path.join(directory, name)
+        for name in TOKENIZER_FILES
+        if os.path.isfile(os.path.join(directory, name))
+    ]

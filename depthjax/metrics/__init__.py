@@ -32,8 +32,27 @@ from .trace import (
     trace_statistics,
 )
 
-__all__ = ["MetricError", "Scores", "ablation", "angular_distance", "as_batches", "block_influence",
-           "coalition_measures", "gate_derivatives", "gate_gradient", "gate_interactions",
-           "logit_lens", "loss", "module_similarity", "present_minus_absent",
-           "relative_contribution", "removal_curve", "residual_norm", "shapley", "skip_effect",
-           "taylor_estimate", "trace_metrics", "trace_statistics"]
+__all__ = [
+    "MetricError",
+    "Scores",
+    "ablation",
+    "angular_distance",
+    "as_batches",
+    "block_influence",
+    "coalition_measures",
+    "gate_derivatives",
+    "gate_gradient",
+    "gate_interactions",
+    "logit_lens",
+    "loss",
+    "module_similarity",
+    "present_minus_absent",
+    "relative_contribution",
+    "removal_curve",
+    "residual_norm",
+    "shapley",
+    "skip_effect",
+    "taylor_estimate",
+    "trace_metrics",
+    "trace_statistics",
+]

@@ -15,8 +15,8 @@ _KEYS = ("tokens", "mask")
 
 
 class Batch(NamedTuple):
-    tokens: np.ndarray        # int32 [B, T]
-    mask: np.ndarray          # float32 [B, T], 1 for real tokens
+    tokens: np.ndarray  # int32 [B, T]
+    mask: np.ndarray  # float32 [B, T], 1 for real tokens
 
 
 def as_batches(batches, vocab_size: int | None = None) -> list[Batch]:
@@ -31,15 +31,19 @@ def as_batches(batches, vocab_size: int | None = None) -> list[Batch]:
         tokens, mask = (b.get("tokens"), b.get("mask")) if isinstance(b, dict) else (b, None)
         extra = sorted(set(b) - set(_KEYS)) if isinstance(b, dict) else []
         if extra:
-            raise MetricError(f"batch {i} has keys {extra} that metrics do not read (they read "
-                              f"{list(_KEYS)}); a token_types input would be silently ignored, "
-                              "so score single-segment inputs")
+            raise MetricError(
+                f"batch {i} has keys {extra} that metrics do not read (they read "
+                f"{list(_KEYS)}); a token_types input would be silently ignored, "
+                "so score single-segment inputs"
+            )
         if tokens is None:
             raise MetricError(f"batch {i} has no 'tokens'")
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise MetricError(f"batch {i}: tokens must be an int array [batch, time], got "
-                              f"{tokens.dtype} {tokens.shape}")
+            raise MetricError(
+                f"batch {i}: tokens must be an int array [batch, time], got "
+                f"{tokens.dtype} {tokens.shape}"
+            )
         if vocab_size is not None:
             check_ids(tokens, vocab_size, f"batch {i}: tokens", MetricError)
         mask = np.ones(tokens.shape, np.float32) if mask is None else np.asarray(mask, np.float32)

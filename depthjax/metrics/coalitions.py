@@ -113,8 +113,9 @@ def coalition_measures(
     programs = programs_for(model, unit, keep)
     total = weight = 0.0
     K = programs.block.shape[0]
-    for b in progress.track(as_batches(batches, model.config.vocab_size),
-                            f"{description} ({K} programs)"):
+    for b in progress.track(
+        as_batches(batches, model.config.vocab_size), f"{description} ({K} programs)"
+    ):
         s, w = _coalition_sums(
             model,
             programs,

@@ -42,13 +42,15 @@ def _batch_fn(model: DepthModel, batch: dict, measure):
         m = model.replace(program=model.program.replace(attn=g[:S], mlp=g[S:]))
         out = measure(apply(m, batch["tokens"], mask=batch["mask"]), batch)
         return jnp.sum(out["score"]), jnp.sum(out["weight"])
+
     return f
 
 
 @functools.partial(jax.jit, static_argnames=("measure",))
 def _grad_sums(model, batch, *, measure):
-    (value, weight), grad = jax.value_and_grad(_batch_fn(model, batch, measure),
-                                               has_aux=True)(_gates(model))
+    (value, weight), grad = jax.value_and_grad(_batch_fn(model, batch, measure), has_aux=True)(
+        _gates(model)
+    )
     return value, weight, grad
 
 
@@ -61,9 +63,13 @@ def _hessian_sums(model, batch, *, measure, chunk):
 
 
 def _dicts(batches) -> list[dict]:
-    if isinstance(batches, (list, tuple)) and batches and isinstance(batches[0], dict) \
-            and "mask" in batches[0]:
-        return list(batches)        # already objective rows (depthjax.search)
+    if (
+        isinstance(batches, (list, tuple))
+        and batches
+        and isinstance(batches[0], dict)
+        and "mask" in batches[0]
+    ):
+        return list(batches)  # already objective rows (depthjax.search)
     return [{"tokens": b.tokens, "mask": b.mask} for b in as_batches(batches)]
 
 
@@ -86,7 +92,7 @@ def gate_derivatives(model: DepthModel, batches, measure=loss_measure, *, hessia
     if not hessian:
         return out + (None,)
     hess = np.asarray(hess, np.float64) / weight
-    return out + (0.5 * (hess + hess.T),)   # symmetric up to float rounding; make it exact
+    return out + (0.5 * (hess + hess.T),)  # symmetric up to float rounding; make it exact
 
 
 def gate_gradient(model: DepthModel, batches) -> Scores:

@@ -34,7 +34,7 @@ def _lens_sums(model: DepthModel, tokens_BT, mask_BT):
         nll, n = nll_sums(logits, tokens_BT, mask_BT)
         return nll, n, jnp.sum(_kl(final, logits) * mask_BT)
 
-    nll, n, kl = jax.lax.map(decode, tr.residual)            # [S+1] each
+    nll, n, kl = jax.lax.map(decode, tr.residual)  # [S+1] each
     return nll, n, kl, jnp.sum(mask_BT)
 
 
@@ -46,8 +46,7 @@ def logit_lens(model: DepthModel, batches) -> Scores:
     for b in progress.track(as_batches(batches, model.config.vocab_size), "logit lens"):
         a, c, k, t = _lens_sums(model, b.tokens, b.mask)
         nll, n, kl, tokens = nll + a, n + c, kl + k, tokens + t
-    return Scores("logit_lens_loss", "span", np.asarray(nll / n),
-                  {"kl": np.asarray(kl / tokens)})
+    return Scores("logit_lens_loss", "span", np.asarray(nll / n), {"kl": np.asarray(kl / tokens)})
 
 
 @jax.jit
@@ -60,15 +59,17 @@ def _skip_sums(model: DepthModel, tokens_BT, mask_BT):
     def skip(s):
         prog = model.program
         off = jnp.arange(S) == s
-        program = prog.replace(attn=jnp.where(off, 0.0, prog.attn),
-                               mlp=jnp.where(off, 0.0, prog.mlp))
+        program = prog.replace(
+            attn=jnp.where(off, 0.0, prog.attn), mlp=jnp.where(off, 0.0, prog.mlp)
+        )
         logits, t = apply(model.replace(program=program), tokens_BT, mask=mask_BT, trace=True)
         u = (t.attn_out + t.mlp_out).astype(jnp.float32)
-        rel = (jnp.linalg.norm(u - u_full, axis=-1)
-               / jnp.maximum(jnp.linalg.norm(u_full, axis=-1), _EPS))
+        rel = jnp.linalg.norm(u - u_full, axis=-1) / jnp.maximum(
+            jnp.linalg.norm(u_full, axis=-1), _EPS
+        )
         return jnp.sum(rel * w, axis=(-2, -1)), jnp.sum(_kl(full, logits) * w)
 
-    rel, kl = jax.lax.map(skip, jnp.arange(S))               # [S, S], [S]
+    rel, kl = jax.lax.map(skip, jnp.arange(S))  # [S, S], [S]
     return rel, kl, jnp.sum(w)
 
 

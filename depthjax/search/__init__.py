@@ -20,7 +20,28 @@ from .result import Found, PerExampleResult, SearchResult, pareto_front
 from .space import MOVES, Candidate, SearchError, Space
 from .strategies import MCTS, STRATEGIES, Beam, Evolutionary, Greedy
 
-__all__ = ["Beam", "Budget", "Candidate", "Evolutionary", "Found", "Greedy", "LatencyModel",
-           "MCTS", "MOVES", "Objective", "PRIORS", "PerExampleResult", "STRATEGIES",
-           "SearchError", "SearchResult", "Space", "active_steps", "as_objective", "logits",
-           "loss", "pareto_front", "rescore", "run"]
+__all__ = [
+    "Beam",
+    "Budget",
+    "Candidate",
+    "Evolutionary",
+    "Found",
+    "Greedy",
+    "LatencyModel",
+    "MCTS",
+    "MOVES",
+    "Objective",
+    "PRIORS",
+    "PerExampleResult",
+    "STRATEGIES",
+    "SearchError",
+    "SearchResult",
+    "Space",
+    "active_steps",
+    "as_objective",
+    "logits",
+    "loss",
+    "pareto_front",
+    "rescore",
+    "run",
+]

@@ -63,13 +63,15 @@ def _rows(batches) -> tuple[dict, ...]:
     out = []
     for i, (raw, b) in enumerate(zip(items, checked)):
         row = {"tokens": b.tokens, "mask": b.mask}
-        for k, v in (raw.items() if isinstance(raw, dict) else ()):
+        for k, v in raw.items() if isinstance(raw, dict) else ():
             if k in row:
                 continue
             v = np.asarray(v)
             if v.ndim == 0 or v.shape[0] != b.tokens.shape[0]:
-                raise SearchError(f"batch {i}: {k!r} has shape {v.shape}; objective arrays need "
-                                  f"a leading axis of the batch's {b.tokens.shape[0]} rows")
+                raise SearchError(
+                    f"batch {i}: {k!r} has shape {v.shape}; objective arrays need "
+                    f"a leading axis of the batch's {b.tokens.shape[0]} rows"
+                )
             row[k] = v
         out.append(row)
     return tuple(out)
@@ -80,8 +82,14 @@ def loss(batches) -> Objective:
     return Objective("loss", loss_measure, _rows(batches), maximize=False, differentiable=True)
 
 
-def logits(fn: Callable, batches, *, maximize: bool = False, name: str | None = None,
-           differentiable: bool = False) -> Objective:
+def logits(
+    fn: Callable,
+    batches,
+    *,
+    maximize: bool = False,
+    name: str | None = None,
+    differentiable: bool = False,
+) -> Objective:
     """Any callable on logits: fn(logits_BTV, batch) -> per-row values [B] (each row weighs
     1; per_example works) or one value per batch (batches weigh 1 each), or a dict of such
     arrays with a "score" key (other keys are reported beside it). `batch` is the dict of
@@ -90,14 +98,16 @@ def logits(fn: Callable, batches, *, maximize: bool = False, name: str | None = 
     if not callable(fn):
         raise SearchError(f"an objective callable is needed, got {fn!r}")
     label = name or getattr(fn, "__name__", "objective")
-    return Objective(label, _measure_of(fn), _rows(batches), maximize=maximize,
-                     differentiable=differentiable)
+    return Objective(
+        label, _measure_of(fn), _rows(batches), maximize=maximize, differentiable=differentiable
+    )
 
 
 @functools.lru_cache(maxsize=128)
 def _measure_of(fn: Callable) -> Callable:
     """The objective measure of a callable on logits (one per callable: compiled functions
     are cached by the measure's identity)."""
+
     def as_dict(out):
         return dict(out) if isinstance(out, dict) else {"score": out}
 
@@ -111,11 +121,14 @@ def _measure_of(fn: Callable) -> Callable:
         shape = out["score"].shape
         for k, v in out.items():
             if v.shape != shape or v.ndim > 1:
-                raise SearchError(f"objective output {k!r} has shape {v.shape}; every output "
-                                  "must be one value per row [B] or one per batch []")
+                raise SearchError(
+                    f"objective output {k!r} has shape {v.shape}; every output "
+                    "must be one value per row [B] or one per batch []"
+                )
         if not shape:
             out = {k: v[None] for k, v in out.items()}
         return {**out, "weight": jnp.ones_like(out["score"])}
+
     return measure
 
 
@@ -131,5 +144,7 @@ def as_objective(objective, batches=None) -> Objective:
         return loss(batches)
     if callable(objective):
         return logits(objective, batches)
-    raise SearchError(f"objective must be 'loss', a callable on logits or a "
-                      f"dj.search.Objective, got {objective!r}")
+    raise SearchError(
+        f"objective must be 'loss', a callable on logits or a "
+        f"dj.search.Objective, got {objective!r}"
+    )

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .logs import RunLog
 from .step import TrainState
 
-_COMMITTED = "commit_success.txt"   # orbax writes it into a step directory before the rename
+_COMMITTED = "commit_success.txt"  # orbax writes it into a step directory before the rename
 
 
 class TrainCheckpoints:
@@ -45,28 +45,42 @@ class TrainCheckpoints:
         self.unsealed_before = unsealed_before
         self._async = tc.async_checkpoint
         self.options = ocp.CheckpointManagerOptions(
-            max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True,
-            cleanup_tmp_directories=True, create=True)
+            max_to_keep=tc.keep_checkpoints,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
         self._sealer: threading.Thread | None = None
         self._seal_error: BaseException | None = None
         self._stop = threading.Event()
         self._open()
 
     def _open(self):
-        self.manager = ocp.CheckpointManager(self.directory, options=self.options,
-                                             item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=self.options, item_names=("state", "data", "meta")
+        )
 
     # -- saving --------------------------------------------------------------------------
     def save(self, step: int, state: TrainState, data_state: dict, meta: dict) -> None:
         self._join_sealer()
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
         if os.environ.get("DEPTHJAX_TEST_KILL_IN_SAVE") == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
         if jax.process_index() == 0:
-            self._sealer = threading.Thread(target=self._seal_when_committed, args=(step,),
-                                            daemon=True, name=f"depthjax-seal-{step}")
+            self._sealer = threading.Thread(
+                target=self._seal_when_committed,
+                args=(step,),
+                daemon=True,
+                name=f"depthjax-seal-{step}",
+            )
             self._sealer.start()
         if not self._async:
             self.wait()
@@ -111,11 +125,15 @@ class TrainCheckpoints:
         problem = None
         if not integrity.is_sealed(d):
             if step >= self.unsealed_before:
-                problem = ("it has no integrity record: the run stopped after orbax committed "
-                           "it but before depthjax sealed it (an unfinished save)")
+                problem = (
+                    "it has no integrity record: the run stopped after orbax committed "
+                    "it but before depthjax sealed it (an unfinished save)"
+                )
             else:
-                log.message(f"WARNING: checkpoint {step} predates integrity records; "
-                            "restoring it unverified")
+                log.message(
+                    f"WARNING: checkpoint {step} predates integrity records; "
+                    "restoring it unverified"
+                )
         else:
             try:
                 integrity.verify(d, share=(jax.process_index(), jax.process_count()))
@@ -130,9 +148,14 @@ class TrainCheckpoints:
             problem = self.problem(step, log)
             if problem is None:
                 try:
-                    r = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                    r = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            data=ocp.args.JsonRestore(),
+                            meta=ocp.args.JsonRestore(),
+                        ),
+                    )
                 except Exception as e:  # any failure to read means this checkpoint is unusable
                     problem = f"orbax cannot restore it ({type(e).__name__}: {str(e)[:300]})"
                 problem = hosts.first_problem(problem)
@@ -143,8 +166,10 @@ class TrainCheckpoints:
 
     def _set_aside(self, step: int, problem: str, log: RunLog) -> None:
         aside = self.directory.parent / "checkpoints_corrupt" / f"{step}-{time.time():.0f}"
-        msg = (f"checkpoint {step} in {self.directory} is unusable: {problem}; set aside to "
-               f"{aside} (see REASON.txt there) and trying an older one")
+        msg = (
+            f"checkpoint {step} in {self.directory} is unusable: {problem}; set aside to "
+            f"{aside} (see REASON.txt there) and trying an older one"
+        )
         warnings.warn(msg, stacklevel=3)
         log.message("WARNING: " + msg)
         self.manager.close()

@@ -18,12 +18,12 @@ from ..config import ModelConfig
 # on NVIDIA is TF32 tensor-core throughput, which XLA uses for float32 matmuls by default.
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),   # SXM; the PCIe card is ~25% lower
+    "H100": (989e12, 494e12),  # SXM; the PCIe card is ~25% lower
     "A100": (312e12, 156e12),
     "L4": (121e12, 60e12),
-    "TPU v6": (918e12, 918e12),   # v6e (Trillium)
+    "TPU v6": (918e12, 918e12),  # v6e (Trillium)
     "TPU v5p": (459e12, 459e12),
-    "TPU v5": (197e12, 197e12),   # v5e / "TPU v5 lite"
+    "TPU v5": (197e12, 197e12),  # v5e / "TPU v5 lite"
     "TPU v4": (275e12, 275e12),
 }
 

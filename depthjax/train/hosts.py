@@ -18,10 +18,11 @@ def gather_text(text: str) -> list[str]:
     if jax.process_count() == 1:
         return [text]
     from jax.experimental import multihost_utils
+
     data = np.frombuffer(text.encode(), np.uint8)
     n = int(np.max(multihost_utils.process_allgather(np.int32(data.size))))
     padded = np.zeros(max(n, 1), np.uint8)
-    padded[:data.size] = data
+    padded[: data.size] = data
     rows = np.asarray(multihost_utils.process_allgather(padded))
     return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
 
@@ -44,4 +45,5 @@ def merged_json(local: dict) -> dict:
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)

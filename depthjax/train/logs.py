@@ -54,8 +54,15 @@ class RunLog:
 
     Messages may be written before `start`; records only after it."""
 
-    def __init__(self, out_dir, total_steps: int, *, tensorboard: bool = True,
-                 enabled: bool = True, stream=None):
+    def __init__(
+        self,
+        out_dir,
+        total_steps: int,
+        *,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        stream=None,
+    ):
         self.out_dir, self.total = Path(out_dir), total_steps
         self.enabled, self.tensorboard = enabled, tensorboard
         self.stream = stream or sys.stderr
@@ -72,11 +79,16 @@ class RunLog:
         self._jsonl = open(jsonl, "a")
         if self.tensorboard:
             from tensorboardX import SummaryWriter
+
             logdir = self.out_dir / "tensorboard"
             earlier = logdir.is_dir() and any(logdir.glob("events.out.tfevents.*"))
             # The pid keeps two files of one host apart even within the same second.
-            self._tb = SummaryWriter(str(logdir), purge_step=1 if earlier or kept else None,
-                                     flush_secs=10, filename_suffix=f".{os.getpid()}")
+            self._tb = SummaryWriter(
+                str(logdir),
+                purge_step=1 if earlier or kept else None,
+                flush_secs=10,
+                filename_suffix=f".{os.getpid()}",
+            )
             for record in kept:
                 self._scalars(record)
         self._bar = self._stack.enter_context(progress.bar("train", self.total, completed=step))
@@ -86,8 +98,10 @@ class RunLog:
         if not self.enabled:
             return
         # JSON has no NaN/inf: a non-finite value is written as null.
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         self._jsonl.write(json.dumps(clean) + "\n")
         self._jsonl.flush()
         if self._tb:
@@ -96,8 +110,11 @@ class RunLog:
 
     def _scalars(self, record: dict) -> None:
         for tag, value in record.items():
-            if tag not in ("step", "time") and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool):
+            if (
+                tag not in ("step", "time")
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+            ):
                 self._tb.add_scalar(tag, float(value), record["step"], walltime=record.get("time"))
 
     def _console(self, r: dict) -> None:
@@ -113,8 +130,11 @@ class RunLog:
             self._bar.advance(r["step"] - self._shown, **fields)
             self._shown = r["step"]
         elif not progress.silenced():
-            self.stream.write(f"[train] step {r['step']}/{self.total}  " +
-                              "  ".join(f"{k} {v}" for k, v in fields.items()) + "\n")
+            self.stream.write(
+                f"[train] step {r['step']}/{self.total}  "
+                + "  ".join(f"{k} {v}" for k, v in fields.items())
+                + "\n"
+            )
             self.stream.flush()
 
     def flush(self) -> None:

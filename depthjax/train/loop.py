@@ -53,14 +53,19 @@ def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> Non
     if mode == "off" or jax.distributed.is_initialized():
         return
     env = os.environ
-    detected = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
-                or int(env.get("SLURM_NTASKS", "1")) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    detected = (
+        bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
     if mode == "on" or detected:
         # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count/id: pass them.
-        explicit = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                 ("process_id", "JAX_PROCESS_ID")) if v in env}
+        explicit = {
+            k: int(env[v])
+            for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+            if v in env
+        }
         if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
             explicit["heartbeat_timeout_seconds"] = heartbeat_timeout
         jax.distributed.initialize(**explicit)
@@ -93,9 +98,14 @@ def local_shards(sharding, tc: TrainConfig) -> list[int]:
 
 
 def _documents(tc: TrainConfig, split: str, out_dir: Path):
-    kw = dict(data_files=tc.data_files, tfds_name=tc.tfds_name, text_key=tc.text_key,
-              data_dir=tc.tfds_data_dir or (str(out_dir / "data") if tc.data == "files" else None),
-              train_split=tc.train_split, valid_split=tc.valid_split)
+    kw = dict(
+        data_files=tc.data_files,
+        tfds_name=tc.tfds_name,
+        text_key=tc.text_key,
+        data_dir=tc.tfds_data_dir or (str(out_dir / "data") if tc.data == "files" else None),
+        train_split=tc.train_split,
+        valid_split=tc.valid_split,
+    )
     docs = data_lib.documents(tc.data, split, **kw) if jax.process_index() == 0 else None
     hosts.barrier(f"depthjax-data-{split}")  # data=files is prepared once, by process 0
     return docs if docs is not None else data_lib.documents(tc.data, split, **kw)
@@ -104,12 +114,19 @@ def _documents(tc: TrainConfig, split: str, out_dir: Path):
 def _data_iter(tc: TrainConfig, split: str, out_dir: Path, vocab_size: int, shards):
     tok = data_lib.load_tokenizer(tc.tokenizer)
     if tok.vocab_size > vocab_size:
-        raise data_lib.DataError(f"tokenizer has {tok.vocab_size} tokens but the model's "
-                                 f"vocab_size is {vocab_size}")
-    return data_lib.ShardedBatches(_documents(tc, split, out_dir), tok, seq_len=tc.seq_len,
-                                   batch_size=tc.batch_size, n_shards=data_shards(tc),
-                                   shards=shards, seed=tc.seed,
-                                   shuffle_window=tc.shuffle_window)
+        raise data_lib.DataError(
+            f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}"
+        )
+    return data_lib.ShardedBatches(
+        _documents(tc, split, out_dir),
+        tok,
+        seq_len=tc.seq_len,
+        batch_size=tc.batch_size,
+        n_shards=data_shards(tc),
+        shards=shards,
+        seed=tc.seed,
+        shuffle_window=tc.shuffle_window,
+    )
 
 
 def _global_batch(shard_batches: dict, sharding, tc: TrainConfig) -> dict:
@@ -118,13 +135,15 @@ def _global_batch(shard_batches: dict, sharding, tc: TrainConfig) -> dict:
     rows, first = tc.batch_size // data_shards(tc), min(shard_batches)
     out = {}
     for key in shard_batches[first]:
-        local = np.concatenate([np.asarray(shard_batches[s][key], np.int32)
-                                for s in sorted(shard_batches)])
+        local = np.concatenate(
+            [np.asarray(shard_batches[s][key], np.int32) for s in sorted(shard_batches)]
+        )
 
         def rows_of(index, local=local):
             r = index[0]
             stop = tc.batch_size if r.stop is None else r.stop
-            return local[(r.start or 0) - first * rows:stop - first * rows]
+            return local[(r.start or 0) - first * rows : stop - first * rows]
+
         out[key] = jax.make_array_from_callback((tc.batch_size, tc.seq_len), sharding, rows_of)
     return out
 
@@ -135,11 +154,17 @@ def state_shardings(abstract_params, mask, tx, mesh) -> TrainState:
     param_sh = shd.param_shardings(abstract_params, mesh)
     repl = shd.replicated(mesh)
     trainable_sh = jax.tree.map(lambda m, s: s if m else None, mask, param_sh)
-    abstract_opt = jax.eval_shape(tx.init, jax.tree.map(lambda m, x: x if m else None, mask,
-                                                        abstract_params))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_sh,
-                                   transform_non_params=lambda _: repl,
-                                   is_leaf=lambda x: x is None)
+    abstract_opt = jax.eval_shape(
+        tx.init, jax.tree.map(lambda m, x: x if m else None, mask, abstract_params)
+    )
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        trainable_sh,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: x is None,
+    )
     return TrainState(step=repl, params=param_sh, opt_state=opt_sh, bad_step=repl, skipped=repl)
 
 
@@ -168,8 +193,11 @@ def _own(out_dir: Path, record: dict, ckpts_dir: Path, fresh: bool) -> tuple[int
         if aside:
             messages.append(f"--fresh: moved the previous run to {aside}")
     stored = run_dir.read_record(out_dir)
-    steps = sorted(int(p.name) for p in ckpts_dir.glob("*") if p.name.isdigit()) \
-        if ckpts_dir.is_dir() else []
+    steps = (
+        sorted(int(p.name) for p in ckpts_dir.glob("*") if p.name.isdigit())
+        if ckpts_dir.is_dir()
+        else []
+    )
     if stored is None and steps:  # a run started before run.json: its newest meta says
         stored = _legacy_record(ckpts_dir, steps[-1])
     unsealed_before = 0
@@ -179,8 +207,11 @@ def _own(out_dir: Path, record: dict, ckpts_dir: Path, fresh: bool) -> tuple[int
         if refused:
             raise run_dir.refuse(out_dir, refused)
         if warned:
-            messages.append("WARNING: resuming with changed keys " + "; ".join(warned)
-                            + "; the run will not match an uninterrupted one")
+            messages.append(
+                "WARNING: resuming with changed keys "
+                + "; ".join(warned)
+                + "; the run will not match an uninterrupted one"
+            )
         unsealed_before = stored.get("unsealed_before", steps[-1] + 1 if steps else 0)
     if main:
         run_dir.write_record(out_dir, {**record, "unsealed_before": unsealed_before})
@@ -223,25 +254,34 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     layerskip = LayerSkip.from_config(tc, program)  # None when both are off
     mesh = shd.make_mesh(tc.mesh.data, tc.mesh.fsdp, tc.mesh.tensor)
     if tc.batch_size % (shd.batch_divisor(mesh) * tc.grad_accum):
-        raise TrainConfigError(f"batch_size={tc.batch_size} must be divisible by grad_accum="
-                         f"{tc.grad_accum} x the {shd.batch_divisor(mesh)} data-parallel "
-                         "devices")
+        raise TrainConfigError(
+            f"batch_size={tc.batch_size} must be divisible by grad_accum="
+            f"{tc.grad_accum} x the {shd.batch_divisor(mesh)} data-parallel "
+            "devices"
+        )
     ckpts_dir = (out_dir / "checkpoints").absolute()
-    meta = {"model_config": cfg.to_dict(), "program": program.to_dict(),
-            "train_config": json.loads(json.dumps(tc.to_dict()))}
-    unsealed_before, messages = _own(out_dir, run_dir.describe(
-        meta["model_config"], meta["program"], meta["train_config"]), ckpts_dir, fresh)
-    log = RunLog(out_dir, tc.steps, tensorboard=tc.tensorboard, enabled=main_process,
-                 stream=stream)
+    meta = {
+        "model_config": cfg.to_dict(),
+        "program": program.to_dict(),
+        "train_config": json.loads(json.dumps(tc.to_dict())),
+    }
+    unsealed_before, messages = _own(
+        out_dir,
+        run_dir.describe(meta["model_config"], meta["program"], meta["train_config"]),
+        ckpts_dir,
+        fresh,
+    )
+    log = RunLog(out_dir, tc.steps, tensorboard=tc.tensorboard, enabled=main_process, stream=stream)
     for text in ([lock.took_over] if lock is not None and lock.took_over else []) + messages:
         log.message(text)
     if main_process:  # leftovers of a killed final save (we hold the lock: nobody else writes)
         atomic.clean_stale(out_dir / "model", any_owner=True)
 
-    abstract_params = (jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
-                       if loaded_params is None else
-                       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                    loaded_params))
+    abstract_params = (
+        jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
+        if loaded_params is None
+        else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params)
+    )
     mask = trainable_mask(abstract_params, tc.trainable)
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
@@ -251,12 +291,20 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
         opt_state = tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params))
-        return TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
-                          bad_step=jnp.int32(-1), skipped=jnp.int32(0))
+        return TrainState(
+            step=jnp.int32(0),
+            params=params,
+            opt_state=opt_state,
+            bad_step=jnp.int32(-1),
+            skipped=jnp.int32(0),
+        )
 
     ckpts = TrainCheckpoints(ckpts_dir, tc, unsealed_before=unsealed_before)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  jax.eval_shape(fresh_state, jax.random.key(0)), state_sh)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(fresh_state, jax.random.key(0)),
+        state_sh,
+    )
     shards = local_shards(batch_sh, tc)
     data_it = _data_iter(tc, "train", out_dir, cfg.vocab_size, shards)
 
@@ -266,75 +314,112 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
         data_it.set_state(data_state)
         log.message(f"resumed from checkpoint {step0} in {ckpts_dir}")
         if not main_process:
-            print(f"[train] process {jax.process_index()}: resumed from checkpoint {step0}",
-                  file=stream or sys.stderr, flush=True)
+            print(
+                f"[train] process {jax.process_index()}: resumed from checkpoint {step0}",
+                file=stream or sys.stderr,
+                flush=True,
+            )
     else:
         step0 = 0
         state = jax.jit(fresh_state, out_shardings=state_sh)(jax.random.key(tc.seed))
 
     program_dev = jax.device_put(program, repl)
-    batch_struct = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
-                                            sharding=batch_sh) for k in data_lib.BATCH_KEYS}
+    batch_struct = {
+        k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+        for k in data_lib.BATCH_KEYS
+    }
     # Compiled ahead of the loop, then a barrier, so that all processes start the first
     # step together: gloo gives a process 30 s to join a collective it has not run before.
-    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mask=mask,
-                                        grad_accum=tc.grad_accum, nan_policy=tc.nan_policy,
-                                        schedule=schedule, layerskip=layerskip),
-                      in_shardings=(state_sh, batch_sh, repl),
-                      out_shardings=(state_sh, repl), donate_argnums=0
-                      ).lower(abstract_state, batch_struct, program_dev).compile()
-    eval_fn = jax.jit(functools.partial(eval_loss_sums, cfg=cfg),
-                      in_shardings=(param_sh, batch_sh, repl))
+    step_fn = (
+        jax.jit(
+            functools.partial(
+                train_step,
+                cfg=cfg,
+                tx=tx,
+                mask=mask,
+                grad_accum=tc.grad_accum,
+                nan_policy=tc.nan_policy,
+                schedule=schedule,
+                layerskip=layerskip,
+            ),
+            in_shardings=(state_sh, batch_sh, repl),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
+        .lower(abstract_state, batch_struct, program_dev)
+        .compile()
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_loss_sums, cfg=cfg), in_shardings=(param_sh, batch_sh, repl)
+    )
     if tc.eval_every:
         eval_fn = eval_fn.lower(abstract_state.params, batch_struct, program_dev).compile()
     hosts.barrier("depthjax-compiled")
     flops_per_token = flops_lib.train_flops_per_token(cfg, tc.seq_len, program.depth)
-    peak = (tc.peak_tflops * 1e12 if tc.peak_tflops else
-            flops_lib.peak_flops(jax.devices()[0], cfg.dtype))
+    peak = (
+        tc.peak_tflops * 1e12
+        if tc.peak_tflops
+        else flops_lib.peak_flops(jax.devices()[0], cfg.dtype)
+    )
     if step0 == 0:
-        log.message(f"{cfg.family} model, {count_params(abstract_params):,} parameters, mesh "
-                    f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].device_kind} "
-                    f"device(s), {jax.process_count()} process(es), {data_shards(tc)} data "
-                    "shards")
+        log.message(
+            f"{cfg.family} model, {count_params(abstract_params):,} parameters, mesh "
+            f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].device_kind} "
+            f"device(s), {jax.process_count()} process(es), {data_shards(tc)} data "
+            "shards"
+        )
 
     def check_finite(state, step):
         bad = int(jax.device_get(state.bad_step))
         if bad >= 0:
             ckpts.wait()
             good = ckpts.latest_step()
-            where = f"checkpoint {good} in {ckpts_dir}" if good is not None \
+            where = (
+                f"checkpoint {good} in {ckpts_dir}"
+                if good is not None
                 else "no checkpoint (none was saved yet)"
-            raise NonFiniteLossError(f"non-finite loss or gradient at step {bad + 1}: "
-                                     f"training stopped at step {step}; last good state: "
-                                     f"{where} (nan_policy=skip would skip such steps)")
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad + 1}: "
+                f"training stopped at step {step}; last good state: "
+                f"{where} (nan_policy=skip would skip such steps)"
+            )
 
     step, last_t, last_step = step0, time.time(), step0
     try:
         log.start(step0)  # cuts what an earlier attempt logged after step0
         while step < tc.steps:
-            state, metrics = step_fn(state, _global_batch(next(data_it), batch_sh, tc),
-                                     program_dev)
+            state, metrics = step_fn(state, _global_batch(next(data_it), batch_sh, tc), program_dev)
             step += 1
             done = step == tc.steps
             if step % tc.log_every == 0 or done:
                 m = jax.device_get(metrics)
                 now = time.time()
                 tps = (step - last_step) * tc.batch_size * tc.seq_len / (now - last_t)
-                record = {"step": step, "time": now, "loss": float(m["loss"]),
-                          "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                          "tokens_per_s": tps,
-                          "mfu": (tps * flops_per_token / (peak * jax.device_count())
-                                  if peak else None),
-                          "step_time_s": (now - last_t) / (step - last_step)}
+                record = {
+                    "step": step,
+                    "time": now,
+                    "loss": float(m["loss"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "lr": float(m["lr"]),
+                    "tokens_per_s": tps,
+                    "mfu": (tps * flops_per_token / (peak * jax.device_count()) if peak else None),
+                    "step_time_s": (now - last_t) / (step - last_step),
+                }
                 if layerskip is not None:
                     record["objective"] = float(m["objective"])
-                    record.update({f"exit_loss_{k}": float(v)
-                                   for k, v in zip(layerskip.exits, m["exit_loss"])})
+                    record.update(
+                        {
+                            f"exit_loss_{k}": float(v)
+                            for k, v in zip(layerskip.exits, m["exit_loss"])
+                        }
+                    )
                 if tc.nan_policy == "skip":
                     record["skipped"] = int(jax.device_get(state.skipped))
                 if tc.eval_every and (step % tc.eval_every == 0 or done):
-                    record["eval_loss"] = _evaluate(tc, out_dir, cfg, eval_fn, state,
-                                                    program_dev, batch_sh, shards)
+                    record["eval_loss"] = _evaluate(
+                        tc, out_dir, cfg, eval_fn, state, program_dev, batch_sh, shards
+                    )
                 check_finite(state, step)
                 log.log(record)
                 last_t, last_step = time.time(), step
@@ -355,6 +440,7 @@ def _save_final(path: Path, model: DepthModel) -> None:
     """dj.save the trained model from process 0 (parameters gathered from every host)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         params = multihost_utils.process_allgather(model.params, tiled=True)
     else:
         params = jax.device_get(model.params)

@@ -32,13 +32,37 @@ FORMAT = "depthjax-run"
 HEARTBEAT_S, STALE_AFTER_S = 30, 300
 
 # Training keys that define the run (its data, their order, the optimizer's structure).
-IDENTITY_KEYS = {"init_from", "trainable", "batch_size", "seq_len", "seed", "data",
-                 "data_files", "text_key", "tfds_name", "train_split", "tokenizer",
-                 "shuffle_window", "data_shards"}
+IDENTITY_KEYS = {
+    "init_from",
+    "trainable",
+    "batch_size",
+    "seq_len",
+    "seed",
+    "data",
+    "data_files",
+    "text_key",
+    "tfds_name",
+    "train_split",
+    "tokenizer",
+    "shuffle_window",
+    "data_shards",
+}
 # Training keys that never change the numbers.
-FREE_KEYS = {"log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
-             "tensorboard", "eval_every", "eval_batches", "peak_tflops", "distributed",
-             "heartbeat_timeout", "tfds_data_dir", "valid_split", "mesh"}
+FREE_KEYS = {
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "async_checkpoint",
+    "tensorboard",
+    "eval_every",
+    "eval_batches",
+    "peak_tflops",
+    "distributed",
+    "heartbeat_timeout",
+    "tfds_data_dir",
+    "valid_split",
+    "mesh",
+}
 # Model fields that choose how the same model executes.
 EXECUTION_KEYS = {"dtype", "remat", "attention_impl"}
 
@@ -59,8 +83,13 @@ def describe(model_config: dict, program: dict, train_config: dict) -> dict:
     """The record of a run: its model, program and training keys (the preset name and
     model.FIELD overrides are represented by the model config they resolve to)."""
     train = {k: v for k, v in train_config.items() if k not in ("model", "model_overrides")}
-    return {"format": FORMAT, "version": 1, "model": model_config, "program": program,
-            "train": json.loads(json.dumps(train))}
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "model": model_config,
+        "program": program,
+        "train": json.loads(json.dumps(train)),
+    }
 
 
 def flat(tree, prefix=""):
@@ -73,8 +102,9 @@ def flat(tree, prefix=""):
     return out
 
 
-def differences(stored: dict, now: dict,
-                defaults: dict | None = None) -> tuple[list[str], list[str]]:
+def differences(
+    stored: dict, now: dict, defaults: dict | None = None
+) -> tuple[list[str], list[str]]:
     """(refused, warned): "key: old -> new" for the keys that differ, by kind. A training
     key the stored record lacks (added by a later depthjax) counts as unchanged when it
     now has its default (`defaults`, flat dotted keys) -- unless it is an identity key."""
@@ -82,21 +112,29 @@ def differences(stored: dict, now: dict,
     old_prog, new_prog = stored.get("program") or {}, now.get("program") or {}
     if old_prog != new_prog:
         depths = [len(p.get("block", [])) for p in (old_prog, new_prog)]
-        refused.append(f"program: depth {depths[0]} -> {depths[1]}" if depths[0] != depths[1]
-                       else f"program: {json.dumps(old_prog)} -> {json.dumps(new_prog)}")
+        refused.append(
+            f"program: depth {depths[0]} -> {depths[1]}"
+            if depths[0] != depths[1]
+            else f"program: {json.dumps(old_prog)} -> {json.dumps(new_prog)}"
+        )
     for part, label in (("model", "model."), ("train", "")):
         old, new = flat(stored.get(part) or {}), flat(now.get(part) or {})
         for key in sorted(set(old) | set(new)):
             a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
             top = key.split(".")[0]
-            if a == b or (part == "train" and key not in old and top not in IDENTITY_KEYS
-                          and defaults is not None and defaults.get(key, a) == b):
+            if a == b or (
+                part == "train"
+                and key not in old
+                and top not in IDENTITY_KEYS
+                and defaults is not None
+                and defaults.get(key, a) == b
+            ):
                 continue
             text = f"{label}{key}: {a!r} -> {b!r}"
             if part == "model":
                 (warned if key in EXECUTION_KEYS else refused).append(text)
             elif top in IDENTITY_KEYS or (key == "clip_norm" and 0 in (a, b)):
-                refused.append(text)   # clipping on/off changes the optimizer state's tree
+                refused.append(text)  # clipping on/off changes the optimizer state's tree
             elif top not in FREE_KEYS:
                 warned.append(text)
     return refused, warned
@@ -109,8 +147,10 @@ def read_record(out_dir) -> dict | None:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise RunDirError(f"{path} cannot be read ({e}); it says which run owns {out_dir}. "
-                          "Use another --out, or --fresh to move this run aside") from None
+        raise RunDirError(
+            f"{path} cannot be read ({e}); it says which run owns {out_dir}. "
+            "Use another --out, or --fresh to move this run aside"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise RunDirError(f"{path} is not a depthjax run record")
     return record
@@ -127,7 +167,8 @@ def refuse(out_dir, refused: list[str]) -> DifferentRun:
     return DifferentRun(
         f"{out_dir} holds a different run ({'; '.join(refused)}). Rerun with the same keys "
         f"to resume it, choose another --out, or pass --fresh to move it aside to "
-        f"{Path(out_dir).name}.prev-TIMESTAMP and start a new run there")
+        f"{Path(out_dir).name}.prev-TIMESTAMP and start a new run there"
+    )
 
 
 def move_aside(out_dir) -> Path | None:
@@ -153,8 +194,12 @@ class RunLock:
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / LOCK
-        self.me = {"pid": os.getpid(), "host": socket.gethostname(),
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
+        self.me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "argv": sys.argv[1:],
+        }
         self.took_over: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,8 +214,11 @@ class RunLock:
             return {}, time.time() - self.path.stat().st_mtime
 
     def _stale(self, holder: dict, age: float) -> str | None:
-        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int) \
-                and not pid_alive(holder["pid"]):
+        if (
+            holder.get("host") == self.me["host"]
+            and isinstance(holder.get("pid"), int)
+            and not pid_alive(holder["pid"])
+        ):
             return f"pid {holder['pid']} is no longer running"
         if age > STALE_AFTER_S:
             return f"no heartbeat for {age:.0f}s"
@@ -182,12 +230,12 @@ class RunLock:
         try:
             for _ in range(5):
                 try:
-                    os.link(mine, self.path)   # atomic and exclusive, also on NFS
+                    os.link(mine, self.path)  # atomic and exclusive, also on NFS
                     break
                 except FileExistsError:
                     holder, age = self._read()
                     if holder is None:
-                        continue               # released meanwhile: try again
+                        continue  # released meanwhile: try again
                     why = self._stale(holder, age)
                     if why is None:
                         raise RunInUse(
@@ -195,14 +243,16 @@ class RunLock:
                             f"{holder.get('host')} (since {holder.get('started')}); wait for "
                             f"it to finish or choose another --out (a lock whose process "
                             f"died goes stale after {STALE_AFTER_S}s without a heartbeat, at "
-                            "once on the same host)") from None
+                            "once on the same host)"
+                        ) from None
                     self._take_over(holder, why)
             else:
                 raise RunInUse(f"cannot acquire {self.path}: it keeps changing hands")
         finally:
             mine.unlink(missing_ok=True)
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True,
-                                        name="depthjax-run-lock")
+        self._thread = threading.Thread(
+            target=self._heartbeat, daemon=True, name="depthjax-run-lock"
+        )
         self._thread.start()
         return self
 
@@ -211,17 +261,18 @@ class RunLock:
         try:
             os.replace(self.path, stale)
         except FileNotFoundError:
-            return                             # someone else took it over first
+            return  # someone else took it over first
         try:
             moved = json.loads(stale.read_text())
         except (OSError, ValueError):
             moved = {}
-        if moved != holder and moved:          # a live lock arrived in between: give it back
+        if moved != holder and moved:  # a live lock arrived in between: give it back
             os.replace(stale, self.path)
             return
         stale.unlink(missing_ok=True)
-        self.took_over = (f"took over the stale lock of pid {holder.get('pid')} on "
-                          f"{holder.get('host')} ({why})")
+        self.took_over = (
+            f"took over the stale lock of pid {holder.get('pid')} on {holder.get('host')} ({why})"
+        )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -29,11 +29,11 @@ from .config import TrainConfig, TrainConfigError
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    step: jax.Array        # int32 [], optimizer steps taken (including skipped ones)
-    params: dict           # all parameters (trainable and frozen), float32
-    opt_state: optax.OptState   # for the trainable leaves only
-    bad_step: jax.Array    # int32 [], first non-finite step under nan_policy="stop", else -1
-    skipped: jax.Array     # int32 [], non-finite steps skipped under nan_policy="skip"
+    step: jax.Array  # int32 [], optimizer steps taken (including skipped ones)
+    params: dict  # all parameters (trainable and frozen), float32
+    opt_state: optax.OptState  # for the trainable leaves only
+    bad_step: jax.Array  # int32 [], first non-finite step under nan_policy="stop", else -1
+    skipped: jax.Array  # int32 [], non-finite steps skipped under nan_policy="skip"
 
 
 def path_str(path) -> str:
@@ -49,20 +49,24 @@ def trainable_mask(params, pattern: str):
     mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(path_str(p))), params)
     if not any(jax.tree.leaves(mask)):
         paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-        raise TrainConfigError(f"trainable={pattern!r} matches no parameter; paths look like "
-                         f"{paths[:4]}")
+        raise TrainConfigError(
+            f"trainable={pattern!r} matches no parameter; paths look like {paths[:4]}"
+        )
     return mask
 
 
 def split(params, mask):
     """(trainable, frozen) trees with None where a leaf belongs to the other part."""
-    return (jax.tree.map(lambda m, x: x if m else None, mask, params),
-            jax.tree.map(lambda m, x: None if m else x, mask, params))
+    return (
+        jax.tree.map(lambda m, x: x if m else None, mask, params),
+        jax.tree.map(lambda m, x: None if m else x, mask, params),
+    )
 
 
 def merge(trainable, frozen):
-    return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(
+        lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
+    )
 
 
 def _decays(path, _) -> bool:
@@ -73,14 +77,20 @@ def _decays(path, _) -> bool:
 
 def learning_rate(tc: TrainConfig) -> optax.Schedule:
     warmup = min(tc.warmup_steps, tc.steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
-                                              end_value=tc.lr * tc.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, warmup, max(tc.steps, warmup + 1), end_value=tc.lr * tc.min_lr_ratio
+    )
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                        weight_decay=tc.weight_decay,
-                        mask=lambda t: jax.tree_util.tree_map_with_path(_decays, t))
+    adamw = optax.adamw(
+        learning_rate(tc),
+        b1=tc.b1,
+        b2=tc.b2,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        mask=lambda t: jax.tree_util.tree_map_with_path(_decays, t),
+    )
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm else adamw
 
 
@@ -88,14 +98,28 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch):
     """(sum of next-token cross-entropy over real target tokens, their count).
 
     batch: int32 [B, T] inputs, targets, segment_ids (0 = padding), positions."""
-    logits_BTV = apply(DepthModel(cfg, params, program), batch["inputs"],
-                       segment_ids=batch["segment_ids"], positions=batch["positions"])
+    logits_BTV = apply(
+        DepthModel(cfg, params, program),
+        batch["inputs"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+    )
     return packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
 
 
-def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation, mask, grad_accum: int, nan_policy: str,
-               schedule: optax.Schedule, layerskip: layerskip_lib.LayerSkip | None = None):
+def train_step(
+    state: TrainState,
+    batch,
+    program: Program,
+    *,
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    mask,
+    grad_accum: int,
+    nan_policy: str,
+    schedule: optax.Schedule,
+    layerskip: layerskip_lib.LayerSkip | None = None,
+):
     """One optimizer step over a global batch, as `grad_accum` micro-batches in a scan.
 
     The loss is the mean over all real target tokens of the batch, so accumulation gives
@@ -107,14 +131,16 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
     chex.assert_equal_shape(list(batch.values()))
     trainable, frozen = split(state.params, mask)
     if layerskip is None:
+
         def objective(t, mb):
             total, count = loss_sums(merge(t, frozen), cfg, program, mb)
             return total, (count, total[None])
     else:
         rows = jax.tree.leaves(batch)[0].shape[0]
         batch = {**batch, "keep": layerskip.keep_mask(state.step, rows)}
-        objective = lambda t, mb: layerskip_lib.loss_sums(merge(t, frozen), cfg, program, mb,
-                                                          layerskip, state.step)
+        objective = lambda t, mb: layerskip_lib.loss_sums(
+            merge(t, frozen), cfg, program, mb, layerskip, state.step
+        )
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if grad_accum == 1:
         (objective_sum, (count, nll)), grads = grad_fn(trainable, batch)
@@ -126,8 +152,12 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
             return jax.tree.map(jnp.add, acc, (objective_sum, n, nll, g)), None
 
         outputs = 1 + (len(layerskip.exits) if layerskip else 0)
-        zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros((outputs,)),
-                 jax.tree.map(jnp.zeros_like, trainable))
+        zeros = (
+            jnp.zeros(()),
+            jnp.zeros(()),
+            jnp.zeros((outputs,)),
+            jax.tree.map(jnp.zeros_like, trainable),
+        )
         (objective_sum, count, nll, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(count, 1.0)
     loss, grads = objective_sum / count, jax.tree.map(lambda g: g / count, grads)
@@ -143,11 +173,20 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
     else:
         ok, bad_step, skipped = finite, state.bad_step, state.skipped + (~finite).astype(jnp.int32)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                           opt_state=keep(new_opt, state.opt_state), bad_step=bad_step,
-                           skipped=skipped)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "tokens": count, "finite": finite}
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        bad_step=bad_step,
+        skipped=skipped,
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+        "tokens": count,
+        "finite": finite,
+    }
     if layerskip is not None:  # "loss" stays the final output's cross-entropy
         metrics.update(loss=nll[0] / count, objective=loss, exit_loss=nll[1:] / count)
     return new_state, metrics

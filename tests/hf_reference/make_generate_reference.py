@@ -28,23 +28,33 @@ def make(out: str) -> None:
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, VOCAB, (2, 7)).astype(np.int64)
     mask = np.ones_like(prompt)
-    mask[1, :3] = 0                       # left padding, the layout transformers expects
+    mask[1, :3] = 0  # left padding, the layout transformers expects
     prompt[1, :3] = 0
     manifest = {}
     for seed, case in enumerate(GENERATE_CASES):
         make_config, _ = CASES[case]
-        model = tf.AutoModelForCausalLM.from_config(make_config(),
-                                                    attn_implementation="eager").eval()
+        model = tf.AutoModelForCausalLM.from_config(
+            make_config(), attn_implementation="eager"
+        ).eval()
         _randomize(model, 100 + seed)
         directory = os.path.join(out, case)
         model.save_pretrained(directory)
         with torch.no_grad():
-            ids = model.generate(input_ids=torch.from_numpy(prompt),
-                                 attention_mask=torch.from_numpy(mask),
-                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=0, eos_token_id=None)
-        manifest[case] = {"dir": directory, "prompt": prompt.tolist(), "mask": mask.tolist(),
-                          "expected": ids[:, prompt.shape[1]:].tolist()}
+            ids = model.generate(
+                input_ids=torch.from_numpy(prompt),
+                attention_mask=torch.from_numpy(mask),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        manifest[case] = {
+            "dir": directory,
+            "prompt": prompt.tolist(),
+            "mask": mask.tolist(),
+            "expected": ids[:, prompt.shape[1] :].tolist(),
+        }
         print(f"[reference] {case}: greedy {NEW_TOKENS} tokens", flush=True)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
