@@ -16,10 +16,11 @@ from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, ModelConfig, Remat
 from .decoding import Generation, decode_step, generate, prefill
 from .kv_cache import KVCache
-from .model import DepthModel, Trace, apply, init
+from .model import DepthModel, InputError, Trace, apply, init
 from .program import Program, ProgramError
-from .prune import prune
-from .recover import recover
+from .prune import PruneError, prune
+from .recover import RecoverError, recover
+from .sampling import GenerationError
 from .specialize import Specialized, specialize
 from .speculative import DraftStats
 
@@ -38,13 +39,16 @@ __all__ = [
     "Trace",
     "init",
     "apply",
+    "InputError",
     "Program",
     "ProgramError",
     # depth, metrics, pruning
     "depth",
     "metrics",
     "prune",
+    "PruneError",
     "recover",
+    "RecoverError",
     "search",
     "eval",
     "specialize",
@@ -60,5 +64,6 @@ __all__ = [
     "decode_step",
     "KVCache",
     "Generation",
+    "GenerationError",
     "DraftStats",
 ]

@@ -5,12 +5,17 @@ A checkpoint is a directory:
     config.json          ModelConfig.to_dict()
     program.json         Program.to_dict()
     params.safetensors   every parameter leaf, keyed by its "/"-joined path
+    (tokenizer files)    anything passed as save(..., files=), e.g. a tokenizer.json
     manifest.json        format version, the parameter tree ("dtype[shape]" per leaf, so
-                         empty subtrees survive) and a CRC-32 of params.safetensors
+                         empty subtrees survive) and the SHA-256 of every other file; a
+                         sealed record (depthjax.integrity), so an edit to any byte of any
+                         file -- config, program, weights, tokenizer or the manifest
+                         itself -- is detected on load
 
-Saves are atomic: everything is written to a temporary sibling directory, flushed, and
-renamed into place, so a reader sees either the old checkpoint or the new one, never a
-half-written one. Loading is bit-exact and checks the parameters against the config.
+Saves are atomic (depthjax.atomic): everything is written to a staging directory beside
+`path`, flushed, and swapped into place, so a reader sees the old checkpoint or the new
+one, never a half-written one or none. Loading is bit-exact and checks the parameters
+against the config.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -29,12 +33,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from . import atomic, integrity
 from .config import ModelConfig
 from .model import DepthModel, init
 from .program import Program
 
 FORMAT = "depthjax-checkpoint"
-VERSION = 1
+VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
 
 # safetensors dtype codes -> numpy dtypes (safetensors.numpy cannot read bfloat16).
@@ -118,14 +123,6 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -134,11 +131,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 # -- save / load -----------------------------------------------------------------------
-def save(model: DepthModel, path) -> Path:
+def save(model: DepthModel, path, *, files=()) -> Path:
     """Write `model` to the directory `path` atomically and return the path.
 
-    An existing depthjax checkpoint at `path` is replaced; any other existing file or
-    non-empty directory is left alone and raises FileExistsError.
+    files: extra files (e.g. the tokenizer.json and tokenizer_config.json of the model
+    the weights came from) copied into the checkpoint and covered by its manifest.
+    An existing depthjax checkpoint at `path` is replaced (other files in it are kept);
+    any other existing file or non-empty directory is left alone and raises
+    FileExistsError.
     """
     if not isinstance(model, DepthModel):
         raise TypeError(f"save expects a DepthModel, got {type(model).__name__}")
@@ -154,37 +154,40 @@ def save(model: DepthModel, path) -> Path:
         raise FileExistsError(
             f"{path} exists and is not a depthjax checkpoint; refusing to overwrite it"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = [Path(f) for f in files]
+    for f in extra:
+        if f.name in FILES or not f.is_file():
+            raise CheckpointError(
+                f"save(files=...): {f} is not a file that can go into a "
+                f"checkpoint (names {FILES} are reserved)"
+            )
     flat = flatten_params(model.params)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    old_files = set(FILES) | set(_listed_files(path))
+    with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_json(tmp / "program.json", model.program.to_dict())
         safetensors.numpy.save_file(flat, tmp / "params.safetensors")
-        with open(tmp / "params.safetensors", "rb+") as f:
-            os.fsync(f.fileno())
-        _write_json(
+        for f in extra:
+            shutil.copyfile(f, tmp / f.name)
+        names = ["config.json", "program.json", "params.safetensors"] + [f.name for f in extra]
+        integrity.write_sealed(
             tmp / "manifest.json",
             {
                 "format": FORMAT,
                 "version": VERSION,
                 "params": _describe(model.params),
-                "params_crc32": _crc32(tmp / "params.safetensors"),
+                "files": integrity.file_digests(tmp, names),
             },
         )
-        _fsync_dir(tmp)
-        if path.exists():  # swap: the old checkpoint stays whole until the new one is in
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "ckpt")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
+
+
+def _listed_files(path: Path) -> list[str]:
+    """The files an existing checkpoint's manifest lists (none if it cannot be read)."""
+    try:
+        return list(json.loads((path / "manifest.json").read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def _read_json(path: Path):
@@ -199,7 +202,8 @@ def _read_json(path: Path):
 def load(path, *, verify: bool = True) -> DepthModel:
     """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
 
-    verify=True checks the CRC-32 of the parameter file (one pass over it).
+    verify=True checks the SHA-256 of every file against the manifest (one pass over
+    each); the manifest's own checksum is always checked.
     """
     path = Path(path)
     if not path.is_dir():
@@ -207,15 +211,21 @@ def load(path, *, verify: bool = True) -> DepthModel:
             f"no checkpoint at {path}: {'not a directory' if path.exists() else 'does not exist'}"
         )
     manifest = _read_json(path / "manifest.json")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a depthjax checkpoint (manifest format {manifest.get('format')!r})"
-        )
-    if manifest.get("version") != VERSION:
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
+    if manifest.get("version") not in (1, VERSION):
         raise CheckpointError(
             f"{path} has checkpoint version {manifest.get('version')}; "
-            f"this depthjax reads version {VERSION}"
+            f"this depthjax reads versions 1..{VERSION}"
         )
+    try:
+        if manifest["version"] >= 2:
+            manifest = integrity.load_sealed(path / "manifest.json")
+            if verify:
+                integrity.check_digests(path, manifest["files"])
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
     try:
         config = ModelConfig.from_dict(_read_json(path / "config.json"))
     except (TypeError, ValueError) as e:
@@ -225,7 +235,7 @@ def load(path, *, verify: bool = True) -> DepthModel:
     params_file = path / "params.safetensors"
     if not params_file.exists():
         raise CheckpointError(f"{path} is incomplete: params.safetensors is missing")
-    if verify and _crc32(params_file) != manifest["params_crc32"]:
+    if verify and manifest["version"] == 1 and _crc32(params_file) != manifest["params_crc32"]:
         raise CheckpointError(
             f"{params_file} is corrupt: its CRC-32 does not match the "
             "manifest (truncated or modified after saving)"

@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
+import math
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,12 +146,33 @@ class ModelConfig:
                 raise ConfigError(
                     f"remat={self.remat!r} is not one of {tuple(r.value for r in Remat)}"
                 ) from None
+        self._check_types()
         self._validate()
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.d_ff is None:
             d_ff = 4 * self.d_model if self.mlp != "swiglu" else -(-8 * self.d_model // 3 // 8) * 8
             object.__setattr__(self, "d_ff", d_ff)
+
+    def _check_types(self) -> None:
+        """Every field has its annotated type (an int field takes no bool, a float field
+        takes an int as a float): '64' or True where a number belongs is a mistake."""
+        import numpy as np
+
+        for name, (base, optional) in _field_types().items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, np.generic):  # numpy scalars from computed configs
+                value = value.item()
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} must be {_TYPE_NAMES[base]}"
+                    f"{' or None' if optional else ''}"
+                )
+            object.__setattr__(self, name, value)
 
     def _validate(self) -> None:
         _choice("norm", self.norm, NORMS)
@@ -178,6 +202,15 @@ class ModelConfig:
             )
         if self.type_vocab_size < 0:
             raise ConfigError("type_vocab_size must be >= 0")
+        for name, positive in (("rope_theta", True), ("norm_eps", False), ("init_std", False)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ConfigError(
+                    f"{name}={value!r} must be a finite number {'> 0' if positive else '>= 0'}"
+                )
+        for name in ("head_dim", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
     # -- conversion -------------------------------------------------------------------
     @property
@@ -197,6 +230,25 @@ class ModelConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         _check_keys(d)
         return cls(**d)
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """{field: (type, None allowed)} from ModelConfig's annotations."""
+    out = {}
+    for name, tp in typing.get_type_hints(ModelConfig).items():
+        args = typing.get_args(tp)
+        out[name] = (next(a for a in args if a is not type(None)), True) if args else (tp, False)
+    return out
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    Remat: "a Remat",
+}
 
 
 def _check_keys(d: Mapping[str, Any]) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .textfiles import DataError
+
 
 def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Path]:
     """Sorted .py files of the standard library (site-packages excluded) in `split`."""
     if split not in ("train", "valid"):
-        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+        raise DataError(f"split must be 'train' or 'valid', got {split!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in sorted(root.rglob("*.py")):
@@ -49,7 +51,7 @@ def sample_windows(
             if len(ids) > seq_len:
                 break
         else:
-            raise RuntimeError(f"no corpus file is longer than seq_len={seq_len} tokens")
+            raise DataError(f"no corpus file is longer than seq_len={seq_len} tokens")
         start = rng.integers(len(ids) - seq_len)
         out[b] = ids[start : start + seq_len]
     return out

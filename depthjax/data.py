@@ -8,18 +8,22 @@ Sources (each a grain MapDataset of documents, str or bytes):
   TensorFlow) and read back with `tfds.data_source`;
 * ``tfds``: any installed TFDS dataset by name, read with `tfds.data_source`.
 
-The pipeline: shard documents by process -> shuffle (seeded, reshuffled each epoch) ->
-tokenize and cut into chunks of at most seq_len + 1 tokens -> window shuffle -> first-fit
-packing -> batches. Everything is deterministic for a given seed, and the iterator
-state (`it.get_state()`, a small JSON-able dict) restores the exact next batch.
+The pipeline of one data shard: its documents -> shuffle (seeded, reshuffled each epoch)
+-> tokenize and cut into chunks of at most seq_len + 1 tokens -> window shuffle ->
+first-fit packing -> batches. `ShardedBatches` puts shards side by side into the global
+batch, so the batch of every step is the same whatever the number of processes (each
+builds only its own shards). Everything is deterministic for a given seed, and the
+iterator state (`get_state()`, a small JSON-able dict) restores the exact next batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 from absl import flags
 
 if not flags.FLAGS.is_parsed():  # grain reads absl flags; unparsed flags raise inside it
@@ -34,6 +38,7 @@ from .textfiles import DataError, expand_files, read_documents  # noqa: E402,F40
 from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")  # every batch's arrays
 
 
 # Tokenizers live in depthjax.tokenizer and file reading in depthjax.textfiles (both light to
@@ -43,7 +48,8 @@ SPLITS = ("train", "valid")
 # -- document sources --------------------------------------------------------------------
 class TextFiles(tfds.core.GeneratorBasedBuilder):
     """Local .txt / .jsonl files as a TFDS dataset {"text": Text} with train/validation
-    splits, chosen deterministically by a hash of each document's file name (and line)."""
+    splits, chosen deterministically by a hash of each document's file name (and line);
+    neither split is ever empty (see _split_generators)."""
 
     VERSION = tfds.core.Version("1.0.0")
 
@@ -58,17 +64,53 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
+        # Documents go to a split by a hash of their key. When that leaves a split empty
+        # (a single book.txt), the largest document is cut at a line: its head trains,
+        # its last valid_fraction validates.
+        sizes = {
+            key: len(text)
+            for path in self._files
+            for key, text in read_documents(path, self._text_key)
+        }
+        if not sizes:
+            raise DataError("data_files hold no documents")
+        in_valid = {key for key in sizes if _fraction(key) < self._valid_fraction}
+        donor = None
+        if not in_valid or len(in_valid) == len(sizes):
+            donor = max(sorted(sizes), key=sizes.get)
+            if sizes[donor] < 2:
+                raise DataError(
+                    f"data_files hold {len(sizes)} document(s), too little text "
+                    "for a train and a validation split"
+                )
         return {
-            "train": self._generate_examples("train"),
-            "validation": self._generate_examples("valid"),
+            "train": self._generate_examples("train", in_valid, donor),
+            "validation": self._generate_examples("valid", in_valid, donor),
         }
 
-    def _generate_examples(self, split):
+    def _generate_examples(self, split, in_valid, donor):
         for path in self._files:
             for key, text in read_documents(path, self._text_key):
-                h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "little") / 2**32
-                if (h < self._valid_fraction) == (split == "valid"):
+                if key == donor:
+                    cut = _cut(text, 1 - self._valid_fraction)
+                    yield (
+                        (f"{key}:head", {"text": text[:cut]})
+                        if split == "train"
+                        else (f"{key}:tail", {"text": text[cut:]})
+                    )
+                elif (key in in_valid) == (split == "valid"):
                     yield key, {"text": text}
+
+
+def _fraction(key: str) -> float:
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "little") / 2**32
+
+
+def _cut(text: str, at: float) -> int:
+    """An index near `at` of the text, after a newline where there is one; 0 < cut < len."""
+    target = min(max(int(len(text) * at), 1), len(text) - 1)
+    line = text.rfind("\n", 0, target) + 1
+    return line if 0 < line < len(text) else target
 
 
 def prepare_files(patterns, data_dir, *, text_key: str = "text") -> Path:
@@ -160,6 +202,23 @@ class _Chunk(gx.FlatMapTransform):
         return out
 
 
+def shard_documents(docs, shard: int, n_shards: int):
+    """The documents of data shard `shard` of `n_shards`: every n-th from index shard % n,
+    n = min(len(docs), n_shards). With fewer documents than shards, shards share them
+    (each in its own order), so any corpus fills any number of shards."""
+    n = min(len(docs), n_shards)
+    if n == 0:
+        raise DataError("no documents to read")
+    return docs[shard % n :: n]
+
+
+def shard_seed(seed: int, shard: int, n_shards: int) -> int:
+    """The seed of one shard's stream (the run's seed itself when there is one shard)."""
+    if n_shards == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0] >> 1)
+
+
 def pipeline(
     docs: grain.MapDataset,
     tokenizer,
@@ -172,11 +231,20 @@ def pipeline(
     shuffle_window: int = 1024,
     epochs: int | None = None,
 ) -> grain.IterDataset:
-    """Batches (per process) of packed rows, each a dict of int32 [batch_size, seq_len]:
-    inputs, targets, segment_ids (0 = padding, 1.. = documents in the row), positions."""
-    if len(docs) < shard_count:
-        raise DataError(f"{len(docs)} documents cannot be sharded over {shard_count} processes")
-    ds = docs[shard_index::shard_count].shuffle(seed=seed).repeat(epochs)
+    """Batches of packed rows from data shard `shard_index` of `shard_count` (see
+    `shard_documents`), each a dict of int32 [batch_size, seq_len]: inputs, targets,
+    segment_ids (0 = padding, 1.. = documents in the row), positions."""
+    seed = shard_seed(seed, shard_index, shard_count)
+    read_log = os.environ.get("DEPTHJAX_TEST_READ_LOG")  # tests: which documents are read
+
+    def read(i):
+        if read_log:
+            with open(f"{read_log}.{os.getpid()}", "a") as f:
+                f.write(f"{i}\n")
+        return docs[int(i)]
+
+    ids = shard_documents(grain.MapDataset.range(len(docs)), shard_index, shard_count)
+    ds = ids.shuffle(seed=seed).repeat(epochs).map(read)
     ds = gx.FlatMapIterDataset(ds.to_iter_dataset(), _Chunk(tokenizer, seq_len))
     if shuffle_window > 1:
         ds = gx.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed + 1)
@@ -187,6 +255,66 @@ def pipeline(
         seed=seed + 2,
     )
     return ds.batch(batch_size, drop_remainder=True).map(_rename)
+
+
+class ShardedBatches:
+    """The global batch of a step as `n_shards` independent streams, each filling
+    batch_size / n_shards consecutive rows: rows [s*b, (s+1)*b) of every step come from
+    shard s. The global batch at step k therefore depends on the seed, k and the data
+    keys only -- not on how many processes share the work -- and a process builds (and
+    reads the documents of) only the shards its devices hold.
+
+    next() -> {shard: batch dict of [b, seq_len] arrays}; get_state() / set_state() speak
+    {str(shard): grain iterator state} and take states of any superset of shards.
+    """
+
+    def __init__(
+        self,
+        docs,
+        tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        n_shards: int,
+        shards,
+        seed: int,
+        shuffle_window: int,
+    ):
+        if batch_size % n_shards:
+            raise DataError(f"batch_size={batch_size} is not divisible by data_shards={n_shards}")
+        self.rows = batch_size // n_shards
+        window = max(1, shuffle_window // n_shards)  # the same buffer in total
+        self._its = {
+            s: iter(
+                pipeline(
+                    docs,
+                    tokenizer,
+                    seq_len=seq_len,
+                    batch_size=self.rows,
+                    seed=seed,
+                    shard_index=s,
+                    shard_count=n_shards,
+                    shuffle_window=window,
+                )
+            )
+            for s in sorted(shards)
+        }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {s: next(it) for s, it in self._its.items()}
+
+    def get_state(self) -> dict:
+        return {str(s): it.get_state() for s, it in self._its.items()}
+
+    def set_state(self, state: dict) -> None:
+        missing = [s for s in self._its if str(s) not in state]
+        if missing:
+            raise DataError(f"the stored data state lacks shards {missing}")
+        for s, it in self._its.items():
+            it.set_state(state[str(s)])
 
 
 def _rename(batch):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .kv_cache import KVCache, StepCache, attention_steps
-from .model import DepthModel, Embed, output_head, program_step
+from .model import DepthModel, Embed, check_ids, output_head, program_step
 from .program import ProgramError, is_concrete
 from .sampling import GenerationError, sample
 from .specialize import Plan, Specialized, walk as specialized_walk
@@ -122,12 +122,13 @@ def _check_decodable(model: DepthModel) -> None:
         raise ProgramError(f"decoding takes one program, got a batch {model.program.block.shape}")
 
 
-def _prompt_mask(tokens_BT, mask_BT):
+def _prompt_mask(model: DepthModel, tokens_BT, mask_BT):
     tokens_BT = jnp.asarray(tokens_BT)
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
         raise GenerationError(
             f"prompt tokens must be int [batch, time], got {tokens_BT.dtype} {tokens_BT.shape}"
         )
+    check_ids(tokens_BT, model.config.vocab_size, "prompt tokens", GenerationError)
     mask_BT = jnp.ones(tokens_BT.shape, bool) if mask_BT is None else jnp.asarray(mask_BT)
     if mask_BT.shape != tokens_BT.shape:
         raise GenerationError(f"mask shape {mask_BT.shape} != prompt shape {tokens_BT.shape}")
@@ -291,7 +292,7 @@ def prefill(
     """
     model, plan = _unwrap(model)
     _check_decodable(model)
-    tokens_BT, mask_BT, longest = _prompt_mask(tokens_BT, mask_BT)
+    tokens_BT, mask_BT, longest = _prompt_mask(model, tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
         raise GenerationError(
             f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})"
@@ -323,6 +324,7 @@ def decode_step(
             f"decode_step takes int tokens [{cache.next_pos.shape[0]}], got "
             f"{tokens_B.dtype} {tokens_B.shape}"
         )
+    check_ids(tokens_B, model.config.vocab_size, "tokens", GenerationError)
     if is_concrete(cache) and int(cache.length.max()) >= cache.max_len:
         raise GenerationError(f"the cache is full ({cache.max_len} tokens)")
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), ex=ex)
@@ -360,13 +362,19 @@ def generate(
     """
     model, plan = _unwrap(model)
     _check_decodable(model)
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be a finite number >= 0, got {temperature}")
     if temperature != 0 and key is None:
         raise GenerationError("sampling (temperature > 0) needs a PRNG key")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0, got {temperature}")
-    tokens_BT, mask_BT, longest = _prompt_mask(prompt_tokens, mask)
+    if eos_id is not None and not (
+        isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < model.config.vocab_size
+    ):
+        raise GenerationError(
+            f"eos_id={eos_id!r} is not a token of the vocabulary 0..{model.config.vocab_size - 1}"
+        )
+    tokens_BT, mask_BT, longest = _prompt_mask(model, prompt_tokens, mask)
     _check_positions(model, longest + max_new_tokens - 1)
     if draft is not None:
         if plan is not None:

@@ -25,6 +25,24 @@ from .layers import init_normal, make_norm
 from .program import Program, ProgramError
 
 
+class InputError(ValueError):
+    """Model inputs (tokens, masks, token types, positions) that do not fit the model."""
+
+
+def check_ids(ids, size: int, what: str, error=InputError) -> None:
+    """Raise `error` unless every id of a concrete array is in 0..size-1 (an id outside the
+    vocabulary would silently read a clamped or wrapped embedding row). No-op when traced."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    a = np.asarray(ids)
+    if a.size and (a.min() < 0 or a.max() >= size):
+        bad = np.unique(a[(a < 0) | (a >= size)])
+        raise error(
+            f"{what} hold ids outside the vocabulary 0..{size - 1}: "
+            f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}"
+        )
+
+
 class Embed(nn.Module):
     """Token (+ learned position, + token type) embeddings, then the optional embed norm."""
 
@@ -303,23 +321,28 @@ def default_positions(tokens_BT, segment_ids_BT=None):
 def check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment_ids_BT):
     cfg = model.config
     if jnp.ndim(tokens_BT) != 2:
-        raise ValueError(f"tokens must be [batch, time], got shape {jnp.shape(tokens_BT)}")
+        raise InputError(f"tokens must be [batch, time], got shape {jnp.shape(tokens_BT)}")
     if not jnp.issubdtype(jnp.asarray(tokens_BT).dtype, jnp.integer):
-        raise ValueError(f"tokens must be integers, got {jnp.asarray(tokens_BT).dtype}")
+        raise InputError(f"tokens must be integers, got {jnp.asarray(tokens_BT).dtype}")
+    check_ids(tokens_BT, cfg.vocab_size, "tokens")
     T = tokens_BT.shape[1]
     if cfg.position == "learned" and T > cfg.max_seq_len:
-        raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+        raise InputError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
     for name, arr in (
         ("mask", mask_BT),
         ("token_types", token_types_BT),
         ("segment_ids", segment_ids_BT),
     ):
         if arr is not None and jnp.shape(arr) != jnp.shape(tokens_BT):
-            raise ValueError(
+            raise InputError(
                 f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}"
             )
     if token_types_BT is not None and not cfg.type_vocab_size:
-        raise ValueError(f"token_types given but the {cfg.family} config has no token types")
+        raise InputError(f"token_types given but the {cfg.family} config has no token types")
+    if token_types_BT is not None and not isinstance(token_types_BT, jax.core.Tracer):
+        types = np.asarray(token_types_BT)
+        if types.size and (types.min() < 0 or types.max() >= cfg.type_vocab_size):
+            raise InputError(f"token_types hold values outside 0..{cfg.type_vocab_size - 1}")
     sizes = {leaf.shape[0] for leaf in jax.tree.leaves(model.params["blocks"])}
     if sizes != {model.n_blocks}:
         raise ProgramError(f"block table leaves disagree on the number of rows: {sorted(sizes)}")
@@ -362,7 +385,7 @@ def apply(
     returns (out, Trace). unroll=True walks the program in Python (same block function).
     """
     if output not in ("logits", "hidden"):
-        raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+        raise InputError(f"output must be 'logits' or 'hidden', got {output!r}")
     check_inputs(model, tokens_BT, mask, token_types, segment_ids)
     cfg, params = model.config, model.params
     if positions is None:

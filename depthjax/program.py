@@ -40,13 +40,22 @@ class Program:
             raise ProgramError(
                 f"block ids must be integers, got {block_np.dtype}: {block_np.tolist()}"
             )
+        if block_np.size and (block_np.min() < 0 or block_np.max() > np.iinfo(np.int32).max):
+            if block_np.min() < 0:
+                raise ProgramError(
+                    f"negative block ids at steps {np.flatnonzero(block_np < 0).tolist()}"
+                )
+            big = block_np[block_np > np.iinfo(np.int32).max]
+            raise ProgramError(
+                f"block ids {big[:4].tolist()} do not fit int32 (row numbers of the table)"
+            )
         n = block_np.size
         full = lambda x, default: np.full(n, default if x is None else x) if np.ndim(x) == 0 else x
         program = cls(
             block=jnp.asarray(block_np, jnp.int32),
-            attn=jnp.asarray(full(attn, 1.0), jnp.float32),
-            mlp=jnp.asarray(full(mlp, 1.0), jnp.float32),
-            parallel=jnp.asarray(full(parallel, False), bool),
+            attn=jnp.asarray(_gates(full(attn, 1.0), "attn"), jnp.float32),
+            mlp=jnp.asarray(_gates(full(mlp, 1.0), "mlp"), jnp.float32),
+            parallel=jnp.asarray(_flags(full(parallel, False)), bool),
         )
         validate(program, n_blocks)
         return program
@@ -97,6 +106,24 @@ class Program:
         from .display import program_html
 
         return program_html(self)
+
+
+def _gates(values, name: str) -> np.ndarray:
+    """Gate values as float32: numbers only (a string or bool is a mistake, not a gate)."""
+    a = np.asarray(values)
+    if a.dtype == bool or not (
+        np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+    ):
+        raise ProgramError(f"{name} gates must be numbers, got {np.asarray(values).tolist()!r}")
+    return a
+
+
+def _flags(values) -> np.ndarray:
+    """parallel flags: booleans, or the integers 0 and 1."""
+    a = np.asarray(values)
+    if a.dtype != bool and not (np.issubdtype(a.dtype, np.integer) and np.isin(a, (0, 1)).all()):
+        raise ProgramError(f"parallel flags must be true/false (or 0/1), got {a.tolist()!r}")
+    return a
 
 
 def is_concrete(program: Program) -> bool:

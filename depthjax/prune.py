@@ -20,6 +20,10 @@ from .metrics.scores import Scores
 from .model import DepthModel
 
 
+class PruneError(ValueError):
+    """A pruning request that the model or the scores cannot satisfy."""
+
+
 def _active(model: DepthModel, unit: str) -> np.ndarray:
     a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
     return {
@@ -46,17 +50,17 @@ def choose(model: DepthModel, scores, n: int, unit: str) -> np.ndarray:
     values = np.asarray(scores, np.float64)
     active = _active(model, unit)
     if values.shape != active.shape:
-        raise ValueError(
+        raise PruneError(
             f"scores for unit={unit!r} must have {len(active)} values, got {values.shape}"
         )
     candidates = np.flatnonzero(active)
-    if not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
-        raise ValueError(
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
+        raise PruneError(
             f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
             f"({len(candidates)} are still on)"
         )
     if unit == "block" and n == len(candidates):
-        raise ValueError(f"n={n} would remove every step")
+        raise PruneError(f"n={n} would remove every step")
     order = candidates[np.argsort(values[candidates], kind="stable")]
     return np.sort(order[:n])
 
@@ -83,7 +87,7 @@ def prune(
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError(
+        raise PruneError(
             "prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)"
         )
     if measure is not None and metric is None:
@@ -94,10 +98,10 @@ def prune(
         if scores is None:
             scores = metric(model) if metric else None
         if scores is None:
-            raise ValueError("prune needs scores (or a metric to compute them)")
+            raise PruneError("prune needs scores (or a metric to compute them)")
         return _remove(model, choose(model, scores, n, unit), unit)
     if metric is None:
-        raise ValueError("iterative pruning re-scores after each removal: pass metric=")
+        raise PruneError("iterative pruning re-scores after each removal: pass metric=")
     choose(model, np.zeros(len(_active(model, unit))), n, unit)  # validates n up front
     for _ in progress.track(range(n), f"iterative pruning ({unit})"):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)

@@ -29,6 +29,13 @@ from .metrics.batches import as_batches
 from .model import DepthModel, apply
 from .program import ProgramError
 
+# rank=None: what recover uses (the CLI documents the same).
+DEFAULT_RANK = {"linear": 16, "lora": 8}
+
+
+class RecoverError(ValueError):
+    """Recovery arguments that do not fit the models (method, rank, a different base)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Span:
@@ -188,28 +195,53 @@ def recover(
     log_every: int = 0,
 ) -> DepthModel:
     """The pruned model with lightweight adapters emulating the removed units (see module
-    docstring). `batches` are calibration tokens (any iterable metrics accept)."""
+    docstring). `batches` are calibration tokens (any iterable metrics accept).
+
+    rank: of the linear map or the LoRA; None takes DEFAULT_RANK (16 linear, capped at
+    d_model; 8 LoRA)."""
+    if method not in ("bias", "linear", "lora"):
+        raise RecoverError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
+    _check_same_model(pruned, original)
+    if rank is None and method != "bias":
+        rank = min(DEFAULT_RANK[method], original.config.d_model)
     if method == "lora":
         return _heal_lora(pruned, batches, rank, lora_steps, learning_rate, key, log_every)
-    if method not in ("bias", "linear"):
-        raise ValueError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
     if method == "linear" and (
-        not isinstance(rank, (int, np.integer)) or not 1 <= rank <= original.config.d_model
+        isinstance(rank, bool)
+        or not isinstance(rank, (int, np.integer))
+        or not 1 <= rank <= original.config.d_model
     ):
-        raise ValueError(
+        raise RecoverError(
             f"method='linear' needs rank in 1..{original.config.d_model}, got {rank!r}"
         )
     spans = find_spans(pruned, original)
     if not spans:
         raise ProgramError("nothing was removed from `original`: no spans to recover")
     total = None
-    for b in progress.track(as_batches(batches), f"recover {method}: moments"):
+    for b in progress.track(
+        as_batches(batches, original.config.vocab_size), f"recover {method}: moments"
+    ):
         sums = _moment_sums(original, b.tokens, b.mask, tuple(spans))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     fits = []
     for n, sx, sd, sxx, sxd in jax.tree.map(lambda a: np.asarray(a, np.float64), total):
         fits.append((sd / n,) if method == "bias" else fit_linear(n, sx, sd, sxx, sxd, rank))
     return _with_adapters(pruned, spans, fits)
+
+
+def _check_same_model(pruned: DepthModel, original: DepthModel) -> None:
+    """`pruned` must come from `original`: the same config up to the number of rows."""
+    a, b = pruned.config, original.config.replace(n_layers=pruned.config.n_layers)
+    if a != b:
+        diff = [
+            f"{k} {getattr(original.config, k)!r} (original) vs {getattr(a, k)!r} (pruned)"
+            for k in a.to_dict()
+            if k != "n_layers" and getattr(a, k) != getattr(b, k)
+        ]
+        raise RecoverError(
+            "recover needs `original` to be the model `pruned` was made from; "
+            "their configs differ: " + "; ".join(diff[:4])
+        )
 
 
 def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
@@ -221,9 +253,9 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     from .depth.table import step_rows
 
     require_causal(pruned, "method='lora'")
-    if not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"method='lora' needs a positive integer rank, got {rank!r}")
-    data = as_batches(batches)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise RecoverError(f"method='lora' needs a positive integer rank, got {rank!r}")
+    data = as_batches(batches, pruned.config.vocab_size)
     key = jax.random.key(0) if key is None else key
     lora = {}
     for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):

@@ -98,13 +98,13 @@ def test_missing_and_corrupt_checkpoints_raise_clear_errors(tmp_path):
         dj.load(tmp_path / "nothing")
     model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
     ck = dj.save(model, tmp_path / "ck")
-    # Flip one byte inside the tensor data: the CRC catches it.
+    # Flip one byte inside the tensor data: the checksum catches it.
     raw = bytearray((ck / "params.safetensors").read_bytes())
     raw[-5] ^= 0xFF
     (ck / "params.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="CRC-32"):
+    with pytest.raises(CheckpointError, match="params.safetensors does not match its SHA-256"):
         dj.load(ck)
-    # Truncated: the CRC catches it, and without verification the reader does.
+    # Truncated: the checksum catches it, and without verification the reader does.
     (ck / "params.safetensors").write_bytes(bytes(raw[: len(raw) // 2]))
     with pytest.raises(CheckpointError, match="corrupt"):
         dj.load(ck)
@@ -124,16 +124,19 @@ def test_config_params_mismatch_is_named(tmp_path):
     cfg = json.loads((ck / "config.json").read_text())
     cfg["d_ff"] = 64
     (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json does not match its SHA-256"):
+        dj.load(ck)
+    # Past the checksums (verify=False), the parameters are still checked against the config.
     with pytest.raises(
         CheckpointError,
         match=r"blocks/mlp/up/kernel has shape \[4,64,176\], "
         r"config needs \[4,64,64\]",
     ):
-        dj.load(ck)
+        dj.load(ck, verify=False)
     cfg["d_ff"], cfg["d_mdoel"] = None, 64
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="did you mean 'd_model'"):
-        dj.load(ck)
+        dj.load(ck, verify=False)
 
 
 def test_program_out_of_range_is_rejected(tmp_path):
@@ -141,4 +144,4 @@ def test_program_out_of_range_is_rejected(tmp_path):
     ck = dj.save(model, tmp_path / "ck")
     (ck / "program.json").write_text(json.dumps(dj.Program.create([0, 9]).to_dict()))
     with pytest.raises(dj.ProgramError, match="out of range"):
-        dj.load(ck)
+        dj.load(ck, verify=False)

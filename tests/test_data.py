@@ -164,6 +164,48 @@ def test_text_and_jsonl_files_through_tfds_builder(tmp_path):
         )
 
 
+def test_a_single_text_file_gives_a_train_and_a_validation_split(tmp_path):
+    """One book.txt: its only document used to land in one split (a TFDS assertion)."""
+    lines = [f"line {i}: some text of the book\n" for i in range(200)]
+    (tmp_path / "book.txt").write_text("".join(lines))
+    kw = dict(data_files=[str(tmp_path / "book.txt")], data_dir=str(tmp_path / "cache"))
+    train = data.documents("files", "train", **kw)
+    valid = data.documents("files", "valid", **kw)
+    assert len(train) == 1 and len(valid) == 1
+    head, tail = train[0].decode(), valid[0].decode()
+    assert head + tail == "".join(lines) and head.endswith("\n")
+    assert 0.9 < len(head) / (len(head) + len(tail)) < 0.99  # the last ~5% validates
+
+
+def test_global_batch_does_not_depend_on_how_shards_are_split_over_processes():
+    """Four data shards built by one process, or two each by two processes (with their
+    states saved and restored across the split), give the same global batches."""
+    docs = _docs([bytes([65 + i]) * (20 + 7 * i) for i in range(23)])  # doc i: one letter
+    kw = dict(seq_len=16, batch_size=8, n_shards=4, seed=5, shuffle_window=8)
+    one = data.ShardedBatches(docs, data.ByteTokenizer(), shards=range(4), **kw)
+    two = [
+        data.ShardedBatches(docs, data.ByteTokenizer(), shards=s, **kw) for s in ([0, 1], [2, 3])
+    ]
+
+    def rows(parts):
+        merged = {k: v for p in parts for k, v in p.items()}
+        return np.concatenate([merged[s]["inputs"] for s in range(4)])
+
+    for _ in range(3):
+        np.testing.assert_array_equal(rows([next(one)]), rows([next(t) for t in two]))
+    # Resume on another number of processes: the states of all shards, merged.
+    state = {**two[0].get_state(), **two[1].get_state()}
+    resumed = data.ShardedBatches(docs, data.ByteTokenizer(), shards=range(4), **kw)
+    resumed.set_state(state)
+    for _ in range(2):
+        np.testing.assert_array_equal(rows([next(resumed)]), rows([next(one)]))
+    # Each shard reads only its own documents (i % 4 == shard).
+    shard2 = data.ShardedBatches(docs, data.ByteTokenizer(), shards=[2], **kw)
+    seen = np.unique(np.concatenate([next(shard2)[2]["inputs"].ravel() for _ in range(3)]))
+    seen = seen[seen > 0] - 65  # 0 is padding
+    assert seen.size and all(i % 4 == 2 for i in seen)
+
+
 def test_train_config_parsing(tmp_path):
     (tmp_path / "c.yaml").write_text("steps: 7\nmesh: {fsdp: 2}\nmodel: {n_layers: 3}\n")
     tc = train_config.parse(

@@ -211,6 +211,47 @@ def test_sharded_index_problems(saved, tmp_path):
         dj.hf.load(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x"])
+def test_index_paths_stay_inside_the_model_directory(saved, tmp_path, name):
+    model, _ = saved
+    d = tmp_path / "model"
+    dj.hf.save(model, str(d), max_shard_size="50KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    (tmp_path / "outside.safetensors").write_bytes((d / index["weight_map"][first]).read_bytes())
+    index["weight_map"][first] = name
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(HFError, match="outside the model directory"):
+        dj.hf.load(str(d))
+
+
+def test_sentence_transformers_module_paths_stay_inside(saved, tmp_path):
+    model, path = saved
+    root = tmp_path / "st"
+    root.mkdir()
+    transformer = "sentence_transformers.models.Transformer"
+    (root / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "../elsewhere", "type": transformer}])
+    )
+    with pytest.raises(HFError, match="outside the model directory"):
+        dj.hf.load(str(root))
+    (root / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": transformer},
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "/tmp",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
+    with pytest.raises(HFError, match="outside the model directory"):
+        dj.hf.sentence_pooling(str(root))
+
+
 def test_tied_head_must_equal_embedding(tmp_path):
     model = dj.init(dj.configs.get("qwen2-tiny"), jax.random.key(0))  # tied
     dj.hf.save(model, str(tmp_path))

@@ -133,8 +133,76 @@ def test_recover_rejects_unrelated_models():
         dj.recover(m, m, CALIB)
     with pytest.raises(ProgramError, match="matches no remaining original step"):
         dj.recover(D.reorder(m, [3, 2]), m, CALIB)
-    with pytest.raises(ValueError, match="needs rank"):
-        dj.recover(D.drop(m, [1]), m, CALIB, method="linear")
+    with pytest.raises(dj.RecoverError, match="configs differ: d_model"):
+        dj.recover(
+            D.drop(m, [1]),
+            dj.init(dj.configs.get("llama-tiny", d_model=32), jax.random.key(0)),
+            CALIB,
+        )
+
+
+def test_linear_and_lora_recovery_have_a_default_rank():
+    m = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
+    default = dj.recover(D.drop(m, [1]), m, CALIB, method="linear")
+    explicit = dj.recover(D.drop(m, [1]), m, CALIB, method="linear", rank=16)
+    assert default.params["steps"]["adapter"]["a"].shape[-1] == 16
+    jax.tree.map(np.testing.assert_array_equal, default.params, explicit.params)
+
+
+def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, capsys):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from depthjax import cli, integrity
+
+    m = dj.init(dj.configs.get("llama-tiny", n_layers=3, d_model=32), jax.random.key(0))
+    dj.hf.save(m, str(tmp_path / "hf"))
+    tok = Tokenizer(
+        models.WordLevel({chr(i): i for i in range(255)} | {"[UNK]": 255}, unk_token="[UNK]")
+    )
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # characters
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    data = ["--batches", "1", "--batch-size", "2", "--seq-len", "16"]
+    assert (
+        cli.main(
+            [
+                "prune",
+                "--model",
+                str(tmp_path / "hf"),
+                "--n",
+                "1",
+                "--recover",
+                "linear",
+                "--out",
+                str(tmp_path / "pruned"),
+                *data,
+            ]
+        )
+        == 0
+    )
+    pruned = tmp_path / "pruned"
+    original = (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    assert (pruned / "tokenizer.json").read_bytes() == original
+    assert "tokenizer.json" in integrity.load_sealed(pruned / "manifest.json")["files"]
+    assert dj.load(pruned).params["steps"]["adapter"]["a"].shape[-1] == 16  # min(16, d_model)
+    # depth: the tokenizer of a native checkpoint goes into the edited one.
+    dj.save(m, tmp_path / "native", files=[tmp_path / "hf" / "tokenizer.json"])
+    (tmp_path / "spec.yaml").write_text("slices:\n  - layers: [1, 0]\n")
+    assert (
+        cli.main(
+            [
+                "depth",
+                "--in",
+                str(tmp_path / "native"),
+                "--spec",
+                str(tmp_path / "spec.yaml"),
+                "--out",
+                str(tmp_path / "reordered"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "reordered" / "tokenizer.json").exists()
+    capsys.readouterr()
 
 
 def test_score_and_prune_cli(tmp_path, capsys):

@@ -1,9 +1,11 @@
 """Training runs: resume after kill -9 (also mid-save) is bit-exact and leaves metrics.jsonl
-and TensorBoard as an uninterrupted run's, corrupt checkpoints are skipped, NaN handling, a
+and TensorBoard as an uninterrupted run's; checkpoints are sealed and bad ones set aside
+with their reason; a run directory belongs to one run and one writer; NaN handling, a
 2x2x2 mesh matches one device; TensorBoard's own reader reads the events."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +53,10 @@ def _env(devices=1, extra=None):
 def _train(out, *keys, env=None, devices=1, check=True):
     """`depthjax train` in a subprocess (fresh JAX, so the device count can be set)."""
     env = _env(devices, env)
+    flags = [k for k in keys if k.startswith("--")]
+    keys = [k for k in keys if not k.startswith("--")]
     proc = subprocess.run(
-        [sys.executable, "-m", "depthjax.cli", "train", "--out", str(out), *TINY, *keys],
+        [sys.executable, "-m", "depthjax.cli", "train", "--out", str(out), *flags, *TINY, *keys],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -198,23 +202,118 @@ def test_cut_jsonl_keeps_whole_records_up_to_the_step(tmp_path):
     assert cut_jsonl(tmp_path / "absent.jsonl", 3) == []
 
 
-def test_truncated_checkpoint_is_skipped_with_warning(reference_run, tmp_path):
-    out = tmp_path / "run"
-    _train(out, "steps=4", "checkpoint_every=2")
-    # Truncate every data file of checkpoint 4's train state.
-    state_files = [
+def _state_files(step_dir):
+    return sorted(
         p
-        for p in (out / "checkpoints" / "4" / "state").rglob("*")
+        for p in (step_dir / "state").rglob("*")
         if p.is_file() and p.stat().st_size > 0 and "/d/" in str(p)
-    ]
-    assert state_files
-    for p in state_files:
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    )
+
+
+def test_bad_checkpoints_are_set_aside_with_their_reason(reference, tmp_path):
+    """Checkpoint 6 unsealed (killed between orbax's commit and the seal), one bit flipped
+    in checkpoint 4: both are set aside with their reason, 2 is used, the run is exact."""
+    out = tmp_path / "run"
+    proc = _train(
+        out,
+        "steps=6",
+        "checkpoint_every=2",
+        env={"DEPTHJAX_TEST_KILL_BEFORE_SEAL": "6"},
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    victim = _state_files(out / "checkpoints" / "4")[0]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    victim.write_bytes(bytes(raw))
+    (out / ".model.tmp-k1ll3d").mkdir()  # a final save killed by an older depthjax
     proc = _train(out, "steps=6", "checkpoint_every=2")
-    assert "checkpoint 4" in proc.stderr and "cannot be restored" in proc.stderr
+    assert not (out / ".model.tmp-k1ll3d").exists()
+    assert "checkpoint 6" in proc.stderr and "no integrity record" in proc.stderr
+    assert "checkpoint 4" in proc.stderr and "does not match its SHA-256" in proc.stderr
     assert "resumed from checkpoint 2" in proc.stderr
-    assert (out / "checkpoints_corrupt").exists()
-    assert _run_record(out) == _run_record(reference_run)
+    reasons = {
+        p.parent.name.split("-")[0]: p.read_text()
+        for p in (out / "checkpoints_corrupt").glob("*/REASON.txt")
+    }
+    assert sorted(reasons) == ["4", "6"] and "SHA-256" in reasons["4"]
+    got = _losses(out)
+    for step in (3, 4, 5, 6):
+        assert got[step][-1] == reference[step][0], step
+    # The run directory is this run's: another model, rope_theta or seed is refused,
+    # naming every differing key, and nothing is moved or deleted.
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = _train(out, "steps=6", "model.n_layers=3", "model.rope_theta=500000", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.n_layers: 2 -> 3" in proc.stderr and "model.rope_theta" in proc.stderr
+    assert "--fresh" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # --fresh moves the old run aside (whole) and starts over.
+    proc = _train(out, "steps=1", "seed=4", "--fresh")
+    (aside,) = tmp_path.glob("run.prev-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == before
+    assert sorted(_losses(out)) == [1]
+    assert json.loads((out / "run.json").read_text())["train"]["seed"] == 4
+
+
+def test_every_bit_flip_in_a_training_checkpoint_is_detected(reference_run, tmp_path):
+    from depthjax import integrity
+
+    ck = shutil.copytree(reference_run / "checkpoints" / "6", tmp_path / "6")
+    integrity.verify(ck)
+    files = sorted(p for p in ck.rglob("*") if p.is_file())
+    assert len(files) > 10 and any(p.name == integrity.RECORD for p in files)
+    rng = np.random.default_rng(1)
+    for trial in range(3 * len(files)):
+        path = files[trial % len(files)]
+        raw = path.read_bytes()
+        bit = int(rng.integers(len(raw) * 8))
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << bit % 8
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(integrity.IntegrityError):
+            integrity.verify(ck)
+        path.write_bytes(raw[: len(raw) // 2])  # truncation
+        with pytest.raises(integrity.IntegrityError):
+            integrity.verify(ck)
+        path.write_bytes(raw)
+    (ck / "state" / "stray").write_bytes(b"")
+    with pytest.raises(integrity.IntegrityError, match="stray is not part of the checkpoint"):
+        integrity.verify(ck)
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "depthjax.cli",
+            "train",
+            "--out",
+            str(out),
+            *TINY,
+            "steps=100000",
+            "checkpoint_every=100000",
+        ],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (out / "run.lock").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = _train(out, "steps=2", check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"in use by pid {first.pid}" in second.stderr
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    third = _train(out, "steps=2")
+    assert f"took over the stale lock of pid {first.pid}" in third.stderr
+    assert not (out / "run.lock").exists()
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

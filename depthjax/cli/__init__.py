@@ -1,9 +1,11 @@
 """The `depthjax` command line: one module per command, each with `add_command(sub)`.
 
 This is the one place where a user error (a bad config, program, checkpoint, spec, data
-or flag) becomes `depthjax CMD: error: ...` on stderr and exit code 2; commands just
-raise. `DEPTHJAX_DEBUG=1` shows the traceback instead. Command modules import the heavy
-libraries only when they run, so `depthjax --help` starts quickly.
+or flag: any of the named classes in `_user_errors`) becomes a one-line
+`depthjax CMD: error: ...` on stderr and exit code 2; commands just raise. Any other
+exception is a bug: its traceback is printed, followed by a line saying so, and the exit
+code is 1. `DEPTHJAX_DEBUG=1` lets every exception propagate. Command modules import the
+heavy libraries only when they run, so `depthjax --help` starts quickly.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from .. import progress
 from . import convert, demo, depth, eval, generate, presets, prune, score, search, train  # noqa: A004
@@ -27,27 +30,51 @@ def main(argv=None) -> int:
     try:
         with progress.quiet(getattr(args, "quiet", False)):
             return args.func(args)
-    except (ValueError, OSError) as e:  # every user error class derives from one of these
-        # The classes are resolved only here, so start-up does not import the data stack.
-        if os.environ.get("DEPTHJAX_DEBUG") or not isinstance(e, _user_errors()):
+    except KeyboardInterrupt:
+        if os.environ.get("DEPTHJAX_DEBUG"):
             raise
-        print(f"depthjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"depthjax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("DEPTHJAX_DEBUG"):
+            raise
+        # The classes are resolved only here, so start-up does not import the data stack.
+        if isinstance(e, _user_errors()):
+            print(f"depthjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"depthjax {args.command}: internal error ({type(e).__name__}): this is a bug in "
+            "depthjax, not a problem with your input; please report it with the traceback "
+            "above (DEPTHJAX_DEBUG=1 re-raises it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..decoding import GenerationError
     from ..eval import EvalError
     from ..hf.config import HFError
+    from ..integrity import IntegrityError
+    from ..metrics import MetricError
+    from ..model import InputError
     from ..program import ProgramError
+    from ..prune import PruneError
+    from ..recover import RecoverError
+    from ..sampling import GenerationError
     from ..search import SearchError
     from ..sharding import ShardingError
     from ..textfiles import DataError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
+    from ..train.run_dir import RunDirError
     from .common import UsageError
 
     return (
@@ -58,7 +85,13 @@ def _user_errors() -> tuple[type, ...]:
         EvalError,
         GenerationError,
         HFError,
+        InputError,
+        IntegrityError,
+        MetricError,
         ProgramError,
+        PruneError,
+        RecoverError,
+        RunDirError,
         SearchError,
         ShardingError,
         TokenizerError,

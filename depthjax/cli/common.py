@@ -1,14 +1,48 @@
 """What several commands share: loading a model with its tokenizer, calibration data (the
-embedded corpus or the user's files) and task measures."""
+embedded corpus or the user's files), task measures, argument types and checks of output
+paths."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 
 class UsageError(ValueError):
     """Flags that do not fit together (reported as `depthjax CMD: error: ...`, exit 2)."""
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def natural(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def check_out_dir(path, flag: str = "--out", *, checkpoint: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done: a file, or
+    (checkpoint=True) a non-empty directory that is not a depthjax checkpoint."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {p} is a file; give a directory")
+    if checkpoint and p.is_dir() and any(p.iterdir()) and not (p / "manifest.json").exists():
+        raise UsageError(
+            f"{flag} {p} is a directory that is not a depthjax checkpoint; refusing to overwrite it"
+        )
 
 
 def load_model(path, tokenizer: str | None = None, program: str | None = None):
@@ -62,10 +96,10 @@ def add_data_args(p) -> None:
         choices=["acc", "acc_norm", "acc_bytes", "nll"],
         help="what a multiple-choice --task measures (default acc: 1 - accuracy)",
     )
-    p.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", type=count, default=4, help="calibration batches (default 4)")
+    p.add_argument("--batch-size", type=count, default=8)
+    p.add_argument("--seq-len", type=count, default=128)
+    p.add_argument("--seed", type=natural, default=0)
 
 
 @dataclasses.dataclass

@@ -10,13 +10,14 @@ Tokenizer files travel with the weights in every direction.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
 def _convert(args) -> int:
     import depthjax as dj
     from ..hf.load import model_directory, read_config
-    from ..hf.tokenizer import copy_tokenizer_files
+    from ..hf.tokenizer import tokenizer_files
 
     t0 = time.time()
     to_format = args.to_format or ("native" if args.source_format == "hf" else "hf")
@@ -31,6 +32,7 @@ def _convert(args) -> int:
         f"[convert] read {args.source_format} {args.source}: {repr(model).splitlines()[0]}",
         flush=True,
     )
+    files = tokenizer_files(source_dir)
     if to_format == "hf":
         dj.hf.save(
             model,
@@ -39,14 +41,15 @@ def _convert(args) -> int:
             zero_gated=args.zero_gated,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
+            files=files,
             progress=True,
         )
     else:
-        dj.save(model, args.out)
-    copied = copy_tokenizer_files(source_dir, args.out)
+        dj.save(model, args.out, files=files)
+    names = [os.path.basename(f) for f in files]
     print(
         f"[convert] wrote {to_format} {args.out}"
-        f"{' with ' + ', '.join(copied) if copied else ''} in {time.time() - t0:.1f}s"
+        f"{' with ' + ', '.join(names) if names else ''} in {time.time() - t0:.1f}s"
     )
     return 0
 

@@ -69,7 +69,13 @@ def train_model(out: Path, s: dict, seed: int):
         checkpoint_every=max(10, s["steps"] // 2),
         tensorboard=False,
     )
-    run(out / "train", tc)
+    from ..train.run_dir import DifferentRun
+
+    try:
+        run(out / "train", tc)
+    except DifferentRun as e:  # a demo of other settings (or an older depthjax) trained there
+        _log(f"{out / 'train'} holds another run; starting over (the old one is moved aside): {e}")
+        run(out / "train", tc, fresh=True)
     return dj.load(out / "train" / "model")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError
+from .common import UsageError, check_out_dir
 
 
 def _depth(args) -> int:
@@ -16,6 +16,7 @@ def _depth(args) -> int:
 
     from .. import checkpoint
     from ..depth import compact, from_spec, load_spec, to_spec
+    from ..hf.tokenizer import tokenizer_files
 
     model = checkpoint.load(args.input)
     if args.spec is None:
@@ -23,10 +24,11 @@ def _depth(args) -> int:
         return 0
     if args.out is None:
         raise UsageError("--spec needs --out")
+    check_out_dir(args.out, checkpoint=True)
     model = from_spec(model, load_spec(args.spec))
     if args.compact:
         model = compact(model)
-    checkpoint.save(model, args.out)
+    checkpoint.save(model, args.out, files=tokenizer_files(args.input))
     print(f"wrote {args.out}: {model.depth} steps over {model.n_blocks} table rows")
     print(model.program)
     return 0

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import UsageError, load_model
+from .common import UsageError, count, load_model, natural
 
 
 def _eos_id(model_dir: Path):
@@ -67,11 +67,11 @@ def add_command(sub) -> None:
     p = sub.add_parser("generate", help="sample a continuation of a prompt")
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64)  # the library names a bad one
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=count, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=natural, default=0)
     p.add_argument(
         "--tokenizer",
         default=None,

@@ -13,8 +13,9 @@ module_similarity ("What Matters in Transformers?") ranks sublayers.
 from __future__ import annotations
 
 import argparse
+import os
 
-from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
+from .common import UsageError, add_data_args, add_quiet_arg, check_out_dir, count, load_with_data
 
 METRICS = (
     "block_influence",
@@ -79,14 +80,38 @@ def _metric(name: str, unit: str, calib, measure, args):
     }[name]
 
 
+def _check(args, model) -> None:
+    """Flags that cannot fit the model, refused before any scoring."""
+    from ..prune import _active
+    from ..recover import DEFAULT_RANK
+
+    on = int(_active(model, "block" if args.unit == "block" else args.unit).sum())
+    limit = on - 1 if args.unit == "block" else on
+    if not 1 <= args.n <= limit:
+        raise UsageError(
+            f"--n {args.n}: the model has {model.depth} steps ({on} {args.unit} "
+            f"units on); choose 1..{limit}"
+        )
+    if args.recover in ("linear", "lora"):
+        if args.rank is None:
+            args.rank = min(DEFAULT_RANK[args.recover], model.config.d_model)
+        if args.recover == "linear" and args.rank > model.config.d_model:
+            raise UsageError(
+                f"--rank {args.rank} exceeds the model width d_model={model.config.d_model}"
+            )
+
+
 def _prune(args) -> int:
     import numpy as np
 
     import depthjax as dj
     from .. import checkpoint, metrics as M, report
+    from ..hf.tokenizer import tokenizer_files
 
+    check_out_dir(args.out, checkpoint=True)
     data = load_with_data(args)
     model, calib = data.model, data.calib
+    _check(args, model)
     metric = _metric(args.metric, args.unit, calib, data.measure(calib), args)
     scores = None if args.iterative else metric(model)
     pruned = dj.prune(
@@ -113,8 +138,12 @@ def _prune(args) -> int:
         )
         print(f"{what} after {args.recover} recovery: {value(pruned):.4f}")
     print(pruned.program)
-    checkpoint.save(pruned, args.out)
-    print(f"wrote {args.out}")
+    files = tokenizer_files(args.model)
+    checkpoint.save(pruned, args.out, files=files)
+    print(
+        f"wrote {args.out}"
+        + (f" (with {', '.join(os.path.basename(f) for f in files)})" if files else "")
+    )
     return 0
 
 
@@ -127,15 +156,21 @@ def add_command(sub) -> None:
     )
     add_data_args(p)
     p.add_argument("--metric", default="block_influence", choices=METRICS)
-    p.add_argument("--n", type=int, required=True, help="units to remove")
+    p.add_argument("--n", type=count, required=True, help="units to remove")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp", "sublayer"])
     p.add_argument("--iterative", action="store_true", help="re-score after each removal")
     p.add_argument("--recover", choices=["bias", "linear", "lora"])
-    p.add_argument("--rank", type=int, default=None, help="rank for linear / lora recovery")
-    p.add_argument("--lora-steps", type=int, default=100)
+    p.add_argument(
+        "--rank",
+        type=count,
+        default=None,
+        help="rank for linear / lora recovery (default: 16 for linear, capped at "
+        "d_model; 8 for lora)",
+    )
+    p.add_argument("--lora-steps", type=count, default=100)
     p.add_argument(
         "--shapley-permutations",
-        type=int,
+        type=count,
         default=None,
         help="sampled (antithetic) Shapley permutations; default: exact when the "
         "2**n coalitions are at most 4096, else 16",

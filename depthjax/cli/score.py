@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_args, add_quiet_arg, load_with_data
+from .common import add_data_args, add_quiet_arg, check_out_dir, count, load_with_data, natural
 
 
 def _score(args) -> int:
@@ -24,6 +24,8 @@ def _score(args) -> int:
 
     from .. import report
 
+    if args.out:
+        check_out_dir(args.out)
     data = load_with_data(args)
     model = data.model
     print(f"[score] {model!r}".splitlines()[0], flush=True)
@@ -72,11 +74,11 @@ def add_command(sub) -> None:
     p.add_argument("--out", help="report directory (scores.json, profiles.png, removal_curves.png)")
     p.add_argument(
         "--shapley-permutations",
-        type=int,
+        type=count,
         default=None,
         help="sampled (antithetic) Shapley permutations; default: exact when the "
         "2**n coalitions are at most 4096, else 16",
     )
-    p.add_argument("--max-remove", type=int, default=None, help="removal curves up to k blocks")
+    p.add_argument("--max-remove", type=natural, default=None, help="removal curves up to k blocks")
     add_quiet_arg(p)
     p.set_defaults(func=_score)

@@ -22,7 +22,17 @@ def add_command(sub) -> None:
         + "\n\nexample: depthjax train --out runs/a model=llama-tiny steps=200 "
         "batch_size=16 seq_len=256 mesh.data=2 mesh.fsdp=2 mesh.tensor=2",
     )
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory (rerunning resumes it; a run with other keys is refused, naming them)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run in --out even if it holds one: the previous run is "
+        "moved to OUT.prev-TIMESTAMP (never deleted)",
+    )
     p.add_argument("--config", help="YAML file of keys (key=value arguments override it)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     add_quiet_arg(p)
@@ -35,7 +45,7 @@ def _train(args) -> int:
     tc = train.parse(args.overrides, args.config)
     tc.model_config()  # reject a bad preset / model.FIELD before any work
     try:
-        train.run(args.out, tc)
+        train.run(args.out, tc, fresh=args.fresh)
     except train.NonFiniteLossError as e:  # not a user error: the run itself diverged
         print(f"depthjax train: {e}", file=sys.stderr)
         return 3

@@ -43,18 +43,36 @@ def _unknown(keys, known, where):
 
 def load_spec(path) -> dict:
     """Read a YAML or JSON spec file."""
-    text = Path(path).read_text()
-    spec = yaml.safe_load(text)
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ProgramError(f"{path} is not a text file (a spec is YAML or JSON)") from None
+    except yaml.YAMLError as e:
+        raise ProgramError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(spec, dict):
         raise ProgramError(f"{path}: a spec is a mapping with a 'slices' list")
     return spec
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+    return _is_int(x) or isinstance(x, (float, np.floating))
+
+
 def _gates(value, n, name, where):
+    values = value if isinstance(value, list) else [1.0 if value is None else value]
+    if not all(_is_number(v) for v in values):
+        raise ProgramError(
+            f"{where}: {name} must be a number or a list of numbers (0 switches "
+            f"the sublayer off), got {value!r}"
+        )
     g = (
-        np.broadcast_to(np.asarray(1.0 if value is None else value, float), (n,))
-        if np.ndim(value) == 0
-        else np.asarray(value, float)
+        np.broadcast_to(np.asarray(values[0], float), (n,))
+        if not isinstance(value, list)
+        else np.asarray(values, float)
     )
     if g.shape != (n,):
         raise ProgramError(f"{where}: {name} has {g.size} values for {n} steps")
@@ -83,10 +101,7 @@ def from_spec(model: DepthModel, spec: dict) -> DepthModel:
         if "layer_range" in sl:
             r = sl["layer_range"]
             if not (
-                isinstance(r, list)
-                and len(r) == 2
-                and all(isinstance(x, int) for x in r)
-                and r[0] < r[1]
+                isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r) and r[0] < r[1]
             ):
                 raise ProgramError(
                     f"{where}: layer_range must be [start, stop] with start < stop, got {r!r}"
@@ -94,17 +109,19 @@ def from_spec(model: DepthModel, spec: dict) -> DepthModel:
             rows = list(range(r[0], r[1]))
         else:
             rows = sl["layers"] if isinstance(sl["layers"], list) else [sl["layers"]]
-        bad = [r for r in rows if not isinstance(r, int) or not 0 <= r < model.n_blocks]
+        bad = [r for r in rows if not _is_int(r) or not 0 <= r < model.n_blocks]
         if bad:
             raise ProgramError(
                 f"{where}: rows {bad} are not in the table (0..{model.n_blocks - 1})"
             )
         times = sl.get("repeat", 1)
-        if not isinstance(times, int) or times < 1:
+        if not _is_int(times) or times < 1:
             raise ProgramError(f"{where}: repeat must be a positive integer, got {times!r}")
         a = _gates(sl.get("attn"), len(rows), "attn", where)
         m = _gates(sl.get("mlp"), len(rows), "mlp", where)
-        par = bool(sl.get("parallel", False))
+        par = sl.get("parallel", False)
+        if not isinstance(par, bool):
+            raise ProgramError(f"{where}: parallel must be true or false, got {par!r}")
         for _ in range(times):
             block += rows
             attn += a.tolist()

@@ -49,10 +49,11 @@ def model_directory(path: str) -> str:
     modules = os.path.join(path, "modules.json")
     if os.path.exists(os.path.join(path, "config.json")) or not os.path.exists(modules):
         return path
-    with open(modules) as f:
-        for module in json.load(f):
-            if module.get("type", "").endswith("Transformer"):
-                return os.path.join(path, module.get("path", ""))
+    from .pooling import module_path, read_modules
+
+    for module in read_modules(modules):
+        if module.get("type", "").endswith("Transformer"):
+            return module_path(path, module, modules)
     raise HFError(f"{modules} lists no Transformer module")
 
 

@@ -26,13 +26,12 @@ def sentence_pooling(path: str) -> dict | None:
     modules_file = os.path.join(path, "modules.json")
     if not os.path.exists(modules_file):
         return None
-    with open(modules_file) as f:
-        modules = json.load(f)
+    modules = read_modules(modules_file)
     pooling, normalize = None, False
     for module in modules:
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
-            with open(os.path.join(path, module["path"], "config.json")) as f:
+            with open(os.path.join(module_path(path, module, modules_file), "config.json")) as f:
                 options = json.load(f)
             modes = [mode for key, mode in _MODES.items() if options.get(key)]
             others = [
@@ -53,6 +52,25 @@ def sentence_pooling(path: str) -> dict | None:
     if pooling is None:
         raise HFError(f"{modules_file} has no Pooling module")
     return {"mode": pooling, "normalize": normalize}
+
+
+def read_modules(modules_file: str) -> list:
+    try:
+        with open(modules_file) as f:
+            modules = json.load(f)
+    except ValueError as e:
+        raise HFError(f"{modules_file} is not valid JSON: {e}") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise HFError(f"{modules_file} must be a list of module objects")
+    return modules
+
+
+def module_path(root: str, module: dict, modules_file: str) -> str:
+    """A sentence-transformers module's directory, confined to the model directory."""
+    from .safetensors_files import inside
+
+    name = module.get("path", "")
+    return root if name in ("", ".") else inside(root, name, os.path.basename(modules_file))
 
 
 def mean_pool(hidden_BTD, mask_BT):

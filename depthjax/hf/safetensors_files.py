@@ -22,6 +22,21 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def inside(directory: str, name, where: str) -> str:
+    """directory/name, refusing names that are not relative paths inside `directory`
+    (absolute, `..`, or a symlink out of it): a checkpoint reads only its own files."""
+    if not isinstance(name, str) or not name:
+        raise HFError(f"{where} names {name!r}, which is not a file name")
+    path = os.path.join(directory, name)
+    root = os.path.realpath(directory)
+    if os.path.isabs(name) or os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise HFError(
+            f"{where} names {name!r}, a path outside the model directory "
+            f"{directory}; refusing to read it"
+        )
+    return path
+
+
 class Checkpoint:
     """The tensors of one directory, opened lazily; use as a context manager."""
 
@@ -40,8 +55,10 @@ class Checkpoint:
                 raise HFError(
                     f"{index_path} is not a safetensors index with a weight_map: {e}"
                 ) from None
+            if not isinstance(weight_map, dict):
+                raise HFError(f"{index_path}: weight_map must map tensor names to files")
             self.weight_map = {
-                name: os.path.join(directory, file) for name, file in weight_map.items()
+                name: inside(directory, file, INDEX) for name, file in weight_map.items()
             }
             for name, path in self.weight_map.items():
                 if not os.path.exists(path):

@@ -9,16 +9,19 @@ only by zeroing its output projection in pre-norm models, and only when asked.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
 
+from .. import atomic
 from ..model import DepthModel
 from ..program import is_concrete
 from . import tensor_map
@@ -95,21 +98,22 @@ def export_plan(model: DepthModel, *, zero_gated: bool = False):
     return rows, zeroed
 
 
-def _prepare_directory(path: str, overwrite: bool) -> None:
-    os.makedirs(path, exist_ok=True)
-    ours = [
-        os.path.join(path, "config.json"),
-        os.path.join(path, INDEX),
-        *glob.glob(os.path.join(path, "model*.safetensors")),
-    ]
-    existing = [p for p in ours if os.path.exists(p)]
+def _is_weights_file(name: str) -> bool:
+    """Files of the checkpoint itself, replaced (never carried over) by a save."""
+    return name in ("config.json", INDEX) or fnmatch.fnmatch(name, "model*.safetensors")
+
+
+def _check_target(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HFError(f"{path} is a file; a Hugging Face checkpoint is a directory")
+    existing = sorted(
+        n for n in (os.listdir(path) if os.path.isdir(path) else ()) if _is_weights_file(n)
+    )
     if existing and not overwrite:
         raise HFError(
-            f"{path} already holds a checkpoint ({os.path.basename(existing[0])}); "
+            f"{path} already holds a checkpoint ({existing[0]}); "
             "pass overwrite=True (convert --overwrite) to replace it"
         )
-    for p in existing:  # stale shards of an earlier save would confuse loaders
-        os.remove(p)
 
 
 def save(
@@ -120,6 +124,7 @@ def save(
     zero_gated: bool = False,
     max_shard_size: int | str = "5GB",
     tokenizer=None,
+    files=(),
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> list[str]:
@@ -127,8 +132,12 @@ def save(
 
     model_type: "llama", "mistral", "qwen2", "qwen3", "gpt2" or "bert" (default: inferred
     from the config). zero_gated: export gated-off sublayers of pre-norm models as zero
-    output projections. tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json.
-    Returns the names of the files written.
+    output projections. tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json;
+    files: other files to copy in (tokenizer_config.json, ...). overwrite=True replaces an
+    existing checkpoint at `path`: the new one is written beside it and swapped in
+    (depthjax.atomic), so a kill at any moment leaves the old or the new one whole; other
+    files already in `path` (a README, a tokenizer) are kept. Returns the names of the
+    files written.
     """
     cfg = model.config
     model_type = model_type or default_model_type(cfg)
@@ -138,7 +147,7 @@ def save(
     family = tensor_map.hf_family(model_type)
     prefix = tensor_map.PREFIXES[family][0]
     params = model.params
-    _prepare_directory(path, overwrite)
+    _check_target(path, overwrite)
 
     def leaf(leaf_path, layer):
         array = tensor_map.leaf_at(params, leaf_path)
@@ -169,12 +178,20 @@ def save(
     report = (
         (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
     )
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    files = ["config.json"] + write(
-        path, items, max_shard_bytes=parse_size(max_shard_size), progress=report
-    )
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(path, "tokenizer.json"))
-        files.append("tokenizer.json")
-    return files
+    extra = [Path(f) for f in files]
+    for f in extra:
+        if _is_weights_file(f.name) or not f.is_file():
+            raise HFError(f"save(files=...): {f} is not a file that can go beside the weights")
+    with atomic.replacing(path, carry=lambda name: not _is_weights_file(name)) as tmp:
+        with open(tmp / "config.json", "w") as f:
+            json.dump(config, f, indent=2)
+        written = ["config.json"] + write(
+            str(tmp), items, max_shard_bytes=parse_size(max_shard_size), progress=report
+        )
+        for f in extra:
+            shutil.copyfile(f, tmp / f.name)
+            written.append(f.name)
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            written.append("tokenizer.json")
+    return written

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 from .config import HFError
 
@@ -34,11 +33,11 @@ def load_tokenizer(path: str):
         raise HFError(f"{file} is not a valid tokenizer.json: {e}") from None
 
 
-def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    """Copy the tokenizer (and generation) files of `src` into `dst`; returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-            copied.append(name)
-    return copied
+def tokenizer_files(directory) -> list[str]:
+    """Paths of the tokenizer (and generation) files in `directory`, to pass on as
+    `save(..., files=)` so they travel with the weights."""
+    return [
+        os.path.join(directory, name)
+        for name in TOKENIZER_FILES
+        if os.path.isfile(os.path.join(directory, name))
+    ]

@@ -21,7 +21,7 @@ from .coalitions import (
 )
 from .gates import gate_derivatives, gate_gradient, gate_interactions, taylor_estimate
 from .lens import logit_lens, skip_effect
-from .scores import Scores
+from .scores import MetricError, Scores
 from .trace import (
     angular_distance,
     block_influence,
@@ -33,6 +33,7 @@ from .trace import (
 )
 
 __all__ = [
+    "MetricError",
     "Scores",
     "ablation",
     "angular_distance",

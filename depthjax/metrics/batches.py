@@ -8,34 +8,50 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from ..model import check_ids
+from .scores import MetricError
+
+_KEYS = ("tokens", "mask")
+
 
 class Batch(NamedTuple):
     tokens: np.ndarray  # int32 [B, T]
     mask: np.ndarray  # float32 [B, T], 1 for real tokens
 
 
-def as_batches(batches) -> list[Batch]:
+def as_batches(batches, vocab_size: int | None = None) -> list[Batch]:
     """Accept one token array [B, T], or an iterable of token arrays or of dicts with
-    "tokens" and an optional padding "mask" (1 = real token)."""
+    "tokens" and an optional padding "mask" (1 = real token). With `vocab_size`, every
+    token id must be in 0..vocab_size-1. Other dict keys (e.g. "token_types") raise
+    MetricError: metrics would silently ignore them."""
     if isinstance(batches, (np.ndarray, jnp.ndarray)) or isinstance(batches, dict):
         batches = [batches]
     out = []
     for i, b in enumerate(batches if isinstance(batches, Iterable) else [batches]):
         tokens, mask = (b.get("tokens"), b.get("mask")) if isinstance(b, dict) else (b, None)
+        extra = sorted(set(b) - set(_KEYS)) if isinstance(b, dict) else []
+        if extra:
+            raise MetricError(
+                f"batch {i} has keys {extra} that metrics do not read (they read "
+                f"{list(_KEYS)}); a token_types input would be silently ignored, "
+                "so score single-segment inputs"
+            )
         if tokens is None:
-            raise ValueError(f"batch {i} has no 'tokens'")
+            raise MetricError(f"batch {i} has no 'tokens'")
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(
+            raise MetricError(
                 f"batch {i}: tokens must be an int array [batch, time], got "
                 f"{tokens.dtype} {tokens.shape}"
             )
+        if vocab_size is not None:
+            check_ids(tokens, vocab_size, f"batch {i}: tokens", MetricError)
         mask = np.ones(tokens.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
         if mask.shape != tokens.shape:
-            raise ValueError(f"batch {i}: mask shape {mask.shape} != tokens shape {tokens.shape}")
+            raise MetricError(f"batch {i}: mask shape {mask.shape} != tokens shape {tokens.shape}")
         if mask.sum() == 0:
-            raise ValueError(f"batch {i} has no real tokens (its mask is all zeros)")
+            raise MetricError(f"batch {i} has no real tokens (its mask is all zeros)")
         out.append(Batch(tokens.astype(np.int32), mask))
     if not out:
-        raise ValueError("no batches: metrics need at least one batch of tokens")
+        raise MetricError("no batches: metrics need at least one batch of tokens")
     return out

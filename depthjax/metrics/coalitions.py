@@ -42,7 +42,7 @@ from ..model import DepthModel, apply, default_positions, output_head, run_block
 from ..program import Program, map_programs
 from ..train.flops import sublayer_flops_per_token
 from .batches import as_batches
-from .scores import Scores
+from .scores import MetricError, Scores
 
 MEASURES = ("loss", "logit")
 STRATEGIES = ("auto", "batched", "prefix")
@@ -50,7 +50,7 @@ STRATEGIES = ("auto", "batched", "prefix")
 
 def n_units(model: DepthModel, unit: str) -> int:
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError(f"unit must be 'block', 'attn', 'mlp' or 'sublayer', got {unit!r}")
+        raise MetricError(f"unit must be 'block', 'attn', 'mlp' or 'sublayer', got {unit!r}")
     return 2 * model.depth if unit == "sublayer" else model.depth
 
 
@@ -59,7 +59,7 @@ def coalition_gates(model: DepthModel, unit: str, keep) -> tuple[np.ndarray, np.
     keep = np.asarray(keep, np.float32)  # [K, n_units]
     S, p = model.depth, model.program
     if keep.ndim != 2 or keep.shape[1] != n_units(model, unit):
-        raise ValueError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
+        raise MetricError(f"coalition masks must be [K, {n_units(model, unit)}], got {keep.shape}")
     ones = np.ones((keep.shape[0], S), np.float32)
     attn_keep = {"block": keep, "attn": keep, "mlp": ones}.get(unit, keep[:, :S])
     mlp_keep = {"block": keep, "attn": ones, "mlp": keep}.get(unit, keep[:, S:])
@@ -182,22 +182,22 @@ def coalition_measures(
     if is_task(measure):
         values = np.asarray(measure.measure(model, programs_for(model, unit, keep)), np.float64)
         if values.shape != (np.shape(keep)[0],):
-            raise ValueError(
+            raise MetricError(
                 f"task {measure_name(measure)!r} returned {values.shape} values "
                 f"for {np.shape(keep)[0]} programs"
             )
         return values
     if measure not in MEASURES:
-        raise ValueError(
+        raise MetricError(
             f"measure must be one of {MEASURES} or a task (an object with "
             f".measure(model, programs)), got {measure!r}"
         )
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise MetricError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if measure == "loss":
         require_causal(model, "measure='loss'")
     attn, mlp = coalition_gates(model, unit, keep)
-    data = as_batches(batches)
+    data = as_batches(batches, model.config.vocab_size)
     if strategy == "auto":
         costs = evaluation_costs(model, attn, mlp, data[0].tokens.shape[1])
         strategy = min(costs, key=costs.get)
@@ -296,7 +296,7 @@ def shapley(
     n = n_units(model, unit)
     if num_permutations is None:
         if (1 << n) > max_coalitions:
-            raise ValueError(
+            raise MetricError(
                 f"exact Shapley values of {n} units need 2**{n} = {1 << n:,} "
                 f"coalitions, more than max_coalitions={max_coalitions:,}; pass "
                 "num_permutations for an estimate (or raise max_coalitions)"
@@ -314,7 +314,7 @@ def shapley(
             },
         )
     if not isinstance(num_permutations, (int, np.integer)) or num_permutations < 1:
-        raise ValueError(
+        raise MetricError(
             f"num_permutations must be a positive integer or None, got {num_permutations!r}"
         )
     key = jax.random.key(0) if key is None else key
@@ -393,10 +393,10 @@ def removal_curve(
     values = np.asarray(scores, np.float64)
     n = n_units(model, unit)
     if values.shape != (n,):
-        raise ValueError(f"scores for unit={unit!r} must have {n} values, got {values.shape}")
+        raise MetricError(f"scores for unit={unit!r} must have {n} values, got {values.shape}")
     K = n - 1 if max_units is None else max_units
     if not 0 <= K < n:
-        raise ValueError(f"max_units must be in 0..{n - 1}, got {K}")
+        raise MetricError(f"max_units must be in 0..{n - 1}, got {K}")
     order = np.argsort(values, kind="stable")
     keep = np.ones((K + 1, n), np.int8)
     for k in range(1, K + 1):

@@ -43,7 +43,7 @@ def logit_lens(model: DepthModel, batches) -> Scores:
     extra["kl"] is the mean KL(final distribution || lens distribution) per token."""
     require_causal(model, "logit_lens")
     nll = n = kl = tokens = 0.0
-    for b in progress.track(as_batches(batches), "logit lens"):
+    for b in progress.track(as_batches(batches, model.config.vocab_size), "logit lens"):
         a, c, k, t = _lens_sums(model, b.tokens, b.mask)
         nll, n, kl, tokens = nll + a, n + c, kl + k, tokens + t
     return Scores("logit_lens_loss", "span", np.asarray(nll / n), {"kl": np.asarray(kl / tokens)})
@@ -78,7 +78,7 @@ def skip_effect(model: DepthModel, batches) -> dict[str, np.ndarray]:
     change |u_j(skip s) - u_j| / |u_j| of every later step's update (NaN for j <= s), and
     "output_kl"[s], the mean KL(full || skipped) of the output distribution."""
     rel = kl = tokens = 0.0
-    for b in progress.track(as_batches(batches), "skip effect"):
+    for b in progress.track(as_batches(batches, model.config.vocab_size), "skip effect"):
         r, k, t = _skip_sums(model, b.tokens, b.mask)
         rel, kl, tokens = rel + r, kl + k, tokens + t
     rel = np.asarray(rel / tokens, np.float64)

@@ -9,6 +9,10 @@ import numpy as np
 UNITS = ("block", "attn", "mlp", "sublayer", "span")
 
 
+class MetricError(ValueError):
+    """Metric arguments or batches that cannot be scored (bad tokens, units, counts)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Scores:
     """values[i] scores unit i. For unit="sublayer" the units are attn_0..attn_{S-1} then
@@ -22,7 +26,7 @@ class Scores:
 
     def __post_init__(self):
         if self.unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+            raise MetricError(f"unit must be one of {UNITS}, got {self.unit!r}")
         object.__setattr__(self, "values", np.asarray(self.values, np.float64))
 
     def __array__(self, dtype=None, copy=None):

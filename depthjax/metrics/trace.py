@@ -17,7 +17,7 @@ import numpy as np
 from .. import progress
 from ..model import DepthModel, apply
 from .batches import as_batches
-from .scores import Scores
+from .scores import MetricError, Scores
 
 _EPS = 1e-12
 
@@ -83,7 +83,7 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
 def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
     """Means over real tokens (rows, for the last-token angular matrix) of every trace sum."""
     total = None
-    for b in progress.track(as_batches(batches), "trace metrics"):
+    for b in progress.track(as_batches(batches, model.config.vocab_size), "trace metrics"):
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
@@ -101,7 +101,7 @@ def _from_stats(stats, name, span=1):
     if name == "angular_distance":
         S = len(stats["residual_norm"]) - 1
         if not isinstance(span, (int, np.integer)) or not 1 <= span <= S:
-            raise ValueError(f"span must be an integer in 1..{S} (the depth), got {span!r}")
+            raise MetricError(f"span must be an integer in 1..{S} (the depth), got {span!r}")
         d = np.array([stats["angular"][i, i + span] for i in range(S - span + 1)])
         return Scores(
             name,

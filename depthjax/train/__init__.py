@@ -3,7 +3,10 @@
     config       TrainConfig / MeshConfig, parsed from key=value arguments and YAML
     step         TrainState, optimizer, learning-rate schedule, the jitted train step
     loop         run(): mesh, data, the loop, evaluation, the final model
-    checkpoints  TrainCheckpoints: the run's orbax checkpoints (state, data iterator, meta)
+    checkpoints  TrainCheckpoints: the run's orbax checkpoints (state, data iterator, meta),
+                 sealed with the SHA-256 of every file and verified before restore
+    run_dir      run.json (which run a directory holds), run.lock (who writes it)
+    hosts        what the processes of a multi-host run agree on
     logs         RunLog: metrics.jsonl, TensorBoard events, console lines
     flops        FLOPs per token and accelerator peaks (MFU)
     layerskip    LayerSkip: layer dropout and early-exit losses (early-exit training)
@@ -30,6 +33,9 @@ _EXPORTS = {
     "maybe_initialize_distributed": "loop",
     "TrainCheckpoints": "checkpoints",
     "RunLog": "logs",
+    "RunDirError": "run_dir",
+    "RunInUse": "run_dir",
+    "DifferentRun": "run_dir",
     "LayerSkip": "layerskip",
     "LayerSkipError": "layerskip",
 }

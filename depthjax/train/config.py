@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any
 
@@ -125,6 +126,11 @@ class TrainConfig:
         "multi-process launch is detected), 'on' or 'off'",
         choices=("auto", "on", "off"),
     )
+    heartbeat_timeout: int = _key(
+        100,
+        "seconds without a heartbeat after which jax.distributed "
+        "declares a process dead and the others exit",
+    )
     # data
     data: str = _key(
         "stdlib",
@@ -138,7 +144,16 @@ class TrainConfig:
     train_split: str = _key("train", "TFDS split to train on")
     valid_split: str = _key("validation", "TFDS split for evaluation")
     tokenizer: str = _key("byte", "'byte' or a path to a tokenizer.json")
-    shuffle_window: int = _key(1024, "chunks mixed by the window shuffle before packing")
+    shuffle_window: int = _key(
+        1024, "chunks mixed by the window shuffle before packing (in total over the data shards)"
+    )
+    data_shards: int = _key(
+        0,
+        "independent data streams side by side in every batch (0: "
+        "gcd(batch_size, 64)); the batch of step k depends on it, not on "
+        "the number of processes, which must split the batch along "
+        "shard boundaries",
+    )
     # evaluation, checkpoints, logging
     eval_every: int = _key(0, "evaluate validation loss every N steps (0: off)")
     eval_batches: int = _key(4, "validation batches per evaluation")
@@ -176,8 +191,44 @@ class TrainConfig:
             raise TrainConfigError(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
             )
-        if self.warmup_steps < 0 or self.eval_every < 0:
-            raise TrainConfigError("warmup_steps and eval_every must be >= 0")
+        for name in ("warmup_steps", "eval_every", "seed", "shuffle_window", "data_shards"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.data_shards and self.batch_size % self.data_shards:
+            raise TrainConfigError(
+                f"batch_size={self.batch_size} is not divisible by data_shards={self.data_shards}"
+            )
+        if self.heartbeat_timeout < 1:
+            raise TrainConfigError(
+                f"heartbeat_timeout must be >= 1 second, got {self.heartbeat_timeout}"
+            )
+        for name, low, high, closed in (
+            ("lr", 0, None, True),
+            ("min_lr_ratio", 0, 1, True),
+            ("weight_decay", 0, None, True),
+            ("b1", 0, 1, False),
+            ("b2", 0, 1, False),
+            ("eps", 0, None, True),
+            ("clip_norm", 0, None, True),
+        ):
+            value = getattr(self, name)
+            ok = (
+                math.isfinite(value)
+                and value >= low
+                and (high is None or (value <= high if closed else value < high))
+            )
+            if not ok:
+                interval = (
+                    f"[{low}, {high}{']' if closed else ')'}" if high is not None else f">= {low}"
+                )
+                raise TrainConfigError(
+                    f"{name}={value!r} must be a finite number "
+                    + (f"in {interval}" if high is not None else interval)
+                )
+        if self.peak_tflops is not None and not (
+            math.isfinite(self.peak_tflops) and self.peak_tflops > 0
+        ):
+            raise TrainConfigError(f"peak_tflops={self.peak_tflops!r} must be a positive number")
         self._normalize_exits()
         if not 0.0 <= self.layer_dropout <= 1.0:
             raise TrainConfigError(f"layer_dropout must be in [0, 1], got {self.layer_dropout}")
@@ -192,6 +243,15 @@ class TrainConfig:
             )
         if self.exit_rotation < 1 or self.exit_curriculum_steps < 0:
             raise TrainConfigError("exit_rotation must be >= 1 and exit_curriculum_steps >= 0")
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Raise TrainConfigError when the keys do not fit the model they train."""
+        if self.seq_len > cfg.max_seq_len:
+            raise TrainConfigError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len="
+                f"{cfg.max_seq_len} (set model.max_seq_len to train longer "
+                "contexts)"
+            )
 
     def _normalize_exits(self) -> None:
         """exit_steps as ints (or ['all']) and exit_weights as floats, whatever the source."""
@@ -302,8 +362,17 @@ def parse(overrides=(), yaml_file=None, base: dict | None = None) -> TrainConfig
     for key, value in (base or {}).items():
         _set(tree, key, value)
     if yaml_file:
-        with open(yaml_file) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(yaml_file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except UnicodeDecodeError:
+            raise TrainConfigError(
+                f"{yaml_file} is not a text file (--config takes YAML)"
+            ) from None
+        except yaml.YAMLError as e:
+            raise TrainConfigError(
+                f"{yaml_file} is not valid YAML: {' '.join(str(e).split())}"
+            ) from None
         if not isinstance(loaded, dict):
             raise TrainConfigError(f"{yaml_file}: expected a mapping of keys to values")
         for key, value in loaded.items():
@@ -316,7 +385,13 @@ def parse(overrides=(), yaml_file=None, base: dict | None = None) -> TrainConfig
         key, eq, text = item.partition("=")
         if not eq or not key:
             raise TrainConfigError(f"expected key=value, got {item!r}")
-        _set(tree, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise TrainConfigError(
+                f"{item!r}: the value is not valid YAML ({' '.join(str(e).split())})"
+            ) from None
+        _set(tree, key.strip(), value)
     return _build(TrainConfig, tree)
 
 

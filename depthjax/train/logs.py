@@ -137,6 +137,12 @@ class RunLog:
             )
             self.stream.flush()
 
+    def flush(self) -> None:
+        """Put every record so far on disk (TensorBoard's writer otherwise queues for up to
+        10 s): the run calls it at each checkpoint, so a kill loses no logged step."""
+        if self._tb:
+            self._tb.flush()
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return

@@ -4,17 +4,24 @@
 
 One process per host (jax.distributed on TPU pods / multi-GPU), a Mesh(data, fsdp,
 tensor) over all devices, parameters sharded by the rules in depthjax.sharding, the step
-jitted with explicit shardings. Checkpoints (orbax CheckpointManager, async, keep-last-N,
-atomic) hold the train state, the grain iterator state and the config/program, so a run
-killed at any moment resumes from the latest complete checkpoint and continues
-bit-for-bit. A checkpoint that fails to restore is moved aside with a warning.
+jitted with explicit shardings. The run directory is owned (run_dir: run.json says which
+run it holds, run.lock who writes it). Checkpoints (orbax CheckpointManager, async,
+keep-last-N, atomic, sealed with the SHA-256 of every file) hold the train state, the
+data iterator states and the config/program, so a run killed at any moment resumes from
+the latest complete checkpoint and continues bit-for-bit; one that fails verification or
+restore is set aside with its reason. The global batch of step k is a function of the
+seed, k and the data keys only (data.ShardedBatches), so a run also resumes on any
+number of processes whose devices split the batch along data-shard boundaries.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,38 +30,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import checkpoint as native_ckpt, data as data_lib, sharding as shd
+from .. import atomic, checkpoint as native_ckpt, data as data_lib, sharding as shd
 from ..model import DepthModel, count_params, init
 from ..program import Program
-from . import flops as flops_lib
+from . import flops as flops_lib, hosts, run_dir
 from .checkpoints import TrainCheckpoints
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .layerskip import LayerSkip
 from .logs import RunLog
 from .step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
-
-# Keys that may change between a run and its resumption without breaking bit-exactness.
-_RESUMABLE_CHANGES = {
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "async_checkpoint",
-    "tensorboard",
-    "eval_every",
-    "eval_batches",
-    "peak_tflops",
-    "distributed",
-}
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because a loss or gradient was NaN/inf (nan_policy='stop')."""
 
 
-def maybe_initialize_distributed(mode: str) -> None:
+def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> None:
     """jax.distributed.initialize() for multi-process launches (TPU pods, multi-GPU SLURM
-    or explicit JAX_COORDINATOR_ADDRESS); a no-op for one process."""
-    if mode == "off":
+    or explicit JAX_COORDINATOR_ADDRESS); a no-op for one process. A process that sends
+    no heartbeat for `heartbeat_timeout` seconds is declared dead, and every other process
+    then exits with jax's "another task died" error instead of hanging."""
+    if mode == "off" or jax.distributed.is_initialized():
         return
     env = os.environ
     detected = (
@@ -70,6 +66,8 @@ def maybe_initialize_distributed(mode: str) -> None:
             for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
             if v in env
         }
+        if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+            explicit["heartbeat_timeout_seconds"] = heartbeat_timeout
         jax.distributed.initialize(**explicit)
 
 
@@ -77,7 +75,7 @@ def maybe_initialize_distributed(mode: str) -> None:
 def _initial_model(tc: TrainConfig) -> tuple:
     """(config, program, params init fn or loaded params) for a fresh run."""
     if tc.init_from:
-        model = native_ckpt.load_model(tc.init_from)  # native or Hugging Face
+        model = native_ckpt.load(tc.init_from)
         cfg = model.config.replace(**tc.model_overrides) if tc.model_overrides else model.config
         native_ckpt.check_params(cfg, model.params)
         return cfg, model.program, model.params
@@ -85,58 +83,69 @@ def _initial_model(tc: TrainConfig) -> tuple:
     return cfg, Program.sequential(cfg.n_layers), None
 
 
-def _data_iter(
-    tc: TrainConfig, split: str, out_dir: Path, vocab_size: int, local_batch: int, seed: int
-):
+def data_shards(tc: TrainConfig) -> int:
+    """The number of data shards: `data_shards`, or gcd(batch_size, 64)."""
+    return tc.data_shards or math.gcd(tc.batch_size, 64)
+
+
+def local_shards(sharding, tc: TrainConfig) -> list[int]:
+    """The data shards whose rows this process's devices hold."""
+    rows, held = tc.batch_size // data_shards(tc), set()
+    for index in sharding.addressable_devices_indices_map((tc.batch_size, tc.seq_len)).values():
+        r = index[0]
+        held.update(range(r.start or 0, tc.batch_size if r.stop is None else r.stop))
+    return sorted({row // rows for row in held})
+
+
+def _documents(tc: TrainConfig, split: str, out_dir: Path):
+    kw = dict(
+        data_files=tc.data_files,
+        tfds_name=tc.tfds_name,
+        text_key=tc.text_key,
+        data_dir=tc.tfds_data_dir or (str(out_dir / "data") if tc.data == "files" else None),
+        train_split=tc.train_split,
+        valid_split=tc.valid_split,
+    )
+    docs = data_lib.documents(tc.data, split, **kw) if jax.process_index() == 0 else None
+    hosts.barrier(f"depthjax-data-{split}")  # data=files is prepared once, by process 0
+    return docs if docs is not None else data_lib.documents(tc.data, split, **kw)
+
+
+def _data_iter(tc: TrainConfig, split: str, out_dir: Path, vocab_size: int, shards):
     tok = data_lib.load_tokenizer(tc.tokenizer)
     if tok.vocab_size > vocab_size:
         raise data_lib.DataError(
             f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}"
         )
-    docs = data_lib.documents(
-        tc.data,
-        split,
-        data_files=tc.data_files,
-        data_dir=tc.tfds_data_dir or (str(out_dir / "data") if tc.data == "files" else None),
-        tfds_name=tc.tfds_name,
-        text_key=tc.text_key,
-        train_split=tc.train_split,
-        valid_split=tc.valid_split,
-    )
-    return data_lib.pipeline(
-        docs,
+    return data_lib.ShardedBatches(
+        _documents(tc, split, out_dir),
         tok,
         seq_len=tc.seq_len,
-        batch_size=local_batch,
-        seed=seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        batch_size=tc.batch_size,
+        n_shards=data_shards(tc),
+        shards=shards,
+        seed=tc.seed,
         shuffle_window=tc.shuffle_window,
     )
 
 
-def _global_batch(local: dict, sharding, global_rows: int):
-    return {
-        k: jax.make_array_from_process_local_data(
-            sharding, np.asarray(v, np.int32), (global_rows, v.shape[1])
+def _global_batch(shard_batches: dict, sharding, tc: TrainConfig) -> dict:
+    """The global [batch_size, seq_len] arrays from this process's shards (shard s holds
+    rows [s*b, (s+1)*b)); each device gets its rows."""
+    rows, first = tc.batch_size // data_shards(tc), min(shard_batches)
+    out = {}
+    for key in shard_batches[first]:
+        local = np.concatenate(
+            [np.asarray(shard_batches[s][key], np.int32) for s in sorted(shard_batches)]
         )
-        for k, v in local.items()
-    }
 
+        def rows_of(index, local=local):
+            r = index[0]
+            stop = tc.batch_size if r.stop is None else r.stop
+            return local[(r.start or 0) - first * rows : stop - first * rows]
 
-def _check_resume_compatible(stored: dict, tc: TrainConfig, log: RunLog) -> None:
-    now = json.loads(json.dumps(tc.to_dict()))
-    changed = sorted(
-        k
-        for k in set(stored) | set(now)
-        if stored.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES
-    )
-    if changed:
-        log.message(
-            "WARNING: resuming with changed keys "
-            + ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in changed)
-            + "; the run will not match an uninterrupted one"
-        )
+        out[key] = jax.make_array_from_callback((tc.batch_size, tc.seq_len), sharding, rows_of)
+    return out
 
 
 def state_shardings(abstract_params, mask, tx, mesh) -> TrainState:
@@ -159,28 +168,115 @@ def state_shardings(abstract_params, mask, tx, mesh) -> TrainState:
     return TrainState(step=repl, params=param_sh, opt_state=opt_sh, bad_step=repl, skipped=repl)
 
 
+# -- the run directory ---------------------------------------------------------------------
+def _claim(out_dir: Path) -> run_dir.RunLock | None:
+    """Process 0 takes the run's lock; every process raises if it could not."""
+    lock, problem = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = run_dir.RunLock(out_dir).acquire()
+        except run_dir.RunDirError as e:
+            problem = str(e)
+    problem = hosts.first_problem(problem)
+    if problem:
+        raise run_dir.RunInUse(problem)
+    return lock
+
+
+def _own(out_dir: Path, record: dict, ckpts_dir: Path, fresh: bool) -> tuple[int, list[str]]:
+    """Check that out_dir holds this run (or none) and record it. Returns the record's
+    `unsealed_before` and messages for the log (opened only once the directory is ours)."""
+    main, messages = jax.process_index() == 0, []
+    if fresh:
+        aside = run_dir.move_aside(out_dir) if main else None
+        hosts.barrier("depthjax-fresh")
+        if aside:
+            messages.append(f"--fresh: moved the previous run to {aside}")
+    stored = run_dir.read_record(out_dir)
+    steps = (
+        sorted(int(p.name) for p in ckpts_dir.glob("*") if p.name.isdigit())
+        if ckpts_dir.is_dir()
+        else []
+    )
+    if stored is None and steps:  # a run started before run.json: its newest meta says
+        stored = _legacy_record(ckpts_dir, steps[-1])
+    unsealed_before = 0
+    if stored is not None:
+        defaults = run_dir.flat(json.loads(json.dumps(TrainConfig().to_dict())))
+        refused, warned = run_dir.differences(stored, record, defaults)
+        if refused:
+            raise run_dir.refuse(out_dir, refused)
+        if warned:
+            messages.append(
+                "WARNING: resuming with changed keys "
+                + "; ".join(warned)
+                + "; the run will not match an uninterrupted one"
+            )
+        unsealed_before = stored.get("unsealed_before", steps[-1] + 1 if steps else 0)
+    if main:
+        run_dir.write_record(out_dir, {**record, "unsealed_before": unsealed_before})
+    return unsealed_before, messages
+
+
+def _legacy_record(ckpts_dir: Path, step: int) -> dict | None:
+    meta = ckpts_dir / str(step) / "meta" / "metadata"
+    try:
+        m = json.loads(meta.read_text())
+        return run_dir.describe(m["model_config"], m["program"], m["train_config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # -- the loop ----------------------------------------------------------------------------
-def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
+def run(out_dir, tc: TrainConfig, *, stream=None, fresh: bool = False) -> TrainState:
     """Train into `out_dir` (resuming from its checkpoints). Returns the final state and
-    writes the final model with dj.save to out_dir/model."""
+    writes the final model with dj.save to out_dir/model.
+
+    Refuses (run_dir.RunDirError) a directory that another process is writing, or that
+    holds a different run; fresh=True first moves a previous run to DIR.prev-TIMESTAMP."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise run_dir.RunDirError(f"--out {out_dir} is a file; a run directory is a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    maybe_initialize_distributed(tc.distributed)
+    maybe_initialize_distributed(tc.distributed, tc.heartbeat_timeout)
+    lock = _claim(out_dir)
+    try:
+        return _run(out_dir, tc, stream, fresh, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainState:
     main_process = jax.process_index() == 0
-    log = RunLog(out_dir, tc.steps, tensorboard=tc.tensorboard, enabled=main_process, stream=stream)
+    cfg, program, loaded_params = _initial_model(tc)
+    tc.check_model(cfg)
+    layerskip = LayerSkip.from_config(tc, program)  # None when both are off
     mesh = shd.make_mesh(tc.mesh.data, tc.mesh.fsdp, tc.mesh.tensor)
-    if (
-        tc.batch_size % (shd.batch_divisor(mesh) * tc.grad_accum)
-        or tc.batch_size % jax.process_count()
-    ):
-        raise ValueError(
+    if tc.batch_size % (shd.batch_divisor(mesh) * tc.grad_accum):
+        raise TrainConfigError(
             f"batch_size={tc.batch_size} must be divisible by grad_accum="
             f"{tc.grad_accum} x the {shd.batch_divisor(mesh)} data-parallel "
-            f"devices and by the {jax.process_count()} processes"
+            "devices"
         )
+    ckpts_dir = (out_dir / "checkpoints").absolute()
+    meta = {
+        "model_config": cfg.to_dict(),
+        "program": program.to_dict(),
+        "train_config": json.loads(json.dumps(tc.to_dict())),
+    }
+    unsealed_before, messages = _own(
+        out_dir,
+        run_dir.describe(meta["model_config"], meta["program"], meta["train_config"]),
+        ckpts_dir,
+        fresh,
+    )
+    log = RunLog(out_dir, tc.steps, tensorboard=tc.tensorboard, enabled=main_process, stream=stream)
+    for text in ([lock.took_over] if lock is not None and lock.took_over else []) + messages:
+        log.message(text)
+    if main_process:  # leftovers of a killed final save (we hold the lock: nobody else writes)
+        atomic.clean_stale(out_dir / "model", any_owner=True)
 
-    cfg, program, loaded_params = _initial_model(tc)
-    layerskip = LayerSkip.from_config(tc, program)  # None when both are off
     abstract_params = (
         jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
         if loaded_params is None
@@ -190,6 +286,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
     param_sh, repl = state_sh.params, state_sh.step
+    batch_sh = shd.batch_sharding(mesh)
 
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
@@ -202,59 +299,62 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
             skipped=jnp.int32(0),
         )
 
-    ckpts = TrainCheckpoints((out_dir / "checkpoints").absolute(), tc)
+    ckpts = TrainCheckpoints(ckpts_dir, tc, unsealed_before=unsealed_before)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(fresh_state, jax.random.key(0)),
         state_sh,
     )
-    local_rows = tc.batch_size // jax.process_count()
-    train_ds = _data_iter(tc, "train", out_dir, cfg.vocab_size, local_rows, tc.seed)
-    data_it = iter(train_ds)
-    meta = {
-        "model_config": cfg.to_dict(),
-        "program": program.to_dict(),
-        "train_config": json.loads(json.dumps(tc.to_dict())),
-    }
+    shards = local_shards(batch_sh, tc)
+    data_it = _data_iter(tc, "train", out_dir, cfg.vocab_size, shards)
 
     restored = ckpts.restore_latest(abstract_state, log)
     if restored is not None:
-        step0, state, data_state, stored_meta = restored
-        if (
-            stored_meta["model_config"] != meta["model_config"]
-            or stored_meta["program"] != meta["program"]
-        ):
-            raise ValueError(
-                f"{out_dir} holds a run of a different model or program; use "
-                "another --out or the same model keys"
-            )
-        _check_resume_compatible(stored_meta["train_config"], tc, log)
+        step0, state, data_state, _ = restored
         data_it.set_state(data_state)
-        log.message(f"resumed from checkpoint {step0} in {out_dir / 'checkpoints'}")
+        log.message(f"resumed from checkpoint {step0} in {ckpts_dir}")
+        if not main_process:
+            print(
+                f"[train] process {jax.process_index()}: resumed from checkpoint {step0}",
+                file=stream or sys.stderr,
+                flush=True,
+            )
     else:
         step0 = 0
         state = jax.jit(fresh_state, out_shardings=state_sh)(jax.random.key(tc.seed))
 
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            cfg=cfg,
-            tx=tx,
-            mask=mask,
-            grad_accum=tc.grad_accum,
-            nan_policy=tc.nan_policy,
-            schedule=schedule,
-            layerskip=layerskip,
-        ),
-        in_shardings=(state_sh, shd.batch_sharding(mesh), repl),
-        out_shardings=(state_sh, repl),
-        donate_argnums=0,
+    program_dev = jax.device_put(program, repl)
+    batch_struct = {
+        k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+        for k in data_lib.BATCH_KEYS
+    }
+    # Compiled ahead of the loop, then a barrier, so that all processes start the first
+    # step together: gloo gives a process 30 s to join a collective it has not run before.
+    step_fn = (
+        jax.jit(
+            functools.partial(
+                train_step,
+                cfg=cfg,
+                tx=tx,
+                mask=mask,
+                grad_accum=tc.grad_accum,
+                nan_policy=tc.nan_policy,
+                schedule=schedule,
+                layerskip=layerskip,
+            ),
+            in_shardings=(state_sh, batch_sh, repl),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
+        )
+        .lower(abstract_state, batch_struct, program_dev)
+        .compile()
     )
     eval_fn = jax.jit(
-        functools.partial(eval_loss_sums, cfg=cfg),
-        in_shardings=(param_sh, shd.batch_sharding(mesh), repl),
+        functools.partial(eval_loss_sums, cfg=cfg), in_shardings=(param_sh, batch_sh, repl)
     )
-    program_dev = jax.device_put(program, repl)
+    if tc.eval_every:
+        eval_fn = eval_fn.lower(abstract_state.params, batch_struct, program_dev).compile()
+    hosts.barrier("depthjax-compiled")
     flops_per_token = flops_lib.train_flops_per_token(cfg, tc.seq_len, program.depth)
     peak = (
         tc.peak_tflops * 1e12
@@ -265,16 +365,17 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
         log.message(
             f"{cfg.family} model, {count_params(abstract_params):,} parameters, mesh "
             f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].device_kind} "
-            f"device(s), {jax.process_count()} process(es)"
+            f"device(s), {jax.process_count()} process(es), {data_shards(tc)} data "
+            "shards"
         )
 
     def check_finite(state, step):
         bad = int(jax.device_get(state.bad_step))
         if bad >= 0:
             ckpts.wait()
-            good = ckpts.manager.latest_step()
+            good = ckpts.latest_step()
             where = (
-                f"checkpoint {good} in {out_dir / 'checkpoints'}"
+                f"checkpoint {good} in {ckpts_dir}"
                 if good is not None
                 else "no checkpoint (none was saved yet)"
             )
@@ -288,10 +389,7 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     try:
         log.start(step0)  # cuts what an earlier attempt logged after step0
         while step < tc.steps:
-            local = next(data_it)
-            state, metrics = step_fn(
-                state, _global_batch(local, shd.batch_sharding(mesh), tc.batch_size), program_dev
-            )
+            state, metrics = step_fn(state, _global_batch(next(data_it), batch_sh, tc), program_dev)
             step += 1
             done = step == tc.steps
             if step % tc.log_every == 0 or done:
@@ -320,19 +418,17 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
                     record["skipped"] = int(jax.device_get(state.skipped))
                 if tc.eval_every and (step % tc.eval_every == 0 or done):
                     record["eval_loss"] = _evaluate(
-                        tc, out_dir, cfg, eval_fn, state, program_dev, mesh
+                        tc, out_dir, cfg, eval_fn, state, program_dev, batch_sh, shards
                     )
                 check_finite(state, step)
                 log.log(record)
                 last_t, last_step = time.time(), step
             if step % tc.checkpoint_every == 0 or done:
                 check_finite(state, step)
-                ckpts.save(step, state, data_it.get_state(), meta)
+                log.flush()
+                ckpts.save(step, state, hosts.merged_json(data_it.get_state()), meta)
         ckpts.wait()
-        if main_process or jax.process_count() == 1:
-            final = jax.device_get(state.params) if jax.process_count() == 1 else None
-            if final is not None:
-                native_ckpt.save(DepthModel(cfg, final, program), out_dir / "model")
+        _save_final(out_dir / "model", DepthModel(cfg, state.params, program))
         log.message(f"done: {step} steps; final model in {out_dir / 'model'}")
     finally:
         ckpts.close()
@@ -340,19 +436,23 @@ def run(out_dir, tc: TrainConfig, *, stream=None) -> TrainState:
     return state
 
 
-def _evaluate(tc, out_dir, cfg, eval_fn, state, program_dev, mesh) -> float:
+def _save_final(path: Path, model: DepthModel) -> None:
+    """dj.save the trained model from process 0 (parameters gathered from every host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(model.params, tiled=True)
+    else:
+        params = jax.device_get(model.params)
+    if jax.process_index() == 0:
+        native_ckpt.save(model.replace(params=params), path)
+
+
+def _evaluate(tc, out_dir, cfg, eval_fn, state, program_dev, batch_sh, shards) -> float:
     """Mean loss over the first `eval_batches` validation batches (the same every time)."""
-    it = iter(
-        _data_iter(
-            tc, "valid", out_dir, cfg.vocab_size, tc.batch_size // jax.process_count(), seed=tc.seed
-        )
-    )
+    it = _data_iter(tc, "valid", out_dir, cfg.vocab_size, shards)
     total, count = 0.0, 0.0
     for _ in range(tc.eval_batches):
-        s, n = eval_fn(
-            state.params,
-            _global_batch(next(it), shd.batch_sharding(mesh), tc.batch_size),
-            program_dev,
-        )
+        s, n = eval_fn(state.params, _global_batch(next(it), batch_sh, tc), program_dev)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)

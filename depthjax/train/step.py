@@ -23,7 +23,7 @@ from ..loss import packed_nll_sums
 from ..model import DepthModel, apply
 from ..program import Program
 from . import layerskip as layerskip_lib
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 
 
 @jax.tree_util.register_dataclass
@@ -45,11 +45,13 @@ def trainable_mask(params, pattern: str):
     try:
         regex = re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"trainable={pattern!r} is not a valid regex: {e}") from None
+        raise TrainConfigError(f"trainable={pattern!r} is not a valid regex: {e}") from None
     mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(path_str(p))), params)
     if not any(jax.tree.leaves(mask)):
         paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-        raise ValueError(f"trainable={pattern!r} matches no parameter; paths look like {paths[:4]}")
+        raise TrainConfigError(
+            f"trainable={pattern!r} matches no parameter; paths look like {paths[:4]}"
+        )
     return mask
 
 

@@ -1,0 +1,149 @@
+"""Integrity records: the SHA-256 of every file of a checkpoint, in a self-checking JSON
+record, verified before anything is restored.
+
+A *sealed* JSON file is written in one canonical form (sorted keys, fixed separators,
+ASCII) and carries the SHA-256 of that form without its own "sha256" field. A reader
+re-serializes what it parsed and demands the same bytes and the same digest, so no change
+to the file goes unnoticed -- not even one that parses to the same value (`1e-08` vs
+`1E-08`).
+
+`seal(directory)` writes such a record listing every file below `directory`;
+`verify(directory)` raises IntegrityError naming the first file that is missing, changed
+or unexpected. Training checkpoints (depthjax.train.checkpoints) and native checkpoints
+(depthjax.checkpoint, whose manifest is a sealed record) both use these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+RECORD = "depthjax-integrity.json"
+FORMAT = "depthjax-integrity"
+
+
+class IntegrityError(ValueError):
+    """A checkpoint whose files do not match their integrity record (bit rot, truncation,
+    an edit after saving, or a save that never finished)."""
+
+
+def sha256_file(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def canonical(obj) -> bytes:
+    return (
+        json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
+    ).encode()
+
+
+def dump_sealed(obj: dict) -> bytes:
+    """The canonical bytes of `obj` plus a "sha256" field over the rest."""
+    body = {k: v for k, v in obj.items() if k != "sha256"}
+    return canonical({**body, "sha256": hashlib.sha256(canonical(body)).hexdigest()})
+
+
+def write_sealed(path, obj: dict) -> None:
+    """Write a sealed JSON file atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(dump_sealed(obj))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_sealed(path) -> dict:
+    """Parse a sealed JSON file; IntegrityError unless it is byte-for-byte what
+    `dump_sealed` wrote."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path.name} is missing") from None
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path.name} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("sha256"), str):
+        raise IntegrityError(f"{path.name} is not a sealed record (no sha256 field)")
+    if raw != dump_sealed(obj):  # dump_sealed recomputes the digest from the body
+        raise IntegrityError(
+            f"{path.name} was modified after it was written (its bytes do "
+            "not match its own checksum)"
+        )
+    return obj
+
+
+def list_files(directory) -> list[str]:
+    """Relative posix paths of every file below `directory` except the integrity record."""
+    directory = Path(directory)
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != RECORD
+    )
+
+
+def file_digests(directory, names=None) -> dict[str, str]:
+    """{relative posix path: sha256} of `names` (default: `list_files(directory)`)."""
+    directory = Path(directory)
+    return {
+        name: sha256_file(directory / name)
+        for name in (list_files(directory) if names is None else names)
+    }
+
+
+def check_digests(directory, expected: dict[str, str]) -> None:
+    """Raise IntegrityError for the first listed file that is missing, lies outside
+    `directory`, or whose digest differs."""
+    directory = Path(directory)
+    for name, digest in sorted(expected.items()):
+        file = directory / name
+        if not Path(os.path.realpath(file)).is_relative_to(os.path.realpath(directory)):
+            raise IntegrityError(f"the record lists {name!r}, a path outside {directory}")
+        if not file.is_file():
+            raise IntegrityError(f"{name} is missing")
+        if sha256_file(file) != digest:
+            raise IntegrityError(
+                f"{name} does not match its SHA-256 (bit rot, truncation or an edit after saving)"
+            )
+
+
+def seal(directory, **info) -> None:
+    """Write RECORD into `directory`: the digest of every file below it (and `info`)."""
+    write_sealed(
+        Path(directory) / RECORD,
+        {"format": FORMAT, "version": 1, **info, "files": file_digests(directory)},
+    )
+
+
+def is_sealed(directory) -> bool:
+    return (Path(directory) / RECORD).exists()
+
+
+def verify(directory, *, share: tuple[int, int] = (0, 1)) -> None:
+    """Raise IntegrityError unless every file below `directory` is exactly as sealed.
+
+    share=(i, n): check only every n-th listed file starting at i (processes of a
+    multi-host job split the reading); the record itself and the set of files are always
+    checked in full."""
+    directory = Path(directory)
+    record = load_sealed(directory / RECORD)
+    files = record.get("files")
+    if record.get("format") != FORMAT or not isinstance(files, dict):
+        raise IntegrityError(f"{RECORD} is not a depthjax integrity record")
+    names = list_files(directory)
+    missing = sorted(set(files) - set(names))
+    if missing:
+        raise IntegrityError(f"{missing[0]} is missing")
+    i, n = share
+    mine = {k: files[k] for k in sorted(files)[i::n]}
+    check_digests(directory, mine)
+    extra = sorted(set(names) - set(files))
+    if extra:
+        raise IntegrityError(f"{extra[0]} is not part of the checkpoint as it was written")

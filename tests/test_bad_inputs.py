@@ -1,0 +1,729 @@
+"""Every anticipated bad input gets a named error (a ValueError subclass) with a message
+naming the problem -- never a raw traceback, never a silently wrong answer. One table for
+the Python API, one for the command line (exit code 2, one line, no traceback)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import depthjax as dj
+from depthjax import cli
+from depthjax.data import DataError, expand_files
+from depthjax.metrics import MetricError
+from depthjax.sampling import GenerationError
+from depthjax.tokenizer import TokenizerError, load_tokenizer
+from depthjax.train.config import TrainConfigError, parse
+from depthjax.train.step import trainable_mask
+
+CFG = dict(n_layers=2, d_model=32)
+
+
+@pytest.fixture(scope="module")
+def m():
+    return dj.init(dj.configs.get("llama-tiny", **CFG), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return dj.init(dj.configs.get("bert-tiny", **CFG), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, m):
+    d = tmp_path_factory.mktemp("bad")
+    dj.save(m, d / "ck")
+    (d / "a_file").write_text("not a directory")
+    (d / "broken.yaml").write_text("steps: [1, 2\nlr: 3\n")
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "spec_parallel.yaml").write_text('slices:\n  - layers: [0, 1]\n    parallel: "false"\n')
+    (d / "spec_bool_rows.yaml").write_text("slices:\n  - layers: [true, 1]\n")
+    (d / "spec_string_gate.yaml").write_text('slices:\n  - layers: [0, 1]\n    mlp: "0.5"\n')
+    (d / "spec_bool_repeat.yaml").write_text("slices:\n  - layers: [0]\n    repeat: true\n")
+    (d / "spec_range_bool.yaml").write_text("slices:\n  - layer_range: [0, true]\n")
+    (d / "spec_list.yaml").write_text("- layers: [0]\n")
+    (d / "spec_ok.yaml").write_text("slices:\n  - layers: [1, 0]\n")
+    dj.hf.save(m, str(d / "hf"))
+    return d
+
+
+def _ids(m, value):
+    return np.full((1, 4), value, np.int64)
+
+
+def _batches(tokens, **extra):
+    return [{"tokens": tokens, **extra}]
+
+
+OK = np.zeros((2, 8), np.int32)
+
+API = [
+    # apply: tokens, masks, token types, positions
+    (
+        "apply id = vocab",
+        lambda m, b: dj.apply(m, _ids(m, 256)),
+        dj.InputError,
+        r"outside the vocabulary 0\.\.255.*256",
+    ),
+    (
+        "apply negative id",
+        lambda m, b: dj.apply(m, _ids(m, -1)),
+        dj.InputError,
+        r"outside the vocabulary.*-1",
+    ),
+    ("apply float tokens", lambda m, b: dj.apply(m, OK.astype(float)), dj.InputError, "integers"),
+    ("apply 3-d tokens", lambda m, b: dj.apply(m, OK[None]), dj.InputError, r"\[batch, time\]"),
+    (
+        "apply mask shape",
+        lambda m, b: dj.apply(m, OK, mask=np.ones((2, 9))),
+        dj.InputError,
+        "mask shape",
+    ),
+    (
+        "apply token types on llama",
+        lambda m, b: dj.apply(m, OK, token_types=OK),
+        dj.InputError,
+        "no token types",
+    ),
+    (
+        "apply token type 2 of 2",
+        lambda m, b: dj.apply(b, OK, token_types=OK + 2),
+        dj.InputError,
+        r"token_types.*outside 0\.\.1",
+    ),
+    (
+        "apply output kind",
+        lambda m, b: dj.apply(m, OK, output="probs"),
+        dj.InputError,
+        "output must be",
+    ),
+    (
+        "apply beyond max_seq_len",
+        lambda m, b: dj.apply(
+            dj.init(dj.configs.get("gpt2-tiny", max_seq_len=8, **CFG), jax.random.key(0)),
+            np.zeros((1, 9), np.int32),
+        ),
+        dj.InputError,
+        "exceeds max_seq_len=8",
+    ),
+    # generate
+    (
+        "generate id = vocab",
+        lambda m, b: dj.generate(m, _ids(m, 300), 2, temperature=0),
+        GenerationError,
+        "outside the vocabulary",
+    ),
+    (
+        "generate negative id",
+        lambda m, b: dj.generate(m, _ids(m, -1), 2, temperature=0),
+        GenerationError,
+        "outside the vocabulary",
+    ),
+    (
+        "generate temperature nan",
+        lambda m, b: dj.generate(m, OK, 2, temperature=math.nan, key=jax.random.key(0)),
+        GenerationError,
+        "temperature",
+    ),
+    (
+        "generate temperature inf",
+        lambda m, b: dj.generate(m, OK, 2, temperature=math.inf, key=jax.random.key(0)),
+        GenerationError,
+        "temperature",
+    ),
+    (
+        "generate temperature < 0",
+        lambda m, b: dj.generate(m, OK, 2, temperature=-1.0, key=jax.random.key(0)),
+        GenerationError,
+        "temperature",
+    ),
+    (
+        "generate top_p nan",
+        lambda m, b: dj.generate(m, OK, 2, temperature=1.0, top_p=math.nan, key=jax.random.key(0)),
+        GenerationError,
+        "top_p",
+    ),
+    (
+        "generate top_k 0",
+        lambda m, b: dj.generate(m, OK, 2, temperature=1.0, top_k=0, key=jax.random.key(0)),
+        GenerationError,
+        "top_k",
+    ),
+    (
+        "generate eos outside vocab",
+        lambda m, b: dj.generate(m, OK, 2, temperature=0, eos_id=999),
+        GenerationError,
+        "eos_id=999",
+    ),
+    (
+        "generate 0 tokens",
+        lambda m, b: dj.generate(m, OK, 0, temperature=0),
+        GenerationError,
+        "max_new_tokens",
+    ),
+    (
+        "generate encoder",
+        lambda m, b: dj.generate(b, OK, 2, temperature=0),
+        GenerationError,
+        "causal",
+    ),
+    # metrics
+    (
+        "metric id = vocab",
+        lambda m, b: dj.metrics.block_influence(m, _ids(m, 256)),
+        MetricError,
+        "outside the vocabulary",
+    ),
+    (
+        "metric negative id",
+        lambda m, b: dj.metrics.ablation(m, _batches(_ids(m, -1))),
+        MetricError,
+        "outside the vocabulary",
+    ),
+    (
+        "metric token_types dropped",
+        lambda m, b: dj.metrics.block_influence(b, _batches(OK, token_types=OK)),
+        MetricError,
+        "token_types",
+    ),
+    (
+        "metric unknown batch key",
+        lambda m, b: dj.metrics.block_influence(m, _batches(OK, maks=OK)),
+        MetricError,
+        "'maks'",
+    ),
+    (
+        "metric no batches",
+        lambda m, b: dj.metrics.block_influence(m, []),
+        MetricError,
+        "no batches",
+    ),
+    (
+        "metric all-padding mask",
+        lambda m, b: dj.metrics.block_influence(m, _batches(OK, mask=OK * 0)),
+        MetricError,
+        "no real tokens",
+    ),
+    (
+        "shapley 0 permutations",
+        lambda m, b: dj.metrics.shapley(m, OK, num_permutations=0),
+        MetricError,
+        "num_permutations",
+    ),
+    (
+        "shapley -2 permutations",
+        lambda m, b: dj.metrics.shapley(m, OK, num_permutations=-2),
+        MetricError,
+        "num_permutations",
+    ),
+    (
+        "ablation unit",
+        lambda m, b: dj.metrics.ablation(m, OK, unit="layer"),
+        MetricError,
+        "unit must be",
+    ),
+    (
+        "ablation measure",
+        lambda m, b: dj.metrics.ablation(m, OK, measure="acc"),
+        MetricError,
+        "measure must be",
+    ),
+    (
+        "angular span 0",
+        lambda m, b: dj.metrics.angular_distance(m, OK, span=0),
+        MetricError,
+        "span",
+    ),
+    # prune and recover
+    (
+        "prune n > steps",
+        lambda m, b: dj.prune(m, np.zeros(2), 10, unit="block"),
+        dj.PruneError,
+        r"n=10.*0\.\.2",
+    ),
+    (
+        "prune every step",
+        lambda m, b: dj.prune(m, np.zeros(2), 2, unit="block"),
+        dj.PruneError,
+        "every step",
+    ),
+    (
+        "prune negative n",
+        lambda m, b: dj.prune(m, np.zeros(2), -1, unit="block"),
+        dj.PruneError,
+        "n=-1",
+    ),
+    (
+        "prune scores length",
+        lambda m, b: dj.prune(m, np.zeros(5), 1, unit="block"),
+        dj.PruneError,
+        "must have 2 values",
+    ),
+    ("prune unit", lambda m, b: dj.prune(m, np.zeros(2), 1), dj.PruneError, "unit="),
+    (
+        "recover base of another width",
+        lambda m, b: dj.recover(
+            dj.depth.drop(m, [1]),
+            dj.init(dj.configs.get("llama-tiny", n_layers=2), jax.random.key(1)),
+            OK,
+        ),
+        dj.RecoverError,
+        "d_model",
+    ),
+    (
+        "recover method",
+        lambda m, b: dj.recover(dj.depth.drop(m, [1]), m, OK, method="quadratic"),
+        dj.RecoverError,
+        "method",
+    ),
+    (
+        "recover rank > width",
+        lambda m, b: dj.recover(dj.depth.drop(m, [1]), m, OK, method="linear", rank=99),
+        dj.RecoverError,
+        r"rank in 1\.\.32",
+    ),
+    # programs and specs
+    (
+        "block id overflows int32",
+        lambda m, b: dj.Program.create([0, 2**32 + 1]),
+        dj.ProgramError,
+        "int32",
+    ),
+    (
+        "parallel value 2",
+        lambda m, b: dj.Program.create([0, 1], parallel=[0, 2]),
+        dj.ProgramError,
+        "parallel",
+    ),
+    (
+        "gate as text",
+        lambda m, b: dj.Program.create([0, 1], attn=["a", 1]),
+        dj.ProgramError,
+        "attn",
+    ),
+    (
+        "spec parallel as text",
+        lambda m, b: dj.depth.from_spec(m, {"slices": [{"layers": [0, 1], "parallel": "false"}]}),
+        dj.ProgramError,
+        "parallel must be true or false",
+    ),
+    (
+        "spec bool rows",
+        lambda m, b: dj.depth.from_spec(m, {"slices": [{"layers": [True, 1]}]}),
+        dj.ProgramError,
+        r"rows \[True\]",
+    ),
+    (
+        "spec gate as text",
+        lambda m, b: dj.depth.from_spec(m, {"slices": [{"layers": [0, 1], "mlp": "0.5"}]}),
+        dj.ProgramError,
+        "mlp",
+    ),
+    (
+        "spec bool repeat",
+        lambda m, b: dj.depth.from_spec(m, {"slices": [{"layers": [0], "repeat": True}]}),
+        dj.ProgramError,
+        "repeat",
+    ),
+    # model configs
+    ("config bool int", lambda m, b: dj.ModelConfig(n_layers=True), dj.ConfigError, "n_layers"),
+    ("config text int", lambda m, b: dj.ModelConfig(d_model="64"), dj.ConfigError, "d_model"),
+    (
+        "config text float",
+        lambda m, b: dj.ModelConfig(rope_theta="big"),
+        dj.ConfigError,
+        "rope_theta",
+    ),
+    (
+        "config rope_theta <= 0",
+        lambda m, b: dj.ModelConfig(rope_theta=-1.0),
+        dj.ConfigError,
+        "rope_theta",
+    ),
+    (
+        "config norm_eps < 0",
+        lambda m, b: dj.ModelConfig(norm_eps=-1e-6),
+        dj.ConfigError,
+        "norm_eps",
+    ),
+    ("config text bool", lambda m, b: dj.ModelConfig(qk_norm="yes"), dj.ConfigError, "qk_norm"),
+    # training keys
+    ("train lr < 0", lambda m, b: parse(["lr=-1e-3"]), TrainConfigError, "lr="),
+    ("train lr nan", lambda m, b: parse(["lr=.nan"]), TrainConfigError, "lr="),
+    ("train b1 = 1", lambda m, b: parse(["b1=1.0"]), TrainConfigError, "b1="),
+    ("train b2 < 0", lambda m, b: parse(["b2=-0.5"]), TrainConfigError, "b2="),
+    ("train eps < 0", lambda m, b: parse(["eps=-1e-8"]), TrainConfigError, "eps="),
+    ("train clip_norm < 0", lambda m, b: parse(["clip_norm=-1"]), TrainConfigError, "clip_norm="),
+    (
+        "train weight_decay < 0",
+        lambda m, b: parse(["weight_decay=-0.1"]),
+        TrainConfigError,
+        "weight_decay=",
+    ),
+    (
+        "train min_lr_ratio > 1",
+        lambda m, b: parse(["min_lr_ratio=2"]),
+        TrainConfigError,
+        "min_lr_ratio=",
+    ),
+    ("train seed < 0", lambda m, b: parse(["seed=-1"]), TrainConfigError, "seed"),
+    ("train YAML value", lambda m, b: parse(["lr=[1"]), TrainConfigError, "lr=.*YAML"),
+    (
+        "train data_shards",
+        lambda m, b: parse(["batch_size=16", "data_shards=3"]),
+        TrainConfigError,
+        "data_shards=3",
+    ),
+    (
+        "train seq_len > max_seq_len",
+        lambda m, b: parse(["seq_len=2048"]).check_model(dj.configs.get("llama-tiny")),
+        TrainConfigError,
+        "max_seq_len=1024",
+    ),
+    ("train regex", lambda m, b: trainable_mask(m.params, "blocks/("), TrainConfigError, "regex"),
+    (
+        "train regex matches nothing",
+        lambda m, b: trainable_mask(m.params, "lora"),
+        TrainConfigError,
+        "matches no parameter",
+    ),
+    # data, tokenizers
+    (
+        "data nothing matches",
+        lambda m, b: expand_files(["/nonexistent/*.txt"]),
+        DataError,
+        "nothing matches",
+    ),
+    ("tokenizer spec", lambda m, b: load_tokenizer("bpe"), TokenizerError, "expected 'byte'"),
+]
+
+
+@pytest.mark.parametrize("name, call, error, message", API, ids=[c[0] for c in API])
+def test_api_rejects_bad_input(name, call, error, message, m, bert):
+    with pytest.raises(error, match=message) as info:
+        call(m, bert)
+    assert type(info.value) is not ValueError, "a named subclass, not a bare ValueError"
+
+
+def _cli(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+CLI = [
+    (
+        "train --out is a file",
+        lambda d: ["train", "--out", str(d / "a_file"), "steps=1"],
+        "is a file",
+    ),
+    (
+        "train --config YAML syntax",
+        lambda d: ["train", "--out", str(d / "r"), "--config", str(d / "broken.yaml")],
+        r"broken\.yaml.*YAML",
+    ),
+    (
+        "train --config binary",
+        lambda d: ["train", "--out", str(d / "r"), "--config", str(d / "binary.yaml")],
+        r"binary\.yaml",
+    ),
+    (
+        "train --config missing",
+        lambda d: ["train", "--out", str(d / "r"), "--config", str(d / "nope.yaml")],
+        "nope.yaml",
+    ),
+    ("train seed < 0", lambda d: ["train", "--out", str(d / "r"), "seed=-1"], "seed must be >= 0"),
+    ("train lr < 0", lambda d: ["train", "--out", str(d / "r"), "lr=-0.1"], "lr="),
+    ("train b1 >= 1", lambda d: ["train", "--out", str(d / "r"), "b1=1.5"], "b1="),
+    ("train value YAML", lambda d: ["train", "--out", str(d / "r"), "lr={"], "YAML"),
+    (
+        "train model bool",
+        lambda d: ["train", "--out", str(d / "r"), "model.n_layers=true"],
+        "n_layers",
+    ),
+    (
+        "train seq_len > max",
+        lambda d: ["train", "--out", str(d / "r"), "seq_len=4096"],
+        "max_seq_len",
+    ),
+    (
+        "train unknown key",
+        lambda d: ["train", "--out", str(d / "r"), "step=3"],
+        "did you mean 'steps'",
+    ),
+    (
+        "prune n > steps",
+        lambda d: ["prune", "--model", str(d / "ck"), "--n", "10", "--out", str(d / "p")],
+        r"--n 10.*2 steps",
+    ),
+    (
+        "prune rank > width",
+        lambda d: [
+            "prune",
+            "--model",
+            str(d / "ck"),
+            "--n",
+            "1",
+            "--recover",
+            "linear",
+            "--rank",
+            "99",
+            "--out",
+            str(d / "p"),
+        ],
+        r"--rank 99",
+    ),
+    (
+        "prune seed < 0",
+        lambda d: [
+            "prune",
+            "--model",
+            str(d / "ck"),
+            "--n",
+            "1",
+            "--seed",
+            "-1",
+            "--out",
+            str(d / "p"),
+        ],
+        "--seed",
+    ),
+    (
+        "prune batches 0",
+        lambda d: [
+            "prune",
+            "--model",
+            str(d / "ck"),
+            "--n",
+            "1",
+            "--batches",
+            "0",
+            "--out",
+            str(d / "p"),
+        ],
+        "--batches",
+    ),
+    (
+        "prune --out is a file",
+        lambda d: ["prune", "--model", str(d / "ck"), "--n", "1", "--out", str(d / "a_file")],
+        "a_file",
+    ),
+    ("score missing model", lambda d: ["score", "--model", str(d / "nothing")], "nothing"),
+    (
+        "score seq-len 0",
+        lambda d: ["score", "--model", str(d / "ck"), "--seq-len", "0"],
+        "--seq-len",
+    ),
+    (
+        "score --out is a file",
+        lambda d: ["score", "--model", str(d / "ck"), "--out", str(d / "a_file")],
+        "a_file",
+    ),
+    (
+        "depth spec YAML syntax",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "broken.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "YAML",
+    ),
+    (
+        "depth spec binary",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "binary.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        r"binary\.yaml",
+    ),
+    (
+        "depth spec parallel text",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_parallel.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "parallel must be true or false",
+    ),
+    (
+        "depth spec bool rows",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_bool_rows.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "True",
+    ),
+    (
+        "depth spec text gate",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_string_gate.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "mlp",
+    ),
+    (
+        "depth spec bool repeat",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_bool_repeat.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "repeat",
+    ),
+    (
+        "depth spec bool range",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_range_bool.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "layer_range",
+    ),
+    (
+        "depth spec not a mapping",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_list.yaml"),
+            "--out",
+            str(d / "o"),
+        ],
+        "mapping",
+    ),
+    (
+        "depth --out is a file",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_ok.yaml"),
+            "--out",
+            str(d / "a_file"),
+        ],
+        "a_file",
+    ),
+    ("depth of an HF directory", lambda d: ["depth", "--in", str(d / "hf")], "manifest.json"),
+    (
+        "convert onto a checkpoint",
+        lambda d: ["convert", "--from", "native", str(d / "ck"), "--to", str(d / "hf")],
+        "already holds a checkpoint",
+    ),
+    (
+        "convert to a file",
+        lambda d: ["convert", "--from", "native", str(d / "ck"), "--to", str(d / "a_file")],
+        "is a file",
+    ),
+    (
+        "convert native of an HF dir",
+        lambda d: ["convert", "--from", "native", str(d / "hf"), "--to", str(d / "x")],
+        "manifest.json",
+    ),
+    (
+        "generate temperature nan",
+        lambda d: ["generate", "--model", str(d / "ck"), "--prompt", "hi", "--temperature", "nan"],
+        "temperature",
+    ),
+    (
+        "generate 0 tokens",
+        lambda d: ["generate", "--model", str(d / "ck"), "--prompt", "hi", "--max-new-tokens", "0"],
+        "max_new_tokens",
+    ),
+    (
+        "generate exit-at",
+        lambda d: ["generate", "--model", str(d / "ck"), "--prompt", "hi", "--exit-at", "9"],
+        "exit_at=9",
+    ),
+    (
+        "generate eos outside vocab",
+        lambda d: ["generate", "--model", str(d / "ck"), "--prompt", "hi", "--eos-id", "999"],
+        "eos_id=999",
+    ),
+    (
+        "generate seed < 0",
+        lambda d: ["generate", "--model", str(d / "ck"), "--prompt", "hi", "--seed", "-3"],
+        "--seed",
+    ),
+    (
+        "generate empty prompt",
+        lambda d: ["generate", "--model", str(d / "ck"), "--prompt", ""],
+        "no tokens",
+    ),
+    (
+        "generate tokenizer missing",
+        lambda d: [
+            "generate",
+            "--model",
+            str(d / "ck"),
+            "--prompt",
+            "hi",
+            "--tokenizer",
+            str(d / "t.json"),
+        ],
+        "tokenizer",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CLI, ids=[c[0] for c in CLI])
+def test_cli_rejects_bad_input(name, argv, message, files, capsys):
+    code, err = _cli(argv(files), capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and err.strip(), err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+    if message:
+        import re
+
+        assert re.search(message, err), err
+
+
+def test_there_are_at_least_60_bad_inputs():
+    assert len(API) + len(CLI) >= 60
+
+
+def test_unexpected_errors_show_a_traceback_and_say_it_is_a_bug(monkeypatch, capsys):
+    class Broken:  # a command with a bug in it
+        @staticmethod
+        def add_command(sub):
+            sub.add_parser("broken").set_defaults(func=lambda args: {}["missing"])
+
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + (Broken,))
+    assert cli.main(["broken"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err and "this is a bug in depthjax" in err
