@@ -5,7 +5,8 @@ Every norm placement is expressed as `x_next = x + attn_gate * u_attn` followed 
 post-norm too: its norm goes with it) and the traced updates add up to the residual.
 
 * pre:  u = f(norm(x))
-* peri: u = out_norm(f(norm(x)))            (normalize sublayer input and output)
+* peri: u = out_norm(f(norm(x)))            (normalize sublayer input and output, Gemma)
+* out:  u = out_norm(f(x))                   (normalize sublayer output only, OLMo 2)
 * post: u = norm(x + f(x)) - x               (BERT)
 * parallel_block (pre only, GPT-J): attention and MLP both read norm(x).
 """
@@ -24,12 +25,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, attn_gate, mlp_gate, positions_BT, *, segment_ids_BT=None,
-                 kv_mask_BT=None, kv_cache=None, attn_enabled: bool = True):
+                 kv_mask_BT=None, kv_cache=None, attn_enabled: bool = True, window=None,
+                 rope_table=None):
         """Returns the gated updates (u_attn_BTD, u_mlp_BTD); the block output is x + both.
 
         With `kv_cache` (see `Attention`) returns (u_attn_BTD, u_mlp_BTD, kv_cache).
         attn_enabled=False (static) skips the attention sublayer: exactly gate 0, without
-        its compute (decoding steps that have no cache slot).
+        its compute (decoding steps that have no cache slot). window / rope_table: this
+        row's attention kind (see depthjax.kinds and `Attention`).
         """
         cfg = self.cfg
         attn = Attention(cfg, name="attn")
@@ -39,7 +42,8 @@ class Block(nn.Module):
 
         def run_attn(h_BTD):
             out = attn(h_BTD, positions_BT, segment_ids_BT=segment_ids_BT,
-                       kv_mask_BT=kv_mask_BT, kv_cache=cache[0])
+                       kv_mask_BT=kv_mask_BT, kv_cache=cache[0], window=window,
+                       rope_table=rope_table)
             if kv_cache is None:
                 return out
             y_BTD, cache[0] = out
@@ -64,6 +68,10 @@ class Block(nn.Module):
                     run_attn(attn_norm(x_BTD))))
                 h_BTD = x_BTD + u_attn
                 u_mlp = mlp_gate * make_norm(cfg, "mlp_out_norm")(mlp(mlp_norm(h_BTD)))
+            elif cfg.norm_placement == "out":
+                u_attn = gated_attn(lambda: make_norm(cfg, "attn_out_norm")(run_attn(x_BTD)))
+                h_BTD = x_BTD + u_attn
+                u_mlp = mlp_gate * make_norm(cfg, "mlp_out_norm")(mlp(h_BTD))
             else:  # post
                 u_attn = gated_attn(lambda: attn_norm(x_BTD + run_attn(x_BTD)) - x_BTD)
                 h_BTD = x_BTD + u_attn

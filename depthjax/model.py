@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import kinds as kinds_lib
 from . import program as program_lib
 from . import step_params as steps_lib
 from .block import Block
@@ -24,7 +25,8 @@ from .program import Program, ProgramError
 
 
 class Embed(nn.Module):
-    """Token (+ learned position, + token type) embeddings, then the optional embed norm."""
+    """Token (+ learned position, + token type) embeddings, then the optional embed norm.
+    Token embeddings are multiplied by `embed_scale` where the family has one (Gemma)."""
 
     cfg: ModelConfig
 
@@ -34,6 +36,8 @@ class Embed(nn.Module):
         embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg),
                                          name=name)
         x_BTD = embed(cfg.vocab_size, "tok")(tokens_BT)
+        if cfg.embed_scale is not None:
+            x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, x_BTD.dtype)
         if cfg.position == "learned":
             x_BTD = x_BTD + embed(cfg.max_seq_len, "pos")(positions_BT)
         if cfg.type_vocab_size:
@@ -45,7 +49,8 @@ class Embed(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm, then logits: tied (x @ tok_embedding.T) or an untied `out` projection."""
+    """Final norm, then logits: tied (x @ tok_embedding.T) or an untied `out` projection,
+    soft-capped (cap * tanh(logits / cap)) where the family does it (Gemma 2)."""
 
     cfg: ModelConfig
 
@@ -57,11 +62,14 @@ class Head(nn.Module):
         if not logits:
             return x_BTD
         if cfg.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x_BTD, tok_embedding_VD.astype(cfg.dtype),
-                              preferred_element_type=jnp.float32)
-        out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                       kernel_init=init_normal(cfg), name="out")(x_BTD)
-        return out.astype(jnp.float32)
+            out = jnp.einsum("btd,vd->btv", x_BTD, tok_embedding_VD.astype(cfg.dtype),
+                             preferred_element_type=jnp.float32)
+        else:
+            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                           kernel_init=init_normal(cfg), name="out")(x_BTD).astype(jnp.float32)
+        if cfg.final_softcap is not None:
+            out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
+        return out
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "program"],
@@ -164,6 +172,10 @@ def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_param
         base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
     row = jax.tree.map(lambda table: table[step_prog.block], blocks)
     row = steps_lib.effective_row(row, step_params)
+    if kinds_lib.windowed(cfg):   # the row's kind is gathered like its weights
+        block_kwargs["window"] = jnp.asarray(kinds_lib.row_windows(cfg))[step_prog.block]
+    if cfg.local_rope_theta is not None:
+        block_kwargs["rope_table"] = jnp.asarray(kinds_lib.row_rope_tables(cfg))[step_prog.block]
     out = Block(cfg).apply({"params": row}, base, step_prog.attn, step_prog.mlp, positions_BT,
                            kv_cache=kv_cache, attn_enabled=attn_enabled, **block_kwargs)
     s = steps_lib.scale(step_params)

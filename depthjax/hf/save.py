@@ -19,6 +19,7 @@ import warnings
 import jax
 import numpy as np
 
+from .. import kinds
 from ..model import DepthModel
 from ..program import is_concrete
 from . import tensor_map
@@ -100,7 +101,7 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
     cfg = model.config
     model_type = model_type or default_model_type(cfg)
     rows, zeroed = export_plan(model, zero_gated=zero_gated)
-    out_cfg = cfg.replace(n_layers=len(rows))
+    out_cfg = cfg.replace(n_layers=len(rows), layer_types=kinds.take(cfg, rows))
     config = to_hf(out_cfg, model_type)
     family = tensor_map.hf_family(model_type)
     prefix = tensor_map.PREFIXES[family][0]

@@ -32,7 +32,7 @@ def matmul_params_per_token(cfg: ModelConfig, depth: int | None = None) -> int:
     """Weights every token passes through in matmuls (embedding lookups excluded)."""
     D, Dh, H, K, F = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
     attn = D * (H + 2 * K) * Dh + H * Dh * D
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * D * F
+    mlp = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * D * F
     return (cfg.depth if depth is None else depth) * (attn + mlp) + D * cfg.vocab_size
 
 
