@@ -185,12 +185,15 @@ def _prefill(model, tokens_BT, mask_BT, *, max_len: int, ex: _Exit):
     x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
     logits_BV = output_head(cfg, model.params, x_B1D)[:, 0]
     cache = cache.replace(length=jnp.asarray(T, jnp.int32),
-                          next_pos=mask_BT.sum(1).astype(jnp.int32))
+                          next_pos=mask_BT.sum(1).astype(jnp.int32),
+                          positions=cache.positions.at[:, :T].set(positions_BT))
     return logits_BV, cache
 
 
 def _decode(model, cache: KVCache, tokens_B, ex: _Exit):
     positions_B1 = cache.next_pos[:, None]
+    cache = cache.replace(positions=jax.lax.dynamic_update_slice(
+        cache.positions, positions_B1.astype(jnp.int32), (0, cache.length)))
     x_B1D = Embed(model.config).apply({"params": model.params["embed"]}, tokens_B[:, None],
                                       positions_B1)
     x_B1D, cache, exit_B = _walk(model, x_B1D, positions_B1, None, cache, ex, prefill=False)

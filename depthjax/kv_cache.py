@@ -9,6 +9,8 @@ Layout: k, v [N slots, B, S, K, Dh]; `valid` [N, B, S] says which keys a query m
 (prompt padding and tokens that exited early before reaching a step are invalid). All
 sequences write at the same cache index `length`; each has its own position counter
 `next_pos` for RoPE / learned positions, so left and right padding both work.
+`positions` [B, S] holds each entry's position: a row with a sliding window lets a new
+token see the keys within `window` positions of its own (padding does not count).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ..
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "valid", "length", "next_pos"],
+                   data_fields=["k", "v", "valid", "length", "next_pos", "positions"],
                    meta_fields=["steps", "depth"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -44,6 +46,7 @@ class KVCache:
     valid: jax.Array      # bool [N, B, S]
     length: jax.Array     # int32 []: cache index the next token is written at
     next_pos: jax.Array   # int32 [B]: position of each sequence's next token
+    positions: jax.Array  # int32 [B, S]: position of each cache entry
     steps: tuple[int, ...]  # slot n belongs to program step steps[n]
     depth: int              # the cache covers program steps 0..depth-1
 
@@ -63,7 +66,8 @@ class KVCache:
         shape = (len(steps), batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
                    valid=jnp.zeros(shape[:3], bool), length=jnp.zeros((), jnp.int32),
-                   next_pos=jnp.zeros((batch,), jnp.int32), steps=steps, depth=depth)
+                   next_pos=jnp.zeros((batch,), jnp.int32),
+                   positions=jnp.zeros((batch, max_len), jnp.int32), steps=steps, depth=depth)
 
     @property
     def n_slots(self) -> int:
@@ -116,8 +120,11 @@ class StepCache:
     write_B: jax.Array    # bool [B]: False marks the written keys invalid (exited tokens)
     prefill: bool
 
-    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
-        """Write the new keys/values; returns (self', keys, values, key mask, causal) to attend."""
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None,
+               positions_BT=None):
+        """Write the new keys/values; returns (self', keys, values, key mask, causal, window)
+        to attend with. Decoding folds this row's `window` into the key mask by position
+        (the query's `positions_BT` against the cache's `positions`)."""
         c = self.cache
         start = 0 if self.prefill else c.length
         T = k_BTKD.shape[1]
@@ -128,10 +135,13 @@ class StepCache:
             valid_BT = valid_BT & kv_mask_BT.astype(bool)
         c = c.replace(k=write(c.k, k_BTKD), v=write(c.v, v_BTKD), valid=write(c.valid, valid_BT))
         new = dataclasses.replace(self, cache=c)
-        if self.prefill:
-            return new, k_BTKD, v_BTKD, kv_mask_BT, causal
+        if self.prefill:   # the prompt sits at cache index 0: the window works on indices
+            return new, k_BTKD, v_BTKD, kv_mask_BT, causal, window
         if T != 1:
             raise ValueError(f"decoding writes one token per sequence, got {T}")
         slot = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.slot, keepdims=False)
+        valid_BS = slot(c.valid)
+        if window is not None:
+            valid_BS = valid_BS & (positions_BT[:, :1] - c.positions < window)
         # The cache holds only the past and this token, so no causal mask is needed.
-        return new, slot(c.k), slot(c.v), slot(c.valid), False
+        return new, slot(c.k), slot(c.v), valid_BS, False, None

@@ -20,6 +20,7 @@ from .reader import HFError, Reader, expect
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
+GEMMA3_PATTERN = 6   # transformers' default: every 6th gemma3 layer is global
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma2": dict(_GEMMA, max_position_embeddings=8192, final_logit_softcapping=30.0,
                    attn_logit_softcapping=50.0),
     "gemma3_text": dict(_GEMMA, max_position_embeddings=131072, final_logit_softcapping=None,
-                        attn_logit_softcapping=None, sliding_window_pattern=6,
+                        attn_logit_softcapping=None,
                         rope_theta=1e6, rope_local_base_freq=1e4),
     "olmo2": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
                   hidden_act="silu", max_position_embeddings=2048),
@@ -193,7 +194,10 @@ def _layer_types(r: Reader, model_type: str, n_layers: int) -> dict:
             raise HFError("unsupported config option use_bidirectional_attention=True: "
                           "depthjax runs Gemma as a causal decoder")
         window = r.get("sliding_window")
-        period = 2 if model_type == "gemma2" else r.get("sliding_window_pattern")
+        # transformers >= 5 saves gemma3's pattern as "_sliding_window_pattern" too
+        saved = r.get("_sliding_window_pattern", None)
+        period = 2 if model_type == "gemma2" else r.get("sliding_window_pattern", None) or saved
+        period = period or GEMMA3_PATTERN
         default = ["sliding_attention" if (i + 1) % period else "full_attention"
                    for i in range(n_layers)]
     types = default if listed is None else list(listed)
