@@ -61,6 +61,8 @@ _ROPE_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_
               "truncate": "truncate", "short_factor": "short_factor",
               "long_factor": "long_factor"}
 _ROPE_GENERIC = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+# transformers' default pad_token_id per type (an embedding row index: must fit the vocab)
+_DEFAULT_PAD = {"phi3": 32000, "olmo2": 1, "gemma2": 0, "gemma3_text": 0}
 _LAYER_TYPES = {"full_attention": "G", "sliding_attention": "L"}
 
 
@@ -349,6 +351,8 @@ def to_hf_decoder(cfg: ModelConfig, model_type: str, head: dict) -> dict[str, An
             raise HFError("cannot export to gemma2: a separate local RoPE base is gemma3's")
     else:
         out["hidden_act"] = "silu"
+    if _DEFAULT_PAD.get(model_type, -1) >= cfg.vocab_size:
+        out["pad_token_id"] = None   # the default row would not exist in this vocabulary
     if model_type in ("llama", "qwen3", "olmo2"):
         out["attention_bias"] = cfg.bias
     if model_type == "llama":
