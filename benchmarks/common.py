@@ -25,12 +25,15 @@ def compile_time(jitted, *args):
 
 def header():
     dev = jax.devices()[0]
-    print(f"# jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
-          f"{jax.device_count()} device(s)")
+    print(
+        f"# jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
+        f"{jax.device_count()} device(s)"
+    )
 
 
-def model_from_args(doc: str, *, depth: int, d_model: int, batch: int, seq_len: int,
-                    extra=lambda parser: None):
+def model_from_args(
+    doc: str, *, depth: int, d_model: int, batch: int, seq_len: int, extra=lambda parser: None
+):
     """Parse --depth/--d-model/--batch/--seq-len (and `extra` flags), print the header, and
     return (args, llama-tiny-shaped model, random byte tokens [batch, seq_len])."""
     import argparse
@@ -38,7 +41,10 @@ def model_from_args(doc: str, *, depth: int, d_model: int, batch: int, seq_len: 
     import numpy as np
 
     import depthjax as dj
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--depth", type=int, default=depth)
     p.add_argument("--d-model", type=int, default=d_model)
     p.add_argument("--batch", type=int, default=batch)

@@ -1,8 +1,11 @@
-"""Decode throughput and KV-cache bytes of pruned programs, as ratios to the full model.
+"""Decode throughput and KV-cache bytes of pruned programs, as ratios to the full model,
+through dj.generate's path on the DepthModel (one compiled scan, runtime skipping) and on
+dj.specialize(model) (the program compiled as structure).
 
-For the full program and for programs with 25% / 50% of attention sublayers gated off and
-25% of blocks dropped: prefill a prompt, then time `--new-tokens` greedy decode steps in
-one compiled loop (the same `decode_step` path as dj.generate), at each batch size.
+For the full program and for programs with 25% / 50% of attention sublayers gated off,
+25% of blocks dropped and 2 pairs of steps parallelized: prefill a prompt, then time
+`--new-tokens` greedy decode steps in one compiled loop (the same `decode_step` path as
+dj.generate), at each batch size.
 
     python benchmarks/generate.py [--model llama-1b] [--dtype bfloat16] [--batches 1,32]
                                   [--prompt-len 1024] [--new-tokens 64]
@@ -16,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import depthjax as dj
-from depthjax import decoding
 from common import header, timed
+from depthjax import decoding
 
 
 def spread(depth: int, fraction: float) -> list[int]:
@@ -29,26 +32,30 @@ def spread(depth: int, fraction: float) -> list[int]:
 @functools.partial(jax.jit, static_argnames=("n", "ex"))
 def decode_loop(model, cache, logits_BV, *, n, ex):
     """n greedy decode steps; returns the last logits (to block on)."""
+
     def body(_, state):
         logits_BV, cache = state
         tok_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
         logits_BV, cache, _ = decoding._decode(model, cache, tok_B, ex)
         return logits_BV, cache
+
     return jax.lax.fori_loop(0, n, body, (logits_BV, cache))[0]
 
 
 def measure(model, batch, prompt_len, new_tokens):
-    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0,
-                                model.config.vocab_size)
+    """(decode tokens/s, KV-cache bytes); `model` is a DepthModel or a dj.specialize'd one."""
+    prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, model.config.vocab_size)
     logits, cache = dj.prefill(model, prompt, max_len=prompt_len + new_tokens)
-    ex = decoding._exit_settings(model, None, None, None, "skip")
-    seconds = timed(lambda: decode_loop(model, cache, logits, n=new_tokens, ex=ex), repeat=3)
+    depth_model, plan = decoding._unwrap(model)
+    ex = decoding._exit_settings(depth_model, None, None, None, "skip", plan)
+    seconds = timed(lambda: decode_loop(depth_model, cache, logits, n=new_tokens, ex=ex), repeat=3)
     return batch * new_tokens / seconds, cache.nbytes
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     on_cpu = jax.devices()[0].platform == "cpu"
     p.add_argument("--model", default="llama-small" if on_cpu else "llama-1b")
     p.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
@@ -65,18 +72,27 @@ def main():
         "attn -25%": dj.depth.drop_sublayers(model, attn=spread(d, 0.25)),
         "attn -50%": dj.depth.drop_sublayers(model, attn=spread(d, 0.5)),
         "blocks -25%": dj.depth.drop(model, spread(d, 0.25)),
+        "2 pairs ||": dj.depth.parallelize(model, [[1, 2], [d - 3, d - 2]]),
     }
-    print(f"# {args.model} ({args.dtype}), depth {d}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} decode steps")
-    print(f"{'batch':>5} {'program':<12} {'tokens/s':>10} {'KV MiB':>9} "
-          f"{'speed ratio':>11} {'KV ratio':>8}")
+    print(
+        f"# {args.model} ({args.dtype}), depth {d}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} decode steps"
+    )
+    print(
+        f"{'batch':>5} {'program':<12} {'path':<11} {'tokens/s':>10} {'KV MiB':>9} "
+        f"{'speed ratio':>11} {'KV ratio':>8}"
+    )
     for batch in (int(b) for b in args.batches.split(",")):
         base = None
         for name, m in variants.items():
-            tps, kv = measure(m, batch, args.prompt_len, args.new_tokens)
-            base = base or (tps, kv)
-            print(f"{batch:>5} {name:<12} {tps:>10.1f} {kv / 2**20:>9.1f} "
-                  f"{tps / base[0]:>11.3f} {kv / base[1]:>8.3f}", flush=True)
+            for path, runner in (("apply", m), ("specialize", dj.specialize(m))):
+                tps, kv = measure(runner, batch, args.prompt_len, args.new_tokens)
+                base = base or (tps, kv)
+                print(
+                    f"{batch:>5} {name:<12} {path:<11} {tps:>10.1f} {kv / 2**20:>9.1f} "
+                    f"{tps / base[0]:>11.3f} {kv / base[1]:>8.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

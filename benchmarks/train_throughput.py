@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthjax.train import flops as flops_lib
 from depthjax import sharding as shd
-from depthjax.train import config as train_config
-from depthjax.model import init
+from depthjax.model import count_params, init
 from depthjax.program import Program
+from depthjax.train import config as train_config, flops as flops_lib
 from depthjax.train.loop import state_shardings
 from depthjax.train.step import TrainState, learning_rate, optimizer, train_step, trainable_mask
 
@@ -43,37 +42,61 @@ def main(argv) -> int:
 
     def fresh(key):
         params = init(cfg, key).params
-        return TrainState(jnp.int32(0), params,
-                          tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params)),
-                          jnp.int32(-1), jnp.int32(0))
+        return TrainState(
+            jnp.int32(0),
+            params,
+            tx.init(jax.tree.map(lambda m, x: x if m else None, mask, params)),
+            jnp.int32(-1),
+            jnp.int32(0),
+        )
 
     state = jax.jit(fresh, out_shardings=state_sh)(jax.random.key(0))
-    step = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mask=mask,
-                                     grad_accum=tc.grad_accum, nan_policy=tc.nan_policy,
-                                     schedule=learning_rate(tc)),
-                   in_shardings=(state_sh, shd.batch_sharding(mesh), state_sh.step),
-                   out_shardings=(state_sh, state_sh.step), donate_argnums=0)
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            cfg=cfg,
+            tx=tx,
+            mask=mask,
+            grad_accum=tc.grad_accum,
+            nan_policy=tc.nan_policy,
+            schedule=learning_rate(tc),
+        ),
+        in_shardings=(state_sh, shd.batch_sharding(mesh), state_sh.step),
+        out_shardings=(state_sh, state_sh.step),
+        donate_argnums=0,
+    )
     rng = np.random.default_rng(0)
     B, T = tc.batch_size, tc.seq_len
 
     def batch():
         tokens = rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
-        return jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                               "segment_ids": np.ones((B, T), np.int32),
-                               "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))},
-                              shd.batch_sharding(mesh))
+        return jax.device_put(
+            {
+                "inputs": tokens[:, :-1],
+                "targets": tokens[:, 1:],
+                "segment_ids": np.ones((B, T), np.int32),
+                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+            },
+            shd.batch_sharding(mesh),
+        )
 
-    n_params = sum(x.size for x in jax.tree.leaves(abstract))
+    n_params = count_params(abstract)
     per_token = flops_lib.train_flops_per_token(cfg, T)
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else flops_lib.peak_flops(dtype=cfg.dtype)
-    print(f"[bench] {tc.model} {n_params / 1e6:.1f}M params, dtype={cfg.dtype}, remat="
-          f"{cfg.remat.value}, batch {B}x{T}, {jax.device_count()}x "
-          f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}", flush=True)
+    print(
+        f"[bench] {tc.model} {n_params / 1e6:.1f}M params, dtype={cfg.dtype}, remat="
+        f"{cfg.remat.value}, batch {B}x{T}, {jax.device_count()}x "
+        f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     state, m = step(state, batch(), program)
     jax.block_until_ready(m["loss"])
-    print(f"[bench] compile + first step {time.perf_counter() - t0:.1f}s, loss "
-          f"{float(m['loss']):.3f}", flush=True)
+    print(
+        f"[bench] compile + first step {time.perf_counter() - t0:.1f}s, loss "
+        f"{float(m['loss']):.3f}",
+        flush=True,
+    )
     times = []
     for i in range(steps):
         b = batch()
@@ -85,9 +108,11 @@ def main(argv) -> int:
     dt = float(np.median(times))
     tps = B * T / dt
     mfu = tps * per_token / (peak * jax.device_count()) if peak else None
-    print(f"[bench] median step {dt * 1e3:.1f} ms  tokens/s {tps:,.0f}  "
-          f"model TFLOP/s per device {tps * per_token / jax.device_count() / 1e12:.2f}  "
-          f"MFU {'null (unknown peak)' if mfu is None else f'{100 * mfu:.1f}%'}")
+    print(
+        f"[bench] median step {dt * 1e3:.1f} ms  tokens/s {tps:,.0f}  "
+        f"model TFLOP/s per device {tps * per_token / jax.device_count() / 1e12:.2f}  "
+        f"MFU {'null (unknown peak)' if mfu is None else f'{100 * mfu:.1f}%'}"
+    )
     return 0
 
 

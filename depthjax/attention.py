@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .config import ATTENTION_IMPLS as IMPLS
+
 log = logging.getLogger(__name__)
 
 
@@ -57,11 +58,13 @@ def pallas_interpret(enabled: bool = True):
         _interpret = previous
 
 
-def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None,
-                   q_offset=0, window=None):
+def attention_mask(
+    T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None, q_offset=0, window=None
+):
     """Boolean mask [B or 1, 1, T, S]: True where query t may attend to key s.
 
     `q_offset` is the absolute position of query 0 among the keys (decoding with a cache).
+    kv_mask_BS may also be [B, T, S]: a key mask per query (decoding with a cache).
     """
     mask = jnp.ones((1, 1, T, S), bool)
     q_pos = jnp.arange(T)[:, None] + q_offset
@@ -72,7 +75,8 @@ def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask
     if segment_ids_BT is not None:
         mask = mask & (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
     if kv_mask_BS is not None:
-        mask = mask & kv_mask_BS.astype(bool)[:, None, None, :]
+        kv = kv_mask_BS.astype(bool)
+        mask = mask & (kv[:, None] if kv.ndim == 3 else kv[:, None, None, :])
     return mask
 
 
@@ -81,31 +85,39 @@ def attention_mask(T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask
 class Problem:
     """What an implementation needs to know to say whether it can run."""
 
-    backend: str          # "cpu" | "gpu" | "tpu"
+    backend: str  # "cpu" | "gpu" | "tpu"
     dtype: str
     head_dim: int
     T: int
     S: int
     causal: bool
-    segments: bool        # packed documents (segment ids)
-    kv_mask: bool         # key padding
-    interpret: bool       # Pallas interpreter allowed (CPU testing)
+    segments: bool  # packed documents (segment ids)
+    kv_mask: bool  # key padding
+    interpret: bool  # Pallas interpreter allowed (CPU testing)
     gpu_capability: tuple[int, int] | None = None
     window: bool = False  # a sliding window (its size is data)
     softcap: bool = False
 
     @classmethod
-    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS, window=None,
-           softcap=None) -> "Problem":
+    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS, window=None, softcap=None) -> Problem:
         device = jax.devices()[0]
         capability = None
         if device.platform == "gpu" and getattr(device, "compute_capability", None):
             capability = tuple(int(x) for x in str(device.compute_capability).split(".")[:2])
-        return cls(backend=device.platform, dtype=jnp.dtype(q.dtype).name,
-                   head_dim=q.shape[-1], T=q.shape[1], S=k.shape[1], causal=causal,
-                   segments=segment_ids_BT is not None, kv_mask=kv_mask_BS is not None,
-                   interpret=_interpret, gpu_capability=capability, window=window is not None,
-                   softcap=softcap is not None)
+        return cls(
+            backend=device.platform,
+            dtype=jnp.dtype(q.dtype).name,
+            head_dim=q.shape[-1],
+            T=q.shape[1],
+            S=k.shape[1],
+            causal=causal,
+            segments=segment_ids_BT is not None,
+            kv_mask=kv_mask_BS is not None,
+            interpret=_interpret,
+            gpu_capability=capability,
+            window=window is not None,
+            softcap=softcap is not None,
+        )
 
 
 def _why_not_cudnn(p: Problem) -> str | None:
@@ -138,13 +150,14 @@ def _why_not_pallas(p: Problem) -> str | None:
         if p.head_dim % 128:
             return f"splash attention is used with head_dim a multiple of 128, got {p.head_dim}"
         if p.window:
-            return ("splash attention takes its window as a static mask; per-row windows "
-                    "are data")
+            return "splash attention takes its window as a static mask; per-row windows are data"
         return None
     if p.interpret:
         return None
-    return (f"the Pallas kernels compile for GPU/TPU only (backend is {p.backend}); "
-            "use pallas_interpret() or DEPTHJAX_PALLAS_INTERPRET=1 to run them interpreted")
+    return (
+        f"the Pallas kernels compile for GPU/TPU only (backend is {p.backend}); "
+        "use pallas_interpret() or DEPTHJAX_PALLAS_INTERPRET=1 to run them interpreted"
+    )
 
 
 CAPABILITIES = {"xla": lambda p: None, "cudnn": _why_not_cudnn, "pallas": _why_not_pallas}
@@ -170,10 +183,15 @@ def choose(impl: str, problem: Problem) -> str:
         return impl
     for candidate in AUTO_ORDER.get(problem.backend, ("xla",)):
         reason = CAPABILITIES[candidate](problem)
-        if candidate == "cudnn" and not reason and (problem.segments or problem.kv_mask
-                                                    or problem.window):
-            reason = ("cuDNN would need a dense T x S mask for segment ids / key padding / "
-                      "a per-row window")
+        if (
+            candidate == "cudnn"
+            and not reason
+            and (problem.segments or problem.kv_mask or problem.window)
+        ):
+            reason = (
+                "cuDNN would need a dense T x S mask for segment ids / key padding / "
+                "a per-row window"
+            )
         if not reason:
             return candidate
         # An accelerator ending on xla is a real performance surprise; say it loudly.
@@ -183,24 +201,43 @@ def choose(impl: str, problem: Problem) -> str:
 
 
 # -------------------------------------------------------------------------- execution
-def _pallas(q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, window, softcap, backend,
-            interpret):
+def _pallas(
+    q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, window, softcap, backend, interpret
+):
     from depthjax.kernels.flash_attention import KV_PAD_SEGMENT, flash_attention
     from depthjax.kernels.splash import splash_attention
 
     kv_seg = None
-    if kv_mask_BS is not None:       # key padding = keys in a segment no query belongs to
-        seg = (segment_ids_BT if segment_ids_BT is not None
-               else jnp.zeros(kv_mask_BS.shape, jnp.int32))
+    if kv_mask_BS is not None:  # key padding = keys in a segment no query belongs to
+        seg = (
+            segment_ids_BT if segment_ids_BT is not None else jnp.zeros(kv_mask_BS.shape, jnp.int32)
+        )
         kv_seg = jnp.where(kv_mask_BS.astype(bool), seg.astype(jnp.int32), KV_PAD_SEGMENT)
         segment_ids_BT = seg
-    if backend == "tpu":   # no window here: the capability check sends windows to xla
-        return splash_attention(q, k, v, causal=causal, segment_ids=segment_ids_BT,
-                                kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
-                                interpret=interpret)
-    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids_BT,
-                           kv_segment_ids=kv_seg, scale=scale, window=window, softcap=softcap,
-                           interpret=interpret)
+    if backend == "tpu":  # no window here: the capability check sends windows to xla
+        return splash_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=segment_ids_BT,
+            kv_segment_ids=kv_seg,
+            scale=scale,
+            softcap=softcap,
+            interpret=interpret,
+        )
+    return flash_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids_BT,
+        kv_segment_ids=kv_seg,
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        interpret=interpret,
+    )
 
 
 def _context_mesh():
@@ -221,8 +258,14 @@ def _sharded(fn, mesh, q, k, v, segment_ids_BT, kv_mask_BS, window):
     qkv = P(b, None, heads, None)
     seg = P(b, None)
     args = (q, k, v, segment_ids_BT, kv_mask_BS, window)
-    specs = (qkv, qkv, qkv, None if segment_ids_BT is None else seg,
-             None if kv_mask_BS is None else seg, None if window is None else P())
+    specs = (
+        qkv,
+        qkv,
+        qkv,
+        None if segment_ids_BT is None else seg,
+        None if kv_mask_BS is None else seg,
+        None if window is None else P(),
+    )
     # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation.
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
 
@@ -232,34 +275,71 @@ def _xla_softcap(q_BTHD, k_BSKD, v_BSKD, mask, *, scale, softcap):
     B, T, H, D = q_BTHD.shape
     K = k_BSKD.shape[2]
     q = q_BTHD.reshape(B, T, K, H // K, D)
-    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD,
-                         preferred_element_type=jnp.float32) * (D ** -0.5 if scale is None else scale)
+    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * (
+        D**-0.5 if scale is None else scale
+    )
     s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
-    if mask is not None:   # [B or 1, 1, T, S]
+    if mask is not None:  # [B or 1, 1, T, S]
         s_BKGTS = jnp.where(mask[:, :, None], s_BKGTS, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKD.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", p, v_BSKD).reshape(B, T, H, D)
 
 
-def attend(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None,
-           scale: float | None = None, window=None, softcap: float | None = None,
-           impl: str = "xla"):
+def attend(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    *,
+    causal: bool,
+    segment_ids_BT=None,
+    kv_mask_BS=None,
+    scale: float | None = None,
+    window=None,
+    softcap: float | None = None,
+    impl: str = "xla",
+):
     """Softmax attention; H must be a multiple of K (grouped-query). Returns [B, T, H, D].
 
     window: int (may be traced): query t sees keys s with t - s < window (causal only, T
     and S aligned at 0). softcap: logits become softcap * tanh(logits / softcap).
     Query rows that can see no key: xla/cudnn average V uniformly, pallas returns zeros.
+    A per-query key mask kv_mask_BS [B, T, S] (decoding from a cache) runs on xla only.
     """
     if window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
-    problem = Problem.of(q_BTHD, k_BSKD, causal=causal, segment_ids_BT=segment_ids_BT,
-                         kv_mask_BS=kv_mask_BS, window=window, softcap=softcap)
+    if kv_mask_BS is not None and kv_mask_BS.ndim == 3:
+        if impl not in ("xla", "auto"):
+            raise AttentionUnavailable(
+                f"attention_impl={impl!r} cannot run: a per-query key mask [B, T, S] needs xla"
+            )
+        impl = "xla"
+    problem = Problem.of(
+        q_BTHD,
+        k_BSKD,
+        causal=causal,
+        segment_ids_BT=segment_ids_BT,
+        kv_mask_BS=kv_mask_BS,
+        window=window,
+        softcap=softcap,
+    )
     chosen = choose(impl, problem)
     if chosen == "pallas":
+
         def run(q, k, v, seg, kv_mask, win):
-            return _pallas(q, k, v, causal=causal, segment_ids_BT=seg, kv_mask_BS=kv_mask,
-                           scale=scale, window=win, softcap=softcap, backend=problem.backend,
-                           interpret=problem.backend == "cpu")
+            return _pallas(
+                q,
+                k,
+                v,
+                causal=causal,
+                segment_ids_BT=seg,
+                kv_mask_BS=kv_mask,
+                scale=scale,
+                window=win,
+                softcap=softcap,
+                backend=problem.backend,
+                interpret=problem.backend == "cpu",
+            )
+
         mesh = _context_mesh()
         if mesh is None:
             return run(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS, window)
@@ -267,12 +347,14 @@ def attend(q_BTHD, k_BSKD, v_BSKD, *, causal: bool, segment_ids_BT=None, kv_mask
     T, S = q_BTHD.shape[1], k_BSKD.shape[1]
     mask = None
     if segment_ids_BT is not None or kv_mask_BS is not None or window is not None:
-        mask = attention_mask(T, S, causal=False, segment_ids_BT=segment_ids_BT,
-                              kv_mask_BS=kv_mask_BS, window=window)
-    if softcap is not None:   # xla only (cuDNN refuses soft-capping in its capability check)
+        mask = attention_mask(
+            T, S, causal=False, segment_ids_BT=segment_ids_BT, kv_mask_BS=kv_mask_BS, window=window
+        )
+    if softcap is not None:  # xla only (cuDNN refuses soft-capping in its capability check)
         if causal:
             causal_mask = attention_mask(T, S, causal=True)
             mask = causal_mask if mask is None else mask & causal_mask
         return _xla_softcap(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale, softcap=softcap)
-    return jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale,
-                                        is_causal=causal, implementation=chosen)
+    return jax.nn.dot_product_attention(
+        q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale, is_causal=causal, implementation=chosen
+    )

@@ -38,10 +38,21 @@ VERSION = 1
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
 
 # safetensors dtype codes -> numpy dtypes (safetensors.numpy cannot read bfloat16).
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
-           "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class CheckpointError(ValueError):
@@ -54,23 +65,30 @@ def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
     flat = {}
     for key, value in params.items():
         if not isinstance(key, str) or "/" in key or not key:
-            raise CheckpointError(f"parameter key {prefix + str(key)!r}: keys must be "
-                                  "non-empty strings without '/'")
+            raise CheckpointError(
+                f"parameter key {prefix + str(key)!r}: keys must be non-empty strings without '/'"
+            )
         path = prefix + key
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "/"))
         elif isinstance(value, (jax.Array, np.ndarray)):
             flat[path] = np.asarray(jax.device_get(value))
         else:
-            raise CheckpointError(f"parameter {path!r} is a {type(value).__name__}; "
-                                  "checkpoints hold nested dicts of arrays")
+            raise CheckpointError(
+                f"parameter {path!r} is a {type(value).__name__}; "
+                "checkpoints hold nested dicts of arrays"
+            )
     return flat
 
 
 def _describe(params) -> dict:
     """The tree with each leaf replaced by 'dtype[d0,d1,...]'."""
-    return {k: _describe(v) if isinstance(v, dict) else
-            f"{np.dtype(v.dtype).name}[{','.join(map(str, v.shape))}]" for k, v in params.items()}
+    return {
+        k: _describe(v)
+        if isinstance(v, dict)
+        else f"{np.dtype(v.dtype).name}[{','.join(map(str, v.shape))}]"
+        for k, v in params.items()
+    }
 
 
 def _unflatten(tree: dict, flat: dict[str, np.ndarray], prefix: str = "") -> dict:
@@ -84,8 +102,10 @@ def _unflatten(tree: dict, flat: dict[str, np.ndarray], prefix: str = "") -> dic
             raise CheckpointError(f"params.safetensors lacks {path!r} listed in the manifest")
         arr = flat.pop(path)
         if _describe({key: arr})[key] != spec:
-            raise CheckpointError(f"{path!r} is {_describe({key: arr})[key]} in "
-                                  f"params.safetensors but {spec} in the manifest")
+            raise CheckpointError(
+                f"{path!r} is {_describe({key: arr})[key]} in "
+                f"params.safetensors but {spec} in the manifest"
+            )
         out[key] = arr
     return out
 
@@ -123,13 +143,17 @@ def save(model: DepthModel, path) -> Path:
     if not isinstance(model, DepthModel):
         raise TypeError(f"save expects a DepthModel, got {type(model).__name__}")
     if model.program.block.ndim != 1:
-        raise CheckpointError(f"save takes a model with one program; got a batch of "
-                              f"programs {model.program.block.shape}")
+        raise CheckpointError(
+            f"save takes a model with one program; got a batch of "
+            f"programs {model.program.block.shape}"
+        )
     path = Path(path)
-    if path.exists() and not (path.is_dir() and ((path / "manifest.json").exists()
-                                                 or not any(path.iterdir()))):
-        raise FileExistsError(f"{path} exists and is not a depthjax checkpoint; "
-                              "refusing to overwrite it")
+    if path.exists() and not (
+        path.is_dir() and ((path / "manifest.json").exists() or not any(path.iterdir()))
+    ):
+        raise FileExistsError(
+            f"{path} exists and is not a depthjax checkpoint; refusing to overwrite it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = flatten_params(model.params)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -139,9 +163,15 @@ def save(model: DepthModel, path) -> Path:
         safetensors.numpy.save_file(flat, tmp / "params.safetensors")
         with open(tmp / "params.safetensors", "rb+") as f:
             os.fsync(f.fileno())
-        _write_json(tmp / "manifest.json", {
-            "format": FORMAT, "version": VERSION, "params": _describe(model.params),
-            "params_crc32": _crc32(tmp / "params.safetensors")})
+        _write_json(
+            tmp / "manifest.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "params": _describe(model.params),
+                "params_crc32": _crc32(tmp / "params.safetensors"),
+            },
+        )
         _fsync_dir(tmp)
         if path.exists():  # swap: the old checkpoint stays whole until the new one is in
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -173,15 +203,19 @@ def load(path, *, verify: bool = True) -> DepthModel:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: "
-                              f"{'not a directory' if path.exists() else 'does not exist'}")
+        raise CheckpointError(
+            f"no checkpoint at {path}: {'not a directory' if path.exists() else 'does not exist'}"
+        )
     manifest = _read_json(path / "manifest.json")
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format "
-                              f"{manifest.get('format')!r})")
+        raise CheckpointError(
+            f"{path} is not a depthjax checkpoint (manifest format {manifest.get('format')!r})"
+        )
     if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}; "
-                              f"this depthjax reads version {VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {manifest.get('version')}; "
+            f"this depthjax reads version {VERSION}"
+        )
     try:
         config = ModelConfig.from_dict(_read_json(path / "config.json"))
     except (TypeError, ValueError) as e:
@@ -192,18 +226,23 @@ def load(path, *, verify: bool = True) -> DepthModel:
     if not params_file.exists():
         raise CheckpointError(f"{path} is incomplete: params.safetensors is missing")
     if verify and _crc32(params_file) != manifest["params_crc32"]:
-        raise CheckpointError(f"{params_file} is corrupt: its CRC-32 does not match the "
-                              "manifest (truncated or modified after saving)")
+        raise CheckpointError(
+            f"{params_file} is corrupt: its CRC-32 does not match the "
+            "manifest (truncated or modified after saving)"
+        )
     try:
         tensors = safetensors.deserialize(params_file.read_bytes())
-        flat = {name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
-                for name, t in tensors}
+        flat = {
+            name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
+            for name, t in tensors
+        }
     except Exception as e:  # the Rust reader raises its own error types
         raise CheckpointError(f"{params_file} is corrupt: {e}") from None
     params = _unflatten(manifest["params"], flat)
     if flat:
-        raise CheckpointError(f"params.safetensors holds tensors not in the manifest: "
-                              f"{sorted(flat)[:5]}")
+        raise CheckpointError(
+            f"params.safetensors holds tensors not in the manifest: {sorted(flat)[:5]}"
+        )
     check_params(config, params)
     params = jax.tree.map(jnp.asarray, params)
     n_blocks = jax.tree.leaves(params["blocks"])[0].shape[0]
@@ -227,17 +266,31 @@ def check_params(config: ModelConfig, params: dict) -> None:
     cfg = config.replace(n_layers=rows.pop(), layer_types=None, sliding_window=None)
     expected = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
     # Shapes only: a model saved with parameters cast to bfloat16 is still consistent.
-    flat_want = {k: v.split("[")[1] for k, v in _flat_specs(_describe(
-        {p: expected[p] for p in ("embed", "blocks", "head")})).items()}
-    flat_got = {k: v.split("[")[1] for k, v in _flat_specs(_describe(
-        {p: params[p] for p in ("embed", "blocks", "head")})).items()}
+    flat_want = {
+        k: v.split("[")[1]
+        for k, v in _flat_specs(
+            _describe({p: expected[p] for p in ("embed", "blocks", "head")})
+        ).items()
+    }
+    flat_got = {
+        k: v.split("[")[1]
+        for k, v in _flat_specs(
+            _describe({p: params[p] for p in ("embed", "blocks", "head")})
+        ).items()
+    }
     problems = [f"missing {k} [{v}" for k, v in flat_want.items() if k not in flat_got]
     problems += [f"unexpected {k} [{v}" for k, v in flat_got.items() if k not in flat_want]
-    problems += [f"{k} has shape [{flat_got[k]}, config needs [{v}" for k, v in flat_want.items()
-                 if k in flat_got and flat_got[k] != v]
+    problems += [
+        f"{k} has shape [{flat_got[k]}, config needs [{v}"
+        for k, v in flat_want.items()
+        if k in flat_got and flat_got[k] != v
+    ]
     if problems:
-        raise CheckpointError("parameters do not match the config: " + "; ".join(problems[:8])
-                              + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+        raise CheckpointError(
+            "parameters do not match the config: "
+            + "; ".join(problems[:8])
+            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
 
 
 def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -248,12 +301,16 @@ def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def load_model(path) -> DepthModel:
-    """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json)."""
+    """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json,
+    or a sentence-transformers modules.json)."""
     p = Path(path)
     if (p / "manifest.json").is_file():
         return load(p)
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or (p / "modules.json").is_file():
         from . import hf
+
         return hf.load(p)
-    raise CheckpointError(f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
-                          "Hugging Face directory (no config.json)")
+    raise CheckpointError(
+        f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
+        "Hugging Face directory (no config.json)"
+    )

@@ -32,8 +32,9 @@ def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Pat
     return files
 
 
-def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train",
-                   encode=None):
+def sample_windows(
+    batch_size: int, seq_len: int, *, seed: int = 0, split: str = "train", encode=None
+):
     """int32 [batch_size, seq_len] token windows drawn deterministically from the corpus.
 
     encode: text bytes -> int token ids (default: the bytes themselves, vocab 256)."""
@@ -50,5 +51,15 @@ def sample_windows(batch_size: int, seq_len: int, *, seed: int = 0, split: str =
         else:
             raise RuntimeError(f"no corpus file is longer than seq_len={seq_len} tokens")
         start = rng.integers(len(ids) - seq_len)
-        out[b] = ids[start:start + seq_len]
+        out[b] = ids[start : start + seq_len]
     return out
+
+
+def stream_windows(token_stream, batch_size: int, seq_len: int, *, seed: int = 0):
+    """int32 [batch_size, seq_len] windows at seeded random offsets of one token stream
+    (e.g. a user's documents encoded and joined)."""
+    stream = np.asarray(token_stream, np.int32)
+    if stream.size < seq_len:
+        raise ValueError(f"the data has {stream.size} tokens, fewer than seq_len={seq_len}")
+    starts = np.random.default_rng(seed).integers(0, stream.size - seq_len + 1, batch_size)
+    return np.stack([stream[s : s + seq_len] for s in starts])

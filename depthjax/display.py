@@ -19,11 +19,24 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from .model import count_params
 from .program import Program
 
 # Pastel colours for table rows run by more than one step (ties); dark text on top.
-_PALETTE = ("#ffd8a8", "#b2f2bb", "#a5d8ff", "#eebefa", "#ffec99", "#99e9f2", "#ffc9c9",
-            "#d0bfff", "#c0eb75", "#fcc2d7", "#bac8ff", "#96f2d7")
+_PALETTE = (
+    "#ffd8a8",
+    "#b2f2bb",
+    "#a5d8ff",
+    "#eebefa",
+    "#ffec99",
+    "#99e9f2",
+    "#ffc9c9",
+    "#d0bfff",
+    "#c0eb75",
+    "#fcc2d7",
+    "#bac8ff",
+    "#96f2d7",
+)
 _MAX_ROWS = 256  # longer programs show their first and last steps
 
 
@@ -66,8 +79,10 @@ def _rank_per_step(a_step_in_r) -> np.ndarray:
 
 def _has_values(tree) -> bool:
     """True when every leaf holds values (not tracers or abstract shapes)."""
-    return all(hasattr(x, "__array__") and not isinstance(x, jax.core.Tracer)
-               for x in jax.tree.leaves(tree))
+    return all(
+        hasattr(x, "__array__") and not isinstance(x, jax.core.Tracer)
+        for x in jax.tree.leaves(tree)
+    )
 
 
 def step_extras(steps: dict | None, depth: int) -> list[tuple[str, ...]]:
@@ -75,8 +90,10 @@ def step_extras(steps: dict | None, depth: int) -> list[tuple[str, ...]]:
     out = [[] for _ in range(depth)]
     if not steps or not _has_values(steps):
         return [tuple(["per-step params"] if steps else []) for _ in range(depth)]
-    delta = {p: _nonzero_per_step(leaf, depth)
-             for p, leaf in traverse_util.flatten_dict(steps.get("delta") or {}).items()}
+    delta = {
+        p: _nonzero_per_step(leaf, depth)
+        for p, leaf in traverse_util.flatten_dict(steps.get("delta") or {}).items()
+    }
     for i in range(depth):
         names = sorted({p[0] for p, nonzero in delta.items() if nonzero[i]})
         if names:
@@ -114,8 +131,18 @@ def step_rows(program: Program, steps: dict | None = None) -> list[StepRow]:
     rows = []
     for i, b in enumerate(block):
         tied = tuple(int(j) for j in np.flatnonzero(block == b) if j != i)
-        rows.append(StepRow(i, int(b), float(attn[i]), float(mlp[i]), int(group[i]),
-                            int(sizes[group[i]]), tied, extras[i]))
+        rows.append(
+            StepRow(
+                i,
+                int(b),
+                float(attn[i]),
+                float(mlp[i]),
+                int(group[i]),
+                int(sizes[group[i]]),
+                tied,
+                extras[i],
+            )
+        )
     return rows
 
 
@@ -172,44 +199,61 @@ def _strip(rows: list[StepRow], colours: dict[int, str]) -> str:
             half = (r.attn == 0) != (r.mlp == 0)
             bg = colours.get(r.block, "#e9ecef")
             title = f"step {r.step}: block {r.block}, attn {r.attn:g}, mlp {r.mlp:g}"
-            style = (f"background:{bg};color:#000;border:1px solid #adb5bd;border-radius:3px;"
-                     f"padding:0 4px;margin:1px;min-width:14px;text-align:center;"
-                     f"opacity:{0.3 if off else 0.65 if half else 1}"
-                     + (";border-style:dashed" if half else ""))
+            style = (
+                f"background:{bg};color:#000;border:1px solid #adb5bd;border-radius:3px;"
+                f"padding:0 4px;margin:1px;min-width:14px;text-align:center;"
+                f"opacity:{0.3 if off else 0.65 if half else 1}"
+                + (";border-style:dashed" if half else "")
+            )
             boxes.append(f'<div title="{title}" style="{style}">{r.block}</div>')
-        parts.append('<div style="display:flex;flex-direction:column;justify-content:center">'
-                     + "".join(boxes) + "</div>")
-    return ('<div style="display:flex;flex-wrap:wrap;align-items:center;font-family:monospace;'
-            'font-size:11px;margin:4px 0">' + "".join(parts) + "</div>")
+        parts.append(
+            '<div style="display:flex;flex-direction:column;justify-content:center">'
+            + "".join(boxes)
+            + "</div>"
+        )
+    return (
+        '<div style="display:flex;flex-wrap:wrap;align-items:center;font-family:monospace;'
+        'font-size:11px;margin:4px 0">' + "".join(parts) + "</div>"
+    )
 
 
 def _table(rows: list[StepRow], colours: dict[int, str]) -> str:
     any_par = any(r.group_size > 1 for r in rows)
     any_extra = any(r.extras for r in rows)
-    heads = ["step", "block", "attn", "mlp"] + (["parallel"] if any_par else []) + \
-        ["tied with"] + (["per-step params"] if any_extra else [])
-    out = [f'<table style="{_TABLE}"><thead><tr>'
-           + "".join(f'<th style="{_CELL if h in _NUMERIC else _CELL_L}">{h}</th>' for h in heads)
-           + "</tr></thead><tbody>"]
-    shown = rows if len(rows) <= _MAX_ROWS else rows[:_MAX_ROWS // 2] + [None] + rows[-_MAX_ROWS // 2:]
+    heads = (
+        ["step", "block", "attn", "mlp"]
+        + (["parallel"] if any_par else [])
+        + ["tied with"]
+        + (["per-step params"] if any_extra else [])
+    )
+    out = [
+        f'<table style="{_TABLE}"><thead><tr>'
+        + "".join(f'<th style="{_CELL if h in _NUMERIC else _CELL_L}">{h}</th>' for h in heads)
+        + "</tr></thead><tbody>"
+    ]
+    half = _MAX_ROWS // 2
+    shown = rows if len(rows) <= _MAX_ROWS else rows[:half] + [None] + rows[-half:]
     for r in shown:
         if r is None:
             hidden = len(rows) - _MAX_ROWS
-            out.append(f'<tr><td colspan="{len(heads)}" style="{_CELL};text-align:center">'
-                       f"… {hidden} steps not shown …</td></tr>")
+            out.append(
+                f'<tr><td colspan="{len(heads)}" style="{_CELL};text-align:center">'
+                f"… {hidden} steps not shown …</td></tr>"
+            )
             continue
         bg = colours.get(r.block)
         block_style = _CELL + (f";background:{bg};color:#000" if bg else "")
-        cells = [f'<td style="{_CELL}">{r.step}</td>',
-                 f'<td style="{block_style}">{r.block}</td>',
-                 f'<td style="{_CELL}">{_gate(r.attn)}</td>',
-                 f'<td style="{_CELL}">{_gate(r.mlp)}</td>']
+        cells = [
+            f'<td style="{_CELL}">{r.step}</td>',
+            f'<td style="{block_style}">{r.block}</td>',
+            f'<td style="{_CELL}">{_gate(r.attn)}</td>',
+            f'<td style="{_CELL}">{_gate(r.mlp)}</td>',
+        ]
         if any_par:
             cells.append(f'<td style="{_CELL_L}">{_group_mark(r, rows)}</td>')
         cells.append(f'<td style="{_CELL_L}">{_ties(r)}</td>')
         if any_extra:
-            cells.append(f'<td style="{_CELL_L}">'
-                         f'{html.escape("; ".join(r.extras))}</td>')
+            cells.append(f'<td style="{_CELL_L}">{html.escape("; ".join(r.extras))}</td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</tbody></table>"
 
@@ -229,8 +273,9 @@ def _summary(rows: list[StepRow], n_blocks: int | None) -> str:
     return " · ".join(parts)
 
 
-def program_html(program: Program, steps: dict | None = None, *,
-                 n_blocks: int | None = None) -> str:
+def program_html(
+    program: Program, steps: dict | None = None, *, n_blocks: int | None = None
+) -> str:
     """HTML for a program: a strip of its steps, a summary line and the step table."""
     if not _has_values(program):
         return f"<pre>Program(depth={program.depth}, no values: traced or abstract)</pre>"
@@ -238,29 +283,37 @@ def program_html(program: Program, steps: dict | None = None, *,
     colours = _colours(rows)
     batch = ""
     if program.block.ndim > 1:
-        batch = (f"<div>a batch of programs {tuple(program.block.shape[:-1])}; "
-                 "showing the first</div>")
-    return (f'<div style="font-family:monospace;font-size:12px">{batch}'
-            f"<div><b>Program</b> · {_summary(rows, n_blocks)}</div>"
-            f"{_strip(rows, colours)}{_table(rows, colours)}</div>")
-
-
-def _count(tree) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
+        batch = (
+            f"<div>a batch of programs {tuple(program.block.shape[:-1])}; showing the first</div>"
+        )
+    return (
+        f'<div style="font-family:monospace;font-size:12px">{batch}'
+        f"<div><b>Program</b> · {_summary(rows, n_blocks)}</div>"
+        f"{_strip(rows, colours)}{_table(rows, colours)}</div>"
+    )
 
 
 def model_html(model) -> str:
     """HTML for a DepthModel: its config, parameter counts by part, then its program."""
     cfg = model.config
-    fields = [f"{cfg.family}", f"d_model={cfg.d_model}", f"heads={cfg.n_heads}/{cfg.n_kv_heads}",
-              f"d_ff={cfg.d_ff}", f"vocab={cfg.vocab_size}", f"norm={cfg.norm}/{cfg.norm_placement}",
-              f"dtype={cfg.dtype}"]
-    counts = {k: _count(v) for k, v in model.params.items()}
-    total = sum(counts.values())
+    fields = [
+        f"{cfg.family}",
+        f"d_model={cfg.d_model}",
+        f"heads={cfg.n_heads}/{cfg.n_kv_heads}",
+        f"d_ff={cfg.d_ff}",
+        f"vocab={cfg.vocab_size}",
+        f"norm={cfg.norm}/{cfg.norm_placement}",
+        f"dtype={cfg.dtype}",
+    ]
+    counts = {k: count_params(v) for k, v in model.params.items()}
+    total = model.n_params
     per_part = " · ".join(f"{k} {n:,}" for k, n in counts.items())
-    head = (f"<div><b>DepthModel</b> · {html.escape(', '.join(fields))}</div>"
-            f"<div>table of {model.n_blocks} blocks · {total:,} parameters ({html.escape(per_part)})"
-            + (" · final adapter before the head" if "final_adapter" in model.params else "")
-            + "</div>")
+    head = (
+        f"<div><b>DepthModel</b> · {html.escape(', '.join(fields))}</div>"
+        f"<div>table of {model.n_blocks} blocks · {total:,} parameters "
+        f"({html.escape(per_part)})"
+        + (" · final adapter before the head" if "final_adapter" in model.params else "")
+        + "</div>"
+    )
     body = program_html(model.program, model.params.get("steps"), n_blocks=model.n_blocks)
     return f'<div style="font-family:monospace;font-size:12px">{head}{body}</div>'

@@ -12,11 +12,12 @@ Transforms that rewrite the table (tie, compact, grow, materialize) rewrite
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
 
-GLOBAL = np.iinfo(np.int32).max   # window of a global row: t - s < GLOBAL for every key
+GLOBAL = np.iinfo(np.int32).max  # window of a global row: t - s < GLOBAL for every key
 
 
 def windowed(cfg: ModelConfig) -> bool:
@@ -35,6 +36,17 @@ def row_rope_tables(cfg: ModelConfig) -> np.ndarray:
     if cfg.local_rope_theta is None:
         return np.zeros(cfg.n_layers, np.int32)
     return (row_windows(cfg) != GLOBAL).astype(np.int32)
+
+
+def row_kind(cfg: ModelConfig, row) -> dict:
+    """Attention keyword arguments of table row `row` (an int, may be traced): its
+    `window` (if any row has one) and `rope_table` (if the model has a local RoPE)."""
+    kind = {}
+    if windowed(cfg):
+        kind["window"] = jnp.asarray(row_windows(cfg))[row]
+    if cfg.local_rope_theta is not None:
+        kind["rope_table"] = jnp.asarray(row_rope_tables(cfg))[row]
+    return kind
 
 
 def take(cfg: ModelConfig, rows) -> str | None:

@@ -6,11 +6,16 @@ exactly a third fewer KV bytes. The slot map is static (computed on the host fro
 concrete program) and travels with the cache as pytree metadata.
 
 Layout: k, v [N slots, B, S, K, Dh]; `valid` [N, B, S] says which keys a query may see
-(prompt padding and tokens that exited early before reaching a step are invalid). All
-sequences write at the same cache index `length`; each has its own position counter
-`next_pos` for RoPE / learned positions, so left and right padding both work.
-`positions` [B, S] holds each entry's position: a row with a sliding window lets a new
-token see the keys within `window` positions of its own (padding does not count).
+(prompt padding and tokens that exited early before reaching a step are invalid). Each
+sequence writes at its own cache index `length[b]` and has its own position counter
+`next_pos[b]` for RoPE / learned positions, so left and right padding both work, and so do
+rows that advance by different numbers of tokens (self-speculative decoding accepts a
+different number of draft tokens per row). A query at cache index i sees the valid keys
+at indices <= i: entries past a row's length (drafts it rejected) are never read and are
+overwritten by the next tokens it writes.
+`positions` [B, S] holds each entry's position (written with its keys): a row with a
+sliding window lets a query see the keys within `window` positions of its own (padding
+does not count).
 """
 
 from __future__ import annotations
@@ -36,23 +41,32 @@ def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ..
     return tuple(int(i) for i in np.flatnonzero(attn != 0))
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "valid", "length", "next_pos", "positions"],
-                   meta_fields=["steps", "depth"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["k", "v", "valid", "length", "next_pos", "positions"],
+    meta_fields=["steps", "depth"],
+)
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array          # [N, B, S, K, Dh]
-    v: jax.Array          # [N, B, S, K, Dh]
-    valid: jax.Array      # bool [N, B, S]
-    length: jax.Array     # int32 []: cache index the next token is written at
-    next_pos: jax.Array   # int32 [B]: position of each sequence's next token
+    k: jax.Array  # [N, B, S, K, Dh]
+    v: jax.Array  # [N, B, S, K, Dh]
+    valid: jax.Array  # bool [N, B, S]
+    length: jax.Array  # int32 [B]: cache index each sequence writes its next token at
+    next_pos: jax.Array  # int32 [B]: position of each sequence's next token
     positions: jax.Array  # int32 [B, S]: position of each cache entry
     steps: tuple[int, ...]  # slot n belongs to program step steps[n]
-    depth: int              # the cache covers program steps 0..depth-1
+    depth: int  # the cache covers program steps 0..depth-1
 
     @classmethod
-    def create(cls, cfg: ModelConfig, program: Program, batch: int, max_len: int, *,
-               depth: int | None = None) -> "KVCache":
+    def create(
+        cls,
+        cfg: ModelConfig,
+        program: Program,
+        batch: int,
+        max_len: int,
+        *,
+        depth: int | None = None,
+    ) -> KVCache:
         """An empty cache for `program` (its first `depth` steps): one slot per attention step."""
         depth = program.depth if depth is None else depth
         if not 1 <= depth <= program.depth:
@@ -60,14 +74,21 @@ class KVCache:
         return cls.empty(cfg, attention_steps(program, depth), depth, batch, max_len)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int,
-              max_len: int) -> "KVCache":
+    def empty(
+        cls, cfg: ModelConfig, steps: tuple[int, ...], depth: int, batch: int, max_len: int
+    ) -> KVCache:
         """An empty cache with slots for `steps` (works under jit: the layout is static)."""
         shape = (len(steps), batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-                   valid=jnp.zeros(shape[:3], bool), length=jnp.zeros((), jnp.int32),
-                   next_pos=jnp.zeros((batch,), jnp.int32),
-                   positions=jnp.zeros((batch, max_len), jnp.int32), steps=steps, depth=depth)
+        return cls(
+            k=jnp.zeros(shape, cfg.dtype),
+            v=jnp.zeros(shape, cfg.dtype),
+            valid=jnp.zeros(shape[:3], bool),
+            length=jnp.zeros((batch,), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+            positions=jnp.zeros((batch, max_len), jnp.int32),
+            steps=steps,
+            depth=depth,
+        )
 
     @property
     def n_slots(self) -> int:
@@ -88,7 +109,7 @@ class KVCache:
         slots[list(self.steps)] = np.arange(self.n_slots)
         return slots
 
-    def replace(self, **changes) -> "KVCache":
+    def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
 
     def check_program(self, program: Program, depth: int) -> None:
@@ -99,49 +120,72 @@ class KVCache:
             return
         want = attention_steps(program, self.depth)
         if want != self.steps:
-            raise ProgramError(f"the cache has slots for attention steps {list(self.steps)} "
-                               f"but the program's attention steps are {list(want)}: build "
-                               "the cache (prefill) with the same program")
+            raise ProgramError(
+                f"the cache has slots for attention steps {list(self.steps)} "
+                f"but the program's attention steps are {list(want)}: build "
+                "the cache (prefill) with the same program"
+            )
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["cache", "slot", "write_B"], meta_fields=["prefill"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["cache", "slot", "write_B"],
+    meta_fields=["prefill"],
+)
 @dataclasses.dataclass(frozen=True)
 class StepCache:
     """What one attention call sees: the cache, its slot, and which rows really write.
 
     prefill=True: the T new tokens are the whole cache content so far (written at 0) and
-    attend causally among themselves; prefill=False: one new token per sequence, written
-    at `cache.length`, attends to every valid key of the slot.
+    attend causally among themselves; prefill=False: T >= 1 new tokens per sequence,
+    written at its indices length[b] .. length[b] + T - 1, each attending to the valid keys
+    at indices up to its own (one token per step when decoding; T = draft tokens + 1 when
+    verifying a draft).
     """
 
     cache: KVCache
-    slot: jax.Array       # int32 []
-    write_B: jax.Array    # bool [B]: False marks the written keys invalid (exited tokens)
+    slot: jax.Array  # int32 []
+    write_B: jax.Array  # bool [B]: False marks the written keys invalid (exited tokens)
     prefill: bool
 
-    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None,
-               positions_BT=None):
-        """Write the new keys/values; returns (self', keys, values, key mask, causal, window)
-        to attend with. Decoding folds this row's `window` into the key mask by position
-        (the query's `positions_BT` against the cache's `positions`)."""
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None, positions_BT=None):
+        """Write the new keys/values; returns (self', keys, values, key mask, causal,
+        window) to attend with (the key mask is [B, S], or [B, T, S] per query when
+        extending). `positions_BT` are the new tokens' positions, recorded in the cache;
+        extending folds this row's `window` into the key mask by position."""
         c = self.cache
-        start = 0 if self.prefill else c.length
-        T = k_BTKD.shape[1]
-        write = lambda buf, new: jax.lax.dynamic_update_slice(
-            buf, new[None].astype(buf.dtype), (self.slot, 0, start) + (0,) * (buf.ndim - 3))
-        valid_BT = jnp.broadcast_to(self.write_B[:, None], (self.write_B.shape[0], T))
+        B, T = k_BTKD.shape[:2]
+        valid_BT = jnp.broadcast_to(self.write_B[:, None], (B, T))
         if kv_mask_BT is not None:
             valid_BT = valid_BT & kv_mask_BT.astype(bool)
-        c = c.replace(k=write(c.k, k_BTKD), v=write(c.v, v_BTKD), valid=write(c.valid, valid_BT))
-        new = dataclasses.replace(self, cache=c)
-        if self.prefill:   # the prompt sits at cache index 0: the window works on indices
-            return new, k_BTKD, v_BTKD, kv_mask_BT, causal, window
-        if T != 1:
-            raise ValueError(f"decoding writes one token per sequence, got {T}")
+        if self.prefill:
+            write = lambda buf, new: jax.lax.dynamic_update_slice(
+                buf, new[None].astype(buf.dtype), (self.slot, 0, 0) + (0,) * (buf.ndim - 3)
+            )
+            c = c.replace(
+                k=write(c.k, k_BTKD), v=write(c.v, v_BTKD), valid=write(c.valid, valid_BT)
+            )
+            if positions_BT is not None:
+                c = c.replace(positions=c.positions.at[:, :T].set(positions_BT))
+            # the prompt sits at cache index 0: the window works on indices
+            return dataclasses.replace(self, cache=c), k_BTKD, v_BTKD, kv_mask_BT, causal, window
+        index_BT = c.length[:, None] + jnp.arange(T, dtype=c.length.dtype)
+        rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        put = lambda buf, new: buf.at[self.slot, rows_BT, index_BT].set(
+            new.astype(buf.dtype), mode="drop"
+        )
+        c = c.replace(k=put(c.k, k_BTKD), v=put(c.v, v_BTKD), valid=put(c.valid, valid_BT))
+        if positions_BT is not None:
+            c = c.replace(
+                positions=c.positions.at[rows_BT, index_BT].set(
+                    positions_BT.astype(jnp.int32), mode="drop"
+                )
+            )
         slot = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.slot, keepdims=False)
-        valid_BS = slot(c.valid)
+        S = c.max_len
+        sees_BTS = slot(c.valid)[:, None, :] & (
+            jnp.arange(S)[None, None, :] <= index_BT[:, :, None]
+        )
         if window is not None:
-            valid_BS = valid_BS & (positions_BT[:, :1] - c.positions < window)
-        # The cache holds only the past and this token, so no causal mask is needed.
-        return new, slot(c.k), slot(c.v), valid_BS, False, None
+            sees_BTS = sees_BTS & (positions_BT[:, :, None] - c.positions[:, None, :] < window)
+        return dataclasses.replace(self, cache=c), slot(c.k), slot(c.v), sees_BTS, False, None

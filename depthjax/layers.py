@@ -29,16 +29,25 @@ def make_norm(cfg: ModelConfig, name: str, *, kind: str | None = None, axes: int
     """RMSNorm or LayerNorm (with bias) over the last `axes` axes, reducing in float32."""
     over = tuple(range(-axes, 0))
     if (kind or cfg.norm) == "rms":
-        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, reduction_axes=over,
-                          feature_axes=over, name=name)
-    return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, use_fast_variance=False,
-                        reduction_axes=over, feature_axes=over, name=name)
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps, dtype=cfg.dtype, reduction_axes=over, feature_axes=over, name=name
+        )
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        dtype=cfg.dtype,
+        use_fast_variance=False,
+        reduction_axes=over,
+        feature_axes=over,
+        name=name,
+    )
 
 
 def rope(x_BTHD, positions_BT, theta: float):
     """Plain rotary position embedding at base `theta` (half-split, as HF `rotate_half`);
     models use `depthjax.rope` (scaled variants, partial rotary, per-row tables)."""
-    inv_F = 1.0 / theta ** (jnp.arange(0, x_BTHD.shape[-1], 2, dtype=jnp.float32) / x_BTHD.shape[-1])
+    inv_F = 1.0 / theta ** (
+        jnp.arange(0, x_BTHD.shape[-1], 2, dtype=jnp.float32) / x_BTHD.shape[-1]
+    )
     angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_F
     return rope_lib.apply_rope(x_BTHD, jnp.cos(angle_BTF), jnp.sin(angle_BTF))
 
@@ -49,8 +58,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None,
-                 kv_cache=None, window=None, rope_table=None):
+    def __call__(
+        self,
+        x_BTD,
+        positions_BT,
+        *,
+        segment_ids_BT=None,
+        kv_mask_BT=None,
+        kv_cache=None,
+        window=None,
+        rope_table=None,
+    ):
         """Returns y [B, T, D]; with `kv_cache` (a depthjax.kv_cache.StepCache), returns
         (y, kv_cache) after writing this call's keys/values and attending over the cache.
 
@@ -59,12 +77,16 @@ class Attention(nn.Module):
         """
         cfg = self.cfg
         dense = lambda heads, name, bias: nn.DenseGeneral(
-            (heads, cfg.head_dim), use_bias=bias, dtype=cfg.dtype, kernel_init=init_normal(cfg),
-            name=name)
+            (heads, cfg.head_dim),
+            use_bias=bias,
+            dtype=cfg.dtype,
+            kernel_init=init_normal(cfg),
+            name=name,
+        )
         q_BTHD = dense(cfg.n_heads, "q", cfg.qkv_bias)(x_BTD)
         k_BTKD = dense(cfg.n_kv_heads, "k", cfg.qkv_bias)(x_BTD)
         v_BTKD = dense(cfg.n_kv_heads, "v", cfg.qkv_bias)(x_BTD)
-        if cfg.qk_norm:   # per head, or over the whole projection (heads x head_dim)
+        if cfg.qk_norm:  # per head, or over the whole projection (heads x head_dim)
             axes = 2 if cfg.qk_norm == "full" else 1
             q_BTHD = make_norm(cfg, "q_norm", kind="rms", axes=axes)(q_BTHD)
             k_BTKD = make_norm(cfg, "k_norm", kind="rms", axes=axes)(k_BTKD)
@@ -75,13 +97,29 @@ class Attention(nn.Module):
         causal, k_BSKD, v_BSKD, kv_mask_BS = cfg.causal, k_BTKD, v_BTKD, kv_mask_BT
         if kv_cache is not None:
             kv_cache, k_BSKD, v_BSKD, kv_mask_BS, causal, window = kv_cache.update(
-                k_BTKD, v_BTKD, kv_mask_BT, causal, window=window, positions_BT=positions_BT)
-        scale = None if cfg.query_scale_dim is None else cfg.query_scale_dim ** -0.5
-        out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, causal=causal, segment_ids_BT=segment_ids_BT,
-                          kv_mask_BS=kv_mask_BS, scale=scale, window=window,
-                          softcap=cfg.attn_softcap, impl=cfg.attention_impl)
-        y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
-                                kernel_init=init_normal(cfg), name="o")(out_BTHD)
+                k_BTKD, v_BTKD, kv_mask_BT, causal, window=window, positions_BT=positions_BT
+            )
+        scale = None if cfg.query_scale_dim is None else cfg.query_scale_dim**-0.5
+        out_BTHD = attend(
+            q_BTHD,
+            k_BSKD,
+            v_BSKD,
+            causal=causal,
+            segment_ids_BT=segment_ids_BT,
+            kv_mask_BS=kv_mask_BS,
+            scale=scale,
+            window=window,
+            softcap=cfg.attn_softcap,
+            impl=cfg.attention_impl,
+        )
+        y_BTD = nn.DenseGeneral(
+            cfg.d_model,
+            axis=(-2, -1),
+            use_bias=cfg.bias,
+            dtype=cfg.dtype,
+            kernel_init=init_normal(cfg),
+            name="o",
+        )(out_BTHD)
         return y_BTD if kv_cache is None else (y_BTD, kv_cache)
 
 
@@ -95,8 +133,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.cfg
-        dense = lambda features, name: nn.Dense(features, use_bias=cfg.bias, dtype=cfg.dtype,
-                                                kernel_init=init_normal(cfg), name=name)
+        dense = lambda features, name: nn.Dense(
+            features, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=init_normal(cfg), name=name
+        )
         if cfg.mlp in ("swiglu", "geglu"):
             act = nn.silu if cfg.mlp == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
             h_BTF = act(dense(cfg.d_ff, "gate")(x_BTD)) * dense(cfg.d_ff, "up")(x_BTD)

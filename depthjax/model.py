@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import operator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import kinds as kinds_lib
-from . import program as program_lib
-from . import step_params as steps_lib
-from .block import Block
+from . import kinds as kinds_lib, program as program_lib, step_params as steps_lib
+from .block import Block, step_updates
 from .config import ModelConfig, Remat
 from .layers import init_normal, make_norm
 from .program import Program, ProgramError
@@ -33,8 +34,7 @@ class Embed(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, token_types_BT=None):
         cfg = self.cfg
-        embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg),
-                                         name=name)
+        embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg), name=name)
         x_BTD = embed(cfg.vocab_size, "tok")(tokens_BT)
         if cfg.embed_scale is not None:
             x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, x_BTD.dtype)
@@ -62,18 +62,33 @@ class Head(nn.Module):
         if not logits:
             return x_BTD
         if cfg.tie_embeddings:
-            out = jnp.einsum("btd,vd->btv", x_BTD, tok_embedding_VD.astype(cfg.dtype),
-                             preferred_element_type=jnp.float32)
+            out = jnp.einsum(
+                "btd,vd->btv",
+                x_BTD,
+                tok_embedding_VD.astype(cfg.dtype),
+                preferred_element_type=jnp.float32,
+            )
         else:
-            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-                           kernel_init=init_normal(cfg), name="out")(x_BTD).astype(jnp.float32)
+            out = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                kernel_init=init_normal(cfg),
+                name="out",
+            )(x_BTD).astype(jnp.float32)
         if cfg.final_softcap is not None:
             out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
         return out
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "program"],
-                   meta_fields=["config"])
+def count_params(tree) -> int:
+    """Number of values in a parameter tree (arrays or jax.ShapeDtypeStruct leaves)."""
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["params", "program"], meta_fields=["config"]
+)
 @dataclasses.dataclass(frozen=True)
 class DepthModel:
     """A config (static), its parameters, and the program that walks the block table."""
@@ -92,25 +107,36 @@ class DepthModel:
         """Steps of the program."""
         return self.program.depth
 
-    def replace(self, **changes) -> "DepthModel":
+    @property
+    def n_params(self) -> int:
+        """Parameter values stored (a tied block counts once, per-step parameters count)."""
+        return count_params(self.params)
+
+    def replace(self, **changes) -> DepthModel:
         return dataclasses.replace(self, **changes)
 
-    def with_program(self, program: Program) -> "DepthModel":
+    def with_program(self, program: Program) -> DepthModel:
         program_lib.validate(program, self.n_blocks)
         return self.replace(program=program)
 
     def __repr__(self) -> str:
-        n = sum(x.size for x in jax.tree.leaves(self.params))
-        return (f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
-                f"blocks={self.n_blocks}, depth={self.depth}, params={n:,})\n{self.program!r}")
+        return (
+            f"DepthModel({self.config.family}, d_model={self.config.d_model}, "
+            f"blocks={self.n_blocks}, depth={self.depth}, params={self.n_params:,})\n"
+            f"{self.program!r}"
+        )
 
     def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
         from .display import model_html
+
         return model_html(self)
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["residual", "attn_out", "mlp_out"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["residual", "attn_out", "mlp_out"],
+    meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class Trace:
     """Per-step activations. residual[i] is the input of step i, residual[i+1] its output.
@@ -152,15 +178,31 @@ def segment_positions(segment_ids_BT):
     """Positions that restart at 0 where a new segment (packed document) begins."""
     T = segment_ids_BT.shape[1]
     idx = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
-                              segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    starts = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BT[:, :1], bool),
+            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1],
+        ],
+        axis=1,
+    )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
-def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_params,
-                 positions_BT, *, kv_cache=None, attn_enabled: bool = True, **block_kwargs):
+def program_step(
+    cfg: ModelConfig,
+    blocks,
+    carry,
+    step_prog: Program,
+    step_params,
+    positions_BT,
+    *,
+    kv_cache=None,
+    attn: bool | None = None,
+    **attn_kwargs,
+):
     """One step of the program on the residual carry (base, acc); see `run_blocks`.
 
+    A sublayer whose gate is 0 is not computed (`attn`: see `block.step_updates`).
     Returns (carry, u_attn_BTD, u_mlp_BTD), and the updated `kv_cache` when one is given
     (decoding, see depthjax.decoding). The training forward and decoding share this.
     """
@@ -172,21 +214,38 @@ def program_step(cfg: ModelConfig, blocks, carry, step_prog: Program, step_param
         base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
     row = jax.tree.map(lambda table: table[step_prog.block], blocks)
     row = steps_lib.effective_row(row, step_params)
-    if kinds_lib.windowed(cfg):   # the row's kind is gathered like its weights
-        block_kwargs["window"] = jnp.asarray(kinds_lib.row_windows(cfg))[step_prog.block]
-    if cfg.local_rope_theta is not None:
-        block_kwargs["rope_table"] = jnp.asarray(kinds_lib.row_rope_tables(cfg))[step_prog.block]
-    out = Block(cfg).apply({"params": row}, base, step_prog.attn, step_prog.mlp, positions_BT,
-                           kv_cache=kv_cache, attn_enabled=attn_enabled, **block_kwargs)
+    attn_kwargs.update(kinds_lib.row_kind(cfg, step_prog.block))  # gathered like the row
+    out = step_updates(
+        cfg,
+        row,
+        base,
+        step_prog.attn,
+        step_prog.mlp,
+        positions_BT,
+        attn=attn,
+        kv_cache=kv_cache,
+        **attn_kwargs,
+    )
     s = steps_lib.scale(step_params)
     u_attn, u_mlp = (u * jnp.asarray(s, u.dtype) for u in out[:2])
     acc = acc + u_attn + u_mlp
     return ((base, acc), u_attn, u_mlp) + tuple(out[2:])
 
 
-def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, *,
-               step_params=None, segment_ids_BT=None, kv_mask_BT=None, trace: bool = False,
-               unroll: bool = False):
+def run_blocks(
+    cfg: ModelConfig,
+    blocks,
+    program: Program,
+    x_BTD,
+    positions_BT,
+    *,
+    step_params=None,
+    segment_ids_BT=None,
+    kv_mask_BT=None,
+    trace: bool = False,
+    unroll: bool = False,
+    start=None,
+):
     """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
 
     `step_params` (leaves [depth, ...], see depthjax.step_params) is scanned with the program.
@@ -194,24 +253,40 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     The carry is (base, acc): `base` is the input shared by the current parallel group and
     `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
     parallel=False first commits the previous group (base += acc).
+
+    start (int32 [], may be traced): x_BTD is the residual *at* step `start` (the input of
+    that step, which must begin a parallel group) and steps before it are skipped at run
+    time: a suffix of the program, in the same compiled function for every start.
     """
 
     def step(carry, xs):
-        step_prog, step_params = xs
-        carry, u_attn, u_mlp = program_step(cfg, blocks, carry, step_prog, step_params,
-                                            positions_BT, segment_ids_BT=segment_ids_BT,
-                                            kv_mask_BT=kv_mask_BT)
-        base, acc = carry
-        return carry, ((base + acc, u_attn, u_mlp) if trace else None)
+        i, step_prog, step_params = xs
+        run = lambda: program_step(
+            cfg,
+            blocks,
+            carry,
+            step_prog,
+            step_params,
+            positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            kv_mask_BT=kv_mask_BT,
+        )
+        if start is None:
+            new, u_attn, u_mlp = run()
+        else:
+            zeros = jnp.zeros_like(carry[0])
+            new, u_attn, u_mlp = jax.lax.cond(i < start, lambda: (carry, zeros, zeros), run)
+        base, acc = new
+        return new, ((base + acc, u_attn, u_mlp) if trace else None)
 
     if cfg.remat is not Remat.NONE:
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
     carry = (x_BTD, jnp.zeros_like(x_BTD))
-    xs = (program, step_params)
+    xs = (jnp.arange(program.depth), program, step_params)
     if unroll:
         ys = []
         for i in range(program.depth):
-            carry, y = step(carry, jax.tree.map(lambda a: a[i], xs))
+            carry, y = step(carry, jax.tree.map(operator.itemgetter(i), xs))
             ys.append(y)
         ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if trace else None
     else:
@@ -220,7 +295,14 @@ def run_blocks(cfg: ModelConfig, blocks, program: Program, x_BTD, positions_BT, 
     return base + acc, ys
 
 
-def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment_ids_BT):
+def default_positions(tokens_BT, segment_ids_BT=None):
+    """0..T-1 on every row, restarting at each packed segment when segment ids are given."""
+    if segment_ids_BT is not None:
+        return segment_positions(segment_ids_BT)
+    return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+
+
+def check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment_ids_BT):
     cfg = model.config
     if jnp.ndim(tokens_BT) != 2:
         raise ValueError(f"tokens must be [batch, time], got shape {jnp.shape(tokens_BT)}")
@@ -229,18 +311,25 @@ def _check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment
     T = tokens_BT.shape[1]
     if cfg.position == "learned" and T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
-    for name, arr in (("mask", mask_BT), ("token_types", token_types_BT),
-                      ("segment_ids", segment_ids_BT)):
+    for name, arr in (
+        ("mask", mask_BT),
+        ("token_types", token_types_BT),
+        ("segment_ids", segment_ids_BT),
+    ):
         if arr is not None and jnp.shape(arr) != jnp.shape(tokens_BT):
-            raise ValueError(f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}")
+            raise ValueError(
+                f"{name} shape {jnp.shape(arr)} != tokens shape {jnp.shape(tokens_BT)}"
+            )
     if token_types_BT is not None and not cfg.type_vocab_size:
         raise ValueError(f"token_types given but the {cfg.family} config has no token types")
     sizes = {leaf.shape[0] for leaf in jax.tree.leaves(model.params["blocks"])}
     if sizes != {model.n_blocks}:
         raise ProgramError(f"block table leaves disagree on the number of rows: {sorted(sizes)}")
     if model.program.block.ndim != 1:
-        raise ProgramError(f"apply takes one program; got a batch {model.program.block.shape} "
-                           "(vmap over programs instead)")
+        raise ProgramError(
+            f"apply takes one program; got a batch {model.program.block.shape} "
+            "(vmap over programs instead)"
+        )
     program_lib.validate(model.program, model.n_blocks)
     steps_lib.check(model.params.get("steps"), model.program.depth)
 
@@ -254,8 +343,18 @@ def output_head(cfg: ModelConfig, params: dict, x_BTD, *, logits: bool = True):
     return Head(cfg).apply({"params": params["head"]}, x_BTD, tok, logits=logits)
 
 
-def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_ids=None,
-          positions=None, trace: bool = False, unroll: bool = False, output: str = "logits"):
+def apply(
+    model: DepthModel,
+    tokens_BT,
+    *,
+    mask=None,
+    token_types=None,
+    segment_ids=None,
+    positions=None,
+    trace: bool = False,
+    unroll: bool = False,
+    output: str = "logits",
+):
     """Forward pass. tokens int [B, T] -> logits float32 [B, T, vocab].
 
     mask [B, T]: 1 for real tokens, 0 for padding (keys that may not be attended to).
@@ -266,15 +365,23 @@ def apply(model: DepthModel, tokens_BT, *, mask=None, token_types=None, segment_
     """
     if output not in ("logits", "hidden"):
         raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
-    _check_inputs(model, tokens_BT, mask, token_types, segment_ids)
+    check_inputs(model, tokens_BT, mask, token_types, segment_ids)
     cfg, params = model.config, model.params
     if positions is None:
-        positions = (segment_positions(segment_ids) if segment_ids is not None else
-                     jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
+        positions = default_positions(tokens_BT, segment_ids)
     x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
-    x_BTD, ys = run_blocks(cfg, params["blocks"], model.program, x0_BTD, positions,
-                           step_params=params.get("steps"), segment_ids_BT=segment_ids, kv_mask_BT=mask, trace=trace,
-                           unroll=unroll)
+    x_BTD, ys = run_blocks(
+        cfg,
+        params["blocks"],
+        model.program,
+        x0_BTD,
+        positions,
+        step_params=params.get("steps"),
+        segment_ids_BT=segment_ids,
+        kv_mask_BT=mask,
+        trace=trace,
+        unroll=unroll,
+    )
     out = output_head(cfg, params, x_BTD, logits=output == "logits")
     if not trace:
         return out

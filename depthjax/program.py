@@ -24,21 +24,22 @@ class ProgramError(ValueError):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Program:
-    block: jax.Array      # int32 [depth]
-    attn: jax.Array       # float32 [depth]
-    mlp: jax.Array        # float32 [depth]
-    parallel: jax.Array   # bool [depth]
+    block: jax.Array  # int32 [depth]
+    attn: jax.Array  # float32 [depth]
+    mlp: jax.Array  # float32 [depth]
+    parallel: jax.Array  # bool [depth]
 
     @classmethod
-    def create(cls, block, attn=None, mlp=None, parallel=None, *, n_blocks=None) -> "Program":
+    def create(cls, block, attn=None, mlp=None, parallel=None, *, n_blocks=None) -> Program:
         """A validated program; gates default to 1 and `parallel` to False (a scalar applies
         to every step)."""
         block_np = np.asarray(block)
         if block_np.ndim != 1:
             raise ProgramError(f"block ids must be a 1-d sequence, got shape {block_np.shape}")
         if block_np.size and not np.issubdtype(block_np.dtype, np.integer):
-            raise ProgramError(f"block ids must be integers, got {block_np.dtype}: "
-                               f"{block_np.tolist()}")
+            raise ProgramError(
+                f"block ids must be integers, got {block_np.dtype}: {block_np.tolist()}"
+            )
         n = block_np.size
         full = lambda x, default: np.full(n, default if x is None else x) if np.ndim(x) == 0 else x
         program = cls(
@@ -51,7 +52,7 @@ class Program:
         return program
 
     @classmethod
-    def sequential(cls, n: int) -> "Program":
+    def sequential(cls, n: int) -> Program:
         """Steps 0..n-1 run table rows 0..n-1 in order, all gates 1."""
         return cls.create(np.arange(n))
 
@@ -59,32 +60,42 @@ class Program:
     def depth(self) -> int:
         return self.block.shape[-1]
 
-    def replace(self, **changes) -> "Program":
+    def replace(self, **changes) -> Program:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, list]:
-        return {f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)}
+        return {
+            f.name: np.asarray(getattr(self, f.name)).tolist() for f in dataclasses.fields(self)
+        }
 
     @classmethod
-    def from_dict(cls, d, *, n_blocks=None) -> "Program":
+    def from_dict(cls, d, *, n_blocks=None) -> Program:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ProgramError(f"unknown program fields {sorted(unknown)}")
-        return cls.create(d["block"], d.get("attn"), d.get("mlp"), d.get("parallel"),
-                          n_blocks=n_blocks)
+        return cls.create(
+            d["block"], d.get("attn"), d.get("mlp"), d.get("parallel"), n_blocks=n_blocks
+        )
 
     def __repr__(self) -> str:
         if not is_concrete(self):
             return f"Program(depth={self.depth}, traced)"
         rows = [f"{'step':>5} {'block':>5} {'attn':>6} {'mlp':>6} parallel"]
-        for i, (b, a, m, p) in enumerate(zip(*(np.asarray(x).reshape(-1, self.depth)[0] for x in
-                                              (self.block, self.attn, self.mlp, self.parallel)))):
+        for i, (b, a, m, p) in enumerate(
+            zip(
+                *(
+                    np.asarray(x).reshape(-1, self.depth)[0]
+                    for x in (self.block, self.attn, self.mlp, self.parallel)
+                )
+            )
+        ):
             rows.append(f"{i:>5} {b:>5} {a:>6.3g} {m:>6.3g} {'  ||' if p else ''}")
         batch = f", batch={self.block.shape[:-1]}" if self.block.ndim > 1 else ""
         return f"Program(depth={self.depth}{batch})\n" + "\n".join(rows)
 
     def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
         from .display import program_html
+
         return program_html(self)
 
 
@@ -100,8 +111,10 @@ def validate(program: Program, n_blocks: int | None = None) -> None:
     fields = ("block", "attn", "mlp", "parallel")
     lengths = tuple((np.shape(getattr(program, f)) or (0,))[-1] for f in fields)
     if len(set(lengths)) != 1:
-        raise ProgramError("block, attn, mlp and parallel must have equal lengths, got "
-                           + ", ".join(f"{f}={n}" for f, n in zip(fields, lengths)))
+        raise ProgramError(
+            "block, attn, mlp and parallel must have equal lengths, got "
+            + ", ".join(f"{f}={n}" for f, n in zip(fields, lengths))
+        )
     if lengths[0] == 0:
         raise ProgramError("empty program: a model needs at least one step")
     block = np.asarray(program.block)
@@ -109,13 +122,19 @@ def validate(program: Program, n_blocks: int | None = None) -> None:
         raise ProgramError(f"block ids must be integers, got dtype {block.dtype}")
     block = block.reshape(-1, lengths[0])  # programs may carry leading batch axes (vmap)
     if (block < 0).any():
-        raise ProgramError(f"negative block ids at steps {np.flatnonzero(block.min(0) < 0).tolist()}")
+        raise ProgramError(
+            f"negative block ids at steps {np.flatnonzero(block.min(0) < 0).tolist()}"
+        )
     if n_blocks is not None and (block >= n_blocks).any():
         bad = np.flatnonzero(block.max(0) >= n_blocks).tolist()
-        raise ProgramError(f"block ids out of range at steps {bad}: the table has {n_blocks} "
-                           f"rows (valid ids 0..{n_blocks - 1})")
+        raise ProgramError(
+            f"block ids out of range at steps {bad}: the table has {n_blocks} "
+            f"rows (valid ids 0..{n_blocks - 1})"
+        )
     if np.asarray(program.parallel).reshape(-1, lengths[0])[:, 0].any():
-        raise ProgramError("parallel[0] must be False: the first step has no step to share input with")
+        raise ProgramError(
+            "parallel[0] must be False: the first step has no step to share input with"
+        )
     for gate in ("attn", "mlp"):
         if not np.isfinite(np.asarray(getattr(program, gate))).all():
             raise ProgramError(f"{gate} gates must be finite")

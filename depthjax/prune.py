@@ -3,23 +3,31 @@
 Blocks are dropped from the program (the table is shared, nothing is copied); attention,
 MLP or jointly ranked sublayers are gated off (depth unchanged; `depth.compact` removes
 steps left with both gates 0). Units already off are never chosen again.
+
+Without scores, `measure=` (a depthjax.eval task, or "loss"/"logit" with `batches=`) ranks
+units by leave-one-out ablation of that measure: the units whose removal costs the task
+least go first.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from . import depth
+from . import depth, progress
 from .metrics.scores import Scores
 from .model import DepthModel
 
 
 def _active(model: DepthModel, unit: str) -> np.ndarray:
     a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
-    return {"block": np.ones(model.depth, bool), "attn": a, "mlp": m,
-            "sublayer": np.concatenate([a, m])}[unit]
+    return {
+        "block": np.ones(model.depth, bool),
+        "attn": a,
+        "mlp": m,
+        "sublayer": np.concatenate([a, m]),
+    }[unit]
 
 
 def _remove(model: DepthModel, units: np.ndarray, unit: str) -> DepthModel:
@@ -38,31 +46,50 @@ def choose(model: DepthModel, scores, n: int, unit: str) -> np.ndarray:
     values = np.asarray(scores, np.float64)
     active = _active(model, unit)
     if values.shape != active.shape:
-        raise ValueError(f"scores for unit={unit!r} must have {len(active)} values, "
-                         f"got {values.shape}")
+        raise ValueError(
+            f"scores for unit={unit!r} must have {len(active)} values, got {values.shape}"
+        )
     candidates = np.flatnonzero(active)
     if not isinstance(n, (int, np.integer)) or not 0 <= n <= len(candidates):
-        raise ValueError(f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
-                         f"({len(candidates)} are still on)")
+        raise ValueError(
+            f"n={n!r}: can remove 0..{len(candidates)} {unit} units "
+            f"({len(candidates)} are still on)"
+        )
     if unit == "block" and n == len(candidates):
         raise ValueError(f"n={n} would remove every step")
     order = candidates[np.argsort(values[candidates], kind="stable")]
     return np.sort(order[:n])
 
 
-def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: str | None = None,
-          *, metric: Callable[[DepthModel], Scores] | None = None,
-          iterative: bool = False) -> DepthModel:
+def prune(
+    model: DepthModel,
+    scores: Scores | np.ndarray | None,
+    n: int,
+    unit: str | None = None,
+    *,
+    metric: Callable[[DepthModel], Scores] | None = None,
+    measure=None,
+    batches=None,
+    iterative: bool = False,
+) -> DepthModel:
     """Remove the n least important units.
 
     scores: a metric's Scores (its unit is used unless `unit` is given) or an array.
-    unit: "block" | "attn" | "mlp" | "sublayer" (joint ranking of all 2*depth sublayers,
-    "What Matters in Transformers"). iterative=True re-scores with `metric(model)` after
-    each removal (scores may then be None).
+    unit: "block" | "attn" | "mlp" | "sublayer" (joint ranking of all 2*depth sublayers;
+    `metrics.module_similarity` is the criterion of "What Matters in Transformers?").
+    measure: without scores or metric, rank by leave-one-out ablation of this measure
+    (a task, or "loss"/"logit" on `batches`). iterative=True re-scores with
+    `metric(model)` after each removal (scores may then be None).
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)
     if unit not in ("block", "attn", "mlp", "sublayer"):
-        raise ValueError("prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)")
+        raise ValueError(
+            "prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)"
+        )
+    if measure is not None and metric is None:
+        from .metrics import ablation
+
+        metric = lambda m: ablation(m, batches, unit=unit, measure=measure)
     if not iterative:
         if scores is None:
             scores = metric(model) if metric else None
@@ -71,7 +98,7 @@ def prune(model: DepthModel, scores: Scores | np.ndarray | None, n: int, unit: s
         return _remove(model, choose(model, scores, n, unit), unit)
     if metric is None:
         raise ValueError("iterative pruning re-scores after each removal: pass metric=")
-    choose(model, np.zeros(len(_active(model, unit))), n, unit)   # validates n up front
-    for _ in range(n):
+    choose(model, np.zeros(len(_active(model, unit))), n, unit)  # validates n up front
+    for _ in progress.track(range(n), f"iterative pruning ({unit})"):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)
     return model

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .metrics.batches import as_batches, nll_sums, require_causal
+from . import progress
+from .loss import nll_sums, require_causal
+from .metrics.batches import as_batches
 from .model import DepthModel, apply
 from .program import ProgramError
 
@@ -35,6 +37,7 @@ class Span:
     A point is (step, 0) for the input of step `step` or (step, 1) for the point between
     its attention and MLP; `target` is the pruned step whose input gets the adapter
     (None: before the head)."""
+
     start: tuple[int, int]
     end: tuple[int, int]
     target: int | None
@@ -44,16 +47,21 @@ def _align(pruned: DepthModel, original: DepthModel) -> np.ndarray:
     """Original step of every pruned step (pruned = original with steps deleted)."""
     po, pp = original.program, pruned.program
     ob, pb = np.asarray(po.block), np.asarray(pp.block)
-    same = lambda j, k: (pb[j] == ob[k] and float(pp.attn[j]) == float(po.attn[k])
-                         and float(pp.mlp[j]) == float(po.mlp[k]))
+    same = lambda j, k: (
+        pb[j] == ob[k]
+        and float(pp.attn[j]) == float(po.attn[k])
+        and float(pp.mlp[j]) == float(po.mlp[k])
+    )
     idx, k = [], 0
     for j in range(pruned.depth):
         while k < original.depth and not same(j, k):
             k += 1
         if k == original.depth:
-            raise ProgramError(f"pruned step {j} matches no remaining original step: recover "
-                               "needs a model made from `original` by dropping steps (or, at "
-                               "equal depth, by gating sublayers off)")
+            raise ProgramError(
+                f"pruned step {j} matches no remaining original step: recover "
+                "needs a model made from `original` by dropping steps (or, at "
+                "equal depth, by gating sublayers off)"
+            )
         idx.append(k)
         k += 1
     return np.asarray(idx)
@@ -70,8 +78,9 @@ def find_spans(pruned: DepthModel, original: DepthModel) -> list[Span]:
         spans = []
         for run in np.split(gone, np.flatnonzero(np.diff(gone) != 1) + 1):
             nxt = np.flatnonzero(kept > run[-1])
-            spans.append(Span((int(run[0]), 0), (int(run[-1]) + 1, 0),
-                              int(nxt[0]) if nxt.size else None))
+            spans.append(
+                Span((int(run[0]), 0), (int(run[-1]) + 1, 0), int(nxt[0]) if nxt.size else None)
+            )
         return spans
     if pruned.depth != S:
         raise ProgramError(f"pruned has more steps ({pruned.depth}) than original ({S})")
@@ -126,10 +135,10 @@ def fit_linear(n, sx, sd, sxx, sxd, rank: int):
     mx, md = sx / n, sd / n
     cxx = sxx / n - np.outer(mx, mx)
     cxd = sxd / n - np.outer(mx, md)
-    w = np.linalg.pinv(cxx, rcond=1e-10, hermitian=True) @ cxd          # [D, D]
-    fitted_cov = w.T @ cxx @ w                                          # cov of x W
+    w = np.linalg.pinv(cxx, rcond=1e-10, hermitian=True) @ cxd  # [D, D]
+    fitted_cov = w.T @ cxx @ w  # cov of x W
     _, vecs = np.linalg.eigh(fitted_cov)
-    v = vecs[:, ::-1][:, :rank]                                         # top directions
+    v = vecs[:, ::-1][:, :rank]  # top directions
     a, b = w @ v, v.T
     return md - mx @ a @ b, a, b
 
@@ -157,8 +166,8 @@ def _with_adapters(pruned: DepthModel, spans, fits) -> DepthModel:
             raise ProgramError(f"two removed spans end at pruned step {sp.target}")
         adapter["bias"][sp.target] = c
         if ab:
-            adapter["a"][sp.target, :, :ab[0].shape[1]] = ab[0]
-            adapter["b"][sp.target, :ab[1].shape[0]] = ab[1]
+            adapter["a"][sp.target, :, : ab[0].shape[1]] = ab[0]
+            adapter["b"][sp.target, : ab[1].shape[0]] = ab[1]
     steps["adapter"] = jax.tree.map(jnp.asarray, adapter)
     params = {**pruned.params, "steps": steps}
     if final is not None:
@@ -166,23 +175,35 @@ def _with_adapters(pruned: DepthModel, spans, fits) -> DepthModel:
     return pruned.replace(params=params)
 
 
-def recover(pruned: DepthModel, original: DepthModel, batches, method: str = "bias",
-            rank: int | None = None, *, lora_steps: int = 100, learning_rate: float = 1e-3,
-            key=None, log_every: int = 0) -> DepthModel:
+def recover(
+    pruned: DepthModel,
+    original: DepthModel,
+    batches,
+    method: str = "bias",
+    rank: int | None = None,
+    *,
+    lora_steps: int = 100,
+    learning_rate: float = 1e-3,
+    key=None,
+    log_every: int = 0,
+) -> DepthModel:
     """The pruned model with lightweight adapters emulating the removed units (see module
     docstring). `batches` are calibration tokens (any iterable metrics accept)."""
     if method == "lora":
         return _heal_lora(pruned, batches, rank, lora_steps, learning_rate, key, log_every)
     if method not in ("bias", "linear"):
         raise ValueError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
-    if method == "linear" and (not isinstance(rank, (int, np.integer))
-                               or not 1 <= rank <= original.config.d_model):
-        raise ValueError(f"method='linear' needs rank in 1..{original.config.d_model}, got {rank!r}")
+    if method == "linear" and (
+        not isinstance(rank, (int, np.integer)) or not 1 <= rank <= original.config.d_model
+    ):
+        raise ValueError(
+            f"method='linear' needs rank in 1..{original.config.d_model}, got {rank!r}"
+        )
     spans = find_spans(pruned, original)
     if not spans:
         raise ProgramError("nothing was removed from `original`: no spans to recover")
     total = None
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), f"recover {method}: moments"):
         sums = _moment_sums(original, b.tokens, b.mask, tuple(spans))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     fits = []
@@ -198,6 +219,7 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
 
     from . import step_params as steps_lib
     from .depth.table import step_rows
+
     require_causal(pruned, "method='lora'")
     if not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"method='lora' needs a positive integer rank, got {rank!r}")
@@ -207,9 +229,10 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):
         if path[-1] != "kernel":
             continue
-        mats = jax.vmap(lambda m: steps_lib.to_2d(path, m))(w)           # [S, in, out]
+        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(w)  # [S, in, out]
         S, n_in, n_out = mats.shape
-        lora[path + ("a",)] = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank)) / np.sqrt(n_in)
+        a = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank))
+        lora[path + ("a",)] = a / np.sqrt(n_in)
         lora[path + ("b",)] = jnp.zeros((S, rank, n_out))
     lora = traverse_util.unflatten_dict(lora)
     base = {k: v for k, v in (pruned.params.get("steps") or {}).items() if k != "lora"}
@@ -230,9 +253,14 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
         return optax.apply_updates(lo, upd), state, value
 
     state = opt.init(lora)
-    for t in range(steps):
-        b = data[t % len(data)]
-        lora, state, value = update(lora, state, b.tokens, b.mask)
-        if log_every and (t % log_every == 0 or t == steps - 1):
-            print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
+    every = log_every or max(1, steps // 20)  # reading the loss syncs with the device
+    with progress.bar("recover lora", total=steps) as bar:
+        for t in range(steps):
+            b = data[t % len(data)]
+            lora, state, value = update(lora, state, b.tokens, b.mask)
+            last = t == steps - 1
+            if bar.drawing:
+                bar.advance(**({"loss": float(value)} if t % every == 0 or last else {}))
+            elif log_every and (t % log_every == 0 or last) and not progress.silenced():
+                print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
     return with_lora(lora)

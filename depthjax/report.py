@@ -11,33 +11,97 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
+from . import metrics as M, progress
 from .metrics.scores import Scores
 from .model import DepthModel
 
 
-def _progress(msg: str) -> None:
+def _log(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
 
-def score_all(model: DepthModel, batches, *, shapley_permutations: int = 8, key=None,
-              progress=_progress) -> dict[str, Scores]:
-    """Every metric on the same data: trace metrics (one pass), leave-one-out ablation of
-    blocks, attention and MLP, Shapley values of blocks, and the logit lens."""
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        progress(f"{name:<28} {time.perf_counter() - t0:6.2f}s")
-        return out
+def default_measure(model: DepthModel, batches, mode: str = "mean", normalize: bool = False):
+    """What coalition metrics measure when no task is given: the next-token loss of a causal
+    model; for an encoder, 1 - the cosine of its pooled embeddings to the full model's."""
+    if model.config.causal:
+        return "loss"
+    from .eval import Representation
 
-    out = dict(timed("trace metrics", lambda: M.trace_metrics(model, batches)))
-    for unit in ("block", "attn", "mlp"):
-        out[f"ablation_{unit}"] = timed(f"ablation ({unit})", lambda: M.ablation(model, batches, unit=unit))
-    if shapley_permutations:
-        out["shapley_block"] = timed(f"shapley ({shapley_permutations} permutations)",
-                                     lambda: M.shapley(model, batches, num_permutations=shapley_permutations, key=key))
-    out["logit_lens"] = timed("logit lens", lambda: M.logit_lens(model, batches))
+    return Representation(batches, mode, normalize)
+
+
+def measure_label(measure) -> str:
+    """How a measure reads on a plot axis (lower is better for all of them)."""
+    if isinstance(measure, str):
+        return {"loss": "validation loss", "logit": "logit distance"}.get(measure, measure)
+    kind = type(measure).__name__
+    return {
+        "MultipleChoice": f"1 - {getattr(measure, 'metric', 'acc')} ({measure.name})",
+        "ExactMatch": f"1 - exact match ({measure.name})",
+        "Perplexity": f"nats/token ({measure.name})",
+        "Representation": "1 - cosine to the full model",
+    }.get(kind, measure.name)
+
+
+def score_all(
+    model: DepthModel,
+    batches,
+    *,
+    shapley_permutations: int | None = None,
+    key=None,
+    log=_log,
+    measure=None,
+) -> dict[str, Scores]:
+    """Every metric on the same data: trace metrics (one pass over `batches`), leave-one-out
+    ablation of blocks, attention and MLP and Shapley values of blocks (see
+    `shapley_permutations_for`; 0 skips them) by `measure` (default: see `default_measure`;
+    a depthjax.eval task brings its own data), and the logit lens (causal models). `log`
+    receives one timing line per metric."""
+    measure = default_measure(model, batches) if measure is None else measure
+    stages = [("trace metrics", lambda: M.trace_metrics(model, batches))]
+    stages += [
+        (
+            f"ablation ({unit})",
+            lambda unit=unit: {
+                f"ablation_{unit}": M.ablation(model, batches, unit=unit, measure=measure)
+            },
+        )
+        for unit in ("block", "attn", "mlp")
+    ]
+    if shapley_permutations != 0:
+        perms = shapley_permutations_for(model, "block", shapley_permutations)
+        how = f"{perms} permutations" if perms else f"exact, {1 << model.depth} coalitions"
+        stages.append(
+            (
+                f"shapley ({how})",
+                lambda: {
+                    "shapley_block": M.shapley(
+                        model, batches, num_permutations=perms, key=key, measure=measure
+                    )
+                },
+            )
+        )
+    if model.config.causal:
+        stages.append(("logit lens", lambda: {"logit_lens": M.logit_lens(model, batches)}))
+    out = {}
+    with progress.bar("scoring", total=len(stages)) as bar:
+        for name, fn in stages:
+            t0 = time.perf_counter()
+            out.update(fn())
+            log(f"{name:<28} {time.perf_counter() - t0:6.2f}s")
+            bar.advance()
     return out
+
+
+def shapley_permutations_for(
+    model: DepthModel, unit: str, permutations: int | None, max_coalitions: int = 4096
+) -> int | None:
+    """None (exact Shapley values) when `permutations` is None and the 2**n coalitions of
+    the n units fit max_coalitions; else `permutations` (16 antithetic ones if None)."""
+    n = M.coalitions.n_units(model, unit)
+    if permutations is None:
+        return None if (1 << n) <= max_coalitions else 16
+    return permutations
 
 
 def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
@@ -45,17 +109,32 @@ def importance(scores: dict[str, Scores], unit: str) -> dict[str, Scores]:
     return {k: s for k, s in scores.items() if s.unit == unit and k != "logit_lens"}
 
 
-def removal_curves(model: DepthModel, batches, scores: dict[str, Scores], unit: str = "block",
-                   max_units: int | None = None) -> dict[str, np.ndarray]:
-    """Loss after removing k = 0..max_units units in each metric's order."""
-    return {name: M.removal_curve(model, batches, s, max_units=max_units, unit=unit)
-            for name, s in importance(scores, unit).items()}
+def removal_curves(
+    model: DepthModel,
+    batches,
+    scores: dict[str, Scores],
+    unit: str = "block",
+    max_units: int | None = None,
+    measure=None,
+) -> dict[str, np.ndarray]:
+    """The measure (default: see `default_measure`) after removing k = 0..max_units units
+    in each metric's order."""
+    measure = default_measure(model, batches) if measure is None else measure
+    ranked = importance(scores, unit)
+    return {
+        name: M.removal_curve(
+            model, batches, ranked[name], max_units=max_units, unit=unit, measure=measure
+        )
+        for name in progress.track(list(ranked), "removal curves")
+    }
 
 
 def table(scores: dict[str, Scores], unit: str = "block") -> str:
     """Per-step table of the metrics ranking `unit` (plus residual norm)."""
     cols = importance(scores, unit)
-    norm = next((s.extra["residual_norm"] for s in scores.values() if "residual_norm" in s.extra), None)
+    norm = next(
+        (s.extra["residual_norm"] for s in scores.values() if "residual_norm" in s.extra), None
+    )
     names = list(cols)
     head = f"{'step':>4} " + " ".join(f"{n[:14]:>14}" for n in names)
     head += f" {'|resid in|':>10}" if norm is not None else ""
@@ -89,8 +168,10 @@ def write_json(obj, path) -> None:
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (works without a display)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -113,7 +194,7 @@ def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
             twin.set_ylabel("|residual|", fontsize=7, color="gray")
             twin.tick_params(labelsize=6, colors="gray")
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -121,8 +202,15 @@ def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, np.ndarray], path, *, xlabel: str, ylabel: str = "loss",
-                title: str = "", baseline: float | None = None) -> None:
+def plot_curves(
+    curves: dict[str, np.ndarray],
+    path,
+    *,
+    xlabel: str,
+    ylabel: str = "loss",
+    title: str = "",
+    baseline: float | None = None,
+) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in curves.items():

@@ -35,16 +35,36 @@ import numpy as np
 
 TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 # Fields each type cannot do without (the rest have transformers' defaults).
-_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("original_max_seq_len",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
-             "longrope": ("short_factor", "long_factor", "original_max_seq_len")}
+_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("original_max_seq_len",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+    "longrope": ("short_factor", "long_factor", "original_max_seq_len"),
+}
 # Fields each type reads (anything else set is a mistake worth an error).
-_READS = {"linear": ("factor",), "dynamic": ("factor",),
-          "yarn": ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "mscale",
-                   "mscale_all_dim", "attention_factor", "truncate"),
-          "llama3": _REQUIRED["llama3"],
-          "longrope": ("short_factor", "long_factor", "original_max_seq_len", "factor",
-                       "attention_factor")}
+_READS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": (
+        "factor",
+        "original_max_seq_len",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+        "truncate",
+    ),
+    "llama3": _REQUIRED["llama3"],
+    "longrope": (
+        "short_factor",
+        "long_factor",
+        "original_max_seq_len",
+        "factor",
+        "attention_factor",
+    ),
+}
 
 
 class RopeError(ValueError):
@@ -57,7 +77,7 @@ class RopeScaling:
 
     type: str
     factor: float | None = None
-    original_max_seq_len: int | None = None   # HF original_max_position_embeddings
+    original_max_seq_len: int | None = None  # HF original_max_position_embeddings
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     beta_fast: float | None = None
@@ -79,16 +99,24 @@ class RopeScaling:
         missing = [f for f in _REQUIRED[self.type] if getattr(self, f) is None]
         if missing:
             raise RopeError(f"rope scaling {self.type!r} needs {missing}")
-        extra = [f.name for f in dataclasses.fields(self) if f.name != "type"
-                 and getattr(self, f.name) is not None and f.name not in _READS[self.type]]
+        extra = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name != "type"
+            and getattr(self, f.name) is not None
+            and f.name not in _READS[self.type]
+        ]
         if extra:
             raise RopeError(f"rope scaling {self.type!r} does not use {extra}")
         if self.factor is not None and self.factor <= 0:
             raise RopeError(f"rope scaling factor must be positive, got {self.factor}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()
+            if v is not None
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RopeScaling":
@@ -114,7 +142,8 @@ def _llama3(inv: np.ndarray, s: RopeScaling) -> np.ndarray:
     wavelen = 2 * math.pi / inv
     scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
     smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
+        s.high_freq_factor - s.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled)
@@ -128,19 +157,25 @@ def _yarn(theta: float, dim: int, s: RopeScaling, max_seq_len: int):
 
     attention = s.attention_factor
     if attention is None:
-        attention = (mscale(factor, s.mscale) / mscale(factor, s.mscale_all_dim)
-                     if s.mscale and s.mscale_all_dim else mscale(factor))
+        attention = (
+            mscale(factor, s.mscale) / mscale(factor, s.mscale_all_dim)
+            if s.mscale and s.mscale_all_dim
+            else mscale(factor)
+        )
 
     def correction_dim(rotations):
-        return (dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))
-                / (2 * math.log(theta)))
+        return (
+            dim
+            * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
 
     low, high = correction_dim(s.beta_fast or 32), correction_dim(s.beta_slow or 1)
     if s.truncate is None or s.truncate:
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
-        high += 0.001   # as transformers: avoid a zero-width ramp
+        high += 0.001  # as transformers: avoid a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp
     inv = _plain(theta, dim)
@@ -151,7 +186,9 @@ def _longrope_attention(s: RopeScaling, max_seq_len: int) -> float:
     if s.attention_factor is not None:
         return s.attention_factor
     factor = s.factor or max_seq_len / s.original_max_seq_len
-    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(s.original_max_seq_len))
+    return (
+        1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(s.original_max_seq_len))
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -170,8 +207,10 @@ def tables(cfg) -> tuple[np.ndarray, np.ndarray]:
         elif s.type == "longrope":
             for name in ("short_factor", "long_factor"):
                 if len(getattr(s, name)) != dim // 2:
-                    raise RopeError(f"longrope {name} has {len(getattr(s, name))} entries; "
-                                    f"the rotary dim {dim} needs {dim // 2}")
+                    raise RopeError(
+                        f"longrope {name} has {len(getattr(s, name))} entries; "
+                        f"the rotary dim {dim} needs {dim // 2}"
+                    )
             inv = inv / np.asarray(s.short_factor)
             attention = _longrope_attention(s, cfg.max_seq_len)
     invs, factors = [inv], [attention]
@@ -190,7 +229,7 @@ def _length_dependent(cfg, inv0_F, positions_BT):
         length = jnp.maximum(length, cfg.max_seq_len)
         ratio = s.factor * length / cfg.max_seq_len - (s.factor - 1)
         exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / (dim - 2)
-        return inv0_F * ratio ** -exponent
+        return inv0_F * ratio**-exponent
     long = _plain(cfg.rope_theta, dim) / np.asarray(s.long_factor)
     return jnp.where(length > s.original_max_seq_len, jnp.asarray(long, jnp.float32), inv0_F)
 
@@ -214,7 +253,7 @@ def apply_rope(x_BTHD, cos_BTF, sin_BTF):
     """Rotate the first 2F dims of each head, half-split convention (HF `rotate_half`)."""
     rot = 2 * cos_BTF.shape[-1]
     x = x_BTHD.astype(jnp.float32)
-    x1, x2, rest = x[..., :rot // 2], x[..., rot // 2:rot], x[..., rot:]
+    x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
     cos, sin = cos_BTF[:, :, None], sin_BTF[:, :, None]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x_BTHD.dtype)

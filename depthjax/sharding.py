@@ -72,14 +72,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if len(devices) % fixed:
-            raise ShardingError(f"{len(devices)} devices cannot be split into mesh "
-                                f"{sizes} (the fixed axes need a multiple of {fixed})")
+            raise ShardingError(
+                f"{len(devices)} devices cannot be split into mesh "
+                f"{sizes} (the fixed axes need a multiple of {fixed})"
+            )
         sizes[free[0]] = len(devices) // fixed
     n = math.prod(sizes.values())
     if n != len(devices):
-        raise ShardingError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
-                            f"tensor={sizes['tensor']} = {n} devices, but {len(devices)} are "
-                            "available (set one axis to -1 to fill)")
+        raise ShardingError(
+            f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x "
+            f"tensor={sizes['tensor']} = {n} devices, but {len(devices)} are "
+            "available (set one axis to -1 to fill)"
+        )
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:  # topology-aware placement on TPU/GPU; plain reshape where that is unsupported
         grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
@@ -122,8 +126,12 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
 def param_shardings(params, mesh: Mesh):
     """NamedSharding for every parameter leaf (params may be arrays or ShapeDtypeStructs)."""
     axes = param_logical_axes(params)
-    return jax.tree.map(lambda x, a: NamedSharding(mesh, logical_to_spec(a, np.shape(x), mesh)),
-                        params, axes, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda x, a: NamedSharding(mesh, logical_to_spec(a, np.shape(x), mesh)),
+        params,
+        axes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -40,8 +40,9 @@ def effective_row(row: dict, step: dict | None) -> dict:
         return row
     delta = traverse_util.flatten_dict(step.get("delta", {}))
     lora = traverse_util.flatten_dict(step.get("lora", {}))
-    return traverse_util.unflatten_dict({p: effective_leaf(p, w, delta, lora) for p, w in
-                                         traverse_util.flatten_dict(row).items()})
+    return traverse_util.unflatten_dict(
+        {p: effective_leaf(p, w, delta, lora) for p, w in traverse_util.flatten_dict(row).items()}
+    )
 
 
 def effective_leaf(path: tuple, w, delta: dict, lora: dict):
@@ -70,5 +71,8 @@ def check(steps: dict | None, depth: int) -> None:
     """Every per-step leaf must have a leading axis equal to the program depth."""
     for path, leaf in traverse_util.flatten_dict(steps or {}).items():
         if jnp.ndim(leaf) == 0 or leaf.shape[0] != depth:
-            raise ValueError(f"params['steps'] leaf {'/'.join(path)} has shape "
-                             f"{jnp.shape(leaf)}; its leading axis must be the program depth {depth}")
+            raise ValueError(
+                f"params['steps'] leaf {'/'.join(path)} has shape "
+                f"{jnp.shape(leaf)}; its leading axis must be the program "
+                f"depth {depth}"
+            )

@@ -30,6 +30,7 @@ class JsonTokenizer:
 
     def __init__(self, path):
         import tokenizers
+
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -65,10 +66,14 @@ def tokenizer_for(model_dir, vocab_size: int, spec: str | None = None):
         elif vocab_size == 256:
             spec = "byte"
         else:
-            raise TokenizerError(f"{model_dir} has no tokenizer.json and the vocabulary "
-                                 f"({vocab_size}) is not byte-level; pass a tokenizer")
+            raise TokenizerError(
+                f"{model_dir} has no tokenizer.json and the vocabulary "
+                f"({vocab_size}) is not byte-level; pass a tokenizer"
+            )
     tok = load_tokenizer(spec)
     if tok.vocab_size > vocab_size:
-        raise TokenizerError(f"tokenizer {spec} has {tok.vocab_size} tokens but the model's "
-                             f"vocabulary is {vocab_size}")
+        raise TokenizerError(
+            f"tokenizer {spec} has {tok.vocab_size} tokens but the model's "
+            f"vocabulary is {vocab_size}"
+        )
     return tok

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 
 import common
-from depthjax import metrics as M
-from depthjax import report
+from depthjax import metrics as M, report
 
 
 def span_curve(model, data, score_data) -> np.ndarray:
@@ -28,7 +27,7 @@ def span_curve(model, data, score_data) -> np.ndarray:
     keep = np.ones((S, S), np.int8)
     for k in range(1, S):
         start = M.angular_distance(model, score_data, span=k).extra["best_start"]
-        keep[k, start:start + k] = 0
+        keep[k, start : start + k] = 0
     return common.losses(model, data, keep)
 
 
@@ -62,44 +61,70 @@ def main(argv=None):
         common.log(f"scored {name:<24} {seconds[name]:6.1f}s")
 
     t0 = time.perf_counter()
-    trace = M.trace_metrics(model, score_data)   # the three trace metrics share one pass
+    trace = M.trace_metrics(model, score_data)  # the three trace metrics share one pass
     for name in ("block_influence", "angular_distance", "relative_contribution_block"):
         scores[name], seconds[name] = trace[name], time.perf_counter() - t0
     common.log(f"scored trace metrics (one pass)  {seconds['block_influence']:6.1f}s")
     timed("ablation", lambda: M.ablation(model, score_data, unit="block"))
-    timed("shapley", lambda: M.shapley(model, score_data, unit="block",
-                                       num_permutations=args.shapley_permutations,
-                                       key=jax.random.key(args.seed)))
+    timed(
+        "shapley",
+        lambda: M.shapley(
+            model,
+            score_data,
+            unit="block",
+            num_permutations=args.shapley_permutations,
+            key=jax.random.key(args.seed),
+        ),
+    )
 
     common.log("removal curves")
     curves = {name: M.removal_curve(model, data, s, unit="block") for name, s in scores.items()}
     curves["angular span (Gromov)"] = span_curve(model, data, score_data)
-    curves[f"random (mean of {args.random_orders})"] = random_curve(model, data,
-                                                                     args.random_orders, args.seed)
+    curves[f"random (mean of {args.random_orders})"] = random_curve(
+        model, data, args.random_orders, args.seed
+    )
     full = float(curves["ablation"][0])
 
-    report.plot_curves(curves, out / "removal_curves.png", xlabel="steps dropped",
-                       ylabel="validation loss (nats/byte)", baseline=full,
-                       title=f"removal curves, {S}-step model")
+    report.plot_curves(
+        curves,
+        out / "removal_curves.png",
+        xlabel="steps dropped",
+        ylabel="validation loss (nats/byte)",
+        baseline=full,
+        title=f"removal curves, {S}-step model",
+    )
     report.plot_profiles(scores, out / "profiles.png", title="block importance by metric")
 
     half = S // 2
     names = list(curves)
     curve_rows = [[k] + [float(curves[n][k]) for n in names] for k in range(S)]
-    summary = [[n, " ".join(map(str, np.argsort(scores[n].values, kind="stable")))
-                if n in scores else "-", float(np.mean(curves[n][1:half + 1])),
-                f"{seconds[n]:.2f}" if n in seconds else "-"] for n in names]
+    summary = [
+        [
+            n,
+            " ".join(map(str, np.argsort(scores[n].values, kind="stable"))) if n in scores else "-",
+            float(np.mean(curves[n][1 : half + 1])),
+            f"{seconds[n]:.2f}" if n in seconds else "-",
+        ]
+        for n in names
+    ]
     sections = [
         f"Base model: {model.config.family}, d_model={model.config.d_model}, {S} steps, "
         f"full-model validation loss {full:.4f} nats/byte.",
-        "## Validation loss after dropping k steps\n\n" + common.md_table(["k"] + names, curve_rows),
+        "## Validation loss after dropping k steps\n\n"
+        + common.md_table(["k"] + names, curve_rows),
         f"## Drop order (least important first) and mean loss over k=1..{half}\n\n"
-        + common.md_table(["metric", "drop order", f"mean loss k=1..{half}", "score time (s)"],
-                          summary),
+        + common.md_table(
+            ["metric", "drop order", f"mean loss k=1..{half}", "score time (s)"], summary
+        ),
         "## Scores per step (higher = more important)\n\n```\n" + report.table(scores) + "\n```",
     ]
-    common.write_results(args, out, "Experiment 1: metric comparison", sections,
-                         {"scores": scores, "curves": curves, "seconds": seconds, "full": full})
+    common.write_results(
+        args,
+        out,
+        "Experiment 1: metric comparison",
+        sections,
+        {"scores": scores, "curves": curves, "seconds": seconds, "full": full},
+    )
 
 
 if __name__ == "__main__":

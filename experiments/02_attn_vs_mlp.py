@@ -15,18 +15,22 @@ from __future__ import annotations
 import numpy as np
 
 import common
+from depthjax import metrics as M, report
+from depthjax.model import count_params
 from depthjax.report import pyplot
-from depthjax import metrics as M
-from depthjax import report
 
-UNITS = {"attn": "attention only", "mlp": "MLP only", "sublayer": "joint (attn + MLP)",
-         "block": "whole blocks"}
+UNITS = {
+    "attn": "attention only",
+    "mlp": "MLP only",
+    "sublayer": "joint (attn + MLP)",
+    "block": "whole blocks",
+}
 
 
 def sublayer_params(model) -> dict[str, int]:
     """Weights of one step's attention and MLP sublayer (norms included)."""
     blocks = model.params["blocks"]
-    one = lambda k: common.n_params(blocks[k]) // model.n_blocks
+    one = lambda k: count_params(blocks[k]) // model.n_blocks
     attn = sum(one(k) for k in blocks if k.startswith("attn"))
     mlp = sum(one(k) for k in blocks if k.startswith("mlp"))
     return {"attn": attn, "mlp": mlp}
@@ -54,8 +58,9 @@ def main(argv=None):
     rankings = {}
     for kind in UNITS:
         rankings[(kind, "ablation")] = M.ablation(model, score_data, unit=kind).values
-        rankings[(kind, "relative contribution")] = (rel_sub if kind == "sublayer"
-                                                     else rel[kind].values)
+        rankings[(kind, "relative contribution")] = (
+            rel_sub if kind == "sublayer" else rel[kind].values
+        )
 
     common.log("removal curves")
     curves, rows = {}, []
@@ -65,11 +70,18 @@ def main(argv=None):
         curves[f"{UNITS[kind]}, {metric}"] = curve
         order = np.argsort(values, kind="stable")
         for k in range(len(curve)):
-            rows.append({"kind": kind, "metric": metric, "removed": k,
-                         "params_removed": removed_params(kind, order, k, S, per),
-                         "loss": float(curve[k]),
-                         "attn_removed": int(np.sum(order[:k] < S)) if kind == "sublayer"
-                         else (k if kind in ("attn", "block") else 0)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "metric": metric,
+                    "removed": k,
+                    "params_removed": removed_params(kind, order, k, S, per),
+                    "loss": float(curve[k]),
+                    "attn_removed": int(np.sum(order[:k] < S))
+                    if kind == "sublayer"
+                    else (k if kind in ("attn", "block") else 0),
+                }
+            )
     full = float(curves[f"{UNITS['block']}, ablation"][0])
 
     # Loss against the share of block weights removed: fair between small and large units.
@@ -78,8 +90,13 @@ def main(argv=None):
     for ax, metric in zip(axes, ("ablation", "relative contribution")):
         for kind in UNITS:
             rs = [r for r in rows if r["kind"] == kind and r["metric"] == metric]
-            ax.plot([r["params_removed"] / total for r in rs], [r["loss"] for r in rs],
-                    "o-", ms=3, label=UNITS[kind])
+            ax.plot(
+                [r["params_removed"] / total for r in rs],
+                [r["loss"] for r in rs],
+                "o-",
+                ms=3,
+                label=UNITS[kind],
+            )
         ax.axhline(full, color="gray", ls=":", lw=1)
         ax.set_xlabel("share of block weights removed")
         ax.set_ylabel("validation loss")
@@ -88,9 +105,13 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(out / "loss_vs_params.png", dpi=110)
     plt.close(fig)
-    report.plot_curves({k: v[:S] for k, v in curves.items() if "ablation" in k},
-                       out / "removal_curves.png", xlabel="units removed",
-                       title="ranked by leave-one-out ablation", baseline=full)
+    report.plot_curves(
+        {k: v[:S] for k, v in curves.items() if "ablation" in k},
+        out / "removal_curves.png",
+        xlabel="units removed",
+        title="ranked by leave-one-out ablation",
+        baseline=full,
+    )
 
     def at(kind, metric, k):
         r = [r for r in rows if r["kind"] == kind and r["metric"] == metric and r["removed"] == k]
@@ -106,23 +127,41 @@ def main(argv=None):
                 cells += [f"{r['loss']:.4f} ({100 * r['params_removed'] / total:.0f}%)"]
             table.append(cells)
     joint = [r for r in rows if r["kind"] == "sublayer" and r["metric"] == "ablation"]
-    first = [int(r["attn_removed"]) for r in joint[1:S + 1]]
+    first = [int(r["attn_removed"]) for r in joint[1 : S + 1]]
     sections = [
         f"Base model: {S} steps; per step {per['attn']:,} attention and {per['mlp']:,} MLP "
         f"weights; full-model validation loss {full:.4f}.",
         f"## Validation loss after removing {quarter} and {half} units (share of block "
-        "weights removed)\n\n" + common.md_table(
-            ["units", "ranked by", f"k={quarter}", f"k={half}"], table),
+        "weights removed)\n\n"
+        + common.md_table(["units", "ranked by", f"k={quarter}", f"k={half}"], table),
         "## Joint ranking (ablation): attention sublayers among the first k removed\n\n"
         + common.md_table(["k"] + list(range(1, S + 1)), [["attention"] + first]),
-        "## Leave-one-out loss rise per step\n\n" + common.md_table(
+        "## Leave-one-out loss rise per step\n\n"
+        + common.md_table(
             ["step", "attention", "MLP", "block"],
-            [[i, float(rankings[("attn", "ablation")][i]), float(rankings[("mlp", "ablation")][i]),
-              float(rankings[("block", "ablation")][i])] for i in range(S)]),
+            [
+                [
+                    i,
+                    float(rankings[("attn", "ablation")][i]),
+                    float(rankings[("mlp", "ablation")][i]),
+                    float(rankings[("block", "ablation")][i]),
+                ]
+                for i in range(S)
+            ],
+        ),
     ]
-    common.write_results(args, out, "Experiment 2: attention vs MLP dropping", sections,
-                         {"rows": rows, "per_step_params": per, "full": full,
-                          "rankings": {f"{k}/{m}": v for (k, m), v in rankings.items()}})
+    common.write_results(
+        args,
+        out,
+        "Experiment 2: attention vs MLP dropping",
+        sections,
+        {
+            "rows": rows,
+            "per_step_params": per,
+            "full": full,
+            "rankings": {f"{k}/{m}": v for (k, m), v in rankings.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

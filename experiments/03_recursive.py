@@ -39,8 +39,10 @@ def main(argv=None):
     K = args.unique or S // 2
     ranks = [int(r) for r in args.ranks.split(",") if r]
 
-    variants = {f"tie {init}": depth.tie(base, K, strategy="cycle", init=init)
-                for init in ("stepwise", "average", "lower")}
+    variants = {
+        f"tie {init}": depth.tie(base, K, strategy="cycle", init=init)
+        for init in ("stepwise", "average", "lower")
+    }
     for r in ranks:
         variants[f"relax r={r}"] = depth.relax(variants["tie stepwise"], base, rank=r)
     full_rank = depth.relax(variants["tie stepwise"], base, rank="full")
@@ -48,44 +50,59 @@ def main(argv=None):
     rows, result = [], {}
     base_loss = common.loss(base, data)
     full_rank_loss = common.loss(full_rank, data)
-    common.log(f"base loss {base_loss:.4f}; relax at full rank {full_rank_loss:.4f} "
-               "(reproduces the base)")
+    common.log(
+        f"base loss {base_loss:.4f}; relax at full rank {full_rank_loss:.4f} (reproduces the base)"
+    )
     variant_root = Path(args.cache) / "variants" / common.cached_run_dir(args, "base", base_tc).name
     for name, model in variants.items():
         before = common.loss(model, data)
         init_dir = variant_root / name.replace(" ", "-").replace("=", "")
         if not (init_dir / "config.json").exists():
             dj.save(model, init_dir)
-        tc = common.train_config(args, model_overrides={}, init_from=str(init_dir),
-                                 steps=args.uptrain_steps, lr=args.uptrain_lr,
-                                 seed=args.seed + 1)
+        tc = common.train_config(
+            args,
+            model_overrides={},
+            init_from=str(init_dir),
+            steps=args.uptrain_steps,
+            lr=args.uptrain_lr,
+            seed=args.seed + 1,
+        )
         after = common.loss(common.trained(args, "uptrain-" + init_dir.name, tc), data)
-        result[name] = {"params": common.n_params(model.params), "before": before, "after": after}
-        rows.append([name, f"{common.n_params(model.params):,}", before, after])
+        result[name] = {"params": model.n_params, "before": before, "after": after}
+        rows.append([name, f"{model.n_params:,}", before, after])
         common.log(f"{name}: loss {before:.4f} -> {after:.4f} after {args.uptrain_steps} steps")
 
     small = lambda steps: common.train_config(
-        args, model_overrides=common.model_overrides(args, n_layers=K), steps=steps)
-    for label, steps in (("uptraining budget", args.uptrain_steps),
-                         ("base + uptraining budget", args.steps + args.uptrain_steps)):
+        args, model_overrides=common.model_overrides(args, n_layers=K), steps=steps
+    )
+    for label, steps in (
+        ("uptraining budget", args.uptrain_steps),
+        ("base + uptraining budget", args.steps + args.uptrain_steps),
+    ):
         model = common.trained(args, f"scratch{K}", small(steps))
         name = f"{K}-layer from scratch, {steps} steps ({label})"
         loss = common.loss(model, data)
-        result[name] = {"params": common.n_params(model.params), "after": loss}
-        rows.append([name, f"{common.n_params(model.params):,}", "-", loss])
+        result[name] = {"params": model.n_params, "after": loss}
+        rows.append([name, f"{model.n_params:,}", "-", loss])
 
     sections = [
-        f"Base: {S} steps, {common.n_params(base.params):,} parameters, validation loss "
+        f"Base: {S} steps, {base.n_params:,} parameters, validation loss "
         f"{base_loss:.4f} ({args.steps} steps). Tied to K={K} blocks (cycle: step i runs "
         f"block i mod {K}). Relax at full rank: {full_rank_loss:.4f} (must equal the base). "
         f"Uptraining: {args.uptrain_steps} steps at lr {args.uptrain_lr} on the same corpus "
         "(another data order).",
-        "## Validation loss\n\n" + common.md_table(
-            ["model", "parameters", "after conversion", f"after uptraining / training"], rows),
+        "## Validation loss\n\n"
+        + common.md_table(
+            ["model", "parameters", "after conversion", "after uptraining / training"], rows
+        ),
     ]
-    common.write_results(args, out, "Experiment 3: recursive conversion", sections,
-                         {"base": base_loss, "full_rank_relax": full_rank_loss,
-                          "unique": K, "results": result})
+    common.write_results(
+        args,
+        out,
+        "Experiment 3: recursive conversion",
+        sections,
+        {"base": base_loss, "full_rank_relax": full_rank_loss, "unique": K, "results": result},
+    )
 
 
 if __name__ == "__main__":

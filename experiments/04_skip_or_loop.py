@@ -35,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from depthjax.report import pyplot
 import depthjax as dj
+from depthjax.report import pyplot
 
 
 # -- the task ------------------------------------------------------------------------------
-def make_example(rng, n_letters: int, max_hops: int, n_queries: int,
-                 perm=None) -> tuple[str, list]:
+def make_example(rng, n_letters: int, max_hops: int, n_queries: int, perm=None) -> tuple[str, list]:
     """Queries "|kxy" (y = perm^k(x)) as text, and [(x, k, y)].
 
     perm=None (task "context"): a fresh random permutation, written first as pairs in
@@ -59,22 +58,26 @@ def make_example(rng, n_letters: int, max_hops: int, n_queries: int,
         for _ in range(k):
             y = perm[y]
         queries.append((letters[x], k, letters[y]))
-        text += f"|{k}{letters[x]}{letters[y]}"   # y right after x: an induction-style lookup
+        text += f"|{k}{letters[x]}{letters[y]}"  # y right after x: an induction-style lookup
     return text, queries
 
 
 def task_permutation(args):
     """The fixed permutation of task "fixed" (None for "context")."""
-    return (np.random.default_rng(args.seed + 77).permutation(args.letters)
-            if args.task == "fixed" else None)
+    return (
+        np.random.default_rng(args.seed + 77).permutation(args.letters)
+        if args.task == "fixed"
+        else None
+    )
 
 
 def write_train_file(path: Path, n_docs: int, args) -> None:
     rng = np.random.default_rng(args.seed)
     with open(path, "w") as f:
         for _ in range(n_docs):
-            text, _ = make_example(rng, args.letters, args.max_hops, args.queries,
-                                   task_permutation(args))
+            text, _ = make_example(
+                rng, args.letters, args.max_hops, args.queries, task_permutation(args)
+            )
             f.write(json.dumps({"text": text}) + "\n")
 
 
@@ -84,8 +87,9 @@ def eval_set(args):
     rng = np.random.default_rng(10_000 + args.seed)
     toks, ans, hops = [], [], []
     for _ in range(args.examples):
-        text, q = make_example(rng, args.letters, args.max_hops, args.queries,
-                               task_permutation(args))
+        text, q = make_example(
+            rng, args.letters, args.max_hops, args.queries, task_permutation(args)
+        )
         toks.append(np.frombuffer(text[:-1].encode(), np.uint8))
         ans.append(ord(q[-1][2]))
         hops.append(q[-1][1])
@@ -99,17 +103,17 @@ def neighbours(chain: tuple, max_len: int) -> set[tuple]:
     out = set()
     for i in range(len(chain)):
         if len(chain) > 1:
-            out.add(chain[:i] + chain[i + 1:])
+            out.add(chain[:i] + chain[i + 1 :])
         if len(chain) < max_len:
-            out.add(chain[:i + 1] + chain[i:])
+            out.add(chain[: i + 1] + chain[i:])
         if i + 1 < len(chain):
-            out.add(chain[:i] + (chain[i + 1], chain[i]) + chain[i + 2:])
+            out.add(chain[:i] + (chain[i + 1], chain[i]) + chain[i + 2 :])
     out.discard(chain)
     return out
 
 
 def skips(chain: tuple) -> set[tuple]:
-    return {chain[:i] + chain[i + 1:] for i in range(len(chain))} if len(chain) > 1 else set()
+    return {chain[:i] + chain[i + 1 :] for i in range(len(chain))} if len(chain) > 1 else set()
 
 
 def chain_program(chain: tuple, max_len: int) -> dict:
@@ -122,12 +126,13 @@ def chain_program(chain: tuple, max_len: int) -> dict:
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _answer_logprobs(model, block_ML, gate_ML, tokens_MT, *, chunk: int):
     """log-probabilities [M, V] of the next byte after each prompt under its own chain."""
+
     def one(xs):
         block, gate, tokens = xs
-        program = dj.Program(block=block, attn=gate, mlp=gate,
-                             parallel=jnp.zeros_like(gate, bool))
+        program = dj.Program(block=block, attn=gate, mlp=gate, parallel=jnp.zeros_like(gate, bool))
         logits = dj.apply(model.replace(program=program), tokens[None])[0, -1]
         return jax.nn.log_softmax(logits)
+
     return jax.lax.map(one, (block_ML, gate_ML, tokens_MT), batch_size=chunk)
 
 
@@ -136,7 +141,8 @@ def evaluate(model, chains: list[tuple], tokens_MT, max_len: int, chunk: int = 1
     chunks so a few shapes compile once."""
     M = len(chains)
     size = -(-M // chunk) * chunk
-    progs = [chain_program(c, max_len) for c in chains] + [chain_program((0,), max_len)] * (size - M)
+    padding = [chain_program((0,), max_len)] * (size - M)
+    progs = [chain_program(c, max_len) for c in chains] + padding
     block = np.stack([p["block"] for p in progs])
     gate = np.stack([p["gate"] for p in progs])
     tok = np.concatenate([tokens_MT, np.repeat(tokens_MT[:1], size - M, 0)])
@@ -157,8 +163,11 @@ def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shor
     for r in range(rounds):
         # A right example only tries skips (it is being shortened); a wrong one tries all.
         shorten = lambda e: shorten_if_right and right0[e]
-        pairs = [(nb, e) for e in range(N) for nb in sorted(
-            skips(cur[e]) if shorten(e) else neighbours(cur[e], max_len))]
+        pairs = [
+            (nb, e)
+            for e in range(N)
+            for nb in sorted(skips(cur[e]) if shorten(e) else neighbours(cur[e], max_len))
+        ]
         if not pairs:
             break
         lp = evaluate(model, [c for c, _ in pairs], tokens[[e for _, e in pairs]], max_len)
@@ -170,14 +179,16 @@ def search(model, tokens, targets, start: tuple, rounds: int, max_len: int, shor
                 hit[e] = True
                 shortest[e] = len(chain) if shortest[e] == 0 else min(shortest[e], len(chain))
             if (not ok) if shorten(e) else row[t] <= cur_lp[e]:
-                continue       # a move must keep a right answer / raise the target's log-prob
+                continue  # a move must keep a right answer / raise the target's log-prob
             if e not in best or row[t] > best[e][0]:
                 best[e] = (row[t], chain)
         for e, (lp_e, chain) in best.items():
             cur[e], cur_lp[e] = chain, lp_e
         moved = len(best)
-        common.log(f"  round {r + 1}/{rounds}: {len(pairs):,} (chain, example) pairs, "
-                   f"{moved} examples moved")
+        common.log(
+            f"  round {r + 1}/{rounds}: {len(pairs):,} (chain, example) pairs, "
+            f"{moved} examples moved"
+        )
     return right0, hit, shortest, cur
 
 
@@ -204,20 +215,33 @@ def plot(path, lengths, rows, depth: int) -> None:
 
 
 def main(argv=None):
-    p = common.parser("04_skip_or_loop", __doc__, layers=6, steps=200, batch_size=32,
-                      seq_len=64, lr=2e-3)
-    p.add_argument("--task", choices=("fixed", "context"), default="fixed",
-                   help="fixed: one permutation held in the weights; context: a fresh "
-                        "permutation per example, listed before the query")
-    p.add_argument("--letters", type=int, default=None,
-                   help="alphabet size of the permutation (default 26 fixed, 6 context)")
+    p = common.parser(
+        "04_skip_or_loop", __doc__, layers=6, steps=200, batch_size=32, seq_len=64, lr=2e-3
+    )
+    p.add_argument(
+        "--task",
+        choices=("fixed", "context"),
+        default="fixed",
+        help="fixed: one permutation held in the weights; context: a fresh "
+        "permutation per example, listed before the query",
+    )
+    p.add_argument(
+        "--letters",
+        type=int,
+        default=None,
+        help="alphabet size of the permutation (default 26 fixed, 6 context)",
+    )
     p.add_argument("--max-hops", type=int, default=None, help="default 6 fixed, 3 context")
     p.add_argument("--queries", type=int, default=8, help="queries per training document")
     p.add_argument("--train-docs", type=int, default=50_000)
     p.add_argument("--examples", type=int, default=300, help="evaluation examples")
     p.add_argument("--rounds", type=int, default=8, help="greedy search rounds")
-    p.add_argument("--extra-steps", type=int, default=2,
-                   help="chains may be this many steps longer than the model")
+    p.add_argument(
+        "--extra-steps",
+        type=int,
+        default=2,
+        help="chains may be this many steps longer than the model",
+    )
     args = common.parse(p, argv, __file__)
     args.letters = args.letters or (26 if args.task == "fixed" else 6)
     args.max_hops = args.max_hops or (6 if args.task == "fixed" else 3)
@@ -226,8 +250,10 @@ def main(argv=None):
     out = common.out_dir(args)
     data_dir = Path(args.cache) / "hops_data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    train_file = data_dir / (f"hops-{args.task}-l{args.letters}-h{args.max_hops}-q{args.queries}-"
-                             f"n{args.train_docs}-s{args.seed}.jsonl")
+    train_file = data_dir / (
+        f"hops-{args.task}-l{args.letters}-h{args.max_hops}-q{args.queries}-"
+        f"n{args.train_docs}-s{args.seed}.jsonl"
+    )
     if not train_file.exists():
         common.log(f"writing {args.train_docs:,} training documents to {train_file}")
         write_train_file(train_file, args.train_docs, args)
@@ -238,21 +264,24 @@ def main(argv=None):
     S = model.depth
     start, max_len = tuple(range(S)), S + args.extra_steps
     common.log(f"search: {len(tokens)} examples, chains up to {max_len} steps")
-    right0, fixed_or_kept, shortest, final = search(model, tokens, answers, start, args.rounds,
-                                                    max_len, shorten_if_right=True)
+    right0, fixed_or_kept, shortest, final = search(
+        model, tokens, answers, start, args.rounds, max_len, shorten_if_right=True
+    )
     # Control: aim the same search at a random letter that is neither the answer nor the
     # model's prediction; a "fix" rate near this one would be luck, not structure.
     rng = np.random.default_rng(args.seed)
     pred0 = evaluate(model, [start] * len(tokens), tokens, max_len).argmax(-1)
     letters = ord("a") + np.arange(args.letters)
-    decoys = np.array([rng.choice([c for c in letters if c not in (a, p_)])
-                       for a, p_ in zip(answers, pred0)])
+    decoys = np.array(
+        [rng.choice([c for c in letters if c not in (a, p_)]) for a, p_ in zip(answers, pred0)]
+    )
     wrong = ~right0
     decoy_hit = np.zeros(0, bool)
     if wrong.any():
         common.log("control search toward random wrong letters")
-        _, decoy_hit, _, _ = search(model, tokens[wrong], decoys[wrong], start, args.rounds,
-                                    max_len, shorten_if_right=False)
+        _, decoy_hit, _, _ = search(
+            model, tokens[wrong], decoys[wrong], start, args.rounds, max_len, shorten_if_right=False
+        )
 
     kept_shorter = right0 & (shortest < S) & (shortest > 0)
     fixed = wrong & fixed_or_kept
@@ -261,11 +290,17 @@ def main(argv=None):
         sel = np.ones(len(hops), bool) if k == "all" else hops == k
         r, w = sel & right0, sel & wrong
         dsel = (hops[wrong] == k) if k != "all" else np.ones(wrong.sum(), bool)
-        rows.append([k, int(sel.sum()), f"{r.sum() / max(sel.sum(), 1):.1%}",
-                     f"{(kept_shorter & sel).sum()}/{r.sum()}",
-                     f"{shortest[r].mean():.2f}" if r.any() else "-",
-                     f"{(fixed & sel).sum()}/{w.sum()}",
-                     f"{decoy_hit[dsel].sum()}/{dsel.sum()}"])
+        rows.append(
+            [
+                k,
+                int(sel.sum()),
+                f"{r.sum() / max(sel.sum(), 1):.1%}",
+                f"{(kept_shorter & sel).sum()}/{r.sum()}",
+                f"{shortest[r].mean():.2f}" if r.any() else "-",
+                f"{(fixed & sel).sum()}/{w.sum()}",
+                f"{decoy_hit[dsel].sum()}/{dsel.sum()}",
+            ]
+        )
     lengths = np.bincount(shortest[right0], minlength=max_len + 1)
     plot(out / "search.png", lengths, rows[:-1], S)
     sections = [
@@ -273,22 +308,44 @@ def main(argv=None):
         f"task '{args.task}', {args.letters}-letter permutations with 1..{args.max_hops} "
         f"hops, {args.queries} queries per document. Search: "
         f"{args.rounds} greedy rounds, chains up to {max_len} steps.",
-        "## Per hop count\n\n" + common.md_table(
-            ["hops", "examples", "accuracy (full chain)", "right, kept by a shorter chain",
-             "mean shortest right chain", "wrong, fixed by some chain",
-             "control: wrong, pushed to a random wrong letter"], rows),
-        "## Shortest chain found that keeps a right answer\n\n" + common.md_table(
-            ["steps"] + list(range(1, max_len + 1)),
-            [["examples"] + lengths[1:].tolist()]),
-        "## Example chains found (example: hops, chain)\n\n" + "\n".join(
+        "## Per hop count\n\n"
+        + common.md_table(
+            [
+                "hops",
+                "examples",
+                "accuracy (full chain)",
+                "right, kept by a shorter chain",
+                "mean shortest right chain",
+                "wrong, fixed by some chain",
+                "control: wrong, pushed to a random wrong letter",
+            ],
+            rows,
+        ),
+        "## Shortest chain found that keeps a right answer\n\n"
+        + common.md_table(
+            ["steps"] + list(range(1, max_len + 1)), [["examples"] + lengths[1:].tolist()]
+        ),
+        "## Example chains found (example: hops, chain)\n\n"
+        + "\n".join(
             f"* {i}: {hops[i]} hops, {'right' if right0[i] else 'wrong'} -> "
             f"{'right' if fixed_or_kept[i] else 'wrong'} with chain {list(final[i])}"
-            for i in range(min(8, len(tokens)))),
+            for i in range(min(8, len(tokens)))
+        ),
     ]
-    common.write_results(args, out, "Experiment 4: skip or loop (chain-of-layers search)", sections,
-                         {"right0": right0, "hit": fixed_or_kept, "shortest": shortest,
-                          "hops": hops, "decoy_hit": decoy_hit,
-                          "final_chains": [list(c) for c in final]})
+    common.write_results(
+        args,
+        out,
+        "Experiment 4: skip or loop (chain-of-layers search)",
+        sections,
+        {
+            "right0": right0,
+            "hit": fixed_or_kept,
+            "shortest": shortest,
+            "hops": hops,
+            "decoy_hit": decoy_hit,
+            "final_chains": [list(c) for c in final],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,8 @@ with
 from __future__ import annotations
 
 import common
+from depthjax import depth, report
 from depthjax.report import pyplot
-from depthjax import depth
-from depthjax import report
 
 
 def middle_pairs(S: int, k: int) -> list[list[int]]:
@@ -43,8 +42,13 @@ def main(argv=None):
     full = common.loss(model, data)
     common.log(f"full model loss {full:.4f}")
 
-    pair_rows, pair_curves = [], {k: [] for k in ("parallel (sum)", "parallel (mean)",
-                                                  "drop one of each pair", "drop both")}
+    pair_rows, pair_curves = (
+        [],
+        {
+            k: []
+            for k in ("parallel (sum)", "parallel (mean)", "drop one of each pair", "drop both")
+        },
+    )
     max_pairs = len(range(1, S - 2, 2))
     for k in range(1, max_pairs + 1):
         pairs = middle_pairs(S, k)
@@ -63,18 +67,26 @@ def main(argv=None):
     span_rows, span_curves = [], {k: [] for k in ("parallel (mean)", "parallel (sum)", "drop span")}
     for w in range(2, S - 1):
         span = centred_span(S, w)
-        variants = {"parallel (mean)": depth.parallelize(model, [span], combine="mean"),
-                    "parallel (sum)": depth.parallelize(model, [span], combine="sum"),
-                    "drop span": depth.drop(model, span)}
+        variants = {
+            "parallel (mean)": depth.parallelize(model, [span], combine="mean"),
+            "parallel (sum)": depth.parallelize(model, [span], combine="sum"),
+            "drop span": depth.drop(model, span),
+        }
         res = {name: common.loss(m, data) for name, m in variants.items()}
         for name, v in res.items():
             span_curves[name].append(v)
         span_rows.append([w, f"{span[0]}..{span[-1]}"] + [res[n] for n in span_curves])
-        common.log(f"span {span[0]}..{span[-1]}: " + ", ".join(f"{n} {v:.4f}" for n, v in res.items()))
+        common.log(
+            f"span {span[0]}..{span[-1]}: " + ", ".join(f"{n} {v:.4f}" for n, v in res.items())
+        )
 
-    report.plot_curves({n: [full] + v for n, v in pair_curves.items()}, out / "pairs.png",
-                       xlabel="middle pairs changed", baseline=full,
-                       title="parallel pairs vs dropping")
+    report.plot_curves(
+        {n: [full] + v for n, v in pair_curves.items()},
+        out / "pairs.png",
+        xlabel="middle pairs changed",
+        baseline=full,
+        title="parallel pairs vs dropping",
+    )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ws = list(range(2, S - 1))
@@ -91,13 +103,18 @@ def main(argv=None):
 
     sections = [
         f"Base model: {S} steps, full-model validation loss {full:.4f}.",
-        "## Middle pairs\n\n" + common.md_table(
-            ["pairs", "steps", "sequential depth"] + list(pair_curves), pair_rows),
-        "## One centred span\n\n" + common.md_table(["width", "steps"] + list(span_curves),
-                                                    span_rows),
+        "## Middle pairs\n\n"
+        + common.md_table(["pairs", "steps", "sequential depth"] + list(pair_curves), pair_rows),
+        "## One centred span\n\n"
+        + common.md_table(["width", "steps"] + list(span_curves), span_rows),
     ]
-    common.write_results(args, out, "Experiment 5: parallel layers", sections,
-                         {"full": full, "pairs": pair_rows, "spans": span_rows})
+    common.write_results(
+        args,
+        out,
+        "Experiment 5: parallel layers",
+        sections,
+        {"full": full, "pairs": pair_rows, "spans": span_rows},
+    )
 
 
 if __name__ == "__main__":

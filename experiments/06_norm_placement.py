@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 import common
-from depthjax.report import pyplot
 from depthjax import metrics as M
+from depthjax.report import pyplot
 
 PLACEMENTS = ("pre", "peri", "post")
 
@@ -42,16 +42,23 @@ def main(argv=None):
         common.log(f"{placement}: loss {res[placement]['loss']:.4f}")
 
     plt = pyplot()
-    panels = [("residual_norm", "|residual| (input of step i; last = output)"),
-              ("block_influence", "block influence 1 - cos(in, out)"),
-              ("relative_contribution", "|block update| / |residual in|"),
-              ("ablation", "leave-one-out loss rise")]
+    panels = [
+        ("residual_norm", "|residual| (input of step i; last = output)"),
+        ("block_influence", "block influence 1 - cos(in, out)"),
+        ("relative_contribution", "|block update| / |residual in|"),
+        ("ablation", "leave-one-out loss rise"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, label) in zip(axes, panels):
         for placement in PLACEMENTS:
             ys = res[placement][key]
-            ax.plot(np.arange(len(ys)), ys, "o-", ms=3,
-                    label=f"{placement} (loss {res[placement]['loss']:.3f})")
+            ax.plot(
+                np.arange(len(ys)),
+                ys,
+                "o-",
+                ms=3,
+                label=f"{placement} (loss {res[placement]['loss']:.3f})",
+            )
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
         if key == "residual_norm":
@@ -63,21 +70,44 @@ def main(argv=None):
 
     S = len(res["pre"]["block_influence"])
     half = S // 2
-    summary = [[p, res[p]["loss"], float(res[p]["residual_norm"][-1] / res[p]["residual_norm"][1]),
-                float(res[p]["block_influence"][half:].sum() / res[p]["block_influence"].sum()),
-                float(res[p]["ablation"][half:].sum() / res[p]["ablation"].sum())]
-               for p in PLACEMENTS]
-    per_step = [[i] + [float(res[p][k][i]) for k in ("residual_norm", "block_influence", "ablation")
-                       for p in PLACEMENTS] for i in range(S)]
+    summary = [
+        [
+            p,
+            res[p]["loss"],
+            float(res[p]["residual_norm"][-1] / res[p]["residual_norm"][1]),
+            float(res[p]["block_influence"][half:].sum() / res[p]["block_influence"].sum()),
+            float(res[p]["ablation"][half:].sum() / res[p]["ablation"].sum()),
+        ]
+        for p in PLACEMENTS
+    ]
+    per_step = [
+        [i]
+        + [
+            float(res[p][k][i])
+            for k in ("residual_norm", "block_influence", "ablation")
+            for p in PLACEMENTS
+        ]
+        for i in range(S)
+    ]
     sections = [
         f"{S}-step models, {args.steps} training steps each, same data and seed.",
-        "## Summary\n\n" + common.md_table(
-            ["placement", "validation loss", "|residual| growth (out of last / in of step 1)",
-             "share of block influence in the deeper half", "share of ablation loss in the deeper half"],
-            summary),
-        "## Per step\n\n" + common.md_table(
+        "## Summary\n\n"
+        + common.md_table(
+            [
+                "placement",
+                "validation loss",
+                "|residual| growth (out of last / in of step 1)",
+                "share of block influence in the deeper half",
+                "share of ablation loss in the deeper half",
+            ],
+            summary,
+        ),
+        "## Per step\n\n"
+        + common.md_table(
             ["step"] + [f"{k} {p}" for k in ("norm", "BI", "ablation") for p in PLACEMENTS],
-            per_step, floatfmt=".3f"),
+            per_step,
+            floatfmt=".3f",
+        ),
     ]
     common.write_results(args, out, "Experiment 6: norm placement", sections, res)
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import depthjax as dj
-from depthjax import metrics as M
-from depthjax import report
+from depthjax import metrics as M, report
 from depthjax.corpus import sample_windows
 from depthjax.train import TrainConfig, run as train_run
 
@@ -37,7 +36,9 @@ def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
 
     The default base model is an 8-step llama-style byte model (d_model 64) trained for
     600 steps on the embedded corpus: about 4 minutes on a 2-core CPU, then cached."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("base model (trained once, cached)")
     g.add_argument("--model", default="llama-tiny", help="preset name (depthjax presets)")
     g.add_argument("--layers", type=int, default=8, help="n_layers of the model")
@@ -48,10 +49,18 @@ def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-batches", type=int, default=4,
-                   help="validation batches of [batch-size, seq-len] tokens for every loss")
-    g.add_argument("--score-batches", type=int, default=2,
-                   help="separate validation batches the metrics score on")
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        default=4,
+        help="validation batches of [batch-size, seq-len] tokens for every loss",
+    )
+    g.add_argument(
+        "--score-batches",
+        type=int,
+        default=2,
+        help="separate validation batches the metrics score on",
+    )
     g = p.add_argument_group("files")
     g.add_argument("--cache", default=str(HERE / ".cache"), help="trained-model cache dir")
     g.add_argument("--out", default=str(HERE / "results" / name), help="results dir")
@@ -68,10 +77,20 @@ def model_overrides(args, **extra) -> dict:
 
 def train_config(args, **changes) -> TrainConfig:
     """The TrainConfig of the base model from the flags, with `changes` applied."""
-    base = dict(model=args.model, model_overrides=model_overrides(args), steps=args.steps,
-                batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                warmup_steps=min(50, max(args.steps // 10, 1)), log_every=max(args.steps // 10, 1),
-                checkpoint_every=args.steps, keep_checkpoints=1, tensorboard=False)
+    base = dict(
+        model=args.model,
+        model_overrides=model_overrides(args),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        seed=args.seed,
+        warmup_steps=min(50, max(args.steps // 10, 1)),
+        log_every=max(args.steps // 10, 1),
+        checkpoint_every=args.steps,
+        keep_checkpoints=1,
+        tensorboard=False,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -85,8 +104,10 @@ def trained(args, tag: str, tc: TrainConfig) -> dj.DepthModel:
     """Train with `tc` into the cache (or reuse an earlier identical run) and load it."""
     run_dir = cached_run_dir(args, tag, tc)
     if not (run_dir / "model").is_dir():
-        log(f"training {tag}: {tc.steps} steps of {tc.batch_size}x{tc.seq_len} tokens "
-            f"into {run_dir}")
+        log(
+            f"training {tag}: {tc.steps} steps of {tc.batch_size}x{tc.seq_len} tokens "
+            f"into {run_dir}"
+        )
         train_run(run_dir, tc)
     else:
         log(f"reusing {tag} from {run_dir}")
@@ -99,8 +120,10 @@ def base_model(args) -> dj.DepthModel:
 
 def batches(args, n: int, seed: int) -> list[np.ndarray]:
     """n fixed validation batches int32 [batch-size, seq-len] of the embedded corpus."""
-    return [sample_windows(args.batch_size, args.seq_len, seed=seed + i, split="valid")
-            for i in range(n)]
+    return [
+        sample_windows(args.batch_size, args.seq_len, seed=seed + i, split="valid")
+        for i in range(n)
+    ]
 
 
 def eval_batches(args):
@@ -122,11 +145,6 @@ def losses(model: dj.DepthModel, data, keep, unit: str = "block") -> np.ndarray:
     return M.coalition_measures(model, data, unit, np.asarray(keep))
 
 
-def n_params(tree) -> int:
-    import jax
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 def out_dir(args) -> Path:
     d = Path(args.out)
     d.mkdir(parents=True, exist_ok=True)
@@ -135,9 +153,11 @@ def out_dir(args) -> Path:
 
 def md_table(headers, rows, floatfmt: str = ".4f") -> str:
     """A GitHub Markdown table; floats formatted with `floatfmt`."""
-    fmt = lambda v: (f"{v:{floatfmt}}" if isinstance(v, (float, np.floating)) else str(v))
-    lines = ["| " + " | ".join(map(str, headers)) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
+    fmt = lambda v: f"{v:{floatfmt}}" if isinstance(v, (float, np.floating)) else str(v)
+    lines = [
+        "| " + " | ".join(map(str, headers)) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -158,3 +178,27 @@ def write_results(args, out: Path, title: str, sections: list[str], data: dict) 
     report.write_json({**data, "command": args.command}, out / "results.json")
     print("\n" + text, flush=True)
     log(f"wrote {out}/results.md, results.json")
+
+
+def fitted(args, tag: str, settings: dict, train_fn) -> dj.DepthModel:
+    """A model trained by `train_fn()` (e.g. with depthjax.adaptive.fit), cached under
+    --cache by a hash of `settings` (everything that determines the result); the history
+    of the run is kept beside it as history.json."""
+    key = json.dumps(settings, sort_keys=True, default=str)
+    run_dir = Path(args.cache) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if not (run_dir / "model").is_dir():
+        log(f"training {tag} into {run_dir}")
+        model, history = train_fn()
+        dj.save(model, run_dir / "model")
+        report.write_json({"settings": settings, "history": history}, run_dir / "history.json")
+    else:
+        log(f"reusing {tag} from {run_dir}")
+    return dj.load(run_dir / "model")
+
+
+def train_batches(args, seed: int = 0):
+    """batch_fn for depthjax.adaptive.fit: step -> (int32 [batch-size, seq-len],) of the
+    training split, a fixed sequence for a given seed."""
+    return lambda step: (
+        sample_windows(args.batch_size, args.seq_len, seed=seed * 1_000_003 + step),
+    )

@@ -37,9 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 LOG2E = math.log2(math.e)
-MASK_VALUE = -1e30                      # finite, so fully masked rows never produce inf - inf
-KV_PAD_SEGMENT = -(2 ** 31)             # segment id of padded / masked-out keys
-Q_PAD_SEGMENT = -(2 ** 31) + 1          # segment id of padded queries (match no key)
+MASK_VALUE = -1e30  # finite, so fully masked rows never produce inf - inf
+KV_PAD_SEGMENT = -(2**31)  # segment id of padded / masked-out keys
+Q_PAD_SEGMENT = -(2**31) + 1  # segment id of padded queries (match no key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class _Static:
     block_q_bwd: int
     block_k_bwd: int
     has_segments: bool
-    windowed: bool          # a window operand is passed (its value is data)
+    windowed: bool  # a window operand is passed (its value is data)
     softcap: float | None
     interpret: bool
     num_warps: int
@@ -82,7 +82,7 @@ def _scores(st: _Static, q, k, q_start, k_start, q_seg, kv_seg, window, *, causa
         tanh = jnp.tanh(raw * (st.scale / st.softcap))
         s = tanh * (st.softcap * LOG2E)
     mask = None
-    if causal:   # windowed tiles are always masked (see _loop_over_keys)
+    if causal:  # windowed tiles are always masked (see _loop_over_keys)
         q_idx = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
         k_idx = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
         mask = k_idx <= q_idx
@@ -136,6 +136,7 @@ def _compiler_params(st: _Static):
         return None
     # Always explicit on GPU: the default Pallas GPU backend changed between jax releases.
     from jax.experimental.pallas import triton as pltriton
+
     return pltriton.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
@@ -153,21 +154,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, st: _Static, n_kv: int):
         k_start = j * bk
         v = v_ref[pl.ds(k_start, bk), :]
         kv_seg = kvseg_ref[pl.ds(k_start, bk)] if st.has_segments else None
-        s, mask, _ = _scores(st, q, k_ref[pl.ds(k_start, bk), :], i * bq, k_start, q_seg,
-                             kv_seg, window, causal=causal)
+        s, mask, _ = _scores(
+            st,
+            q,
+            k_ref[pl.ds(k_start, bk), :],
+            i * bq,
+            k_start,
+            q_seg,
+            kv_seg,
+            window,
+            causal=causal,
+        )
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp2(s - m_new[:, None])
-        if mask is not None:      # a row with nothing visible yet has m_new == MASK_VALUE
+        if mask is not None:  # a row with nothing visible yet has m_new == MASK_VALUE
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp2(m - m_new)
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return m_new, l, acc
 
-    carry = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
-             jnp.zeros((bq, q.shape[-1]), jnp.float32))
+    carry = (
+        jnp.full((bq,), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq, q.shape[-1]), jnp.float32),
+    )
     m, l, acc = _loop_over_keys(st, i, bq, bk, n_kv, body, carry, window)
-    empty = l == 0.0                                      # no visible key: output zeros
+    empty = l == 0.0  # no visible key: output zeros
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
@@ -181,8 +194,10 @@ def _extra_inputs(st: _Static, window, q_seg, kv_seg, q_block, kv_block, index):
         specs.append(pl.BlockSpec((1,), lambda *_: (0,)))
         args.append(window)
     if st.has_segments:
-        specs += [pl.BlockSpec((None, q_block), index("q")),
-                  pl.BlockSpec((None, kv_block), index("kv"))]
+        specs += [
+            pl.BlockSpec((None, q_block), index("q")),
+            pl.BlockSpec((None, kv_block), index("kv")),
+        ]
         args += [q_seg, kv_seg]
     return specs, args
 
@@ -199,18 +214,28 @@ def _fwd(st: _Static, q, k, v, q_seg, kv_seg, window):
         pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
     ]
     specs, extra = _extra_inputs(
-        st, window, q_seg, kv_seg, st.block_q, Sp,
-        lambda kind: (lambda b, h, i: (b, i)) if kind == "q" else (lambda b, h, i: (b, 0)))
+        st,
+        window,
+        q_seg,
+        kv_seg,
+        st.block_q,
+        Sp,
+        lambda kind: (lambda b, h, i: (b, i)) if kind == "q" else (lambda b, h, i: (b, 0)),
+    )
     in_specs += specs
     args = [q, k, v, *extra]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, n_kv=n_kv),
         grid=(B, H, n_q),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, st.block_q, None, D), lambda b, h, i: (b, i, h, 0)),
-                   pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, st.block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+        ],
         compiler_params=_compiler_params(st),
         interpret=st.interpret,
         name="depthjax_flash_fwd",
@@ -241,8 +266,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Stat
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, n_q: int,
-                group: int):
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, n_q: int, group: int
+):
     """dK, dV for one key block of one K/V head, summed over its `group` query heads.
 
     q_ref, do_ref [Tp, G, D]; lse_ref, delta_ref [G, Tp]; k_ref, v_ref [BK, D].
@@ -262,7 +288,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Sta
         delta = delta_ref[g, pl.ds(q_start, bq)]
         q_seg = qseg_ref[pl.ds(q_start, bq)] if st.has_segments else None
         s, _, tanh = _scores(st, q, k, q_start, j * bk, q_seg, kv_seg, window, causal=causal)
-        p = jnp.exp2(s - lse[:, None])                                   # [BQ, BK]
+        p = jnp.exp2(s - lse[:, None])  # [BQ, BK]
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         ds = _softcap_grad(st, p * (_dot(do, v, trans_b=True) - delta[:, None]), tanh)
         dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
@@ -270,17 +296,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Sta
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     if st.causal:
-        i_start = jnp.minimum((j * bk) // bq, n_q)                  # first block reaching the key
+        i_start = jnp.minimum((j * bk) // bq, n_q)  # first block reaching the key
         i_full = jnp.clip(pl.cdiv((j + 1) * bk - 1, bq), i_start, n_q)  # first fully visible
-        if st.windowed:   # up to the last query that still sees this block's last key
+        if st.windowed:  # up to the last query that still sees this block's last key
             i_end = jnp.clip(((j + 1) * bk - 1 + window - 1) // bq + 1, i_start, n_q)
-    for g in range(group):                 # static: G is small and indexes the head axis
+    for g in range(group):  # static: G is small and indexes the head axis
         if st.windowed:
-            carry = lax.fori_loop(i_start, i_end, functools.partial(body, g=g, causal=True),
-                                  carry)
+            carry = lax.fori_loop(i_start, i_end, functools.partial(body, g=g, causal=True), carry)
         elif st.causal:
-            carry = lax.fori_loop(i_start, i_full, functools.partial(body, g=g, causal=True),
-                                  carry)
+            carry = lax.fori_loop(i_start, i_full, functools.partial(body, g=g, causal=True), carry)
             carry = lax.fori_loop(i_full, n_q, functools.partial(body, g=g, causal=False), carry)
         else:
             carry = lax.fori_loop(0, n_q, functools.partial(body, g=g, causal=False), carry)
@@ -308,15 +332,23 @@ def _bwd(st: _Static, res, do):
         pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
     ]
     specs, dq_extra = _extra_inputs(
-        st, window, q_seg, kv_seg, bq, Sp,
-        lambda kind: (lambda b, h, i: (b, i)) if kind == "q" else (lambda b, h, i: (b, 0)))
+        st,
+        window,
+        q_seg,
+        kv_seg,
+        bq,
+        Sp,
+        lambda kind: (lambda b, h, i: (b, i)) if kind == "q" else (lambda b, h, i: (b, 0)),
+    )
     dq_specs += specs
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, n_kv=n_kv),
-        grid=(B, H, n_q), in_specs=dq_specs,
+        grid=(B, H, n_q),
+        in_specs=dq_specs,
         out_specs=pl.BlockSpec((None, bq, None, D), lambda b, h, i: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="depthjax_flash_bwd_dq", **common,
+        name="depthjax_flash_bwd_dq",
+        **common,
     )(q, k, v, do, lse, delta, *dq_extra)
 
     # Index maps over (b, kv head, key block); the G query heads of a K/V head are the
@@ -330,15 +362,24 @@ def _bwd(st: _Static, res, do):
         pl.BlockSpec((None, G, Tp), lambda b, kh, j: (b, kh, 0)),
     ]
     specs, dkv_extra = _extra_inputs(
-        st, window, q_seg, kv_seg, Tp, bk,
-        lambda kind: (lambda b, kh, j: (b, 0)) if kind == "q" else (lambda b, kh, j: (b, j)))
+        st,
+        window,
+        q_seg,
+        kv_seg,
+        Tp,
+        bk,
+        lambda kind: (lambda b, kh, j: (b, 0)) if kind == "q" else (lambda b, kh, j: (b, j)),
+    )
     dkv_specs += specs
     kv_out = pl.BlockSpec((None, bk, None, D), lambda b, kh, j: (b, j, kh, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, n_q=n_q, group=G),
-        grid=(B, K, n_kv), in_specs=dkv_specs, out_specs=[kv_out, kv_out],
+        grid=(B, K, n_kv),
+        in_specs=dkv_specs,
+        out_specs=[kv_out, kv_out],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        name="depthjax_flash_bwd_dkv", **common,
+        name="depthjax_flash_bwd_dkv",
+        **common,
     )(q, k, v, do, lse, delta, *dkv_extra)
     return dq, dk, dv
 
@@ -377,8 +418,7 @@ def check_inputs(q, k, v, segment_ids, kv_segment_ids) -> None:
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
     if H % k.shape[2]:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads "
-                         f"({k.shape[2]})")
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({k.shape[2]})")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -386,16 +426,30 @@ def check_inputs(q, k, v, segment_ids, kv_segment_ids) -> None:
     if segment_ids is not None and segment_ids.shape != (B, T):
         raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
     if kv_segment_ids is not None and kv_segment_ids.shape != (B, k.shape[1]):
-        raise ValueError(f"kv_segment_ids must be [B, S] = {(B, k.shape[1])}, "
-                         f"got {kv_segment_ids.shape}")
+        raise ValueError(
+            f"kv_segment_ids must be [B, S] = {(B, k.shape[1])}, got {kv_segment_ids.shape}"
+        )
 
 
-def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None,
-                    scale: float | None = None, window=None, softcap: float | None = None,
-                    interpret: bool = False,
-                    block_q: int = 128, block_k: int = 64, block_q_bwd: int = 64,
-                    block_k_bwd: int = 64, num_warps: int | None = None,
-                    num_stages: int | None = None):
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    window=None,
+    softcap: float | None = None,
+    interpret: bool = False,
+    block_q: int = 128,
+    block_k: int = 64,
+    block_q_bwd: int = 64,
+    block_k_bwd: int = 64,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
     """Fused attention. q [B, T, H, D]; k, v [B, S, K, D] with H % K == 0. Returns [B, T, H, D].
 
     causal: query t sees keys s <= t. segment_ids [B, T]: packed documents; queries see only
@@ -413,15 +467,19 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
         raise ValueError("kv_segment_ids needs segment_ids for the queries")
     B, T, H, D = q.shape
     S = k.shape[1]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     if causal and T != S:
         raise ValueError(f"causal attention needs T == S (got T={T}, S={S})")
     if window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
-    for name, value in (("block_q", block_q), ("block_k", block_k),
-                        ("block_q_bwd", block_q_bwd), ("block_k_bwd", block_k_bwd)):
+    for name, value in (
+        ("block_q", block_q),
+        ("block_k", block_k),
+        ("block_q_bwd", block_q_bwd),
+        ("block_k_bwd", block_k_bwd),
+    ):
         if value <= 0 or value & (value - 1):
             raise ValueError(f"{name} must be a positive power of two, got {value}")
     # Blocks (powers of two, >= 16 for the matmul units) never exceed the padded sequence.
@@ -433,7 +491,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
     has_segments = segment_ids is not None or Tp != T or Sp != S
     q_seg = kv_seg = None
     if has_segments:
-        q_seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        q_seg = (
+            jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        )
         kv_seg = q_seg if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
         q_seg = jnp.pad(q_seg, ((0, 0), (0, Tp - T)), constant_values=Q_PAD_SEGMENT)
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)), constant_values=KV_PAD_SEGMENT)
@@ -444,10 +504,20 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
         v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
     # Untuned defaults (no GPU was available to tune on): wider tiles want more warps.
     num_warps = num_warps or (8 if D >= 128 else 4)
-    if window is not None:   # >= T is global; clamping keeps the index arithmetic in int32
+    if window is not None:  # >= T is global; clamping keeps the index arithmetic in int32
         window = jnp.clip(jnp.asarray(window, jnp.int32), 1, T).reshape(1)
-    st = _Static(causal=causal, scale=scale, block_q=bq, block_k=bk, block_q_bwd=bq_bwd,
-                 block_k_bwd=bk_bwd, has_segments=has_segments, windowed=window is not None,
-                 softcap=None if softcap is None else float(softcap), interpret=interpret,
-                 num_warps=num_warps, num_stages=num_stages or 2)
+    st = _Static(
+        causal=causal,
+        scale=scale,
+        block_q=bq,
+        block_k=bk,
+        block_q_bwd=bq_bwd,
+        block_k_bwd=bk_bwd,
+        has_segments=has_segments,
+        windowed=window is not None,
+        softcap=None if softcap is None else float(softcap),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages or 2,
+    )
     return _flash(st, q, k, v, q_seg, kv_seg, window)[:, :T]

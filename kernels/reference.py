@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 
-def reference_mask(T: int, S: int, *, causal: bool, q_segment_ids_BT=None,
-                   kv_segment_ids_BS=None, window=None):
+def reference_mask(
+    T: int, S: int, *, causal: bool, q_segment_ids_BT=None, kv_segment_ids_BS=None, window=None
+):
     """Boolean [B or 1, T, S]: True where query t may attend to key s."""
     mask = jnp.ones((1, T, S), bool)
     distance = jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
@@ -32,9 +33,18 @@ def reference_mask(T: int, S: int, *, causal: bool, q_segment_ids_BT=None,
     return mask
 
 
-def reference_attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = False, segment_ids=None,
-                        kv_segment_ids=None, scale: float | None = None, window=None,
-                        softcap: float | None = None):
+def reference_attention(
+    q_BTHD,
+    k_BSKD,
+    v_BSKD,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    window=None,
+    softcap: float | None = None,
+):
     """Naive softmax attention in float32; returns [B, T, H, D] in q's dtype.
 
     `segment_ids` [B, T] applies to queries and, unless `kv_segment_ids` [B, S] is given,
@@ -43,7 +53,7 @@ def reference_attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = False, segment
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     q = q_BTHD.astype(jnp.float32).reshape(B, T, K, G, D)
@@ -51,8 +61,14 @@ def reference_attention(q_BTHD, k_BSKD, v_BSKD, *, causal: bool = False, segment
     s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k, precision="highest") * scale
     if softcap is not None:
         s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
-    mask_BTS = reference_mask(T, S, causal=causal, q_segment_ids_BT=segment_ids,
-                              kv_segment_ids_BS=kv_segment_ids, window=window)
+    mask_BTS = reference_mask(
+        T,
+        S,
+        causal=causal,
+        q_segment_ids_BT=segment_ids,
+        kv_segment_ids_BS=kv_segment_ids,
+        window=window,
+    )
     mask = mask_BTS[:, None, None]
     s_BKGTS = jnp.where(mask, s_BKGTS, -jnp.inf)
     # Rows with no visible key: softmax of all -inf would be NaN; define them as zero output.

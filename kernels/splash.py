@@ -22,18 +22,41 @@ from .flash_attention import KV_PAD_SEGMENT, Q_PAD_SEGMENT, _round_up, check_inp
 @functools.lru_cache(maxsize=64)
 def _kernel(T: int, S: int, G: int, causal: bool, block: int, softcap, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
     head_mask = sa.CausalMask((T, S)) if causal else sa.FullMask((T, S))
-    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
-    return sa.make_splash_mqa(sa.MultiHeadMask([head_mask] * G), block_sizes=sizes,
-                              head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap,
-                              interpret=interpret)
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return sa.make_splash_mqa(
+        sa.MultiHeadMask([head_mask] * G),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        attn_logits_soft_cap=softcap,
+        interpret=interpret,
+    )
 
 
-def splash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None,
-                     scale: float | None = None, softcap: float | None = None,
-                     interpret: bool = False, block: int = 128):
+def splash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    kv_segment_ids=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    interpret: bool = False,
+    block: int = 128,
+):
     """Same contract as `flash_attention` (q [B, T, H, D], k/v [B, S, K, D]) on splash,
     without a sliding window (splash takes windows as static masks only).
 
@@ -42,12 +65,13 @@ def splash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segm
     """
     check_inputs(q, k, v, segment_ids, kv_segment_ids)
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
     if causal and T != S:
         raise ValueError(f"causal attention needs T == S (got T={T}, S={S})")
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     Tp, Sp = _round_up(T, block), _round_up(S, block)
     q_seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     kv_seg = q_seg if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
@@ -59,13 +83,14 @@ def splash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segm
     q_BKGTD = jnp.pad(q_BKGTD, ((0, 0),) * 3 + ((0, Tp - T), (0, 0)))
     pad_kv = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
     k_BKSD, v_BKSD = pad_kv(k), pad_kv(v)
-    kernel = _kernel(Tp, Sp, G, causal, block, None if softcap is None else float(softcap),
-                     interpret)
+    kernel = _kernel(
+        Tp, Sp, G, causal, block, None if softcap is None else float(softcap), interpret
+    )
 
     def one(q_GTD, k_SD, v_SD, qs, ks):
         seg = sa.SegmentIds(q=qs, kv=ks) if use_segments else None
         return kernel(q_GTD, k_SD, v_SD, segment_ids=seg)
 
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))        # over K/V heads
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over K/V heads
     o_BKGTD = jax.vmap(per_head)(q_BKGTD, k_BKSD, v_BKSD, q_seg, kv_seg)  # over batch
     return o_BKGTD[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)

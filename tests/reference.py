@@ -121,8 +121,9 @@ def forward(model, tokens, groups, *, mask=None, token_types=None, hidden=False)
     if cfg.embed_norm:
         x = _norm(e["norm"], x, cfg.norm_eps, cfg.norm)
     for group in groups:
-        x = x + sum(layer(cfg, row(params, b), x, pos, allowed, ga, gm, b) - x
-                    for b, ga, gm in group)
+        x = x + sum(
+            layer(cfg, row(params, b), x, pos, allowed, ga, gm, b) - x for b, ga, gm in group
+        )
     if cfg.final_norm:
         x = _norm(params["head"]["norm"], x, cfg.norm_eps, cfg.norm)
     if hidden:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,34 +17,50 @@ import depthjax as dj
 from depthjax import attention
 from depthjax.attention import AttentionUnavailable, Problem, attend, choose, pallas_interpret
 
-GPU = Problem(backend="gpu", dtype="bfloat16", head_dim=128, T=4096, S=4096, causal=True,
-              segments=False, kv_mask=False, interpret=False, gpu_capability=(9, 0))
+GPU = Problem(
+    backend="gpu",
+    dtype="bfloat16",
+    head_dim=128,
+    T=4096,
+    S=4096,
+    causal=True,
+    segments=False,
+    kv_mask=False,
+    interpret=False,
+    gpu_capability=(9, 0),
+)
 
 
-@pytest.mark.parametrize("changes,expected", [
-    (dict(), "cudnn"),
-    (dict(dtype="float32"), "pallas"),                      # cuDNN is half precision only
-    (dict(segments=True), "pallas"),                        # cuDNN would need a dense mask
-    (dict(dtype="float32", head_dim=96), "xla"),            # Triton wants a power of two
-    (dict(head_dim=256), "pallas"),                         # cuDNN head_dim <= 128
-    (dict(backend="tpu", head_dim=128), "pallas"),
-    (dict(backend="tpu", head_dim=64), "xla"),
-    (dict(backend="cpu"), "xla"),
-    (dict(backend="cpu", interpret=True), "xla"),           # interpreter never chosen by auto
-    (dict(T=1, S=4096), "cudnn"),                           # decode step: pallas needs T == S
-])
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (dict(), "cudnn"),
+        (dict(dtype="float32"), "pallas"),  # cuDNN is half precision only
+        (dict(segments=True), "pallas"),  # cuDNN would need a dense mask
+        (dict(dtype="float32", head_dim=96), "xla"),  # Triton wants a power of two
+        (dict(head_dim=256), "pallas"),  # cuDNN head_dim <= 128
+        (dict(backend="tpu", head_dim=128), "pallas"),
+        (dict(backend="tpu", head_dim=64), "xla"),
+        (dict(backend="cpu"), "xla"),
+        (dict(backend="cpu", interpret=True), "xla"),  # interpreter never chosen by auto
+        (dict(T=1, S=4096), "cudnn"),  # decode step: pallas needs T == S
+    ],
+)
 def test_auto_choice(changes, expected):
     assert choose("auto", dataclasses.replace(GPU, **changes)) == expected
 
 
-@pytest.mark.parametrize("impl,changes,message", [
-    ("cudnn", dict(backend="cpu"), "needs a GPU"),
-    ("cudnn", dict(dtype="float32"), "bfloat16/float16 only"),
-    ("cudnn", dict(gpu_capability=(7, 5)), "compute capability"),
-    ("pallas", dict(backend="cpu"), "pallas_interpret"),
-    ("pallas", dict(head_dim=96), "power of two"),
-    ("pallas", dict(T=1), "T == S"),
-])
+@pytest.mark.parametrize(
+    "impl,changes,message",
+    [
+        ("cudnn", dict(backend="cpu"), "needs a GPU"),
+        ("cudnn", dict(dtype="float32"), "bfloat16/float16 only"),
+        ("cudnn", dict(gpu_capability=(7, 5)), "compute capability"),
+        ("pallas", dict(backend="cpu"), "pallas_interpret"),
+        ("pallas", dict(head_dim=96), "power of two"),
+        ("pallas", dict(T=1), "T == S"),
+    ],
+)
 def test_forced_impl_that_cannot_run_raises(impl, changes, message):
     with pytest.raises(AttentionUnavailable, match=message):
         choose(impl, dataclasses.replace(GPU, **changes))
@@ -63,7 +80,7 @@ def test_fallback_logged_once_per_reason(caplog):
         for _ in range(3):
             choose("auto", problem)
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2, messages           # one per skipped candidate, not per call
+    assert len(messages) == 2, messages  # one per skipped candidate, not per call
     assert "cudnn" in messages[0] and "bfloat16/float16" in messages[0]
     assert "pallas" in messages[1] and "power of two" in messages[1]
     assert all(r.levelno == logging.WARNING for r in caplog.records)  # accelerator -> xla
@@ -108,9 +125,11 @@ def test_model_forward_and_grad_pallas_equals_xla():
         config = cfg.replace(attention_impl=impl)
 
         def loss(params):
-            logits = dj.apply(dataclasses.replace(model, config=config, params=params), tokens,
-                              segment_ids=seg)
+            logits = dj.apply(
+                dataclasses.replace(model, config=config, params=params), tokens, segment_ids=seg
+            )
             return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(model.params)
         return logits, grads
 
@@ -118,8 +137,7 @@ def test_model_forward_and_grad_pallas_equals_xla():
     with pallas_interpret():
         got, got_grads = run("pallas")
     np.testing.assert_allclose(got, want, atol=2e-5)
-    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(g, w, atol=2e-5)
+    chex.assert_trees_all_close(got_grads, want_grads, atol=2e-5)
 
 
 SHARDED = textwrap.dedent("""
@@ -155,8 +173,10 @@ SHARDED = textwrap.dedent("""
 
 
 def test_pallas_under_context_mesh_uses_shard_map():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -27,12 +27,18 @@ def test_round_trip_is_bit_exact(tmp_path, preset):
     cfg = dj.configs.get(preset, n_layers=3)
     model = dj.init(cfg, jax.random.key(1))
     # A non-trivial program: looped row, gated sublayer, a parallel pair.
-    model = model.with_program(dj.Program.create([0, 1, 1, 2], attn=[1, .5, 1, 1],
-                                                 mlp=[1, 1, 0, 1],
-                                                 parallel=[False, False, False, True]))
+    model = model.with_program(
+        dj.Program.create(
+            [0, 1, 1, 2],
+            attn=[1, 0.5, 1, 1],
+            mlp=[1, 1, 0, 1],
+            parallel=[False, False, False, True],
+        )
+    )
     # Values that float round-trips through text would lose.
-    model = model.replace(params=jax.tree.map(lambda x: x * np.float32(1 / 3) + 1e-30,
-                                              model.params))
+    model = model.replace(
+        params=jax.tree.map(lambda x: x * np.float32(1 / 3) + 1e-30, model.params)
+    )
     dj.save(model, tmp_path / "ck")
     back = dj.load(tmp_path / "ck")
     assert back.config == model.config
@@ -118,8 +124,11 @@ def test_config_params_mismatch_is_named(tmp_path):
     cfg = json.loads((ck / "config.json").read_text())
     cfg["d_ff"] = 64
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"blocks/mlp/up/kernel has shape \[4,64,176\], "
-                                              r"config needs \[4,64,64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"blocks/mlp/up/kernel has shape \[4,64,176\], "
+        r"config needs \[4,64,64\]",
+    ):
         dj.load(ck)
     cfg["d_ff"], cfg["d_mdoel"] = None, 64
     (ck / "config.json").write_text(json.dumps(cfg))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from depthjax import data
-from depthjax.train import config as train_config
 from depthjax.sharding import logical_to_spec, param_logical_axes
+from depthjax.train import config as train_config
 
 
 def _take(it, n):
@@ -17,6 +17,7 @@ def _take(it, n):
 
 def _docs(texts):
     import grain
+
     return grain.MapDataset.source(list(texts))
 
 
@@ -46,8 +47,15 @@ def test_packing_covers_every_document_token_once():
     each document's tokens after its first."""
     rng = np.random.default_rng(0)
     docs = [bytes(rng.integers(97, 123, rng.integers(2, 40)).astype(np.uint8)) for _ in range(30)]
-    ds = data.pipeline(_docs(docs), data.ByteTokenizer(), seq_len=16, batch_size=4, seed=1,
-                       epochs=1, shuffle_window=8)
+    ds = data.pipeline(
+        _docs(docs),
+        data.ByteTokenizer(),
+        seq_len=16,
+        batch_size=4,
+        seed=1,
+        epochs=1,
+        shuffle_window=8,
+    )
     seen_targets = []
     for batch in ds:
         for row in range(4):
@@ -67,8 +75,14 @@ def test_packing_covers_every_document_token_once():
 
 
 def test_resume_gives_exact_next_batches():
-    ds = data.pipeline(data.documents("stdlib", "train"), data.ByteTokenizer(), seq_len=32,
-                       batch_size=2, seed=5, shuffle_window=64)
+    ds = data.pipeline(
+        data.documents("stdlib", "train"),
+        data.ByteTokenizer(),
+        seq_len=32,
+        batch_size=2,
+        seed=5,
+        shuffle_window=64,
+    )
     it = iter(ds)
     _take(it, 7)
     state = json.loads(json.dumps(it.get_state()))  # survives a JSON round trip
@@ -79,8 +93,18 @@ def test_resume_gives_exact_next_batches():
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     # A different seed gives a different order (the seed is really used).
-    other = next(iter(data.pipeline(data.documents("stdlib", "train"), data.ByteTokenizer(),
-                                    seq_len=32, batch_size=2, seed=6, shuffle_window=64)))
+    other = next(
+        iter(
+            data.pipeline(
+                data.documents("stdlib", "train"),
+                data.ByteTokenizer(),
+                seq_len=32,
+                batch_size=2,
+                seed=6,
+                shuffle_window=64,
+            )
+        )
+    )
     first = next(iter(ds))
     assert not np.array_equal(first["inputs"], other["inputs"])
 
@@ -89,11 +113,20 @@ def test_process_shards_are_disjoint_and_complete():
     docs = [f"doc{i:03d}-".encode() * 3 for i in range(12)]
     seen = []
     for shard in range(3):
-        ds = data.pipeline(_docs(docs), data.ByteTokenizer(), seq_len=20, batch_size=1,
-                           seed=0, shard_index=shard, shard_count=3, epochs=1, shuffle_window=1)
+        ds = data.pipeline(
+            _docs(docs),
+            data.ByteTokenizer(),
+            seq_len=20,
+            batch_size=1,
+            seed=0,
+            shard_index=shard,
+            shard_count=3,
+            epochs=1,
+            shuffle_window=1,
+        )
         names = {bytes(b["inputs"][0][:6].astype(np.uint8)).decode() for b in ds}
         seen.append(names)
-    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
     assert set.union(*seen) == {f"doc{i:03d}" for i in range(12)}
 
 
@@ -107,26 +140,36 @@ def test_stdlib_splits_are_disjoint():
 def test_text_and_jsonl_files_through_tfds_builder(tmp_path):
     (tmp_path / "a.txt").write_text("plain text document")
     lines = [{"text": f"line {i} ünï"} for i in range(40)]
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
-    kw = dict(data_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")],
-              data_dir=str(tmp_path / "cache"))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    kw = dict(
+        data_files=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")],
+        data_dir=str(tmp_path / "cache"),
+    )
     train = data.documents("files", "train", **kw)
     valid = data.documents("files", "valid", **kw)
-    got = sorted(d.decode() for d in [train[i] for i in range(len(train))] +
-                 [valid[i] for i in range(len(valid))])
-    assert got == sorted(["plain text document"] + [l["text"] for l in lines])
+    got = sorted(
+        d.decode()
+        for d in [train[i] for i in range(len(train))] + [valid[i] for i in range(len(valid))]
+    )
+    assert got == sorted(["plain text document"] + [line["text"] for line in lines])
     assert len(valid) >= 1
     assert list((tmp_path / "cache").rglob("*.array_record*"))  # really array_record
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(data.DataError, match="bad.jsonl:1: expected an object"):
-        data.documents("files", "train", data_files=[str(tmp_path / "bad.jsonl")],
-                       data_dir=str(tmp_path / "cache"))
+        data.documents(
+            "files",
+            "train",
+            data_files=[str(tmp_path / "bad.jsonl")],
+            data_dir=str(tmp_path / "cache"),
+        )
 
 
 def test_train_config_parsing(tmp_path):
     (tmp_path / "c.yaml").write_text("steps: 7\nmesh: {fsdp: 2}\nmodel: {n_layers: 3}\n")
-    tc = train_config.parse(["steps=9", "lr=3e-3", "mesh.tensor=2", "model.dtype=bfloat16",
-                             "data_files=a.txt,b.jsonl"], tmp_path / "c.yaml")
+    tc = train_config.parse(
+        ["steps=9", "lr=3e-3", "mesh.tensor=2", "model.dtype=bfloat16", "data_files=a.txt,b.jsonl"],
+        tmp_path / "c.yaml",
+    )
     assert (tc.steps, tc.lr, tc.mesh.fsdp, tc.mesh.tensor) == (9, 3e-3, 2, 2)
     assert tc.model_overrides == {"n_layers": 3, "dtype": "bfloat16"}
     assert tc.model_config().n_layers == 3 and tc.data_files == ["a.txt", "b.jsonl"]
@@ -145,9 +188,12 @@ def test_train_config_parsing(tmp_path):
 
 def test_sharding_rules_for_llama_parameters():
     import jax
+
     import depthjax as dj
-    params = jax.eval_shape(lambda k: dj.init(dj.configs.get("llama-tiny"), k).params,
-                            jax.random.key(0))
+
+    params = jax.eval_shape(
+        lambda k: dj.init(dj.configs.get("llama-tiny"), k).params, jax.random.key(0)
+    )
     axes = param_logical_axes(params)
     assert axes["blocks"]["attn"]["q"]["kernel"] == ("layers", "embed", "heads", "head_dim")
     assert axes["blocks"]["mlp"]["down"]["kernel"] == ("layers", "mlp", "embed")
@@ -156,6 +202,7 @@ def test_sharding_rules_for_llama_parameters():
 
     class FakeMesh:  # logical_to_spec only reads mesh.shape
         shape = {"data": 2, "fsdp": 2, "tensor": 2}
+
     spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), (4, 64, 4, 16), FakeMesh)
     assert tuple(spec) == (None, "fsdp", "tensor", None)
     # Not divisible -> replicated along that axis rather than an error.

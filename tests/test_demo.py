@@ -16,15 +16,26 @@ def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
     depth, n = report["model"]["depth"], report["n_blocks"]
     assert n == max(1, depth // 4)
     full = report["full_loss"]
-    assert np.isfinite(full) and full < np.log(256)          # it learned something
-    expected = {"block_influence", "angular_distance", "relative_contribution_block",
-                "ablation_block", "shapley_block", "random"}
+    assert np.isfinite(full) and full < np.log(256)  # it learned something
+    expected = {
+        "block_influence",
+        "angular_distance",
+        "relative_contribution_block",
+        "ablation_block",
+        "shapley_block",
+        "random",
+    }
     assert set(report["pruning"]["block"]) == expected
-    assert set(report["pruning"]["attn"]) == {"relative_contribution_attn", "ablation_attn", "random"}
+    assert set(report["pruning"]["attn"]) == {
+        "relative_contribution_attn",
+        "ablation_attn",
+        "random",
+    }
     for unit in ("block", "attn"):
         for row in report["pruning"][unit].values():
-            assert len(row["removed"]) == n and all(np.isfinite([row["pruned"], row["bias"], row["linear"]]))
-    for curve in report["removal_curves"].values():            # k = 0 is the full model
+            assert len(row["removed"]) == n
+            assert np.isfinite([row["pruned"], row["bias"], row["linear"]]).all()
+    for curve in report["removal_curves"].values():  # k = 0 is the full model
         assert len(curve) == depth and abs(curve[0] - full) < 1e-4
     text = (out / "report.md").read_text()
     assert "Pruning" in text and "![profiles](profiles.png)" in text

@@ -87,7 +87,7 @@ def test_sequential_model(model6):
     assert all(r["attn"] == "1" and r["mlp"] == "1" and r["tied with"] == "" for r in rows)
     assert "parallel" not in rows[0] and "per-step params" not in rows[0]
     assert "depth 6 · 6 distinct table rows" in p.all_text
-    n = sum(x.size for x in jax.tree.leaves(model6.params))
+    n = model6.n_params
     blocks = sum(x.size for x in jax.tree.leaves(model6.params["blocks"]))
     assert f"{n:,} parameters" in p.all_text and f"blocks {blocks:,}" in p.all_text
     assert "table of 6 blocks" in p.all_text and "d_model=64" in p.all_text
@@ -162,8 +162,8 @@ def test_untied_norm_deltas(model6):
     m = model6.replace(params={**model6.params, "blocks": blocks})
     tied = dj.depth.tie(m, 2, strategy="sequence", share_norms=False)
     rows = Parsed(tied._repr_html_()).table()
-    scale = np.asarray(blocks["mlp_norm"]["scale"])               # [6, D]
-    src = {0: 0, 1: 3}                                            # stepwise: steps 0 and 3
+    scale = np.asarray(blocks["mlp_norm"]["scale"])  # [6, D]
+    src = {0: 0, 1: 3}  # stepwise: steps 0 and 3
     for i, r in enumerate(rows):
         differs = not np.array_equal(scale[i], scale[src[i // 3]])
         assert r["per-step params"] == ("Δ mlp_norm" if differs else ""), (i, r)
@@ -178,8 +178,12 @@ def test_recovery_adapters(model6):
     # Pruned steps run original steps 0, 2, 3, 5: a removed span ends right before the
     # pruned steps 1 and 3, whose inputs get the adapters.
     assert [r["block"] for r in rows] == ["0", "2", "3", "5"]
-    assert [r["per-step params"] for r in rows] == \
-        ["", "adapter: bias + rank 2", "", "adapter: bias + rank 2"]
+    assert [r["per-step params"] for r in rows] == [
+        "",
+        "adapter: bias + rank 2",
+        "",
+        "adapter: bias + rank 2",
+    ]
     assert "table rows not run: 1, 4" in p.all_text
     assert "final adapter" not in p.all_text
     # Dropping the last step puts the adapter before the head.
@@ -188,8 +192,9 @@ def test_recovery_adapters(model6):
 
 
 def test_batched_traced_and_abstract(model6):
-    progs = jax.tree.map(lambda *a: np.stack(a), *[dj.Program.create([0, 1, 2]),
-                                                  dj.Program.create([2, 1, 0])])
+    progs = jax.tree.map(
+        lambda *a: np.stack(a), *[dj.Program.create([0, 1, 2]), dj.Program.create([2, 1, 0])]
+    )
     p = Parsed(progs._repr_html_())
     assert "a batch of programs (2,); showing the first" in p.all_text
     assert [r["block"] for r in p.table()] == ["0", "1", "2"]
@@ -220,7 +225,7 @@ def test_ipython_displays_html(model6):
 
 def test_step_rows_match_program(model6):
     """The structured rows behind the HTML, checked on a looped + parallel program."""
-    m = dj.depth.repeat(model6, [1, 2], times=2)           # steps 0,1,2,1,2,3,4,5
+    m = dj.depth.repeat(model6, [1, 2], times=2)  # steps 0,1,2,1,2,3,4,5
     m = dj.depth.parallelize(m, [[6, 7]])
     rows = display.step_rows(m.program)
     assert [r.block for r in rows] == [0, 1, 2, 1, 2, 3, 4, 5]

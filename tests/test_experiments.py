@@ -14,8 +14,20 @@ import pytest
 import depthjax as dj
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
-TINY = ["--steps", "4", "--layers", "4", "--batch-size", "2", "--seq-len", "16",
-        "--eval-batches", "1", "--score-batches", "1"]
+TINY = [
+    "--steps",
+    "4",
+    "--layers",
+    "4",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--eval-batches",
+    "1",
+    "--score-batches",
+    "1",
+]
 
 
 def script(name: str):
@@ -57,7 +69,7 @@ def test_parallel_layers_script_and_program_loss(cache, tmp_path):
     out, md, data = run("05_parallel_layers", cache, tmp_path)
     common = script("common")
     args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache)])
-    model = common.base_model(args)          # the cached model the script used
+    model = common.base_model(args)  # the cached model the script used
     batches = common.eval_batches(args)
     assert data["full"] == pytest.approx(naive_loss(model, batches), rel=1e-5)
     # 4 steps: one middle pair [1, 2]; "drop both" leaves steps 0 and 3
@@ -79,8 +91,12 @@ def test_fixed_permutation_task_answers_compose_the_permutation():
         assert text.count("|") == 4 and len(text) == 16
         for (x, k, y), q in zip(queries, text.split("|")[1:]):
             assert q == f"{k}{x}{y}"
-            assert y == "abcdefghij"[np.linalg.matrix_power(np.eye(10, dtype=int)[perm], k)
-                                     [ord(x) - 97].argmax()]
+            assert (
+                y
+                == "abcdefghij"[
+                    np.linalg.matrix_power(np.eye(10, dtype=int)[perm], k)[ord(x) - 97].argmax()
+                ]
+            )
 
 
 def test_context_task_answers_follow_the_pairs():
@@ -89,7 +105,7 @@ def test_context_task_answers_follow_the_pairs():
     for _ in range(50):
         text, queries = hops.make_example(rng, 7, 4, 3)
         pairs_text, *qs = text.split("|")
-        mapping = dict(pairs_text.split(" "))            # independent parse of the text
+        mapping = dict(pairs_text.split(" "))  # independent parse of the text
         assert sorted(mapping) == sorted(mapping.values()) == list("abcdefg")
         for (x, k, y), q in zip(queries, qs):
             assert q == f"{k}{x}{y}"
@@ -108,7 +124,7 @@ def test_chain_neighbours_are_one_edit_away():
     assert all(abs(len(n) - len(chain)) <= 1 for n in nbs)
     # 4 skips + 4 repeats + 3 swaps, all distinct here
     assert len(nbs) == 11
-    assert all(len(n) <= 4 for n in hops.neighbours(chain, max_len=4))   # no room to loop
+    assert all(len(n) <= 4 for n in hops.neighbours(chain, max_len=4))  # no room to loop
     assert hops.skips((5,)) == set()
 
 
@@ -120,21 +136,40 @@ def test_padded_chains_match_reordered_models():
     chains = [(0, 1, 2, 3), (3, 3, 1), (2,), (0, 0, 1, 1, 2, 3), (1, 0)]
     lp = hops.evaluate(model, chains, tokens, max_len=6, chunk=4)
     for m, chain in enumerate(chains):
-        ref = dj.apply(dj.depth.reorder(model, chain), tokens[m:m + 1])[0, -1]
+        ref = dj.apply(dj.depth.reorder(model, chain), tokens[m : m + 1])[0, -1]
         np.testing.assert_allclose(lp[m], jax.nn.log_softmax(ref), atol=2e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,extra", [
-    ("01_metric_comparison", ["--shapley-permutations", "2", "--random-orders", "2"]),
-    ("02_attn_vs_mlp", []),
-    ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
-    ("06_norm_placement", []),
-    ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
-])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("01_metric_comparison", ["--shapley-permutations", "2", "--random-orders", "2"]),
+        ("02_attn_vs_mlp", []),
+        ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
+        ("06_norm_placement", []),
+        ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
+    ],
+)
 def test_script_runs(cache, tmp_path, name, extra):
     out, md, data = run(name, cache, tmp_path, *extra)
     assert not re.search(r"\bnan\b", md, re.I)
     assert list(out.glob("*.png")) or name in ("03_recursive", "04_skip_or_loop")
-    if name == "03_recursive":      # relax at full rank reproduces the base model
+    if name == "03_recursive":  # relax at full rank reproduces the base model
         assert data["full_rank_relax"] == pytest.approx(data["base"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
+    out, md, data = run(
+        "08_task_tradeoffs", cache, tmp_path, "--task-examples", "4", "--shapley-permutations", "2"
+    )
+    assert set(data["pruned"]) == {
+        f"{u}/{s}/{m}"
+        for u in ("block", "attn")
+        for s in ("next_line", "identifier_recall", "loss")
+        for m in ("ablation", "shapley")
+    }
+    assert (out / "scores.png").stat().st_size > 1000 and "Pruning 1 of 4 blocks" in md
+    full = data["full"]
+    assert 0.0 <= full["next_line"] <= 1.0 and 0.0 <= full["identifier_recall"] <= 1.0

@@ -28,9 +28,10 @@ def _with_adapters(model, steps, *, linear_at=(), final=False, seed=0):
         a[s] = 0.2 * np.asarray(jax.random.normal(next(keys), (D_, r)))
         b[s] = 0.2 * np.asarray(jax.random.normal(next(keys), (r, D_)))
     params = dict(model.params)
-    params["steps"] = {**params.get("steps", {}),
-                       "adapter": {"bias": jnp.asarray(bias), "a": jnp.asarray(a),
-                                   "b": jnp.asarray(b)}}
+    params["steps"] = {
+        **params.get("steps", {}),
+        "adapter": {"bias": jnp.asarray(bias), "a": jnp.asarray(a), "b": jnp.asarray(b)},
+    }
     if final:
         params["final_adapter"] = {"bias": 0.3 * jax.random.normal(next(keys), (D_,))}
     return model.replace(params=params)
@@ -47,10 +48,13 @@ def _assert_same_function(edited):
 
 def test_pre_norm_gates_lora_scales_and_adapter_biases_fold_exactly():
     base = dj.init(dj.configs.get("llama-tiny", tie_embeddings=True), jax.random.key(0))
-    tied = D.tie(base, 2)                                  # 4 steps over 2 shared rows
-    relaxed = D.relax(tied, base, rank=4)                 # per-step LoRA and deltas
-    edited = relaxed.with_program(relaxed.program.replace(
-        attn=jnp.asarray([1.0, 0.0, 0.5, 1.0]), mlp=jnp.asarray([1.0, 2.0, 1.0, 0.0])))
+    tied = D.tie(base, 2)  # 4 steps over 2 shared rows
+    relaxed = D.relax(tied, base, rank=4)  # per-step LoRA and deltas
+    edited = relaxed.with_program(
+        relaxed.program.replace(
+            attn=jnp.asarray([1.0, 0.0, 0.5, 1.0]), mlp=jnp.asarray([1.0, 2.0, 1.0, 0.0])
+        )
+    )
     edited = _with_adapters(edited, [0, 2, 3], linear_at=[0], final=True)
     folded = _assert_same_function(edited)
     # the step-0 adapter changed the embedding, so the head reads an untied copy
@@ -66,17 +70,21 @@ def test_gpt2_step0_linear_adapter_folds_into_token_and_position_embeddings():
 def test_output_norm_gates_fold_into_the_norm_scales(placement):
     cfg = dj.configs.get("llama-tiny", norm_placement=placement, embed_scale=8.0)
     model = dj.init(cfg, jax.random.key(2))
-    model = model.with_program(dj.Program.create([0, 1, 1, 3], attn=[1, 0, 0.5, 1],
-                                                 mlp=[0, 1, 1, 3]))
+    model = model.with_program(
+        dj.Program.create([0, 1, 1, 3], attn=[1, 0, 0.5, 1], mlp=[0, 1, 1, 3])
+    )
     _assert_same_function(_with_adapters(model, [0], linear_at=[0]))
 
 
-@pytest.mark.parametrize("preset, kwargs, match", [
-    ("llama-tiny", dict(steps=[2], linear_at=[2]), "step 2.*linear part"),
-    ("llama-tiny", dict(steps=[], final=True, linear_at=[]), None),   # bias-only final: fine
-    ("gemma2-tiny", dict(steps=[1]), "step 1.*peri-norm"),
-    ("bert-tiny", dict(steps=[0]), "embed_norm"),
-])
+@pytest.mark.parametrize(
+    "preset, kwargs, match",
+    [
+        ("llama-tiny", dict(steps=[2], linear_at=[2]), "step 2.*linear part"),
+        ("llama-tiny", dict(steps=[], final=True, linear_at=[]), None),  # bias-only final: fine
+        ("gemma2-tiny", dict(steps=[1]), "step 1.*peri-norm"),
+        ("bert-tiny", dict(steps=[0]), "embed_norm"),
+    ],
+)
 def test_what_cannot_be_folded_is_refused(preset, kwargs, match):
     model = _with_adapters(dj.init(dj.configs.get(preset), jax.random.key(0)), **kwargs)
     if match is None:

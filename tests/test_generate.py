@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import Program, ProgramError
+from depthjax.program import ProgramError
 from depthjax.sampling import filter_logits, sample
 from tests.test_model import _model
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-CONFIGS = {"llama": dj.configs.get("llama-tiny", n_layers=4),
-           "gpt2": dj.configs.get("gpt2-tiny", n_layers=4)}
+CONFIGS = {
+    "llama": dj.configs.get("llama-tiny", n_layers=4),
+    "gpt2": dj.configs.get("gpt2-tiny", n_layers=4),
+}
 
 
 def _programs(base):
@@ -43,8 +45,11 @@ def _reference_logits(model, tokens, mask, fed):
     seq = np.concatenate([tokens, fed], 1)
     full_mask = np.concatenate([mask, np.ones(fed.shape, bool)], 1)
     positions = np.maximum(np.cumsum(full_mask, 1) - 1, 0)
-    logits = np.asarray(dj.apply(model, jnp.asarray(seq), mask=jnp.asarray(full_mask),
-                                 positions=jnp.asarray(positions)))
+    logits = np.asarray(
+        dj.apply(
+            model, jnp.asarray(seq), mask=jnp.asarray(full_mask), positions=jnp.asarray(positions)
+        )
+    )
     T = tokens.shape[1]
     last = T - 1 - np.argmax(mask[:, ::-1], 1)
     first = logits[np.arange(len(seq)), last][:, None]
@@ -61,8 +66,9 @@ def _decode_logits(model, tokens, mask, fed, **kw):
 
 
 @pytest.mark.parametrize("family", CONFIGS)
-@pytest.mark.parametrize("variant", ["ordinary", "looped", "attn_dropped", "tied_relaxed",
-                                     "grown", "parallel"])
+@pytest.mark.parametrize(
+    "variant", ["ordinary", "looped", "attn_dropped", "tied_relaxed", "grown", "parallel"]
+)
 def test_incremental_decoding_matches_full_forward(family, variant):
     model = _programs(_model(CONFIGS[family]))[variant]
     tokens, mask = _prompt()
@@ -77,7 +83,7 @@ def test_padding_does_not_change_generation():
     tokens, mask = _prompt()
     batch = dj.generate(model, tokens, 5, mask=mask, temperature=0.0)
     for b in range(len(tokens)):
-        alone = dj.generate(model, tokens[b:b + 1, mask[b]], 5, temperature=0.0)
+        alone = dj.generate(model, tokens[b : b + 1, mask[b]], 5, temperature=0.0)
         np.testing.assert_array_equal(batch.tokens[b], alone.tokens[0])
         assert alone.tokens.shape == (1, 5)
 
@@ -143,8 +149,12 @@ def test_confidence_exit_picks_first_confident_depth():
     tokens, mask = _prompt()
     nxt = np.array([5, 6, 7], np.int32)
     # Independent reference: each candidate depth k is the truncated model's full forward.
-    per_k = {k: _reference_logits(dj.depth.drop(model, list(range(k, 4))), tokens, mask,
-                                  nxt[:, None])[:, 1] for k in (1, 2, 3, 4)}
+    per_k = {
+        k: _reference_logits(dj.depth.drop(model, list(range(k, 4))), tokens, mask, nxt[:, None])[
+            :, 1
+        ]
+        for k in (1, 2, 3, 4)
+    }
     conf = {k: np.asarray(jax.nn.softmax(v)).max(-1) for k, v in per_k.items()}
     threshold = float(np.median(np.concatenate([conf[1], conf[2]])))
     want_exit = [next((k for k in (1, 2, 3) if conf[k][b] >= threshold), 4) for b in range(3)]
@@ -152,8 +162,9 @@ def test_confidence_exit_picks_first_confident_depth():
     _, cache = dj.prefill(model, tokens, mask, max_len=8)
     logits, _, exit_B = dj.decode_step(model, cache, nxt, exit_threshold=threshold)
     np.testing.assert_array_equal(exit_B, want_exit)
-    np.testing.assert_allclose(logits, np.stack([per_k[k][b] for b, k in enumerate(want_exit)]),
-                               **TOL)
+    np.testing.assert_allclose(
+        logits, np.stack([per_k[k][b] for b, k in enumerate(want_exit)]), **TOL
+    )
 
 
 @pytest.mark.parametrize("exit_kv", ["skip", "propagate"])
@@ -169,7 +180,7 @@ def test_confidence_exit_is_per_sequence(exit_kv):
     exits = np.asarray(batch.exit_steps)
     assert len(np.unique(exits)) > 1, f"expected mixed exits, got {exits}"
     for b in range(3):
-        alone = dj.generate(model, tokens[b:b + 1, mask[b]], 6, **kw)
+        alone = dj.generate(model, tokens[b : b + 1, mask[b]], 6, **kw)
         np.testing.assert_array_equal(alone.tokens[0], batch.tokens[b])
         np.testing.assert_array_equal(alone.exit_steps[0], exits[b])
 
@@ -220,7 +231,8 @@ def test_sampling_frequencies_follow_tempered_softmax():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     n = 20000
     draws = jax.vmap(lambda k: sample(logits, k, temperature=2.0, top_k=3))(
-        jax.random.split(jax.random.key(0), n))[:, 0]
+        jax.random.split(jax.random.key(0), n)
+    )[:, 0]
     p = np.array([0.5, 0.3, 0.15]) ** 0.5
     p /= p.sum()
     freq = np.bincount(np.asarray(draws), minlength=4) / n
@@ -241,16 +253,16 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="exit_at=9"):
         dj.generate(model, tokens, 2, temperature=0.0, exit_at=9)
     with pytest.raises(ProgramError, match="parallel group"):
-        dj.generate(dj.depth.parallelize(model, [[1, 2]]), tokens, 2, temperature=0.0,
-                    exit_at=2)
+        dj.generate(dj.depth.parallelize(model, [[1, 2]]), tokens, 2, temperature=0.0, exit_at=2)
     with pytest.raises(ValueError, match="max_seq_len"):
         dj.generate(_model(CONFIGS["gpt2"]), tokens, 2000, temperature=0.0)
     _, cache = dj.prefill(model, tokens, mask, max_len=7)
     with pytest.raises(ProgramError, match="attention steps"):
         dj.decode_step(dj.depth.drop_sublayers(model, attn=[1]), cache, tokens[:, 0])
     with pytest.raises(ValueError, match="covers 2 steps"):
-        dj.decode_step(model, dj.prefill(model, tokens, mask, max_len=7, exit_at=2)[1],
-                       tokens[:, 0])
+        dj.decode_step(
+            model, dj.prefill(model, tokens, mask, max_len=7, exit_at=2)[1], tokens[:, 0]
+        )
     with pytest.raises(ValueError, match=r"int tokens \[3\]"):
         dj.decode_step(model, cache, tokens[:2, 0])
     _, cache, _ = dj.decode_step(model, cache, tokens[:, 0])
@@ -263,16 +275,38 @@ def test_errors_name_the_problem():
 # ---------------------------------------------------------------- CLI
 def test_cli_generates_from_native_and_hf_directories(tmp_path, capsys):
     from depthjax.cli import main
+
     model = _model(CONFIGS["llama"])
     dj.save(model, tmp_path / "native")
     dj.hf.save(model, str(tmp_path / "hf"))
     prompt = "def f(x):"
     ids = np.frombuffer(prompt.encode(), np.uint8).astype(np.int32)[None]
-    want = bytes(np.asarray(dj.generate(model, ids, 8, temperature=0.0).tokens[0],
-                            np.uint8)).decode("utf-8", errors="replace")
-    for d in ("native", "hf"):
-        assert main(["generate", "--model", str(tmp_path / d), "--prompt", prompt,
-                     "--max-new-tokens", "8"]) == 0
-        assert capsys.readouterr().out.splitlines()[-1] == (prompt + want).splitlines()[-1]
+    want = bytes(
+        np.asarray(dj.generate(model, ids, 8, temperature=0.0).tokens[0], np.uint8)
+    ).decode("utf-8", errors="replace")
+    for d, extra in (("native", []), ("hf", []), ("native", ["--draft", "2"])):
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(tmp_path / d),
+                    "--prompt",
+                    prompt,
+                    "--max-new-tokens",
+                    "8",
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        out = capsys.readouterr()
+        assert out.out.splitlines()[-1] == (prompt + want).splitlines()[-1]
+        assert ("self-speculative: draft 2 steps" in out.err) == bool(extra)
+    assert (
+        main(["generate", "--model", str(tmp_path / "native"), "--prompt", "x", "--draft", "9"])
+        == 2
+    )
+    assert "draft=9" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither a depthjax checkpoint" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -23,15 +24,14 @@ PRESETS = ["llama-tiny", "qwen2-tiny", "qwen3-tiny", "gpt2-tiny", "bert-tiny"]
 
 
 def _leaves(model):
-    return {jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(model.params)}
+    return {
+        jax.tree_util.keystr(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(model.params)
+    }
 
 
 def _assert_same_params(a, b):
-    la, lb = _leaves(a), _leaves(b)
-    assert la.keys() == lb.keys()
-    for key in la:
-        np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+    chex.assert_trees_all_equal(a.params, b.params, strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,11 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("preset", PRESETS + ["gpt2-untied"])
 def test_save_load_identity(tmp_path, preset):
-    cfg = (dj.configs.get("gpt2-tiny", tie_embeddings=False) if preset == "gpt2-untied"
-           else dj.configs.get(preset))
+    cfg = (
+        dj.configs.get("gpt2-tiny", tie_embeddings=False)
+        if preset == "gpt2-untied"
+        else dj.configs.get(preset)
+    )
     model = dj.init(cfg, jax.random.key(0))
     dj.hf.save(model, str(tmp_path))
     loaded = dj.hf.load(str(tmp_path))
@@ -63,15 +66,16 @@ def test_config_keys_round_trip():
 
 def test_dropped_and_looped_steps_export_the_rows_they_use(tmp_path):
     model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
-    model = model.with_program(dj.Program.create([3, 1]))       # drop steps 0 and 2, reorder
+    model = model.with_program(dj.Program.create([3, 1]))  # drop steps 0 and 2, reorder
     with pytest.warns(UserWarning, match="materializes"):
         dj.hf.save(model, str(tmp_path))
     tensors = load_file(str(tmp_path / "model.safetensors"))
-    q = np.asarray(model.params["blocks"]["attn"]["q"]["kernel"])     # [L, D, H, Dh]
+    q = np.asarray(model.params["blocks"]["attn"]["q"]["kernel"])  # [L, D, H, Dh]
     for layer, row in enumerate([3, 1]):
-        want = q[row].reshape(q.shape[1], -1).T                        # HF Linear [out, in]
-        np.testing.assert_array_equal(tensors[f"model.layers.{layer}.self_attn.q_proj.weight"],
-                                      want)
+        want = q[row].reshape(q.shape[1], -1).T  # HF Linear [out, in]
+        np.testing.assert_array_equal(
+            tensors[f"model.layers.{layer}.self_attn.q_proj.weight"], want
+        )
     assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 2
 
 
@@ -86,10 +90,17 @@ def test_zero_gated_zeroes_only_the_gated_outputs(tmp_path):
     assert tensors["transformer.h.0.mlp.c_proj.weight"].any()
 
 
-@pytest.mark.parametrize("program, kwargs, match", [
-    (dict(block=[0, 1, 2, 3], parallel=[False, True, False, False]), {}, "parallel"),
-    (dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]), {}, r"mlp is gated off at steps \[2\].*zero_gated"),
-])
+@pytest.mark.parametrize(
+    "program, kwargs, match",
+    [
+        (dict(block=[0, 1, 2, 3], parallel=[False, True, False, False]), {}, "parallel"),
+        (
+            dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]),
+            {},
+            r"mlp is gated off at steps \[2\].*zero_gated",
+        ),
+    ],
+)
 def test_inexpressible_programs_are_refused(tmp_path, program, kwargs, match):
     model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
     model = model.with_program(dj.Program.create(**program))
@@ -105,11 +116,14 @@ def test_post_norm_cannot_gate_a_sublayer(tmp_path, attn):
         dj.hf.save(model, str(tmp_path), zero_gated=True)
 
 
-@pytest.mark.parametrize("changes, match", [
-    (dict(norm_placement="peri"), "norm_placement"),
-    (dict(parallel_block=True), "parallel_block"),
-    (dict(mlp="gelu"), "mlp"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(norm_placement="peri"), "norm_placement"),
+        (dict(parallel_block=True), "parallel_block"),
+        (dict(mlp="gelu"), "mlp"),
+    ],
+)
 def test_inexpressible_configs_are_refused(tmp_path, changes, match):
     model = dj.init(dj.configs.get("llama-tiny", **changes), jax.random.key(0))
     with pytest.raises(HFError, match=match):
@@ -144,16 +158,29 @@ def _copy(saved, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-     r"missing 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"),
-    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.ones(3, np.float32)}),
-     r"does not understand.*model\.layers\.0\.self_attn\.extra\.weight"),
-    (lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": np.ones((8, 64), np.float32)}),
-     r"'model\.layers\.2\.self_attn\.k_proj\.weight' has shape \[8, 64\].*\[32, 64\]"),
-    (lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
-     r"'model\.norm\.weight' has dtype int32"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            r"missing 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.ones(3, np.float32)}),
+            r"does not understand.*model\.layers\.0\.self_attn\.extra\.weight",
+        ),
+        (
+            lambda t: t.update(
+                {"model.layers.2.self_attn.k_proj.weight": np.ones((8, 64), np.float32)}
+            ),
+            r"'model\.layers\.2\.self_attn\.k_proj\.weight' has shape \[8, 64\].*\[32, 64\]",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
+            r"'model\.norm\.weight' has dtype int32",
+        ),
+    ],
+)
 def test_bad_tensors_are_named(saved, tmp_path, edit, match):
     path = _copy(saved, tmp_path)
     _rewrite(path, edit)
@@ -180,63 +207,124 @@ def test_sharded_index_problems(saved, tmp_path):
     assert len(shards) > 2
     _assert_same_params(model, dj.hf.load(str(tmp_path)))
     os.remove(tmp_path / shards[1])
-    with pytest.raises(HFError, match=f"which does not exist"):
+    with pytest.raises(HFError, match="which does not exist"):
         dj.hf.load(str(tmp_path))
 
 
 def test_tied_head_must_equal_embedding(tmp_path):
-    model = dj.init(dj.configs.get("qwen2-tiny"), jax.random.key(0))   # tied
+    model = dj.init(dj.configs.get("qwen2-tiny"), jax.random.key(0))  # tied
     dj.hf.save(model, str(tmp_path))
     emb = np.asarray(model.params["embed"]["tok"]["embedding"])
     _rewrite(tmp_path, lambda t: t.update({"lm_head.weight": emb.copy()}))
-    _assert_same_params(model, dj.hf.load(str(tmp_path)))     # an equal copy is fine
+    _assert_same_params(model, dj.hf.load(str(tmp_path)))  # an equal copy is fine
     _rewrite(tmp_path, lambda t: t.update({"lm_head.weight": emb + 1}))
     with pytest.raises(HFError, match="lm_head.weight differs"):
         dj.hf.load(str(tmp_path))
 
 
-LLAMA = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
-             num_hidden_layers=2, num_attention_heads=2)
+LLAMA = dict(
+    model_type="llama",
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+)
 
 
-@pytest.mark.parametrize("config, match", [
-    (dict(model_type="t5", architectures=["T5Model"]), "model_type='t5'"),
-    ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
-    ({**LLAMA, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}},
-     "rope_type='proportional'"),
-    ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "warp": 1}}, "warp"),
-    ({**LLAMA, "rope_theta": 1e4, "rope_parameters": {"rope_type": "default",
-                                                      "rope_theta": 5e4}}, "disagrees"),
-    ({**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ({**LLAMA, "model_type": "mistral", "sliding_window": 8,
-      "layer_types": ["sliding_attention", "full_attention"]}, "every layer"),
-    ({**LLAMA, "model_type": "qwen2", "use_sliding_window": True,
-      "layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
-    ({**LLAMA, "model_type": "qwen2", "use_sliding_window": False,
-      "layer_types": ["full_attention", "sliding_attention"]}, "no sliding_window"),
-    ({**LLAMA, "model_type": "gemma2", "use_bidirectional_attention": True},
-     "use_bidirectional_attention"),
-    ({**LLAMA, "model_type": "olmo2", "attention_bias": True}, "attention_bias=True"),
-    ({**LLAMA, "model_type": "phi3", "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-     "longrope"),
-    ({**LLAMA, "hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({**LLAMA, "attention_bias": True}, "mlp_bias=False"),
-    ({**LLAMA, "shiny_new_option": 3}, "shiny_new_option"),
-    ({k: v for k, v in LLAMA.items() if k != "hidden_size"}, "'hidden_size'"),
-    (dict(model_type="gpt2", n_embd=16, n_layer=2, n_head=2, vocab_size=32,
-          scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
-    (dict(model_type="bert", hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-          intermediate_size=32, vocab_size=32, position_embedding_type="relative_key"),
-     "position_embedding_type"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(model_type="t5", architectures=["T5Model"]), "model_type='t5'"),
+        ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+        (
+            {**LLAMA, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}},
+            "rope_type='proportional'",
+        ),
+        ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "warp": 1}}, "warp"),
+        (
+            {
+                **LLAMA,
+                "rope_theta": 1e4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 5e4},
+            },
+            "disagrees",
+        ),
+        ({**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        (
+            {
+                **LLAMA,
+                "model_type": "mistral",
+                "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"],
+            },
+            "every layer",
+        ),
+        (
+            {
+                **LLAMA,
+                "model_type": "qwen2",
+                "use_sliding_window": True,
+                "layer_types": ["full_attention", "chunked_attention"],
+            },
+            "chunked_attention",
+        ),
+        (
+            {
+                **LLAMA,
+                "model_type": "qwen2",
+                "use_sliding_window": False,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
+            "no sliding_window",
+        ),
+        (
+            {**LLAMA, "model_type": "gemma2", "use_bidirectional_attention": True},
+            "use_bidirectional_attention",
+        ),
+        ({**LLAMA, "model_type": "olmo2", "attention_bias": True}, "attention_bias=True"),
+        (
+            {**LLAMA, "model_type": "phi3", "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            "longrope",
+        ),
+        ({**LLAMA, "hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({**LLAMA, "attention_bias": True}, "mlp_bias=False"),
+        ({**LLAMA, "shiny_new_option": 3}, "shiny_new_option"),
+        ({k: v for k, v in LLAMA.items() if k != "hidden_size"}, "'hidden_size'"),
+        (
+            dict(
+                model_type="gpt2",
+                n_embd=16,
+                n_layer=2,
+                n_head=2,
+                vocab_size=32,
+                scale_attn_by_inverse_layer_idx=True,
+            ),
+            "scale_attn_by_inverse_layer_idx",
+        ),
+        (
+            dict(
+                model_type="bert",
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                vocab_size=32,
+                position_embedding_type="relative_key",
+            ),
+            "position_embedding_type",
+        ),
+    ],
+)
 def test_unsupported_configs_name_the_key(config, match):
     with pytest.raises(HFError, match=match):
         dj.hf.config_from_hf(config)
 
 
 def test_ignore_keys_and_defaults():
-    cfg, model_type = dj.hf.config_from_hf({**LLAMA, "shiny_new_option": 3},
-                                           ignore_keys=("shiny_new_option",))
+    cfg, model_type = dj.hf.config_from_hf(
+        {**LLAMA, "shiny_new_option": 3}, ignore_keys=("shiny_new_option",)
+    )
     assert model_type == "llama" and cfg.n_kv_heads == 2 and cfg.head_dim == 8
     assert cfg.norm_eps == 1e-6 and cfg.rope_theta == 10000.0 and not cfg.tie_embeddings
 
@@ -273,7 +361,7 @@ def test_load_streams_one_leaf_group_at_a_time(tmp_path):
 SHARDED = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, numpy as np
+import chex, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import depthjax as dj
 path = sys.argv[1]
@@ -288,8 +376,7 @@ plain = dj.hf.load(path)
 q = sharded.params["blocks"]["attn"]["q"]["kernel"]
 assert q.sharding.spec == P(None, None, None, "model"), q.sharding
 assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[-1] == 4
-for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+chex.assert_trees_all_equal(sharded.params, plain.params)
 one = dj.hf.load(path, shardings=NamedSharding(mesh, P()))
 assert one.params["embed"]["tok"]["embedding"].sharding.spec == P()
 tree = jax.tree.map(lambda x: NamedSharding(mesh, P(None, "data") if x.ndim > 1 else P()),
@@ -310,22 +397,40 @@ print("sharded ok")
 
 def test_load_into_sharded_arrays(saved):
     _, path = saved
-    result = subprocess.run([sys.executable, "-c", SHARDED, str(path)], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(path)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
 
 
 def test_convert_cli_round_trip(saved, tmp_path, capsys):
     model, path = saved
-    (path / "tokenizer.json").write_text("{}")   # travels with the weights, not parsed
+    (path / "tokenizer.json").write_text("{}")  # travels with the weights, not parsed
     native, back = tmp_path / "native", tmp_path / "back"
     assert cli_main(["convert", "--from", "hf", str(path), "--to", str(native)]) == 0
     _assert_same_params(model, dj.load(str(native)))
-    assert cli_main(["convert", "--from", "native", str(native), "--to", str(back),
-                     "--max-shard-size", "60KB"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                "--from",
+                "native",
+                str(native),
+                "--to",
+                str(back),
+                "--max-shard-size",
+                "60KB",
+            ]
+        )
+        == 0
+    )
     _assert_same_params(model, dj.hf.load(str(back)))
     assert (back / "tokenizer.json").exists()
-    assert cli_main(["convert", "--from", "hf", str(tmp_path / "missing"), "--to",
-                     str(tmp_path / "x")]) == 2
+    assert (
+        cli_main(
+            ["convert", "--from", "hf", str(tmp_path / "missing"), "--to", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "not a directory" in capsys.readouterr().err
     os.remove(path / "tokenizer.json")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -25,12 +24,13 @@ TOL = 1e-4
 
 
 def _reference_python() -> str:
-    path = os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin",
-                                                                  "python")
+    path = os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin", "python")
     if not os.path.exists(path):
-        msg = (f"reference interpreter {path} missing: `./dj test` builds it (.venv-ref, "
-               "Python 3.11 with torch==2.13.0 and transformers from "
-               "tests/hf_reference/requirements.txt), or set DEPTHJAX_REF_PYTHON")
+        msg = (
+            f"reference interpreter {path} missing: `./dj test` builds it (.venv-ref, "
+            "Python 3.11 with torch==2.13.0 and transformers from "
+            "tests/hf_reference/requirements.txt), or set DEPTHJAX_REF_PYTHON"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
@@ -38,10 +38,20 @@ def _reference_python() -> str:
 
 
 def _reference(command: str, path: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([_reference_python(), SCRIPT, command, path], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(
+        [_reference_python(), SCRIPT, command, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if result.returncode:
         pytest.fail(f"reference `{command}` failed:\n{result.stdout}\n{result.stderr[-4000:]}")
 
@@ -57,23 +67,45 @@ def reference(tmp_path_factory):
 def _run(model, kind, inputs):
     if kind == "causal":
         return np.asarray(dj.apply(model, inputs["tokens"]))
-    hidden = dj.apply(model, inputs["tokens"], mask=inputs["mask"],
-                      token_types=inputs["token_types"], output="hidden")
+    hidden = dj.apply(
+        model,
+        inputs["tokens"],
+        mask=inputs["mask"],
+        token_types=inputs["token_types"],
+        output="hidden",
+    )
     return np.asarray(hidden)
 
 
 def _load_case(entry):
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*pooler.*")   # BertModel's pooler
+        warnings.filterwarnings("ignore", message=".*pooler.*")  # BertModel's pooler
         return dj.hf.load(entry["dir"]), dict(np.load(entry["inputs"]))
 
 
 # Today's families: Llama 3.x rope scalings, sliding windows (Mistral, Qwen2 layer_types,
 # Phi-3), Gemma 2 and 3, OLMo 2, Phi-3 longrope with partial rotary.
-MODERN = ["llama3", "llama_yarn", "llama_dynamic", "mistral_window", "qwen2_window", "gemma2",
-          "gemma3", "olmo2", "phi3"]
-CASES = ["llama", "llama_bias_tied", "mistral", "qwen2", "qwen3", "gpt2", "bert",
-         "llama_sharded"] + MODERN
+MODERN = [
+    "llama3",
+    "llama_yarn",
+    "llama_dynamic",
+    "mistral_window",
+    "qwen2_window",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "phi3",
+]
+CASES = [
+    "llama",
+    "llama_bias_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "bert",
+    "llama_sharded",
+] + MODERN
 DECODERS = [c for c in CASES if c not in ("bert", "llama_sharded")]
 
 
@@ -87,8 +119,9 @@ def test_load_matches_transformers(reference, case):
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
     # the scanned and unrolled walks are the same function
     if entry["kind"] == "causal":
-        np.testing.assert_allclose(np.asarray(dj.apply(model, inputs["tokens"], unroll=True)),
-                                   got, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(dj.apply(model, inputs["tokens"], unroll=True)), got, atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("case", DECODERS)
@@ -99,18 +132,25 @@ def test_greedy_generation_matches_transformers(reference, case):
     model, _ = _load_case(entry)
     gen = entry["generate"]
     expected = np.asarray(gen["expected"])
-    out = dj.generate(model, np.asarray(gen["prompt"]), expected.shape[1],
-                      mask=np.asarray(gen["mask"]), temperature=0.0)
+    out = dj.generate(
+        model,
+        np.asarray(gen["prompt"]),
+        expected.shape[1],
+        mask=np.asarray(gen["mask"]),
+        temperature=0.0,
+    )
     np.testing.assert_array_equal(out.tokens, expected)
 
 
 def test_layer_kinds_are_read(reference):
-    kinds = {case: dj.hf.load(reference[case]["dir"]).config for case in
-             ("mistral_window", "qwen2_window", "gemma2", "gemma3", "phi3")}
+    kinds = {
+        case: dj.hf.load(reference[case]["dir"]).config
+        for case in ("mistral_window", "qwen2_window", "gemma2", "gemma3", "phi3")
+    }
     assert kinds["mistral_window"].layer_types == "LLL"
-    assert kinds["qwen2_window"].layer_types == "GLL"          # max_window_layers=1
-    assert kinds["gemma2"].layer_types == "LGL"                # every second layer global
-    assert kinds["gemma3"].layer_types == "LLGL"               # sliding_window_pattern=3
+    assert kinds["qwen2_window"].layer_types == "GLL"  # max_window_layers=1
+    assert kinds["gemma2"].layer_types == "LGL"  # every second layer global
+    assert kinds["gemma3"].layer_types == "LLGL"  # sliding_window_pattern=3
     assert kinds["gemma3"].local_rope_theta == 1e4 and kinds["gemma3"].rope_theta == 1e6
     assert kinds["phi3"].rope_fraction == 0.5 and kinds["phi3"].rope_scaling.type == "longrope"
 
@@ -120,8 +160,13 @@ def test_sentence_transformers_mean_pooling(reference):
     model, inputs = _load_case(entry)
     pooling = dj.hf.sentence_pooling(entry["dir"])
     assert pooling == {"mode": "mean", "normalize": True}
-    hidden = dj.apply(model, inputs["tokens"], mask=inputs["mask"],
-                      token_types=inputs["token_types"], output="hidden")
+    hidden = dj.apply(
+        model,
+        inputs["tokens"],
+        mask=inputs["mask"],
+        token_types=inputs["token_types"],
+        output="hidden",
+    )
     got = np.asarray(dj.hf.pool(hidden, inputs["mask"], **pooling))
     np.testing.assert_allclose(got, np.load(entry["expected"]), atol=TOL, rtol=0)
 
@@ -145,25 +190,33 @@ def exports(reference, tmp_path_factory):
         directory = str(root / name)
         dj.hf.save(model, directory, **kwargs)
         np.save(root / f"{name}_expected.npy", expected)
-        manifest[name] = {"dir": directory, "kind": entry["kind"], "inputs": entry["inputs"],
-                          "expected": str(root / f"{name}_expected.npy")}
+        manifest[name] = {
+            "dir": directory,
+            "kind": entry["kind"],
+            "inputs": entry["inputs"],
+            "expected": str(root / f"{name}_expected.npy"),
+        }
 
     for case in CASES:
         entry = reference[case]
         model, _ = _load_case(entry)
         export(case, model, entry, np.load(entry["expected"]))
 
-    for case in ["llama"] + MODERN:     # looped, with one attention sublayer dropped
+    for case in ["llama"] + MODERN:  # looped, with one attention sublayer dropped
         model, inputs = _load_case(reference[case])
         n = model.n_blocks
-        edited = model.with_program(dj.Program.create([0, 1, 1, n - 1, 0],
-                                                      attn=[1, 1, 0, 1, 1]))
+        edited = model.with_program(dj.Program.create([0, 1, 1, n - 1, 0], attn=[1, 1, 0, 1, 1]))
         with pytest.warns(UserWarning, match="materializes"):
-            export(f"{case}_looped_dropped", edited, reference[case],
-                   _run(edited, "causal", inputs), zero_gated=True)
+            export(
+                f"{case}_looped_dropped",
+                edited,
+                reference[case],
+                _run(edited, "causal", inputs),
+                zero_gated=True,
+            )
 
     llama, inputs = _load_case(reference["llama"])
-    pruned = dj.depth.drop(llama, [1])      # block-pruned, healed by bias recovery
+    pruned = dj.depth.drop(llama, [1])  # block-pruned, healed by bias recovery
     calib = [np.random.default_rng(7).integers(0, 128, (4, 16)).astype(np.int32)]
     healed = dj.recover(pruned, llama, calib, method="bias")
     export("llama_pruned_bias", healed, reference["llama"], _run(healed, "causal", inputs))
@@ -174,11 +227,17 @@ def exports(reference, tmp_path_factory):
     export("llama_dropped", dropped, reference["llama"], _run(dropped, "causal", inputs))
     gpt2, inputs = _load_case(reference["gpt2"])
     gated = gpt2.with_program(dj.Program.create([0, 1, 2], attn=[1, 0, 1], mlp=[1, 1, 0]))
-    export("gpt2_zero_gated", gated, reference["gpt2"], _run(gated, "causal", inputs),
-           zero_gated=True)
+    export(
+        "gpt2_zero_gated", gated, reference["gpt2"], _run(gated, "causal", inputs), zero_gated=True
+    )
     qwen3, inputs = _load_case(reference["qwen3"])
-    export("qwen3_small_shards", qwen3, reference["qwen3"], np.load(reference["qwen3"]["expected"]),
-           max_shard_size="100KB")
+    export(
+        "qwen3_small_shards",
+        qwen3,
+        reference["qwen3"],
+        np.load(reference["qwen3"]["expected"]),
+        max_shard_size="100KB",
+    )
 
     with open(root / "manifest.json", "w") as f:
         json.dump(manifest, f)
@@ -186,8 +245,17 @@ def exports(reference, tmp_path_factory):
     return manifest
 
 
-EXPORTS = (CASES + ["llama_looped", "llama_dropped", "gpt2_zero_gated", "qwen3_small_shards",
-                     "llama_pruned_bias"] + [f"{c}_looped_dropped" for c in ["llama"] + MODERN])
+EXPORTS = (
+    CASES
+    + [
+        "llama_looped",
+        "llama_dropped",
+        "gpt2_zero_gated",
+        "qwen3_small_shards",
+        "llama_pruned_bias",
+    ]
+    + [f"{c}_looped_dropped" for c in ["llama"] + MODERN]
+)
 
 
 @pytest.mark.parametrize("name", EXPORTS)
@@ -201,12 +269,22 @@ def test_export_writes_each_steps_layer_kind(exports):
     """Step i of the looped Gemma 3 program runs row [0, 1, 1, 3, 0]: its layer type."""
     with open(os.path.join(exports["gemma3_looped_dropped"]["dir"], "config.json")) as f:
         types = json.load(f)["layer_types"]
-    assert types == ["sliding_attention", "sliding_attention", "sliding_attention",
-                     "sliding_attention", "sliding_attention"]
+    assert types == [
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+    ]
     with open(os.path.join(exports["gemma2_looped_dropped"]["dir"], "config.json")) as f:
         types = json.load(f)["layer_types"]
-    assert types == ["sliding_attention", "full_attention", "full_attention",
-                     "sliding_attention", "sliding_attention"]
+    assert types == [
+        "sliding_attention",
+        "full_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+    ]
 
 
 def test_export_rewrites_layer_count(exports):
@@ -214,5 +292,6 @@ def test_export_rewrites_layer_count(exports):
         assert json.load(f)["num_hidden_layers"] == 5
     with open(os.path.join(exports["llama_dropped"]["dir"], "config.json")) as f:
         assert json.load(f)["num_hidden_layers"] == 2
-    assert os.path.exists(os.path.join(exports["qwen3_small_shards"]["dir"],
-                                       "model.safetensors.index.json"))
+    assert os.path.exists(
+        os.path.join(exports["qwen3_small_shards"]["dir"], "model.safetensors.index.json")
+    )

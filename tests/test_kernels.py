@@ -31,9 +31,11 @@ def _segments(B, T, seed=1):
 
 def _value_and_grads(fn, q, k, v, do):
     """Output and d(sum(out * do))/d(q, k, v), jitted together."""
+
     def loss(q, k, v):
         out = fn(q, k, v)
         return jnp.sum(out.astype(jnp.float32) * do), out
+
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return out, grads
 
@@ -59,9 +61,11 @@ def test_flash_matches_reference(B, T, H, K, D, causal, segments):
     seg = _segments(B, T) if segments else None
     kw = dict(causal=causal, segment_ids=seg)
     out, grads = _value_and_grads(
-        lambda q, k, v: flash_attention(q, k, v, interpret=True, **kw, **BLOCKS), q, k, v, do)
+        lambda q, k, v: flash_attention(q, k, v, interpret=True, **kw, **BLOCKS), q, k, v, do
+    )
     ref_out, ref_grads = _value_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do)
+        lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do
+    )
     _assert_close(out, ref_out, 1e-5)
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.shape == rg.shape, name
@@ -72,13 +76,15 @@ def test_flash_cross_attention_key_padding_and_scale():
     """T != S (non-causal), keys masked through kv_segment_ids, custom scale, empty rows."""
     B, T, S, H, K, D = 2, 20, 33, 4, 2, 16
     q, k, v, do = _inputs(B, T, S, H, K, D, seed=3)
-    q_seg = jnp.zeros((B, T), jnp.int32).at[1, 5].set(7)     # query (1, 5) sees no key
+    q_seg = jnp.zeros((B, T), jnp.int32).at[1, 5].set(7)  # query (1, 5) sees no key
     kv_seg = jnp.where(jnp.arange(S)[None] < jnp.array([[S], [21]]), 0, -1).astype(jnp.int32)
     kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg, scale=0.3)
     out, grads = _value_and_grads(
-        lambda q, k, v: flash_attention(q, k, v, interpret=True, **kw, **BLOCKS), q, k, v, do)
+        lambda q, k, v: flash_attention(q, k, v, interpret=True, **kw, **BLOCKS), q, k, v, do
+    )
     ref_out, ref_grads = _value_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do)
+        lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do
+    )
     assert float(jnp.abs(out[1, 5]).max()) == 0.0
     _assert_close(out, ref_out, 1e-5)
     for g, rg in zip(grads, ref_grads):
@@ -91,10 +97,12 @@ def test_flash_half_precision(dtype):
     q, k, v, do = _inputs(1, 64, 64, 2, 2, 32, dtype=dtype)
     kw = dict(causal=True)
     out, grads = _value_and_grads(
-        lambda q, k, v: flash_attention(q, k, v, interpret=True, **kw, **BLOCKS), q, k, v, do)
+        lambda q, k, v: flash_attention(q, k, v, interpret=True, **kw, **BLOCKS), q, k, v, do
+    )
     up = lambda x: x.astype(jnp.float32)
     ref_out, ref_grads = _value_and_grads(
-        lambda q, k, v: reference_attention(up(q), up(k), up(v), **kw), q, k, v, do)
+        lambda q, k, v: reference_attention(up(q), up(k), up(v), **kw), q, k, v, do
+    )
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
     _assert_close(out, ref_out, tol)
@@ -117,11 +125,13 @@ def _pallas_calls(jaxpr):
 def test_gqa_does_not_repeat_kv():
     """The kernels receive K/V with K heads (index maps share them), never H heads."""
     q, k, v, _ = _inputs(1, 32, 32, 8, 2, 16)
-    jaxpr = jax.make_jaxpr(jax.grad(
-        lambda q, k, v: flash_attention(q, k, v, interpret=True, **BLOCKS).sum(),
-        argnums=(1, 2)))(q, k, v)
+    jaxpr = jax.make_jaxpr(
+        jax.grad(
+            lambda q, k, v: flash_attention(q, k, v, interpret=True, **BLOCKS).sum(), argnums=(1, 2)
+        )
+    )(q, k, v)
     calls = list(_pallas_calls(jaxpr.jaxpr))
-    assert len(calls) >= 3          # forward, dq, dkv
+    assert len(calls) >= 3  # forward, dq, dkv
     for call in calls:
         shapes = [tuple(x.aval.shape) for x in call.invars + call.outvars]
         assert (1, 32, 8, 16) not in shapes[1:3], "K/V were repeated to H heads"
@@ -132,7 +142,7 @@ def test_reference_matches_jax_dot_product_attention():
     """The reference itself, against an independent implementation (GQA, causal, segments)."""
     q, k, v, _ = _inputs(2, 24, 24, 4, 2, 8)
     seg = _segments(2, 24)
-    mask = (seg[:, None, :, None] == seg[:, None, None, :])
+    mask = seg[:, None, :, None] == seg[:, None, None, :]
     want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     _assert_close(reference_attention(q, k, v, causal=True, segment_ids=seg), want, 1e-5)
 
@@ -143,21 +153,26 @@ def test_splash_wrapper_matches_reference():
     seg = _segments(1, 100)
     kw = dict(causal=True, segment_ids=seg)
     out, grads = _value_and_grads(
-        lambda q, k, v: splash_attention(q, k, v, interpret=True, **kw), q, k, v, do)
+        lambda q, k, v: splash_attention(q, k, v, interpret=True, **kw), q, k, v, do
+    )
     ref_out, ref_grads = _value_and_grads(
-        lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do)
+        lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do
+    )
     _assert_close(out, ref_out, 1e-5)
     for g, rg in zip(grads, ref_grads):
         _assert_close(g, rg, 1e-4)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(k_heads=4), "multiple of key/value heads"),
-    (dict(S=20, causal=True), "T == S"),
-    (dict(block_q=24), "power of two"),
-    (dict(dtype=jnp.int32), "not supported"),
-    (dict(segment_shape=(1, 5)), "segment_ids must be"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(k_heads=4), "multiple of key/value heads"),
+        (dict(S=20, causal=True), "T == S"),
+        (dict(block_q=24), "power of two"),
+        (dict(dtype=jnp.int32), "not supported"),
+        (dict(segment_shape=(1, 5)), "segment_ids must be"),
+    ],
+)
 def test_bad_input_errors(change, message):
     H, K = 6, change.get("k_heads", 2)
     S = change.get("S", 16)
@@ -166,13 +181,25 @@ def test_bad_input_errors(change, message):
     k = v = jnp.zeros((1, S, K, 8), dtype)
     seg = jnp.zeros(change["segment_shape"], jnp.int32) if "segment_shape" in change else None
     with pytest.raises(ValueError, match=message):
-        flash_attention(q, k, v, causal=change.get("causal", False), segment_ids=seg,
-                        block_q=change.get("block_q", 16), interpret=True)
+        flash_attention(
+            q,
+            k,
+            v,
+            causal=change.get("causal", False),
+            segment_ids=seg,
+            block_q=change.get("block_q", 16),
+            interpret=True,
+        )
 
 
-@pytest.mark.parametrize("dtype,D,H,K,windowed", [(jnp.bfloat16, 128, 8, 2, False),
-                                                   (jnp.float32, 64, 6, 2, False),
-                                                   (jnp.bfloat16, 64, 4, 2, True)])
+@pytest.mark.parametrize(
+    "dtype,D,H,K,windowed",
+    [
+        (jnp.bfloat16, 128, 8, 2, False),
+        (jnp.float32, 64, 6, 2, False),
+        (jnp.bfloat16, 64, 4, 2, True),
+    ],
+)
 def test_triton_lowering_for_h100(dtype, D, H, K, windowed):
     """Without a GPU: the forward and both backward kernels lower to Triton for an H100
     (also with a traced window operand, its dynamic loop bounds, and soft-capping).
@@ -188,20 +215,31 @@ def test_triton_lowering_for_h100(dtype, D, H, K, windowed):
     kv = jax.ShapeDtypeStruct((2, 300, K, D), dtype)
     seg = jax.ShapeDtypeStruct((2, 300), jnp.int32)
     extra = dict(softcap=30.0) if windowed else {}
-    grad = jax.grad(lambda q, k, v, s, w: flash_attention(
-        q, k, v, causal=True, segment_ids=s, window=w if windowed else None, **extra)
-        .astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    grad = jax.grad(
+        lambda q, k, v, s, w: (
+            flash_attention(
+                q, k, v, causal=True, segment_ids=s, window=w if windowed else None, **extra
+            )
+            .astype(jnp.float32)
+            .sum()
+        ),
+        argnums=(0, 1, 2),
+    )
     window = jax.ShapeDtypeStruct((), jnp.int32)
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(grad).trace(q, kv, kv, seg, window).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(grad)
+            .trace(q, kv, kv, seg, window)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     assert text.count("triton") >= 3, "expected forward, dq and dkv Triton kernels"
 
 
 WINDOW_CASES = [  # B, T, H, K, D, window, softcap, segments
     pytest.param(1, 48, 2, 2, 16, 5, None, False, id="window-smaller-than-block"),
     pytest.param(2, 45, 4, 2, 16, 20, None, True, id="window-gqa-segments-odd"),
-    pytest.param(1, 40, 2, 1, 16, 2 ** 31 - 1, 3.0, False, id="global-sentinel-softcap"),
+    pytest.param(1, 40, 2, 1, 16, 2**31 - 1, 3.0, False, id="global-sentinel-softcap"),
     pytest.param(1, 33, 2, 2, 8, 17, 2.0, False, id="window-softcap-odd"),
 ]
 
@@ -218,14 +256,17 @@ def test_flash_window_and_softcap_match_reference(B, T, H, K, D, window, softcap
         def loss(q, k, v, w):
             out = fn(q, k, v, w)
             return jnp.sum(out.astype(jnp.float32) * do), out
+
         grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
         (_, out), grads = grad(q, k, v, jnp.int32(window))
         return out, grads
 
-    out, grads = value_and_grads(lambda q, k, v, w: flash_attention(
-        q, k, v, window=w, interpret=True, **kw, **BLOCKS))
-    ref_out, ref_grads = value_and_grads(lambda q, k, v, w: reference_attention(
-        q, k, v, window=w, **kw))
+    out, grads = value_and_grads(
+        lambda q, k, v, w: flash_attention(q, k, v, window=w, interpret=True, **kw, **BLOCKS)
+    )
+    ref_out, ref_grads = value_and_grads(
+        lambda q, k, v, w: reference_attention(q, k, v, window=w, **kw)
+    )
     _assert_close(out, ref_out, 1e-5)
     for name, g, rg in zip("qkv", grads, ref_grads):
         _assert_close(g, rg, 1e-4)

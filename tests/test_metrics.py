@@ -24,25 +24,35 @@ def model():
 
 def naive_loss(model, tokens):
     logits = np.asarray(dj.apply(model, tokens), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     return -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean()
 
 
 def naive_value(model, keep):
     """Mean loss over BATCHES (equal sizes) with block units where keep == 0 gated off."""
-    m = D.drop_sublayers(model, attn=np.flatnonzero(np.asarray(keep) == 0).tolist(),
-                         mlp=np.flatnonzero(np.asarray(keep) == 0).tolist())
+    m = D.drop_sublayers(
+        model,
+        attn=np.flatnonzero(np.asarray(keep) == 0).tolist(),
+        mlp=np.flatnonzero(np.asarray(keep) == 0).tolist(),
+    )
     return np.mean([naive_loss(m, b) for b in BATCHES])
 
 
 def test_trace_metrics_match_numpy(model):
-    res = np.concatenate([np.asarray(dj.apply(model, b, trace=True)[1].residual, np.float64)
-                          for b in BATCHES], axis=1)            # [S+1, 6, T, D]
+    res = np.concatenate(
+        [np.asarray(dj.apply(model, b, trace=True)[1].residual, np.float64) for b in BATCHES],
+        axis=1,
+    )  # [S+1, 6, T, D]
     cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     bi = M.block_influence(model, BATCHES)
     np.testing.assert_allclose(bi.values, (1 - cos(res[:-1], res[1:])).mean((1, 2)), atol=1e-6)
-    np.testing.assert_allclose(bi.extra["residual_norm"], np.linalg.norm(res, axis=-1).mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        bi.extra["residual_norm"], np.linalg.norm(res, axis=-1).mean((1, 2)), rtol=1e-5
+    )
     ad = M.angular_distance(model, BATCHES, span=2)
     last = res[:, :, -1]
     want = np.arccos(np.clip(cos(last[:-2], last[2:]), -1, 1)).mean(1) / np.pi
@@ -55,7 +65,9 @@ def test_trace_metrics_match_numpy(model):
     n = lambda x: np.linalg.norm(x, axis=-1)
     np.testing.assert_allclose(rc["attn"].values, (n(ua) / n(res[:-1])).mean((1, 2)), rtol=1e-5)
     np.testing.assert_allclose(rc["mlp"].values, (n(um) / n(res[:-1] + ua)).mean((1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(rc["block"].values, (n(ua + um) / n(res[:-1])).mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        rc["block"].values, (n(ua + um) / n(res[:-1])).mean((1, 2)), rtol=1e-5
+    )
 
 
 def test_gated_off_step_scores_zero(model):
@@ -73,13 +85,18 @@ def test_ablation_matches_naive_leave_one_out(model):
     np.testing.assert_allclose(abl.extra["full"], full, rtol=1e-5)
     np.testing.assert_allclose(M.loss(model, BATCHES), full, rtol=1e-5)
     for i in range(4):
-        np.testing.assert_allclose(abl.values[i], naive_value(model, 1 - np.eye(4)[i]) - full, atol=2e-5)
+        np.testing.assert_allclose(
+            abl.values[i], naive_value(model, 1 - np.eye(4)[i]) - full, atol=2e-5
+        )
 
 
 def test_shapley_exact_enumeration_and_efficiency(model):
     n = 4
-    v = {S: -naive_value(model, [int(i in S) for i in range(n)])
-         for r in range(n + 1) for S in itertools.combinations(range(n), r)}
+    v = {
+        S: -naive_value(model, [int(i in S) for i in range(n)])
+        for r in range(n + 1)
+        for S in itertools.combinations(range(n), r)
+    }
     exact = np.zeros(n)
     for i in range(n):
         for S, value in v.items():
@@ -87,11 +104,20 @@ def test_shapley_exact_enumeration_and_efficiency(model):
                 w = math.factorial(len(S)) * math.factorial(n - len(S) - 1) / math.factorial(n)
                 exact[i] += w * (v[tuple(sorted(S + (i,)))] - value)
     est = M.shapley(model, BATCHES, num_permutations=None)
-    assert est.extra["permutations"] == 24
+    assert est.extra["exact"] and est.extra["coalitions"] == 16
     np.testing.assert_allclose(est.values, exact, atol=3e-5)
-    sampled = M.shapley(model, BATCHES, num_permutations=3, key=jax.random.key(7))
-    np.testing.assert_allclose(sampled.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
-    np.testing.assert_allclose(sampled.values.sum(), sampled.extra["v_all_minus_v_none"], atol=1e-9)
+    np.testing.assert_allclose(est.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
+    for sampled in (
+        M.shapley(model, BATCHES, num_permutations=3, key=jax.random.key(7)),
+        M.shapley(model, BATCHES, num_permutations=3, antithetic=False),
+    ):
+        np.testing.assert_allclose(sampled.values.sum(), v[(0, 1, 2, 3)] - v[()], atol=3e-5)
+        np.testing.assert_allclose(
+            sampled.values.sum(), sampled.extra["v_all_minus_v_none"], atol=1e-9
+        )
+    assert M.shapley(model, BATCHES, num_permutations=3).extra["permutations"] == 4
+    with pytest.raises(ValueError, match="max_coalitions"):
+        M.shapley(model, BATCHES, unit="sublayer", num_permutations=None, max_coalitions=128)
 
 
 def test_sublayer_units_and_present_minus_absent(model):
@@ -118,12 +144,22 @@ def test_skip_effect(model):
     eff = M.skip_effect(model, BATCHES)
     change, kl = eff["update_change"], eff["output_kl"]
     assert np.isnan(change[1, 0]) and np.isnan(change[1, 1])
-    assert change[2, 3] < 1e-6 and kl[2] < 1e-7          # skipping a gated-off step changes nothing
+    assert change[2, 3] < 1e-6 and kl[2] < 1e-7  # skipping a gated-off step changes nothing
     skipped = D.drop_sublayers(model, attn=[0], mlp=[0])
-    u = lambda m, b: np.asarray(dj.apply(m, b, trace=True)[1].attn_out + dj.apply(m, b, trace=True)[1].mlp_out)
+
+    def u(m, b):
+        trace = dj.apply(m, b, trace=True)[1]
+        return np.asarray(trace.attn_out + trace.mlp_out)
+
     with np.errstate(invalid="ignore"):  # step 2's update is 0 (it is gated off)
-        rel = np.concatenate([np.linalg.norm(u(skipped, b) - u(model, b), axis=-1) /
-                              np.linalg.norm(u(model, b), axis=-1) for b in BATCHES], 1)
+        rel = np.concatenate(
+            [
+                np.linalg.norm(u(skipped, b) - u(model, b), axis=-1)
+                / np.linalg.norm(u(model, b), axis=-1)
+                for b in BATCHES
+            ],
+            1,
+        )
     np.testing.assert_allclose(change[0, 1], rel[1].mean(), rtol=1e-4)
 
 
@@ -149,3 +185,36 @@ def test_bad_input(model):
     with pytest.raises(ValueError, match="measure='logit'"):
         M.ablation(bert, BATCHES)
     assert len(M.ablation(bert, BATCHES, measure="logit")) == 4
+
+
+@pytest.mark.parametrize("strategy", ["batched", "prefix"])
+def test_coalition_strategies_match_separate_forwards(model, strategy):
+    """Both evaluation strategies against each coalition run alone through dj.apply, on a
+    program with a parallel group (prefixes start at group boundaries) and fractional gates."""
+    m = D.parallelize(model, [[0, 1]]).with_program(
+        dj.Program.create(
+            [0, 1, 2, 3], attn=[1, 0.5, 0, 1], mlp=[1, 1, 0, 2], parallel=[0, 1, 0, 0]
+        )
+    )
+    keep = np.vstack([np.ones(8), 1 - np.eye(8), RNG.integers(0, 2, (5, 8))]).astype(np.int8)
+    got = M.coalition_measures(m, BATCHES, "sublayer", keep, strategy=strategy)
+    for k, row in enumerate(keep):
+        prog = m.program.replace(attn=m.program.attn * row[:4], mlp=m.program.mlp * row[4:])
+        want = np.mean([naive_loss(m.replace(program=prog), b) for b in BATCHES])
+        np.testing.assert_allclose(got[k], want, rtol=2e-5)
+
+
+def test_prefix_starts_and_costs(model):
+    from depthjax.metrics import coalitions as C
+
+    prog = dj.Program.create([0, 1, 2, 3], parallel=[0, 0, 1, 0])
+    attn = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 1], [0, 1, 1, 1]], np.float32)
+    # identical: only the head runs; a change at step 2 starts its group at step 1
+    np.testing.assert_array_equal(C.prefix_starts(prog, attn, np.ones((4, 4))), [4, 3, 1, 0])
+    n = 16
+    deep = dj.init(dj.configs.get("llama-tiny", n_layers=n), jax.random.key(0))
+    attn, mlp = C.coalition_gates(deep, "block", np.vstack([np.ones(n), 1 - np.eye(n)]))
+    costs = C.evaluation_costs(deep, attn, mlp, seq_len=16)
+    # all leave-one-outs: the traced forward plus sum_i (n - 1 - i) steps, vs n + 1 forwards
+    steps = costs["prefix"] / costs["batched"] * (n + 1) * n
+    assert steps < (n + n * (n - 1) / 2 + 0.2 * (n + 1))  # heads are the rest

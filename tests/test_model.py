@@ -30,9 +30,12 @@ def _model(cfg, seed=0):
     # Norm scales and biases start at 1 and 0; perturb them so the test sees them used.
     leaves, tree = jax.tree.flatten_with_path(model.params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape)
-              if any(getattr(p, "key", None) in ("scale", "bias") for p in path) else x
-              for (path, x), k in zip(leaves, keys)]
+    leaves = [
+        x + 0.1 * jax.random.normal(k, x.shape)
+        if any(getattr(p, "key", None) in ("scale", "bias") for p in path)
+        else x
+        for (path, x), k in zip(leaves, keys)
+    ]
     return model.replace(params=jax.tree.unflatten(tree, leaves))
 
 
@@ -46,14 +49,19 @@ def test_sequential_matches_naive_forward(name, tokens):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_scan_equals_unrolled(name, tokens):
     model = _model(FAMILIES[name])
-    model = model.with_program(Program.create([0, 2, 2, 1], attn=[1, 0, 1, 0.5],
-                                              mlp=[1, 1, 0, 1], parallel=[0, 0, 1, 0]))
+    model = model.with_program(
+        Program.create([0, 2, 2, 1], attn=[1, 0, 1, 0.5], mlp=[1, 1, 0, 1], parallel=[0, 0, 1, 0])
+    )
     scan_out, scan_trace = jax.jit(lambda m, t: dj.apply(m, t, trace=True))(model, tokens)
-    unroll_out, unroll_trace = jax.jit(
-        lambda m, t: dj.apply(m, t, trace=True, unroll=True))(model, tokens)
+    unroll_out, unroll_trace = jax.jit(lambda m, t: dj.apply(m, t, trace=True, unroll=True))(
+        model, tokens
+    )
     np.testing.assert_allclose(scan_out, unroll_out, rtol=1e-6, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-                 scan_trace, unroll_trace)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+        scan_trace,
+        unroll_trace,
+    )
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -78,8 +86,9 @@ def test_sublayer_gates_match_naive(tokens):
     model = _model(FAMILIES["llama"])
     prog = Program.create([0, 1, 2, 3], attn=[1, 0, 0.5, 1], mlp=[0, 1, 1, 2])
     groups = [[(b, float(a), float(m))] for b, a, m in zip([0, 1, 2, 3], prog.attn, prog.mlp)]
-    np.testing.assert_allclose(dj.apply(model.with_program(prog), tokens),
-                               reference.forward(model, tokens, groups), **TOL)
+    np.testing.assert_allclose(
+        dj.apply(model.with_program(prog), tokens), reference.forward(model, tokens, groups), **TOL
+    )
 
 
 @pytest.mark.parametrize("name", ["llama", "bert"])
@@ -87,7 +96,8 @@ def test_parallel_groups(name, tokens):
     model = _model(FAMILIES[name])
     # A group of one is sequential: parallel=False everywhere is the default program.
     seq = dj.apply(model, tokens)
-    np.testing.assert_allclose(seq, reference.forward(model, tokens, reference.sequential(range(4))), **TOL)
+    want = reference.forward(model, tokens, reference.sequential(range(4)))
+    np.testing.assert_allclose(seq, want, **TOL)
     # Steps 1 and 2 read the same input; their updates add up.
     par = model.with_program(Program.create([0, 1, 2, 3], parallel=[0, 0, 1, 0]))
     want = reference.forward(model, tokens, [[(0, 1, 1)], [(1, 1, 1), (2, 1, 1)], [(3, 1, 1)]])
@@ -106,11 +116,15 @@ def test_trace_residuals_add_up(llama, tokens):
     logits, trace = dj.apply(llama.with_program(prog), tokens, trace=True)
     assert trace.residual.shape == (4, 2, 12, 64)
     assert trace.attn_out.shape == trace.mlp_out.shape == (3, 2, 12, 64)
-    np.testing.assert_allclose(trace.residual[1:], trace.residual[:-1] + trace.attn_out
-                               + trace.mlp_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        trace.residual[1:],
+        trace.residual[:-1] + trace.attn_out + trace.mlp_out,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     np.testing.assert_array_equal(trace.attn_out[2], 0)
     hidden = dj.apply(llama.with_program(prog), tokens, output="hidden")
-    want = reference.forward(llama, tokens, [[(3, 1, 1)], [(1, .5, 1)], [(0, 0, 1)]], hidden=True)
+    want = reference.forward(llama, tokens, [[(3, 1, 1)], [(1, 0.5, 1)], [(0, 0, 1)]], hidden=True)
     np.testing.assert_allclose(hidden, want, **TOL)
 
 
@@ -125,17 +139,23 @@ def test_programs_of_equal_depth_compile_once(llama, tokens):
     rng = np.random.default_rng(0)
     outs = []
     for _ in range(6):
-        prog = Program.create(rng.integers(0, 4, 5), attn=rng.random(5), mlp=rng.random(5),
-                              parallel=np.r_[False, rng.random(4) < 0.3])
+        prog = Program.create(
+            rng.integers(0, 4, 5),
+            attn=rng.random(5),
+            mlp=rng.random(5),
+            parallel=np.r_[False, rng.random(4) < 0.3],
+        )
         outs.append(forward(llama.with_program(prog), tokens))
     assert len(traces) == 1 and forward._cache_size() == 1
     assert not np.allclose(outs[0], outs[1])
 
 
 def test_vmap_over_programs(llama, tokens):
-    progs = [Program.create([0, 1, 2, 3], attn=[1, 1, 1, 1]),
-             Program.create([3, 3, 0, 1], mlp=[0, 1, 1, 1]),
-             Program.create([2, 1, 0, 0], parallel=[0, 1, 0, 1])]
+    progs = [
+        Program.create([0, 1, 2, 3], attn=[1, 1, 1, 1]),
+        Program.create([3, 3, 0, 1], mlp=[0, 1, 1, 1]),
+        Program.create([2, 1, 0, 0], parallel=[0, 1, 0, 1]),
+    ]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *progs)
     many = jax.vmap(lambda p: dj.apply(llama.replace(program=p), tokens))(stacked)
     for i, prog in enumerate(progs):
@@ -150,8 +170,9 @@ def test_bert_padding_does_not_change_real_tokens():
     mask = np.ones((2, 10), np.int32)
     mask[1, 6:] = 0
     out = dj.apply(model, toks, mask=mask, token_types=types, output="hidden")
-    want = reference.forward(model, toks, reference.sequential(range(4)), mask=mask,
-                             token_types=types, hidden=True)
+    want = reference.forward(
+        model, toks, reference.sequential(range(4)), mask=mask, token_types=types, hidden=True
+    )
     np.testing.assert_allclose(out, want, **TOL)
     garbage = toks.copy()
     garbage[1, 6:] = 7
@@ -194,6 +215,7 @@ def test_remat_policies_keep_gradients(llama, tokens, remat):
 
 def test_layers_are_usable_alone(tokens):
     from depthjax.layers import MLP, Attention
+
     cfg = dj.configs.get("llama-tiny")
     x = jax.random.normal(jax.random.key(0), (2, 12, 64))
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
@@ -205,3 +227,19 @@ def test_layers_are_usable_alone(tokens):
     mlp = MLP(cfg)
     mp = mlp.init(jax.random.key(2), x)["params"]
     np.testing.assert_allclose(mlp.apply({"params": mp}, x), reference._mlp(cfg, mp, x), **TOL)
+
+
+def test_n_params_counts_the_table_once():
+    cfg = dj.configs.get("llama-tiny")  # untied head, RMSNorm, GQA, SwiGLU
+    model = dj.init(cfg, jax.random.key(0))
+    D, F, V, Dh = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.head_dim
+    attn = D * cfg.n_heads * Dh * 2 + D * cfg.n_kv_heads * Dh * 2  # q, o; k, v
+    block = attn + 3 * D * F + 2 * D  # gate, up, down; 2 norms
+    embed_head = V * D + D + D * V  # tokens, final norm, out
+    assert model.n_params == cfg.n_layers * block + embed_head
+    # A program is not parameters: a looped walk of two table rows stores two blocks.
+    tied = dj.depth.compact(model.with_program(dj.Program.create([0, 1, 0, 1])))
+    assert tied.n_params == 2 * block + embed_head
+    # Abstract parameters count the same (training reports the count before it allocates).
+    abstract = jax.eval_shape(lambda k: dj.init(cfg, k).params, jax.random.key(0))
+    assert dj.model.count_params(abstract) == model.n_params

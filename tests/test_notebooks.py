@@ -34,7 +34,8 @@ QUICKSTART_CHECKS = textwrap.dedent("""
     assert abs(_naive_loss(model, valid) - results["full model"]) < 1e-4
     _want = _np.sort(_np.argsort(scores["block_influence"].values, kind="stable")[N_PRUNE:])
     assert _np.asarray(pruned["block_influence"].program.block).tolist() == _want.tolist()
-    assert abs(_naive_loss(recovered, valid) - results[f"block_influence: + linear r{LINEAR_RANK}"]) < 1e-4
+    printed = results[f"block_influence: + linear r{LINEAR_RANK}"]
+    assert abs(_naive_loss(recovered, valid) - printed) < 1e-4
     assert (_np.asarray(pruned["attn_ablation"].program.attn) == 0).sum() == 2 * N_PRUNE
     assert edits["loop the middle pair twice"].depth == model.depth + 2
     print("NOTEBOOK CHECKS PASSED")
@@ -45,11 +46,18 @@ def _kernel_manager(tmp: Path):
     """A kernel of this test's interpreter (not whatever `python3` spec Jupyter finds)."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
+
     spec = tmp / "kernels" / "depthjax-test"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "depthjax test", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "depthjax test",
+                "language": "python",
+            }
+        )
+    )
     ksm = KernelSpecManager(kernel_dirs=[str(tmp / "kernels")], ensure_native_kernel=False)
     return KernelManager(kernel_name="depthjax-test", kernel_spec_manager=ksm)
 
@@ -59,21 +67,29 @@ def _execute(path: Path, extra_cells: list[str], monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("DEPTHJAX_NOTEBOOK_WORK", str(tmp_path / "work"))
     # A persistent compilation cache (shared with test_train): compiling dominates a tiny run.
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR",
-                       str(Path(tempfile.gettempdir()) / "depthjax-test-jax-cache"))
+    monkeypatch.setenv(
+        "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "depthjax-test-jax-cache")
+    )
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     nb = nbformat.read(path, as_version=4)
     nb.cells += [nbformat.v4.new_code_cell(src) for src in extra_cells]
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300,
-                                     resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        nb,
+        km=_kernel_manager(tmp_path),
+        timeout=300,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     client.execute()
     return nb
 
 
 def _outputs(cell, mime: str) -> list[str]:
-    return [o["data"][mime] for o in cell.get("outputs", [])
-            if o["output_type"] in ("display_data", "execute_result") and mime in o["data"]]
+    return [
+        o["data"][mime]
+        for o in cell.get("outputs", [])
+        if o["output_type"] in ("display_data", "execute_result") and mime in o["data"]
+    ]
 
 
 def _stream(cell) -> str:
@@ -86,8 +102,9 @@ def test_stored_without_outputs(path):
     nbformat.validate(nb)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, \
+            assert cell.outputs == [] and cell.execution_count is None, (
                 f"{path.name} cell {i} holds outputs: store notebooks stripped"
+            )
 
 
 def test_quickstart_runs(monkeypatch, tmp_path):
@@ -97,9 +114,9 @@ def test_quickstart_runs(monkeypatch, tmp_path):
     # The model, the recovered model and the edited models render as HTML step tables.
     html = [h for c in code for h in _outputs(c, "text/html")]
     assert sum("<b>DepthModel</b>" in h for h in html) >= 2
-    assert any("adapter" in h for h in html)                  # the recovered model
+    assert any("adapter" in h for h in html)  # the recovered model
     assert any("LoRA r=" in h and "tied with" in h for h in html)  # tie + relax
-    assert any(re.search(r"g\d+ ┐", h) for h in html)          # a parallel group
+    assert any(re.search(r"g\d+ ┐", h) for h in html)  # a parallel group
     # Training progress and every plot came out.
     assert "[train] done" in "".join(_stream(c) for c in code)
     assert sum(len(_outputs(c, "image/png")) for c in code) >= 3

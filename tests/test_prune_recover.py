@@ -12,7 +12,7 @@ from depthjax.program import ProgramError
 from depthjax.recover import find_spans
 
 RNG = np.random.default_rng(1)
-CALIB = [RNG.integers(0, 256, (4, 32)).astype(np.int32) for _ in range(3)]   # 384 tokens > D
+CALIB = [RNG.integers(0, 256, (4, 32)).astype(np.int32) for _ in range(3)]  # 384 tokens > D
 TEST = RNG.integers(0, 256, (2, 24)).astype(np.int32)
 
 
@@ -20,7 +20,8 @@ def set_row(model, step, path, value):
     """A copy of model whose table row `step` has parameter `path` set to `value`."""
     blocks = jax.tree_util.tree_map_with_path(
         lambda p, t: t.at[step].set(value(t[step])) if tuple(k.key for k in p) == path else t,
-        model.params["blocks"])
+        model.params["blocks"],
+    )
     return model.replace(params={**model.params, "blocks": blocks})
 
 
@@ -47,7 +48,7 @@ def test_prune_joint_iterative_and_errors():
     joint = dj.prune(m, scores, 3, unit="sublayer")
     assert np.asarray(joint.program.attn).tolist() == [1, 0, 1, 0]
     assert np.asarray(joint.program.mlp).tolist() == [1, 1, 0, 1]
-    again = dj.prune(joint, scores, 1, unit="sublayer")        # skips units already off
+    again = dj.prune(joint, scores, 1, unit="sublayer")  # skips units already off
     assert np.asarray(again.program.mlp).tolist() == [0, 1, 0, 1]
     calls = []
     metric = lambda mm: calls.append(mm.depth) or M.block_influence(mm, CALIB)
@@ -66,22 +67,25 @@ def test_bias_recovery_is_exact_for_a_constant_update():
     # Row 2 computes a constant update: its projections are zero, its biases are not.
     m = set_row(m, 2, ("attn", "o", "kernel"), jnp.zeros_like)
     m = set_row(m, 2, ("mlp", "down", "kernel"), jnp.zeros_like)
-    rand = lambda i: (lambda b: b + 0.5 * jax.random.normal(jax.random.key(i), b.shape))
-    m = set_row(m, 2, ("mlp", "down", "bias"), rand(0))  # random: LayerNorm centers away a uniform shift
+    rand = lambda i: lambda b: b + 0.5 * jax.random.normal(jax.random.key(i), b.shape)
+    # random: LayerNorm centers away a uniform shift
+    m = set_row(m, 2, ("mlp", "down", "bias"), rand(0))
     m = set_row(m, 4, ("attn", "o", "kernel"), jnp.zeros_like)
     m = set_row(m, 4, ("mlp", "down", "kernel"), jnp.zeros_like)
     m = set_row(m, 4, ("attn", "o", "bias"), rand(1))
     pruned = D.drop(m, [2, 4])
     assert not np.allclose(dj.apply(pruned, TEST), dj.apply(m, TEST), atol=1e-3)
     rec = dj.recover(pruned, m, CALIB, method="bias")
-    assert "final_adapter" in rec.params                       # step 4 was the last
+    assert "final_adapter" in rec.params  # step 4 was the last
     np.testing.assert_allclose(dj.apply(rec, TEST), dj.apply(m, TEST), rtol=1e-5, atol=1e-5)
 
 
 def test_bias_recovery_of_a_constant_attention_sublayer():
     m = dj.init(dj.configs.get("gpt2-tiny"), jax.random.key(3))
     m = set_row(m, 1, ("attn", "o", "kernel"), jnp.zeros_like)
-    m = set_row(m, 1, ("attn", "o", "bias"), lambda b: b + jax.random.normal(jax.random.key(2), b.shape))
+    m = set_row(
+        m, 1, ("attn", "o", "bias"), lambda b: b + jax.random.normal(jax.random.key(2), b.shape)
+    )
     pruned = D.drop_sublayers(m, attn=[1])
     spans = find_spans(pruned, m)
     assert [(s.start, s.end, s.target) for s in spans] == [((1, 0), (1, 1), 1)]
@@ -93,12 +97,15 @@ def test_linear_recovery_is_exact_for_a_linear_step():
     m = dj.init(dj.configs.get("llama-tiny", n_layers=5), jax.random.key(4))
     D_ = m.config.d_model
     k = jax.random.split(jax.random.key(5), 3)
-    adapter = {"bias": jnp.zeros((5, D_)).at[2].set(0.1 * jax.random.normal(k[0], (D_,))),
-               "a": jnp.zeros((5, D_, 3)).at[2].set(0.3 * jax.random.normal(k[1], (D_, 3))),
-               "b": jnp.zeros((5, 3, D_)).at[2].set(0.3 * jax.random.normal(k[2], (3, D_)))}
+    adapter = {
+        "bias": jnp.zeros((5, D_)).at[2].set(0.1 * jax.random.normal(k[0], (D_,))),
+        "a": jnp.zeros((5, D_, 3)).at[2].set(0.3 * jax.random.normal(k[1], (D_, 3))),
+        "b": jnp.zeros((5, 3, D_)).at[2].set(0.3 * jax.random.normal(k[2], (3, D_))),
+    }
     # Step 2 adds only c + x A (rank 3) to its input: a linear step.
     linear = D.drop_sublayers(m, attn=[2], mlp=[2]).replace(
-        params={**m.params, "steps": {"adapter": adapter}})
+        params={**m.params, "steps": {"adapter": adapter}}
+    )
     pruned = D.drop(linear, [2])
     rec = dj.recover(pruned, linear, CALIB, method="linear", rank=3)
     np.testing.assert_allclose(dj.apply(rec, TEST), dj.apply(linear, TEST), rtol=1e-4, atol=1e-4)
@@ -134,16 +141,49 @@ def test_score_and_prune_cli(tmp_path, capsys):
     import json
 
     from depthjax import cli
+
     dj.save(dj.init(dj.configs.get("llama-tiny"), jax.random.key(0)), tmp_path / "ck")
     data = ["--batches", "1", "--batch-size", "2", "--seq-len", "32"]
-    assert cli.main(["score", "--model", str(tmp_path / "ck"), "--out", str(tmp_path / "rep"),
-                     "--shapley-permutations", "2", *data]) == 0
+    assert (
+        cli.main(
+            [
+                "score",
+                "--model",
+                str(tmp_path / "ck"),
+                "--out",
+                str(tmp_path / "rep"),
+                "--shapley-permutations",
+                "2",
+                *data,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "rep" / "scores.json").read_text())
     assert len(report["scores"]["block_influence"]["values"]) == 4
     assert len(report["removal_curves"]["ablation_block"]) == 4
     assert (tmp_path / "rep" / "profiles.png").stat().st_size > 1000
-    assert cli.main(["prune", "--model", str(tmp_path / "ck"), "--metric", "ablation", "--unit", "attn",
-                     "--n", "2", "--recover", "bias", "--out", str(tmp_path / "pruned"), *data]) == 0
+    assert (
+        cli.main(
+            [
+                "prune",
+                "--model",
+                str(tmp_path / "ck"),
+                "--metric",
+                "ablation",
+                "--unit",
+                "attn",
+                "--n",
+                "2",
+                "--recover",
+                "bias",
+                "--out",
+                str(tmp_path / "pruned"),
+                *data,
+            ]
+        )
+        == 0
+    )
     pruned = dj.load(tmp_path / "pruned")
     assert float(pruned.program.attn.sum()) == 2 and "adapter" in pruned.params["steps"]
     assert "after bias recovery" in capsys.readouterr().out

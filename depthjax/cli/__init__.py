@@ -12,9 +12,10 @@ import argparse
 import os
 import sys
 
-from . import convert, demo, depth, generate, presets, prune, score, train
+from .. import progress
+from . import convert, demo, depth, eval, generate, presets, prune, score, search, train  # noqa: A004
 
-COMMANDS = (demo, presets, train, score, prune, depth, convert, generate)
+COMMANDS = (demo, presets, train, score, prune, search, eval, depth, convert, generate)
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
         command.add_command(sub)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with progress.quiet(getattr(args, "quiet", False)):
+            return args.func(args)
     except (ValueError, OSError) as e:  # every user error class derives from one of these
         # The classes are resolved only here, so start-up does not import the data stack.
         if os.environ.get("DEPTHJAX_DEBUG") or not isinstance(e, _user_errors()):
@@ -37,15 +39,34 @@ def _user_errors() -> tuple[type, ...]:
     from ..attention import AttentionUnavailable
     from ..checkpoint import CheckpointError
     from ..config import ConfigError
-    from ..data import DataError
     from ..decoding import GenerationError
+    from ..eval import EvalError
     from ..hf.config import HFError
     from ..program import ProgramError
+    from ..search import SearchError
     from ..sharding import ShardingError
+    from ..textfiles import DataError
     from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from .common import UsageError
-    return (AttentionUnavailable, CheckpointError, ConfigError, DataError, GenerationError,
-            HFError, ProgramError, ShardingError, TokenizerError, TrainConfigError,
-            UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+
+    return (
+        AttentionUnavailable,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        EvalError,
+        GenerationError,
+        HFError,
+        ProgramError,
+        SearchError,
+        ShardingError,
+        TokenizerError,
+        TrainConfigError,
+        UsageError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )

@@ -1,7 +1,9 @@
-"""What several commands share: loading a model with its tokenizer, and calibration data."""
+"""What several commands share: loading a model with its tokenizer, calibration data (the
+embedded corpus or the user's files) and task measures."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 
@@ -9,33 +11,138 @@ class UsageError(ValueError):
     """Flags that do not fit together (reported as `depthjax CMD: error: ...`, exit 2)."""
 
 
-def load_model(path, tokenizer: str | None = None):
+def load_model(path, tokenizer: str | None = None, program: str | None = None):
     """(model, tokenizer) of a native checkpoint or a local Hugging Face directory;
-    `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own."""
+    `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own; `program` is a
+    slice spec applied to the model's table."""
     from ..checkpoint import load_model as load
     from ..tokenizer import tokenizer_for
+
     model = load(path)
+    if program is not None:
+        from ..depth import from_spec, load_spec
+
+        model = from_spec(model, load_spec(program))
     return model, tokenizer_for(path, model.config.vocab_size, tokenizer)
 
 
+def add_quiet_arg(p) -> None:
+    """--quiet for a long-running command (depthjax.cli.main applies it)."""
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or per-step lines (bars show only on a terminal)",
+    )
+
+
 def add_data_args(p) -> None:
-    """--model and the calibration-text flags of `score` and `prune`."""
+    """--model and the calibration / task flags of `score` and `prune`."""
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer.json (default: the model directory's, else byte)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="calibration text: .txt/.jsonl files, a glob or directory, or "
+        "tfds:NAME[:SPLIT] (default: the embedded stdlib corpus); the first "
+        "80%% of its tokens score and calibrate, the rest evaluate",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="measure ablation, Shapley values and removal curves on this task "
+        "(JSONL: context/choices/label, context/target, or text)",
+    )
+    p.add_argument(
+        "--task-metric",
+        default="acc",
+        choices=["acc", "acc_norm", "acc_bytes", "nll"],
+        help="what a multiple-choice --task measures (default acc: 1 - accuracy)",
+    )
     p.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
 
 
-def load_with_data(args):
-    """(model, calibration batches, evaluation batches) from the embedded corpus: the train
-    split to score and calibrate, the validation split to evaluate."""
+@dataclasses.dataclass
+class Data:
+    """A model with its calibration and evaluation batches and what to measure them by."""
+
+    model: object
+    tokenizer: object
+    calib: list
+    evals: list
+    task: object = None  # a depthjax.eval task from --task
+    pooling: dict | None = None  # a sentence-transformers directory's pooling
+
+    def measure(self, batches):
+        """The --task, else the model's default measure on `batches` (next-token loss; for
+        encoders 1 - the cosine of pooled embeddings to the full model's)."""
+        from ..report import default_measure
+
+        return (
+            self.task
+            if self.task is not None
+            else default_measure(self.model, batches, **(self.pooling or {}))
+        )
+
+
+def load_with_data(args) -> Data:
+    """The model and batches from --data (its token stream split 80/20) or the embedded
+    corpus (train split to score, validation split to evaluate), and the --task."""
     from .. import corpus
-    model, tok = load_model(Path(args.model))
-    window = lambda split, seed: corpus.sample_windows(args.batch_size, args.seq_len, seed=seed,
-                                                       split=split, encode=tok.encode)
-    calib = [window("train", args.seed + i) for i in range(args.batches)]
-    evals = [window("valid", args.seed + 1000 + i) for i in range(args.batches)]
-    print(f"[data] {args.batches} x {args.batch_size} x {args.seq_len} tokens of stdlib "
-          f"source (train to score, valid to evaluate)", flush=True)
-    return model, calib, evals
+
+    model, tok = load_model(Path(args.model), args.tokenizer)
+    n, B, T = args.batches, args.batch_size, args.seq_len
+    if args.data:
+        import numpy as np
+
+        from ..eval import documents
+
+        docs = documents(args.data)
+        stream = np.concatenate([np.asarray(tok.encode(d), np.int32) for d in docs])
+        cut = int(0.8 * stream.size)
+        if min(cut, stream.size - cut) < T:
+            raise UsageError(
+                f"--data has {stream.size} tokens: too few for windows of "
+                f"--seq-len {T} in both its 80% calibration and 20% evaluation parts"
+            )
+        calib = [corpus.stream_windows(stream[:cut], B, T, seed=args.seed + i) for i in range(n)]
+        evals = [
+            corpus.stream_windows(stream[cut:], B, T, seed=args.seed + 1000 + i) for i in range(n)
+        ]
+        source = (
+            f"{args.data} ({len(docs)} documents, {stream.size} tokens; "
+            "80% to score, 20% to evaluate)"
+        )
+    else:
+        window = lambda split, seed: corpus.sample_windows(
+            B, T, seed=seed, split=split, encode=tok.encode
+        )
+        calib = [window("train", args.seed + i) for i in range(n)]
+        evals = [window("valid", args.seed + 1000 + i) for i in range(n)]
+        source = "stdlib source (train to score, valid to evaluate)"
+    print(f"[data] {n} x {B} x {T} tokens of {source}", flush=True)
+    data = Data(model, tok, calib, evals)
+    if args.task:
+        from ..eval import MultipleChoice, load_task
+
+        data.task = load_task(args.task, tokenizer=tok)
+        if isinstance(data.task, MultipleChoice):
+            data.task.metric = args.task_metric
+        print(f"[task] {data.task.name}: {type(data.task).__name__} of {args.task}", flush=True)
+    elif not model.config.causal:
+        from ..hf import sentence_pooling
+
+        data.pooling = sentence_pooling(args.model)
+        print(
+            f"[task] {model.config.family} encoder: measuring 1 - cosine of "
+            f"{(data.pooling or {}).get('mode', 'mean')}-pooled embeddings to the full "
+            "model's",
+            flush=True,
+        )
+    return data

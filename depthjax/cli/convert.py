@@ -27,42 +27,77 @@ def _convert(args) -> int:
     else:
         model = dj.load(args.source)
         source_dir, source_type = args.source, None
-    print(f"[convert] read {args.source_format} {args.source}: "
-          f"{repr(model).splitlines()[0]}", flush=True)
+    print(
+        f"[convert] read {args.source_format} {args.source}: {repr(model).splitlines()[0]}",
+        flush=True,
+    )
     if to_format == "hf":
-        dj.hf.save(model, args.out, model_type=args.model_type or source_type,
-                   zero_gated=args.zero_gated, drop_adapters=args.drop_adapters,
-                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True)
+        dj.hf.save(
+            model,
+            args.out,
+            model_type=args.model_type or source_type,
+            zero_gated=args.zero_gated,
+            drop_adapters=args.drop_adapters,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=True,
+        )
     else:
         dj.save(model, args.out)
     copied = copy_tokenizer_files(source_dir, args.out)
-    print(f"[convert] wrote {to_format} {args.out}"
-          f"{' with ' + ', '.join(copied) if copied else ''} in {time.time() - t0:.1f}s")
+    print(
+        f"[convert] wrote {to_format} {args.out}"
+        f"{' with ' + ', '.join(copied) if copied else ''} in {time.time() - t0:.1f}s"
+    )
     return 0
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("convert", help="convert Hugging Face <-> native depthjax checkpoints",
-                       description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="source_format", choices=("hf", "native"), required=True,
-                   help="format of the source directory")
+    p = sub.add_parser(
+        "convert",
+        help="convert Hugging Face <-> native depthjax checkpoints",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("hf", "native"),
+        required=True,
+        help="format of the source directory",
+    )
     p.add_argument("source", metavar="DIR", help="source directory")
     p.add_argument("--to", dest="out", metavar="OUT", required=True, help="output directory")
-    p.add_argument("--to-format", choices=("hf", "native"), default=None,
-                   help="output format (default: the other one)")
-    p.add_argument("--model-type", default=None,
-                   help="HF architecture to write (llama, mistral, qwen2, qwen3, gemma2, "
-                        "gemma3_text, olmo2, phi3, gpt2, bert; default: inferred from the "
-                        "config)")
-    p.add_argument("--zero-gated", action="store_true",
-                   help="export gated-off sublayers as zeroed output weights")
-    p.add_argument("--drop-adapters", action="store_true",
-                   help="export without recovery adapters that cannot be folded exactly "
-                        "(the export then differs from the model)")
+    p.add_argument(
+        "--to-format",
+        choices=("hf", "native"),
+        default=None,
+        help="output format (default: the other one)",
+    )
+    p.add_argument(
+        "--model-type",
+        default=None,
+        help="HF architecture to write (llama, mistral, qwen2, qwen3, gemma2, "
+        "gemma3_text, olmo2, phi3, gpt2, bert; default: inferred from the "
+        "config)",
+    )
+    p.add_argument(
+        "--zero-gated",
+        action="store_true",
+        help="export gated-off sublayers as zeroed output weights",
+    )
+    p.add_argument(
+        "--drop-adapters",
+        action="store_true",
+        help="export without recovery adapters that cannot be folded exactly "
+        "(the export then differs from the model)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")
-    p.add_argument("--ignore-key", action="append", default=[],
-                   help="config.json key to skip knowingly (repeatable)")
+    p.add_argument(
+        "--ignore-key",
+        action="append",
+        default=[],
+        help="config.json key to skip knowingly (repeatable)",
+    )
     p.set_defaults(func=_convert)
-

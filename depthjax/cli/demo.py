@@ -20,11 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import add_quiet_arg
+
 SETTINGS = {  # quick: CI and tests; full: the README's main command
-    "quick": dict(model="llama-tiny", steps=60, batch_size=8, seq_len=128, calib=2, evals=2,
-                  eval_batch=8, permutations=4, rank=8),
-    "full": dict(model="llama-small", steps=300, batch_size=16, seq_len=256, calib=4, evals=8,
-                 eval_batch=16, permutations=8, rank=16),
+    "quick": dict(
+        model="llama-tiny",
+        steps=60,
+        batch_size=8,
+        seq_len=128,
+        calib=2,
+        evals=2,
+        eval_batch=8,
+        permutations=None,
+        rank=8,
+    ),
+    "full": dict(
+        model="llama-small",
+        steps=300,
+        batch_size=16,
+        seq_len=256,
+        calib=4,
+        evals=8,
+        eval_batch=16,
+        permutations=None,
+        rank=16,
+    ),
 }
 
 
@@ -36,57 +56,101 @@ def train_model(out: Path, s: dict, seed: int):
     """Train (or resume) into out/train and return the final model."""
     import depthjax as dj
     from ..train import TrainConfig, run
-    tc = TrainConfig(model=s["model"], steps=s["steps"], batch_size=s["batch_size"],
-                     seq_len=s["seq_len"], seed=seed, lr=3e-3, warmup_steps=max(5, s["steps"] // 10),
-                     log_every=max(1, s["steps"] // 10), checkpoint_every=max(10, s["steps"] // 2),
-                     tensorboard=False)
+
+    tc = TrainConfig(
+        model=s["model"],
+        steps=s["steps"],
+        batch_size=s["batch_size"],
+        seq_len=s["seq_len"],
+        seed=seed,
+        lr=3e-3,
+        warmup_steps=max(5, s["steps"] // 10),
+        log_every=max(1, s["steps"] // 10),
+        checkpoint_every=max(10, s["steps"] // 2),
+        tensorboard=False,
+    )
     run(out / "train", tc)
     return dj.load(out / "train" / "model")
 
 
-def prune_and_recover(model, scores: dict, calib, evals, unit: str, n: int, rank: int,
-                      loss) -> dict[str, dict]:
+def prune_and_recover(
+    model, scores: dict, calib, evals, unit: str, n: int, rank: int, loss
+) -> dict[str, dict]:
     """Validation loss of the pruned and recovered model for each metric's ranking."""
     import depthjax as dj
+    from .. import progress
     from ..prune import choose
+
     rows = {}
-    for name, s in scores.items():
+    for name, s in progress.track(scores.items(), f"prune + recover ({unit})", len(scores)):
         pruned = dj.prune(model, s, n, unit=unit)
         row = {"removed": choose(model, s, n, unit).tolist(), "pruned": loss(pruned)}
         for method in ("bias", "linear"):
-            rec = dj.recover(pruned, model, calib, method=method, rank=rank if method == "linear" else None)
+            rec = dj.recover(
+                pruned, model, calib, method=method, rank=rank if method == "linear" else None
+            )
             row[method] = loss(rec)
         rows[name] = row
-        _log(f"{unit:>5} by {name:<28} removed {row['removed']}: loss {row['pruned']:.4f} -> "
-             f"bias {row['bias']:.4f}, linear {row['linear']:.4f}")
+        _log(
+            f"{unit:>5} by {name:<28} removed {row['removed']}: loss {row['pruned']:.4f} -> "
+            f"bias {row['bias']:.4f}, linear {row['linear']:.4f}"
+        )
     return rows
 
 
 def _markdown(report: dict) -> str:
     r = report
-    lines = [f"# depthjax demo report", "",
-             f"Model: `{r['model']['preset']}` ({r['model']['params']:,} parameters, "
-             f"{r['model']['depth']} steps), trained {r['train']['steps']} steps on Python "
-             f"standard library sources (byte-level). Full-model validation loss: "
-             f"**{r['full_loss']:.4f}** nats/byte.", "",
-             "## Step scores (higher = more important)", "", "```", r["table"], "```", "",
-             "![profiles](profiles.png)", ""]
-    for unit, title in (("block", f"Pruning {r['n_blocks']} of {r['model']['depth']} blocks"),
-                        ("attn", f"Pruning {r['n_attn']} of {r['model']['depth']} attention sublayers")):
-        lines += [f"## {title}", "", "| metric | removed | pruned | + bias | + linear |",
-                  "|---|---|---|---|---|"]
+    lines = [
+        "# depthjax demo report",
+        "",
+        f"Model: `{r['model']['preset']}` ({r['model']['params']:,} parameters, "
+        f"{r['model']['depth']} steps), trained {r['train']['steps']} steps on Python "
+        f"standard library sources (byte-level). Full-model validation loss: "
+        f"**{r['full_loss']:.4f}** nats/byte.",
+        "",
+        "## Step scores (higher = more important)",
+        "",
+        "```",
+        r["table"],
+        "```",
+        "",
+        "![profiles](profiles.png)",
+        "",
+    ]
+    depth = r["model"]["depth"]
+    for unit, title in (
+        ("block", f"Pruning {r['n_blocks']} of {depth} blocks"),
+        ("attn", f"Pruning {r['n_attn']} of {depth} attention sublayers"),
+    ):
+        lines += [
+            f"## {title}",
+            "",
+            "| metric | removed | pruned | + bias | + linear |",
+            "|---|---|---|---|---|",
+        ]
         for name, row in r["pruning"][unit].items():
-            lines.append(f"| {name} | {row['removed']} | {row['pruned']:.4f} | {row['bias']:.4f} | "
-                         f"{row['linear']:.4f} |")
+            lines.append(
+                f"| {name} | {row['removed']} | {row['pruned']:.4f} | {row['bias']:.4f} | "
+                f"{row['linear']:.4f} |"
+            )
         lines.append("")
-    lines += ["## Removal curves", "", "![removal curves](removal_curves.png)", "",
-              "## Recovery", "", "![recovery](recovery.png)", "",
-              f"Total time {r['seconds']:.0f}s on {r['device']}."]
+    lines += [
+        "## Removal curves",
+        "",
+        "![removal curves](removal_curves.png)",
+        "",
+        "## Recovery",
+        "",
+        "![recovery](recovery.png)",
+        "",
+        f"Total time {r['seconds']:.0f}s on {r['device']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def _plot_recovery(pruning: dict, full: float, path) -> None:
     from ..report import pyplot
+
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, (unit, rows) in zip(axes[0], pruning.items()):
@@ -95,8 +159,13 @@ def _plot_recovery(pruning: dict, full: float, path) -> None:
         for j, key in enumerate(("pruned", "bias", "linear")):
             ax.bar(x + (j - 1) * 0.27, [rows[n][key] for n in names], 0.27, label=key)
         ax.axhline(full, color="gray", ls=":", label="full model")
-        ax.set_xticks(x, [n.replace("relative_contribution", "rel_contrib") for n in names],
-                      rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(
+            x,
+            [n.replace("relative_contribution", "rel_contrib") for n in names],
+            rotation=30,
+            ha="right",
+            fontsize=7,
+        )
         ax.set_ylabel("validation loss")
         ax.set_title(f"{unit} pruning and recovery", fontsize=10)
         lo = min(min(r["pruned"], r["bias"], r["linear"]) for r in rows.values())
@@ -108,10 +177,18 @@ def _plot_recovery(pruning: dict, full: float, path) -> None:
 
 
 def run_demo(out, quick: bool = False, seed: int = 0) -> dict:
+    from .. import progress
+
+    with progress.bar("demo", total=5) as stages:
+        return _run_demo(out, quick, seed, stages)
+
+
+def _run_demo(out, quick: bool, seed: int, stages) -> dict:
     import jax
 
     from .. import corpus, metrics as M, report
     from ..metrics.scores import Scores
+
     t0 = time.time()
     s = SETTINGS["quick" if quick else "full"]
     out = Path(out)
@@ -120,50 +197,88 @@ def run_demo(out, quick: bool = False, seed: int = 0) -> dict:
 
     _log(f"1/5 training {s['model']} for {s['steps']} steps")
     model = train_model(out, s, seed)
-    calib = [corpus.sample_windows(s["batch_size"], s["seq_len"], seed=seed + i) for i in range(s["calib"])]
-    evals = [corpus.sample_windows(s["eval_batch"], s["seq_len"], seed=seed + 1000 + i, split="valid")
-             for i in range(s["evals"])]
+    stages.advance()
+    calib = [
+        corpus.sample_windows(s["batch_size"], s["seq_len"], seed=seed + i)
+        for i in range(s["calib"])
+    ]
+    evals = [
+        corpus.sample_windows(s["eval_batch"], s["seq_len"], seed=seed + 1000 + i, split="valid")
+        for i in range(s["evals"])
+    ]
     loss = lambda m: M.loss(m, evals)
     full = loss(model)
     _log(f"trained: {model!r}".splitlines()[0] + f"; validation loss {full:.4f}")
 
     _log("2/5 scoring every step with every metric")
-    scores = report.score_all(model, calib, shapley_permutations=s["permutations"],
-                              key=jax.random.key(seed), progress=lambda m: _log("    " + m))
+    scores = report.score_all(
+        model,
+        calib,
+        shapley_permutations=s["permutations"],
+        key=jax.random.key(seed),
+        log=lambda m: _log("    " + m),
+    )
+    stages.advance()
     rng = np.random.default_rng(seed)
-    block_scores = {**report.importance(scores, "block"),
-                    "random": Scores("random", "block", rng.random(model.depth))}
-    attn_scores = {**report.importance(scores, "attn"),
-                   "random": Scores("random", "attn", rng.random(model.depth))}
+    block_scores = {
+        **report.importance(scores, "block"),
+        "random": Scores("random", "block", rng.random(model.depth)),
+    }
+    attn_scores = {
+        **report.importance(scores, "attn"),
+        "random": Scores("random", "attn", rng.random(model.depth)),
+    }
     table = report.table(scores, "block")
     print(table, flush=True)
 
     n = max(1, model.depth // 4)
     _log(f"3-4/5 pruning {n} blocks / {n} attention sublayers by each metric, recovering")
-    pruning = {"block": prune_and_recover(model, block_scores, calib, evals, "block", n, s["rank"], loss),
-               "attn": prune_and_recover(model, attn_scores, calib, evals, "attn", n, s["rank"], loss)}
+    pruning = {}
+    for unit, unit_scores in (("block", block_scores), ("attn", attn_scores)):
+        pruning[unit] = prune_and_recover(
+            model, unit_scores, calib, evals, unit, n, s["rank"], loss
+        )
+        stages.advance()
+    stages.advance()
 
     _log("5/5 removal curves and report")
     curves = report.removal_curves(model, evals, block_scores, "block")
     res = {
-        "model": {"preset": s["model"], "depth": model.depth, "d_model": model.config.d_model,
-                  "params": int(sum(x.size for x in jax.tree.leaves(model.params)))},
+        "model": {
+            "preset": s["model"],
+            "depth": model.depth,
+            "d_model": model.config.d_model,
+            "params": model.n_params,
+        },
         "train": {"steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"]},
-        "full_loss": full, "n_blocks": n, "n_attn": n, "scores": scores, "table": table,
-        "pruning": pruning, "removal_curves": curves,
+        "full_loss": full,
+        "n_blocks": n,
+        "n_attn": n,
+        "scores": scores,
+        "table": table,
+        "pruning": pruning,
+        "removal_curves": curves,
         "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
     }
     report.plot_profiles(scores, out / "profiles.png", title="step scores (dotted: |residual|)")
-    report.plot_curves(curves, out / "removal_curves.png", xlabel="blocks removed",
-                       ylabel="validation loss", baseline=full,
-                       title="removing blocks in each metric's order")
+    report.plot_curves(
+        curves,
+        out / "removal_curves.png",
+        xlabel="blocks removed",
+        ylabel="validation loss",
+        baseline=full,
+        title="removing blocks in each metric's order",
+    )
     _plot_recovery(pruning, full, out / "recovery.png")
     res["seconds"] = time.time() - t0
     report.write_json(res, out / "report.json")
     (out / "report.md").write_text(_markdown(res))
+    stages.advance()
     _summary(res)
-    _log(f"done in {res['seconds']:.0f}s: {out}/report.md, report.json, profiles.png, "
-         "removal_curves.png, recovery.png")
+    _log(
+        f"done in {res['seconds']:.0f}s: {out}/report.md, report.json, profiles.png, "
+        "removal_curves.png, recovery.png"
+    )
     return res
 
 
@@ -173,15 +288,25 @@ def _summary(res: dict) -> None:
         print(f"\n{unit} pruning ({res['n_' + ('blocks' if unit == 'block' else 'attn')]} removed)")
         print(f"  {'metric':<28} {'removed':<12} {'pruned':>8} {'+bias':>8} {'+linear':>8}")
         for name, row in sorted(rows.items(), key=lambda kv: kv[1]["pruned"]):
-            print(f"  {name:<28} {str(row['removed']):<12} {row['pruned']:>8.4f} "
-                  f"{row['bias']:>8.4f} {row['linear']:>8.4f}")
+            print(
+                f"  {name:<28} {str(row['removed']):<12} {row['pruned']:>8.4f} "
+                f"{row['bias']:>8.4f} {row['linear']:>8.4f}"
+            )
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("demo", help="train, score, prune and recover a small model; write a report",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="train, score, prune and recover a small model; write a report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="about a minute on a CPU (tests, CI)")
-    p.add_argument("--out", default="demo_report", help="report folder (default demo_report/; "
-                   "training resumes from out/train)")
+    p.add_argument(
+        "--out",
+        default="demo_report",
+        help="report folder (default demo_report/; training resumes from out/train)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    add_quiet_arg(p)
     p.set_defaults(func=lambda a: (run_demo(a.out, quick=a.quick, seed=a.seed), 0)[1])

@@ -1,7 +1,7 @@
 """`depthjax depth`: apply a slice spec (or print one) for a native checkpoint.
 
-    depthjax depth --spec variant.yaml --in CKPT --out CKPT [--compact]
-    depthjax depth --in CKPT                    # print the checkpoint's program as a spec
+depthjax depth --spec variant.yaml --in CKPT --out CKPT [--compact]
+depthjax depth --in CKPT                    # print the checkpoint's program as a spec
 """
 
 from __future__ import annotations
@@ -33,13 +33,23 @@ def _depth(args) -> int:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("depth", help="apply a depth spec (layer slices, gates, ties, "
-                       "parallel groups) to a checkpoint, or print a checkpoint's spec",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--in", dest="input", required=True, help="native checkpoint directory "
-                   "(convert a Hugging Face one first: depthjax convert --from hf DIR --to CKPT)")
+    p = sub.add_parser(
+        "depth",
+        help="apply a depth spec (layer slices, gates, ties, "
+        "parallel groups) to a checkpoint, or print a checkpoint's spec",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--in",
+        dest="input",
+        required=True,
+        help="native checkpoint directory "
+        "(convert a Hugging Face one first: depthjax convert --from hf DIR --to CKPT)",
+    )
     p.add_argument("--spec", help="YAML or JSON slice spec (see depthjax.depth.spec)")
     p.add_argument("--out", help="where to write the new checkpoint")
-    p.add_argument("--compact", action="store_true",
-                   help="drop table rows the new program does not use")
+    p.add_argument(
+        "--compact", action="store_true", help="drop table rows the new program does not use"
+    )
     p.set_defaults(func=_depth)

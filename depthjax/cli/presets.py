@@ -5,10 +5,13 @@ from __future__ import annotations
 
 def _presets(args) -> int:
     from .. import presets
+
     for name in presets.names():
         cfg = presets.get(name)
-        print(f"{name:14} {cfg.family:6} d_model={cfg.d_model:<5} layers={cfg.n_layers:<3} "
-              f"heads={cfg.n_heads}/{cfg.n_kv_heads} vocab={cfg.vocab_size}")
+        print(
+            f"{name:14} {cfg.family:6} d_model={cfg.d_model:<5} layers={cfg.n_layers:<3} "
+            f"heads={cfg.n_heads}/{cfg.n_kv_heads} vocab={cfg.vocab_size}"
+        )
     return 0
 
 

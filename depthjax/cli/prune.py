@@ -1,58 +1,117 @@
 """`depthjax prune`: remove the n least important units of a model, optionally recover.
 
     depthjax prune --model DIR --metric block_influence --n 2 [--unit block]
+                   [--data FILES] [--task TASK.jsonl]
                    [--recover bias|linear|lora] [--rank 8] [--lora-steps 100] --out CKPT
 
-Scores and recovery are calibrated on the embedded corpus's train split; the validation
-loss before and after is measured on its validation split.
+Scores and recovery are calibrated on --data (its first 80%) or the embedded corpus's train
+split; the measure before and after (the --task, else the validation loss, or the
+representation cosine for encoders) on the rest. ablation and shapley rank by that measure;
+module_similarity ("What Matters in Transformers?") ranks sublayers.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_data_args, load_with_data
+from .common import UsageError, add_data_args, add_quiet_arg, load_with_data
 
-METRICS = ("block_influence", "angular_distance", "relative_contribution", "ablation", "shapley")
+METRICS = (
+    "block_influence",
+    "angular_distance",
+    "relative_contribution",
+    "module_similarity",
+    "ablation",
+    "shapley",
+    "gate_gradient",
+)
 
 
-def _metric(name: str, unit: str, calib, args):
+def _metric(name: str, unit: str, calib, measure, args):
     """model -> Scores ranking `unit` by metric `name`."""
     import jax
     import numpy as np
 
-    from .. import metrics as M
+    from .. import metrics as M, report
+
     if name in ("block_influence", "angular_distance") and unit != "block":
-        raise UsageError(f"--metric {name} scores whole blocks; use --unit block, or ablation, "
-                         "shapley or relative_contribution for sublayers")
+        raise UsageError(
+            f"--metric {name} scores whole blocks; use --unit block, or ablation, "
+            "shapley, relative_contribution or module_similarity for sublayers"
+        )
+    if name == "module_similarity" and unit != "sublayer":
+        raise UsageError("--metric module_similarity ranks sublayers: use --unit sublayer")
     if name == "relative_contribution":
+
         def contribution(m):
             rc = M.relative_contribution(m, calib)
             if unit != "sublayer":
                 return rc[unit]
-            return M.Scores("relative_contribution", "sublayer",
-                            np.concatenate([rc["attn"].values, rc["mlp"].values]))
+            return M.Scores(
+                "relative_contribution",
+                "sublayer",
+                np.concatenate([rc["attn"].values, rc["mlp"].values]),
+            )
+
         return contribution
-    return {"block_influence": lambda m: M.block_influence(m, calib),
-            "angular_distance": lambda m: M.angular_distance(m, calib),
-            "ablation": lambda m: M.ablation(m, calib, unit=unit),
-            "shapley": lambda m: M.shapley(m, calib, unit=unit, key=jax.random.key(args.seed),
-                                           num_permutations=args.shapley_permutations)}[name]
+    if name == "gate_gradient":  # first-order estimate of each unit's ablation, one backward
+
+        def taylor(m):
+            v = M.gate_gradient(m, calib).values
+            S = m.depth
+            by_unit = {"block": v[:S] + v[S:], "attn": v[:S], "mlp": v[S:], "sublayer": v}
+            return M.Scores("gate_gradient", unit, by_unit[unit])
+
+        return taylor
+    return {
+        "block_influence": lambda m: M.block_influence(m, calib),
+        "angular_distance": lambda m: M.angular_distance(m, calib),
+        "module_similarity": lambda m: M.module_similarity(m, calib),
+        "ablation": lambda m: M.ablation(m, calib, unit=unit, measure=measure),
+        "shapley": lambda m: M.shapley(
+            m,
+            calib,
+            unit=unit,
+            key=jax.random.key(args.seed),
+            num_permutations=report.shapley_permutations_for(m, unit, args.shapley_permutations),
+            measure=measure,
+        ),
+    }[name]
 
 
 def _prune(args) -> int:
+    import numpy as np
+
     import depthjax as dj
-    from .. import checkpoint, metrics as M
-    model, calib, evals = load_with_data(args)
-    metric = _metric(args.metric, args.unit, calib, args)
+    from .. import checkpoint, metrics as M, report
+
+    data = load_with_data(args)
+    model, calib = data.model, data.calib
+    metric = _metric(args.metric, args.unit, calib, data.measure(calib), args)
     scores = None if args.iterative else metric(model)
-    pruned = dj.prune(model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative)
-    loss = lambda m: M.loss(m, evals)
-    print(f"validation loss: full {loss(model):.4f}  pruned {loss(pruned):.4f}", flush=True)
+    pruned = dj.prune(
+        model, scores, args.n, unit=args.unit, metric=metric, iterative=args.iterative
+    )
+    measure = data.measure(data.evals)
+    # Both models are measured against the full model (a representation measure's reference).
+    if hasattr(measure, "reference") and measure.reference is None:
+        measure.reference = model
+    value = lambda m: float(
+        M.coalition_measures(m, data.evals, "block", np.ones((1, m.depth)), measure)[0]
+    )
+    what = report.measure_label(measure)
+    print(f"{what}: full {value(model):.4f}  pruned {value(pruned):.4f}", flush=True)
     if args.recover:
-        pruned = dj.recover(pruned, model, calib, method=args.recover, rank=args.rank,
-                            lora_steps=args.lora_steps, log_every=max(1, args.lora_steps // 10))
-        print(f"validation loss after {args.recover} recovery: {loss(pruned):.4f}")
+        pruned = dj.recover(
+            pruned,
+            model,
+            calib,
+            method=args.recover,
+            rank=args.rank,
+            lora_steps=args.lora_steps,
+            log_every=max(1, args.lora_steps // 10),
+        )
+        print(f"{what} after {args.recover} recovery: {value(pruned):.4f}")
     print(pruned.program)
     checkpoint.save(pruned, args.out)
     print(f"wrote {args.out}")
@@ -60,8 +119,12 @@ def _prune(args) -> int:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("prune", help="remove the n least important units, optionally recover",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "prune",
+        help="remove the n least important units, optionally recover",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_args(p)
     p.add_argument("--metric", default="block_influence", choices=METRICS)
     p.add_argument("--n", type=int, required=True, help="units to remove")
@@ -70,6 +133,13 @@ def add_command(sub) -> None:
     p.add_argument("--recover", choices=["bias", "linear", "lora"])
     p.add_argument("--rank", type=int, default=None, help="rank for linear / lora recovery")
     p.add_argument("--lora-steps", type=int, default=100)
-    p.add_argument("--shapley-permutations", type=int, default=8)
+    p.add_argument(
+        "--shapley-permutations",
+        type=int,
+        default=None,
+        help="sampled (antithetic) Shapley permutations; default: exact when the "
+        "2**n coalitions are at most 4096, else 16",
+    )
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    add_quiet_arg(p)
     p.set_defaults(func=_prune)

@@ -12,7 +12,25 @@ from .spec import from_spec, load_spec, to_spec
 from .table import compact, grow, materialize, step_rows
 from .tie import relax, tie, tie_map
 
-__all__ = ["FoldError", "average", "compact", "drop", "drop_sublayers", "fold", "from_spec",
-           "grow", "lines",
-           "load_spec", "materialize", "parallelize", "relax", "reorder", "repeat",
-           "select_steps", "step_rows", "tie", "tie_map", "to_spec"]
+__all__ = [
+    "FoldError",
+    "average",
+    "compact",
+    "drop",
+    "drop_sublayers",
+    "fold",
+    "from_spec",
+    "grow",
+    "lines",
+    "load_spec",
+    "materialize",
+    "parallelize",
+    "relax",
+    "reorder",
+    "repeat",
+    "select_steps",
+    "step_rows",
+    "tie",
+    "tie_map",
+    "to_spec",
+]

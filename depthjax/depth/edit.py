@@ -7,7 +7,7 @@ indexed by position in the current program.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,22 +20,36 @@ from ..program import Program, ProgramError
 def step_list(model: DepthModel, steps, what: str = "steps", *, allow_empty=True) -> np.ndarray:
     """`steps` (an int or ints) as a sorted unique int array, checked against the depth."""
     arr = np.atleast_1d(np.asarray(steps if steps is not None else [], dtype=object))
-    if arr.size and not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                            for s in arr):
+    if arr.size and not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in arr
+    ):
         raise ProgramError(f"{what} must be integers, got {list(arr)}")
     arr = np.asarray(arr, np.int64)
     bad = arr[(arr < 0) | (arr >= model.depth)]
     if bad.size:
-        raise ProgramError(f"{what} {bad.tolist()} out of range: the program has "
-                           f"{model.depth} steps (valid 0..{model.depth - 1})")
+        raise ProgramError(
+            f"{what} {bad.tolist()} out of range: the program has "
+            f"{model.depth} steps (valid 0..{model.depth - 1})"
+        )
     if not allow_empty and not arr.size:
         raise ProgramError(f"{what} is empty")
     return np.unique(arr)
 
 
-def group_ids(parallel) -> jax.Array:
+def group_ids(parallel, xp=jnp) -> jax.Array:
     """Parallel group of every step: a group starts at each step with parallel=False."""
-    return jnp.cumsum(~jnp.asarray(parallel, bool), axis=-1)
+    return xp.cumsum(~xp.asarray(parallel, bool), axis=-1)
+
+
+def selected_parallel(parallel, idx, xp=jnp):
+    """The parallel flags of the steps `idx` (ints) selected from a program with flags
+    `parallel`: a selected step stays in its group only when it directly follows an earlier
+    member of that group in the selection. xp=np for host-side candidate programs."""
+    idx = np.asarray(idx, np.int64)
+    gid = group_ids(parallel, xp)
+    return xp.concatenate(
+        [xp.zeros(1, bool), (gid[idx[1:]] == gid[idx[:-1]]) & xp.asarray(idx[1:] > idx[:-1])]
+    )
 
 
 def select_steps(model: DepthModel, idx: Sequence[int]) -> DepthModel:
@@ -48,11 +62,12 @@ def select_steps(model: DepthModel, idx: Sequence[int]) -> DepthModel:
     if idx.size == 0:
         raise ProgramError("the edit leaves no steps: a model needs at least one")
     prog = model.program
-    gid = group_ids(prog.parallel)
-    parallel = jnp.concatenate([jnp.zeros(1, bool),
-                                (gid[idx[1:]] == gid[idx[:-1]]) & jnp.asarray(idx[1:] > idx[:-1])])
-    program = Program(block=prog.block[idx], attn=prog.attn[idx], mlp=prog.mlp[idx],
-                      parallel=parallel)
+    program = Program(
+        block=prog.block[idx],
+        attn=prog.attn[idx],
+        mlp=prog.mlp[idx],
+        parallel=selected_parallel(prog.parallel, idx),
+    )
     params = dict(model.params)
     if "steps" in params:
         params["steps"] = jax.tree.map(lambda a: a[idx], params["steps"])
@@ -73,8 +88,9 @@ def drop_sublayers(model: DepthModel, attn=(), mlp=()) -> DepthModel:
     a = step_list(model, attn, "attn steps")
     m = step_list(model, mlp, "mlp steps")
     prog = model.program
-    return model.replace(program=prog.replace(attn=prog.attn.at[a].set(0.0),
-                                              mlp=prog.mlp.at[m].set(0.0)))
+    return model.replace(
+        program=prog.replace(attn=prog.attn.at[a].set(0.0), mlp=prog.mlp.at[m].set(0.0))
+    )
 
 
 def repeat(model: DepthModel, steps, times: int) -> DepthModel:

@@ -32,9 +32,11 @@ from ..model import DepthModel
 from ..program import Program, ProgramError
 
 # The leaves that write each sublayer's update, per norm placement (a path prefix in a row).
-_WRITERS = {"pre": {"attn": ("attn", "o"), "mlp": ("mlp", "down")},
-            "peri": {"attn": ("attn_out_norm",), "mlp": ("mlp_out_norm",)},
-            "out": {"attn": ("attn_out_norm",), "mlp": ("mlp_out_norm",)}}
+_WRITERS = {
+    "pre": {"attn": ("attn", "o"), "mlp": ("mlp", "down")},
+    "peri": {"attn": ("attn_out_norm",), "mlp": ("mlp_out_norm",)},
+    "out": {"attn": ("attn_out_norm",), "mlp": ("mlp_out_norm",)},
+}
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -51,8 +53,11 @@ def adapters(model: DepthModel) -> list[tuple[int, jax.Array, jax.Array | None]]
     step order; step == depth is the final adapter (applied before the head)."""
     out = []
     steps = model.params.get("steps") or {}
-    found = [(i, jax.tree.map(lambda a: a[i], steps["adapter"]))
-             for i in range(model.depth)] if "adapter" in steps else []
+    found = (
+        [(i, jax.tree.map(lambda a: a[i], steps["adapter"])) for i in range(model.depth)]
+        if "adapter" in steps
+        else []
+    )
     if "final_adapter" in model.params:
         found.append((model.depth, model.params["final_adapter"]))
     for i, adapter in found:
@@ -66,8 +71,11 @@ def adapters(model: DepthModel) -> list[tuple[int, jax.Array, jax.Array | None]]
 
 
 def adapter_name(model: DepthModel, step: int) -> str:
-    return ("the final adapter (params['final_adapter'])" if step == model.depth else
-            f"the recovery adapter of step {step} (params['steps']['adapter'])")
+    return (
+        "the final adapter (params['final_adapter'])"
+        if step == model.depth
+        else f"the recovery adapter of step {step} (params['steps']['adapter'])"
+    )
 
 
 def check_foldable(model: DepthModel) -> None:
@@ -75,39 +83,51 @@ def check_foldable(model: DepthModel) -> None:
     adapter that `fold` cannot fold exactly."""
     cfg = model.config
     if np.asarray(model.program.parallel).any():
-        raise ProgramError(f"steps {np.flatnonzero(np.asarray(model.program.parallel)).tolist()} "
-                           "run in parallel groups, which a sequential table cannot express")
+        raise ProgramError(
+            f"steps {np.flatnonzero(np.asarray(model.program.parallel)).tolist()} "
+            "run in parallel groups, which a sequential table cannot express"
+        )
     if _placement(cfg) == "post":
         factors = _factors(model)
         for name, factor in factors.items():
             bad = np.flatnonzero(factor != 1)
             if bad.size:
-                raise FoldError(f"{name} of steps {bad.tolist()} is scaled by "
-                                f"{factor[bad].tolist()} (gate x per-step scale); a post-norm "
-                                "model normalizes the stream after each sublayer, so no "
-                                "weights express that")
+                raise FoldError(
+                    f"{name} of steps {bad.tolist()} is scaled by "
+                    f"{factor[bad].tolist()} (gate x per-step scale); a post-norm "
+                    "model normalizes the stream after each sublayer, so no "
+                    "weights express that"
+                )
     for i, _, ab in adapters(model):
         name = adapter_name(model, i)
         if i == 0:
             if cfg.embed_norm:
-                raise FoldError(f"{name} cannot be folded into embeddings that are normalized "
-                                "afterwards (embed_norm)")
+                raise FoldError(
+                    f"{name} cannot be folded into embeddings that are normalized "
+                    "afterwards (embed_norm)"
+                )
             continue
         if ab is not None:
-            raise FoldError(f"{name} has a linear part (a @ b), which no weight of a plain "
-                            "layer expresses exactly: every earlier writer of the stream also "
-                            "feeds the steps in between")
+            raise FoldError(
+                f"{name} has a linear part (a @ b), which no weight of a plain "
+                "layer expresses exactly: every earlier writer of the stream also "
+                "feeds the steps in between"
+            )
         if _placement(cfg) != "pre":
-            raise FoldError(f"{name}: a {cfg.norm_placement}-norm block writes the stream "
-                            "through a norm, so no bias can hold the adapter's bias")
+            raise FoldError(
+                f"{name}: a {cfg.norm_placement}-norm block writes the stream "
+                "through a norm, so no bias can hold the adapter's bias"
+            )
 
 
 def _factors(model: DepthModel) -> dict[str, np.ndarray]:
     """Per-step multiplier of each sublayer's update: its gate times the step's scale."""
     steps = model.params.get("steps") or {}
     scale = np.asarray(steps.get("scale", np.ones(model.depth)), np.float32)
-    return {"attn": np.asarray(model.program.attn, np.float32) * scale,
-            "mlp": np.asarray(model.program.mlp, np.float32) * scale}
+    return {
+        "attn": np.asarray(model.program.attn, np.float32) * scale,
+        "mlp": np.asarray(model.program.mlp, np.float32) * scale,
+    }
 
 
 class Folded:
@@ -121,7 +141,7 @@ class Folded:
         self.block = np.asarray(model.program.block)
         self.factors = _factors(model)
         found = adapters(model)
-        self.late_bias = {i - 1: bias for i, bias, _ in found if i > 0}   # step -> down bias
+        self.late_bias = {i - 1: bias for i, bias, _ in found if i > 0}  # step -> down bias
         self.add_biases = bool(self.late_bias) and not cfg.bias
         if self.add_biases:
             cfg = cfg.replace(bias=True, qkv_bias=True)
@@ -134,27 +154,30 @@ class Folded:
         for i, bias, ab in found:
             if i > 0:
                 continue
-            if cfg.tie_embeddings:   # the head keeps reading the original table
+            if cfg.tie_embeddings:  # the head keeps reading the original table
                 head["out"] = {"kernel": jnp.asarray(embed["tok"]["embedding"]).T}
                 cfg = cfg.replace(tie_embeddings=False)
             if ab is not None:
                 M = jnp.eye(ab.shape[0], dtype=jnp.float32) + ab
                 for kind in ("tok", "pos", "type"):
                     if kind in embed:
-                        embed[kind] = {"embedding": jnp.matmul(embed[kind]["embedding"], M,
-                                                               precision=_HIGHEST)}
+                        embed[kind] = {
+                            "embedding": jnp.matmul(embed[kind]["embedding"], M, precision=_HIGHEST)
+                        }
             es = 1.0 if cfg.embed_scale is None else cfg.embed_scale  # stream = es * tok + ...
             embed["tok"] = {"embedding": embed["tok"]["embedding"] + bias / es}
-        self.config = cfg.replace(n_layers=model.depth,
-                                  layer_types=kinds.take(cfg, model.program.block))
+        self.config = cfg.replace(
+            n_layers=model.depth, layer_types=kinds.take(cfg, model.program.block)
+        )
         self.embed, self.head = embed, head
         self.paths = list(self.table)
         if self.add_biases:
             self.paths += [p for p in self._bias_paths() if p not in self.table]
 
     def _bias_paths(self):
-        return [("attn", n, "bias") for n in ("q", "k", "v", "o")] + \
-               [("mlp", n, "bias") for n in ("gate", "up", "down") if ("mlp", n, "kernel") in self.table]
+        return [("attn", n, "bias") for n in ("q", "k", "v", "o")] + [
+            ("mlp", n, "bias") for n in ("gate", "up", "down") if ("mlp", n, "kernel") in self.table
+        ]
 
     def _zero_bias(self, path):
         cfg = self.model.config
@@ -167,17 +190,17 @@ class Folded:
 
     def shape(self, path: tuple) -> tuple[int, ...]:
         """Shape of one row's leaf at `path`."""
-        return (self.table[path].shape[1:] if path in self.table
-                else self._zero_bias(path).shape)
+        return self.table[path].shape[1:] if path in self.table else self._zero_bias(path).shape
 
     def leaf(self, step: int, path: tuple):
         row = int(self.block[step])
         value = self.table[path][row] if path in self.table else self._zero_bias(path)
-        at_step = lambda flat: {p: flat[p][step] for p in (path, path + ("a",), path + ("b",))
-                                if p in flat}
+        at_step = lambda flat: {
+            p: flat[p][step] for p in (path, path + ("a",), path + ("b",)) if p in flat
+        }
         value = steps_lib.effective_leaf(path, value, at_step(self.delta), at_step(self.lora))
         for name, prefix in _WRITERS.get(_placement(self.model.config), {}).items():
-            if path[:len(prefix)] == prefix and self.factors[name][step] != 1:
+            if path[: len(prefix)] == prefix and self.factors[name][step] != 1:
                 value = value * self.factors[name][step]
         if path == ("mlp", "down", "bias") and step in self.late_bias:
             value = value + self.late_bias[step]
@@ -192,5 +215,6 @@ def fold(model: DepthModel) -> DepthModel:
     f = Folded(model)
     blocks = {p: jnp.stack([f.leaf(i, p) for i in range(model.depth)]) for p in f.paths}
     params = {"embed": f.embed, "blocks": traverse_util.unflatten_dict(blocks), "head": f.head}
-    return model.replace(config=f.config, params=params,
-                         program=Program.create(np.arange(model.depth)))
+    return model.replace(
+        config=f.config, params=params, program=Program.create(np.arange(model.depth))
+    )

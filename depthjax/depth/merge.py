@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,14 @@ def _check_same_table(models: Sequence[DepthModel], what: str) -> None:
             raise ValueError(f"{what}: model {i} has a different parameter tree than model 0")
         for (path, a), b in zip(jax.tree.leaves_with_path(first.params), jax.tree.leaves(m.params)):
             if a.shape != b.shape:
-                raise ValueError(f"{what}: parameter {jax.tree_util.keystr(path)} has shape "
-                                 f"{b.shape} in model {i} but {a.shape} in model 0")
-        if not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(first.program),
-                                                       jax.tree.leaves(m.program))):
+                raise ValueError(
+                    f"{what}: parameter {jax.tree_util.keystr(path)} has shape "
+                    f"{b.shape} in model {i} but {a.shape} in model 0"
+                )
+        if not all(
+            np.array_equal(x, y)
+            for x, y in zip(jax.tree.leaves(first.program), jax.tree.leaves(m.program))
+        ):
             raise ProgramError(f"{what}: model {i} runs a different program than model 0")
 
 
@@ -40,8 +44,9 @@ def average(models: Sequence[DepthModel], weights: Sequence[float] | None = None
     if w.shape != (len(models),) or w.sum() <= 0:
         raise ValueError(f"average: need {len(models)} non-negative weights with a positive sum")
     w = w / w.sum()
-    params = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)),
-                          *[m.params for m in models])
+    params = jax.tree.map(
+        lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *[m.params for m in models]
+    )
     return models[0].replace(params=params)
 
 
@@ -52,12 +57,14 @@ def lines(base: DepthModel, finetuned: DepthModel, alpha: float, beta: float) ->
     (materialize tied models first)."""
     _check_same_table([base, finetuned], "lines")
     L = base.depth
-    lam = alpha + beta * np.arange(L) / max(L - 1, 1)        # [depth]
+    lam = alpha + beta * np.arange(L) / max(L - 1, 1)  # [depth]
     block = np.asarray(base.program.block)
     if len(np.unique(block)) != len(block):
-        raise ProgramError("lines: a table row is run by several steps, so its depth is "
-                           "ambiguous; materialize the model first")
-    row_lam = np.full(base.n_blocks, alpha)                  # rows no step runs: lambda(0)
+        raise ProgramError(
+            "lines: a table row is run by several steps, so its depth is "
+            "ambiguous; materialize the model first"
+        )
+    row_lam = np.full(base.n_blocks, alpha)  # rows no step runs: lambda(0)
     row_lam[block] = lam
 
     def scaled(coef, b, f):
@@ -65,9 +72,12 @@ def lines(base: DepthModel, finetuned: DepthModel, alpha: float, beta: float) ->
         return b + jnp.asarray(coef, b.dtype).reshape(shape) * (f - b)
 
     bp, fp = base.params, finetuned.params
-    params = {"embed": jax.tree.map(lambda b, f: scaled(np.float32(lam[0]), b, f), bp["embed"], fp["embed"]),
-              "blocks": jax.tree.map(lambda b, f: scaled(row_lam, b, f), bp["blocks"], fp["blocks"]),
-              "head": jax.tree.map(lambda b, f: scaled(np.float32(lam[-1]), b, f), bp["head"], fp["head"])}
+    part = lambda name, lam_: jax.tree.map(lambda b, f: scaled(lam_, b, f), bp[name], fp[name])
+    params = {
+        "embed": part("embed", np.float32(lam[0])),
+        "blocks": part("blocks", row_lam),
+        "head": part("head", np.float32(lam[-1])),
+    }
     if "steps" in bp:
         params["steps"] = jax.tree.map(lambda b, f: scaled(lam, b, f), bp["steps"], fp["steps"])
     return base.replace(params=params)

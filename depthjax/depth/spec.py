@@ -35,8 +35,10 @@ def _unknown(keys, known, where):
     for k in keys:
         if k not in known:
             close = difflib.get_close_matches(k, known, n=1)
-            raise ProgramError(f"unknown key {k!r} in {where}"
-                               + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ProgramError(
+                f"unknown key {k!r} in {where}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
 
 
 def load_spec(path) -> dict:
@@ -49,8 +51,11 @@ def load_spec(path) -> dict:
 
 
 def _gates(value, n, name, where):
-    g = np.broadcast_to(np.asarray(1.0 if value is None else value, float), (n,)) \
-        if np.ndim(value) == 0 else np.asarray(value, float)
+    g = (
+        np.broadcast_to(np.asarray(1.0 if value is None else value, float), (n,))
+        if np.ndim(value) == 0
+        else np.asarray(value, float)
+    )
     if g.shape != (n,):
         raise ProgramError(f"{where}: {name} has {g.size} values for {n} steps")
     return g
@@ -59,8 +64,10 @@ def _gates(value, n, name, where):
 def from_spec(model: DepthModel, spec: dict) -> DepthModel:
     """The model running the program that `spec` describes, on the same table."""
     if model.params.get("steps"):
-        raise ProgramError("the model has per-step parameters, which a spec cannot place; "
-                           "apply the spec before relaxing or recovering, or materialize first")
+        raise ProgramError(
+            "the model has per-step parameters, which a spec cannot place; "
+            "apply the spec before relaxing or recovering, or materialize first"
+        )
     _unknown(spec, _TOP_KEYS, "spec")
     slices = spec.get("slices")
     if not isinstance(slices, list) or not slices:
@@ -75,15 +82,23 @@ def from_spec(model: DepthModel, spec: dict) -> DepthModel:
             raise ProgramError(f"{where}: give exactly one of 'layer_range' or 'layers'")
         if "layer_range" in sl:
             r = sl["layer_range"]
-            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)
-                    and r[0] < r[1]):
-                raise ProgramError(f"{where}: layer_range must be [start, stop] with start < stop, got {r!r}")
+            if not (
+                isinstance(r, list)
+                and len(r) == 2
+                and all(isinstance(x, int) for x in r)
+                and r[0] < r[1]
+            ):
+                raise ProgramError(
+                    f"{where}: layer_range must be [start, stop] with start < stop, got {r!r}"
+                )
             rows = list(range(r[0], r[1]))
         else:
             rows = sl["layers"] if isinstance(sl["layers"], list) else [sl["layers"]]
         bad = [r for r in rows if not isinstance(r, int) or not 0 <= r < model.n_blocks]
         if bad:
-            raise ProgramError(f"{where}: rows {bad} are not in the table (0..{model.n_blocks - 1})")
+            raise ProgramError(
+                f"{where}: rows {bad} are not in the table (0..{model.n_blocks - 1})"
+            )
         times = sl.get("repeat", 1)
         if not isinstance(times, int) or times < 1:
             raise ProgramError(f"{where}: repeat must be a positive integer, got {times!r}")
@@ -100,8 +115,11 @@ def from_spec(model: DepthModel, spec: dict) -> DepthModel:
 
 
 def _slice(rows, attn, mlp, par) -> dict:
-    out = ({"layer_range": [rows[0], rows[-1] + 1]} if rows == list(range(rows[0], rows[-1] + 1))
-           else {"layers": rows})
+    out = (
+        {"layer_range": [rows[0], rows[-1] + 1]}
+        if rows == list(range(rows[0], rows[-1] + 1))
+        else {"layers": rows}
+    )
     for name, g in (("attn", attn), ("mlp", mlp)):
         g = [int(x) if float(x).is_integer() else x for x in g]
         if any(x != 1 for x in g):
@@ -131,11 +149,16 @@ def to_spec(model: DepthModel, description: str | None = None) -> dict:
             slices.append(_slice(rows, a, m, True))
             continue
         last = slices[-1] if slices else None
-        if (last and "layer_range" in last and "parallel" not in last
-                and last["layer_range"][1] == rows[0]
-                and last.get("attn", 1) == a[0] and last.get("mlp", 1) == m[0]
-                and not isinstance(last.get("attn", 1), list)
-                and not isinstance(last.get("mlp", 1), list)):
+        if (
+            last
+            and "layer_range" in last
+            and "parallel" not in last
+            and last["layer_range"][1] == rows[0]
+            and last.get("attn", 1) == a[0]
+            and last.get("mlp", 1) == m[0]
+            and not isinstance(last.get("attn", 1), list)
+            and not isinstance(last.get("mlp", 1), list)
+        ):
             last["layer_range"][1] += 1
         else:
             slices.append(_slice(rows, a, m, False))

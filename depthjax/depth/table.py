@@ -31,8 +31,9 @@ def with_table(model: DepthModel, blocks, program, steps=None, *, rows) -> Depth
         params["steps"] = steps
     n = jax.tree.leaves(blocks)[0].shape[0]
     if len(np.asarray(rows).reshape(-1)) != n:
-        raise ValueError(f"with_table: {len(np.asarray(rows).reshape(-1))} source rows for "
-                         f"{n} table rows")
+        raise ValueError(
+            f"with_table: {len(np.asarray(rows).reshape(-1))} source rows for {n} table rows"
+        )
     config = model.config.replace(n_layers=n, layer_types=kinds.take(model.config, rows))
     return model.replace(config=config, params=params, program=program)
 
@@ -63,8 +64,13 @@ def compact(model: DepthModel) -> DepthModel:
     off = np.asarray((prog.attn == 0) & (prog.mlp == 0))
     adapter = (model.params.get("steps") or {}).get("adapter")
     if adapter is not None:  # a gated-off step may still carry a recovery adapter
-        off &= ~np.any([np.any(np.asarray(a).reshape(model.depth, -1) != 0, axis=1)
-                        for a in jax.tree.leaves(adapter)], axis=0)
+        off &= ~np.any(
+            [
+                np.any(np.asarray(a).reshape(model.depth, -1) != 0, axis=1)
+                for a in jax.tree.leaves(adapter)
+            ],
+            axis=0,
+        )
     if off.all():
         raise ProgramError("every step is gated off; compacting would leave no steps")
     if off.any():
@@ -84,7 +90,7 @@ def _zero_output(cfg, row: dict) -> dict:
     if cfg.norm_placement == "peri":
         zero += [("attn_out_norm",), ("mlp_out_norm",)]
     for path in flat:
-        if any(path[:len(z)] == z for z in zero):
+        if any(path[: len(z)] == z for z in zero):
             flat[path] = jnp.zeros_like(flat[path])
     return traverse_util.unflatten_dict(flat)
 
@@ -99,20 +105,24 @@ def grow(model: DepthModel, after: int, init: str = "identity") -> DepthModel:
     if init not in ("identity", "copy"):
         raise ValueError(f"init must be 'identity' or 'copy', got {init!r}")
     if init == "identity" and model.config.norm_placement == "post":
-        raise ProgramError("a post-norm block normalizes the residual stream, so no weights "
-                           "make it an identity; use init='copy' or a pre/peri-norm model")
+        raise ProgramError(
+            "a post-norm block normalizes the residual stream, so no weights "
+            "make it an identity; use init='copy' or a pre/peri-norm model"
+        )
     if not isinstance(after, (int, np.integer)) or not -1 <= after < model.depth:
         raise ProgramError(f"after={after!r} out of range -1..{model.depth - 1}")
     src = max(after, 0)
     if after + 1 < model.depth and bool(model.program.parallel[after + 1]):
-        raise ProgramError(f"cannot insert after step {after}: step {after + 1} is in a "
-                           "parallel group with it")
+        raise ProgramError(
+            f"cannot insert after step {after}: step {after + 1} is in a parallel group with it"
+        )
     # The new row holds what step `src` really runs (its per-step deltas folded in); the
     # new step's own per-step parameters start at zero.
     row = jax.tree.map(lambda t: t[model.program.block[src]], model.params["blocks"])
     steps = model.params.get("steps") or {}
-    row = steps_lib.effective_row(row, {k: jax.tree.map(lambda a: a[src], v)
-                                        for k, v in steps.items() if k in FOLDED})
+    row = steps_lib.effective_row(
+        row, {k: jax.tree.map(lambda a: a[src], v) for k, v in steps.items() if k in FOLDED}
+    )
     if init == "identity":
         row = _zero_output(model.config, row)
     new_id = model.n_blocks
@@ -120,11 +130,19 @@ def grow(model: DepthModel, after: int, init: str = "identity") -> DepthModel:
     prog = model.program
     pos = after + 1
     insert = lambda a, v: jnp.concatenate([a[:pos], jnp.asarray([v], a.dtype), a[pos:]])
-    program = prog.replace(block=insert(prog.block, new_id), attn=insert(prog.attn, 1.0),
-                           mlp=insert(prog.mlp, 1.0), parallel=insert(prog.parallel, False))
+    program = prog.replace(
+        block=insert(prog.block, new_id),
+        attn=insert(prog.attn, 1.0),
+        mlp=insert(prog.mlp, 1.0),
+        parallel=insert(prog.parallel, False),
+    )
     if steps:
-        new = {k: jax.tree.map(lambda a: jnp.ones_like(a[:1]) if k == "scale"
-                               else jnp.zeros_like(a[:1]), v) for k, v in steps.items()}
+
+        def fresh(name, tree):  # the new step's per-step parameters: scale 1, deltas 0
+            fill = jnp.ones_like if name == "scale" else jnp.zeros_like
+            return jax.tree.map(lambda a: fill(a[:1]), tree)
+
+        new = {k: fresh(k, v) for k, v in steps.items()}
         steps = jax.tree.map(lambda a, n: jnp.concatenate([a[:pos], n, a[pos:]]), steps, new)
     source = np.append(np.arange(model.n_blocks), int(model.program.block[src]))
     return with_table(model, blocks, program, steps, rows=source)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -25,16 +26,19 @@ def tie_map(depth: int, n_unique: int, strategy: str) -> np.ndarray:
               must divide depth (use cycle, or drop/grow steps first, otherwise).
     """
     if not isinstance(n_unique, (int, np.integer)) or not 1 <= n_unique <= depth:
-        raise ProgramError(f"n_unique must be an integer in 1..{depth} (the depth being "
-                           f"tied), got {n_unique!r}")
+        raise ProgramError(
+            f"n_unique must be an integer in 1..{depth} (the depth being tied), got {n_unique!r}"
+        )
     i = np.arange(depth)
     if strategy == "cycle":
         return i % n_unique
     if strategy == "sequence":
         if depth % n_unique:
-            raise ProgramError(f"sequence tying needs n_unique to divide the depth: {depth} "
-                               f"steps cannot be split into {n_unique} equal runs "
-                               f"(divisors: {[k for k in range(1, depth + 1) if depth % k == 0]})")
+            raise ProgramError(
+                f"sequence tying needs n_unique to divide the depth: {depth} "
+                f"steps cannot be split into {n_unique} equal runs "
+                f"(divisors: {[k for k in range(1, depth + 1) if depth % k == 0]})"
+            )
         return i // (depth // n_unique)
     raise ValueError(f"strategy must be 'cycle' or 'sequence', got {strategy!r}")
 
@@ -43,8 +47,14 @@ def _is_norm(path: tuple) -> bool:
     return any(str(p).endswith("norm") for p in path)
 
 
-def tie(model: DepthModel, n_unique: int, strategy: str = "cycle", init: str = "stepwise",
-        keep_ends: bool = False, share_norms: bool = True) -> DepthModel:
+def tie(
+    model: DepthModel,
+    n_unique: int,
+    strategy: str = "cycle",
+    init: str = "stepwise",
+    keep_ends: bool = False,
+    share_norms: bool = True,
+) -> DepthModel:
     """Tie the model's steps to `n_unique` shared blocks.
 
     init (how shared block k is made from the steps' current weights):
@@ -60,7 +70,7 @@ def tie(model: DepthModel, n_unique: int, strategy: str = "cycle", init: str = "
     """
     if init not in ("stepwise", "average", "lower"):
         raise ValueError(f"init must be 'stepwise', 'average' or 'lower', got {init!r}")
-    rows = step_rows(model)                                # leaves [depth, ...]
+    rows = step_rows(model)  # leaves [depth, ...]
     depth = model.depth
     mid = np.arange(1, depth - 1) if keep_ends else np.arange(depth)
     if keep_ends and len(mid) < 1:
@@ -75,7 +85,7 @@ def tie(model: DepthModel, n_unique: int, strategy: str = "cycle", init: str = "
     else:
         src = mid[np.argmax(slot[None, :] == np.arange(n_unique)[:, None], axis=1)]
         onehot = jnp.asarray(slot[None, :] == np.arange(n_unique)[:, None], jnp.float32)
-        weights = onehot / onehot.sum(1, keepdims=True)        # [K, M]
+        weights = onehot / onehot.sum(1, keepdims=True)  # [K, M]
         shared = jax.tree.map(lambda r: jnp.tensordot(weights, r[mid], axes=1), rows)
     if keep_ends:
         blocks = jax.tree.map(lambda r, s: jnp.concatenate([r[:1], s, r[-1:]]), rows, shared)
@@ -83,16 +93,18 @@ def tie(model: DepthModel, n_unique: int, strategy: str = "cycle", init: str = "
         src = np.concatenate([[0], src, [depth - 1]])
     else:
         blocks, block = shared, slot
-    old_rows = np.asarray(model.program.block)          # the row each step ran so far
+    old_rows = np.asarray(model.program.block)  # the row each step ran so far
     _warn_changed_kinds(model.config, old_rows, old_rows[src][block])
     program = model.program.replace(block=jnp.asarray(block, jnp.int32))
-    steps = {k: v for k, v in (model.params.get("steps") or {}).items()
-             if k not in ("delta", "lora")}
+    steps = {
+        k: v for k, v in (model.params.get("steps") or {}).items() if k not in ("delta", "lora")
+    }
     if not share_norms:
         flat_rows = traverse_util.flatten_dict(rows)
         flat_blocks = traverse_util.flatten_dict(blocks)
         steps["delta"] = traverse_util.unflatten_dict(
-            {p: flat_rows[p] - flat_blocks[p][block] for p in flat_rows if _is_norm(p)})
+            {p: flat_rows[p] - flat_blocks[p][block] for p in flat_rows if _is_norm(p)}
+        )
     return with_table(model, blocks, program, steps, rows=old_rows[src])
 
 
@@ -100,16 +112,20 @@ def _warn_changed_kinds(cfg, before, after) -> None:
     """Warn when tying makes steps run a row of another attention kind than before."""
     if cfg.layer_types is None:
         return
-    changed = [i for i, (a, b) in enumerate(zip(before, after))
-               if cfg.layer_types[a] != cfg.layer_types[b]]
+    changed = [
+        i for i, (a, b) in enumerate(zip(before, after)) if cfg.layer_types[a] != cfg.layer_types[b]
+    ]
     if changed:
-        warnings.warn(f"tie: steps {changed} now run a shared row of another attention kind "
-                      f"(layer_types {cfg.layer_types!r}: G global, L sliding window)",
-                      stacklevel=3)
+        warnings.warn(
+            f"tie: steps {changed} now run a shared row of another attention kind "
+            f"(layer_types {cfg.layer_types!r}: G global, L sliding window)",
+            stacklevel=3,
+        )
 
 
-def relax(model: DepthModel, original: DepthModel, rank: int | str,
-          vectors: bool = True) -> DepthModel:
+def relax(
+    model: DepthModel, original: DepthModel, rank: int | str, vectors: bool = True
+) -> DepthModel:
     """Per-step LoRA on every projection of `model`'s (shared) blocks, initialized from the
     truncated SVD of (original step weight - shared weight), in params["steps"]["lora"].
 
@@ -119,28 +135,36 @@ def relax(model: DepthModel, original: DepthModel, rank: int | str,
     (params["steps"]["delta"]), which are tiny next to the kernels.
     """
     if original.depth != model.depth:
-        raise ProgramError(f"relax needs programs of equal depth: model has {model.depth} "
-                           f"steps, original has {original.depth}")
-    if original.config.replace(n_layers=model.config.n_layers,
-                               layer_types=model.config.layer_types) != model.config:
+        raise ProgramError(
+            f"relax needs programs of equal depth: model has {model.depth} "
+            f"steps, original has {original.depth}"
+        )
+    if (
+        original.config.replace(
+            n_layers=model.config.n_layers, layer_types=model.config.layer_types
+        )
+        != model.config
+    ):
         raise ValueError("relax: model and original have different configs (beyond n_layers)")
     plain = model.replace(params={k: v for k, v in model.params.items() if k != "steps"})
     have = traverse_util.flatten_dict(step_rows(plain))
     want = traverse_util.flatten_dict(step_rows(original))
     lora, delta = {}, {}
     for path, w in have.items():
-        diff = want[path] - w                              # [depth, ...]
+        diff = want[path] - w  # [depth, ...]
         if path[-1] != "kernel":
             if vectors:
                 delta[path] = diff
             continue
-        mats = jax.vmap(lambda d: steps_lib.to_2d(path, d))(diff)   # [depth, in, out]
+        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(diff)  # [depth, in, out]
         bound = min(mats.shape[1:])
         r = bound if rank == "full" else rank
         if not isinstance(r, (int, np.integer)) or not 1 <= r <= bound:
-            raise ValueError(f"rank={rank!r} is not in 1..{bound}, the rank bound "
-                             f"min(in, out) of {'/'.join(path)} {mats.shape[1:]} "
-                             "(rank='full' takes each kernel's bound)")
+            raise ValueError(
+                f"rank={rank!r} is not in 1..{bound}, the rank bound "
+                f"min(in, out) of {'/'.join(path)} {mats.shape[1:]} "
+                "(rank='full' takes each kernel's bound)"
+            )
         u, s, vt = jnp.linalg.svd(mats, full_matrices=False)
         lora[path + ("a",)] = u[:, :, :r] * s[:, None, :r]
         lora[path + ("b",)] = vt[:, :r]

@@ -13,5 +13,14 @@ from .pooling import mean_pool, pool, sentence_pooling
 from .save import save
 from .tokenizer import load_tokenizer
 
-__all__ = ["HFError", "config_from_hf", "config_to_hf", "load", "load_tokenizer",
-           "mean_pool", "pool", "save", "sentence_pooling"]
+__all__ = [
+    "HFError",
+    "config_from_hf",
+    "config_to_hf",
+    "load",
+    "load_tokenizer",
+    "mean_pool",
+    "pool",
+    "save",
+    "sentence_pooling",
+]

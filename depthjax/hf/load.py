@@ -13,7 +13,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +26,8 @@ from .config import HFError, from_hf
 from .safetensors_files import Checkpoint
 
 Sharding = jax.sharding.Sharding
-ShardingSpec = Sharding | Callable[[tuple[str, ...], tuple[int, ...]], Sharding | None] | dict | None
+ShardingFn = Callable[[tuple[str, ...], tuple[int, ...]], Sharding | None]
+ShardingSpec = Sharding | ShardingFn | dict | None
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -87,25 +89,35 @@ def _check_names(ckpt: Checkpoint, rules, prefix: str, cfg, family: str) -> list
     buffers = extra(tensor_map.BUFFERS.get(family, ()))
     unmodelled = extra(tensor_map.NOT_MODELLED.get(family, ()))
     if cfg.tie_embeddings and family != "bert":
-        buffers.add("lm_head.weight")   # allowed if it equals the embedding (checked later)
+        buffers.add("lm_head.weight")  # allowed if it equals the embedding (checked later)
     names = ckpt.names()
     missing = sorted(expected - names)
     if missing:
-        raise HFError(f"checkpoint {ckpt.directory} is missing {len(missing)} tensor(s) the "
-                      f"config needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise HFError(
+            f"checkpoint {ckpt.directory} is missing {len(missing)} tensor(s) the "
+            f"config needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
     unexpected = sorted(names - expected - buffers - unmodelled)
     if unexpected:
-        raise HFError(f"checkpoint {ckpt.directory} has {len(unexpected)} tensor(s) that "
-                      f"depthjax does not understand for this config: {unexpected[:8]}"
-                      f"{' ...' if len(unexpected) > 8 else ''}")
+        raise HFError(
+            f"checkpoint {ckpt.directory} has {len(unexpected)} tensor(s) that "
+            f"depthjax does not understand for this config: {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
     return sorted(names & unmodelled)
 
 
 _EXECUTION = ("dtype", "remat", "attention_impl")
 
 
-def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
-         progress: bool | None = None, **execution) -> DepthModel:
+def load(
+    path: str,
+    *,
+    shardings: ShardingSpec = None,
+    ignore_keys=(),
+    progress: bool | None = None,
+    **execution,
+) -> DepthModel:
     """Load a local Hugging Face directory (config.json + safetensors) as a DepthModel.
 
     shardings: where each parameter goes -- one `jax.sharding.Sharding` for all, a pytree
@@ -120,8 +132,10 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
     directory = model_directory(path)
     bad = sorted(set(execution) - set(_EXECUTION))
     if bad:
-        raise TypeError(f"load() got unexpected keyword arguments {bad}; the model's shape "
-                        f"comes from config.json, only {_EXECUTION} may be chosen")
+        raise TypeError(
+            f"load() got unexpected keyword arguments {bad}; the model's shape "
+            f"comes from config.json, only {_EXECUTION} may be chosen"
+        )
     cfg, model_type = from_hf(read_config(directory), ignore_keys=ignore_keys)
     cfg = cfg.replace(**execution)
     family = tensor_map.hf_family(model_type)
@@ -129,29 +143,40 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
     rules = tensor_map.rules_for(cfg, model_type)
     with Checkpoint(directory) as ckpt:
         names = ckpt.names()
-        prefix = next((p for p in tensor_map.PREFIXES[family]
-                       if tensor_map.PROBE[family].format(p=p) in names), None)
+        prefix = next(
+            (
+                p
+                for p in tensor_map.PREFIXES[family]
+                if tensor_map.PROBE[family].format(p=p) in names
+            ),
+            None,
+        )
         if prefix is None:
             probes = [tensor_map.PROBE[family].format(p=p) for p in tensor_map.PREFIXES[family]]
-            raise HFError(f"checkpoint {directory} has none of {probes}: not a {model_type} "
-                          "model's weights")
+            raise HFError(
+                f"checkpoint {directory} has none of {probes}: not a {model_type} model's weights"
+            )
         unmodelled = _check_names(ckpt, rules, prefix, cfg, family)
         structs = []
         for rule in rules:
             leaves = [tensor_map.leaf_at(shapes, p) for p in rule.leaves]
-            per_layer = [jax.ShapeDtypeStruct(l.shape[1:] if rule.per_layer else l.shape, l.dtype)
-                         for l in leaves]
+            per_layer = [
+                jax.ShapeDtypeStruct(x.shape[1:] if rule.per_layer else x.shape, x.dtype)
+                for x in leaves
+            ]
             want = tuple(jax.eval_shape(rule.to_hf, *per_layer).shape)
             for name in _names(rule, prefix, cfg.n_layers):
                 if ckpt.shape(name) != want:
-                    raise HFError(f"tensor {name!r} has shape {list(ckpt.shape(name))}, the "
-                                  f"config implies {list(want)}")
+                    raise HFError(
+                        f"tensor {name!r} has shape {list(ckpt.shape(name))}, the "
+                        f"config implies {list(want)}"
+                    )
             structs.append(leaves)
         total = sum(int(np.prod(ckpt.shape(n))) for n in names) * 4
         verbose = total > 256 * 2**20 if progress is None else progress
         params: dict = {}
         for k, (rule, leaves) in enumerate(zip(rules, structs)):
-            stacks = [np.empty(l.shape, np.float32) for l in leaves]
+            stacks = [np.empty(x.shape, np.float32) for x in leaves]
             layers = range(cfg.n_layers) if rule.per_layer else [None]
             for i in layers:
                 pieces = rule.to_ours(ckpt.get(rule.hf_name(prefix, i)))
@@ -165,22 +190,34 @@ def load(path: str, *, shardings: ShardingSpec = None, ignore_keys=(),
                 try:
                     _put(params, leaf_path, jax.device_put(stack, sharding))
                 except ValueError as e:
-                    raise HFError(f"cannot place parameter {'/'.join(leaf_path)} "
-                                  f"{list(stack.shape)} with {sharding}: {e}") from None
+                    raise HFError(
+                        f"cannot place parameter {'/'.join(leaf_path)} "
+                        f"{list(stack.shape)} with {sharding}: {e}"
+                    ) from None
             # transfers are asynchronous and hold their host stack until done: wait, so
             # host memory never holds more than this group's stacks
             jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
             del stacks
             if verbose:
-                print(f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
-                      f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+                print(
+                    f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
+                    f"({time.time() - t0:.1f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if cfg.tie_embeddings and "lm_head.weight" in names and family != "bert":
-            if not np.array_equal(ckpt.get("lm_head.weight"),
-                                  np.asarray(params["embed"]["tok"]["embedding"])):
-                raise HFError("tie_word_embeddings is true but lm_head.weight differs from the "
-                              "token embedding; set tie_word_embeddings=false in config.json")
+            if not np.array_equal(
+                ckpt.get("lm_head.weight"), np.asarray(params["embed"]["tok"]["embedding"])
+            ):
+                raise HFError(
+                    "tie_word_embeddings is true but lm_head.weight differs from the "
+                    "token embedding; set tie_word_embeddings=false in config.json"
+                )
     if unmodelled:
-        warnings.warn(f"ignored {unmodelled}: depthjax's {model_type} model has no such "
-                      "parameters (it returns the last hidden states)", stacklevel=2)
+        warnings.warn(
+            f"ignored {unmodelled}: depthjax's {model_type} model has no such "
+            "parameters (it returns the last hidden states)",
+            stacklevel=2,
+        )
     params.setdefault("head", {})
     return DepthModel(cfg, params, Program.sequential(cfg.n_layers))

@@ -13,8 +13,11 @@ import jax.numpy as jnp
 
 from .config import HFError
 
-_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-          "pooling_mode_max_tokens": "max"}
+_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+}
 
 
 def sentence_pooling(path: str) -> dict | None:
@@ -32,11 +35,16 @@ def sentence_pooling(path: str) -> dict | None:
             with open(os.path.join(path, module["path"], "config.json")) as f:
                 options = json.load(f)
             modes = [mode for key, mode in _MODES.items() if options.get(key)]
-            others = [k for k, v in options.items() if k.startswith("pooling_mode") and v
-                      and k not in _MODES]
+            others = [
+                k
+                for k, v in options.items()
+                if k.startswith("pooling_mode") and v and k not in _MODES
+            ]
             if others or len(modes) != 1:
-                raise HFError(f"unsupported sentence-transformers pooling {options}: exactly "
-                              "one of mean, cls or max tokens is implemented")
+                raise HFError(
+                    f"unsupported sentence-transformers pooling {options}: exactly "
+                    "one of mean, cls or max tokens is implemented"
+                )
             pooling = modes[0]
         elif kind.endswith("Normalize"):
             normalize = True

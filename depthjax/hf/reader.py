@@ -12,15 +12,45 @@ class HFError(ValueError):
 # Keys that do not change the inference forward pass: token ids, dropout, init, caching,
 # labels, task heads' extras and bookkeeping.
 INERT = {
-    "_name_or_path", "architectures", "transformers_version", "model_type", "dtype",
-    "torch_dtype", "id2label", "label2id", "problem_type", "output_attentions",
-    "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
-    "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
-    "decoder_start_token_id", "initializer_range", "attention_dropout", "hidden_dropout_prob",
-    "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-    "classifier_dropout", "summary_type", "summary_use_proj", "summary_activation",
-    "summary_proj_to_labels", "summary_first_dropout", "pretraining_tp", "tokenizer_class",
-    "task_specific_params", "gradient_checkpointing", "cache_implementation", "auto_map",
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "initializer_range",
+    "attention_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "classifier_dropout",
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+    "pretraining_tp",
+    "tokenizer_class",
+    "task_specific_params",
+    "gradient_checkpointing",
+    "cache_implementation",
+    "auto_map",
     # Numerics only: upcasting inside attention changes nothing in float32.
     "reorder_and_upcast_attn",
 }
@@ -58,5 +88,7 @@ def expect(cfg, model_type: str, **wanted) -> None:
     """Raise HFError unless every named ModelConfig field has the wanted value."""
     for key, value in wanted.items():
         if getattr(cfg, key) != value:
-            raise HFError(f"cannot export to {model_type}: it needs {key}={value!r}, the "
-                          f"model has {key}={getattr(cfg, key)!r}")
+            raise HFError(
+                f"cannot export to {model_type}: it needs {key}={value!r}, the "
+                f"model has {key}={getattr(cfg, key)!r}"
+            )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -37,33 +37,43 @@ class Checkpoint:
                 with open(index_path) as f:
                     weight_map = json.load(f)["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
-                raise HFError(f"{index_path} is not a safetensors index with a weight_map: "
-                              f"{e}") from None
-            self.weight_map = {name: os.path.join(directory, file)
-                               for name, file in weight_map.items()}
+                raise HFError(
+                    f"{index_path} is not a safetensors index with a weight_map: {e}"
+                ) from None
+            self.weight_map = {
+                name: os.path.join(directory, file) for name, file in weight_map.items()
+            }
             for name, path in self.weight_map.items():
                 if not os.path.exists(path):
-                    raise HFError(f"{INDEX} puts tensor {name!r} in {os.path.basename(path)}, "
-                                  "which does not exist")
+                    raise HFError(
+                        f"{INDEX} puts tensor {name!r} in {os.path.basename(path)}, "
+                        "which does not exist"
+                    )
         elif os.path.exists(single_path):
             self.weight_map = dict.fromkeys(self._keys_of(single_path), single_path)
         else:
-            others = sorted(f for f in os.listdir(directory)
-                            if f.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack")))
+            others = sorted(
+                f
+                for f in os.listdir(directory)
+                if f.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack"))
+            )
             hint = f" (found {others}; only safetensors are read)" if others else ""
             raise HFError(f"no {SINGLE} or {INDEX} in {directory}{hint}")
         for name, path in self.weight_map.items():
             if name not in self._keys_of(path):
-                raise HFError(f"{INDEX} lists tensor {name!r} in {os.path.basename(path)}, "
-                              "but that file does not contain it")
+                raise HFError(
+                    f"{INDEX} lists tensor {name!r} in {os.path.basename(path)}, "
+                    "but that file does not contain it"
+                )
 
     def _open(self, path: str):
         if path not in self._files:
             try:
                 self._files[path] = self._stack.enter_context(safe_open(path, framework="np"))
             except (SafetensorError, OSError) as e:
-                raise HFError(f"{path} is not a readable safetensors file (corrupt or "
-                              f"truncated?): {e}") from None
+                raise HFError(
+                    f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
+                ) from None
         return self._files[path]
 
     def _keys_of(self, path: str) -> set[str]:
@@ -82,8 +92,9 @@ class Checkpoint:
         try:
             array = self._open(self.weight_map[name]).get_tensor(name)
         except SafetensorError as e:
-            raise HFError(f"cannot read tensor {name!r} from "
-                          f"{os.path.basename(self.weight_map[name])}: {e}") from None
+            raise HFError(
+                f"cannot read tensor {name!r} from {os.path.basename(self.weight_map[name])}: {e}"
+            ) from None
         if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
             raise HFError(f"tensor {name!r} has dtype {array.dtype}, expected floating point")
         return array.astype(np.float32, copy=False)
@@ -109,23 +120,33 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
     return shards + [current]
 
 
-def write(directory: str, items: Iterable[tuple[str, int, Callable[[], np.ndarray]]], *,
-          max_shard_bytes: int, progress: Callable[[str], None] | None = None) -> list[str]:
+def write(
+    directory: str,
+    items: Iterable[tuple[str, int, Callable[[], np.ndarray]]],
+    *,
+    max_shard_bytes: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[str]:
     """Write tensors given as (name, nbytes, make_array) into `directory`, one shard in
     memory at a time. One shard: model.safetensors; more: shards plus the index.
     Returns the file names written."""
     items = list(items)
     plan = _shard_plan([n for _, n, _ in items], max_shard_bytes)
-    files = ([SINGLE] if len(plan) == 1 else
-             [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))])
+    files = (
+        [SINGLE]
+        if len(plan) == 1
+        else [f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors" for k in range(len(plan))]
+    )
     weight_map = {}
     for file, members in zip(files, plan):
         tensors = {items[j][0]: np.ascontiguousarray(items[j][2]()) for j in members}
         save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
         weight_map.update({name: file for name in tensors})
         if progress:
-            progress(f"wrote {file} ({len(tensors)} tensors, "
-                     f"{sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB)")
+            progress(
+                f"wrote {file} ({len(tensors)} tensors, "
+                f"{sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB)"
+            )
         del tensors
     if len(plan) > 1:
         total = sum(n for _, n, _ in items)

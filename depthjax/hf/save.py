@@ -29,8 +29,18 @@ from . import tensor_map
 from .config import HFError, default_model_type, to_hf
 from .safetensors_files import INDEX, write
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from 5_000_000_000, "5GB" or "500MiB"."""
     if isinstance(size, int):
@@ -41,8 +51,9 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def export_plan(model: DepthModel, *, zero_gated: bool = False,
-                drop_adapters: bool = False) -> fold_lib.Folded:
+def export_plan(
+    model: DepthModel, *, zero_gated: bool = False, drop_adapters: bool = False
+) -> fold_lib.Folded:
     """The folded layers of the export (see depthjax.depth.fold). Raises HFError for
     programs and per-step state Hugging Face cannot express."""
     program = model.program
@@ -52,46 +63,70 @@ def export_plan(model: DepthModel, *, zero_gated: bool = False,
     for name, gate in (("attn", np.asarray(program.attn)), ("mlp", np.asarray(program.mlp))):
         off = np.flatnonzero(gate == 0)
         if off.size and not zero_gated:
-            raise HFError(f"{name} is gated off at steps {off.tolist()}, which Hugging Face "
-                          "architectures cannot skip; pass zero_gated=True to export those "
-                          "sublayers with zero output weights")
+            raise HFError(
+                f"{name} is gated off at steps {off.tolist()}, which Hugging Face "
+                "architectures cannot skip; pass zero_gated=True to export those "
+                "sublayers with zero output weights"
+            )
     found = fold_lib.adapters(model)
     if found and drop_adapters:
-        warnings.warn(f"drop_adapters=True: the export leaves out the recovery adapters of "
-                      f"steps {[i for i, _, _ in found]} and differs from this model",
-                      stacklevel=3)
+        warnings.warn(
+            f"drop_adapters=True: the export leaves out the recovery adapters of "
+            f"steps {[i for i, _, _ in found]} and differs from this model",
+            stacklevel=3,
+        )
         params = {k: v for k, v in model.params.items() if k != "final_adapter"}
         if "adapter" in params.get("steps", {}):
             params["steps"] = {k: v for k, v in params["steps"].items() if k != "adapter"}
         model = model.replace(params=params)
     if sorted(set(rows.tolist())) != rows.tolist():
-        warnings.warn(f"program walks the table as {rows.tolist()} (tied, looped or "
-                      f"reordered); the export materializes one private layer per step "
-                      f"({len(rows)} layers)", stacklevel=3)
+        warnings.warn(
+            f"program walks the table as {rows.tolist()} (tied, looped or "
+            f"reordered); the export materializes one private layer per step "
+            f"({len(rows)} layers)",
+            stacklevel=3,
+        )
     try:
         return fold_lib.Folded(model)
     except (fold_lib.FoldError, ProgramError) as e:
-        hint = ("; pass drop_adapters=True (convert --drop-adapters) to export without the "
-                "adapters, knowing the export then differs" if "adapter" in str(e) else "")
+        hint = (
+            "; pass drop_adapters=True (convert --drop-adapters) to export without the "
+            "adapters, knowing the export then differs"
+            if "adapter" in str(e)
+            else ""
+        )
         raise HFError(f"cannot export: {e}{hint}") from None
 
 
 def _prepare_directory(path: str, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
-    ours = [os.path.join(path, "config.json"), os.path.join(path, INDEX),
-            *glob.glob(os.path.join(path, "model*.safetensors"))]
+    ours = [
+        os.path.join(path, "config.json"),
+        os.path.join(path, INDEX),
+        *glob.glob(os.path.join(path, "model*.safetensors")),
+    ]
     existing = [p for p in ours if os.path.exists(p)]
     if existing and not overwrite:
-        raise HFError(f"{path} already holds a checkpoint ({os.path.basename(existing[0])}); "
-                      "pass overwrite=True (convert --overwrite) to replace it")
-    for p in existing:   # stale shards of an earlier save would confuse loaders
+        raise HFError(
+            f"{path} already holds a checkpoint ({os.path.basename(existing[0])}); "
+            "pass overwrite=True (convert --overwrite) to replace it"
+        )
+    for p in existing:  # stale shards of an earlier save would confuse loaders
         os.remove(p)
 
 
-def save(model: DepthModel, path: str, *, model_type: str | None = None,
-         zero_gated: bool = False, drop_adapters: bool = False,
-         max_shard_size: int | str = "5GB", tokenizer=None, overwrite: bool = False,
-         progress: bool | None = None) -> list[str]:
+def save(
+    model: DepthModel,
+    path: str,
+    *,
+    model_type: str | None = None,
+    zero_gated: bool = False,
+    drop_adapters: bool = False,
+    max_shard_size: int | str = "5GB",
+    tokenizer=None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> list[str]:
     """Write `model` to `path` as config.json + safetensors (sharded past max_shard_size).
 
     model_type: one of depthjax.hf.config.MODEL_TYPES (default: inferred from the config).
@@ -105,9 +140,11 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
     folded = export_plan(model, zero_gated=zero_gated, drop_adapters=drop_adapters)
     out_cfg = folded.config
     if out_cfg.bias and not model.config.bias and model_type not in ("llama", "gpt2"):
-        raise HFError(f"cannot export to {model_type}: the recovery adapters' biases fold "
-                      "into MLP biases, which it does not have; export as model_type='llama' "
-                      "(attention_bias / mlp_bias) or pass drop_adapters=True")
+        raise HFError(
+            f"cannot export to {model_type}: the recovery adapters' biases fold "
+            "into MLP biases, which it does not have; export as model_type='llama' "
+            "(attention_bias / mlp_bias) or pass drop_adapters=True"
+        )
     config = to_hf(out_cfg, model_type)
     family = tensor_map.hf_family(model_type)
     prefix = tensor_map.PREFIXES[family][0]
@@ -127,18 +164,22 @@ def save(model: DepthModel, path: str, *, model_type: str | None = None,
     items = []
     n_layers = out_cfg.n_layers
     for rule in tensor_map.rules_for(out_cfg, model_type):
-        for layer in (range(n_layers) if rule.per_layer else [None]):
+        for layer in range(n_layers) if rule.per_layer else [None]:
             structs = [jax.ShapeDtypeStruct(shape(p, layer), np.float32) for p in rule.leaves]
             nbytes = int(np.prod(jax.eval_shape(rule.to_hf, *structs).shape)) * 4
-            make = (lambda rule=rule, layer=layer:
-                    rule.to_hf(*(leaf(p, layer) for p in rule.leaves)).astype(np.float32))
+            make = lambda rule=rule, layer=layer: rule.to_hf(
+                *(leaf(p, layer) for p in rule.leaves)
+            ).astype(np.float32)
             items.append((rule.hf_name(prefix, layer), nbytes, make))
     verbose = sum(n for _, n, _ in items) > 256 * 2**20 if progress is None else progress
-    report = (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
+    report = (
+        (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    files = ["config.json"] + write(path, items, max_shard_bytes=parse_size(max_shard_size),
-                                    progress=report)
+    files = ["config.json"] + write(
+        path, items, max_shard_bytes=parse_size(max_shard_size), progress=report
+    )
     if tokenizer is not None:
         tokenizer.save(os.path.join(path, "tokenizer.json"))
         files.append("tokenizer.json")

@@ -2,20 +2,56 @@
 iterable of arrays or of {"tokens", "mask"} dicts) and accumulates on device.
 
 Trace metrics read one traced forward (block_influence, angular_distance,
-relative_contribution, residual_norm; trace_metrics returns all of them from one pass);
+relative_contribution, module_similarity, residual_norm; trace_metrics returns all of them
+from one pass);
 coalition metrics evaluate programs with units switched off through one compiled
-function (ablation, shapley, present_minus_absent, removal_curve).
+function (ablation, shapley, present_minus_absent, removal_curve); gate metrics
+differentiate the loss with respect to the sublayer gates (gate_gradient,
+gate_interactions).
 """
 
 from .batches import as_batches
-from .coalitions import (ablation, coalition_measures, loss, present_minus_absent, removal_curve,
-                         shapley)
+from .coalitions import (
+    ablation,
+    coalition_measures,
+    loss,
+    present_minus_absent,
+    removal_curve,
+    shapley,
+)
+from .gates import gate_derivatives, gate_gradient, gate_interactions, taylor_estimate
 from .lens import logit_lens, skip_effect
 from .scores import Scores
-from .trace import (angular_distance, block_influence, relative_contribution, residual_norm,
-                    trace_metrics, trace_statistics)
+from .trace import (
+    angular_distance,
+    block_influence,
+    module_similarity,
+    relative_contribution,
+    residual_norm,
+    trace_metrics,
+    trace_statistics,
+)
 
-__all__ = ["Scores", "ablation", "angular_distance", "as_batches", "block_influence",
-           "coalition_measures", "logit_lens", "loss", "present_minus_absent", "relative_contribution",
-           "removal_curve", "residual_norm", "shapley", "skip_effect", "trace_metrics",
-           "trace_statistics"]
+__all__ = [
+    "Scores",
+    "ablation",
+    "angular_distance",
+    "as_batches",
+    "block_influence",
+    "coalition_measures",
+    "gate_derivatives",
+    "gate_gradient",
+    "gate_interactions",
+    "logit_lens",
+    "loss",
+    "module_similarity",
+    "present_minus_absent",
+    "relative_contribution",
+    "removal_curve",
+    "residual_norm",
+    "shapley",
+    "skip_effect",
+    "taylor_estimate",
+    "trace_metrics",
+    "trace_statistics",
+]

@@ -1,17 +1,17 @@
-"""Batches for metrics: normalization of user input and the next-token loss sums."""
+"""Batches for metrics: normalization of user input (the loss itself is depthjax.loss)."""
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 class Batch(NamedTuple):
-    tokens: np.ndarray        # int32 [B, T]
-    mask: np.ndarray          # float32 [B, T], 1 for real tokens
+    tokens: np.ndarray  # int32 [B, T]
+    mask: np.ndarray  # float32 [B, T], 1 for real tokens
 
 
 def as_batches(batches) -> list[Batch]:
@@ -26,8 +26,10 @@ def as_batches(batches) -> list[Batch]:
             raise ValueError(f"batch {i} has no 'tokens'")
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"batch {i}: tokens must be an int array [batch, time], got "
-                             f"{tokens.dtype} {tokens.shape}")
+            raise ValueError(
+                f"batch {i}: tokens must be an int array [batch, time], got "
+                f"{tokens.dtype} {tokens.shape}"
+            )
         mask = np.ones(tokens.shape, np.float32) if mask is None else np.asarray(mask, np.float32)
         if mask.shape != tokens.shape:
             raise ValueError(f"batch {i}: mask shape {mask.shape} != tokens shape {tokens.shape}")
@@ -37,18 +39,3 @@ def as_batches(batches) -> list[Batch]:
     if not out:
         raise ValueError("no batches: metrics need at least one batch of tokens")
     return out
-
-
-def nll_sums(logits_BTV, tokens_BT, mask_BT):
-    """(sum of next-token negative log-likelihoods, number of predicted tokens): position t
-    predicts token t+1 where both are real."""
-    w = mask_BT[:, 1:] * mask_BT[:, :-1]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1].astype(jnp.float32),
-                                                          tokens_BT[:, 1:])
-    return jnp.sum(nll * w), jnp.sum(w)
-
-
-def require_causal(model, what: str) -> None:
-    if not model.config.causal:
-        raise ValueError(f"{what} uses the next-token loss, which a bidirectional "
-                         f"{model.config.family} encoder does not define; use measure='logit'")

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import progress
+from ..loss import nll_sums, require_causal
 from ..model import DepthModel, Head, apply
-from .batches import as_batches, nll_sums, require_causal
+from .batches import as_batches
 from .scores import Scores
 
 _EPS = 1e-12
@@ -32,7 +34,7 @@ def _lens_sums(model: DepthModel, tokens_BT, mask_BT):
         nll, n = nll_sums(logits, tokens_BT, mask_BT)
         return nll, n, jnp.sum(_kl(final, logits) * mask_BT)
 
-    nll, n, kl = jax.lax.map(decode, tr.residual)            # [S+1] each
+    nll, n, kl = jax.lax.map(decode, tr.residual)  # [S+1] each
     return nll, n, kl, jnp.sum(mask_BT)
 
 
@@ -41,11 +43,10 @@ def logit_lens(model: DepthModel, batches) -> Scores:
     extra["kl"] is the mean KL(final distribution || lens distribution) per token."""
     require_causal(model, "logit_lens")
     nll = n = kl = tokens = 0.0
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), "logit lens"):
         a, c, k, t = _lens_sums(model, b.tokens, b.mask)
         nll, n, kl, tokens = nll + a, n + c, kl + k, tokens + t
-    return Scores("logit_lens_loss", "span", np.asarray(nll / n),
-                  {"kl": np.asarray(kl / tokens)})
+    return Scores("logit_lens_loss", "span", np.asarray(nll / n), {"kl": np.asarray(kl / tokens)})
 
 
 @jax.jit
@@ -58,13 +59,17 @@ def _skip_sums(model: DepthModel, tokens_BT, mask_BT):
     def skip(s):
         prog = model.program
         off = jnp.arange(S) == s
-        program = prog.replace(attn=jnp.where(off, 0.0, prog.attn), mlp=jnp.where(off, 0.0, prog.mlp))
+        program = prog.replace(
+            attn=jnp.where(off, 0.0, prog.attn), mlp=jnp.where(off, 0.0, prog.mlp)
+        )
         logits, t = apply(model.replace(program=program), tokens_BT, mask=mask_BT, trace=True)
         u = (t.attn_out + t.mlp_out).astype(jnp.float32)
-        rel = jnp.linalg.norm(u - u_full, axis=-1) / jnp.maximum(jnp.linalg.norm(u_full, axis=-1), _EPS)
+        rel = jnp.linalg.norm(u - u_full, axis=-1) / jnp.maximum(
+            jnp.linalg.norm(u_full, axis=-1), _EPS
+        )
         return jnp.sum(rel * w, axis=(-2, -1)), jnp.sum(_kl(full, logits) * w)
 
-    rel, kl = jax.lax.map(skip, jnp.arange(S))               # [S, S], [S]
+    rel, kl = jax.lax.map(skip, jnp.arange(S))  # [S, S], [S]
     return rel, kl, jnp.sum(w)
 
 
@@ -73,7 +78,7 @@ def skip_effect(model: DepthModel, batches) -> dict[str, np.ndarray]:
     change |u_j(skip s) - u_j| / |u_j| of every later step's update (NaN for j <= s), and
     "output_kl"[s], the mean KL(full || skipped) of the output distribution."""
     rel = kl = tokens = 0.0
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), "skip effect"):
         r, k, t = _skip_sums(model, b.tokens, b.mask)
         rel, kl, tokens = rel + r, kl + k, tokens + t
     rel = np.asarray(rel / tokens, np.float64)

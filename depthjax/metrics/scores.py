@@ -36,5 +36,9 @@ class Scores:
         return np.argsort(self.values, kind="stable")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "unit": self.unit, "values": self.values.tolist(),
-                **{k: np.asarray(v).tolist() for k, v in self.extra.items()}}
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "values": self.values.tolist(),
+            **{k: np.asarray(v).tolist() for k, v in self.extra.items()},
+        }

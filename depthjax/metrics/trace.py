@@ -1,5 +1,6 @@
 """Metrics read from one traced forward: block influence (ShortGPT), angular distance
-(Gromov et al.), relative contribution (Csordás et al.) and the residual norm.
+(Gromov et al.), relative contribution (Csordás et al.), module similarity ("What Matters
+in Transformers?", He et al.) and the residual norm.
 
 `trace_statistics` runs one compiled forward per batch and accumulates every sum on
 device; each metric is a view of those sums, and `trace_metrics` returns them all.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import progress
 from ..model import DepthModel, apply
 from .batches import as_batches
 from .scores import Scores
@@ -51,35 +53,44 @@ def last_real_index(mask_BT):
 @jax.jit
 def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
     _, tr = apply(model, tokens_BT, mask=mask_BT, trace=True)
-    res = tr.residual.astype(jnp.float32)                    # [S+1, B, T, D]
+    res = tr.residual.astype(jnp.float32)  # [S+1, B, T, D]
     u_attn, u_mlp = tr.attn_out.astype(jnp.float32), tr.mlp_out.astype(jnp.float32)
     x_in, h = res[:-1], res[:-1] + u_attn
     w = mask_BT.astype(jnp.float32)
-    tok_sum = lambda v: jnp.sum(v * w, axis=(-2, -1))        # [..., B, T] -> [...]
-    last = res[:, jnp.arange(res.shape[1]), last_real_index(mask_BT)]   # [S+1, B, D]
-    ang = angle(last[:, None], last[None, :]) / jnp.pi      # [S+1, S+1, B]
+    tok_sum = lambda v: jnp.sum(v * w, axis=(-2, -1))  # [..., B, T] -> [...]
+    last = res[:, jnp.arange(res.shape[1]), last_real_index(mask_BT)]  # [S+1, B, D]
+    ang = angle(last[:, None], last[None, :]) / jnp.pi  # [S+1, S+1, B]
     return {
-        "tokens": jnp.sum(w), "rows": jnp.asarray(res.shape[1], jnp.float32),
+        "tokens": jnp.sum(w),
+        "rows": jnp.asarray(res.shape[1], jnp.float32),
         "residual_norm": tok_sum(jnp.linalg.norm(res, axis=-1)),
         "block_influence": tok_sum(one_minus_cos(res[:-1], res[1:])),
         "angular": jnp.sum(ang, axis=-1),
-        "ratio_attn": tok_sum(_ratio(u_attn, x_in)), "ratio_mlp": tok_sum(_ratio(u_mlp, h)),
+        "ratio_attn": tok_sum(_ratio(u_attn, x_in)),
+        "ratio_mlp": tok_sum(_ratio(u_mlp, h)),
         "ratio_block": tok_sum(_ratio(u_attn + u_mlp, x_in)),
         "cos_attn": tok_sum(cos(u_attn, x_in) * (jnp.linalg.norm(u_attn, axis=-1) > 0)),
         "cos_mlp": tok_sum(cos(u_mlp, h) * (jnp.linalg.norm(u_mlp, axis=-1) > 0)),
-        "cos_block": tok_sum(cos(u_attn + u_mlp, x_in) * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)),
+        "cos_block": tok_sum(
+            cos(u_attn + u_mlp, x_in) * (jnp.linalg.norm(u_attn + u_mlp, axis=-1) > 0)
+        ),
+        # module similarity: 1 - cos(sublayer input, sublayer output), residual included
+        "module_attn": tok_sum(one_minus_cos(x_in, h)),
+        "module_mlp": tok_sum(one_minus_cos(h, h + u_mlp)),
     }
 
 
 def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
     """Means over real tokens (rows, for the last-token angular matrix) of every trace sum."""
     total = None
-    for b in as_batches(batches):
+    for b in progress.track(as_batches(batches), "trace metrics"):
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
-    out = {k: v / total["tokens"] for k, v in total.items() if k not in ("tokens", "rows", "angular")}
-    out["angular"] = total["angular"] / total["rows"]       # [S+1, S+1]
+    out = {
+        k: v / total["tokens"] for k, v in total.items() if k not in ("tokens", "rows", "angular")
+    }
+    out["angular"] = total["angular"] / total["rows"]  # [S+1, S+1]
     return out
 
 
@@ -92,8 +103,12 @@ def _from_stats(stats, name, span=1):
         if not isinstance(span, (int, np.integer)) or not 1 <= span <= S:
             raise ValueError(f"span must be an integer in 1..{S} (the depth), got {span!r}")
         d = np.array([stats["angular"][i, i + span] for i in range(S - span + 1)])
-        return Scores(name, "block" if span == 1 else "span", d,
-                      {**norm, "span": span, "best_start": int(np.argmin(d))})
+        return Scores(
+            name,
+            "block" if span == 1 else "span",
+            d,
+            {**norm, "span": span, "best_start": int(np.argmin(d))},
+        )
     raise KeyError(name)
 
 
@@ -116,9 +131,31 @@ def relative_contribution(model: DepthModel, batches) -> dict[str, Scores]:
 
 def _contributions(stats) -> dict[str, Scores]:
     norm = stats["residual_norm"]
-    return {u: Scores(f"relative_contribution_{u}", u, stats[f"ratio_{u}"],
-                      {"cos": stats[f"cos_{u}"], "residual_norm": norm})
-            for u in ("attn", "mlp", "block")}
+    return {
+        u: Scores(
+            f"relative_contribution_{u}",
+            u,
+            stats[f"ratio_{u}"],
+            {"cos": stats[f"cos_{u}"], "residual_norm": norm},
+        )
+        for u in ("attn", "mlp", "block")
+    }
+
+
+def _module_similarity(stats) -> Scores:
+    return Scores(
+        "module_similarity",
+        "sublayer",
+        np.concatenate([stats["module_attn"], stats["module_mlp"]]),
+        {"residual_norm": stats["residual_norm"]},
+    )
+
+
+def module_similarity(model: DepthModel, batches) -> Scores:
+    """ "What Matters in Transformers?": 1 - mean cos(X, Y) over real tokens of each
+    sublayer's input X and output Y (the residual after its update), for the attention
+    sublayers of steps 0..S-1 then the MLPs: unit "sublayer", for prune(unit="sublayer")."""
+    return _module_similarity(trace_statistics(model, batches))
 
 
 def residual_norm(model: DepthModel, batches) -> np.ndarray:
@@ -129,7 +166,10 @@ def residual_norm(model: DepthModel, batches) -> np.ndarray:
 def trace_metrics(model: DepthModel, batches, span: int = 1) -> dict[str, Scores]:
     """Every trace metric from one pass over the batches."""
     stats = trace_statistics(model, batches)
-    out = {"block_influence": _from_stats(stats, "block_influence"),
-           "angular_distance": _from_stats(stats, "angular_distance", span)}
+    out = {
+        "block_influence": _from_stats(stats, "block_influence"),
+        "angular_distance": _from_stats(stats, "angular_distance", span),
+    }
     out.update({f"relative_contribution_{k}": v for k, v in _contributions(stats).items()})
+    out["module_similarity"] = _module_similarity(stats)
     return out

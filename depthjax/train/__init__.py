@@ -6,6 +6,7 @@
     checkpoints  TrainCheckpoints: the run's orbax checkpoints (state, data iterator, meta)
     logs         RunLog: metrics.jsonl, TensorBoard events, console lines
     flops        FLOPs per token and accelerator peaks (MFU)
+    layerskip    LayerSkip: layer dropout and early-exit losses (early-exit training)
 
 Names resolve lazily so that `depthjax train --help` does not import the data stack.
 """
@@ -15,11 +16,22 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "TrainConfig": "config", "MeshConfig": "config", "TrainConfigError": "config",
-    "parse": "config", "help_text": "config",
-    "TrainState": "step", "optimizer": "step", "learning_rate": "step", "train_step": "step",
-    "run": "loop", "NonFiniteLossError": "loop", "maybe_initialize_distributed": "loop",
-    "TrainCheckpoints": "checkpoints", "RunLog": "logs",
+    "TrainConfig": "config",
+    "MeshConfig": "config",
+    "TrainConfigError": "config",
+    "parse": "config",
+    "help_text": "config",
+    "TrainState": "step",
+    "optimizer": "step",
+    "learning_rate": "step",
+    "train_step": "step",
+    "run": "loop",
+    "NonFiniteLossError": "loop",
+    "maybe_initialize_distributed": "loop",
+    "TrainCheckpoints": "checkpoints",
+    "RunLog": "logs",
+    "LayerSkip": "layerskip",
+    "LayerSkipError": "layerskip",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,18 +26,28 @@ class TrainCheckpoints:
     def __init__(self, directory: Path, tc: TrainConfig):
         self.directory = directory
         self.options = ocp.CheckpointManagerOptions(
-            max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=tc.async_checkpoint,
-            cleanup_tmp_directories=True, create=True)
+            max_to_keep=tc.keep_checkpoints,
+            enable_async_checkpointing=tc.async_checkpoint,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
         self._open()
 
     def _open(self):
-        self.manager = ocp.CheckpointManager(self.directory, options=self.options,
-                                             item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=self.options, item_names=("state", "data", "meta")
+        )
 
     def save(self, step: int, state: TrainState, data_state: dict, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
         if os.environ.get("DEPTHJAX_TEST_KILL_IN_SAVE") == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for tests: die mid-save
 
@@ -45,21 +55,29 @@ class TrainCheckpoints:
         """(step, state, data_state, meta) of the newest checkpoint that restores, or None."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                r = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                r = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
                 return step, r.state, r.data, r.meta
             except Exception as e:  # any failure to read means this checkpoint is unusable
-                msg = (f"checkpoint {step} in {self.directory} cannot be restored "
-                       f"({type(e).__name__}: {str(e)[:200]}); moving it aside and trying "
-                       "an older one")
+                msg = (
+                    f"checkpoint {step} in {self.directory} cannot be restored "
+                    f"({type(e).__name__}: {str(e)[:200]}); moving it aside and trying "
+                    "an older one"
+                )
                 warnings.warn(msg, stacklevel=2)
                 log.message("WARNING: " + msg)
                 if jax.process_index() == 0:
                     aside = self.directory.parent / "checkpoints_corrupt"
                     aside.mkdir(exist_ok=True)
-                    shutil.move(str(self.directory / str(step)),
-                                str(aside / f"{step}-{time.time():.0f}"))
+                    shutil.move(
+                        str(self.directory / str(step)), str(aside / f"{step}-{time.time():.0f}")
+                    )
                 self.manager.close()
                 self._open()
         return None

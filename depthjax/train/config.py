@@ -25,8 +25,9 @@ class TrainConfigError(ValueError):
 
 def _key(default, help: str, **kw):
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata={"help": help, **kw})
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **kw}
+        )
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -41,13 +42,23 @@ class MeshConfig:
 class TrainConfig:
     # model
     model: str = _key("llama-tiny", "preset name (see `depthjax presets`)")
-    model_overrides: dict = _key({}, "ModelConfig fields set as model.FIELD=VALUE, e.g. "
-                                     "model.n_layers=8 model.dtype=bfloat16 model.remat=dots",
-                                 cli="model.FIELD")
-    init_from: str | None = _key(None, "start from a dj.save checkpoint directory (its config, "
-                                       "program and params) instead of a random init")
-    trainable: str = _key(".*", "regex on parameter paths ('blocks/attn/q/kernel'); only "
-                                "matching leaves are trained, the rest stay frozen")
+    model_overrides: dict = _key(
+        {},
+        "ModelConfig fields set as model.FIELD=VALUE, e.g. "
+        "model.n_layers=8 model.dtype=bfloat16 model.remat=dots",
+        cli="model.FIELD",
+    )
+    init_from: str | None = _key(
+        None,
+        "start from a checkpoint directory, native (dj.save) or "
+        "Hugging Face, with its config, program and params, "
+        "instead of a random init (continued pretraining)",
+    )
+    trainable: str = _key(
+        ".*",
+        "regex on parameter paths ('blocks/attn/q/kernel'); only "
+        "matching leaves are trained, the rest stay frozen",
+    )
     # schedule and optimizer
     steps: int = _key(200, "optimizer steps in total")
     batch_size: int = _key(16, "sequences per optimizer step (global, all processes)")
@@ -62,16 +73,64 @@ class TrainConfig:
     b2: float = _key(0.95, "AdamW beta2")
     eps: float = _key(1e-8, "AdamW epsilon")
     clip_norm: float = _key(1.0, "clip gradients to this global norm (0: off)")
-    nan_policy: str = _key("stop", "non-finite loss or gradient: 'stop' the run (last good "
-                                   "checkpoint kept) or 'skip' the update", choices=("stop", "skip"))
+    nan_policy: str = _key(
+        "stop",
+        "non-finite loss or gradient: 'stop' the run (last good "
+        "checkpoint kept) or 'skip' the update",
+        choices=("stop", "skip"),
+    )
+    # early exit (LayerSkip; see depthjax.train.layerskip)
+    layer_dropout: float = _key(
+        0.0,
+        "layer dropout: drop rate p_max of the last step; step l "
+        "drops per sequence with p_max * D(l) * S(t)",
+    )
+    layer_dropout_depth: str = _key(
+        "exp",
+        "D(l) over depth: 'exp' (2^(l/(L-1)) - 1), 'linear' (l/(L-1)) or 'uniform' (1)",
+        choices=("exp", "linear", "uniform"),
+    )
+    layer_dropout_schedule: str = _key(
+        "constant",
+        "S(t) over training steps: 'constant' (1), 'linear' (0 -> 1) or 'exp' (2^(t/(T-1)) - 1)",
+        choices=("constant", "linear", "exp"),
+    )
+    exit_steps: list = _key(
+        [],
+        "early-exit losses: decode residual[k] (after step k-1) with "
+        "the shared final norm and head, for each k (e.g. 2,4) or 'all'",
+    )
+    exit_weights: list = _key(
+        [],
+        "weight of each exit's loss, the final output's being 1 "
+        "(one value: every exit; default 1); the objective is "
+        "normalized by their sum",
+    )
+    exit_curriculum: str = _key(
+        "none",
+        "which exits are on at step t: 'none' (all), "
+        "'rotational' (exit i when i % exit_rotation == t % "
+        "exit_rotation) or 'gradual' (deepest first)",
+        choices=("none", "rotational", "gradual"),
+    )
+    exit_rotation: int = _key(2, "rotational curriculum period")
+    exit_curriculum_steps: int = _key(
+        0, "gradual curriculum: steps until every exit is on (0: steps)"
+    )
     # parallelism
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig, metadata={"help": ""})
-    distributed: str = _key("auto", "call jax.distributed.initialize(): 'auto' (when a "
-                                    "multi-process launch is detected), 'on' or 'off'",
-                            choices=("auto", "on", "off"))
+    distributed: str = _key(
+        "auto",
+        "call jax.distributed.initialize(): 'auto' (when a "
+        "multi-process launch is detected), 'on' or 'off'",
+        choices=("auto", "on", "off"),
+    )
     # data
-    data: str = _key("stdlib", "'stdlib' (embedded Python sources), 'files' (data_files) or "
-                               "'tfds' (tfds_name)", choices=("stdlib", "files", "tfds"))
+    data: str = _key(
+        "stdlib",
+        "'stdlib' (embedded Python sources), 'files' (data_files) or 'tfds' (tfds_name)",
+        choices=("stdlib", "files", "tfds"),
+    )
     data_files: list = _key([], "text/JSONL files, globs or directories for data=files")
     text_key: str = _key("text", "field holding the text in JSONL lines / TFDS records")
     tfds_name: str | None = _key(None, "TFDS dataset name for data=tfds (e.g. 'imdb_reviews')")
@@ -88,26 +147,72 @@ class TrainConfig:
     async_checkpoint: bool = _key(True, "write checkpoints in the background")
     log_every: int = _key(1, "append to metrics.jsonl every N steps")
     tensorboard: bool = _key(True, "write TensorBoard event files to DIR/tensorboard")
-    peak_tflops: float | None = _key(None, "peak TFLOP/s per device for MFU where the device "
-                                           "is not in the built-in table (CPU: mfu is null)")
+    peak_tflops: float | None = _key(
+        None,
+        "peak TFLOP/s per device for MFU where the device "
+        "is not in the built-in table (CPU: mfu is null)",
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise TrainConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {choices}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every",
-                     "checkpoint_every", "keep_checkpoints", "eval_batches"):
+                raise TrainConfigError(
+                    f"{f.name}={getattr(self, f.name)!r} is not one of {choices}"
+                )
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batches",
+        ):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
-            raise TrainConfigError(f"batch_size={self.batch_size} is not divisible by "
-                                   f"grad_accum={self.grad_accum}")
+            raise TrainConfigError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise TrainConfigError("warmup_steps and eval_every must be >= 0")
+        self._normalize_exits()
+        if not 0.0 <= self.layer_dropout <= 1.0:
+            raise TrainConfigError(f"layer_dropout must be in [0, 1], got {self.layer_dropout}")
+        if (
+            len(self.exit_weights) > 1
+            and self.exit_steps != ["all"]
+            and len(self.exit_weights) != len(self.exit_steps)
+        ):
+            raise TrainConfigError(
+                f"exit_weights has {len(self.exit_weights)} entries for "
+                f"exit_steps {self.exit_steps}"
+            )
+        if self.exit_rotation < 1 or self.exit_curriculum_steps < 0:
+            raise TrainConfigError("exit_rotation must be >= 1 and exit_curriculum_steps >= 0")
+
+    def _normalize_exits(self) -> None:
+        """exit_steps as ints (or ['all']) and exit_weights as floats, whatever the source."""
+        steps, weights = list(self.exit_steps), list(self.exit_weights)
+        if steps != ["all"]:
+            try:
+                steps = [int(k) for k in steps]
+            except (TypeError, ValueError):
+                raise TrainConfigError(
+                    f"exit_steps must be integers or 'all', got {steps}"
+                ) from None
+        try:
+            weights = [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise TrainConfigError(f"exit_weights must be numbers, got {weights}") from None
+        object.__setattr__(self, "exit_steps", steps)
+        object.__setattr__(self, "exit_weights", weights)
 
     def model_config(self) -> ModelConfig:
         from .. import presets
+
         return presets.get(self.model, **self.model_overrides)
 
     def to_dict(self) -> dict:
@@ -136,7 +241,9 @@ def _coerce(name: str, value: Any, tp) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp is list and isinstance(value, str):
-        return [v for v in value.split(",") if v]
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if tp is list and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
     ok = isinstance(value, origin or tp) and not (tp is int and isinstance(value, bool))
     if not ok:
         raise TrainConfigError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}")
@@ -158,8 +265,10 @@ def _set(tree: dict, key: str, value: Any, cls=TrainConfig, prefix: str = "") ->
         tree.setdefault("model_overrides", {})[rest] = value
         return
     if head not in fields or head == "model_overrides":
-        raise TrainConfigError(f"unknown key {prefix + key!r}"
-                               f"{_suggest(head, (n for n in fields if n != 'model_overrides'))}")
+        raise TrainConfigError(
+            f"unknown key {prefix + key!r}"
+            f"{_suggest(head, (n for n in fields if n != 'model_overrides'))}"
+        )
     tp = _field_type(cls, head)
     if dataclasses.is_dataclass(tp):
         if rest:
@@ -182,7 +291,8 @@ def _build(cls, tree: dict):
     for f in dataclasses.fields(cls):
         if f.name in tree:
             tp = _field_type(cls, f.name)
-            kwargs[f.name] = _build(tp, tree[f.name]) if dataclasses.is_dataclass(tp) else tree[f.name]
+            value = tree[f.name]
+            kwargs[f.name] = _build(tp, value) if dataclasses.is_dataclass(tp) else value
     return cls(**kwargs)
 
 
@@ -223,5 +333,6 @@ def help_text() -> str:
             name = f.metadata.get("cli", prefix + f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {name:<18} {f.metadata['help']} (default: {default!r})")
+
     walk(TrainConfig)
     return "\n".join(lines)

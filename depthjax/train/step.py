@@ -13,24 +13,27 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from ..config import ModelConfig
+from ..loss import packed_nll_sums
 from ..model import DepthModel, apply
 from ..program import Program
+from . import layerskip as layerskip_lib
 from .config import TrainConfig
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    step: jax.Array        # int32 [], optimizer steps taken (including skipped ones)
-    params: dict           # all parameters (trainable and frozen), float32
-    opt_state: optax.OptState   # for the trainable leaves only
-    bad_step: jax.Array    # int32 [], first non-finite step under nan_policy="stop", else -1
-    skipped: jax.Array     # int32 [], non-finite steps skipped under nan_policy="skip"
+    step: jax.Array  # int32 [], optimizer steps taken (including skipped ones)
+    params: dict  # all parameters (trainable and frozen), float32
+    opt_state: optax.OptState  # for the trainable leaves only
+    bad_step: jax.Array  # int32 [], first non-finite step under nan_policy="stop", else -1
+    skipped: jax.Array  # int32 [], non-finite steps skipped under nan_policy="skip"
 
 
 def path_str(path) -> str:
@@ -46,20 +49,22 @@ def trainable_mask(params, pattern: str):
     mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(path_str(p))), params)
     if not any(jax.tree.leaves(mask)):
         paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-        raise ValueError(f"trainable={pattern!r} matches no parameter; paths look like "
-                         f"{paths[:4]}")
+        raise ValueError(f"trainable={pattern!r} matches no parameter; paths look like {paths[:4]}")
     return mask
 
 
 def split(params, mask):
     """(trainable, frozen) trees with None where a leaf belongs to the other part."""
-    return (jax.tree.map(lambda m, x: x if m else None, mask, params),
-            jax.tree.map(lambda m, x: None if m else x, mask, params))
+    return (
+        jax.tree.map(lambda m, x: x if m else None, mask, params),
+        jax.tree.map(lambda m, x: None if m else x, mask, params),
+    )
 
 
 def merge(trainable, frozen):
-    return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(
+        lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
+    )
 
 
 def _decays(path, _) -> bool:
@@ -70,14 +75,20 @@ def _decays(path, _) -> bool:
 
 def learning_rate(tc: TrainConfig) -> optax.Schedule:
     warmup = min(tc.warmup_steps, tc.steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
-                                              end_value=tc.lr * tc.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, warmup, max(tc.steps, warmup + 1), end_value=tc.lr * tc.min_lr_ratio
+    )
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                        weight_decay=tc.weight_decay,
-                        mask=lambda t: jax.tree_util.tree_map_with_path(_decays, t))
+    adamw = optax.adamw(
+        learning_rate(tc),
+        b1=tc.b1,
+        b2=tc.b2,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        mask=lambda t: jax.tree_util.tree_map_with_path(_decays, t),
+    )
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm), adamw) if tc.clip_norm else adamw
 
 
@@ -85,36 +96,69 @@ def loss_sums(params, cfg: ModelConfig, program: Program, batch):
     """(sum of next-token cross-entropy over real target tokens, their count).
 
     batch: int32 [B, T] inputs, targets, segment_ids (0 = padding), positions."""
-    logits_BTV = apply(DepthModel(cfg, params, program), batch["inputs"],
-                       segment_ids=batch["segment_ids"], positions=batch["positions"])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    weight_BT = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return jnp.sum(nll_BT * weight_BT), jnp.sum(weight_BT)
+    logits_BTV = apply(
+        DepthModel(cfg, params, program),
+        batch["inputs"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+    )
+    return packed_nll_sums(logits_BTV, batch["targets"], batch["segment_ids"])
 
 
-def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation, mask, grad_accum: int, nan_policy: str,
-               schedule: optax.Schedule):
+def train_step(
+    state: TrainState,
+    batch,
+    program: Program,
+    *,
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    mask,
+    grad_accum: int,
+    nan_policy: str,
+    schedule: optax.Schedule,
+    layerskip: layerskip_lib.LayerSkip | None = None,
+):
     """One optimizer step over a global batch, as `grad_accum` micro-batches in a scan.
 
     The loss is the mean over all real target tokens of the batch, so accumulation gives
-    the same gradient as one big batch."""
+    the same gradient as one big batch. batch: int32 [B, T] each (see `loss_sums`).
+    With `layerskip` (layer dropout and early-exit losses, see depthjax.train.layerskip)
+    the gradient is the normalized early-exit objective's; metrics then also hold
+    "objective" and "exit_loss" [n_exits]."""
+    chex.assert_rank(list(batch.values()), 2)
+    chex.assert_equal_shape(list(batch.values()))
     trainable, frozen = split(state.params, mask)
-    grad_fn = jax.value_and_grad(lambda t, mb: loss_sums(merge(t, frozen), cfg, program, mb),
-                                 has_aux=True)
+    if layerskip is None:
+
+        def objective(t, mb):
+            total, count = loss_sums(merge(t, frozen), cfg, program, mb)
+            return total, (count, total[None])
+    else:
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        batch = {**batch, "keep": layerskip.keep_mask(state.step, rows)}
+        objective = lambda t, mb: layerskip_lib.loss_sums(
+            merge(t, frozen), cfg, program, mb, layerskip, state.step
+        )
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(trainable, batch)
+        (objective_sum, (count, nll)), grads = grad_fn(trainable, batch)
     else:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
         def body(acc, mb):
-            (l, n), g = grad_fn(trainable, mb)
-            return jax.tree.map(jnp.add, acc, (l, n, g)), None
+            (objective_sum, (n, nll)), g = grad_fn(trainable, mb)
+            return jax.tree.map(jnp.add, acc, (objective_sum, n, nll, g)), None
 
-        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
-        (loss_sum, count, grads), _ = jax.lax.scan(body, zeros, micro)
+        outputs = 1 + (len(layerskip.exits) if layerskip else 0)
+        zeros = (
+            jnp.zeros(()),
+            jnp.zeros(()),
+            jnp.zeros((outputs,)),
+            jax.tree.map(jnp.zeros_like, trainable),
+        )
+        (objective_sum, count, nll, grads), _ = jax.lax.scan(body, zeros, micro)
     count = jnp.maximum(count, 1.0)
-    loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grads)
+    loss, grads = objective_sum / count, jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.global_norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, trainable)
     new_params = merge(optax.apply_updates(trainable, updates), frozen)
@@ -127,11 +171,22 @@ def train_step(state: TrainState, batch, program: Program, *, cfg: ModelConfig,
     else:
         ok, bad_step, skipped = finite, state.bad_step, state.skipped + (~finite).astype(jnp.int32)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                           opt_state=keep(new_opt, state.opt_state), bad_step=bad_step,
-                           skipped=skipped)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "tokens": count, "finite": finite}
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        bad_step=bad_step,
+        skipped=skipped,
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+        "tokens": count,
+        "finite": finite,
+    }
+    if layerskip is not None:  # "loss" stays the final output's cross-entropy
+        metrics.update(loss=nll[0] / count, objective=loss, exit_loss=nll[1:] / count)
     return new_state, metrics
 
 

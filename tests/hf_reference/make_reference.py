@@ -41,8 +41,15 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def _llama_like(cls, **kw):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return cls(**{**base, **kw})
 
 
@@ -52,56 +59,118 @@ def _llama_like(cls, **kw):
 WINDOW = 5
 _GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW)
 MODERN = {
-    "llama3": lambda: _llama_like(tf.LlamaConfig, tie_word_embeddings=True, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
-    "llama_yarn": lambda: _llama_like(tf.LlamaConfig, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-        "original_max_position_embeddings": 16}),
-    "llama_dynamic": lambda: _llama_like(tf.LlamaConfig, max_position_embeddings=8,
-                                         rope_parameters={"rope_type": "dynamic",
-                                                          "rope_theta": 10000.0, "factor": 2.0}),
+    "llama3": lambda: _llama_like(
+        tf.LlamaConfig,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ),
+    "llama_yarn": lambda: _llama_like(
+        tf.LlamaConfig,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "llama_dynamic": lambda: _llama_like(
+        tf.LlamaConfig,
+        max_position_embeddings=8,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ),
     "mistral_window": lambda: _llama_like(tf.MistralConfig, sliding_window=WINDOW),
-    "qwen2_window": lambda: _llama_like(tf.Qwen2Config, use_sliding_window=True,
-                                        sliding_window=WINDOW, max_window_layers=1,
-                                        rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                         "rope_theta": 1e6}),
-    "gemma2": lambda: _llama_like(tf.Gemma2Config, **_GEMMA, attn_logit_softcapping=5.0,
-                                  final_logit_softcapping=3.0),
-    "gemma3": lambda: _llama_like(tf.Gemma3TextConfig, **_GEMMA, num_hidden_layers=4,
-                                  sliding_window_pattern=3, rope_parameters={
-                                      "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                         "rope_theta": 1e6},
-                                      "sliding_attention": {"rope_type": "default",
-                                                            "rope_theta": 1e4}}),
+    "qwen2_window": lambda: _llama_like(
+        tf.Qwen2Config,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    ),
+    "gemma2": lambda: _llama_like(
+        tf.Gemma2Config, **_GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
+    ),
+    "gemma3": lambda: _llama_like(
+        tf.Gemma3TextConfig,
+        **_GEMMA,
+        num_hidden_layers=4,
+        sliding_window_pattern=3,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
     "olmo2": lambda: _llama_like(tf.Olmo2Config, pad_token_id=0),
-    "phi3": lambda: _llama_like(tf.Phi3Config, sliding_window=WINDOW + 1, pad_token_id=0,
-                                max_position_embeddings=32,
-                                original_max_position_embeddings=8, rope_parameters={
-                                    "rope_type": "longrope", "rope_theta": 10000.0,
-                                    "partial_rotary_factor": 0.5,
-                                    "short_factor": [1.0, 1.2, 1.5, 2.0],
-                                    "long_factor": [1.0, 2.0, 4.0, 8.0]}),
+    "phi3": lambda: _llama_like(
+        tf.Phi3Config,
+        sliding_window=WINDOW + 1,
+        pad_token_id=0,
+        max_position_embeddings=32,
+        original_max_position_embeddings=8,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.2, 1.5, 2.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0],
+        },
+    ),
 }
 
 
 CASES = {
     # name: (config factory, kind)
-    "llama": (lambda: _llama_like(tf.LlamaConfig, rope_theta=50000.0,
-                                  tie_word_embeddings=False), "causal"),
-    "llama_bias_tied": (lambda: _llama_like(tf.LlamaConfig, attention_bias=True, mlp_bias=True,
-                                            tie_word_embeddings=True), "causal"),
-    "mistral": (lambda: _llama_like(tf.MistralConfig, sliding_window=None,
-                                    tie_word_embeddings=False), "causal"),
-    "qwen2": (lambda: _llama_like(tf.Qwen2Config, rope_theta=1e6, tie_word_embeddings=True),
-              "causal"),
-    "qwen3": (lambda: _llama_like(tf.Qwen3Config, head_dim=32, rope_theta=1e6,
-                                  tie_word_embeddings=False), "causal"),
-    "gpt2": (lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4,
-                                   n_positions=64, bos_token_id=0, eos_token_id=0), "causal"),
-    "bert": (lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, intermediate_size=128,
-                                   max_position_embeddings=64), "encoder"),
+    "llama": (
+        lambda: _llama_like(tf.LlamaConfig, rope_theta=50000.0, tie_word_embeddings=False),
+        "causal",
+    ),
+    "llama_bias_tied": (
+        lambda: _llama_like(
+            tf.LlamaConfig, attention_bias=True, mlp_bias=True, tie_word_embeddings=True
+        ),
+        "causal",
+    ),
+    "mistral": (
+        lambda: _llama_like(tf.MistralConfig, sliding_window=None, tie_word_embeddings=False),
+        "causal",
+    ),
+    "qwen2": (
+        lambda: _llama_like(tf.Qwen2Config, rope_theta=1e6, tie_word_embeddings=True),
+        "causal",
+    ),
+    "qwen3": (
+        lambda: _llama_like(tf.Qwen3Config, head_dim=32, rope_theta=1e6, tie_word_embeddings=False),
+        "causal",
+    ),
+    "gpt2": (
+        lambda: tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "causal",
+    ),
+    "bert": (
+        lambda: tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        ),
+        "encoder",
+    ),
     **{name: (factory, "causal") for name, factory in MODERN.items()},
 }
 
@@ -112,16 +181,15 @@ def _inputs(kind: str, seed: int) -> dict[str, np.ndarray]:
     if kind == "causal":
         return {"tokens": tokens}
     mask = np.ones_like(tokens)
-    mask[1, -4:] = 0                                  # padding in the second sequence
+    mask[1, -4:] = 0  # padding in the second sequence
     types = np.zeros_like(tokens)
-    types[:, SEQ // 2:] = 1
+    types[:, SEQ // 2 :] = 1
     return {"tokens": tokens, "mask": mask, "token_types": types}
 
 
 def _load(directory: str, kind: str):
     auto = tf.AutoModelForCausalLM if kind == "causal" else tf.AutoModel
-    return auto.from_pretrained(directory, dtype=torch.float32,
-                                attn_implementation="eager").eval()
+    return auto.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def _forward(model, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -129,8 +197,11 @@ def _forward(model, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         ids = torch.from_numpy(inputs["tokens"]).long()
         if kind == "causal":
             return model(input_ids=ids).logits.float().numpy()
-        out = model(input_ids=ids, attention_mask=torch.from_numpy(inputs["mask"]).long(),
-                    token_type_ids=torch.from_numpy(inputs["token_types"]).long())
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.from_numpy(inputs["mask"]).long(),
+            token_type_ids=torch.from_numpy(inputs["token_types"]).long(),
+        )
         return out.last_hidden_state.float().numpy()
 
 
@@ -145,12 +216,20 @@ def _greedy(model) -> dict:
     mask[1, :3] = 0
     prompt[1, :3] = 0
     with torch.no_grad():
-        ids = model.generate(input_ids=torch.from_numpy(prompt),
-                             attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
-    return {"prompt": prompt.tolist(), "mask": mask.tolist(),
-            "expected": ids[:, prompt.shape[1]:].tolist()}
+        ids = model.generate(
+            input_ids=torch.from_numpy(prompt),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return {
+        "prompt": prompt.tolist(),
+        "mask": mask.tolist(),
+        "expected": ids[:, prompt.shape[1] :].tolist(),
+    }
 
 
 def _tokenizer(directory: str) -> dict:
@@ -161,10 +240,14 @@ def _tokenizer(directory: str) -> dict:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB + 64, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB + 64,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = ["def depth(model):\n    return len(model.blocks)\n"] * 20 + [
-        "the quick brown fox jumps over the lazy dog"] * 20
+        "the quick brown fox jumps over the lazy dog"
+    ] * 20
     tok.train_from_iterator(text, trainer)
     tok.save(os.path.join(directory, "tokenizer.json"))
     fast = tf.PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"))
@@ -178,25 +261,31 @@ def make(out: str) -> None:
     for seed, (case, (make_config, kind)) in enumerate(CASES.items()):
         directory = os.path.join(out, case)
         config = make_config()
-        model = (tf.AutoModelForCausalLM if kind == "causal" else tf.AutoModel).from_config(
-            config, attn_implementation="eager").eval()
+        model = (
+            (tf.AutoModelForCausalLM if kind == "causal" else tf.AutoModel)
+            .from_config(config, attn_implementation="eager")
+            .eval()
+        )
         _randomize(model, seed)
         model.save_pretrained(directory)
         inputs = _inputs(kind, seed)
         np.savez(os.path.join(directory, "inputs.npz"), **inputs)
         np.save(os.path.join(directory, "expected.npy"), _forward(model, kind, inputs))
-        manifest[case] = {"dir": directory, "kind": kind,
-                          "inputs": os.path.join(directory, "inputs.npz"),
-                          "expected": os.path.join(directory, "expected.npy")}
+        manifest[case] = {
+            "dir": directory,
+            "kind": kind,
+            "inputs": os.path.join(directory, "inputs.npz"),
+            "expected": os.path.join(directory, "expected.npy"),
+        }
         if kind == "causal":
             manifest[case]["generate"] = _greedy(model)
-        if case == "llama":   # the same weights again, sharded, with a tokenizer
+        if case == "llama":  # the same weights again, sharded, with a tokenizer
             sharded = os.path.join(out, "llama_sharded")
             model.save_pretrained(sharded, max_shard_size="200KB")
             with open(os.path.join(sharded, "tokenizer_expected.json"), "w") as f:
                 json.dump(_tokenizer(sharded), f)
             manifest["llama_sharded"] = {**manifest[case], "dir": sharded}
-        if case == "bert":    # a sentence-transformers layout around the same weights
+        if case == "bert":  # a sentence-transformers layout around the same weights
             manifest["sentence"] = _sentence_transformers(out, model, inputs)
         print(f"[reference] {case}: {type(model).__name__}", flush=True)
     with open(os.path.join(out, "manifest.json"), "w") as f:
@@ -209,26 +298,51 @@ def _sentence_transformers(out: str, model, inputs) -> dict:
     root = os.path.join(out, "sentence")
     model.save_pretrained(os.path.join(root, "0_Transformer"))
     os.makedirs(os.path.join(root, "1_Pooling"))
-    modules = [{"idx": 0, "name": "0", "path": "0_Transformer",
-                "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize"}]
+    modules = [
+        {
+            "idx": 0,
+            "name": "0",
+            "path": "0_Transformer",
+            "type": "sentence_transformers.models.Transformer",
+        },
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
+    ]
     with open(os.path.join(root, "modules.json"), "w") as f:
         json.dump(modules, f)
     with open(os.path.join(root, "1_Pooling", "config.json"), "w") as f:
-        json.dump({"word_embedding_dimension": 64, "pooling_mode_cls_token": False,
-                   "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-                   "pooling_mode_mean_sqrt_len_tokens": False}, f)
+        json.dump(
+            {
+                "word_embedding_dimension": 64,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            },
+            f,
+        )
     hidden = torch.from_numpy(_forward(model, "encoder", inputs))
     mask = torch.from_numpy(inputs["mask"]).float()[..., None]
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     np.savez(os.path.join(root, "inputs.npz"), **inputs)
     np.save(os.path.join(root, "expected.npy"), pooled.numpy())
-    return {"dir": root, "kind": "sentence", "inputs": os.path.join(root, "inputs.npz"),
-            "expected": os.path.join(root, "expected.npy")}
+    return {
+        "dir": root,
+        "kind": "sentence",
+        "inputs": os.path.join(root, "inputs.npz"),
+        "expected": os.path.join(root, "expected.npy"),
+    }
 
 
 def run(manifest_path: str) -> None:

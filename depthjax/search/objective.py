@@ -1,0 +1,150 @@
+"""Objectives: what a search scores a program by.
+
+An objective is data (batches of rows) plus a jittable measure of a program's logits on
+one batch. The protocol is small so that any scorer plugs in:
+
+    name: str; maximize: bool; differentiable: bool
+    batches: tuple of dicts, each with "tokens" int [B, T], "mask" float [B, T] (1 = real
+             token) and any other arrays [B, ...] the measure reads (targets, labels, ...)
+    measure(logits_BTV, batch) -> {"score": [B], "weight": [B], **other [B]}
+
+`score` holds per-row *sums* and `weight` their weights: a program's score on the data is
+sum(score) / sum(weight) over all rows (for the loss: summed token NLL over counted
+tokens, so the token-mean loss exactly), and per example (`per_example=True`) it is each
+row's score / weight. Other keys are reported the same way beside the score.
+
+    search.loss(batches)                                 # next-token loss (minimize)
+    search.logits(fn, batches, maximize=True)            # any callable on logits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..loss import loss_measure
+from ..metrics.batches import as_batches
+from .space import SearchError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+    """A measure of logits on batches of rows; lower is better unless `maximize`."""
+
+    name: str
+    measure: Callable
+    batches: tuple
+    maximize: bool = False
+    differentiable: bool = False
+
+    def per_row(self, vocab_size: int) -> bool:
+        """Whether the measure gives one value per row (so per_example works) rather than
+        one per batch."""
+        b = self.batches[0]
+        spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+        logits = jax.ShapeDtypeStruct(b["tokens"].shape + (vocab_size,), jnp.float32)
+        return jax.eval_shape(self.measure, logits, spec)["score"].shape == b["tokens"].shape[:1]
+
+    def key(self, score: float) -> float:
+        """Sort key: smaller is better."""
+        return -score if self.maximize else score
+
+
+def _rows(batches) -> tuple[dict, ...]:
+    """Batches as dicts of numpy arrays: tokens and mask checked by `as_batches`, extra
+    arrays kept (their leading axis must be the batch's rows)."""
+    items = batches if isinstance(batches, (list, tuple)) else [batches]
+    checked = as_batches(items)
+    out = []
+    for i, (raw, b) in enumerate(zip(items, checked)):
+        row = {"tokens": b.tokens, "mask": b.mask}
+        for k, v in raw.items() if isinstance(raw, dict) else ():
+            if k in row:
+                continue
+            v = np.asarray(v)
+            if v.ndim == 0 or v.shape[0] != b.tokens.shape[0]:
+                raise SearchError(
+                    f"batch {i}: {k!r} has shape {v.shape}; objective arrays need "
+                    f"a leading axis of the batch's {b.tokens.shape[0]} rows"
+                )
+            row[k] = v
+        out.append(row)
+    return tuple(out)
+
+
+def loss(batches) -> Objective:
+    """Mean next-token loss over real tokens (the model's own `metrics.loss`)."""
+    return Objective("loss", loss_measure, _rows(batches), maximize=False, differentiable=True)
+
+
+def logits(
+    fn: Callable,
+    batches,
+    *,
+    maximize: bool = False,
+    name: str | None = None,
+    differentiable: bool = False,
+) -> Objective:
+    """Any callable on logits: fn(logits_BTV, batch) -> per-row values [B] (each row weighs
+    1; per_example works) or one value per batch (batches weigh 1 each), or a dict of such
+    arrays with a "score" key (other keys are reported beside it). `batch` is the dict of
+    arrays the batch was given as (with "tokens" and "mask"). Objectives of the same `fn`
+    share compiled functions."""
+    if not callable(fn):
+        raise SearchError(f"an objective callable is needed, got {fn!r}")
+    label = name or getattr(fn, "__name__", "objective")
+    return Objective(
+        label, _measure_of(fn), _rows(batches), maximize=maximize, differentiable=differentiable
+    )
+
+
+@functools.lru_cache(maxsize=128)
+def _measure_of(fn: Callable) -> Callable:
+    """The objective measure of a callable on logits (one per callable: compiled functions
+    are cached by the measure's identity)."""
+
+    def as_dict(out):
+        return dict(out) if isinstance(out, dict) else {"score": out}
+
+    def measure(logits_BTV, batch):
+        out = as_dict(fn(logits_BTV, batch))
+        if "score" not in out:
+            raise SearchError(f"objective {fn!r} returned keys {sorted(out)}; one must be 'score'")
+        if "weight" in out:
+            raise SearchError("objective callables return values; 'weight' is reserved")
+        out = {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+        shape = out["score"].shape
+        for k, v in out.items():
+            if v.shape != shape or v.ndim > 1:
+                raise SearchError(
+                    f"objective output {k!r} has shape {v.shape}; every output "
+                    "must be one value per row [B] or one per batch []"
+                )
+        if not shape:
+            out = {k: v[None] for k, v in out.items()}
+        return {**out, "weight": jnp.ones_like(out["score"])}
+
+    return measure
+
+
+def as_objective(objective, batches=None) -> Objective:
+    """An Objective, "loss" (with `batches`), or a callable on logits (with `batches`)."""
+    if isinstance(objective, Objective):
+        if batches is not None:
+            raise SearchError("batches= is for 'loss' or a callable; this Objective has its own")
+        return objective
+    if batches is None:
+        raise SearchError("objective 'loss' or a callable needs batches=")
+    if objective == "loss":
+        return loss(batches)
+    if callable(objective):
+        return logits(objective, batches)
+    raise SearchError(
+        f"objective must be 'loss', a callable on logits or a "
+        f"dj.search.Objective, got {objective!r}"
+    )

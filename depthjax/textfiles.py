@@ -1,0 +1,54 @@
+"""Documents from local text files: .txt (one document each) and .jsonl (one per line, a
+string field), light to import (no grain or TFDS), shared by training data and evaluation."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Data that cannot be read or does not fit the model."""
+
+
+def expand_files(patterns) -> list[Path]:
+    """Sorted files matching the given paths / globs / directories (*.txt, *.jsonl inside)."""
+    files = set()
+    for pattern in [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns:
+        pattern = str(pattern)
+        if os.path.isdir(pattern):
+            matches = [
+                p
+                for ext in ("txt", "jsonl")
+                for p in glob.glob(os.path.join(pattern, "**", f"*.{ext}"), recursive=True)
+            ]
+        else:
+            matches = glob.glob(pattern, recursive=True)
+        if not matches:
+            raise DataError(f"data files: nothing matches {pattern!r}")
+        files.update(Path(m).resolve() for m in matches)
+    return sorted(files)
+
+
+def read_documents(path: Path, text_key: str = "text"):
+    """(key, text) of each document in one file; a .jsonl line that is not an object with a
+    string `text_key` raises DataError naming the file and line."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i + 1}: invalid JSON ({e})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise DataError(
+                        f"{path}:{i + 1}: expected an object with a string field {text_key!r}"
+                    )
+                yield f"{path.name}:{i}", record[text_key]
+    else:
+        yield path.name, path.read_text(encoding="utf-8", errors="replace")

@@ -1,0 +1,156 @@
+"""`depthjax eval`, and `depthjax score` / `prune` with --task, --data and encoders."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import depthjax as dj
+from depthjax import cli
+
+MC = [
+    {"context": "def add(a, b):\n    return", "choices": [" a + b", " a - b"], "label": 0},
+    {"context": "import os\nimport", "choices": [" sys", " re", " json"], "label": 2},
+]
+TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 8
+SMALL = ["--batches", "1", "--batch-size", "2", "--seq-len", "32", "--shapley-permutations", "2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalcli")
+    model = dj.init(dj.configs.get("llama-tiny"), jax.random.key(2))
+    dj.save(model, tmp / "ck")
+    (tmp / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
+    (tmp / "gen.jsonl").write_text(json.dumps({"context": "abc", "target": "d"}) + "\n")
+    (tmp / "docs").mkdir()
+    (tmp / "docs" / "a.txt").write_text(TEXT)
+    (tmp / "docs" / "b.jsonl").write_text(json.dumps({"text": TEXT[::-1]}) + "\n")
+    return tmp, model
+
+
+def test_eval_command_matches_dj_eval(files):
+    tmp, model = files
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(tmp / "ck"),
+                "--task",
+                str(tmp / "mc.jsonl"),
+                "--task",
+                str(tmp / "gen.jsonl"),
+                "--data",
+                str(tmp / "docs"),
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(tmp / "res.json"),
+            ]
+        )
+        == 0
+    )
+    res = json.loads((tmp / "res.json").read_text())
+    mc = dj.eval.multiple_choice(model, MC)
+    assert res["mc"]["acc"] == mc["acc"] and res["mc"]["nll"] == pytest.approx(mc["nll"])
+    ppl = dj.eval.perplexity(model, tmp / "docs")
+    assert res["perplexity"]["bits_per_byte"] == pytest.approx(ppl["bits_per_byte"])
+    gen = dj.eval.exact_match(model, tmp / "gen.jsonl", max_new_tokens=3)
+    assert res["gen"]["outputs"] == gen["outputs"]
+
+
+@pytest.mark.slow
+def test_score_and_prune_measure_a_task_on_user_data(files, capsys):
+    tmp, model = files
+    assert (
+        cli.main(
+            [
+                "score",
+                "--model",
+                str(tmp / "ck"),
+                "--data",
+                str(tmp / "docs"),
+                "--task",
+                str(tmp / "mc.jsonl"),
+                "--task-metric",
+                "nll",
+                "--out",
+                str(tmp / "rep"),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((tmp / "rep" / "scores.json").read_text())
+    task = dj.eval.MultipleChoice(MC, metric="nll")
+    want = dj.metrics.ablation(model, None, unit="block", measure=task)
+    np.testing.assert_allclose(rep["scores"]["ablation_block"]["values"], want.values, atol=1e-6)
+    assert rep["measure"] == "1 - nll (mc)" and len(rep["removal_curves"]["ablation_block"]) == 4
+    assert "documents" in capsys.readouterr().out
+    assert (
+        cli.main(
+            [
+                "prune",
+                "--model",
+                str(tmp / "ck"),
+                "--metric",
+                "ablation",
+                "--n",
+                "1",
+                "--task",
+                str(tmp / "mc.jsonl"),
+                "--out",
+                str(tmp / "pruned"),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    assert dj.load(tmp / "pruned").depth == 3
+    assert "1 - acc (mc): full" in capsys.readouterr().out
+
+
+def test_score_on_a_sentence_transformers_directory(tmp_path):
+    bert = dj.init(dj.configs.get("bert-tiny"), jax.random.key(0))
+    dj.hf.save(bert, tmp_path / "st")
+    (tmp_path / "st" / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
+    (tmp_path / "st" / "1_Pooling").mkdir()
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
+    )
+    assert (
+        cli.main(["score", "--model", str(tmp_path / "st"), "--out", str(tmp_path / "rep"), *SMALL])
+        == 0
+    )
+    rep = json.loads((tmp_path / "rep" / "scores.json").read_text())
+    assert rep["scores"]["ablation_block"]["name"] == "ablation_representation"
+    assert "logit_lens" not in rep["scores"] and rep["measure"] == "1 - cosine to the full model"
+    assert rep["removal_curves"]["ablation_block"][0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_task_file_is_a_one_line_error(files, capsys):
+    tmp, _ = files
+    (tmp / "bad.jsonl").write_text(
+        json.dumps({"context": "x", "choices": ["a", "b"], "label": 5}) + "\n"
+    )
+    assert cli.main(["eval", "--model", str(tmp / "ck"), "--task", str(tmp / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: label 5 is not an index" in capsys.readouterr().err
