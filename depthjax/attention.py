@@ -1,12 +1,16 @@
 """The one attention entry point. Models call `attend`; `impl` picks the implementation.
 
 Masks are described, not materialized, by the caller (causal flag, segment ids for packed
-documents, key padding), so that fused kernels can use them without a T x S mask.
+documents, key padding, a sliding window), so that fused kernels can use them without a
+T x S mask. The window is an int that may be traced (each table row has its own, see
+depthjax.kinds): query t sees keys s with t - s < window. Attention logit soft-capping
+(Gemma 2: scores -> cap * tanh(scores / cap)) is a static float.
 
 Implementations (``ModelConfig.attention_impl``):
 
 * ``"xla"``    `jax.nn.dot_product_attention(implementation="xla")`, runs everywhere;
-* ``"cudnn"``  cuDNN flash attention through the same JAX function (GPU, bf16/fp16);
+* ``"cudnn"``  cuDNN flash attention through the same JAX function (GPU, bf16/fp16; a
+  traced window becomes a dense mask; no soft-capping);
 * ``"pallas"`` depthjax's own kernels: `depthjax.kernels.flash_attention` (Triton backend)
   on GPU, the splash-attention wrapper on TPU; on CPU only in the Pallas interpreter,
   enabled by `pallas_interpret()` or ``DEPTHJAX_PALLAS_INTERPRET=1`` (for tests: slow);
@@ -55,7 +59,7 @@ def pallas_interpret(enabled: bool = True):
 
 
 def attention_mask(
-    T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None, q_offset=0
+    T: int, S: int, *, causal: bool, segment_ids_BT=None, kv_mask_BS=None, q_offset=0, window=None
 ):
     """Boolean mask [B or 1, 1, T, S]: True where query t may attend to key s.
 
@@ -63,9 +67,11 @@ def attention_mask(
     kv_mask_BS may also be [B, T, S]: a key mask per query (decoding with a cache).
     """
     mask = jnp.ones((1, 1, T, S), bool)
+    q_pos = jnp.arange(T)[:, None] + q_offset
     if causal:
-        q_pos = jnp.arange(T)[:, None] + q_offset
         mask = mask & (jnp.arange(S)[None, :] <= q_pos)[None, None]
+    if window is not None:
+        mask = mask & (q_pos - jnp.arange(S)[None, :] < window)[None, None]
     if segment_ids_BT is not None:
         mask = mask & (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
     if kv_mask_BS is not None:
@@ -89,9 +95,11 @@ class Problem:
     kv_mask: bool  # key padding
     interpret: bool  # Pallas interpreter allowed (CPU testing)
     gpu_capability: tuple[int, int] | None = None
+    window: bool = False  # a sliding window (its size is data)
+    softcap: bool = False
 
     @classmethod
-    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS) -> Problem:
+    def of(cls, q, k, *, causal, segment_ids_BT, kv_mask_BS, window=None, softcap=None) -> Problem:
         device = jax.devices()[0]
         capability = None
         if device.platform == "gpu" and getattr(device, "compute_capability", None):
@@ -107,6 +115,8 @@ class Problem:
             kv_mask=kv_mask_BS is not None,
             interpret=_interpret,
             gpu_capability=capability,
+            window=window is not None,
+            softcap=softcap is not None,
         )
 
 
@@ -119,6 +129,8 @@ def _why_not_cudnn(p: Problem) -> str | None:
         return f"cuDNN attention supports bfloat16/float16 only, got {p.dtype}"
     if p.head_dim > 128 or p.head_dim % 8:
         return f"cuDNN attention needs head_dim <= 128 and a multiple of 8, got {p.head_dim}"
+    if p.softcap:
+        return "cuDNN attention has no logit soft-capping"
     return None
 
 
@@ -137,6 +149,8 @@ def _why_not_pallas(p: Problem) -> str | None:
     if p.backend == "tpu":
         if p.head_dim % 128:
             return f"splash attention is used with head_dim a multiple of 128, got {p.head_dim}"
+        if p.window:
+            return "splash attention takes its window as a static mask; per-row windows are data"
         return None
     if p.interpret:
         return None
@@ -169,8 +183,15 @@ def choose(impl: str, problem: Problem) -> str:
         return impl
     for candidate in AUTO_ORDER.get(problem.backend, ("xla",)):
         reason = CAPABILITIES[candidate](problem)
-        if candidate == "cudnn" and not reason and (problem.segments or problem.kv_mask):
-            reason = "cuDNN would need a dense T x S mask for segment ids / key padding"
+        if (
+            candidate == "cudnn"
+            and not reason
+            and (problem.segments or problem.kv_mask or problem.window)
+        ):
+            reason = (
+                "cuDNN would need a dense T x S mask for segment ids / key padding / "
+                "a per-row window"
+            )
         if not reason:
             return candidate
         # An accelerator ending on xla is a real performance surprise; say it loudly.
@@ -180,7 +201,9 @@ def choose(impl: str, problem: Problem) -> str:
 
 
 # -------------------------------------------------------------------------- execution
-def _pallas(q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, backend, interpret):
+def _pallas(
+    q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, window, softcap, backend, interpret
+):
     from depthjax.kernels.flash_attention import KV_PAD_SEGMENT, flash_attention
     from depthjax.kernels.splash import splash_attention
 
@@ -191,8 +214,19 @@ def _pallas(q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, backend, inte
         )
         kv_seg = jnp.where(kv_mask_BS.astype(bool), seg.astype(jnp.int32), KV_PAD_SEGMENT)
         segment_ids_BT = seg
-    fn = splash_attention if backend == "tpu" else flash_attention
-    return fn(
+    if backend == "tpu":  # no window here: the capability check sends windows to xla
+        return splash_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=segment_ids_BT,
+            kv_segment_ids=kv_seg,
+            scale=scale,
+            softcap=softcap,
+            interpret=interpret,
+        )
+    return flash_attention(
         q,
         k,
         v,
@@ -200,6 +234,8 @@ def _pallas(q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, backend, inte
         segment_ids=segment_ids_BT,
         kv_segment_ids=kv_seg,
         scale=scale,
+        window=window,
+        softcap=softcap,
         interpret=interpret,
     )
 
@@ -210,7 +246,7 @@ def _context_mesh():
     return mesh if mesh is not None and not mesh.empty and mesh.size > 1 else None
 
 
-def _sharded(fn, mesh, q, k, v, segment_ids_BT, kv_mask_BS):
+def _sharded(fn, mesh, q, k, v, segment_ids_BT, kv_mask_BS, window):
     """Run `fn` per shard: batch over data/fsdp axes, heads over tensor (when they divide)."""
     B, K = q.shape[0], k.shape[2]
     names = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -221,16 +257,32 @@ def _sharded(fn, mesh, q, k, v, segment_ids_BT, kv_mask_BS):
     b = batch or None
     qkv = P(b, None, heads, None)
     seg = P(b, None)
-    args = (q, k, v, segment_ids_BT, kv_mask_BS)
+    args = (q, k, v, segment_ids_BT, kv_mask_BS, window)
     specs = (
         qkv,
         qkv,
         qkv,
         None if segment_ids_BT is None else seg,
         None if kv_mask_BS is None else seg,
+        None if window is None else P(),
     )
     # check_vma=False: pallas_call outputs carry no varying-manual-axes annotation.
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+
+
+def _xla_softcap(q_BTHD, k_BSKD, v_BSKD, mask, *, scale, softcap):
+    """Explicit softmax attention with soft-capped logits (jax.nn has no soft-capping)."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q = q_BTHD.reshape(B, T, K, H // K, D)
+    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32) * (
+        D**-0.5 if scale is None else scale
+    )
+    s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
+    if mask is not None:  # [B or 1, 1, T, S]
+        s_BKGTS = jnp.where(mask[:, :, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKD.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v_BSKD).reshape(B, T, H, D)
 
 
 def attend(
@@ -242,13 +294,19 @@ def attend(
     segment_ids_BT=None,
     kv_mask_BS=None,
     scale: float | None = None,
+    window=None,
+    softcap: float | None = None,
     impl: str = "xla",
 ):
     """Softmax attention; H must be a multiple of K (grouped-query). Returns [B, T, H, D].
 
+    window: int (may be traced): query t sees keys s with t - s < window (causal only, T
+    and S aligned at 0). softcap: logits become softcap * tanh(logits / softcap).
     Query rows that can see no key: xla/cudnn average V uniformly, pallas returns zeros.
     A per-query key mask kv_mask_BS [B, T, S] (decoding from a cache) runs on xla only.
     """
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal attention")
     if kv_mask_BS is not None and kv_mask_BS.ndim == 3:
         if impl not in ("xla", "auto"):
             raise AttentionUnavailable(
@@ -256,12 +314,18 @@ def attend(
             )
         impl = "xla"
     problem = Problem.of(
-        q_BTHD, k_BSKD, causal=causal, segment_ids_BT=segment_ids_BT, kv_mask_BS=kv_mask_BS
+        q_BTHD,
+        k_BSKD,
+        causal=causal,
+        segment_ids_BT=segment_ids_BT,
+        kv_mask_BS=kv_mask_BS,
+        window=window,
+        softcap=softcap,
     )
     chosen = choose(impl, problem)
     if chosen == "pallas":
 
-        def run(q, k, v, seg, kv_mask):
+        def run(q, k, v, seg, kv_mask, win):
             return _pallas(
                 q,
                 k,
@@ -270,20 +334,27 @@ def attend(
                 segment_ids_BT=seg,
                 kv_mask_BS=kv_mask,
                 scale=scale,
+                window=win,
+                softcap=softcap,
                 backend=problem.backend,
                 interpret=problem.backend == "cpu",
             )
 
         mesh = _context_mesh()
         if mesh is None:
-            return run(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS)
-        return _sharded(run, mesh, q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS)
+            return run(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS, window)
+        return _sharded(run, mesh, q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS, window)
     T, S = q_BTHD.shape[1], k_BSKD.shape[1]
     mask = None
-    if segment_ids_BT is not None or kv_mask_BS is not None:
+    if segment_ids_BT is not None or kv_mask_BS is not None or window is not None:
         mask = attention_mask(
-            T, S, causal=False, segment_ids_BT=segment_ids_BT, kv_mask_BS=kv_mask_BS
+            T, S, causal=False, segment_ids_BT=segment_ids_BT, kv_mask_BS=kv_mask_BS, window=window
         )
+    if softcap is not None:  # xla only (cuDNN refuses soft-capping in its capability check)
+        if causal:
+            causal_mask = attention_mask(T, S, causal=True)
+            mask = causal_mask if mask is None else mask & causal_mask
+        return _xla_softcap(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale, softcap=softcap)
     return jax.nn.dot_product_attention(
         q_BTHD, k_BSKD, v_BSKD, mask=mask, scale=scale, is_causal=causal, implementation=chosen
     )

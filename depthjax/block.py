@@ -5,7 +5,8 @@ Every norm placement is expressed as `x_next = x + attn_gate * u_attn` followed 
 post-norm too: its norm goes with it) and the traced updates add up to the residual.
 
 * pre:  u = f(norm(x))
-* peri: u = out_norm(f(norm(x)))            (normalize sublayer input and output)
+* peri: u = out_norm(f(norm(x)))            (normalize sublayer input and output, Gemma)
+* out:  u = out_norm(f(x))                   (normalize sublayer output only, OLMo 2)
 * post: u = norm(x + f(x)) - x               (BERT)
 * parallel_block (pre only, GPT-J): attention and MLP both read norm(x).
 
@@ -34,15 +35,24 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg, "attn_norm")
         if not cfg.parallel_block:
             self.mlp_norm = make_norm(cfg, "mlp_norm")
-        if cfg.norm_placement == "peri":
+        if cfg.norm_placement in ("peri", "out"):
             self.attn_out_norm = make_norm(cfg, "attn_out_norm")
             self.mlp_out_norm = make_norm(cfg, "mlp_out_norm")
 
     def attn_update(
-        self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None, kv_cache=None
+        self,
+        x_BTD,
+        positions_BT,
+        *,
+        segment_ids_BT=None,
+        kv_mask_BT=None,
+        kv_cache=None,
+        window=None,
+        rope_table=None,
     ):
         """The attention sublayer's ungated update u_attn [B, T, D] (the block adds
-        attn_gate * u_attn); with `kv_cache` (see `Attention`) returns (u_attn, kv_cache)."""
+        attn_gate * u_attn); with `kv_cache` (see `Attention`) returns (u_attn, kv_cache).
+        window / rope_table: this row's attention kind (depthjax.kinds, `Attention`)."""
         cfg = self.cfg
         x_BTD = x_BTD.astype(cfg.dtype)
         cache = [kv_cache]  # attn swaps in the updated cache
@@ -54,6 +64,8 @@ class Block(nn.Module):
                 segment_ids_BT=segment_ids_BT,
                 kv_mask_BT=kv_mask_BT,
                 kv_cache=kv_cache,
+                window=window,
+                rope_table=rope_table,
             )
             if kv_cache is None:
                 return out
@@ -62,6 +74,8 @@ class Block(nn.Module):
 
         if cfg.norm_placement == "post":
             u_BTD = self.attn_norm(x_BTD + attn(x_BTD)) - x_BTD
+        elif cfg.norm_placement == "out":
+            u_BTD = self.attn_out_norm(attn(x_BTD))
         else:
             u_BTD = attn(self.attn_norm(x_BTD))
             if cfg.norm_placement == "peri":
@@ -77,6 +91,8 @@ class Block(nn.Module):
             return self.mlp(self.attn_norm(h_BTD))
         if cfg.norm_placement == "post":
             return self.mlp_norm(h_BTD + self.mlp(h_BTD)) - h_BTD
+        if cfg.norm_placement == "out":
+            return self.mlp_out_norm(self.mlp(h_BTD))
         u_BTD = self.mlp(self.mlp_norm(h_BTD))
         return self.mlp_out_norm(u_BTD) if cfg.norm_placement == "peri" else u_BTD
 

@@ -3,8 +3,12 @@
 A config is a frozen, hashable dataclass, so it can be a static argument of `jax.jit`.
 Fields left as `None` take the default of the chosen `family`:
 
-* ``llama``: RMSNorm, RoPE, SwiGLU, no biases, pre-norm, causal (also Mistral, Qwen2 via
-  ``qkv_bias=True``, Qwen3 via ``qk_norm=True`` and an explicit ``head_dim``);
+* ``llama``: RMSNorm, RoPE, SwiGLU, no biases, pre-norm, causal. The decoder families of
+  Hugging Face are options of it: Mistral and Phi-3 (``sliding_window``), Qwen2
+  (``qkv_bias=True``), Qwen3 (``qk_norm="head"``, explicit ``head_dim``), Gemma 2/3
+  (``norm_placement="peri"``, ``mlp="geglu"``, ``embed_scale``, soft-capping,
+  ``query_scale_dim``, ``layer_types``), OLMo 2 (``norm_placement="out"``,
+  ``qk_norm="full"``);
 * ``gpt2``: LayerNorm with bias, learned positions, GELU (tanh) MLP, biases everywhere,
   tied embeddings, pre-norm, causal;
 * ``bert``: bidirectional encoder, post-norm, LayerNorm after the embeddings, token
@@ -22,11 +26,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from .rope import RopeError, RopeScaling
+
 FAMILIES = ("llama", "gpt2", "bert")
-NORM_PLACEMENTS = ("pre", "post", "peri")
+NORM_PLACEMENTS = ("pre", "post", "peri", "out")
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
-MLPS = ("swiglu", "gelu", "gelu_tanh")
+MLPS = ("swiglu", "geglu", "gelu", "gelu_tanh")
+QK_NORMS = (None, "head", "full")
+LAYER_TYPES = "GL"  # per table row: G global attention, L local (sliding window, local RoPE)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")  # see depthjax/attention.py
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -108,18 +116,32 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
     head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int | None = None  # None: 4 d_model (gelu), 8/3 d_model rounded to 8 (swiglu)
+    d_ff: int | None = None  # None: 4 * d_model (gelu) or 8/3 * d_model rounded to 8 (gated)
     max_seq_len: int = 1024  # size of the learned position table
     # Family-dependent (None: the family default, see module docstring).
     norm: str | None = None
     norm_eps: float | None = None
-    norm_placement: str | None = None  # "pre" | "post" | "peri" (normalize sublayer in and out)
+    norm_placement: str | None = None  # "pre" | "post" | "peri" (normalize sublayer in and
+    # out, Gemma) | "out" (normalize sublayer out, OLMo 2)
     position: str | None = None
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # linear | dynamic | yarn | llama3 | longrope
+    rope_fraction: float = 1.0  # rotated share of head_dim (partial rotary, Phi/NeoX)
+    local_rope_theta: float | None = None  # plain RoPE base of "L" rows (Gemma 3); None: rope_theta
+    sliding_window: int | None = None  # keys a query of an "L" row sees, itself included
+    layer_types: str | None = None  # one letter per table row, "G" global or "L" local; a
+    # shorter string repeats ("LLLLLG"); None: all "L" if
+    # sliding_window else all "G"
     mlp: str | None = None
     bias: bool | None = None  # biases on the output projection and MLP
     qkv_bias: bool | None = None  # biases on q, k, v (Qwen2: True with bias=False)
-    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: str | None = None  # RMSNorm on q and k before RoPE: "head" (per head,
+    # Qwen3, Gemma 3) or "full" (whole projection, OLMo 2)
+    query_scale_dim: float | None = None  # scores scale by query_scale_dim ** -0.5 (None:
+    # head_dim; Gemma's query_pre_attn_scalar)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the output logits (Gemma 2)
+    embed_scale: float | None = None  # token embeddings multiplied by this (Gemma: sqrt(d_model))
     tie_embeddings: bool | None = None
     causal: bool | None = None
     type_vocab_size: int | None = None  # token types (BERT segments); 0 disables
@@ -139,6 +161,19 @@ class ModelConfig:
                 object.__setattr__(self, key, value)
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if isinstance(self.qk_norm, bool):  # older configs: qk_norm=True meant per head
+            object.__setattr__(self, "qk_norm", "head" if self.qk_norm else None)
+        if isinstance(self.rope_scaling, Mapping):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+            except RopeError as e:
+                raise ConfigError(str(e)) from None
+        if self.layer_types is not None or self.sliding_window is not None:
+            object.__setattr__(
+                self,
+                "layer_types",
+                _expand_layer_types(self.layer_types, self.sliding_window, self.n_layers),
+            )
         if isinstance(self.remat, str):
             try:
                 object.__setattr__(self, "remat", Remat(self.remat))
@@ -150,8 +185,11 @@ class ModelConfig:
         self._validate()
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.query_scale_dim is not None and self.query_scale_dim == self.head_dim:
+            object.__setattr__(self, "query_scale_dim", None)  # the default scale
         if self.d_ff is None:
-            d_ff = 4 * self.d_model if self.mlp != "swiglu" else -(-8 * self.d_model // 3 // 8) * 8
+            gated = self.mlp in ("swiglu", "geglu")
+            d_ff = -(-8 * self.d_model // 3 // 8) * 8 if gated else 4 * self.d_model
             object.__setattr__(self, "d_ff", d_ff)
 
     def _check_types(self) -> None:
@@ -181,6 +219,7 @@ class ModelConfig:
         _choice("mlp", self.mlp, MLPS)
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("qk_norm", self.qk_norm, QK_NORMS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -194,8 +233,31 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by n_heads="
                 f"{self.n_heads}; set head_dim explicitly"
             )
-        if self.position == "rope" and (self.head_dim or self.d_model // self.n_heads) % 2:
-            raise ConfigError("RoPE needs an even head_dim")
+        head_dim = self.head_dim or self.d_model // self.n_heads
+        if self.position == "rope":
+            if not 0.0 < self.rope_fraction <= 1.0:
+                raise ConfigError(f"rope_fraction must be in (0, 1], got {self.rope_fraction}")
+            rotary = int(head_dim * self.rope_fraction)
+            if rotary < 2 or rotary % 2:
+                raise ConfigError(
+                    f"RoPE needs an even number of rotated dims, got "
+                    f"head_dim * rope_fraction = {rotary}"
+                )
+        elif self.rope_scaling is not None or self.local_rope_theta is not None:
+            raise ConfigError(
+                f"rope_scaling / local_rope_theta need position='rope', got {self.position!r}"
+            )
+        if self.sliding_window is not None:
+            if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+                raise ConfigError(
+                    f"sliding_window must be a positive integer, got {self.sliding_window!r}"
+                )
+            if not self.causal:
+                raise ConfigError("sliding_window needs a causal model (windows look back)")
+        for name in ("attn_softcap", "final_softcap", "embed_scale", "query_scale_dim"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
         if self.parallel_block and self.norm_placement != "pre":
             raise ConfigError(
                 f"parallel_block=True needs norm_placement='pre', got {self.norm_placement!r}"
@@ -221,9 +283,16 @@ class ModelConfig:
         _check_keys(changes)
         return dataclasses.replace(self, **changes)
 
+    @property
+    def local_rows(self) -> tuple[int, ...]:
+        """Table rows with local attention (a sliding window and the local RoPE)."""
+        return tuple(i for i, t in enumerate(self.layer_types or "") if t == "L")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["remat"] = self.remat.value
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling.to_dict()
         return d
 
     @classmethod
@@ -248,7 +317,28 @@ _TYPE_NAMES = {
     bool: "true or false",
     str: "a string",
     Remat: "a Remat",
+    RopeScaling: "a RoPE scaling (a mapping with rope_type)",
 }
+
+
+def _expand_layer_types(pattern: str | None, window: int | None, n_layers: int) -> str | None:
+    """The per-row string of length n_layers ("G"/"L") from a pattern that may repeat."""
+    if pattern is None:
+        pattern = "L"
+    if not isinstance(pattern, str) or not pattern or set(pattern) - set(LAYER_TYPES):
+        raise ConfigError(
+            f"layer_types must be a string of 'G' (global) and 'L' (local) letters, got {pattern!r}"
+        )
+    if len(pattern) > n_layers:
+        raise ConfigError(
+            f"layer_types has {len(pattern)} letters for n_layers={n_layers}; "
+            "give one letter per table row (or a shorter repeating pattern)"
+        )
+    if "L" in pattern and window is None:
+        raise ConfigError(f"layer_types={pattern!r} has local rows but sliding_window is None")
+    if "L" not in pattern and window is None:
+        return None  # every row global: the plain causal fast path
+    return (pattern * -(-n_layers // len(pattern)))[:n_layers]
 
 
 def _check_keys(d: Mapping[str, Any]) -> None:

@@ -13,6 +13,9 @@ rows that advance by different numbers of tokens (self-speculative decoding acce
 different number of draft tokens per row). A query at cache index i sees the valid keys
 at indices <= i: entries past a row's length (drafts it rejected) are never read and are
 overwritten by the next tokens it writes.
+`positions` [B, S] holds each entry's position (written with its keys): a row with a
+sliding window lets a query see the keys within `window` positions of its own (padding
+does not count).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ..
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["k", "v", "valid", "length", "next_pos"],
+    data_fields=["k", "v", "valid", "length", "next_pos", "positions"],
     meta_fields=["steps", "depth"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,7 @@ class KVCache:
     valid: jax.Array  # bool [N, B, S]
     length: jax.Array  # int32 [B]: cache index each sequence writes its next token at
     next_pos: jax.Array  # int32 [B]: position of each sequence's next token
+    positions: jax.Array  # int32 [B, S]: position of each cache entry
     steps: tuple[int, ...]  # slot n belongs to program step steps[n]
     depth: int  # the cache covers program steps 0..depth-1
 
@@ -81,6 +85,7 @@ class KVCache:
             valid=jnp.zeros(shape[:3], bool),
             length=jnp.zeros((batch,), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),
+            positions=jnp.zeros((batch, max_len), jnp.int32),
             steps=steps,
             depth=depth,
         )
@@ -143,9 +148,11 @@ class StepCache:
     write_B: jax.Array  # bool [B]: False marks the written keys invalid (exited tokens)
     prefill: bool
 
-    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
-        """Write the new keys/values; returns (self', keys, values, key mask, causal) to
-        attend with (the key mask is [B, S], or [B, T, S] per query when extending)."""
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None, positions_BT=None):
+        """Write the new keys/values; returns (self', keys, values, key mask, causal,
+        window) to attend with (the key mask is [B, S], or [B, T, S] per query when
+        extending). `positions_BT` are the new tokens' positions, recorded in the cache;
+        extending folds this row's `window` into the key mask by position."""
         c = self.cache
         B, T = k_BTKD.shape[:2]
         valid_BT = jnp.broadcast_to(self.write_B[:, None], (B, T))
@@ -158,16 +165,27 @@ class StepCache:
             c = c.replace(
                 k=write(c.k, k_BTKD), v=write(c.v, v_BTKD), valid=write(c.valid, valid_BT)
             )
-            return dataclasses.replace(self, cache=c), k_BTKD, v_BTKD, kv_mask_BT, causal
+            if positions_BT is not None:
+                c = c.replace(positions=c.positions.at[:, :T].set(positions_BT))
+            # the prompt sits at cache index 0: the window works on indices
+            return dataclasses.replace(self, cache=c), k_BTKD, v_BTKD, kv_mask_BT, causal, window
         index_BT = c.length[:, None] + jnp.arange(T, dtype=c.length.dtype)
         rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
         put = lambda buf, new: buf.at[self.slot, rows_BT, index_BT].set(
             new.astype(buf.dtype), mode="drop"
         )
         c = c.replace(k=put(c.k, k_BTKD), v=put(c.v, v_BTKD), valid=put(c.valid, valid_BT))
+        if positions_BT is not None:
+            c = c.replace(
+                positions=c.positions.at[rows_BT, index_BT].set(
+                    positions_BT.astype(jnp.int32), mode="drop"
+                )
+            )
         slot = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.slot, keepdims=False)
         S = c.max_len
         sees_BTS = slot(c.valid)[:, None, :] & (
             jnp.arange(S)[None, None, :] <= index_BT[:, :, None]
         )
-        return dataclasses.replace(self, cache=c), slot(c.k), slot(c.v), sees_BTS, False
+        if window is not None:
+            sees_BTS = sees_BTS & (positions_BT[:, :, None] - c.positions[:, None, :] < window)
+        return dataclasses.replace(self, cache=c), slot(c.k), slot(c.v), sees_BTS, False, None

@@ -1,4 +1,4 @@
-"""Reusable Flax linen layers: norms, rotary embeddings, attention, MLP.
+"""Reusable Flax linen layers: norms, attention (with RoPE, see depthjax.rope), MLP.
 
 Each is an ordinary `nn.Module` configured by a `ModelConfig`, usable outside depthjax:
 
@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import rope as rope_lib
 from .attention import attend
 from .config import ModelConfig
 
@@ -24,22 +25,31 @@ def init_normal(cfg: ModelConfig):
     return nn.initializers.normal(cfg.init_std)
 
 
-def make_norm(cfg: ModelConfig, name: str, *, kind: str | None = None) -> nn.Module:
-    """RMSNorm or LayerNorm (with bias) over the last axis, reducing in float32."""
+def make_norm(cfg: ModelConfig, name: str, *, kind: str | None = None, axes: int = 1) -> nn.Module:
+    """RMSNorm or LayerNorm (with bias) over the last `axes` axes, reducing in float32."""
+    over = tuple(range(-axes, 0))
     if (kind or cfg.norm) == "rms":
-        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name=name)
-    return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, use_fast_variance=False, name=name)
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps, dtype=cfg.dtype, reduction_axes=over, feature_axes=over, name=name
+        )
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        dtype=cfg.dtype,
+        use_fast_variance=False,
+        reduction_axes=over,
+        feature_axes=over,
+        name=name,
+    )
 
 
 def rope(x_BTHD, positions_BT, theta: float):
-    """Rotary position embedding, half-split convention (as in Llama/HF `rotate_half`)."""
-    half = x_BTHD.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-    cos, sin = jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
-    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTHD.dtype)
+    """Plain rotary position embedding at base `theta` (half-split, as HF `rotate_half`);
+    models use `depthjax.rope` (scaled variants, partial rotary, per-row tables)."""
+    inv_F = 1.0 / theta ** (
+        jnp.arange(0, x_BTHD.shape[-1], 2, dtype=jnp.float32) / x_BTHD.shape[-1]
+    )
+    angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_F
+    return rope_lib.apply_rope(x_BTHD, jnp.cos(angle_BTF), jnp.sin(angle_BTF))
 
 
 class Attention(nn.Module):
@@ -48,9 +58,23 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, *, segment_ids_BT=None, kv_mask_BT=None, kv_cache=None):
+    def __call__(
+        self,
+        x_BTD,
+        positions_BT,
+        *,
+        segment_ids_BT=None,
+        kv_mask_BT=None,
+        kv_cache=None,
+        window=None,
+        rope_table=None,
+    ):
         """Returns y [B, T, D]; with `kv_cache` (a depthjax.kv_cache.StepCache), returns
-        (y, kv_cache) after writing this call's keys/values and attending over the cache."""
+        (y, kv_cache) after writing this call's keys/values and attending over the cache.
+
+        window: int (may be traced), query t sees keys s with t - s < window (this row's
+        sliding window; None: no window). rope_table: this row's RoPE table (depthjax.rope).
+        """
         cfg = self.cfg
         dense = lambda heads, name, bias: nn.DenseGeneral(
             (heads, cfg.head_dim),
@@ -62,17 +86,20 @@ class Attention(nn.Module):
         q_BTHD = dense(cfg.n_heads, "q", cfg.qkv_bias)(x_BTD)
         k_BTKD = dense(cfg.n_kv_heads, "k", cfg.qkv_bias)(x_BTD)
         v_BTKD = dense(cfg.n_kv_heads, "v", cfg.qkv_bias)(x_BTD)
-        if cfg.qk_norm:
-            q_BTHD = make_norm(cfg, "q_norm", kind="rms")(q_BTHD)
-            k_BTKD = make_norm(cfg, "k_norm", kind="rms")(k_BTKD)
+        if cfg.qk_norm:  # per head, or over the whole projection (heads x head_dim)
+            axes = 2 if cfg.qk_norm == "full" else 1
+            q_BTHD = make_norm(cfg, "q_norm", kind="rms", axes=axes)(q_BTHD)
+            k_BTKD = make_norm(cfg, "k_norm", kind="rms", axes=axes)(k_BTKD)
         if cfg.position == "rope":
-            q_BTHD = rope(q_BTHD, positions_BT, cfg.rope_theta)
-            k_BTKD = rope(k_BTKD, positions_BT, cfg.rope_theta)
+            cos, sin = rope_lib.cos_sin(cfg, positions_BT, rope_table)
+            q_BTHD = rope_lib.apply_rope(q_BTHD, cos, sin)
+            k_BTKD = rope_lib.apply_rope(k_BTKD, cos, sin)
         causal, k_BSKD, v_BSKD, kv_mask_BS = cfg.causal, k_BTKD, v_BTKD, kv_mask_BT
         if kv_cache is not None:
-            kv_cache, k_BSKD, v_BSKD, kv_mask_BS, causal = kv_cache.update(
-                k_BTKD, v_BTKD, kv_mask_BT, causal
+            kv_cache, k_BSKD, v_BSKD, kv_mask_BS, causal, window = kv_cache.update(
+                k_BTKD, v_BTKD, kv_mask_BT, causal, window=window, positions_BT=positions_BT
             )
+        scale = None if cfg.query_scale_dim is None else cfg.query_scale_dim**-0.5
         out_BTHD = attend(
             q_BTHD,
             k_BSKD,
@@ -80,6 +107,9 @@ class Attention(nn.Module):
             causal=causal,
             segment_ids_BT=segment_ids_BT,
             kv_mask_BS=kv_mask_BS,
+            scale=scale,
+            window=window,
+            softcap=cfg.attn_softcap,
             impl=cfg.attention_impl,
         )
         y_BTD = nn.DenseGeneral(
@@ -94,7 +124,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (gate, up, down) or GELU (up, down) feed-forward. Kernels [D,F] and [F,D]."""
+    """SwiGLU / GeGLU (gate, up, down) or GELU (up, down) feed-forward. Kernels [D,F], [F,D].
+
+    GeGLU gates with the tanh-approximate GELU (Gemma's gelu_pytorch_tanh)."""
 
     cfg: ModelConfig
 
@@ -104,8 +136,9 @@ class MLP(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=init_normal(cfg), name=name
         )
-        if cfg.mlp == "swiglu":
-            h_BTF = nn.silu(dense(cfg.d_ff, "gate")(x_BTD)) * dense(cfg.d_ff, "up")(x_BTD)
+        if cfg.mlp in ("swiglu", "geglu"):
+            act = nn.silu if cfg.mlp == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)
+            h_BTF = act(dense(cfg.d_ff, "gate")(x_BTD)) * dense(cfg.d_ff, "up")(x_BTD)
         else:
             h_BTF = jax.nn.gelu(dense(cfg.d_ff, "up")(x_BTD), approximate=cfg.mlp == "gelu_tanh")
         return dense(cfg.d_model, "down")(h_BTF)

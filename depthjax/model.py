@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import program as program_lib, step_params as steps_lib
+from . import kinds as kinds_lib, program as program_lib, step_params as steps_lib
 from .block import Block, step_updates
 from .config import ModelConfig, Remat
 from .layers import init_normal, make_norm
@@ -44,7 +44,8 @@ def check_ids(ids, size: int, what: str, error=InputError) -> None:
 
 
 class Embed(nn.Module):
-    """Token (+ learned position, + token type) embeddings, then the optional embed norm."""
+    """Token (+ learned position, + token type) embeddings, then the optional embed norm.
+    Token embeddings are multiplied by `embed_scale` where the family has one (Gemma)."""
 
     cfg: ModelConfig
 
@@ -53,6 +54,8 @@ class Embed(nn.Module):
         cfg = self.cfg
         embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg), name=name)
         x_BTD = embed(cfg.vocab_size, "tok")(tokens_BT)
+        if cfg.embed_scale is not None:
+            x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, x_BTD.dtype)
         if cfg.position == "learned":
             x_BTD = x_BTD + embed(cfg.max_seq_len, "pos")(positions_BT)
         if cfg.type_vocab_size:
@@ -64,7 +67,8 @@ class Embed(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm, then logits: tied (x @ tok_embedding.T) or an untied `out` projection."""
+    """Final norm, then logits: tied (x @ tok_embedding.T) or an untied `out` projection,
+    soft-capped (cap * tanh(logits / cap)) where the family does it (Gemma 2)."""
 
     cfg: ModelConfig
 
@@ -76,20 +80,23 @@ class Head(nn.Module):
         if not logits:
             return x_BTD
         if cfg.tie_embeddings:
-            return jnp.einsum(
+            out = jnp.einsum(
                 "btd,vd->btv",
                 x_BTD,
                 tok_embedding_VD.astype(cfg.dtype),
                 preferred_element_type=jnp.float32,
             )
-        out = nn.Dense(
-            cfg.vocab_size,
-            use_bias=False,
-            dtype=cfg.dtype,
-            kernel_init=init_normal(cfg),
-            name="out",
-        )(x_BTD)
-        return out.astype(jnp.float32)
+        else:
+            out = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                kernel_init=init_normal(cfg),
+                name="out",
+            )(x_BTD).astype(jnp.float32)
+        if cfg.final_softcap is not None:
+            out = cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)
+        return out
 
 
 def count_params(tree) -> int:
@@ -232,6 +239,7 @@ def program_step(
         base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
     row = jax.tree.map(lambda table: table[step_prog.block], blocks)
     row = steps_lib.effective_row(row, step_params)
+    attn_kwargs.update(kinds_lib.row_kind(cfg, step_prog.block))  # gathered like the row
     out = step_updates(
         cfg,
         row,

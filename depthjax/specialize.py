@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import program as program_lib, step_params as steps_lib
+from . import kinds as kinds_lib, program as program_lib, step_params as steps_lib
 from .block import step_updates
 from .kv_cache import StepCache
 from .model import DepthModel, Embed, check_inputs, default_positions, output_head, rematerialized
@@ -298,8 +298,11 @@ def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **
         x, kv = carry
         r, a, m, s, slot = xs
         row = jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, r, keepdims=False), blocks)
+        kind = kinds_lib.row_kind(cfg, r)  # each row's attention kind travels with it
         view = StepCache(kv, slot, jnp.ones(x.shape[:1], bool), prefill) if uses_cache else None
-        x, view = _one_step(cfg, row, x, a, m, s, positions_BT, view=view, **flags, **attn_kwargs)
+        x, view = _one_step(
+            cfg, row, x, a, m, s, positions_BT, view=view, **flags, **attn_kwargs, **kind
+        )
         return (x, view.cache if uses_cache else kv), None
 
     # as in dj.apply; CSE is only a risk for the forward outside a scan
@@ -329,14 +332,16 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
     if cache is None:  # one vmapped call per batch of members with the same sublayers
         for batch in group.batches():
             rows = _take(blocks, [m.row for m in batch])
+            kind = kinds_lib.row_kind(cfg, jnp.asarray([m.row for m in batch]))
             ga, gm, sp = _step_data(model, [m.step for m in batch])
             updates_fn = functools.partial(
                 _updates, cfg, attn=batch[0].attn, mlp=batch[0].mlp, **attn_kwargs
             )
             member = rematerialized(
-                cfg, lambda r, a, m, s, fn=updates_fn: fn(r, x_BTD, a, m, s, positions_BT)
+                cfg,
+                lambda r, k, a, m, s, fn=updates_fn: fn(r, x_BTD, a, m, s, positions_BT, **k),
             )
-            u_attn, u_mlp, _ = jax.vmap(member)(rows, ga, gm, sp)
+            u_attn, u_mlp, _ = jax.vmap(member)(rows, kind, ga, gm, sp)
             updates.update({m.step: (u_attn[k], u_mlp[k]) for k, m in enumerate(batch)})
     else:  # decoding: member by member, each writing its own slot
         slot_map = cache.slot_map()
@@ -362,6 +367,7 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
                 mlp=m.mlp,
                 view=view,
                 **attn_kwargs,
+                **kinds_lib.row_kind(cfg, m.row),
             )
             cache = view.cache if m.attn else cache
             updates[m.step] = (u_attn, u_mlp)

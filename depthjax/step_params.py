@@ -38,20 +38,21 @@ def effective_row(row: dict, step: dict | None) -> dict:
     """The block parameters that this step actually runs."""
     if not step:
         return row
-    flat = traverse_util.flatten_dict(row)
-    for path, d in traverse_util.flatten_dict(step.get("delta", {})).items():
-        flat[path] = flat[path] + d
-    for path, ab in _lora_items(step.get("lora", {})):
-        w = flat[path]
-        flat[path] = w + (ab["a"] @ ab["b"]).reshape(w.shape).astype(w.dtype)
-    return traverse_util.unflatten_dict(flat)
+    delta = traverse_util.flatten_dict(step.get("delta", {}))
+    lora = traverse_util.flatten_dict(step.get("lora", {}))
+    return traverse_util.unflatten_dict(
+        {p: effective_leaf(p, w, delta, lora) for p, w in traverse_util.flatten_dict(row).items()}
+    )
 
 
-def _lora_items(lora: dict):
-    """(kernel path, {"a", "b"}) pairs of a lora subtree."""
-    flat = traverse_util.flatten_dict(lora)
-    paths = sorted({p[:-1] for p in flat})
-    return [(p, {"a": flat[p + ("a",)], "b": flat[p + ("b",)]}) for p in paths]
+def effective_leaf(path: tuple, w, delta: dict, lora: dict):
+    """One leaf of `effective_row`: the row's leaf at `path` plus this step's delta and
+    LoRA (flat dicts of one step's values; LoRA keyed kernel path + ("a",) / ("b",))."""
+    if path in delta:
+        w = w + delta[path]
+    if path + ("a",) in lora:
+        w = w + (lora[path + ("a",)] @ lora[path + ("b",)]).reshape(w.shape).astype(w.dtype)
+    return w
 
 
 def adapter_update(adapter: dict, x_BTD):

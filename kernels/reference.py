@@ -5,7 +5,9 @@ shapes only. Semantics shared with every kernel in this package:
 
 * layout [B, T, H, D] for queries, [B, S, K, D] for keys/values, H a multiple of K
   (grouped-query: query head h reads key/value head h // (H // K));
-* `causal`: query t sees keys s <= t (aligned at position 0);
+* `causal`: query t sees keys s <= t (aligned at position 0); a `window` (causal only)
+  further limits that to t - s < window;
+* `softcap`: logits become softcap * tanh(logits / softcap) before masking;
 * segment ids: query t sees key s only if q_segment_ids[b, t] == kv_segment_ids[b, s];
 * a query row that can see no key at all returns zeros (not an average of V).
 """
@@ -16,11 +18,16 @@ import jax
 import jax.numpy as jnp
 
 
-def reference_mask(T: int, S: int, *, causal: bool, q_segment_ids_BT=None, kv_segment_ids_BS=None):
+def reference_mask(
+    T: int, S: int, *, causal: bool, q_segment_ids_BT=None, kv_segment_ids_BS=None, window=None
+):
     """Boolean [B or 1, T, S]: True where query t may attend to key s."""
     mask = jnp.ones((1, T, S), bool)
+    distance = jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
     if causal:
-        mask = mask & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None]
+        mask = mask & (distance >= 0)[None]
+    if window is not None:
+        mask = mask & (distance < window)[None]
     if q_segment_ids_BT is not None:
         mask = mask & (q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])
     return mask
@@ -35,6 +42,8 @@ def reference_attention(
     segment_ids=None,
     kv_segment_ids=None,
     scale: float | None = None,
+    window=None,
+    softcap: float | None = None,
 ):
     """Naive softmax attention in float32; returns [B, T, H, D] in q's dtype.
 
@@ -50,8 +59,15 @@ def reference_attention(
     q = q_BTHD.astype(jnp.float32).reshape(B, T, K, G, D)
     k, v = k_BSKD.astype(jnp.float32), v_BSKD.astype(jnp.float32)
     s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k, precision="highest") * scale
+    if softcap is not None:
+        s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
     mask_BTS = reference_mask(
-        T, S, causal=causal, q_segment_ids_BT=segment_ids, kv_segment_ids_BS=kv_segment_ids
+        T,
+        S,
+        causal=causal,
+        q_segment_ids_BT=segment_ids,
+        kv_segment_ids_BS=kv_segment_ids,
+        window=window,
     )
     mask = mask_BTS[:, None, None]
     s_BKGTS = jnp.where(mask, s_BKGTS, -jnp.inf)

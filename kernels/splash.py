@@ -20,7 +20,7 @@ from .flash_attention import KV_PAD_SEGMENT, Q_PAD_SEGMENT, _round_up, check_inp
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(T: int, S: int, G: int, causal: bool, block: int, interpret: bool):
+def _kernel(T: int, S: int, G: int, causal: bool, block: int, softcap, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     head_mask = sa.CausalMask((T, S)) if causal else sa.FullMask((T, S))
@@ -39,6 +39,7 @@ def _kernel(T: int, S: int, G: int, causal: bool, block: int, interpret: bool):
         block_sizes=sizes,
         head_shards=1,
         q_seq_shards=1,
+        attn_logits_soft_cap=softcap,
         interpret=interpret,
     )
 
@@ -52,10 +53,12 @@ def splash_attention(
     segment_ids=None,
     kv_segment_ids=None,
     scale: float | None = None,
+    softcap: float | None = None,
     interpret: bool = False,
     block: int = 128,
 ):
-    """Same contract as `flash_attention` (q [B, T, H, D], k/v [B, S, K, D]) on splash.
+    """Same contract as `flash_attention` (q [B, T, H, D], k/v [B, S, K, D]) on splash,
+    without a sliding window (splash takes windows as static masks only).
 
     Rows that can see no key at all are undefined here (zeros in `flash_attention`); the
     wrapper only creates such rows for padding, which it slices off.
@@ -80,7 +83,9 @@ def splash_attention(
     q_BKGTD = jnp.pad(q_BKGTD, ((0, 0),) * 3 + ((0, Tp - T), (0, 0)))
     pad_kv = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
     k_BKSD, v_BKSD = pad_kv(k), pad_kv(v)
-    kernel = _kernel(Tp, Sp, G, causal, block, interpret)
+    kernel = _kernel(
+        Tp, Sp, G, causal, block, None if softcap is None else float(softcap), interpret
+    )
 
     def one(q_GTD, k_SD, v_SD, qs, ks):
         seg = sa.SegmentIds(q=qs, kv=ks) if use_segments else None

@@ -94,7 +94,6 @@ def test_zero_gated_zeroes_only_the_gated_outputs(tmp_path):
     "program, kwargs, match",
     [
         (dict(block=[0, 1, 2, 3], parallel=[False, True, False, False]), {}, "parallel"),
-        (dict(block=[0, 1, 2, 3], attn=[1, 0.5, 1, 1]), {}, r"attn gates of steps \[1\]"),
         (
             dict(block=[0, 1, 2, 3], mlp=[1, 1, 0, 1]),
             {},
@@ -109,9 +108,10 @@ def test_inexpressible_programs_are_refused(tmp_path, program, kwargs, match):
         dj.hf.save(model, str(tmp_path), **kwargs)
 
 
-def test_post_norm_cannot_zero_a_sublayer(tmp_path):
+@pytest.mark.parametrize("attn", [[1, 0, 1, 1], [1, 0.5, 1, 1]])
+def test_post_norm_cannot_gate_a_sublayer(tmp_path, attn):
     model = dj.init(dj.configs.get("bert-tiny"), jax.random.key(0))
-    model = model.with_program(dj.Program.create([0, 1, 2, 3], attn=[1, 0, 1, 1]))
+    model = model.with_program(dj.Program.create([0, 1, 2, 3], attn=attn))
     with pytest.raises(HFError, match="post-norm"):
         dj.hf.save(model, str(tmp_path), zero_gated=True)
 
@@ -277,10 +277,57 @@ LLAMA = dict(
     "config, match",
     [
         (dict(model_type="t5", architectures=["T5Model"]), "model_type='t5'"),
-        ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-        ({**LLAMA, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters"),
-        ({**LLAMA, "model_type": "mistral", "sliding_window": 4096}, "sliding_window=4096"),
-        ({**LLAMA, "model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+        ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+        (
+            {**LLAMA, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}},
+            "rope_type='proportional'",
+        ),
+        ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "warp": 1}}, "warp"),
+        (
+            {
+                **LLAMA,
+                "rope_theta": 1e4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 5e4},
+            },
+            "disagrees",
+        ),
+        ({**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        (
+            {
+                **LLAMA,
+                "model_type": "mistral",
+                "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"],
+            },
+            "every layer",
+        ),
+        (
+            {
+                **LLAMA,
+                "model_type": "qwen2",
+                "use_sliding_window": True,
+                "layer_types": ["full_attention", "chunked_attention"],
+            },
+            "chunked_attention",
+        ),
+        (
+            {
+                **LLAMA,
+                "model_type": "qwen2",
+                "use_sliding_window": False,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
+            "no sliding_window",
+        ),
+        (
+            {**LLAMA, "model_type": "gemma2", "use_bidirectional_attention": True},
+            "use_bidirectional_attention",
+        ),
+        ({**LLAMA, "model_type": "olmo2", "attention_bias": True}, "attention_bias=True"),
+        (
+            {**LLAMA, "model_type": "phi3", "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            "longrope",
+        ),
         ({**LLAMA, "hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({**LLAMA, "attention_bias": True}, "mlp_bias=False"),
         ({**LLAMA, "shiny_new_option": 3}, "shiny_new_option"),

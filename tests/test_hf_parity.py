@@ -1,7 +1,9 @@
 """Parity with transformers itself: tiny random models of every family are created and run
 by transformers in the Python 3.11 reference environment (tests/hf_reference), then
-depthjax loads them and must reproduce the logits / last hidden states to 1e-4 (fp32).
-Exports (`dj.hf.save`) are reloaded by transformers and must give the same outputs again.
+depthjax loads them and must reproduce the logits / last hidden states to 1e-4 (fp32) and
+the greedy continuations of a left-padded batch exactly. Exports (`dj.hf.save`) -- also
+of looped, attention-dropped and bias-recovered programs -- are reloaded by transformers
+and must give the same outputs again. Two reference subprocesses serve every family.
 """
 
 from __future__ import annotations
@@ -81,7 +83,30 @@ def _load_case(entry):
         return dj.hf.load(entry["dir"]), dict(np.load(entry["inputs"]))
 
 
-CASES = ["llama", "llama_bias_tied", "mistral", "qwen2", "qwen3", "gpt2", "bert", "llama_sharded"]
+# Today's families: Llama 3.x rope scalings, sliding windows (Mistral, Qwen2 layer_types,
+# Phi-3), Gemma 2 and 3, OLMo 2, Phi-3 longrope with partial rotary.
+MODERN = [
+    "llama3",
+    "llama_yarn",
+    "llama_dynamic",
+    "mistral_window",
+    "qwen2_window",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "phi3",
+]
+CASES = [
+    "llama",
+    "llama_bias_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "bert",
+    "llama_sharded",
+] + MODERN
+DECODERS = [c for c in CASES if c not in ("bert", "llama_sharded")]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -97,6 +122,37 @@ def test_load_matches_transformers(reference, case):
         np.testing.assert_allclose(
             np.asarray(dj.apply(model, inputs["tokens"], unroll=True)), got, atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.parametrize("case", DECODERS)
+def test_greedy_generation_matches_transformers(reference, case):
+    """KV-cached decoding (windows by position, dynamic / longrope RoPE per call) against
+    transformers' generate on a left-padded batch."""
+    entry = reference[case]
+    model, _ = _load_case(entry)
+    gen = entry["generate"]
+    expected = np.asarray(gen["expected"])
+    out = dj.generate(
+        model,
+        np.asarray(gen["prompt"]),
+        expected.shape[1],
+        mask=np.asarray(gen["mask"]),
+        temperature=0.0,
+    )
+    np.testing.assert_array_equal(out.tokens, expected)
+
+
+def test_layer_kinds_are_read(reference):
+    kinds = {
+        case: dj.hf.load(reference[case]["dir"]).config
+        for case in ("mistral_window", "qwen2_window", "gemma2", "gemma3", "phi3")
+    }
+    assert kinds["mistral_window"].layer_types == "LLL"
+    assert kinds["qwen2_window"].layer_types == "GLL"  # max_window_layers=1
+    assert kinds["gemma2"].layer_types == "LGL"  # every second layer global
+    assert kinds["gemma3"].layer_types == "LLGL"  # sliding_window_pattern=3
+    assert kinds["gemma3"].local_rope_theta == 1e4 and kinds["gemma3"].rope_theta == 1e6
+    assert kinds["phi3"].rope_fraction == 0.5 and kinds["phi3"].rope_scaling.type == "longrope"
 
 
 def test_sentence_transformers_mean_pooling(reference):
@@ -146,7 +202,24 @@ def exports(reference, tmp_path_factory):
         model, _ = _load_case(entry)
         export(case, model, entry, np.load(entry["expected"]))
 
+    for case in ["llama"] + MODERN:  # looped, with one attention sublayer dropped
+        model, inputs = _load_case(reference[case])
+        n = model.n_blocks
+        edited = model.with_program(dj.Program.create([0, 1, 1, n - 1, 0], attn=[1, 1, 0, 1, 1]))
+        with pytest.warns(UserWarning, match="materializes"):
+            export(
+                f"{case}_looped_dropped",
+                edited,
+                reference[case],
+                _run(edited, "causal", inputs),
+                zero_gated=True,
+            )
+
     llama, inputs = _load_case(reference["llama"])
+    pruned = dj.depth.drop(llama, [1])  # block-pruned, healed by bias recovery
+    calib = [np.random.default_rng(7).integers(0, 128, (4, 16)).astype(np.int32)]
+    healed = dj.recover(pruned, llama, calib, method="bias")
+    export("llama_pruned_bias", healed, reference["llama"], _run(healed, "causal", inputs))
     looped = llama.with_program(dj.Program.create([0, 1, 1, 2, 0]))
     with pytest.warns(UserWarning, match="materializes"):
         export("llama_looped", looped, reference["llama"], _run(looped, "causal", inputs))
@@ -172,7 +245,17 @@ def exports(reference, tmp_path_factory):
     return manifest
 
 
-EXPORTS = CASES + ["llama_looped", "llama_dropped", "gpt2_zero_gated", "qwen3_small_shards"]
+EXPORTS = (
+    CASES
+    + [
+        "llama_looped",
+        "llama_dropped",
+        "gpt2_zero_gated",
+        "qwen3_small_shards",
+        "llama_pruned_bias",
+    ]
+    + [f"{c}_looped_dropped" for c in ["llama"] + MODERN]
+)
 
 
 @pytest.mark.parametrize("name", EXPORTS)
@@ -180,6 +263,28 @@ def test_export_reloads_in_transformers(exports, name):
     entry = exports[name]
     got = np.load(os.path.join(entry["dir"], "transformers_out.npy"))
     np.testing.assert_allclose(got, np.load(entry["expected"]), atol=TOL, rtol=0)
+
+
+def test_export_writes_each_steps_layer_kind(exports):
+    """Step i of the looped Gemma 3 program runs row [0, 1, 1, 3, 0]: its layer type."""
+    with open(os.path.join(exports["gemma3_looped_dropped"]["dir"], "config.json")) as f:
+        types = json.load(f)["layer_types"]
+    assert types == [
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "sliding_attention",
+    ]
+    with open(os.path.join(exports["gemma2_looped_dropped"]["dir"], "config.json")) as f:
+        types = json.load(f)["layer_types"]
+    assert types == [
+        "sliding_attention",
+        "full_attention",
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+    ]
 
 
 def test_export_rewrites_layer_count(exports):

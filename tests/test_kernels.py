@@ -192,9 +192,17 @@ def test_bad_input_errors(change, message):
         )
 
 
-@pytest.mark.parametrize("dtype,D,H,K", [(jnp.bfloat16, 128, 8, 2), (jnp.float32, 64, 6, 2)])
-def test_triton_lowering_for_h100(dtype, D, H, K):
-    """Without a GPU: the forward and both backward kernels lower to Triton for an H100.
+@pytest.mark.parametrize(
+    "dtype,D,H,K,windowed",
+    [
+        (jnp.bfloat16, 128, 8, 2, False),
+        (jnp.float32, 64, 6, 2, False),
+        (jnp.bfloat16, 64, 4, 2, True),
+    ],
+)
+def test_triton_lowering_for_h100(dtype, D, H, K, windowed):
+    """Without a GPU: the forward and both backward kernels lower to Triton for an H100
+    (also with a traced window operand, its dynamic loop bounds, and soft-capping).
 
     Catches what interpret mode cannot: ops or shapes the Triton backend rejects.
     """
@@ -206,12 +214,59 @@ def test_triton_lowering_for_h100(dtype, D, H, K):
     q = jax.ShapeDtypeStruct((2, 300, H, D), dtype)
     kv = jax.ShapeDtypeStruct((2, 300, K, D), dtype)
     seg = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+    extra = dict(softcap=30.0) if windowed else {}
     grad = jax.grad(
-        lambda q, k, v, s: (
-            flash_attention(q, k, v, causal=True, segment_ids=s).astype(jnp.float32).sum()
+        lambda q, k, v, s, w: (
+            flash_attention(
+                q, k, v, causal=True, segment_ids=s, window=w if windowed else None, **extra
+            )
+            .astype(jnp.float32)
+            .sum()
         ),
         argnums=(0, 1, 2),
     )
+    window = jax.ShapeDtypeStruct((), jnp.int32)
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(grad).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
+        text = (
+            jax.jit(grad)
+            .trace(q, kv, kv, seg, window)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     assert text.count("triton") >= 3, "expected forward, dq and dkv Triton kernels"
+
+
+WINDOW_CASES = [  # B, T, H, K, D, window, softcap, segments
+    pytest.param(1, 48, 2, 2, 16, 5, None, False, id="window-smaller-than-block"),
+    pytest.param(2, 45, 4, 2, 16, 20, None, True, id="window-gqa-segments-odd"),
+    pytest.param(1, 40, 2, 1, 16, 2**31 - 1, 3.0, False, id="global-sentinel-softcap"),
+    pytest.param(1, 33, 2, 2, 8, 17, 2.0, False, id="window-softcap-odd"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,D,window,softcap,segments", WINDOW_CASES)
+def test_flash_window_and_softcap_match_reference(B, T, H, K, D, window, softcap, segments):
+    """The window is a traced operand (one compiled kernel for every window), soft-capping
+    a static one; forward and all three gradients against the naive reference."""
+    q, k, v, do = _inputs(B, T, T, H, K, D, seed=5)
+    seg = _segments(B, T) if segments else None
+    kw = dict(causal=True, segment_ids=seg, softcap=softcap)
+
+    def value_and_grads(fn):
+        def loss(q, k, v, w):
+            out = fn(q, k, v, w)
+            return jnp.sum(out.astype(jnp.float32) * do), out
+
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        (_, out), grads = grad(q, k, v, jnp.int32(window))
+        return out, grads
+
+    out, grads = value_and_grads(
+        lambda q, k, v, w: flash_attention(q, k, v, window=w, interpret=True, **kw, **BLOCKS)
+    )
+    ref_out, ref_grads = value_and_grads(
+        lambda q, k, v, w: reference_attention(q, k, v, window=w, **kw)
+    )
+    _assert_close(out, ref_out, 1e-5)
+    for g, rg in zip(grads, ref_grads):
+        _assert_close(g, rg, 1e-4)

@@ -39,6 +39,7 @@ def _convert(args) -> int:
             args.out,
             model_type=args.model_type or source_type,
             zero_gated=args.zero_gated,
+            drop_adapters=args.drop_adapters,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             files=files,
@@ -79,13 +80,20 @@ def add_command(sub) -> None:
     p.add_argument(
         "--model-type",
         default=None,
-        help="HF architecture to write (llama, mistral, qwen2, qwen3, gpt2, bert; "
-        "default: inferred from the config)",
+        help="HF architecture to write (llama, mistral, qwen2, qwen3, gemma2, "
+        "gemma3_text, olmo2, phi3, gpt2, bert; default: inferred from the "
+        "config)",
     )
     p.add_argument(
         "--zero-gated",
         action="store_true",
-        help="export gated-off sublayers as zero output weights (pre-norm only)",
+        help="export gated-off sublayers as zeroed output weights",
+    )
+    p.add_argument(
+        "--drop-adapters",
+        action="store_true",
+        help="export without recovery adapters that cannot be folded exactly "
+        "(the export then differs from the model)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")

@@ -1,20 +1,24 @@
 """Depth transforms: pure functions DepthModel -> DepthModel, steps indexed by position.
 
 Program-only edits (drop, drop_sublayers, repeat, reorder, parallelize) share the block
-table's buffers; table edits (tie, materialize, compact, grow) rewrite it.
+table's buffers; table edits (tie, materialize, compact, grow) rewrite it; fold bakes gates,
+scales and adapters into a plain sequential table (what an export needs).
 """
 
 from .edit import drop, drop_sublayers, parallelize, reorder, repeat, select_steps
+from .folding import FoldError, fold
 from .merge import average, lines
 from .spec import from_spec, load_spec, to_spec
 from .table import compact, grow, materialize, step_rows
 from .tie import relax, tie, tie_map
 
 __all__ = [
+    "FoldError",
     "average",
     "compact",
     "drop",
     "drop_sublayers",
+    "fold",
     "from_spec",
     "grow",
     "lines",

@@ -1,6 +1,7 @@
 """Transforms that rewrite the block table: materialize, compact, grow.
 
-The config's n_layers always equals the number of table rows afterwards.
+The config's n_layers always equals the number of table rows afterwards, and each new
+row keeps the attention kind (`layer_types`: window, RoPE table) of the row it came from.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import step_params as steps_lib
+from .. import kinds, step_params as steps_lib
 from ..model import DepthModel
 from ..program import ProgramError
 from .edit import select_steps
@@ -19,14 +20,21 @@ from .edit import select_steps
 FOLDED = ("delta", "lora")
 
 
-def with_table(model: DepthModel, blocks, program, steps=None) -> DepthModel:
-    """The model with a new block table (and program / per-step params), n_layers updated."""
+def with_table(model: DepthModel, blocks, program, steps=None, *, rows) -> DepthModel:
+    """The model with a new block table (and program / per-step params), n_layers updated.
+
+    rows: int [n_new]: the old table row each new row comes from (its attention kind)."""
     params = {k: v for k, v in model.params.items() if k != "steps"}
     params["blocks"] = blocks
     if steps:
         params["steps"] = steps
     n = jax.tree.leaves(blocks)[0].shape[0]
-    return model.replace(config=model.config.replace(n_layers=n), params=params, program=program)
+    if len(np.asarray(rows).reshape(-1)) != n:
+        raise ValueError(
+            f"with_table: {len(np.asarray(rows).reshape(-1))} source rows for {n} table rows"
+        )
+    config = model.config.replace(n_layers=n, layer_types=kinds.take(model.config, rows))
+    return model.replace(config=config, params=params, program=program)
 
 
 def step_rows(model: DepthModel):
@@ -45,7 +53,7 @@ def materialize(model: DepthModel) -> DepthModel:
     The model's function is unchanged."""
     rest = {k: v for k, v in (model.params.get("steps") or {}).items() if k not in FOLDED}
     program = model.program.replace(block=jnp.arange(model.depth, dtype=jnp.int32))
-    return with_table(model, step_rows(model), program, rest)
+    return with_table(model, step_rows(model), program, rest, rows=model.program.block)
 
 
 def compact(model: DepthModel) -> DepthModel:
@@ -71,7 +79,7 @@ def compact(model: DepthModel) -> DepthModel:
         return model
     blocks = jax.tree.map(lambda t: t[used], model.params["blocks"])
     program = model.program.replace(block=jnp.asarray(block, jnp.int32))
-    return with_table(model, blocks, program, model.params.get("steps"))
+    return with_table(model, blocks, program, model.params.get("steps"), rows=used)
 
 
 def _zero_output(cfg, row: dict) -> dict:
@@ -135,4 +143,5 @@ def grow(model: DepthModel, after: int, init: str = "identity") -> DepthModel:
 
         new = {k: fresh(k, v) for k, v in steps.items()}
         steps = jax.tree.map(lambda a, n: jnp.concatenate([a[:pos], n, a[pos:]]), steps, new)
-    return with_table(model, blocks, program, steps)
+    source = np.append(np.arange(model.n_blocks), int(model.program.block[src]))
+    return with_table(model, blocks, program, steps, rows=source)

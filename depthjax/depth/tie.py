@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,9 @@ def tie(
     keep_ends: the first and last steps keep private rows and are not tied.
     share_norms=False: every step keeps its own norm weights (as per-step deltas).
     Gates, parallel flags and per-step scales are kept; LoRA/deltas are folded first.
+    Shared block k keeps the attention kind (window, RoPE table) of the step its weights
+    come from (average: the first step tied to it); steps whose kind changes are named in
+    a warning.
     """
     if init not in ("stepwise", "average", "lower"):
         raise ValueError(f"init must be 'stepwise', 'average' or 'lower', got {init!r}")
@@ -76,16 +80,21 @@ def tie(
         src = mid[(np.arange(n_unique) * len(mid)) // n_unique]
         shared = jax.tree.map(lambda r: r[src], rows)
     elif init == "lower":
-        shared = jax.tree.map(lambda r: r[mid[:n_unique]], rows)
+        src = mid[:n_unique]
+        shared = jax.tree.map(lambda r: r[src], rows)
     else:
+        src = mid[np.argmax(slot[None, :] == np.arange(n_unique)[:, None], axis=1)]
         onehot = jnp.asarray(slot[None, :] == np.arange(n_unique)[:, None], jnp.float32)
         weights = onehot / onehot.sum(1, keepdims=True)  # [K, M]
         shared = jax.tree.map(lambda r: jnp.tensordot(weights, r[mid], axes=1), rows)
     if keep_ends:
         blocks = jax.tree.map(lambda r, s: jnp.concatenate([r[:1], s, r[-1:]]), rows, shared)
         block = np.concatenate([[0], slot + 1, [n_unique + 1]])
+        src = np.concatenate([[0], src, [depth - 1]])
     else:
         blocks, block = shared, slot
+    old_rows = np.asarray(model.program.block)  # the row each step ran so far
+    _warn_changed_kinds(model.config, old_rows, old_rows[src][block])
     program = model.program.replace(block=jnp.asarray(block, jnp.int32))
     steps = {
         k: v for k, v in (model.params.get("steps") or {}).items() if k not in ("delta", "lora")
@@ -96,7 +105,22 @@ def tie(
         steps["delta"] = traverse_util.unflatten_dict(
             {p: flat_rows[p] - flat_blocks[p][block] for p in flat_rows if _is_norm(p)}
         )
-    return with_table(model, blocks, program, steps)
+    return with_table(model, blocks, program, steps, rows=old_rows[src])
+
+
+def _warn_changed_kinds(cfg, before, after) -> None:
+    """Warn when tying makes steps run a row of another attention kind than before."""
+    if cfg.layer_types is None:
+        return
+    changed = [
+        i for i, (a, b) in enumerate(zip(before, after)) if cfg.layer_types[a] != cfg.layer_types[b]
+    ]
+    if changed:
+        warnings.warn(
+            f"tie: steps {changed} now run a shared row of another attention kind "
+            f"(layer_types {cfg.layer_types!r}: G global, L sliding window)",
+            stacklevel=3,
+        )
 
 
 def relax(
@@ -115,7 +139,12 @@ def relax(
             f"relax needs programs of equal depth: model has {model.depth} "
             f"steps, original has {original.depth}"
         )
-    if original.config.replace(n_layers=model.config.n_layers) != model.config:
+    if (
+        original.config.replace(
+            n_layers=model.config.n_layers, layer_types=model.config.layer_types
+        )
+        != model.config
+    ):
         raise ValueError("relax: model and original have different configs (beyond n_layers)")
     plain = model.replace(params={k: v for k, v in model.params.items() if k != "steps"})
     have = traverse_util.flatten_dict(step_rows(plain))

@@ -3,8 +3,11 @@
 Hugging Face architectures have one private layer per depth step, all sublayers on, so
 the program is resolved on export: each step becomes layer i built from table row
 `program.block[i]` (dropped steps simply vanish; tied, looped or reordered programs are
-materialized with a warning). Gates must be 0 or 1; a gated-off sublayer is expressible
-only by zeroing its output projection in pre-norm models, and only when asked.
+materialized with a warning), each layer keeping its row's attention kind. Per-step
+state is folded into the weights where that is exact (`depthjax.depth.fold`: LoRA and
+deltas, gates and scales, recovery adapters' biases); a gated-off sublayer is exported
+as zeroed output weights only when asked (zero_gated), and an adapter that cannot be
+folded is refused unless drop_adapters says to leave it out.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import jax
 import numpy as np
 
 from .. import atomic
+from ..depth import folding as fold_lib
 from ..model import DepthModel
-from ..program import is_concrete
+from ..program import ProgramError, is_concrete
 from . import tensor_map
 from .config import HFError, default_model_type, to_hf
 from .safetensors_files import INDEX, write
@@ -38,8 +42,6 @@ _UNITS = {
     "MIB": 2**20,
     "GIB": 2**30,
 }
-# The leaves a gated-off sublayer's update comes out of (zeroed by zero_gated=True).
-_OUTPUTS = {"attn": ("attn", "o"), "mlp": ("mlp", "down")}
 
 
 def parse_size(size: int | str) -> int:
@@ -52,28 +54,16 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def export_plan(model: DepthModel, *, zero_gated: bool = False):
-    """(rows, zeroed): the table row of each exported layer, and per sublayer the layers
-    whose output projection is zeroed. Raises HFError for programs HF cannot express."""
+def export_plan(
+    model: DepthModel, *, zero_gated: bool = False, drop_adapters: bool = False
+) -> fold_lib.Folded:
+    """The folded layers of the export (see depthjax.depth.fold). Raises HFError for
+    programs and per-step state Hugging Face cannot express."""
     program = model.program
     if not is_concrete(program) or program.block.ndim != 1:
         raise HFError("export needs one concrete program (not traced, not a batch)")
-    rows, attn, mlp, parallel = (
-        np.asarray(x) for x in (program.block, program.attn, program.mlp, program.parallel)
-    )
-    if parallel.any():
-        raise HFError(
-            f"steps {np.flatnonzero(parallel).tolist()} run in parallel groups, "
-            "which Hugging Face architectures cannot express"
-        )
-    zeroed = {}
-    for name, gate in (("attn", attn), ("mlp", mlp)):
-        fractional = np.flatnonzero((gate != 0) & (gate != 1))
-        if fractional.size:
-            raise HFError(
-                f"{name} gates of steps {fractional.tolist()} are "
-                f"{gate[fractional].tolist()}; only 0 or 1 can be exported"
-            )
+    rows = np.asarray(program.block)
+    for name, gate in (("attn", np.asarray(program.attn)), ("mlp", np.asarray(program.mlp))):
         off = np.flatnonzero(gate == 0)
         if off.size and not zero_gated:
             raise HFError(
@@ -81,13 +71,17 @@ def export_plan(model: DepthModel, *, zero_gated: bool = False):
                 "architectures cannot skip; pass zero_gated=True to export those "
                 "sublayers with zero output weights"
             )
-        if off.size and model.config.norm_placement != "pre":
-            raise HFError(
-                f"{name} is gated off at steps {off.tolist()}; a "
-                f"{model.config.norm_placement}-norm model cannot express that even "
-                "with zeroed weights (its norm would still run)"
-            )
-        zeroed[name] = set(off.tolist())
+    found = fold_lib.adapters(model)
+    if found and drop_adapters:
+        warnings.warn(
+            f"drop_adapters=True: the export leaves out the recovery adapters of "
+            f"steps {[i for i, _, _ in found]} and differs from this model",
+            stacklevel=3,
+        )
+        params = {k: v for k, v in model.params.items() if k != "final_adapter"}
+        if "adapter" in params.get("steps", {}):
+            params["steps"] = {k: v for k, v in params["steps"].items() if k != "adapter"}
+        model = model.replace(params=params)
     if sorted(set(rows.tolist())) != rows.tolist():
         warnings.warn(
             f"program walks the table as {rows.tolist()} (tied, looped or "
@@ -95,7 +89,16 @@ def export_plan(model: DepthModel, *, zero_gated: bool = False):
             f"({len(rows)} layers)",
             stacklevel=3,
         )
-    return rows, zeroed
+    try:
+        return fold_lib.Folded(model)
+    except (fold_lib.FoldError, ProgramError) as e:
+        hint = (
+            "; pass drop_adapters=True (convert --drop-adapters) to export without the "
+            "adapters, knowing the export then differs"
+            if "adapter" in str(e)
+            else ""
+        )
+        raise HFError(f"cannot export: {e}{hint}") from None
 
 
 def _is_weights_file(name: str) -> bool:
@@ -122,6 +125,7 @@ def save(
     *,
     model_type: str | None = None,
     zero_gated: bool = False,
+    drop_adapters: bool = False,
     max_shard_size: int | str = "5GB",
     tokenizer=None,
     files=(),
@@ -130,45 +134,46 @@ def save(
 ) -> list[str]:
     """Write `model` to `path` as config.json + safetensors (sharded past max_shard_size).
 
-    model_type: "llama", "mistral", "qwen2", "qwen3", "gpt2" or "bert" (default: inferred
-    from the config). zero_gated: export gated-off sublayers of pre-norm models as zero
-    output projections. tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json;
-    files: other files to copy in (tokenizer_config.json, ...). overwrite=True replaces an
-    existing checkpoint at `path`: the new one is written beside it and swapped in
-    (depthjax.atomic), so a kill at any moment leaves the old or the new one whole; other
-    files already in `path` (a README, a tokenizer) are kept. Returns the names of the
-    files written.
+    model_type: one of depthjax.hf.config.MODEL_TYPES (default: inferred from the config).
+    zero_gated: export gated-off sublayers as zeroed output weights (output projections,
+    or output norms of peri/out-norm models). drop_adapters: export without recovery
+    adapters that cannot be folded exactly (with a warning: the export differs).
+    tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json; files: other files to
+    copy in (tokenizer_config.json, ...). overwrite=True replaces an existing checkpoint at
+    `path`: the new one is written beside it and swapped in (depthjax.atomic), so a kill at
+    any moment leaves the old or the new one whole; other files already in `path` (a
+    README, a tokenizer) are kept. Returns the names of the files written.
     """
-    cfg = model.config
-    model_type = model_type or default_model_type(cfg)
-    rows, zeroed = export_plan(model, zero_gated=zero_gated)
-    out_cfg = cfg.replace(n_layers=len(rows))
+    model_type = model_type or default_model_type(model.config)
+    folded = export_plan(model, zero_gated=zero_gated, drop_adapters=drop_adapters)
+    out_cfg = folded.config
+    if out_cfg.bias and not model.config.bias and model_type not in ("llama", "gpt2"):
+        raise HFError(
+            f"cannot export to {model_type}: the recovery adapters' biases fold "
+            "into MLP biases, which it does not have; export as model_type='llama' "
+            "(attention_bias / mlp_bias) or pass drop_adapters=True"
+        )
     config = to_hf(out_cfg, model_type)
     family = tensor_map.hf_family(model_type)
     prefix = tensor_map.PREFIXES[family][0]
-    params = model.params
+    top = {"embed": folded.embed, "head": folded.head}
     _check_target(path, overwrite)
 
     def leaf(leaf_path, layer):
-        array = tensor_map.leaf_at(params, leaf_path)
         if layer is None:
-            return np.asarray(array)
-        if leaf_path[1:3] in (_OUTPUTS["attn"], _OUTPUTS["mlp"]):
-            sublayer = leaf_path[1]
-            if layer in zeroed[sublayer]:
-                return np.zeros(array.shape[1:], np.float32)
-        return np.asarray(array[int(rows[layer])])
+            return np.asarray(tensor_map.leaf_at(top, leaf_path))
+        return np.asarray(folded.leaf(layer, leaf_path[1:]))
+
+    def shape(leaf_path, layer):
+        if layer is None:
+            return np.shape(tensor_map.leaf_at(top, leaf_path))
+        return folded.shape(leaf_path[1:])
 
     items = []
+    n_layers = out_cfg.n_layers
     for rule in tensor_map.rules_for(out_cfg, model_type):
-        for layer in range(len(rows)) if rule.per_layer else [None]:
-            structs = [
-                jax.ShapeDtypeStruct(
-                    np.shape(tensor_map.leaf_at(params, p))[1 if layer is not None else 0 :],
-                    np.float32,
-                )
-                for p in rule.leaves
-            ]
+        for layer in range(n_layers) if rule.per_layer else [None]:
+            structs = [jax.ShapeDtypeStruct(shape(p, layer), np.float32) for p in rule.leaves]
             nbytes = int(np.prod(jax.eval_shape(rule.to_hf, *structs).shape)) * 4
             make = lambda rule=rule, layer=layer: rule.to_hf(
                 *(leaf(p, layer) for p in rule.leaves)

@@ -9,6 +9,10 @@ derives each HF tensor's expected shape from our parameter shapes that way).
 
 HF linear weights are [out, in]; our kernels are [in, ...out]: q [D,H,Dh], k/v [D,K,Dh],
 o [H,Dh,D], gate/up [D,F], down [F,D]. GPT-2's Conv1D weights are already [in, out].
+
+Decoder families differ in names and packing only: Gemma stores RMSNorm weights w of a
+(1 + w) norm (we keep the scale 1 + w), OLMo 2 normalizes whole q/k projections, Phi-3
+fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`.
 """
 
 from __future__ import annotations
@@ -140,39 +144,110 @@ def _norm(name, path, *, bias: bool):
     return rules + ([_same(f"{name}.bias", path + ("bias",))] if bias else [])
 
 
-def _llama_rules(cfg: ModelConfig) -> list[TensorRule]:
-    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+def _offset_norm(name, path):
+    """Gemma's RMSNorm computes x * (1 + w): HF stores w, we keep the scale 1 + w."""
+    return TensorRule(
+        f"{name}.weight", (path + ("scale",),), lambda w: (w + 1.0,), lambda s: s - 1.0
+    )
+
+
+def _reshaped(name, leaf, shape):
+    """A flat HF vector [prod(shape)] <-> our leaf of `shape` (OLMo 2's q/k norms)."""
+    return TensorRule(name, (leaf,), lambda w: (w.reshape(shape),), lambda x: x.reshape(-1))
+
+
+def _fused_rows(name, leaves, splits, to_leaf, from_leaf):
+    """One HF linear weight [sum(splits), D] whose row blocks are several of our kernels."""
+    bounds = np.cumsum([0, *splits])
+    return TensorRule(
+        name,
+        leaves,
+        lambda w: tuple(to_leaf(j, w[bounds[j] : bounds[j + 1]]) for j in range(len(splits))),
+        lambda *ks: _concat([from_leaf(j, k) for j, k in enumerate(ks)], 0),
+    )
+
+
+# Per-layer norms of each decoder placement: HF module name -> our norm.
+_LAYER_NORMS = {
+    "pre": (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")),
+    "peri": (
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "attn_out_norm"),
+        ("pre_feedforward_layernorm", "mlp_norm"),
+        ("post_feedforward_layernorm", "mlp_out_norm"),
+    ),
+    "out": (
+        ("post_attention_layernorm", "attn_out_norm"),
+        ("post_feedforward_layernorm", "mlp_out_norm"),
+    ),
+}
+OFFSET_NORM_TYPES = ("gemma2", "gemma3_text")  # (1 + w) RMSNorm
+
+
+def _decoder_rules(cfg: ModelConfig, model_type: str) -> list[TensorRule]:
+    """Llama and the decoder families built like it (Mistral, Qwen, Gemma, OLMo 2, Phi-3)."""
+    H, K, Dh, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     L = "{p}layers.{i}."
-    rules = [
-        _same("{p}embed_tokens.weight", ("embed", "tok", "embedding")),
-        *_norm(L + "input_layernorm", _blocks("attn_norm"), bias=False),
-    ]
-    for proj, heads in (("q", H), ("k", K), ("v", K)):
+    norm = (
+        (lambda name, path: _offset_norm(name, path))
+        if model_type in OFFSET_NORM_TYPES
+        else (lambda name, path: _norm(name, path, bias=False)[0])
+    )
+    rules = [_same("{p}embed_tokens.weight", ("embed", "tok", "embedding"))]
+    rules += [norm(L + hf, _blocks(ours)) for hf, ours in _LAYER_NORMS[cfg.norm_placement]]
+    attn = lambda *path: _blocks("attn", *path)
+    if model_type == "phi3":
         rules.append(
-            _heads_in(
-                f"{L}self_attn.{proj}_proj.weight", _blocks("attn", proj, "kernel"), heads, Dh
+            _fused_rows(
+                f"{L}self_attn.qkv_proj.weight",
+                tuple(attn(p, "kernel") for p in "qkv"),
+                (H * Dh, K * Dh, K * Dh),
+                lambda j, w: w.T.reshape(w.shape[1], (H, K, K)[j], Dh),
+                lambda j, k: k.reshape(k.shape[0], -1).T,
             )
         )
-        if cfg.qkv_bias:
+    else:
+        for proj, heads in (("q", H), ("k", K), ("v", K)):
             rules.append(
-                _heads_bias(
-                    f"{L}self_attn.{proj}_proj.bias", _blocks("attn", proj, "bias"), heads, Dh
-                )
+                _heads_in(f"{L}self_attn.{proj}_proj.weight", attn(proj, "kernel"), heads, Dh)
             )
-    rules.append(_heads_out(f"{L}self_attn.o_proj.weight", _blocks("attn", "o", "kernel"), H, Dh))
-    if cfg.bias:
-        rules.append(_same(f"{L}self_attn.o_proj.bias", _blocks("attn", "o", "bias")))
-    if cfg.qk_norm:
+    if cfg.qkv_bias:
         rules += [
-            _same(f"{L}self_attn.{n}.weight", _blocks("attn", n, "scale"))
-            for n in ("q_norm", "k_norm")
+            _heads_bias(f"{L}self_attn.{proj}_proj.bias", attn(proj, "bias"), heads, Dh)
+            for proj, heads in (("q", H), ("k", K), ("v", K))
         ]
-    rules += _norm(L + "post_attention_layernorm", _blocks("mlp_norm"), bias=False)
-    for proj in ("gate", "up", "down"):
-        rules.append(_transposed(f"{L}mlp.{proj}_proj.weight", _blocks("mlp", proj, "kernel")))
-        if cfg.bias:
-            rules.append(_same(f"{L}mlp.{proj}_proj.bias", _blocks("mlp", proj, "bias")))
-    rules += _norm("{p}norm", ("head", "norm"), bias=False)
+    rules.append(_heads_out(f"{L}self_attn.o_proj.weight", attn("o", "kernel"), H, Dh))
+    if cfg.bias:
+        rules.append(_same(f"{L}self_attn.o_proj.bias", attn("o", "bias")))
+    if cfg.qk_norm == "head":
+        rules += [norm(f"{L}self_attn.{n}", attn(n)) for n in ("q_norm", "k_norm")]
+    elif cfg.qk_norm == "full":
+        rules += [
+            _reshaped(f"{L}self_attn.{n}.weight", attn(n, "scale"), (heads, Dh))
+            for n, heads in (("q_norm", H), ("k_norm", K))
+        ]
+    mlp = lambda *path: _blocks("mlp", *path)
+    if model_type == "phi3":
+        rules.append(
+            _fused_rows(
+                f"{L}mlp.gate_up_proj.weight",
+                (mlp("gate", "kernel"), mlp("up", "kernel")),
+                (F, F),
+                lambda j, w: w.T,
+                lambda j, k: k.T,
+            )
+        )
+        rules.append(_transposed(f"{L}mlp.down_proj.weight", mlp("down", "kernel")))
+    else:
+        rules += [
+            _transposed(f"{L}mlp.{proj}_proj.weight", mlp(proj, "kernel"))
+            for proj in ("gate", "up", "down")
+        ]
+    if cfg.bias:
+        rules += [
+            _same(f"{L}mlp.{proj}_proj.bias", mlp(proj, "bias")) for proj in ("gate", "up", "down")
+        ]
+    rules.append(norm("{p}norm", ("head", "norm")))
     return rules
 
 
@@ -226,6 +301,7 @@ def _bert_rules(cfg: ModelConfig) -> list[TensorRule]:
 
 
 def hf_family(model_type: str) -> str:
+    """The naming family: "gpt2", "bert", or "llama" for every decoder built like it."""
     return model_type if model_type in ("gpt2", "bert") else "llama"
 
 
@@ -235,7 +311,10 @@ LM_HEAD = _transposed("lm_head.weight", ("head", "out", "kernel"))
 def rules_for(cfg: ModelConfig, model_type: str) -> list[TensorRule]:
     """Every tensor of the HF checkpoint of `cfg` (lm_head only when embeddings are untied)."""
     family = hf_family(model_type)
-    rules = {"llama": _llama_rules, "gpt2": _gpt2_rules, "bert": _bert_rules}[family](cfg)
+    if family == "llama":
+        rules = _decoder_rules(cfg, model_type)
+    else:
+        rules = {"gpt2": _gpt2_rules, "bert": _bert_rules}[family](cfg)
     if family != "bert" and not cfg.tie_embeddings:
         rules.append(LM_HEAD)
     return rules

@@ -33,7 +33,7 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
 def sublayer_matmul_params(cfg: ModelConfig) -> tuple[int, int]:
     """(attention, MLP) weights one step's sublayers pass every token through."""
     D, Dh, H, K, F = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
-    return D * (H + 2 * K) * Dh + H * Dh * D, (3 if cfg.mlp == "swiglu" else 2) * D * F
+    return D * (H + 2 * K) * Dh + H * Dh * D, (3 if cfg.mlp in ("swiglu", "geglu") else 2) * D * F
 
 
 def matmul_params_per_token(cfg: ModelConfig, depth: int | None = None) -> int:

@@ -2,13 +2,15 @@
 environment (torch + transformers, see requirements.txt), never imports depthjax.
 
     python make_reference.py make OUT        tiny random models of every family, saved with
-                                             transformers, plus inputs and expected outputs
+                                             transformers, plus inputs, expected outputs and
+                                             (decoders) greedy continuations of a
+                                             left-padded batch
     python make_reference.py run MANIFEST    load the directories a manifest lists with
                                              transformers and write their outputs
 
 Manifests are JSON: {case: {"dir", "kind": "causal"|"encoder"|"sentence", "inputs": npz
-file, "expected": npy file}}; `make` writes OUT/manifest.json, `run` writes
-<dir>/transformers_out.npy for each case.
+file, "expected": npy file}} (causal cases also "generate": {"prompt", "mask", "expected"});
+`make` writes OUT/manifest.json, `run` writes <dir>/transformers_out.npy for each case.
 """
 
 from __future__ import annotations
@@ -49,6 +51,77 @@ def _llama_like(cls, **kw):
         max_position_embeddings=64,
     )
     return cls(**{**base, **kw})
+
+
+# Today's families. Windows are shorter than SEQ and rope scaling acts at the tested
+# positions (llama3/yarn change every frequency table; dynamic NTK and longrope switch on
+# because SEQ exceeds max_position_embeddings / original_max_position_embeddings).
+WINDOW = 5
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW)
+MODERN = {
+    "llama3": lambda: _llama_like(
+        tf.LlamaConfig,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ),
+    "llama_yarn": lambda: _llama_like(
+        tf.LlamaConfig,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "llama_dynamic": lambda: _llama_like(
+        tf.LlamaConfig,
+        max_position_embeddings=8,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    ),
+    "mistral_window": lambda: _llama_like(tf.MistralConfig, sliding_window=WINDOW),
+    "qwen2_window": lambda: _llama_like(
+        tf.Qwen2Config,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    ),
+    "gemma2": lambda: _llama_like(
+        tf.Gemma2Config, **_GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=3.0
+    ),
+    "gemma3": lambda: _llama_like(
+        tf.Gemma3TextConfig,
+        **_GEMMA,
+        num_hidden_layers=4,
+        sliding_window_pattern=3,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    "olmo2": lambda: _llama_like(tf.Olmo2Config, pad_token_id=0),
+    "phi3": lambda: _llama_like(
+        tf.Phi3Config,
+        sliding_window=WINDOW + 1,
+        pad_token_id=0,
+        max_position_embeddings=32,
+        original_max_position_embeddings=8,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.2, 1.5, 2.0],
+            "long_factor": [1.0, 2.0, 4.0, 8.0],
+        },
+    ),
+}
 
 
 CASES = {
@@ -98,6 +171,7 @@ CASES = {
         ),
         "encoder",
     ),
+    **{name: (factory, "causal") for name, factory in MODERN.items()},
 }
 
 
@@ -129,6 +203,33 @@ def _forward(model, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
             token_type_ids=torch.from_numpy(inputs["token_types"]).long(),
         )
         return out.last_hidden_state.float().numpy()
+
+
+NEW_TOKENS = 10
+
+
+def _greedy(model) -> dict:
+    """Greedy continuations of a left-padded prompt batch (the layout transformers wants)."""
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, VOCAB, (2, 7)).astype(np.int64)
+    mask = np.ones_like(prompt)
+    mask[1, :3] = 0
+    prompt[1, :3] = 0
+    with torch.no_grad():
+        ids = model.generate(
+            input_ids=torch.from_numpy(prompt),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return {
+        "prompt": prompt.tolist(),
+        "mask": mask.tolist(),
+        "expected": ids[:, prompt.shape[1] :].tolist(),
+    }
 
 
 def _tokenizer(directory: str) -> dict:
@@ -176,6 +277,8 @@ def make(out: str) -> None:
             "inputs": os.path.join(directory, "inputs.npz"),
             "expected": os.path.join(directory, "expected.npy"),
         }
+        if kind == "causal":
+            manifest[case]["generate"] = _greedy(model)
         if case == "llama":  # the same weights again, sharded, with a tokenizer
             sharded = os.path.join(out, "llama_sharded")
             model.save_pretrained(sharded, max_shard_size="200KB")
