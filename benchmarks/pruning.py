@@ -17,7 +17,7 @@ import numpy as np
 
 import depthjax as dj
 from common import clock_name, model_from_args, timed_interleaved
-from depthjax.metrics.batches import nll_sums
+from depthjax.loss import nll_sums
 from depthjax.train.flops import forward_flops_per_token
 
 

@@ -16,3 +16,12 @@ def tokens():
 @pytest.fixture(scope="session")
 def llama():
     return dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop jax's compiled executables after each test module. XLA:CPU maps each one's code
+    into its own memory regions; a process that keeps thousands of them (the whole suite in
+    one pytest run) ends with LLVM failing to map more and segfaulting inside a compile."""
+    yield
+    jax.clear_caches()

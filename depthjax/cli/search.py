@@ -82,7 +82,8 @@ def _search(args) -> int:
     shape = (args.batch_size, args.seq_len)
     if not args.budget.startswith("latency="):
         parse_budget(args.budget, None, shape)  # bad flags fail before the model loads
-    model, calib, evals = load_with_data(args)
+    data = load_with_data(args)
+    model, calib, evals = data.model, data.calib, data.evals
     budget = parse_budget(args.budget, model, shape)
     print(
         f"[search] {model!r}".splitlines()[0] + f"; {args.strategy}, budget {args.budget}, "

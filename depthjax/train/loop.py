@@ -75,7 +75,7 @@ def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> Non
 def _initial_model(tc: TrainConfig) -> tuple:
     """(config, program, params init fn or loaded params) for a fresh run."""
     if tc.init_from:
-        model = native_ckpt.load(tc.init_from)
+        model = native_ckpt.load_model(tc.init_from)  # native or Hugging Face
         cfg = model.config.replace(**tc.model_overrides) if tc.model_overrides else model.config
         native_ckpt.check_params(cfg, model.params)
         return cfg, model.program, model.params
