@@ -92,7 +92,10 @@ def _rows(batches) -> tuple[dict, ...]:
     """Batches as dicts of numpy arrays: tokens and mask checked by `as_batches`, extra
     arrays kept (their leading axis must be the batch's rows)."""
     items = batches if isinstance(batches, (list, tuple)) else [batches]
-    checked = as_batches(items)
+    # as_batches checks tokens and mask (and refuses other keys, which metrics ignore)
+    checked = as_batches(
+        [{k: b[k] for k in ("tokens", "mask") if k in b} if isinstance(b, dict) else b for b in items]
+    )
     out = []
     for i, (raw, b) in enumerate(zip(items, checked)):
         row = {"tokens": b.tokens, "mask": b.mask}
