@@ -72,7 +72,7 @@ def _cell(text: str) -> str:
 
 
 def _objective(args) -> str:
-    """"loss" or "task" from --objective and --task (a JSONL --objective sets args.task)."""
+    """ "loss" or "task" from --objective and --task (a JSONL --objective sets args.task)."""
     objective = args.objective
     if objective not in (None, "loss", "task"):
         if not objective.endswith(".jsonl"):

@@ -93,9 +93,8 @@ def _rows(batches) -> tuple[dict, ...]:
     arrays kept (their leading axis must be the batch's rows)."""
     items = batches if isinstance(batches, (list, tuple)) else [batches]
     # as_batches checks tokens and mask (and refuses other keys, which metrics ignore)
-    checked = as_batches(
-        [{k: b[k] for k in ("tokens", "mask") if k in b} if isinstance(b, dict) else b for b in items]
-    )
+    plain = lambda b: {k: b[k] for k in ("tokens", "mask") if k in b} if isinstance(b, dict) else b
+    checked = as_batches([plain(b) for b in items])
     out = []
     for i, (raw, b) in enumerate(zip(items, checked)):
         row = {"tokens": b.tokens, "mask": b.mask}
