@@ -455,3 +455,140 @@ def test_router_keeps_part_of_the_oracle_gain(model):
     assert gains["router"] == pytest.approx(gains["class oracle"])
     with pytest.raises(search.SearchError, match="k must be"):
         search.fit_router(per, data, k=9)
+
+
+# -- task objectives (depthjax.eval tasks: task.measure(model, programs) -> [K]) ----------
+TASK_EXAMPLES = [
+    {"context": "def f(x):", "choices": [" return x", " pass"], "label": 0},
+    {"context": "import ", "choices": ["os", "numpy"], "label": 1},
+    {"context": "for i in", "choices": [" range(3):", " x:"], "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def task():
+    # nll: a continuous measure, so rankings have no ties
+    return dj.eval.MultipleChoice(TASK_EXAMPLES, metric="nll", name="tiny_mc")
+
+
+class Recording:
+    """A task that records the programs of every measure call it gets."""
+
+    def __init__(self, task):
+        self.task, self.name, self.calls = task, task.name, []
+
+    def measure(self, model, programs):
+        self.calls.append(None if programs is None else tuple(programs.block.shape))
+        return self.task.measure(model, programs)
+
+
+def test_task_search_equals_enumeration(model, task):
+    """Drops only, budget 2 of 4 steps: the beam scores every subset of steps, each chunk of
+    padded programs in one task.measure call; every score equals the task's measure of that
+    subset's model alone (removed steps gated off), and the ranking is theirs."""
+    rec = Recording(task)
+    res = search.run(model, rec, budget=2, moves=("drop",), strategy=search.Beam(width=4), **KW)
+    assert set(rec.calls) == {(KW["chunk"], KW["max_depth"])}  # [chunk, max_depth] batches
+    assert res.generations > 1 and len(rec.calls) < res.evaluated
+    subsets = [s for r in range(1, 5) for s in itertools.combinations(range(4), r)]
+
+    def alone(s):
+        off = [i for i in range(4) if i not in s]
+        return task.measure(D.drop_sublayers(model, attn=off, mlp=off), None)[0]
+
+    want = {s: alone(s) for s in subsets}
+    assert sorted(f.candidate.steps for f in res.all) == sorted(subsets)
+    for f in res.all:
+        np.testing.assert_allclose(f.score, want[f.candidate.steps], rtol=1e-5)
+    assert [f.candidate.steps for f in res.ranked] == sorted(
+        (s for s in subsets if len(s) <= 2), key=want.get
+    )
+    assert (res.objective, res.maximize) == ("tiny_mc", False)
+    again = search.rescore(res.ranked[:3], task)  # rescoring by a task: the same values
+    np.testing.assert_allclose(again, [f.score for f in res.ranked[:3]], rtol=1e-5)
+
+
+def test_task_search_with_per_step_params(model, task):
+    """Recovery adapters (params["steps"]) travel with their steps, which one batch of
+    programs on one model cannot express: each candidate model is measured alone. The beam
+    over swaps reaches every order of the 3 steps; each score equals the task's measure of
+    that order as dj.depth.reorder builds it, and the ranking is theirs."""
+    healed = dj.recover(D.drop(model, [1]), model, BATCHES, method="bias")
+    assert "adapter" in healed.params["steps"]
+    rec = Recording(task)
+    res = search.run(healed, rec, moves=("swap",), strategy=search.Beam(width=2), **KW)
+    assert set(rec.calls) == {None} and len(rec.calls) == res.evaluated
+    orders = list(itertools.permutations(range(3)))
+    assert sorted(f.candidate.steps for f in res.all) == orders
+    want = {s: task.measure(D.reorder(healed, list(s)), None)[0] for s in orders}
+    for f in res.all:
+        np.testing.assert_allclose(f.score, want[f.candidate.steps], rtol=1e-5)
+    assert [f.candidate.steps for f in res.ranked] == sorted(orders, key=want.get)
+    # the swapped program over adapters left in place (what one batch of programs would
+    # run) is another model: scoring it would be wrong
+    swap = next(f for f in res.all if f.candidate.steps == (1, 0, 2))
+    unmoved = task.measure(healed, swap.program)[0]
+    assert abs(unmoved - swap.score) > 1e-3
+
+
+class Constant:
+    name = "constant"
+
+    def measure(self, model, programs):
+        return np.zeros(2)  # not one value per program
+
+
+def test_task_objective_errors(model, task):
+    with pytest.raises(search.SearchError, match="a task has its own data"):
+        search.run(model, task, batches=BATCHES)
+    with pytest.raises(search.SearchError, match="per_example=True.*one value per program"):
+        search.run(model, task, per_example=True)
+    with pytest.raises(search.SearchError, match="prior='gradient'.*task 'tiny_mc'"):
+        search.run(model, task, prior="gradient")
+    with pytest.raises(search.SearchError, match="shape \\(2,\\) for 4 programs"):
+        search.run(model, Constant(), moves=("drop",), **KW)
+    with pytest.raises(search.SearchError, match="needs an object with .measure"):
+        search.TaskObjective(object())
+
+
+def test_search_cli_by_task(model, task, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from depthjax import cli
+
+    dj.save(model, tmp_path / "ck")
+    path = tmp_path / "tiny_mc.jsonl"
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in TASK_EXAMPLES))
+    data = ["--model", str(tmp_path / "ck"), "--batches", "1", "--batch-size", "2"]
+    data += ["--seq-len", "8", "--task", str(path), "--task-metric", "nll"]
+    # the default moves: padded depth 6 and chunk 4, as KW, so compiles are shared
+    out = tmp_path / "out"
+    argv = ["search", *data, "--budget", "steps=75%", "--top", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["objective"] == "tiny_mc" and res["task"]["measure"] == "nll"
+    assert res["task"]["ranked"] == [f["score"] for f in res["ranked"][:2]]
+    assert len(res["validation"]["ranked"]) == 2  # held-out loss beside the task
+    best = D.from_spec(model, yaml.safe_load((out / "specs" / "rank01.yaml").read_text()))
+    np.testing.assert_allclose(task.measure(best, None)[0], res["ranked"][0]["score"], rtol=1e-5)
+    table = (out / "results.md").read_text()
+    assert "| rank | tiny_mc (nll) | loss (validation) |" in table
+    assert (out / "pareto.png").stat().st_size > 1000
+    # searched by loss, the task's measure is reported beside it
+    argv = ["search", *data, "--objective", "loss", "--budget", "steps=75%", "--top", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "by_loss")]) == 0
+    res = json.loads((tmp_path / "by_loss" / "results.json").read_text())
+    assert res["objective"] == "loss" and len(res["task"]["ranked"]) == 2
+    assert "| tiny_mc (nll) |" in (tmp_path / "by_loss" / "results.md").read_text()
+    capsys.readouterr()
+    plain = data[:-4]  # without --task
+    for argv, msg in (
+        ([*plain, "--objective", "task"], "needs --task"),
+        ([*plain, "--objective", "accuracy"], "expected loss, task"),
+        ([*data, "--prior", "gradient"], "--prior gradient"),
+        ([*data, "--objective", str(tmp_path / "other.jsonl")], "give one task"),
+    ):
+        assert cli.main(["search", *argv, "--out", str(tmp_path / "x")]) == 2
+        assert msg in capsys.readouterr().err

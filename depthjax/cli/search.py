@@ -1,7 +1,8 @@
 """`depthjax search`: find the best depth programs of a model under a budget.
 
     depthjax search --model DIR --budget steps=6 --out DIR
-                    [--objective loss] [--strategy greedy|beam|evolutionary|mcts]
+                    [--task TASK.jsonl] [--objective loss|task|TASK.jsonl]
+                    [--strategy greedy|beam|evolutionary|mcts]
                     [--moves drop,drop_sublayer,repeat,swap,parallelize] [--prior gradient]
                     [--top 10] [--key 0]
 
@@ -9,8 +10,12 @@ Budgets: steps=N (active steps), flops=X (forward FLOPs per token at --seq-len),
 (KV-cache bytes per token), latency=X (seconds, from a latency model measured on this
 device), each also as a share of the start program (flops=75%), or none.
 
-The search scores programs on calibration text (the embedded corpus's train split); the
-top programs are rescored on held-out text (its validation split). Writes to --out:
+The search scores programs by next-token loss on calibration text (the embedded corpus's
+train split, or --data), or with --task (--objective task, the default when a task is
+given; `--objective T.jsonl` is short for `--task T.jsonl`) by the task's measure on the
+task's own data (lower is better: 1 - accuracy, nats/token, ...). The top programs are
+rescored by loss on held-out text (the validation split; causal models) and by the task's
+measure when a task is given. Writes to --out:
 specs/rank01.yaml ... (slice specs: `depthjax depth --in MODEL --spec FILE`), results.md
 (table), results.json and pareto.png (score vs cost of every program scored).
 """
@@ -66,6 +71,38 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _objective(args) -> str:
+    """ "loss" or "task" from --objective and --task (a JSONL --objective sets args.task)."""
+    objective = args.objective
+    if objective not in (None, "loss", "task"):
+        if not objective.endswith(".jsonl"):
+            raise UsageError(
+                f"--objective {objective!r}: expected loss, task (with --task) or a task "
+                "file T.jsonl"
+            )
+        if args.task and args.task != objective:
+            raise UsageError(f"--objective {objective} and --task {args.task}: give one task")
+        args.task, objective = objective, "task"
+    objective = objective or ("task" if args.task else "loss")
+    if objective == "task" and not args.task:
+        raise UsageError("--objective task needs --task T.jsonl (the task to search by)")
+    if objective == "task" and args.prior:
+        raise UsageError(
+            f"--prior {args.prior}: priors come from gate derivatives of the loss, which a "
+            "task search does not compute; drop --prior or search by --objective loss"
+        )
+    return objective
+
+
+def _task_label(task) -> str:
+    """What a task's measure is (lower is better)."""
+    metric = getattr(task, "metric", None)
+    if metric:
+        return metric if metric == "nll" else f"1 - {metric}"
+    known = {"Perplexity": "nats/token", "ExactMatch": "1 - exact match"}
+    return known.get(type(task).__name__, "measure")
+
+
 def _search(args) -> int:
     import jax
     import yaml
@@ -74,26 +111,23 @@ def _search(args) -> int:
     from ..depth import to_spec
 
     moves = tuple(m.strip() for m in args.moves.split(",") if m.strip())
-    if args.objective != "loss":
-        raise UsageError(
-            f"--objective {args.objective!r}: only 'loss' is available "
-            "(task objectives come with depthjax.eval)"
-        )
+    objective = _objective(args)
     shape = (args.batch_size, args.seq_len)
     if not args.budget.startswith("latency="):
         parse_budget(args.budget, None, shape)  # bad flags fail before the model loads
     data = load_with_data(args)
-    model, calib, evals = data.model, data.calib, data.evals
+    model, calib, evals, task = data.model, data.calib, data.evals, data.task
     budget = parse_budget(args.budget, model, shape)
+    by = f"task {task.name}" if objective == "task" else "loss"
     print(
-        f"[search] {model!r}".splitlines()[0] + f"; {args.strategy}, budget {args.budget}, "
-        f"moves {','.join(moves)}",
+        f"[search] {model!r}".splitlines()[0] + f"; by {by}, {args.strategy}, "
+        f"budget {args.budget}, moves {','.join(moves)}",
         flush=True,
     )
     res = search.run(
         model,
-        "loss",
-        batches=calib,
+        task if objective == "task" else "loss",
+        batches=None if objective == "task" else calib,
         budget=budget,
         strategy=args.strategy,
         moves=moves,
@@ -106,36 +140,49 @@ def _search(args) -> int:
             f"no program scored fits the budget {res.budget}; loosen --budget or "
             "allow moves that lower the cost (drop, drop_sublayer)"
         )
-    held_out = search.rescore([res.start] + top, "loss", batches=evals)
+    found = [res.start] + top
+    # columns of the table: (header, [start, rank 1, ...])
+    scored_on = "task" if objective == "task" else "calibration"
+    label = f"{res.objective} ({_task_label(task) if objective == 'task' else scored_on})"
+    columns = [(label, [f.score for f in found])]
+    held_out = task_values = None
+    if model.config.causal:
+        held_out = search.rescore(found, "loss", batches=evals)
+        columns.append(("loss (validation)", held_out.tolist()))
+    if task is not None and objective != "task":
+        task_values = search.rescore(found, task)
+        columns.append((f"{task.name} ({_task_label(task)})", task_values.tolist()))
+    elif task is not None:
+        task_values = [f.score for f in found]
     print(res.table(args.top))
     out = Path(args.out)
     (out / "specs").mkdir(parents=True, exist_ok=True)
+
+    def cells(i: int) -> str:
+        return " | ".join(f"{values[i]:.4f}" for _, values in columns)
+
     rows = []
-    for i, (f, valid) in enumerate(zip(top, held_out[1:]), 1):
+    for i, f in enumerate(top, 1):
+        summary = ", ".join(f"{head} {values[i]:.4f}" for head, values in columns)
         spec = to_spec(
             f.model(),
-            description=f"depthjax search rank {i}: {res.objective} "
-            f"{f.score:.4f} (calibration), {valid:.4f} "
-            f"(validation), cost {f.cost:g} {res.cost_unit}",
+            description=f"depthjax search rank {i}: {summary}, cost {f.cost:g} {res.cost_unit}",
         )
         (out / "specs" / f"rank{i:02d}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        rows.append(
-            f"| {i} | {f.score:.4f} | {valid:.4f} | {f.cost:.4g} | {f.depth} "
-            f"| `{_cell(f.describe())}` |"
-        )
+        rows.append(f"| {i} | {cells(i)} | {f.cost:.4g} | {f.depth} | `{_cell(f.describe())}` |")
+    heads = " | ".join(head for head, _ in columns)
     table = "\n".join(
         [
             f"# depthjax search: {args.model}",
             "",
-            f"{res.strategy}, budget {res.budget}, moves {', '.join(moves)}; "
+            f"{res.strategy} by {res.objective}, budget {res.budget}, moves {', '.join(moves)}; "
             f"{res.evaluated} programs "
             f"scored in {res.generations} generations ({res.seconds:.1f}s).",
             "",
-            f"| rank | {res.objective} (calibration) | {res.objective} (validation) "
-            f"| cost ({res.cost_unit}) "
+            f"| rank | {heads} | cost ({res.cost_unit}) "
             "| depth | program (start steps; a/m: only attn/mlp; \\|: parallel) |",
-            "|---|---|---|---|---|---|",
-            f"| start | {res.start.score:.4f} | {held_out[0]:.4f} | {res.start.cost:.4g} | "
+            "|---|" + "---|" * len(columns) + "---|---|---|",
+            f"| start | {cells(0)} | {res.start.cost:.4g} | "
             f"{res.start.depth} | `{_cell(res.start.describe())}` |",
             *rows,
             "",
@@ -143,10 +190,24 @@ def _search(args) -> int:
     )
     (out / "results.md").write_text(table)
     data = res.to_dict()
-    data["validation"] = {"start": float(held_out[0]), "ranked": held_out[1:].tolist()}
+    if held_out is not None:
+        data["validation"] = {"start": float(held_out[0]), "ranked": held_out[1:].tolist()}
+    if task is not None:
+        data["task"] = {
+            "name": task.name,
+            "measure": _task_label(task),
+            "start": float(task_values[0]),
+            "ranked": [float(v) for v in task_values[1:]],
+        }
     report.write_json(data, out / "results.json")
     res.plot(out / "pareto.png")
-    print(f"validation loss: start {held_out[0]:.4f}, best {held_out[1]:.4f}")
+    if held_out is not None:
+        print(f"validation loss: start {held_out[0]:.4f}, best {held_out[1]:.4f}")
+    if task is not None:
+        print(
+            f"task {task.name} ({_task_label(task)}): start {task_values[0]:.4f}, "
+            f"best {task_values[1]:.4f}"
+        )
     print(f"wrote {out}/results.md, results.json, pareto.png and {len(top)} specs in {out}/specs")
     return 0
 
@@ -165,7 +226,12 @@ def add_command(sub) -> None:
         help="steps=N | flops=X | kv=X | latency=X "
         "(X absolute or a percentage of the start, e.g. flops=75%%) | none",
     )
-    p.add_argument("--objective", default="loss", help="what to minimize (default: loss)")
+    p.add_argument(
+        "--objective",
+        default=None,
+        help="loss | task (the --task's measure) | T.jsonl (short for --task T.jsonl); "
+        "default: task when --task is given, else loss",
+    )
     p.add_argument(
         "--strategy", default="greedy", choices=["greedy", "beam", "evolutionary", "mcts"]
     )

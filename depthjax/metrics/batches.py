@@ -21,13 +21,14 @@ class Batch(NamedTuple):
 
 def as_batches(batches, vocab_size: int | None = None) -> list[Batch]:
     """Accept one token array [B, T], or an iterable of token arrays or of dicts with
-    "tokens" and an optional padding "mask" (1 = real token). With `vocab_size`, every
-    token id must be in 0..vocab_size-1. Other dict keys (e.g. "token_types") raise
-    MetricError: metrics would silently ignore them."""
+    "tokens" and an optional padding "mask" (1 = real token), or the Batches this returns.
+    With `vocab_size`, every token id must be in 0..vocab_size-1. Other dict keys (e.g.
+    "token_types") raise MetricError: metrics would silently ignore them."""
     if isinstance(batches, (np.ndarray, jnp.ndarray)) or isinstance(batches, dict):
         batches = [batches]
     out = []
     for i, b in enumerate(batches if isinstance(batches, Iterable) else [batches]):
+        b = b._asdict() if isinstance(b, Batch) else b
         tokens, mask = (b.get("tokens"), b.get("mask")) if isinstance(b, dict) else (b, None)
         extra = sorted(set(b) - set(_KEYS)) if isinstance(b, dict) else []
         if extra:

@@ -7,6 +7,7 @@ forward (programs of different depths pad with gated-off steps, which are exact 
     res.best.score, res.best.cost, res.best.model()    # the best program within budget
     res.pareto()                                       # score vs cost front
     per = dj.search.run(model, objective, per_example=True)   # a program per input row
+    dj.search.run(model, dj.eval.load_task("t.jsonl"), budget=6)  # scored by a task
 
 Modules: space (candidates and moves), budget (costs), objective (what is scored),
 evaluate (batched scoring), strategies (greedy, beam, evolutionary, MCTS), result,
@@ -15,7 +16,7 @@ driver (run, rescore), router (a classifier from inputs to per-example programs)
 
 from .budget import Budget, LatencyModel, active_steps
 from .driver import PRIORS, rescore, run
-from .objective import Objective, as_objective, logits, loss
+from .objective import Objective, TaskObjective, as_objective, logits, loss
 from .result import Found, PerExampleResult, SearchResult, pareto_front
 from .router import Router, fit_router, routing_gain
 from .space import MOVES, Candidate, SearchError, Space
@@ -39,6 +40,7 @@ __all__ = [
     "SearchError",
     "SearchResult",
     "Space",
+    "TaskObjective",
     "active_steps",
     "as_objective",
     "logits",

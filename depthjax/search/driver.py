@@ -14,7 +14,7 @@ from ..metrics.gates import gate_derivatives, taylor_estimate
 from ..model import DepthModel
 from .budget import as_budget
 from .evaluate import Evaluator
-from .objective import Objective, as_objective
+from .objective import Objective, TaskObjective, as_objective
 from .result import Found, PerExampleResult, SearchResult
 from .space import MOVES, Candidate, SearchError, Space
 from .strategies import Problem, as_strategy
@@ -41,6 +41,12 @@ def _prior(space: Space, objective: Objective, kind):
         raise SearchError(f"prior must be one of {PRIORS}, got {kind!r}")
     if kind is None:
         return None
+    if isinstance(objective, TaskObjective):
+        raise SearchError(
+            f"prior={kind!r} estimates scores from gate derivatives of a loss on token "
+            f"batches; task {objective.name!r} has none (its measure is not differentiable "
+            "and its data is not token batches): search a task without a prior"
+        )
     model = space.model
     measure = objective.measure if objective.differentiable else loss_measure
     if measure is loss_measure:
@@ -87,7 +93,9 @@ def run(
     score under `budget`.
 
     objective: "loss" (with batches=), a callable on logits (with batches=; see
-        `search.logits`) or a `search.Objective` (`search.loss(batches)`, ...).
+        `search.logits`), a `search.Objective` (`search.loss(batches)`, ...) or a task
+        from depthjax.eval (any object with `.measure(model, programs) -> [K]`, lower is
+        better; scored on its own data; no per_example, no prior).
     budget: None, an int (max active steps) or a `search.Budget` (steps, FLOPs, KV bytes,
         latency, custom).
     strategy: "greedy" | "beam" | "evolutionary" | "mcts", or a configured
@@ -107,8 +115,14 @@ def run(
     """
     t0 = time.perf_counter()
     objective = as_objective(objective, batches)
-    if objective.measure is loss_measure:
+    if getattr(objective, "measure", None) is loss_measure:
         require_causal(model, "objective 'loss'")
+    if per_example and isinstance(objective, TaskObjective):
+        raise SearchError(
+            f"per_example=True scores each input row alone; task {objective.name!r} "
+            "measures a program over its whole data (one value per program): use 'loss' "
+            "or a callable on logits with batches="
+        )
     if per_example and not objective.per_row(model.config.vocab_size):
         raise SearchError(
             f"per_example=True needs an objective with one value per row; "

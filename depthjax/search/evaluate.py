@@ -8,11 +8,13 @@ device, and the host reads the sums once per generation.
 
 Two layouts: pooled (every program on every row of every batch: a search for the whole
 data) and paired (program k on row k only: per-example search, where each example has
-its own candidates).
+its own candidates). A task objective is pooled through the task's own batched scoring
+(`task_scores`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,8 +24,8 @@ import numpy as np
 from ..metrics.coalitions import chunk_size
 from ..model import DepthModel, apply
 from ..program import Program
-from .objective import Objective
-from .space import Candidate, Space
+from .objective import Objective, TaskObjective
+from .space import Candidate, SearchError, Space
 
 
 def candidate_model(model: DepthModel, c: dict) -> DepthModel:
@@ -81,6 +83,44 @@ def _chunks(arrays: dict, C: int):
         yield n, part
 
 
+def alone_task(task, model: DepthModel):
+    """The task to measure candidate models alone by: `task`, or a copy of it whose reference
+    is the start `model` where the task compares a program to its own model's output
+    (Representation without reference=), so that each candidate compares to the start."""
+    if getattr(task, "reference", False) is None and dataclasses.is_dataclass(task):
+        return dataclasses.replace(task, reference=model)
+    return task
+
+
+def task_scores(space: Space, task, cands: list[Candidate], chunk: int) -> np.ndarray:
+    """[K] `task.measure` of each candidate (lower is better).
+
+    Candidates are padded programs on the start model's table: `task.measure(model,
+    programs)` takes them `chunk` at a time as one [chunk, max_depth] batch (the last chunk
+    padded with copies of its first program), so every call reuses the task's compiles.
+    Per-step parameters (params["steps"]) must travel with their steps, which a batch of
+    programs on one model cannot do: then `task.measure(candidate model, None)` scores
+    each candidate alone (one compile per depth; pass `alone_task(task, model)`)."""
+    model, name = space.model, getattr(task, "name", type(task).__name__)
+
+    def checked(values, k: int) -> np.ndarray:
+        values = np.asarray(values, np.float64)
+        if values.shape != (k,):
+            raise SearchError(
+                f"task {name!r} returned values of shape {values.shape} for {k} programs; "
+                "task.measure(model, programs) must give one value per program"
+            )
+        return values
+
+    if model.params.get("steps"):
+        return np.array([checked(task.measure(space.to_model(c), None), 1)[0] for c in cands])
+    out = []
+    for n, part in _chunks(space.pack(cands), chunk):
+        programs = candidate_model(model, part).program  # [chunk, max_depth]
+        out.append(checked(task.measure(model, programs), chunk)[:n])
+    return np.concatenate(out)
+
+
 class Evaluator:
     """Scores candidates (pooled, or paired with examples) and remembers every score.
 
@@ -94,13 +134,17 @@ class Evaluator:
         self.scores: dict = {}
         self.evaluated = 0
         self.forwards = 0
+        typical = -(-max(len(space.neighbours(space.start)), 1) // 8) * 8
+        on_cpu = jax.default_backend() == "cpu"
+        if isinstance(objective, TaskObjective):  # the task bounds its own memory
+            self.chunk = chunk or (4 if on_cpu else typical)
+            self.task = alone_task(objective.task, space.model)
+            return
         # One chunk size for the whole search, so every generation reuses one compile. On an
         # accelerator: the start's neighbourhood (a generation's typical size) rounded up to
         # a multiple of 8, within the memory bound. On CPU, wider batches of programs are no
         # faster per program (benchmarks/search.py), so chunks stay small: less padding.
         cfg, tokens = space.model.config, objective.batches[0]["tokens"]
-        typical = -(-max(len(space.neighbours(space.start)), 1) // 8) * 8
-        on_cpu = jax.default_backend() == "cpu"
         self.chunk = chunk or min(4 if on_cpu else typical, chunk_size(1 << 30, tokens.shape, cfg))
         self.paired_chunk = chunk or min(
             16 if on_cpu else 4 * typical, chunk_size(1 << 30, (1, tokens.shape[1]), cfg)
@@ -116,6 +160,12 @@ class Evaluator:
         """Score the new candidates among `cands` on all of the objective's data."""
         new = list(dict.fromkeys(c for c in cands if c not in self.scores))
         if not new:
+            return
+        if isinstance(self.objective, TaskObjective):
+            values = task_scores(self.space, self.task, new, self.chunk)
+            self.scores.update({c: {"score": float(v)} for c, v in zip(new, values)})
+            self.evaluated += len(new)
+            self.forwards += len(new)  # one pass over the task's data each
             return
         packed = self.space.pack(new)
         C = self.chunk

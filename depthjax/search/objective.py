@@ -15,6 +15,11 @@ row's score / weight. Other keys are reported the same way beside the score.
 
     search.loss(batches)                                 # next-token loss (minimize)
     search.logits(fn, batches, maximize=True)            # any callable on logits
+    search.TaskObjective(dj.eval.load_task("t.jsonl"))   # a task: its own data (minimize)
+
+A task (any object with `.measure(model, programs) -> [K]`, lower is better: the
+depthjax.eval tasks, as depthjax.metrics takes them) scores whole programs on its own
+data, so it is neither per row (no per_example) nor differentiable (no gate priors).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 
 from ..loss import loss_measure
 from ..metrics.batches import as_batches
+from ..metrics.coalitions import is_task
 from .space import SearchError
 
 
@@ -55,11 +61,40 @@ class Objective:
         return -score if self.maximize else score
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskObjective:
+    """A task as the objective: `task.measure(model, programs)` gives [K] values, lower is
+    better, on the task's own data (scored by `evaluate.task_scores`)."""
+
+    task: object
+    name: str = ""
+    maximize: bool = dataclasses.field(default=False, init=False)
+    differentiable: bool = dataclasses.field(default=False, init=False)
+
+    def __post_init__(self):
+        if not is_task(self.task):
+            raise SearchError(
+                f"a task objective needs an object with .measure(model, programs), "
+                f"got {self.task!r}"
+            )
+        if not self.name:
+            name = getattr(self.task, "name", None) or type(self.task).__name__
+            object.__setattr__(self, "name", name)
+
+    def per_row(self, vocab_size: int) -> bool:
+        return False  # one value per program over the task's whole data
+
+    def key(self, score: float) -> float:
+        return score
+
+
 def _rows(batches) -> tuple[dict, ...]:
     """Batches as dicts of numpy arrays: tokens and mask checked by `as_batches`, extra
     arrays kept (their leading axis must be the batch's rows)."""
     items = batches if isinstance(batches, (list, tuple)) else [batches]
-    checked = as_batches(items)
+    # as_batches checks tokens and mask (and refuses other keys, which metrics ignore)
+    plain = lambda b: {k: b[k] for k in ("tokens", "mask") if k in b} if isinstance(b, dict) else b
+    checked = as_batches([plain(b) for b in items])
     out = []
     for i, (raw, b) in enumerate(zip(items, checked)):
         row = {"tokens": b.tokens, "mask": b.mask}
@@ -132,12 +167,15 @@ def _measure_of(fn: Callable) -> Callable:
     return measure
 
 
-def as_objective(objective, batches=None) -> Objective:
-    """An Objective, "loss" (with `batches`), or a callable on logits (with `batches`)."""
-    if isinstance(objective, Objective):
+def as_objective(objective, batches=None) -> Objective | TaskObjective:
+    """An Objective or TaskObjective, a task (see `TaskObjective`), "loss" (with `batches`),
+    or a callable on logits (with `batches`)."""
+    ready = isinstance(objective, (Objective, TaskObjective))
+    if ready or (not callable(objective) and is_task(objective)):
         if batches is not None:
-            raise SearchError("batches= is for 'loss' or a callable; this Objective has its own")
-        return objective
+            what = "this Objective" if isinstance(objective, Objective) else "a task"
+            raise SearchError(f"batches= is for 'loss' or a callable; {what} has its own data")
+        return objective if ready else TaskObjective(objective)
     if batches is None:
         raise SearchError("objective 'loss' or a callable needs batches=")
     if objective == "loss":
@@ -145,6 +183,6 @@ def as_objective(objective, batches=None) -> Objective:
     if callable(objective):
         return logits(objective, batches)
     raise SearchError(
-        f"objective must be 'loss', a callable on logits or a "
-        f"dj.search.Objective, got {objective!r}"
+        f"objective must be 'loss', a callable on logits, a task (an object with "
+        f".measure(model, programs)) or a dj.search.Objective, got {objective!r}"
     )
