@@ -4,8 +4,11 @@
 needs per-row bookkeeping instead: a routed step appends only the tokens routed through
 it (so its cache holds exactly their entries), and a looped span keeps one entry per
 token per loop it ran. Each class below is what one attention call sees; it implements
-the `update(k, v, kv_mask, causal)` protocol that `depthjax.layers.Attention` calls with
-its new keys and values, so blocks run unchanged (through `model.program_step`).
+the `update(k, v, kv_mask, causal, *, window, positions_BT)` protocol that
+`depthjax.layers.Attention` calls with its new keys and values, so blocks run unchanged
+(through `model.program_step`). Sliding windows (depthjax.kinds) are honoured where keys
+sit at their tokens' own indices (`LatestView`) and refused where a cache holds routed or
+looped entries (their indices are not positions).
 
 * `RowView`    one step, [B, S, K, Dh]: row b appends at its own `count[b]`;
 * `LatestView` a looped step over a whole sequence, with per-token exits: a token that has
@@ -29,6 +32,14 @@ def _rows(B: int):
     return jnp.arange(B)[:, None]
 
 
+def _no_window(window, view: str) -> None:
+    if window is not None:
+        raise ValueError(
+            f"{view}: adaptive depth does not support sliding-window rows (layer_types "
+            "'L'); its cache entries are not indexed by position"
+        )
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["k", "v", "count", "write"],
@@ -50,14 +61,15 @@ class RowView:
     write: jax.Array  # bool [B]
     prefill: bool = False
 
-    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None, positions_BT=None):
+        _no_window(window, "RowView")
         T = k_BTKD.shape[1]
         if self.prefill:
             put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
                 buf, new.astype(buf.dtype), 0, axis=1
             )
             new = dataclasses.replace(self, k=put(self.k, k_BTKD), v=put(self.v, v_BTKD))
-            return new, k_BTKD, v_BTKD, kv_mask_BT, causal
+            return new, k_BTKD, v_BTKD, kv_mask_BT, causal, None
         if T != 1:
             raise ValueError(f"decoding appends one token per row, got {T}")
         B, S = self.k.shape[:2]
@@ -65,7 +77,7 @@ class RowView:
         put = lambda buf, new: buf.at[_rows(B), at].set(new.astype(buf.dtype), mode="drop")
         new = dataclasses.replace(self, k=put(self.k, k_BTKD), v=put(self.v, v_BTKD))
         valid_BS = jnp.arange(S)[None] < (self.count + self.write)[:, None]
-        return new, new.k, new.v, valid_BS, False
+        return new, new.k, new.v, valid_BS, False, None
 
 
 @functools.partial(
@@ -89,7 +101,7 @@ class LatestView:
     record_v: jax.Array | None = None
     slot: jax.Array | None = None  # int32 []
 
-    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None, positions_BT=None):
         keep = self.active[:, :, None, None]
         k = jnp.where(keep, k_BTKD.astype(self.k.dtype), self.k)
         v = jnp.where(keep, v_BTKD.astype(self.v.dtype), self.v)
@@ -102,7 +114,7 @@ class LatestView:
             new = dataclasses.replace(
                 new, record_k=put(self.record_k, k_BTKD), record_v=put(self.record_v, v_BTKD)
             )
-        return new, k, v, kv_mask_BT, causal
+        return new, k, v, kv_mask_BT, causal, window  # keys at their own indices
 
 
 @functools.partial(
@@ -125,7 +137,8 @@ class LoopView:
     loops_run: jax.Array  # int32 [B, S]
     write: jax.Array  # bool [B]
 
-    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool):
+    def update(self, k_BTKD, v_BTKD, kv_mask_BT, causal: bool, *, window=None, positions_BT=None):
+        _no_window(window, "LoopView")
         B, S = self.k.shape[:2]
         at = jnp.where(self.write, self.pos, S)[:, None]
         put = lambda buf, x: buf.at[_rows(B), at, self.loop[:, None]].set(
@@ -137,4 +150,4 @@ class LoopView:
             :, :, 0
         ]
         valid_BS = jnp.arange(S)[None] < (self.pos + self.write)[:, None]
-        return dataclasses.replace(self, k=k, v=v), read(k), read(v), valid_BS, False
+        return dataclasses.replace(self, k=k, v=v), read(k), read(v), valid_BS, False, None
