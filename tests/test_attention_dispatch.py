@@ -115,6 +115,7 @@ def test_attend_pallas_equals_xla_with_masks():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_forward_and_grad_pallas_equals_xla():
     cfg = dj.configs.get("llama-tiny", n_layers=2, attention_impl="xla")
     model = dj.init(cfg, jax.random.key(0))
@@ -172,6 +173,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pallas_under_context_mesh_uses_shard_map():
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"

@@ -177,6 +177,7 @@ def test_a_single_text_file_gives_a_train_and_a_validation_split(tmp_path):
     assert 0.9 < len(head) / (len(head) + len(tail)) < 0.99  # the last ~5% validates
 
 
+@pytest.mark.slow
 def test_global_batch_does_not_depend_on_how_shards_are_split_over_processes():
     """Four data shards built by one process, or two each by two processes (with their
     states saved and restored across the split), give the same global batches."""

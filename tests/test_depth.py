@@ -160,6 +160,7 @@ def test_relax_full_rank_reproduces_original_and_rank_one_does_not(tokens):
         D.relax(tied, original, rank=65)
 
 
+@pytest.mark.slow
 def test_relax_lora_trains_alone(tokens):
     original = dj.init(dj.configs.get("llama-tiny"), jax.random.key(1))
     relaxed = D.relax(D.tie(original, 2), original, rank=2)

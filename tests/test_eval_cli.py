@@ -112,6 +112,7 @@ def test_score_and_prune_measure_a_task_on_user_data(files, capsys):
     assert "1 - acc (mc): full" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_score_on_a_sentence_transformers_directory(tmp_path):
     bert = dj.init(dj.configs.get("bert-tiny"), jax.random.key(0))
     dj.hf.save(bert, tmp_path / "st")

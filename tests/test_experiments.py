@@ -65,6 +65,7 @@ def naive_loss(model, batches):
     return total / count
 
 
+@pytest.mark.slow
 def test_parallel_layers_script_and_program_loss(cache, tmp_path):
     out, md, data = run("05_parallel_layers", cache, tmp_path)
     common = script("common")

@@ -167,7 +167,7 @@ def test_confidence_exit_picks_first_confident_depth():
     )
 
 
-@pytest.mark.parametrize("exit_kv", ["skip", "propagate"])
+@pytest.mark.parametrize("exit_kv", ["skip", pytest.param("propagate", marks=pytest.mark.slow)])
 def test_confidence_exit_is_per_sequence(exit_kv):
     """A row's results do not depend on which other rows exited (batch vs alone)."""
     model = _model(CONFIGS["llama"], seed=3)

@@ -42,6 +42,7 @@ def test_prune_removes_exactly_the_idle_steps():
     assert np.asarray(attn_off.program.attn).tolist() == [1, 0, 1, 1, 0, 1]
 
 
+@pytest.mark.slow
 def test_prune_joint_iterative_and_errors():
     m = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
     scores = np.array([5, 1, 7, 2, 3, 8, 0.5, 6.0])  # attn_0..3, mlp_0..3
@@ -80,6 +81,7 @@ def test_bias_recovery_is_exact_for_a_constant_update():
     np.testing.assert_allclose(dj.apply(rec, TEST), dj.apply(m, TEST), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bias_recovery_of_a_constant_attention_sublayer():
     m = dj.init(dj.configs.get("gpt2-tiny"), jax.random.key(3))
     m = set_row(m, 1, ("attn", "o", "kernel"), jnp.zeros_like)
@@ -114,6 +116,7 @@ def test_linear_recovery_is_exact_for_a_linear_step():
     assert err(biased) > 10 * err(rec)
 
 
+@pytest.mark.slow
 def test_recovery_on_real_pruning_helps_and_lora_trains():
     m = dj.init(dj.configs.get("llama-tiny", n_layers=6), jax.random.key(6))
     pruned = dj.prune(m, M.block_influence(m, CALIB), 2)
@@ -149,6 +152,7 @@ def test_linear_and_lora_recovery_have_a_default_rank():
     jax.tree.map(np.testing.assert_array_equal, default.params, explicit.params)
 
 
+@pytest.mark.slow
 def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, capsys):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 

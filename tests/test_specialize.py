@@ -135,6 +135,7 @@ def test_parallel_group_runs_as_one_batched_call(base, tokens):
     assert ops["dot_general"] == ATTN_DOTS + MLP_DOTS + HEAD_DOTS
 
 
+@pytest.mark.slow
 def test_gradients_through_specialize_equal_apply(base, tokens):
     model = D.relax(
         D.tie(D.parallelize(D.drop_sublayers(base, attn=[3]), [[1, 2]]), 2), base, rank=2

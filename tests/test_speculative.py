@@ -41,7 +41,14 @@ def variants():
     return _variants()
 
 
-@pytest.mark.parametrize("name", ["prefix k=2", "looped attn-dropped k=3", "parallel, own steps"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "prefix k=2",
+        pytest.param("looped attn-dropped k=3", marks=pytest.mark.slow),
+        "parallel, own steps",
+    ],
+)
 def test_greedy_speculative_equals_greedy(variants, name):
     model, draft, eos = variants[name]
     tokens, mask = _prompt()
@@ -120,6 +127,7 @@ def _chi2_pvalue(counts, probs):
     return stats.chisquare(obs, exp).pvalue
 
 
+@pytest.mark.slow
 def test_sampled_speculative_follows_the_full_model_exactly():
     cfg = dj.configs.get("llama-tiny", n_layers=4, vocab_size=V, d_model=32, init_std=0.4)
     model = _model(cfg, seed=7)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model=llama-tiny",
@@ -46,7 +48,7 @@ def _env(devices=1, extra=None):
         **_CACHE,
         **(extra or {}),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
     }
 
 
@@ -161,6 +163,7 @@ def test_kill9_then_resume_is_bit_exact(reference_run, tmp_path):
     assert _run_record(out) == _run_record(reference_run)
 
 
+@pytest.mark.slow
 def test_kill9_during_a_save_resumes_from_previous_checkpoint(reference_run, tmp_path):
     out = tmp_path / "run"
     proc = _train(
@@ -210,6 +213,7 @@ def _state_files(step_dir):
     )
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_set_aside_with_their_reason(reference, tmp_path):
     """Checkpoint 6 unsealed (killed between orbax's commit and the seal), one bit flipped
     in checkpoint 4: both are set aside with their reason, 2 is used, the run is exact."""
@@ -282,6 +286,7 @@ def test_every_bit_flip_in_a_training_checkpoint_is_detected(reference_run, tmp_
         integrity.verify(ck)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(
@@ -339,6 +344,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     del dj
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_can_be_skipped(tmp_path):
     _train(
         tmp_path,
