@@ -129,3 +129,17 @@ def test_windowed_forward_and_cached_decoding_match_the_naive_forward():
         logits, cache, _ = dj.decode_step(model, cache, fed[:, i])
         got.append(np.asarray(logits))
     np.testing.assert_allclose(np.stack(got, 1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_relax_says_when_full_rank_cannot_reproduce_a_changed_kind():
+    """Tying steps 2 and 5 (global) to local rows: full-rank LoRA restores the weights but
+    not the window, so relax warns naming those steps, and the result differs from the
+    original by exactly what the warning says."""
+    with pytest.warns(UserWarning, match=r"steps \[2, 5\] now run"):
+        tied = D.tie(SOURCE, 2)
+    with pytest.warns(UserWarning, match=r"relax: steps \[2, 5\] run a row of another"):
+        relaxed = D.relax(tied, SOURCE, rank="full")
+    # the original weights with the tied rows' kinds: rows 2 and 5 local
+    want = SOURCE.replace(config=SOURCE.config.replace(layer_types="LLLLLL"))
+    want = reference.forward(want, TOKENS, _steps(range(6)))
+    np.testing.assert_allclose(_forward(relaxed, TOKENS), want, **TOL)
