@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from depthjax import cli
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0

@@ -462,6 +462,7 @@ print("sharded ok")
 """
 
 
+@pytest.mark.slow
 def test_load_into_sharded_arrays(saved):
     _, path = saved
     result = subprocess.run(
