@@ -170,6 +170,30 @@ def test_idle_steps_are_dropped_first(model):
         assert res.best.score < 1e-12 < 1e-6 < res.ranked[1].score
 
 
+def test_a_redundant_pair_loses_one_copy_for_free_not_both(model):
+    """Steps 1 and 2 run the same row (0 1 1 2 3); the objective is the distance to the
+    original model (0 1 2 3). Either copy alone is free to drop (distance exactly 0), both
+    are not: with every 4- and 3-step subset scored (beam over 5 candidates; the 4-step
+    ones are the leave-one-out ablations), the two one-copy drops rank first, and dropping
+    the pair scores what the naive forward of the original without step 1 gives."""
+    pair = D.reorder(model, [0, 1, 1, 2, 3])
+    res = search.run(
+        pair, distance_to(model), budget=3, moves=("drop",), strategy=search.Beam(width=5), **KW
+    )
+    score = {f.candidate.steps: f.score for f in res.all}
+    subsets = lambda k: set(itertools.combinations(range(5), k))
+    assert subsets(4) | subsets(3) <= set(score)
+    four = sorted(subsets(4), key=score.get)
+    assert set(four[:2]) == {(0, 1, 3, 4), (0, 2, 3, 4)}
+    assert score[four[0]] < 1e-12 and score[four[1]] < 1e-12 < 1e-6 < score[four[2]]
+    # Dropping both copies is the original without its step 1: far from free.
+    teacher = [np.asarray(apply(model, b), np.float64) for b in BATCHES]
+    without = [ref.forward(model, b, groups_of(D.drop(model, [1]).program)) for b in BATCHES]
+    naive = np.mean([np.mean((np.asarray(w) - t) ** 2) for w, t in zip(without, teacher)])
+    np.testing.assert_allclose(score[(0, 3, 4)], naive, rtol=1e-4)
+    assert naive > 1e-6
+
+
 @pytest.mark.parametrize("prior", ["gradient", "hessian"])
 def test_priors_order_and_cut_candidates(model, prior):
     """Greedy(max_candidates=1) scores only the drop its Taylor estimate ranks best: the
