@@ -80,13 +80,13 @@ class RandomControl:
         }
 
 
-def _candidates(model: DepthModel, unit: str, n: int) -> np.ndarray:
-    """The units still on, checked against n (as `dj.prune` would refuse it)."""
+def _candidates(model: DepthModel, unit: str, n: int) -> tuple[np.ndarray, int]:
+    """(the units still on, how many of them may go), n checked as `dj.prune` would."""
     on = np.flatnonzero(active_units(model, unit))
     limit = len(on) - 1 if unit == "block" else len(on)  # a program keeps one step
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= limit:
         raise MetricError(f"n={n!r}: can remove 1..{limit} of the {len(on)} {unit} units still on")
-    return on
+    return on, limit
 
 
 def _count(name: str, k) -> int:
@@ -120,7 +120,7 @@ def random_pruning(
     distinct random subsets (all of them when there are fewer), evaluated as one batch of
     programs. measure as in `coalition_measures` ("loss", "logit" or a task)."""
     n_all = n_units(model, unit)
-    on = _candidates(model, unit, n)
+    on, _ = _candidates(model, unit, n)
     subsets, exhaustive = random_subsets(on, n, _count("num_subsets", num_subsets), seed)
     keep = np.ones((len(subsets), n_all), np.int8)
     np.put_along_axis(keep, subsets, 0, axis=1)
@@ -140,8 +140,7 @@ def random_removal_curves(
     """float64 [num_orders, max_units + 1]: the measure after removing k = 0..max_units
     units along each of `num_orders` random orders of the units still on (the control for
     `removal_curve`); all prefixes in one batch, each distinct coalition evaluated once."""
-    on = _candidates(model, unit, 1)
-    limit = len(on) - 1 if unit == "block" else len(on)
+    on, limit = _candidates(model, unit, 1)
     K = limit if max_units is None else max_units
     if not 0 <= K <= limit:
         raise MetricError(f"max_units must be in 0..{limit}, got {K}")
