@@ -49,6 +49,17 @@ def row_kind(cfg: ModelConfig, row) -> dict:
     return kind
 
 
+def step_kinds(cfg: ModelConfig, block) -> np.ndarray:
+    """int32 [depth, 2]: the (window, RoPE table) each step of a program runs with."""
+    block = np.asarray(block).reshape(-1)
+    return np.stack([row_windows(cfg)[block], row_rope_tables(cfg)[block]], 1)
+
+
+def changed_steps(before: np.ndarray, after: np.ndarray) -> list[int]:
+    """Steps whose `step_kinds` differ between two programs of equal depth."""
+    return np.flatnonzero((before != after).any(1)).tolist()
+
+
 def take(cfg: ModelConfig, rows) -> str | None:
     """`layer_types` of a new table whose row j is the old row rows[j]."""
     if cfg.layer_types is None:

@@ -3,11 +3,12 @@
 import json
 
 import numpy as np
-from pytest import approx
+import pytest
 
 from depthjax import cli
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
@@ -37,13 +38,12 @@ def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
         control = report["random"][unit]
         assert control["exhaustive"] and sorted(control["subsets"]) == [[i] for i in range(depth)]
         values = np.array(control["values"])
-        assert control["mean"] == approx(values.mean()) and control["std"] == approx(
-            values.std(ddof=1)
-        )
+        assert control["mean"] == pytest.approx(values.mean())
+        assert control["std"] == pytest.approx(values.std(ddof=1))
         assert control["min"] == values.min() and control["max"] == values.max()
     by_ablation = report["pruning"]["block"]["ablation_block"]
     i = report["random"]["block"]["subsets"].index(by_ablation["removed"])
-    assert report["random"]["block"]["values"][i] == approx(by_ablation["pruned"], rel=1e-5)
+    assert report["random"]["block"]["values"][i] == pytest.approx(by_ablation["pruned"], rel=1e-5)
     for curve in report["removal_curves"].values():  # k = 0 is the full model
         assert len(curve) == depth and abs(curve[0] - full) < 1e-4
     text = (out / "report.md").read_text()

@@ -144,6 +144,7 @@ def test_tie_keep_ends_and_private_norms(model, tokens):
         )
 
 
+@pytest.mark.slow
 def test_relax_full_rank_reproduces_original_and_rank_one_does_not(tokens):
     original = dj.init(dj.configs.get("gpt2-tiny", n_layers=4), jax.random.key(1))
     tied = D.tie(original, 2, "cycle", init="average")
@@ -173,6 +174,7 @@ def test_relax_lora_trains_alone(tokens):
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_grow_identity_and_copy(model, tokens):
     for cfg in (
         model.config,

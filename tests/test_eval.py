@@ -305,7 +305,7 @@ def test_task_ablation_equals_naive_leave_one_out_loop(model):
     drops = [naive_choice_scores(D.drop_sublayers(model, attn=[i]), EXAMPLES) for i in range(4)]
     assert by_acc.name == "ablation_multiple_choice" and by_acc.extra["full"] == full[0]
     np.testing.assert_array_equal(by_acc.values, [d[0] - full[0] for d in drops])
-    np.testing.assert_allclose(by_nll.values, [d[1] - full[1] for d in drops], atol=1e-6)
+    np.testing.assert_allclose(by_nll.values, [d[1] - full[1] for d in drops], atol=1e-5)
     # dj.prune by the task ranks as its leave-one-out scores do
     pruned = dj.prune(model, None, 2, unit="attn", measure=nll_task)
     want = dj.prune(model, by_nll, 2)

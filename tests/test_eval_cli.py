@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     return tmp, model
 
 
+@pytest.mark.slow
 def test_eval_command_matches_dj_eval(files):
     tmp, model = files
     assert (

@@ -116,6 +116,7 @@ def test_context_task_answers_follow_the_pairs():
             assert z == y
 
 
+@pytest.mark.slow
 def test_chain_search_scores_match_reordered_models():
     """The per-example search's log-probabilities are those of depth.reorder's model on
     that example alone, and greedy never ends below its start."""

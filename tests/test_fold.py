@@ -46,6 +46,7 @@ def _assert_same_function(edited):
     return folded
 
 
+@pytest.mark.slow
 def test_pre_norm_gates_lora_scales_and_adapter_biases_fold_exactly():
     base = dj.init(dj.configs.get("llama-tiny", tie_embeddings=True), jax.random.key(0))
     tied = D.tie(base, 2)  # 4 steps over 2 shared rows

@@ -144,6 +144,7 @@ def test_exit_at_equals_truncated_model():
     np.testing.assert_allclose(draft, want[:, 1], **TOL)
 
 
+@pytest.mark.slow
 def test_confidence_exit_picks_first_confident_depth():
     model = _model(CONFIGS["llama"], seed=3)
     tokens, mask = _prompt()

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 import depthjax as dj
 from depthjax.cli import main as cli_main
 from depthjax.hf import HFError
+from tests.test_fold import _with_adapters
 
 PRESETS = ["llama-tiny", "qwen2-tiny", "qwen3-tiny", "gpt2-tiny", "bert-tiny"]
 
@@ -88,6 +89,31 @@ def test_zero_gated_zeroes_only_the_gated_outputs(tmp_path):
     assert not tensors["transformer.h.1.mlp.c_proj.bias"].any()
     assert tensors["transformer.h.1.mlp.c_fc.weight"].any()
     assert tensors["transformer.h.0.mlp.c_proj.weight"].any()
+
+
+def test_drop_adapters_exports_without_every_adapter_and_warns(tmp_path, capsys):
+    """A step-2 adapter with a linear part cannot be folded: save refuses it naming
+    drop_adapters (the library) and --drop-adapters (the CLI) and writes nothing. With the
+    flag it warns and leaves out every adapter -- the foldable step-0 bias too -- so the
+    export is exactly the unadapted model."""
+    base = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
+    adapted = _with_adapters(base, [0, 2], linear_at=[2])
+    refused = tmp_path / "refused"
+    with pytest.raises(HFError, match=r"step 2 .*linear part.*drop_adapters=True"):
+        dj.hf.save(adapted, str(refused))
+    assert not refused.exists()
+    with pytest.warns(UserWarning, match=r"drop_adapters=True.*steps \[0, 2\]"):
+        dj.hf.save(adapted, str(tmp_path / "hf"), drop_adapters=True)
+    loaded = dj.hf.load(str(tmp_path / "hf"))
+    assert loaded.config == base.config
+    _assert_same_params(base, loaded)  # exactly the unadapted model
+    dj.save(adapted, str(tmp_path / "native"))
+    convert = ["convert", "--from", "native", str(tmp_path / "native"), "--to"]
+    assert cli_main(convert + [str(refused)]) == 2
+    assert "--drop-adapters" in capsys.readouterr().err and not refused.exists()
+    with pytest.warns(UserWarning, match="drop_adapters=True"):
+        assert cli_main(convert + [str(tmp_path / "cli"), "--drop-adapters"]) == 0
+    _assert_same_params(loaded, dj.hf.load(str(tmp_path / "cli")))
 
 
 @pytest.mark.parametrize(
@@ -436,6 +462,7 @@ print("sharded ok")
 """
 
 
+@pytest.mark.slow
 def test_load_into_sharded_arrays(saved):
     _, path = saved
     result = subprocess.run(

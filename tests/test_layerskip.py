@@ -86,6 +86,7 @@ def test_dropped_steps_equal_the_program_without_them(tiny):
         np.testing.assert_allclose(got[b], _apply(dropped, tokens[b : b + 1])[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rate_zero_equals_plain_training(tiny):
     """The dropout path with every rate 0 (the exp schedule is 0 at step 0) gives the plain
     loss and gradient, and with both features off the config builds no LayerSkip at all."""

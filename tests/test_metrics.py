@@ -143,6 +143,7 @@ def test_logit_lens_and_removal_curve(model):
     np.testing.assert_allclose(curve, [full, full, naive_value(model, [1, 0, 0, 1])], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_skip_effect(model):
     eff = M.skip_effect(model, BATCHES)
     change, kl = eff["update_change"], eff["output_kl"]

@@ -200,7 +200,10 @@ def test_bf16_compute_keeps_fp32_params(tokens):
     np.testing.assert_allclose(logits, fp32, atol=0.05)
 
 
-@pytest.mark.parametrize("remat", list(dj.Remat))
+@pytest.mark.parametrize(
+    "remat",
+    [r if r == dj.Remat.NONE else pytest.param(r, marks=pytest.mark.slow) for r in dj.Remat],
+)
 def test_remat_policies_keep_gradients(llama, tokens, remat):
     def loss(params, cfg):
         model = dj.DepthModel(cfg, params, llama.program)

@@ -107,6 +107,7 @@ def test_stored_without_outputs(path):
             )
 
 
+@pytest.mark.slow
 def test_quickstart_runs(monkeypatch, tmp_path):
     nb = _execute(NOTEBOOKS / "quickstart.ipynb", [QUICKSTART_CHECKS], monkeypatch, tmp_path)
     code = [c for c in nb.cells if c.cell_type == "code"]

@@ -132,6 +132,7 @@ def test_recovery_on_real_pruning_helps_and_lora_trains():
     assert set(healed.params["steps"]) == {"lora"}
 
 
+@pytest.mark.slow
 def test_recover_rejects_unrelated_models():
     m = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
     with pytest.raises(ProgramError, match="nothing was removed"):
@@ -211,6 +212,7 @@ def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, caps
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_score_and_prune_cli(tmp_path, capsys):
     import json
 

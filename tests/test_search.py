@@ -646,6 +646,7 @@ def test_task_objective_errors(model, task):
         search.TaskObjective(object())
 
 
+@pytest.mark.slow
 def test_search_cli_by_task(model, task, tmp_path, capsys):
     import json
 

@@ -47,6 +47,7 @@ def _variants(model, tokens):
     }
 
 
+@pytest.mark.slow
 def test_specialize_equals_apply_for_every_program_kind(base, tokens):
     for name, model in _variants(base, tokens).items():
         fast = dj.specialize(model)

@@ -321,6 +321,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     assert not (out / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # lr=1e30 makes the parameters ~1e30 after step 1, so step 2's attention overflows.
     proc = _train(
@@ -366,6 +367,7 @@ def test_nonfinite_steps_can_be_skipped(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
+@pytest.mark.slow
 def test_sharded_2x2x2_mesh_matches_one_device(reference, tmp_path):
     _train(
         tmp_path,

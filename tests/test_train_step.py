@@ -73,6 +73,7 @@ def test_loss_matches_naive_cross_entropy():
     np.testing.assert_allclose(total, naive, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch():
     _, state, batch, step = _setup()
     one, m1 = step(state, batch, 1)
@@ -115,6 +116,7 @@ def test_flops_per_token_counts_matmul_weights():
     assert flops.train_flops_per_token(cfg, T) == 3 * (2 * n_matmul + attn)
 
 
+@pytest.mark.slow
 def test_only_the_lora_of_a_relaxed_model_is_trained():
     """Uptraining a relaxed recursive model: the shared table stays, per-step LoRA learns."""
     base, _, batch, _ = _setup()

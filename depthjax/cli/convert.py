@@ -92,8 +92,8 @@ def add_command(sub) -> None:
     p.add_argument(
         "--drop-adapters",
         action="store_true",
-        help="export without recovery adapters that cannot be folded exactly "
-        "(the export then differs from the model)",
+        help="export without any recovery adapter, foldable ones too (needed when "
+        "one cannot be folded exactly; the export then differs from the model)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")

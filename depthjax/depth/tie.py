@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import step_params as steps_lib
+from .. import kinds, step_params as steps_lib
 from ..model import DepthModel
-from ..program import ProgramError
+from ..program import ProgramError, is_concrete
 from .table import step_rows, with_table
 
 
@@ -94,7 +94,16 @@ def tie(
     else:
         blocks, block = shared, slot
     old_rows = np.asarray(model.program.block)  # the row each step ran so far
-    _warn_changed_kinds(model.config, old_rows, old_rows[src][block])
+    cfg = model.config
+    changed = kinds.changed_steps(
+        kinds.step_kinds(cfg, old_rows), kinds.step_kinds(cfg, old_rows[src][block])
+    )
+    if changed:
+        warnings.warn(
+            f"tie: steps {changed} now run a shared row of another attention kind "
+            f"(layer_types {cfg.layer_types!r}: G global, L sliding window)",
+            stacklevel=2,
+        )
     program = model.program.replace(block=jnp.asarray(block, jnp.int32))
     steps = {
         k: v for k, v in (model.params.get("steps") or {}).items() if k not in ("delta", "lora")
@@ -108,21 +117,6 @@ def tie(
     return with_table(model, blocks, program, steps, rows=old_rows[src])
 
 
-def _warn_changed_kinds(cfg, before, after) -> None:
-    """Warn when tying makes steps run a row of another attention kind than before."""
-    if cfg.layer_types is None:
-        return
-    changed = [
-        i for i, (a, b) in enumerate(zip(before, after)) if cfg.layer_types[a] != cfg.layer_types[b]
-    ]
-    if changed:
-        warnings.warn(
-            f"tie: steps {changed} now run a shared row of another attention kind "
-            f"(layer_types {cfg.layer_types!r}: G global, L sliding window)",
-            stacklevel=3,
-        )
-
-
 def relax(
     model: DepthModel, original: DepthModel, rank: int | str, vectors: bool = True
 ) -> DepthModel:
@@ -130,7 +124,9 @@ def relax(
     truncated SVD of (original step weight - shared weight), in params["steps"]["lora"].
 
     rank: an int for every kernel, or "full" for each kernel's min(in, out), at which the
-    relaxed model reproduces `original` (to float tolerance). With
+    relaxed model reproduces `original` (to float tolerance) -- unless a step runs a row of
+    another attention kind (window, RoPE base) than in `original`, which LoRA cannot
+    change: those steps are named in a warning. With
     vectors=True, biases and norm weights also get exact per-step deltas
     (params["steps"]["delta"]), which are tiny next to the kernels.
     """
@@ -146,6 +142,18 @@ def relax(
         != model.config
     ):
         raise ValueError("relax: model and original have different configs (beyond n_layers)")
+    concrete = is_concrete(model.program) and is_concrete(original.program)  # not under jit
+    changed = concrete and kinds.changed_steps(
+        kinds.step_kinds(model.config, model.program.block),
+        kinds.step_kinds(original.config, original.program.block),
+    )
+    if changed:
+        warnings.warn(
+            f"relax: steps {changed} run a row of another attention kind (window or RoPE "
+            "base) than in `original`; LoRA cannot change that, so even rank='full' does "
+            "not reproduce it",
+            stacklevel=2,
+        )
     plain = model.replace(params={k: v for k, v in model.params.items() if k != "steps"})
     have = traverse_util.flatten_dict(step_rows(plain))
     want = traverse_util.flatten_dict(step_rows(original))

@@ -7,7 +7,7 @@ materialized with a warning), each layer keeping its row's attention kind. Per-s
 state is folded into the weights where that is exact (`depthjax.depth.fold`: LoRA and
 deltas, gates and scales, recovery adapters' biases); a gated-off sublayer is exported
 as zeroed output weights only when asked (zero_gated), and an adapter that cannot be
-folded is refused unless drop_adapters says to leave it out.
+folded is refused unless drop_adapters says to leave every adapter out.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def export_plan(
         return fold_lib.Folded(model)
     except (fold_lib.FoldError, ProgramError) as e:
         hint = (
-            "; pass drop_adapters=True (convert --drop-adapters) to export without the "
-            "adapters, knowing the export then differs"
+            "; pass drop_adapters=True (convert --drop-adapters) to export without any "
+            "recovery adapter, knowing the export then differs"
             if "adapter" in str(e)
             else ""
         )
@@ -136,8 +136,9 @@ def save(
 
     model_type: one of depthjax.hf.config.MODEL_TYPES (default: inferred from the config).
     zero_gated: export gated-off sublayers as zeroed output weights (output projections,
-    or output norms of peri/out-norm models). drop_adapters: export without recovery
-    adapters that cannot be folded exactly (with a warning: the export differs).
+    or output norms of peri/out-norm models). drop_adapters: export without any recovery
+    adapter, foldable ones included (with a warning naming their steps: the export then
+    differs from the model); without it an adapter that cannot be folded raises HFError.
     tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json; files: other files to
     copy in (tokenizer_config.json, ...). overwrite=True replaces an existing checkpoint at
     `path`: the new one is written beside it and swapped in (depthjax.atomic), so a kill at
