@@ -16,22 +16,13 @@ from collections.abc import Callable
 import numpy as np
 
 from . import depth, progress
+from .metrics.coalitions import active_units
 from .metrics.scores import Scores
 from .model import DepthModel
 
 
 class PruneError(ValueError):
     """A pruning request that the model or the scores cannot satisfy."""
-
-
-def _active(model: DepthModel, unit: str) -> np.ndarray:
-    a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
-    return {
-        "block": np.ones(model.depth, bool),
-        "attn": a,
-        "mlp": m,
-        "sublayer": np.concatenate([a, m]),
-    }[unit]
 
 
 def _remove(model: DepthModel, units: np.ndarray, unit: str) -> DepthModel:
@@ -48,7 +39,7 @@ def _remove(model: DepthModel, units: np.ndarray, unit: str) -> DepthModel:
 def choose(model: DepthModel, scores, n: int, unit: str) -> np.ndarray:
     """Indices of the n lowest-scored units that are still on (ties: earlier first)."""
     values = np.asarray(scores, np.float64)
-    active = _active(model, unit)
+    active = active_units(model, unit)
     if values.shape != active.shape:
         raise PruneError(
             f"scores for unit={unit!r} must have {len(active)} values, got {values.shape}"
@@ -102,7 +93,7 @@ def prune(
         return _remove(model, choose(model, scores, n, unit), unit)
     if metric is None:
         raise PruneError("iterative pruning re-scores after each removal: pass metric=")
-    choose(model, np.zeros(len(_active(model, unit))), n, unit)  # validates n up front
+    choose(model, np.zeros(len(active_units(model, unit))), n, unit)  # validates n up front
     for _ in progress.track(range(n), f"iterative pruning ({unit})"):
         model = _remove(model, choose(model, metric(model), 1, unit), unit)
     return model

@@ -210,11 +210,16 @@ def plot_curves(
     ylabel: str = "loss",
     title: str = "",
     baseline: float | None = None,
+    bands: dict[str, tuple] | None = None,
 ) -> None:
+    """One line per curve; bands[name] = (low, high) shades a spread around that curve."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in curves.items():
-        ax.plot(np.arange(len(ys)), ys, "o-", ms=3, label=name)
+        (line,) = ax.plot(np.arange(len(ys)), ys, "o-", ms=3, label=name)
+        if bands and name in bands:
+            lo, hi = bands[name]
+            ax.fill_between(np.arange(len(ys)), lo, hi, color=line.get_color(), alpha=0.15)
     if baseline is not None:
         ax.axhline(baseline, color="gray", ls=":", lw=1, label="full model")
     ax.set_xlabel(xlabel)

@@ -1,4 +1,4 @@
-"""Experiment 7: which blocks matter depends on the task.
+"""Experiment 8: which blocks matter depends on the task.
 
 The seed paper (Shapley-value depth pruning) reports that block importance computed for
 one task helps that task and can hurt another, and that attention sublayers can be dropped
@@ -110,7 +110,7 @@ def main(argv=None):
         )
     plot_scores(res["scores"], S, out / "scores.png")
     sections.append("![per-task scores](scores.png)")
-    common.write_results(args, out, "Experiment 7: task-dependent block importance", sections, res)
+    common.write_results(args, out, "Experiment 8: task-dependent block importance", sections, res)
     return res
 
 

@@ -25,20 +25,29 @@ def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
         "relative_contribution_block",
         "ablation_block",
         "shapley_block",
-        "random",
     }
     assert set(report["pruning"]["block"]) == expected
-    assert set(report["pruning"]["attn"]) == {
-        "relative_contribution_attn",
-        "ablation_attn",
-        "random",
-    }
+    assert set(report["pruning"]["attn"]) == {"relative_contribution_attn", "ablation_attn"}
     for unit in ("block", "attn"):
         for row in report["pruning"][unit].values():
             assert len(row["removed"]) == n
             assert np.isfinite([row["pruned"], row["bias"], row["linear"]]).all()
+    # The random control: every subset of n blocks (4 choose 1 here), each measured alone
+    # as the metrics' pruned rows are.
+    for unit in ("block", "attn"):
+        control = report["random"][unit]
+        assert control["exhaustive"] and sorted(control["subsets"]) == [[i] for i in range(depth)]
+        values = np.array(control["values"])
+        assert control["mean"] == pytest.approx(values.mean())
+        assert control["std"] == pytest.approx(values.std(ddof=1))
+        assert control["min"] == values.min() and control["max"] == values.max()
+    by_ablation = report["pruning"]["block"]["ablation_block"]
+    i = report["random"]["block"]["subsets"].index(by_ablation["removed"])
+    assert report["random"]["block"]["values"][i] == pytest.approx(by_ablation["pruned"], rel=1e-5)
     for curve in report["removal_curves"].values():  # k = 0 is the full model
         assert len(curve) == depth and abs(curve[0] - full) < 1e-4
     text = (out / "report.md").read_text()
     assert "Pruning" in text and "![profiles](profiles.png)" in text
-    assert "validation loss, full model" in capsys.readouterr().out
+    assert text.count("| random (control) | all 4 subsets |") == 2
+    printed = capsys.readouterr().out
+    assert "validation loss, full model" in printed and "random (control)" in printed

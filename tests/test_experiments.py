@@ -200,3 +200,26 @@ def test_adaptive_depth_scripts(cache, tmp_path):
     _, md, data = run("11_first_router", cache, tmp_path, "--costs", "0.1", "--router-steps", "2")
     assert data["decode"]["same_as_static_programs"]
     assert [n for n, _, _ in data["static"]] == [4, 3]
+
+
+@pytest.mark.slow
+def test_search_and_attribution_script(cache, tmp_path):
+    """Experiment 12 at the tiniest flags: its ablation column is the naive loss rise of
+    each dropped block, and the beam (which scores every 2-of-4 subset) ranks first."""
+    flags = ["--budgets", "2", "--router-k", "1", "--router-classes", "2"]
+    flags += ["--shapley-keys", "1", "--shapley-permutations", "2"]
+    out, md, data = run("12_search_and_attribution", cache, tmp_path, *flags)
+    assert md.startswith("# Experiment 12") and (out / "pareto.png").stat().st_size > 1000
+    common = script("common")
+    args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache)])
+    model, batches = common.base_model(args), common.score_batches(args)
+    full = naive_loss(model, batches)
+    rise = [naive_loss(dj.depth.drop(model, [i]), batches) - full for i in range(4)]
+    np.testing.assert_allclose(data["block_scores"]["ablation"], rise, atol=2e-5)
+    # Efficiency: exact Shapley values sum to v(all) - v(none) = L(every block off) - L.
+    empty = dj.depth.drop_sublayers(model, attn=range(4), mlp=range(4))
+    total = naive_loss(empty, batches) - full
+    assert sum(data["block_scores"]["exact Shapley"]) == pytest.approx(total, abs=1e-4)
+    ranks = {name: rank for _, name, _, rank, *_ in data["search_rows"]}
+    assert ranks["enumeration (all subsets)"] == 1 and ranks["beam (width 4)"] == 1
+    assert all(r == "-" or r >= 1 for r in ranks.values())

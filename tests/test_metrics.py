@@ -178,6 +178,50 @@ def test_padding_mask_is_respected(model):
     np.testing.assert_allclose(M.angular_distance(model, tokens).values, c, atol=1e-6)
 
 
+def naive_attn_value(model, off):
+    """Mean loss over BATCHES with the attention sublayers of steps `off` gated off."""
+    m = D.drop_sublayers(model, attn=list(off))
+    return np.mean([naive_loss(m, b) for b in BATCHES])
+
+
+def test_random_pruning_control_equals_numpy_over_separate_subsets(model):
+    """The control's mean, std (ddof=1), min and max are numpy's over the same seed's
+    subsets (drawn as documented: distinct, uniform, from the units still on), each
+    evaluated alone by dj.apply; all subsets when there are no more than asked for."""
+    c = M.random_pruning(model, BATCHES, n=2, num_subsets=4, seed=7)
+    rng, drawn = np.random.default_rng(7), []
+    while len(drawn) < 4:  # 6 pairs of 4 blocks: 4 distinct ones, in draw order
+        pair = sorted(rng.choice(4, 2, replace=False).tolist())
+        drawn += [pair] * (pair not in drawn)
+    assert c.subsets.tolist() == drawn and not c.exhaustive
+    values = np.array([naive_value(model, np.isin(range(4), s, invert=True)) for s in drawn])
+    np.testing.assert_allclose(c.values, values, rtol=1e-5)
+    np.testing.assert_allclose(c.mean, values.mean(), rtol=1e-5)
+    np.testing.assert_allclose(c.std, values.std(ddof=1), rtol=1e-3)
+    assert (c.min, c.max) == (c.values.min(), c.values.max())
+    assert "± " in c.describe() and "4 random subsets" in c.describe()
+    assert M.random_pruning(model, BATCHES, 2, num_subsets=4, seed=8).subsets.tolist() != drawn
+
+    # Attention of step 2 is already off: the 3 others are every subset of one unit.
+    a = M.random_pruning(model, BATCHES, n=1, unit="attn", num_subsets=16)
+    assert a.exhaustive and a.subsets.tolist() == [[0], [1], [3]]
+    values = np.array([naive_attn_value(model, s) for s in a.subsets])
+    np.testing.assert_allclose(a.mean, values.mean(), rtol=1e-5)
+    np.testing.assert_allclose(a.std, values.std(ddof=1), rtol=1e-3)
+
+    # Random removal orders: prefix k of each order removed, k = 0 is the full model.
+    curves = M.random_removal_curves(model, BATCHES, num_orders=2, seed=3)
+    rng = np.random.default_rng(3)
+    for row in curves:
+        order = rng.permutation(4)
+        naive = [naive_value(model, np.isin(range(4), order[:k], invert=True)) for k in range(4)]
+        np.testing.assert_allclose(row, naive, rtol=1e-5)
+    with pytest.raises(M.MetricError, match="can remove 1..3"):
+        M.random_pruning(model, BATCHES, n=4)
+    with pytest.raises(M.MetricError, match="num_subsets must be an integer >= 2"):
+        M.random_pruning(model, BATCHES, n=1, num_subsets=1)
+
+
 def test_bad_input(model):
     with pytest.raises(ValueError, match="no batches"):
         M.block_influence(model, [])

@@ -1,5 +1,7 @@
 """prune picks exactly the right units; recovery is exact where it must be."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,4 +262,14 @@ def test_score_and_prune_cli(tmp_path, capsys):
     )
     pruned = dj.load(tmp_path / "pruned")
     assert float(pruned.program.attn.sum()) == 2 and "adapter" in pruned.params["steps"]
-    assert "after bias recovery" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "after bias recovery" in out
+    # The random control: every one of the 4 choose 2 attention pairs, mean ± std.
+    number = r"([\d.]+)"
+    control = re.search(
+        rf"random 2 attn units {number} ± {number} \(min {number}, max {number}\) "
+        r"over all 6 subsets",
+        out,
+    )
+    mean, std, lo, hi = map(float, control.groups())
+    assert lo <= mean <= hi and std > 0

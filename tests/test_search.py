@@ -170,6 +170,30 @@ def test_idle_steps_are_dropped_first(model):
         assert res.best.score < 1e-12 < 1e-6 < res.ranked[1].score
 
 
+def test_a_redundant_pair_loses_one_copy_for_free_not_both(model):
+    """Steps 1 and 2 run the same row (0 1 1 2 3); the objective is the distance to the
+    original model (0 1 2 3). Either copy alone is free to drop (distance exactly 0), both
+    are not: with every 4- and 3-step subset scored (beam over 5 candidates; the 4-step
+    ones are the leave-one-out ablations), the two one-copy drops rank first, and dropping
+    the pair scores what the naive forward of the original without step 1 gives."""
+    pair = D.reorder(model, [0, 1, 1, 2, 3])
+    res = search.run(
+        pair, distance_to(model), budget=3, moves=("drop",), strategy=search.Beam(width=5), **KW
+    )
+    score = {f.candidate.steps: f.score for f in res.all}
+    subsets = lambda k: set(itertools.combinations(range(5), k))
+    assert subsets(4) | subsets(3) <= set(score)
+    four = sorted(subsets(4), key=score.get)
+    assert set(four[:2]) == {(0, 1, 3, 4), (0, 2, 3, 4)}
+    assert score[four[0]] < 1e-12 and score[four[1]] < 1e-12 < 1e-6 < score[four[2]]
+    # Dropping both copies is the original without its step 1: far from free.
+    teacher = [np.asarray(apply(model, b), np.float64) for b in BATCHES]
+    without = [ref.forward(model, b, groups_of(D.drop(model, [1]).program)) for b in BATCHES]
+    naive = np.mean([np.mean((np.asarray(w) - t) ** 2) for w, t in zip(without, teacher)])
+    np.testing.assert_allclose(score[(0, 3, 4)], naive, rtol=1e-4)
+    assert naive > 1e-6
+
+
 @pytest.mark.parametrize("prior", ["gradient", "hessian"])
 def test_priors_order_and_cut_candidates(model, prior):
     """Greedy(max_candidates=1) scores only the drop its Taylor estimate ranks best: the
@@ -361,6 +385,77 @@ def test_gate_derivatives_match_finite_differences(model):
     first = M.taylor_estimate(np.ones(n), g.extra["grad"], keep)[0]
     with_h = M.taylor_estimate(np.ones(n), g.extra["grad"], keep, H)[0]
     assert abs(with_h - true) < abs(first - true)
+
+
+def sq_distance(logits, batch):
+    """Per-row summed squared distance to a target: quadratic in the logits."""
+    return jnp.sum((logits - batch["target"]) ** 2, axis=(1, 2))
+
+
+def test_interactions_equal_second_differences_where_the_loss_is_bilinear():
+    """GPT-J blocks (attention and MLP read one input) in one parallel group and no final
+    norm: the logits are affine in all four gates, a squared distance of them is quadratic,
+    so the gate Hessian equals every pair's ablation second difference L(1,1) - L(1,0) -
+    L(0,1) + L(0,0), computed by the naive forward in float64. Run sequentially, a pair
+    across steps (attn_0 feeds step 1) no longer does; the last step's own pair still does."""
+    cfg = dj.ModelConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        parallel_block=True,
+        final_norm=False,
+        vocab_size=64,
+        init_std=0.1,
+    )
+    seq = dj.init(cfg, jax.random.key(1))
+    par = D.parallelize(seq, [[0, 1]])
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 64, (2, 6)).astype(np.int32)
+    rows = [{"tokens": tokens, "target": rng.normal(size=(2, 6, 64)).astype(np.float32)}]
+    obj = search.logits(sq_distance, rows, differentiable=True)
+    pairs = list(itertools.combinations(range(4), 2))  # gates attn_0, attn_1, mlp_0, mlp_1
+
+    corners = np.array(list(itertools.product((0.0, 1.0), repeat=4)))  # [16, 4]
+
+    def second_differences(model, groups_of_gates):
+        """[pairs] L(1,1) - L(1,0) - L(0,1) + L(0,0) (the other gates 1) of the naive
+        forward in float64, L the objective: mean over rows of the summed squares."""
+        with _x64():
+            m64 = model.replace(
+                params=jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.params)
+            )
+            target = jnp.asarray(rows[0]["target"], jnp.float64)
+
+            def L(g):
+                logits = ref.forward(m64, tokens, groups_of_gates(g))
+                return jnp.sum((logits - target) ** 2) / len(tokens)
+
+            at = dict(zip(map(tuple, corners), np.asarray(jax.jit(jax.vmap(L))(corners))))
+
+        def corner(i, j, gi, gj):
+            g = np.ones(4)
+            g[[i, j]] = gi, gj
+            return at[tuple(g)]
+
+        return np.array(
+            [
+                corner(i, j, 1, 1) - corner(i, j, 1, 0) - corner(i, j, 0, 1) + corner(i, j, 0, 0)
+                for i, j in pairs
+            ]
+        )
+
+    one_group = lambda g: [[(0, g[0], g[2]), (1, g[1], g[3])]]
+    in_turn = lambda g: [[(0, g[0], g[2])], [(1, g[1], g[3])]]
+    for model, groups, exact in ((par, one_group, pairs), (seq, in_turn, [(1, 3)])):
+        H = M.gate_interactions(model, list(obj.batches), obj.measure)
+        H_pairs = np.array([H[i, j] for i, j in pairs])
+        diff = second_differences(model, groups)
+        for r, pair in enumerate(pairs):
+            if pair in exact:
+                np.testing.assert_allclose(H_pairs[r], diff[r], rtol=2e-5, atol=1e-6)
+        if model is seq:  # attn_0 and attn_1: step 1 reads step 0's output
+            r = pairs.index((0, 1))
+            assert abs(H_pairs[r] - diff[r]) > 1e-2 * abs(diff[r]) + 1e-5
 
 
 def test_bad_input(model):

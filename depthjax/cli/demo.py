@@ -3,7 +3,8 @@
 1. train a small llama-style byte-level model on Python standard library sources;
 2. score every step with every metric on calibration text;
 3. prune 25% of the blocks by each block metric (and 25% of the attention sublayers by
-   each attention metric), with a random ranking as control;
+   each attention metric), against random pruning as the control: the loss's mean and
+   spread over 16 random subsets of the same size (all of them when there are fewer);
 4. recover each pruned model with bias and linear emulation;
 5. evaluate validation loss for all of these, print tables, and write a report folder:
    report.json, report.md, profiles.png, removal_curves.png, recovery.png.
@@ -33,6 +34,7 @@ SETTINGS = {  # quick: CI and tests; full: the README's main command
         eval_batch=8,
         permutations=None,
         rank=8,
+        random_subsets=16,
     ),
     "full": dict(
         model="llama-small",
@@ -44,6 +46,7 @@ SETTINGS = {  # quick: CI and tests; full: the README's main command
         eval_batch=16,
         permutations=None,
         rank=16,
+        random_subsets=16,
     ),
 }
 
@@ -104,6 +107,12 @@ def prune_and_recover(
     return rows
 
 
+def _subsets(control: dict) -> str:
+    """'all 4' or '16 random': how many subsets a random control (to_dict) measured."""
+    k = len(control["values"])
+    return f"all {k}" if control["exhaustive"] else f"{k} random"
+
+
 def _markdown(report: dict) -> str:
     r = report
     lines = [
@@ -139,7 +148,17 @@ def _markdown(report: dict) -> str:
                 f"| {name} | {row['removed']} | {row['pruned']:.4f} | {row['bias']:.4f} | "
                 f"{row['linear']:.4f} |"
             )
-        lines.append("")
+        c = r["random"][unit]
+        over = _subsets(c)
+        lines += [
+            f"| random (control) | {over} subsets | {c['mean']:.4f} ± {c['std']:.4f} "
+            f"({c['min']:.4f}-{c['max']:.4f}) | - | - |",
+            "",
+            f"random (control): the loss after removing {c['n']} "
+            f"{'blocks' if unit == 'block' else 'attention sublayers'} chosen at random, "
+            f"mean ± sample std (min-max) over {over} subsets of that size (not recovered).",
+            "",
+        ]
     lines += [
         "## Removal curves",
         "",
@@ -154,7 +173,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_recovery(pruning: dict, full: float, path) -> None:
+def _plot_recovery(pruning: dict, full: float, controls: dict, path) -> None:
     from ..report import pyplot
 
     plt = pyplot()
@@ -165,6 +184,9 @@ def _plot_recovery(pruning: dict, full: float, path) -> None:
         for j, key in enumerate(("pruned", "bias", "linear")):
             ax.bar(x + (j - 1) * 0.27, [rows[n][key] for n in names], 0.27, label=key)
         ax.axhline(full, color="gray", ls=":", label="full model")
+        c = controls[unit]
+        ax.axhspan(c.mean - c.std, c.mean + c.std, color="tab:red", alpha=0.15)
+        ax.axhline(c.mean, color="tab:red", ls="--", lw=1, label="random (mean ± std)")
         ax.set_xticks(
             x,
             [n.replace("relative_contribution", "rel_contrib") for n in names],
@@ -193,7 +215,6 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
     import jax
 
     from .. import corpus, metrics as M, report
-    from ..metrics.scores import Scores
 
     t0 = time.time()
     s = SETTINGS["quick" if quick else "full"]
@@ -225,30 +246,32 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
         log=lambda m: _log("    " + m),
     )
     stages.advance()
-    rng = np.random.default_rng(seed)
-    block_scores = {
-        **report.importance(scores, "block"),
-        "random": Scores("random", "block", rng.random(model.depth)),
-    }
-    attn_scores = {
-        **report.importance(scores, "attn"),
-        "random": Scores("random", "attn", rng.random(model.depth)),
-    }
+    block_scores = report.importance(scores, "block")
+    attn_scores = report.importance(scores, "attn")
     table = report.table(scores, "block")
     print(table, flush=True)
 
     n = max(1, model.depth // 4)
     _log(f"3-4/5 pruning {n} blocks / {n} attention sublayers by each metric, recovering")
-    pruning = {}
+    pruning, controls = {}, {}
     for unit, unit_scores in (("block", block_scores), ("attn", attn_scores)):
         pruning[unit] = prune_and_recover(
             model, unit_scores, calib, evals, unit, n, s["rank"], loss
         )
+        controls[unit] = c = M.random_pruning(
+            model, evals, n, unit, num_subsets=s["random_subsets"], seed=seed
+        )
+        _log(f"{unit:>5} by random (control): loss {c.describe()}")
         stages.advance()
     stages.advance()
 
     _log("5/5 removal curves and report")
     curves = report.removal_curves(model, evals, block_scores, "block")
+    orders = M.random_removal_curves(
+        model, evals, "block", num_orders=s["random_subsets"], seed=seed
+    )
+    random_curve, spread = f"random (mean of {len(orders)} orders)", orders.std(0, ddof=1)
+    curves[random_curve] = orders.mean(0)
     res = {
         "model": {
             "preset": s["model"],
@@ -263,7 +286,9 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
         "scores": scores,
         "table": table,
         "pruning": pruning,
+        "random": {unit: c.to_dict() for unit, c in controls.items()},
         "removal_curves": curves,
+        "random_removal_std": spread,
         "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
     }
     report.plot_profiles(scores, out / "profiles.png", title="step scores (dotted: |residual|)")
@@ -274,8 +299,9 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
         ylabel="validation loss",
         baseline=full,
         title="removing blocks in each metric's order",
+        bands={random_curve: (curves[random_curve] - spread, curves[random_curve] + spread)},
     )
-    _plot_recovery(pruning, full, out / "recovery.png")
+    _plot_recovery(pruning, full, controls, out / "recovery.png")
     res["seconds"] = time.time() - t0
     report.write_json(res, out / "report.json")
     (out / "report.md").write_text(_markdown(res))
@@ -298,6 +324,12 @@ def _summary(res: dict) -> None:
                 f"  {name:<28} {str(row['removed']):<12} {row['pruned']:>8.4f} "
                 f"{row['bias']:>8.4f} {row['linear']:>8.4f}"
             )
+        c = res["random"][unit]
+        over = _subsets(c)
+        print(
+            f"  {'random (control)':<28} {over + ' sets':<12} {c['mean']:>8.4f} "
+            f"± {c['std']:.4f} (min {c['min']:.4f}, max {c['max']:.4f}; not recovered)"
+        )
 
 
 def add_command(sub) -> None:

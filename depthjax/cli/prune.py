@@ -2,12 +2,14 @@
 
     depthjax prune --model DIR --metric block_influence --n 2 [--unit block]
                    [--data FILES] [--task TASK.jsonl]
-                   [--recover bias|linear|lora] [--rank 8] [--lora-steps 100] --out CKPT
+                   [--recover bias|linear|lora] [--rank 8] [--lora-steps 100]
+                   [--random-subsets 16] --out CKPT
 
 Scores and recovery are calibrated on --data (its first 80%) or the embedded corpus's train
 split; the measure before and after (the --task, else the validation loss, or the
-representation cosine for encoders) on the rest. ablation and shapley rank by that measure;
-module_similarity ("What Matters in Transformers?") ranks sublayers.
+representation cosine for encoders) on the rest, beside the random control: its mean and
+spread over --random-subsets random subsets of the same size. ablation and shapley rank
+by that measure; module_similarity ("What Matters in Transformers?") ranks sublayers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import UsageError, add_data_args, add_quiet_arg, check_out_dir, count, load_with_data
+from .common import (
+    UsageError,
+    add_data_args,
+    add_quiet_arg,
+    check_out_dir,
+    count,
+    load_with_data,
+    natural,
+)
 
 METRICS = (
     "block_influence",
@@ -82,16 +92,18 @@ def _metric(name: str, unit: str, calib, measure, args):
 
 def _check(args, model) -> None:
     """Flags that cannot fit the model, refused before any scoring."""
-    from ..prune import _active
+    from ..metrics.coalitions import active_units
     from ..recover import DEFAULT_RANK
 
-    on = int(_active(model, "block" if args.unit == "block" else args.unit).sum())
+    on = int(active_units(model, args.unit).sum())
     limit = on - 1 if args.unit == "block" else on
     if not 1 <= args.n <= limit:
         raise UsageError(
             f"--n {args.n}: the model has {model.depth} steps ({on} {args.unit} "
             f"units on); choose 1..{limit}"
         )
+    if args.random_subsets == 1:
+        raise UsageError("--random-subsets 1: a spread needs at least 2 subsets (0 skips it)")
     if args.recover in ("linear", "lora"):
         if args.rank is None:
             args.rank = min(DEFAULT_RANK[args.recover], model.config.d_model)
@@ -126,6 +138,17 @@ def _prune(args) -> int:
     )
     what = report.measure_label(measure)
     print(f"{what}: full {value(model):.4f}  pruned {value(pruned):.4f}", flush=True)
+    if args.random_subsets:  # the control: what removing n units at random gives
+        control = M.random_pruning(
+            model,
+            data.evals,
+            args.n,
+            args.unit,
+            num_subsets=args.random_subsets,
+            seed=args.seed,
+            measure=measure,
+        )
+        print(f"{what}: random {args.n} {args.unit} units {control.describe()}", flush=True)
     if args.recover:
         pruned = dj.recover(
             pruned,
@@ -174,6 +197,14 @@ def add_command(sub) -> None:
         default=None,
         help="sampled (antithetic) Shapley permutations; default: exact when the "
         "2**n coalitions are at most 4096, else 16",
+    )
+    p.add_argument(
+        "--random-subsets",
+        type=natural,
+        default=16,
+        help="the random control: the measure's mean, std, min and max over this many "
+        "distinct random subsets of --n units (all of them when there are fewer), one batch "
+        "of programs; 0 skips it (default 16)",
     )
     p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     add_quiet_arg(p)

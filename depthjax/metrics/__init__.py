@@ -5,7 +5,8 @@ Trace metrics read one traced forward (block_influence, angular_distance,
 relative_contribution, module_similarity, residual_norm; trace_metrics returns all of them
 from one pass);
 coalition metrics evaluate programs with units switched off through one compiled
-function (ablation, shapley, present_minus_absent, removal_curve); gate metrics
+function (ablation, shapley, present_minus_absent, removal_curve, and the random
+controls random_pruning and random_removal_curves); gate metrics
 differentiate the loss with respect to the sublayer gates (gate_gradient,
 gate_interactions).
 """
@@ -13,12 +14,14 @@ gate_interactions).
 from .batches import as_batches
 from .coalitions import (
     ablation,
+    active_units,
     coalition_measures,
     loss,
     present_minus_absent,
     removal_curve,
     shapley,
 )
+from .controls import RandomControl, random_pruning, random_removal_curves
 from .gates import gate_derivatives, gate_gradient, gate_interactions, taylor_estimate
 from .lens import logit_lens, skip_effect
 from .scores import MetricError, Scores
@@ -34,8 +37,10 @@ from .trace import (
 
 __all__ = [
     "MetricError",
+    "RandomControl",
     "Scores",
     "ablation",
+    "active_units",
     "angular_distance",
     "as_batches",
     "block_influence",
@@ -47,6 +52,8 @@ __all__ = [
     "loss",
     "module_similarity",
     "present_minus_absent",
+    "random_pruning",
+    "random_removal_curves",
     "relative_contribution",
     "removal_curve",
     "residual_norm",

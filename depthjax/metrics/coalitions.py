@@ -54,6 +54,19 @@ def n_units(model: DepthModel, unit: str) -> int:
     return 2 * model.depth if unit == "sublayer" else model.depth
 
 
+def active_units(model: DepthModel, unit: str) -> np.ndarray:
+    """bool [n_units]: which units are still on (a block always is; a sublayer whose gate
+    is not 0)."""
+    n_units(model, unit)
+    a, m = np.asarray(model.program.attn) != 0, np.asarray(model.program.mlp) != 0
+    return {
+        "block": np.ones(model.depth, bool),
+        "attn": a,
+        "mlp": m,
+        "sublayer": np.concatenate([a, m]),
+    }[unit]
+
+
 def coalition_gates(model: DepthModel, unit: str, keep) -> tuple[np.ndarray, np.ndarray]:
     """(attn, mlp) gates float32 [K, depth]: the model's gates with units where keep[k] == 0 off."""
     keep = np.asarray(keep, np.float32)  # [K, n_units]

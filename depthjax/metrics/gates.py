@@ -7,13 +7,13 @@ all 2*depth sublayer gates g = [attn_0..attn_{S-1}, mlp_0..mlp_{S-1}].
   depth (one backward instead of 2*depth forwards).
 * `gate_interactions`: the Hessian d2L/dg_i dg_j [2S, 2S] (forward-over-reverse,
   chunked Hessian-vector products). Off the diagonal it says which pairs of sublayers
-  are redundant together (positive: removing both hurts less than the sum of removing
-  each, to second order).
+  are redundant together (positive: removing both hurts more than the sum of removing
+  each, as when either one can stand in for the other; to second order).
 * `taylor_estimate`: the loss change of removing any set of units, to first or second
   order, from those two (a search prior; see depthjax.search).
 
-Both accept any objective measure (see depthjax.search.objective); the default is the
-next-token loss on the batches.
+Both accept any objective measure (`measure=`, see depthjax.search.objective); the
+default is the next-token loss on the batches.
 """
 
 from __future__ import annotations
@@ -56,10 +56,16 @@ def _grad_sums(model, batch, *, measure):
 
 @functools.partial(jax.jit, static_argnames=("measure", "chunk"))
 def _hessian_sums(model, batch, *, measure, chunk):
-    f = lambda g: _batch_fn(model, batch, measure)(g)[0]
+    """(value, weight, gradient, Hessian) sums: Hessian columns are forward-over-reverse
+    products with unit vectors, whose primal outputs are the value and gradient (one
+    compiled function for all of them)."""
+    value_and_grad = jax.value_and_grad(_batch_fn(model, batch, measure), has_aux=True)
     g0 = _gates(model)
-    hvp = lambda v: jax.jvp(jax.grad(f), (g0,), (v,))[1]
-    return jax.lax.map(hvp, jnp.eye(g0.size, dtype=g0.dtype), batch_size=chunk)
+    column = lambda v: jax.jvp(value_and_grad, (g0,), (v,))
+    ((value, weight), grad), (_, hess) = jax.lax.map(
+        column, jnp.eye(g0.size, dtype=g0.dtype), batch_size=chunk
+    )
+    return value[0], weight[0], grad[0], hess
 
 
 def _dicts(batches) -> list[dict]:
@@ -81,12 +87,13 @@ def gate_derivatives(model: DepthModel, batches, measure=loss_measure, *, hessia
     value = weight = 0.0
     grad = hess = None
     for b in _dicts(batches):
-        v, w, g = _grad_sums(model, b, measure=measure)
+        if hessian:
+            v, w, g, h = _hessian_sums(model, b, measure=measure, chunk=min(8, 2 * model.depth))
+            hess = h if hess is None else hess + h
+        else:
+            v, w, g = _grad_sums(model, b, measure=measure)
         value, weight = value + v, weight + w
         grad = g if grad is None else grad + g
-        if hessian:
-            h = _hessian_sums(model, b, measure=measure, chunk=min(8, 2 * model.depth))
-            hess = h if hess is None else hess + h
     weight = float(weight)
     out = (float(value) / weight, np.asarray(grad, np.float64) / weight)
     if not hessian:
@@ -95,19 +102,35 @@ def gate_derivatives(model: DepthModel, batches, measure=loss_measure, *, hessia
     return out + (0.5 * (hess + hess.T),)  # symmetric up to float rounding; make it exact
 
 
-def gate_gradient(model: DepthModel, batches) -> Scores:
+def gate_gradient(model: DepthModel, batches, measure=loss_measure) -> Scores:
     """Per sublayer (unit "sublayer": attn_0.., mlp_0..): -g * dL/dg, the first-order
     estimate of the loss rise when the sublayer is switched off. extra["grad"] is dL/dg
-    itself, extra["loss"] the loss at the model's gates."""
-    loss, grad, _ = gate_derivatives(model, batches)
+    itself, extra["loss"] the loss at the model's gates.
+
+    measure: an objective measure (logits_BTV, batch) -> {"score": [B], "weight": [B]}
+    (depthjax.search.objective); with one other than the loss, batches are dicts with
+    "tokens", "mask" and the arrays it reads (a search Objective's .batches)."""
+    loss, grad, _ = gate_derivatives(model, batches, measure)
     g = np.asarray(_gates(model), np.float64)
     return Scores("gate_gradient", "sublayer", -g * grad, {"grad": grad, "loss": loss})
 
 
-def gate_interactions(model: DepthModel, batches) -> np.ndarray:
-    """The Hessian of the loss with respect to the 2*depth gates [2S, 2S] (attn_0..,
-    mlp_0..), symmetric."""
-    return gate_derivatives(model, batches, hessian=True)[2]
+def gate_interactions(model: DepthModel, batches, measure=loss_measure) -> np.ndarray:
+    """The Hessian H of the loss with respect to the 2*depth gates [2S, 2S] (attn_0..,
+    mlp_0..) at the model's gates, symmetric; `measure` as in `gate_gradient`.
+
+    With gates at 1, H[i, j] is the local version of the ablation second difference
+    L(1,1) - L(1,0) - L(0,1) + L(0,0) of units i and j (the other gates as they are).
+    That difference is the *mean* of d2L/dg_i dg_j over the unit square of the two gates,
+    H[i, j] its value at the corner (1, 1): the two are equal exactly when the mixed
+    derivative is constant on the square, i.e. the loss is at most bilinear in the pair
+    (L = f(g_i) + h(g_j) + c g_i g_j), e.g. both sublayers read one input (a parallel
+    group, or a GPT-J block's attention and MLP) and the measure is quadratic in logits
+    that are linear in the last residual (no final norm). In general they differ: when
+    one sublayer reads the other's output, and through the final norm and the softmax of
+    the loss, H is a second-order estimate of the interaction, good for small gate
+    changes and rough for switching units off."""
+    return gate_derivatives(model, batches, measure, hessian=True)[2]
 
 
 def taylor_estimate(gates, grad, keep, hessian=None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Experiment 7: gradient attribution of depth, and program search against enumeration.
+"""Experiment 12: gradient attribution of depth, and program search against enumeration.
 
 Gates are floats, so d loss / d gate for every attention and MLP gate comes from one
 backward pass (a first-order Taylor estimate of each sublayer's ablation, as in Taylor
@@ -218,7 +218,7 @@ def per_input(model, data, valid, args):
 
 
 def main(argv=None):
-    p = common.parser("07_search_and_attribution", __doc__)
+    p = common.parser("12_search_and_attribution", __doc__)
     p.add_argument("--shapley-permutations", type=int, default=8)
     p.add_argument(
         "--shapley-keys",
@@ -285,7 +285,7 @@ def main(argv=None):
         + common.md_table(["step"] + names, value_rows),
         "## Rank correlation (Spearman) between block scores\n\n"
         + common.md_table([""] + names, corr_rows),
-        "## Rank correlation between sublayer scores (16 units)\n\n"
+        f"## Rank correlation between sublayer scores ({2 * model.depth} units)\n\n"
         + common.md_table([""] + sub_names, sub_rows),
         "## Sampled Shapley against exact\n\n"
         + common.md_table(
@@ -342,7 +342,7 @@ def main(argv=None):
     common.write_results(
         args,
         out,
-        "Experiment 7: gradient attribution and program search",
+        "Experiment 12: gradient attribution and program search",
         sections,
         {
             "block_scores": {k: np.asarray(v) for k, v in att["block"].items()},
