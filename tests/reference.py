@@ -36,7 +36,10 @@ def _local(cfg, row_id):
 
 def _attention(cfg, p, x, pos, allowed, row_id=0):
     if cfg.rope_scaling is not None:
-        raise NotImplementedError("the reference has plain RoPE only")
+        raise NotImplementedError(
+            "the naive reference has plain RoPE only; scaled RoPE is checked against "
+            "transformers (tests/test_hf_parity.py)"
+        )
     q = _dense(p["q"], x, "btd,dhk->bthk")
     k = _dense(p["k"], x, "btd,dhk->bthk")
     v = _dense(p["v"], x, "btd,dhk->bthk")

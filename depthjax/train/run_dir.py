@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -276,10 +277,10 @@ class RunLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
+            # A missed touch (a network filesystem hiccup) must not kill the run: the next
+            # tick retries, and a lock goes stale only after many missed ones.
+            with contextlib.suppress(OSError):
                 os.utime(self.path)
-            except OSError:
-                pass
 
     def release(self) -> None:
         self._stop.set()
