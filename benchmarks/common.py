@@ -1,5 +1,8 @@
 """Timing helpers shared by the benchmark scripts."""
 
+import ctypes
+import ctypes.util
+import os
 import time
 
 import jax
@@ -55,11 +58,33 @@ def compile_time(jitted, *args):
     return time.perf_counter() - t0
 
 
+def use_one_core() -> None:
+    """Measure work, not the machine's state (CPU only; call before the first computation:
+    XLA reads its flags when the backend starts):
+
+    * one XLA thread pinned to one core: a FLOP ratio is a ratio of work, and the thread
+      pool's spinning and hand-offs vary by ~15% between runs on a shared 2-core machine;
+    * freed memory stays in the process (glibc `mallopt`): XLA:CPU allocates its temp
+      buffer on every call, and glibc hands large blocks back to the kernel on free, so
+      every call page-faults its temp buffer in afresh. That costs in proportion to the
+      temp size, not the FLOPs: a `dj.specialize`d program with unrolled steps (more live
+      buffers than one scan) spent 8x longer in its weight-slice copies for it."""
+    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    for option in (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD):
+        libc.mallopt(option, 1 << 30)
+
+
 def header():
     dev = jax.devices()[0]
+    flags = os.environ.get("XLA_FLAGS", "")
     print(
         f"# jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
         f"{jax.device_count()} device(s)"
+        + (", one XLA thread on one core" if "multi_thread_eigen=false" in flags else "")
     )
 
 
@@ -81,8 +106,15 @@ def model_from_args(
     p.add_argument("--d-model", type=int, default=d_model)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument(
+        "--one-core",
+        action="store_true",
+        help="CPU only: one XLA thread pinned to one core (steadier ratios of work)",
+    )
     extra(p)
     args = p.parse_args()
+    if args.one_core:
+        use_one_core()
     header()
     cfg = dj.configs.get("llama-tiny", d_model=args.d_model, n_layers=args.depth)
     model = dj.init(cfg, jax.random.key(0))

@@ -10,10 +10,13 @@ a row is gathered at every step and a gated-off sublayer is skipped by a run-tim
 
 * a sublayer whose gate is 0 is not in the compiled function at all, and a step with
   nothing left to run (both gates 0, no recovery adapter) is removed;
-* consecutive steps that run consecutive table rows with the same sublayers on form a
-  *run*: one `lax.scan` over rows a..b-1, each read in place from the table (the row
-  index is a known range, not data from a program); a run repeated back to back (a loop,
-  `depth.repeat`) is a scan over its repetitions, every repetition reading the same rows;
+* sequential steps with the same sublayers on form a *run*: one `lax.scan` over their
+  rows, each read from the table in place by its index (known when compiling, and data to
+  the loop: no per-step gather of the table); steps whose sublayers alternate in a short
+  pattern (attention dropped at every other step) scan over repetitions of that pattern.
+  A loop (`depth.repeat`) is a run whose rows repeat. Scans rather than unrolled steps
+  matter on CPU too: XLA:CPU allocates a call's temp buffer afresh, and unrolled steps
+  each hold their own buffers (more fresh memory to page in on every call);
 * a parallel group runs as one call `vmap`-ed over its stacked rows (members with the
   same sublayers on together): the projections that read the group's shared input become
   one wider matmul. Prefill and decoding run a group's members one by one (each writes
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -43,26 +47,33 @@ from .program import ProgramError, is_concrete
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """Sequential steps `steps` ([times * length]) running table rows row .. row+length-1,
-    `times` times in a row, all with the same sublayers on."""
+class Parts:
+    """What a sequential step runs (static): its sublayers, and whether it carries a
+    recovery adapter (applied to the step's input)."""
 
-    steps: tuple[int, ...]
-    row: int
-    length: int
-    times: int
     attn: bool
     mlp: bool
-    adapter: bool  # the steps carry recovery adapters (applied to each step's input)
+    adapter: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Sequential steps `steps` scanned as `times` repetitions of a body of len(pattern)
+    steps: step k runs table row rows[k] with the sublayers pattern[k % len(pattern)]."""
+
+    steps: tuple[int, ...]
+    rows: tuple[int, ...]
+    pattern: tuple[Parts, ...]
+
+    @property
+    def times(self) -> int:
+        return len(self.steps) // len(self.pattern)
 
     def describe(self) -> str:
-        rows = (
-            f"row {self.row}"
-            if self.length == 1
-            else f"rows {self.row}-{self.row + self.length - 1}"
-        )
-        loop = f" x{self.times}" if self.times > 1 else ""
-        return f"steps {_span(self.steps)}: {rows}{loop} [{_parts(self)}]"
+        rows = f"row{'s' if len(self.rows) > 1 else ''} {_span(self.rows)}"
+        parts = ", ".join(_parts(p) for p in self.pattern)
+        body = f" [{parts}] x{self.times}" if len(self.pattern) > 1 else f" [{parts}]"
+        return f"steps {_span(self.steps)}: {rows}{body}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +165,7 @@ def make_plan(model: DepthModel) -> Plan:
     parallel = np.asarray(prog.parallel)
     adapter_on = _nonzero_per_step((model.params.get("steps") or {}).get("adapter", {}), S)
 
-    units: list[Segment] = []  # one per group; sequential steps become 1-step runs
+    units: list[Segment] = []  # groups, and (step, row, parts) of sequential steps
     starts = [i for i in range(S) if not parallel[i]] + [S]
     for j, end in zip(starts[:-1], starts[1:]):
         members = [
@@ -163,42 +174,44 @@ def make_plan(model: DepthModel) -> Plan:
             if attn_on[i] or mlp_on[i]
         ]
         if [m.step for m in members] in ([], [j]):
-            m = members[0] if members else Member(j, int(block[j]), False, False)
             if members or adapter_on[j]:
-                units.append(Run((j,), m.row, 1, 1, m.attn, m.mlp, bool(adapter_on[j])))
+                parts = Parts(bool(attn_on[j]), bool(mlp_on[j]), bool(adapter_on[j]))
+                units.append((j, int(block[j]), parts))
         else:
             units.append(Group(tuple(members), j if adapter_on[j] else None))
-    return Plan(tuple(_merge_runs(units)), S)
+    segments: list[Segment] = []
+    for is_group, stretch in itertools.groupby(units, lambda u: isinstance(u, Group)):
+        stretch = list(stretch)
+        segments += stretch if is_group else _runs(stretch)
+    return Plan(tuple(segments), S)
 
 
-def _merge_runs(units: list[Segment]) -> list[Segment]:
-    """Join 1-step runs over consecutive rows, then back-to-back repeats of a run."""
-    same = lambda a, b: (a.attn, a.mlp, a.adapter) == (b.attn, b.mlp, b.adapter)
-    runs: list[Segment] = []
-    for u in units:
-        last = runs[-1] if runs else None
-        if (
-            isinstance(u, Run)
-            and isinstance(last, Run)
-            and last.times == 1
-            and same(last, u)
-            and u.row == last.row + last.length
-        ):
-            runs[-1] = dataclasses.replace(last, steps=last.steps + u.steps, length=last.length + 1)
-        else:
-            runs.append(u)
-    out: list[Segment] = []
-    for r in runs:
-        last = out[-1] if out else None
-        if (
-            isinstance(r, Run)
-            and isinstance(last, Run)
-            and same(last, r)
-            and (last.row, last.length) == (r.row, r.length)
-        ):
-            out[-1] = dataclasses.replace(last, steps=last.steps + r.steps, times=last.times + 1)
-        else:
-            out.append(r)
+MAX_PATTERN = 4  # longest body of steps a run unrolls inside its scan
+
+
+def _runs(steps: list[tuple[int, int, Parts]]) -> list[Run]:
+    """Split consecutive sequential (step, row, parts) into runs, greedily from the front:
+    the pattern of at most MAX_PATTERN steps that repeats over the most steps (ties: the
+    shortest), or a single step when nothing repeats."""
+    parts = [p for _, _, p in steps]
+    out, i = [], 0
+    while i < len(steps):
+        period, times = 1, 1
+        for p in range(1, min(MAX_PATTERN, len(steps) - i) + 1):
+            t = 1
+            while parts[i + t * p : i + (t + 1) * p] == parts[i : i + p]:
+                t += 1
+            if t > 1 and t * p > period * times:
+                period, times = p, t
+        chunk = steps[i : i + period * times]
+        out.append(
+            Run(
+                tuple(s for s, _, _ in chunk),
+                tuple(r for _, r, _ in chunk),
+                tuple(parts[i : i + period]),
+            )
+        )
+        i += period * times
     return out
 
 
@@ -278,45 +291,60 @@ def _updates(
 
 
 def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **attn_kwargs):
-    """One Run: a scan over its rows (inside a scan over repetitions). Returns (x, cache).
+    """One Run: a scan over its repetitions, each the pattern's steps in turn. Returns
+    (x, cache).
 
     Each step reads its row from the table in place (a dynamic slice of the loop-invariant
-    table, as dj.apply does): scanning over a sliced copy table[a:b] would copy the run's
-    rows before the loop."""
+    table, as dj.apply does): scanning over a gathered copy table[rows] would copy the
+    run's rows before the loop."""
     blocks = model.params["blocks"]
+    period, times = len(run.pattern), run.times
     ga, gm, sp = _step_data(model, run.steps)
     slots = (
         np.zeros(len(run.steps), np.int32) if cache is None else cache.slot_map()[list(run.steps)]
     )
-    rows = np.tile(np.arange(run.row, run.row + run.length, dtype=np.int32), run.times)
-    reshape = lambda t: jax.tree.map(lambda a: a.reshape((run.times, run.length) + a.shape[1:]), t)
+    rows = np.asarray(run.rows, np.int32)
+    reshape = lambda t: jax.tree.map(lambda a: a.reshape((times, period) + a.shape[1:]), t)
     xs = reshape((jnp.asarray(rows), ga, gm, sp, jnp.asarray(slots)))
-    flags = dict(attn=run.attn, mlp=run.mlp, adapter=run.adapter)
-    uses_cache = cache is not None and run.attn
 
-    def step(carry, xs):
+    def step(carry, xs, parts: Parts):
         x, kv = carry
         r, a, m, s, slot = xs
+        uses_cache = cache is not None and parts.attn
         row = jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, r, keepdims=False), blocks)
         kind = kinds_lib.row_kind(cfg, r)  # each row's attention kind travels with it
         view = StepCache(kv, slot, jnp.ones(x.shape[:1], bool), prefill) if uses_cache else None
         x, view = _one_step(
-            cfg, row, x, a, m, s, positions_BT, view=view, **flags, **attn_kwargs, **kind
+            cfg,
+            row,
+            x,
+            a,
+            m,
+            s,
+            positions_BT,
+            view=view,
+            attn=parts.attn,
+            mlp=parts.mlp,
+            adapter=parts.adapter,
+            **attn_kwargs,
+            **kind,
         )
-        return (x, view.cache if uses_cache else kv), None
+        return x, view.cache if uses_cache else kv
 
     # as in dj.apply; CSE is only a risk for the forward outside a scan
-    step = rematerialized(cfg, step, prevent_cse=run.length == run.times == 1)
-    first = lambda t: jax.tree.map(lambda a: a[0], t)
+    steps = [
+        rematerialized(cfg, functools.partial(step, parts=parts), prevent_cse=times == 1)
+        for parts in run.pattern
+    ]
 
     def repetition(carry, xs):
-        if run.length == 1:
-            return step(carry, first(xs))
-        return jax.lax.scan(step, carry, xs)
+        for k, one in enumerate(steps):
+            carry = one(carry, jax.tree.map(lambda a, k=k: a[k], xs))
+        return carry, None
 
     carry = (x_BTD, cache)
-    if run.times == 1:
-        carry, _ = repetition(carry, first(xs))
+    if times == 1:
+        carry, _ = repetition(carry, jax.tree.map(lambda a: a[0], xs))
     else:
         carry, _ = jax.lax.scan(repetition, carry, xs)
     return carry

@@ -8,7 +8,10 @@ Shapley values: two multiple-choice tasks built from held-out corpus files
 (`next_line`: local; `identifier_recall`: long-range; measured by the gold choice's cross-
 entropy, a smooth stand-in for accuracy) and the next-token loss. The model is pruned by
 each ranking (blocks, then attention sublayers only) and every pruned model is evaluated
-on every task: the cross-task table (pruned for A, evaluated on B).
+on every task: the cross-task table (pruned for A, evaluated on B). Accuracy is
+length-normalized (`acc_norm`, the log-likelihood per character, as lm-evaluation-harness
+reports it): the candidate lines differ in length, and the summed log-likelihood (`acc`)
+mostly picks the shortest one.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def main(argv=None):
     }
 
     def evaluate(m):
-        row = {name: t.evaluate(m)["acc"] for name, t in tasks.items()}
+        row = {name: t.evaluate(m)["acc_norm"] for name, t in tasks.items()}
         return {**row, "loss": common.loss(m, data)}
 
     full = evaluate(model)
@@ -85,14 +88,14 @@ def main(argv=None):
                 )
         what = f"{n} of {S} blocks" if unit == "block" else f"{n} of {S} attention sublayers"
         sections.append(
-            f"## Pruning {what}: accuracy on each task, validation loss\n\n"
+            f"## Pruning {what}: length-normalized accuracy on each task, validation loss\n\n"
             + common.md_table(
                 [
                     "pruned for",
                     "scores",
                     "removed",
-                    "next_line acc",
-                    "identifier_recall acc",
+                    "next_line acc_norm",
+                    "identifier_recall acc_norm",
                     "loss",
                 ],
                 [

@@ -152,8 +152,19 @@ def test_gradients_through_specialize_equal_apply(base, tokens):
     )
 
 
-def test_generate_with_a_specialized_model(base):
-    model = D.drop_sublayers(D.parallelize(D.repeat(base, [1, 2], 2), [[3, 4]]), attn=[2], mlp=[5])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: D.drop_sublayers(
+            D.parallelize(D.repeat(m, [1, 2], 2), [[3, 4]]), attn=[2], mlp=[5]
+        ),
+        # runs of a repeated two-step pattern (attention at every other step), rows looping
+        lambda m: D.drop_sublayers(D.repeat(m, [1, 2], 3), attn=[1, 3, 5, 7]),
+    ],
+    ids=["parallel-loop", "pattern-run"],
+)
+def test_generate_with_a_specialized_model(base, edit):
+    model = edit(base)
     fast = dj.specialize(model)
     prompt = np.random.default_rng(1).integers(0, 256, (2, 6)).astype(np.int32)
     mask = np.ones_like(prompt)
@@ -173,10 +184,20 @@ def test_generate_with_a_specialized_model(base):
 
 
 def test_plan_reads_rows_in_runs(base):
-    plan = dj.specialize(D.tie(base, 2)).plan  # steps run rows 0, 1, 0, 1
-    assert [(s.row, s.length, s.times) for s in plan.segments] == [(0, 2, 2)]
-    plan = dj.specialize(D.drop(base, [2])).plan
-    assert [(s.steps, s.row) for s in plan.segments] == [((0, 1), 0), ((2,), 3)]
+    runs = lambda m: [(s.steps, s.rows, len(s.pattern)) for s in dj.specialize(m).plan.segments]
+    # a loop, a drop and a reorder are each one scan over their rows, whatever the order
+    assert runs(D.tie(base, 2)) == [((0, 1, 2, 3), (0, 1, 0, 1), 1)]
+    assert runs(D.drop(base, [2])) == [((0, 1, 2), (0, 1, 3), 1)]
+    assert runs(D.reorder(base, [3, 1, 1, 2, 0])) == [((0, 1, 2, 3, 4), (3, 1, 1, 2, 0), 1)]
+    # alternating sublayers: a scan over repetitions of the two-step pattern
+    alternating = D.drop_sublayers(base, attn=[1, 3])
+    (run,) = dj.specialize(alternating).plan.segments
+    assert (run.steps, run.times) == ((0, 1, 2, 3), 2)
+    assert [(p.attn, p.mlp) for p in run.pattern] == [(True, True), (False, True)]
+    # nothing repeats: single steps, and the longest repeat wins
+    mixed = D.drop_sublayers(base, attn=[1], mlp=[3])
+    assert runs(mixed) == [((0,), (0,), 1), ((1,), (1,), 1), ((2,), (2,), 1), ((3,), (3,), 1)]
+    assert runs(D.drop_sublayers(base, attn=[0])) == [((0,), (0,), 1), ((1, 2, 3), (1, 2, 3), 1)]
 
 
 def test_specialize_errors(base):
