@@ -19,8 +19,10 @@ a row is gathered at every step and a gated-off sublayer is skipped by a run-tim
   each hold their own buffers (more fresh memory to page in on every call);
 * a parallel group runs as one call `vmap`-ed over its stacked rows (members with the
   same sublayers on together): the projections that read the group's shared input become
-  one wider matmul. Prefill and decoding run a group's members one by one (each writes
-  its own cache slot).
+  one wider matmul. Before RMSNorm ("pre", "peri") each member's norm gain is folded into
+  its q/k/v kernels so that the normalized input itself is shared (`fold_input_gain`);
+  a LayerNorm's per-member bias keeps that input per member (a batched matmul). Prefill
+  and decoding run a group's members one by one (each writes its own cache slot).
 
 Gate values, per-step parameters (LoRA, deltas, scales, recovery adapters) and the final
 adapter are honoured exactly as in `dj.apply`; updates are summed in the same order, so
@@ -265,10 +267,52 @@ def _one_step(
     return x_BTD + (u_attn + u_mlp), view
 
 
+def shares_normalized_input(cfg) -> bool:
+    """Whether an RMS-normalized block input can be shared by a parallel group's members
+    with each member's norm gain folded into the projections that read it (see
+    `fold_input_gain`)."""
+    return cfg.norm == "rms" and cfg.norm_placement in ("pre", "peri")
+
+
+def fold_input_gain(cfg, row: dict) -> dict:
+    """The row with its attention norm's gain g [D] moved into the kernels that read the
+    normalized input: (xhat * g) @ W == xhat @ (g[:, None] * W), and the norm's scale set
+    to ones (a constant, so under vmap over a group's members the normalized input is
+    not batched and each projection is one wider matmul over the members' kernels).
+    A parallel block's MLP reads the same norm: its gate and up kernels are folded too."""
+    g_D = row["attn_norm"]["scale"]
+    scaled = lambda layer: {
+        **layer,
+        "kernel": layer["kernel"] * g_D.reshape((-1,) + (1,) * (layer["kernel"].ndim - 1)),
+    }
+    attn = {**row["attn"], **{n: scaled(row["attn"][n]) for n in ("q", "k", "v")}}
+    out = {**row, "attn": attn, "attn_norm": {**row["attn_norm"], "scale": jnp.ones_like(g_D)}}
+    if cfg.parallel_block:
+        out["mlp"] = {
+            **row["mlp"],
+            **{n: scaled(row["mlp"][n]) for n in ("gate", "up") if n in row["mlp"]},
+        }
+    return out
+
+
 def _updates(
-    cfg, row, x_BTD, attn_gate, mlp_gate, step, positions_BT, *, attn, mlp, view=None, **attn_kwargs
+    cfg,
+    row,
+    x_BTD,
+    attn_gate,
+    mlp_gate,
+    step,
+    positions_BT,
+    *,
+    attn,
+    mlp,
+    view=None,
+    fold=False,
+    **attn_kwargs,
 ):
     row = steps_lib.effective_row(row, step)
+    if fold:
+        row = fold_input_gain(cfg, row)
     if view is not None and attn:
         u_attn, u_mlp, view = step_updates(
             cfg,
@@ -363,7 +407,12 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
             kind = kinds_lib.row_kind(cfg, jnp.asarray([m.row for m in batch]))
             ga, gm, sp = _step_data(model, [m.step for m in batch])
             updates_fn = functools.partial(
-                _updates, cfg, attn=batch[0].attn, mlp=batch[0].mlp, **attn_kwargs
+                _updates,
+                cfg,
+                attn=batch[0].attn,
+                mlp=batch[0].mlp,
+                fold=batch[0].attn and len(batch) > 1 and shares_normalized_input(cfg),
+                **attn_kwargs,
             )
             member = rematerialized(
                 cfg,

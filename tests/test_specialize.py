@@ -86,6 +86,17 @@ def test_specialize_families(name, cfg, tokens):
     )
 
 
+def equations(jaxpr):
+    """Every equation of a jaxpr, sub-jaxprs (scan bodies, pjit calls) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from equations(sub)
+
+
 def executed_ops(closed_jaxpr) -> collections.Counter:
     """Primitive counts weighted by how often they run (scan bodies times their length)."""
     counts = collections.Counter()
@@ -134,6 +145,13 @@ def test_parallel_group_runs_as_one_batched_call(base, tokens):
     ops = executed_ops(jax.make_jaxpr(lambda f: f(tokens))(fast))
     # one vmapped block: each projection is one (wider or batched) matmul for all 4 rows
     assert ops["dot_general"] == ATTN_DOTS + MLP_DOTS + HEAD_DOTS
+    # the members share the normalized input (norm gains folded into the kernels): q, k and
+    # v are each one wider matmul over the 4 rows' kernels, not a batched one
+    jaxpr = jax.make_jaxpr(lambda f: f(tokens))(fast).jaxpr
+    dots = [e for e in equations(jaxpr) if e.primitive.name == "dot_general"]
+    wide = [e for e in dots if not e.params["dimension_numbers"][1][0]]  # no batch dims
+    assert len(wide) == 3 + HEAD_DOTS
+    assert all(e.outvars[0].aval.shape[2] == 4 for e in wide[:3])  # [B, T, rows, heads, Dh]
 
 
 @pytest.mark.slow
