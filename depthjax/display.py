@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from . import kinds
 from .model import count_params
 from .program import Program
 
@@ -121,13 +122,17 @@ def step_extras(steps: dict | None, depth: int) -> list[tuple[str, ...]]:
     return [tuple(x) for x in out]
 
 
-def step_rows(program: Program, steps: dict | None = None) -> list[StepRow]:
-    """The rows of the step table for a concrete program (the first one of a batch)."""
+def step_rows(program: Program, steps: dict | None = None, cfg=None) -> list[StepRow]:
+    """The rows of the step table for a concrete program (the first one of a batch).
+    With the model's `cfg`, a model whose rows differ in attention kind (sliding windows,
+    a local RoPE base) lists each step's kind with its extras."""
     p = _first(program)
     block, attn, mlp, par = (_host(getattr(p, f)) for f in ("block", "attn", "mlp", "parallel"))
     group = np.cumsum(~par) - 1
     sizes = np.bincount(group)
     extras = step_extras(steps, len(block))
+    if cfg is not None and (kinds.windowed(cfg) or cfg.local_rope_theta is not None):
+        extras = [(kinds.describe(cfg, int(b)),) + e for b, e in zip(block, extras)]
     rows = []
     for i, b in enumerate(block):
         tied = tuple(int(j) for j in np.flatnonzero(block == b) if j != i)
@@ -274,12 +279,12 @@ def _summary(rows: list[StepRow], n_blocks: int | None) -> str:
 
 
 def program_html(
-    program: Program, steps: dict | None = None, *, n_blocks: int | None = None
+    program: Program, steps: dict | None = None, *, n_blocks: int | None = None, cfg=None
 ) -> str:
     """HTML for a program: a strip of its steps, a summary line and the step table."""
     if not _has_values(program):
         return f"<pre>Program(depth={program.depth}, no values: traced or abstract)</pre>"
-    rows = step_rows(program, steps)
+    rows = step_rows(program, steps, cfg)
     colours = _colours(rows)
     batch = ""
     if program.block.ndim > 1:
@@ -315,5 +320,7 @@ def model_html(model) -> str:
         + (" · final adapter before the head" if "final_adapter" in model.params else "")
         + "</div>"
     )
-    body = program_html(model.program, model.params.get("steps"), n_blocks=model.n_blocks)
+    body = program_html(
+        model.program, model.params.get("steps"), n_blocks=model.n_blocks, cfg=model.config
+    )
     return f'<div style="font-family:monospace;font-size:12px">{head}{body}</div>'

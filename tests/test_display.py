@@ -232,3 +232,23 @@ def test_step_rows_match_program(model6):
     assert [r.tied for r in rows] == [(), (3,), (4,), (1,), (2,), (), (), ()]
     assert [r.group for r in rows] == [0, 1, 2, 3, 4, 5, 6, 6]
     assert [r.group_size for r in rows] == [1] * 6 + [2, 2]
+
+
+def test_step_rows_name_each_steps_attention_kind():
+    """Gemma 3 rows alternate sliding-window and global attention (with their own RoPE
+    bases); after a reorder each step lists the kind of the row it runs."""
+    cfg = dj.configs.get("gemma3-tiny")
+    model = dj.depth.reorder(dj.init(cfg, jax.random.key(0)), [2, 0, 3])
+    rows = display.step_rows(model.program, model.params.get("steps"), cfg)
+    kinds = [r.extras[0] for r in rows]
+    for r, kind in zip(rows, kinds):
+        local = cfg.layer_types[r.block] == "L"
+        assert kind.startswith(f"window {cfg.sliding_window}" if local else "global"), kind
+        theta = cfg.local_rope_theta if local else cfg.rope_theta
+        assert kind.endswith(f"rope {theta:g}"), kind
+    assert len(set(kinds)) == 2  # both kinds present
+    html = display.model_html(model)
+    assert kinds[0] in html
+    # models whose rows all share one kind show no kind column
+    plain = dj.init(dj.configs.get("llama-tiny"), jax.random.key(0))
+    assert all(r.extras == () for r in display.step_rows(plain.program, None, plain.config))
