@@ -31,17 +31,6 @@ def span_curve(model, data, score_data) -> np.ndarray:
     return common.losses(model, data, keep)
 
 
-def random_curve(model, data, n_orders: int, seed: int) -> np.ndarray:
-    """Mean removal curve over random drop orders."""
-    S, rng = model.depth, np.random.default_rng(seed)
-    keep = np.ones((n_orders, S, S), np.int8)
-    for r in range(n_orders):
-        order = rng.permutation(S)
-        for k in range(1, S):
-            keep[r, k:, order[k - 1]] = 0
-    return common.losses(model, data, keep.reshape(-1, S)).reshape(n_orders, S).mean(0)
-
-
 def main(argv=None):
     p = common.parser("01_metric_comparison", __doc__)
     p.add_argument("--shapley-permutations", type=int, default=24)
@@ -80,9 +69,9 @@ def main(argv=None):
     common.log("removal curves")
     curves = {name: M.removal_curve(model, data, s, unit="block") for name, s in scores.items()}
     curves["angular span (Gromov)"] = span_curve(model, data, score_data)
-    curves[f"random (mean of {args.random_orders})"] = random_curve(
-        model, data, args.random_orders, args.seed
-    )
+    curves[f"random (mean of {args.random_orders})"] = M.random_removal_curves(
+        model, data, num_orders=args.random_orders, max_units=S - 1, seed=args.seed
+    ).mean(0)
     full = float(curves["ablation"][0])
 
     report.plot_curves(
