@@ -167,7 +167,7 @@ def make_plan(model: DepthModel) -> Plan:
     parallel = np.asarray(prog.parallel)
     adapter_on = _nonzero_per_step((model.params.get("steps") or {}).get("adapter", {}), S)
 
-    units: list[Segment] = []  # groups, and (step, row, parts) of sequential steps
+    units: list[Group | tuple[int, int, Parts]] = []  # groups; (step, row, parts) of steps
     starts = [i for i in range(S) if not parallel[i]] + [S]
     for j, end in zip(starts[:-1], starts[1:]):
         members = [
