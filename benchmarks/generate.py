@@ -20,7 +20,7 @@ import numpy as np
 
 import depthjax as dj
 from common import header, timed
-from depthjax import decoding
+from depthjax.inference import decoding
 
 
 def spread(depth: int, fraction: float) -> list[int]:

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 import depthjax as dj
 from common import model_from_args
-from depthjax import integrity
+from depthjax.files import integrity
 
 
 def clock(fn, repeat=3):

@@ -19,7 +19,7 @@ import numpy as np
 import depthjax as dj
 import depthjax.metrics as M
 from common import model_from_args, timed
-from depthjax.loss import nll_sums
+from depthjax.core.loss import nll_sums
 from depthjax.metrics import coalitions as C
 
 

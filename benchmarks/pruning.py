@@ -17,8 +17,8 @@ import numpy as np
 
 import depthjax as dj
 from common import clock_name, model_from_args, timed_interleaved
-from depthjax.loss import nll_sums
-from depthjax.train.flops import forward_flops_per_token
+from depthjax.core.flops import forward_flops_per_token
+from depthjax.core.loss import nll_sums
 
 
 def spread(depth: int, fraction: float) -> list[int]:

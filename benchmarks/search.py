@@ -21,7 +21,7 @@ import numpy as np
 import depthjax as dj
 from common import model_from_args
 from depthjax import search
-from depthjax.loss import nll_sums
+from depthjax.core.loss import nll_sums
 from depthjax.search import evaluate as ev_lib
 
 

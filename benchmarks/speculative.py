@@ -29,8 +29,8 @@ import numpy as np
 
 import depthjax as dj
 from common import header
-from depthjax.checkpoint import load_model
-from depthjax.corpus import sample_windows
+from depthjax.files.checkpoint import load_model
+from depthjax.files.corpus import sample_windows
 
 
 def interleaved_seconds(fns: dict, repeat: int) -> dict:

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthjax import sharding as shd
-from depthjax.model import count_params, init
-from depthjax.program import Program
-from depthjax.train import config as train_config, flops as flops_lib
+from depthjax.core import flops as flops_lib, sharding as shd
+from depthjax.core.model import count_params, init
+from depthjax.core.program import Program
+from depthjax.train import config as train_config
 from depthjax.train.loop import state_shardings
 from depthjax.train.step import TrainState, learning_rate, optimizer, train_step, trainable_mask
 

@@ -1,39 +1,45 @@
 """depthjax: depth as data. A transformer is a table of stacked blocks plus a Program
-that says how the table is walked, run in one `lax.scan`."""
+that says how the table is walked, run in one `lax.scan`.
 
-import sys as _sys
+Subpackages, by what they hold:
 
-from . import (
-    depth,
-    eval,  # noqa: A004 (dj.eval is the DESIGN name)
-    hf,
-    metrics,
-    presets,
-    presets as configs,  # the DESIGN name; `presets` says what it holds
-    search,
-)
-from .checkpoint import CheckpointError, load, save
-from .config import ConfigError, ModelConfig, Remat
-from .decoding import Generation, decode_step, generate, prefill
-from .kv_cache import KVCache
-from .model import DepthModel, InputError, Trace, apply, init
-from .program import Program, ProgramError
-from .prune import PruneError, prune
-from .recover import RecoverError, recover
-from .sampling import GenerationError
-from .specialize import Specialized, specialize
-from .speculative import DraftStats
+core       the model: config, program, layers, attention, block, the scanned model, loss, FLOPs
+inference  the one program walker, the one decode driver (`generate`) and its policies,
+           the KV cache, sampling, the specialized (static) fast path
+depth      pure program/table edits: drop, repeat, reorder, tie, relax, grow, fold, ...
+metrics    importance scores per step, sublayer or span
+pruning    choosing what to remove (`prune`), recovering it (`recover`), reports
+adaptive   depth that adapts to the input: Mixture-of-Depths, recurrent depth, FiRST
+eval       task evaluation and the lm-eval adapter
+search     program search under a budget
+files      files on disk: model directories, checkpoints, integrity, tokenizers, corpora
+hf         Hugging Face checkpoints in and out
+train      the training loop, data, checkpoints of runs
+cli        one module per command of the `depthjax` console script
+"""
 
-_sys.modules[__name__ + ".configs"] = presets  # `import depthjax.configs` keeps working
+from . import configs, depth, eval, hf, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
+from .core.config import ConfigError, ModelConfig, Remat
+from .core.model import DepthModel, InputError, Trace, apply, init
+from .core.program import Program, ProgramError
+from .errors import DepthjaxError
+from .files.checkpoint import CheckpointError, load, save
+from .inference.decoding import Generation, decode_step, generate, prefill
+from .inference.kv_cache import KVCache
+from .inference.sampling import GenerationError
+from .inference.specialized import Specialized, specialize
+from .inference.speculative import DraftStats
+from .pruning.choose import PruneError, prune
+from .pruning.recovery import RecoverError, recover
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DepthjaxError",
     # model
     "ModelConfig",
     "ConfigError",
     "Remat",
-    "presets",
     "configs",
     "DepthModel",
     "Trace",

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 import common
-from depthjax import metrics as M, report
+from depthjax import metrics as M
+from depthjax.pruning import report
 
 
 def span_curve(model, data, score_data) -> np.ndarray:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 import common
-from depthjax import metrics as M, report
-from depthjax.model import count_params
-from depthjax.report import pyplot
+from depthjax import metrics as M
+from depthjax.core.model import count_params
+from depthjax.pruning import report
+from depthjax.pruning.report import pyplot
 
 UNITS = {
     "attn": "attention only",

@@ -37,7 +37,7 @@ import numpy as np
 
 import common
 import depthjax as dj
-from depthjax.report import pyplot
+from depthjax.pruning.report import pyplot
 
 
 # -- the task ------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ with
 from __future__ import annotations
 
 import common
-from depthjax import depth, report
-from depthjax.report import pyplot
+from depthjax import depth
+from depthjax.pruning import report
+from depthjax.pruning.report import pyplot
 
 
 def middle_pairs(S: int, k: int) -> list[list[int]]:

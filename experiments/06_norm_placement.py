@@ -16,7 +16,7 @@ import numpy as np
 
 import common
 from depthjax import metrics as M
-from depthjax.report import pyplot
+from depthjax.pruning.report import pyplot
 
 PLACEMENTS = ("pre", "peri", "post")
 

@@ -23,8 +23,8 @@ import common
 import depthjax as dj
 from depthjax import metrics as M
 from depthjax.eval import corpus_tasks
-from depthjax.prune import choose
-from depthjax.report import pyplot
+from depthjax.pruning.choose import choose
+from depthjax.pruning.report import pyplot
 
 
 def main(argv=None):

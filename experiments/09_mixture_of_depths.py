@@ -27,7 +27,7 @@ import optax
 import common
 import depthjax as dj
 from depthjax.adaptive import fit, mod, routed_decode
-from depthjax.loss import nll_sums
+from depthjax.core.loss import nll_sums
 
 
 def dense_loss(model):

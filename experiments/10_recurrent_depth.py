@@ -29,7 +29,7 @@ import numpy as np
 import common
 import depthjax as dj
 from depthjax.adaptive import fit, recurrent as R, recurrent_decode as RD
-from depthjax.loss import nll_sums
+from depthjax.core.loss import nll_sums
 
 
 def nll(logits, tokens):

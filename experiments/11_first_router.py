@@ -26,7 +26,7 @@ import numpy as np
 import common
 import depthjax as dj
 from depthjax.adaptive import first, fit
-from depthjax.loss import nll_sums
+from depthjax.core.loss import nll_sums
 
 
 @functools.partial(jax.jit, static_argnames=("prompt_len",))

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 import depthjax as dj
-from depthjax import metrics as M, report
-from depthjax.corpus import sample_windows
+from depthjax import metrics as M
+from depthjax.files.corpus import sample_windows
+from depthjax.pruning import report
 from depthjax.train import TrainConfig, run as train_run
 
 HERE = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ import pytest
 
 import depthjax as dj
 from depthjax.adaptive import AdaptiveError, recurrent as R, recurrent_decode as RD
-from depthjax.model import run_blocks
+from depthjax.core.model import run_blocks
 
 SPAN = (1, 3)  # steps 1..2 are the looped core of the 4-step llama-tiny
 
@@ -67,7 +67,7 @@ def test_truncated_backprop_gradient_equals_hand_written_reference(looped):
                 x = jax.lax.stop_gradient(x)
             x, _ = run_blocks(cfg, params["blocks"], prog(1, 3), x, pos)
         x, _ = run_blocks(cfg, params["blocks"], prog(3, 4), x, pos)
-        logits = dj.model.output_head(cfg, params, x)
+        logits = dj.core.model.output_head(cfg, params, x)
         return jnp.mean(
             jax.nn.logsumexp(logits[:, :-1], -1)
             - jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], -1)[..., 0]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax import attention
-from depthjax.attention import AttentionUnavailable, Problem, attend, choose, pallas_interpret
+from depthjax.core import attention
+from depthjax.core.attention import AttentionUnavailable, Problem, attend, choose, pallas_interpret
 
 GPU = Problem(
     backend="gpu",
@@ -76,7 +76,7 @@ def test_forced_impls_that_can_run():
 def test_fallback_logged_once_per_reason(caplog):
     attention._logged.clear()
     problem = dataclasses.replace(GPU, dtype="float32", head_dim=96)
-    with caplog.at_level(logging.INFO, logger="depthjax.attention"):
+    with caplog.at_level(logging.INFO, logger="depthjax.core.attention"):
         for _ in range(3):
             choose("auto", problem)
     messages = [r.getMessage() for r in caplog.records]
@@ -144,7 +144,7 @@ def test_model_forward_and_grad_pallas_equals_xla():
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from depthjax.attention import attend, pallas_interpret
+    from depthjax.core.attention import attend, pallas_interpret
     mesh = jax.make_mesh((2, 2), ("data", "tensor"))
     B, T, H, K, D = 4, 32, 4, 2, 16
     ks = jax.random.split(jax.random.key(0), 3)

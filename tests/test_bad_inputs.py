@@ -10,11 +10,11 @@ import pytest
 
 import depthjax as dj
 from depthjax import cli
-from depthjax.data import DataError, expand_files
+from depthjax.files.tokenizer import TokenizerError, load_tokenizer
+from depthjax.inference.sampling import GenerationError
 from depthjax.metrics import MetricError
-from depthjax.sampling import GenerationError
-from depthjax.tokenizer import TokenizerError, load_tokenizer
 from depthjax.train.config import TrainConfigError, parse
+from depthjax.train.data import DataError, expand_files
 from depthjax.train.step import trainable_mask
 
 CFG = dict(n_layers=2, d_model=32)

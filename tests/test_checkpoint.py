@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.checkpoint import CheckpointError
+from depthjax.files.checkpoint import CheckpointError
 
 
 def _leaves_equal_bits(a, b):

@@ -2,8 +2,8 @@
 
 import re
 
-from depthjax import corpus
 from depthjax.eval import corpus_tasks
+from depthjax.files import corpus
 
 
 def _held_out_sources():

@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from depthjax import data
-from depthjax.sharding import logical_to_spec, param_logical_axes
-from depthjax.train import config as train_config
+from depthjax.core.sharding import logical_to_spec, param_logical_axes
+from depthjax.train import config as train_config, data
 
 
 def _take(it, n):

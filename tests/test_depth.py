@@ -9,7 +9,7 @@ import pytest
 
 import depthjax as dj
 import depthjax.depth as D
-from depthjax.program import ProgramError
+from depthjax.core.program import ProgramError
 from tests import reference
 
 TOL = dict(rtol=2e-5, atol=2e-5)

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 import depthjax as dj
-from depthjax import display
+from depthjax.core import display
 
 VOID = {"br", "hr", "img", "col", "meta", "input"}
 

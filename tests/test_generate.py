@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import ProgramError
-from depthjax.sampling import filter_logits, sample
+from depthjax.core.program import ProgramError
+from depthjax.inference.sampling import filter_logits, sample
 from tests.test_model import _model
 
 TOL = dict(rtol=1e-4, atol=1e-4)

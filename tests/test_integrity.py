@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax import atomic, integrity
-from depthjax.checkpoint import CheckpointError
+from depthjax.files import atomic, integrity
+from depthjax.files.checkpoint import CheckpointError
 from depthjax.hf.config import HFError
 
 
@@ -168,7 +168,7 @@ def _hf_dir(model, path):
 
 
 def test_hf_save_overwrite_never_deletes_before_the_new_copy_is_in(small, tmp_path, monkeypatch):
-    hf_save = importlib.import_module("depthjax.hf.save")  # the module, not dj.hf.save
+    hf_save = importlib.import_module("depthjax.hf.exporting")  # the module, not dj.hf.save
     hf = _hf_dir(small, tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in hf.iterdir()}
     other = small.replace(params=jax.tree.map(lambda x: x + 1, small.params))

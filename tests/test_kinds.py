@@ -15,7 +15,7 @@ import pytest
 
 import depthjax as dj
 import depthjax.depth as D
-from depthjax import kinds
+from depthjax.core import kinds
 from tests import reference
 from tests.test_model import _model
 

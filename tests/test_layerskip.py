@@ -51,7 +51,7 @@ def tiny():
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": seg,
-        "positions": np.asarray(dj.model.segment_positions(jnp.asarray(seg))),
+        "positions": np.asarray(dj.core.model.segment_positions(jnp.asarray(seg))),
     }
     return model, batch
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import Program
+from depthjax.core.program import Program
 from tests import reference
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -217,7 +217,7 @@ def test_remat_policies_keep_gradients(llama, tokens, remat):
 
 
 def test_layers_are_usable_alone(tokens):
-    from depthjax.layers import MLP, Attention
+    from depthjax.core.layers import MLP, Attention
 
     cfg = dj.configs.get("llama-tiny")
     x = jax.random.normal(jax.random.key(0), (2, 12, 64))
@@ -245,4 +245,4 @@ def test_n_params_counts_the_table_once():
     assert tied.n_params == 2 * block + embed_head
     # Abstract parameters count the same (training reports the count before it allocates).
     abstract = jax.eval_shape(lambda k: dj.init(cfg, k).params, jax.random.key(0))
-    assert dj.model.count_params(abstract) == model.n_params
+    assert dj.core.model.count_params(abstract) == model.n_params

@@ -100,7 +100,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert r0 and r1 and not (r0 & r1)
     assert {i % 4 for i in r0} <= {0, 1} and {i % 4 for i in r1} <= {2, 3}
     # One checkpoint directory per step, sealed; step 4 never committed.
-    from depthjax import integrity
+    from depthjax.files import integrity
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     integrity.verify(out / "checkpoints" / "2")

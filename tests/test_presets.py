@@ -292,14 +292,14 @@ CHECKPOINTS = {
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_preset_is_the_checkpoints_config(name):
     cfg, model_type = dj.hf.config_from_hf(CHECKPOINTS[name])
-    assert cfg == dj.presets.get(name)
+    assert cfg == dj.configs.get(name)
     assert model_type == CHECKPOINTS[name]["model_type"]
     back, back_type = dj.hf.config_from_hf(dj.hf.config_to_hf(cfg, model_type))
     assert (back, back_type) == (cfg, model_type)
 
 
 def test_gemma_3_rows_alternate_five_local_one_global():
-    cfg = dj.presets.get("gemma-3-1b")
+    cfg = dj.configs.get("gemma-3-1b")
     assert cfg.layer_types == ("LLLLLG" * 5)[:26]
     assert cfg.local_rows == tuple(i for i in range(26) if (i + 1) % 6)
 
@@ -311,7 +311,7 @@ def test_tiny_presets_round_trip_every_decoder_type():
         ("olmo2-tiny", "olmo2"),
         ("mistral-tiny", "mistral"),
     ]:
-        cfg = dj.presets.get(preset)
+        cfg = dj.configs.get(preset)
         assert dj.hf.config.default_model_type(cfg) == model_type
         back, _ = dj.hf.config_from_hf(dj.hf.config_to_hf(cfg))
         assert back == cfg, preset

@@ -10,8 +10,8 @@ import pytest
 import depthjax as dj
 import depthjax.depth as D
 import depthjax.metrics as M
-from depthjax.program import ProgramError
-from depthjax.recover import find_spans
+from depthjax.core.program import ProgramError
+from depthjax.pruning.recovery import find_spans
 
 RNG = np.random.default_rng(1)
 CALIB = [RNG.integers(0, 256, (4, 32)).astype(np.int32) for _ in range(3)]  # 384 tokens > D
@@ -159,7 +159,8 @@ def test_linear_and_lora_recovery_have_a_default_rank():
 def test_prune_and_depth_cli_carry_the_tokenizer_and_default_rank(tmp_path, capsys):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    from depthjax import cli, integrity
+    from depthjax import cli
+    from depthjax.files import integrity
 
     m = dj.init(dj.configs.get("llama-tiny", n_layers=3, d_model=32), jax.random.key(0))
     dj.hf.save(m, str(tmp_path / "hf"))

@@ -288,7 +288,7 @@ def test_per_example_equals_a_search_on_each_row(model):
 
 
 def test_budgets_and_pareto(model):
-    from depthjax.train.flops import sublayer_forward_flops
+    from depthjax.core.flops import sublayer_forward_flops
 
     space = Space(model)
     c = Candidate((0, 1, 1, 3), (1, 0, 1, 1), (1, 1, 1, 0), (False, False, True, False))
@@ -519,7 +519,7 @@ def test_search_cli(model, tmp_path, capsys):
     spec = yaml.safe_load((out / "specs" / "rank01.yaml").read_text())
     best = D.from_spec(model, spec)
     assert best.program.to_dict() == res["ranked"][0]["program"]
-    from depthjax.corpus import sample_windows
+    from depthjax.files.corpus import sample_windows
 
     calib = sample_windows(2, 8, seed=0, split="train")  # what the command scored on
     np.testing.assert_allclose(M.loss(best, calib), res["ranked"][0]["score"], rtol=1e-5)

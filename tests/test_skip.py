@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.block import Block
-from depthjax.model import Embed, output_head
-from depthjax.program import Program
+from depthjax.core.block import Block
+from depthjax.core.model import Embed, output_head
+from depthjax.core.program import Program
 from tests import reference
 from tests.test_model import _model
 
@@ -145,7 +145,7 @@ def test_one_compile_for_every_gate_pattern(tokens):
 def test_gate_only_batches_share_their_rows(tokens):
     """map_programs over a batch that differs only in gates maps the gates alone (block ids
     and flags kept once): same outputs as mapping whole programs."""
-    from depthjax.program import map_programs, share_structure
+    from depthjax.core.program import map_programs, share_structure
 
     model = _model(FAMILIES["pre"])
     attn = jnp.stack([ATTN, jnp.ones(5), 1 - (ATTN > 0)])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import ProgramError
-from depthjax.sampling import GenerationError
+from depthjax.core.program import ProgramError
+from depthjax.inference.sampling import GenerationError
 from tests import reference
 from tests.test_model import _model
 

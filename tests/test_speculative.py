@@ -13,9 +13,9 @@ import pytest
 from scipy import stats
 
 import depthjax as dj
-from depthjax.program import ProgramError
-from depthjax.sampling import GenerationError, filter_logits
-from depthjax.speculative import shared_prefix
+from depthjax.core.program import ProgramError
+from depthjax.inference.sampling import GenerationError, filter_logits
+from depthjax.inference.speculative import shared_prefix
 from tests.test_generate import CONFIGS, _prompt
 from tests.test_model import _model
 

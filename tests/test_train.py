@@ -261,7 +261,7 @@ def test_bad_checkpoints_are_set_aside_with_their_reason(reference, tmp_path):
 
 
 def test_every_bit_flip_in_a_training_checkpoint_is_detected(reference_run, tmp_path):
-    from depthjax import integrity
+    from depthjax.files import integrity
 
     ck = shutil.copytree(reference_run / "checkpoints" / "6", tmp_path / "6")
     integrity.verify(ck)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.train import config as train_config, flops
+from depthjax.core import flops
+from depthjax.train import config as train_config
 from depthjax.train.step import (
     TrainState,
     learning_rate,
@@ -41,7 +42,7 @@ def _setup(*keys):
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": seg,
-        "positions": np.asarray(dj.model.segment_positions(jnp.asarray(seg))),
+        "positions": np.asarray(dj.core.model.segment_positions(jnp.asarray(seg))),
     }
     step = jax.jit(
         lambda s, b, accum: train_step(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.program import Program, ProgramError
+from depthjax.core.program import Program, ProgramError
 
 
 @pytest.mark.parametrize(

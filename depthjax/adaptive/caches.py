@@ -1,12 +1,12 @@
 """KV caches whose entries belong to the tokens that really ran a step.
 
-`depthjax.kv_cache` writes every token of the batch at one shared index. Adaptive depth
+`depthjax.inference.kv_cache` writes every token of the batch at one shared index. Adaptive depth
 needs per-row bookkeeping instead: a routed step appends only the tokens routed through
 it (so its cache holds exactly their entries), and a looped span keeps one entry per
 token per loop it ran. Each class below is what one attention call sees; it implements
 the `update(k, v, kv_mask, causal, *, window, positions_BT)` protocol that
-`depthjax.layers.Attention` calls with its new keys and values, so blocks run unchanged
-(through `model.program_step`). Sliding windows (depthjax.kinds) are honoured where keys
+`depthjax.core.layers.Attention` calls with its new keys and values, so blocks run unchanged
+(through `model.program_step`). Sliding windows (depthjax.core.kinds) are honoured where keys
 sit at their tokens' own indices (`LatestView`) and refused where a cache holds routed or
 looped entries (their indices are not positions).
 

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import loss as loss_lib
-from ..model import DepthModel, Embed, check_inputs as check_model_inputs, program_step
-from ..program import ProgramError, is_concrete
+from ..core import loss as loss_lib
+from ..core.model import DepthModel, Embed, check_inputs as check_model_inputs, program_step
+from ..core.program import ProgramError, is_concrete
 
 
 class AdaptiveError(ValueError):
@@ -41,7 +41,7 @@ def reject_parallel(model: DepthModel, what: str) -> None:
 
 
 def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
-    """depthjax.loss.nll_sums with an optional mask (None: every token is real)."""
+    """depthjax.core.loss.nll_sums with an optional mask (None: every token is real)."""
     mask = jnp.ones(tokens_BT.shape, jnp.float32) if mask_BT is None else mask_BT
     return loss_lib.nll_sums(logits_BTV, tokens_BT, jnp.asarray(mask, jnp.float32))
 

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.model import DepthModel, output_head, program_step
 from ..depth import drop
-from ..model import DepthModel, output_head, program_step
 from .common import AdaptiveError, check_inputs, embed, nll_sums, reject_parallel, walk
 
 

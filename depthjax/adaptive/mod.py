@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..model import DepthModel, output_head, program_step
+from ..core.model import DepthModel, output_head, program_step
 from .common import (
     AdaptiveError,
     check_inputs,

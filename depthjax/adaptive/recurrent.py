@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import DepthModel, output_head
+from ..core.model import DepthModel, output_head
 from .caches import LatestView
 from .common import AdaptiveError, check_inputs, embed, nll_sums, walk
 

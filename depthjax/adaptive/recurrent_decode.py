@@ -28,8 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..model import Embed, output_head
-from ..sampling import GenerationError, sample
+from ..core.model import Embed, output_head
+from ..inference.sampling import GenerationError, sample
 from .caches import LoopView, RowView
 from .recurrent import Recurrence, _Parts, adaptive_loops, check_adaptive, relative_change
 

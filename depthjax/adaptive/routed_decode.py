@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import DepthModel, Embed, output_head, program_step
-from ..program import is_concrete
-from ..sampling import GenerationError, sample
+from ..core.model import DepthModel, Embed, output_head, program_step
+from ..core.program import is_concrete
+from ..inference.sampling import GenerationError, sample
 from . import mod as mod_lib
 from .caches import RowView
 from .common import AdaptiveError, gather_plan, reject_parallel, scatter_add, take

@@ -57,22 +57,22 @@ def _one_line(e: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ..attention import AttentionUnavailable
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
+    from ..core.attention import AttentionUnavailable
+    from ..core.config import ConfigError
+    from ..core.model import InputError
+    from ..core.program import ProgramError
+    from ..core.sharding import ShardingError
     from ..eval import EvalError
+    from ..files.checkpoint import CheckpointError
+    from ..files.integrity import IntegrityError
+    from ..files.textfiles import DataError
+    from ..files.tokenizer import TokenizerError
     from ..hf.config import HFError
-    from ..integrity import IntegrityError
+    from ..inference.sampling import GenerationError
     from ..metrics import MetricError
-    from ..model import InputError
-    from ..program import ProgramError
-    from ..prune import PruneError
-    from ..recover import RecoverError
-    from ..sampling import GenerationError
+    from ..pruning.choose import PruneError
+    from ..pruning.recovery import RecoverError
     from ..search import SearchError
-    from ..sharding import ShardingError
-    from ..textfiles import DataError
-    from ..tokenizer import TokenizerError
     from ..train.config import TrainConfigError
     from ..train.run_dir import RunDirError
     from .common import UsageError

@@ -49,8 +49,8 @@ def load_model(path, tokenizer: str | None = None, program: str | None = None):
     """(model, tokenizer) of a native checkpoint or a local Hugging Face directory;
     `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own; `program` is a
     slice spec applied to the model's table."""
-    from ..checkpoint import load_model as load
-    from ..tokenizer import tokenizer_for
+    from ..files.checkpoint import load_model as load
+    from ..files.tokenizer import tokenizer_for
 
     model = load(path)
     if program is not None:
@@ -116,7 +116,7 @@ class Data:
     def measure(self, batches):
         """The --task, else the model's default measure on `batches` (next-token loss; for
         encoders 1 - the cosine of pooled embeddings to the full model's)."""
-        from ..report import default_measure
+        from ..pruning.report import default_measure
 
         return (
             self.task
@@ -128,7 +128,7 @@ class Data:
 def load_with_data(args) -> Data:
     """The model and batches from --data (its token stream split 80/20) or the embedded
     corpus (train split to score, validation split to evaluate), and the --task."""
-    from .. import corpus
+    from ..files import corpus
 
     model, tok = load_model(Path(args.model), args.tokenizer)
     n, B, T = args.batches, args.batch_size, args.seq_len

@@ -16,7 +16,7 @@ import time
 
 def _convert(args) -> int:
     import depthjax as dj
-    from ..hf.load import model_directory, read_config
+    from ..hf.importing import model_directory, read_config
     from ..hf.tokenizer import tokenizer_files
 
     t0 = time.time()

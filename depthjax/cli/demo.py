@@ -88,7 +88,7 @@ def prune_and_recover(
     """Validation loss of the pruned and recovered model for each metric's ranking."""
     import depthjax as dj
     from .. import progress
-    from ..prune import choose
+    from ..pruning.choose import choose
 
     rows = {}
     for name, s in progress.track(scores.items(), f"prune + recover ({unit})", len(scores)):
@@ -174,7 +174,7 @@ def _markdown(report: dict) -> str:
 
 
 def _plot_recovery(pruning: dict, full: float, controls: dict, path) -> None:
-    from ..report import pyplot
+    from ..pruning.report import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
@@ -214,7 +214,9 @@ def run_demo(out, quick: bool = False, seed: int = 0) -> dict:
 def _run_demo(out, quick: bool, seed: int, stages) -> dict:
     import jax
 
-    from .. import corpus, metrics as M, report
+    from .. import metrics as M
+    from ..files import corpus
+    from ..pruning import report
 
     t0 = time.time()
     s = SETTINGS["quick" if quick else "full"]

@@ -14,8 +14,8 @@ from .common import UsageError, check_out_dir
 def _depth(args) -> int:
     import yaml
 
-    from .. import checkpoint
     from ..depth import compact, from_spec, load_spec, to_spec
+    from ..files import checkpoint
     from ..hf.tokenizer import tokenizer_files
 
     model = checkpoint.load(args.input)

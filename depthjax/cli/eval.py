@@ -22,7 +22,7 @@ from .common import UsageError, load_model
 
 def _eval(args) -> int:
     from .. import eval as E
-    from ..report import to_json
+    from ..pruning.report import to_json
 
     if not args.task and not args.data:
         raise UsageError("give at least one --task FILE.jsonl or --data FILES")

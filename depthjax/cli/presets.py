@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _presets(args) -> int:
-    from .. import presets
+    from .. import configs as presets
 
     for name in presets.names():
         cfg = presets.get(name)

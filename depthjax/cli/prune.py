@@ -43,7 +43,8 @@ def _metric(name: str, unit: str, calib, measure, args):
     import jax
     import numpy as np
 
-    from .. import metrics as M, report
+    from .. import metrics as M
+    from ..pruning import report
 
     if name in ("block_influence", "angular_distance") and unit != "block":
         raise UsageError(
@@ -93,7 +94,7 @@ def _metric(name: str, unit: str, calib, measure, args):
 def _check(args, model) -> None:
     """Flags that cannot fit the model, refused before any scoring."""
     from ..metrics.coalitions import active_units
-    from ..recover import DEFAULT_RANK
+    from ..pruning.recovery import DEFAULT_RANK
 
     on = int(active_units(model, args.unit).sum())
     limit = on - 1 if args.unit == "block" else on
@@ -117,8 +118,10 @@ def _prune(args) -> int:
     import numpy as np
 
     import depthjax as dj
-    from .. import checkpoint, metrics as M, report
+    from .. import metrics as M
+    from ..files import checkpoint
     from ..hf.tokenizer import tokenizer_files
+    from ..pruning import report
 
     check_out_dir(args.out, checkpoint=True)
     data = load_with_data(args)

@@ -22,7 +22,7 @@ from .common import add_data_args, add_quiet_arg, check_out_dir, count, load_wit
 def _score(args) -> int:
     import jax
 
-    from .. import report
+    from ..pruning import report
 
     if args.out:
         check_out_dir(args.out)

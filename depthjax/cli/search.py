@@ -107,8 +107,9 @@ def _search(args) -> int:
     import jax
     import yaml
 
-    from .. import report, search
+    from .. import search
     from ..depth import to_spec
+    from ..pruning import report
 
     moves = tuple(m.strip() for m in args.moves.split(",") if m.strip())
     objective = _objective(args)

@@ -10,7 +10,7 @@ from .folding import FoldError, fold
 from .merge import average, lines
 from .spec import from_spec, load_spec, to_spec
 from .table import compact, grow, materialize, step_rows
-from .tie import relax, tie, tie_map
+from .tying import relax, tie, tie_map
 
 __all__ = [
     "FoldError",

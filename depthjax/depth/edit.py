@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import DepthModel
-from ..program import Program, ProgramError
+from ..core.model import DepthModel
+from ..core.program import Program, ProgramError
 
 
 def step_list(model: DepthModel, steps, what: str = "steps", *, allow_empty=True) -> np.ndarray:

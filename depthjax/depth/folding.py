@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import kinds, step_params as steps_lib
-from ..model import DepthModel
-from ..program import Program, ProgramError
+from ..core import kinds, step_params as steps_lib
+from ..core.model import DepthModel
+from ..core.program import Program, ProgramError
 
 # The leaves that write each sublayer's update, per norm placement (a path prefix in a row).
 _WRITERS = {

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import DepthModel
-from ..program import ProgramError
+from ..core.model import DepthModel
+from ..core.program import ProgramError
 
 
 def _check_same_table(models: Sequence[DepthModel], what: str) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..model import DepthModel
-from ..program import Program, ProgramError
+from ..core.model import DepthModel
+from ..core.program import Program, ProgramError
 
 _TOP_KEYS = {"description", "slices"}
 _SLICE_KEYS = {"layer_range", "layers", "repeat", "attn", "mlp", "parallel"}

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import kinds, step_params as steps_lib
-from ..model import DepthModel
-from ..program import ProgramError
+from ..core import kinds, step_params as steps_lib
+from ..core.model import DepthModel
+from ..core.program import ProgramError
 from .edit import select_steps
 
 # Per-step parameters that are folded into the table rows by materialize.

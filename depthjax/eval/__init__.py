@@ -24,9 +24,9 @@ from pathlib import Path
 
 from . import corpus_tasks
 from .generation import ExactMatch, exact_match, generate_until
-from .perplexity import Perplexity, documents, perplexity
-from .representation import Representation, representation
+from .rolling import Perplexity, documents, perplexity
 from .scoring import EvalError, Request, encode_pair, loglikelihoods, rolling_requests
+from .similarity import Representation, representation
 from .tasks import MultipleChoice, TaskError, multiple_choice, read_jsonl
 
 

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .. import corpus
+from ..files import corpus
 from .tasks import MultipleChoice
 
 _DEF = re.compile(r"^[ \t]*def ([A-Za-z_][A-Za-z0-9_]{2,})\(", re.M)

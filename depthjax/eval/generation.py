@@ -13,8 +13,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from ..decoding import generate
-from ..model import DepthModel
+from ..core.model import DepthModel
+from ..inference.decoding import generate
 from ..progress import track
 from .scoring import EvalError, require_causal, resolve_tokenizer, stack_programs
 from .tasks import TaskError, _examples

@@ -24,8 +24,8 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from ..checkpoint import load_model
-from ..model import DepthModel
+from ..core.model import DepthModel
+from ..files.checkpoint import load_model
 from .generation import generate_until
 from .scoring import EvalError, Request, loglikelihoods, resolve_tokenizer, rolling_requests
 
@@ -69,7 +69,7 @@ class DepthjaxLM(TemplateLM):
                 f"unknown depthjax model_args {sorted(unknown)}; known: path, "
                 "program, tokenizer, batch_size, max_length, prefix_token, max_gen_toks"
             )
-        from ..tokenizer import tokenizer_for
+        from ..files.tokenizer import tokenizer_for
 
         if (path is None) == (model is None):
             raise EvalError("the depthjax model needs path=DIR (or, in Python, model=)")

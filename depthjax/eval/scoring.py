@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import program as program_lib
+from ..core import program as program_lib
+from ..core.model import DepthModel, apply
+from ..core.program import Program, ProgramError, map_programs, share_structure
 from ..metrics.coalitions import chunk_size
-from ..model import DepthModel, apply
-from ..program import Program, ProgramError, map_programs, share_structure
 from ..progress import track
 
 
@@ -41,7 +41,7 @@ class Request(NamedTuple):
 def resolve_tokenizer(model: DepthModel, tokenizer=None):
     """An object with encode/decode: `tokenizer` itself, 'byte', a tokenizer.json or a model
     directory holding one; None means bytes, for a 256-token vocabulary only."""
-    from ..tokenizer import ByteTokenizer, load_tokenizer, tokenizer_for
+    from ..files.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_for
 
     vocab = model.config.vocab_size
     if tokenizer is None:
@@ -116,7 +116,7 @@ def require_causal(model: DepthModel, what: str) -> None:
         raise EvalError(
             f"{what} needs next-token probabilities, which a bidirectional "
             f"{model.config.family} encoder does not define; use "
-            "depthjax.eval.representation"
+            "depthjax.eval.similarity"
         )
 
 

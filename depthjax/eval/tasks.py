@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import DepthModel
+from ..core.model import DepthModel
 from .scoring import EvalError, encode_pair, loglikelihoods, resolve_tokenizer, stack_programs
 
 METRICS = ("acc", "acc_norm", "acc_bytes", "nll")

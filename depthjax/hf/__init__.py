@@ -10,9 +10,9 @@ options and unknown tensors raise HFError.
 """
 
 from .config import HFError, from_hf as config_from_hf, to_hf as config_to_hf
-from .load import load
+from .exporting import save
+from .importing import load
 from .pooling import mean_pool, pool, sentence_pooling
-from .save import save
 from .tokenizer import load_tokenizer
 
 __all__ = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 from .decoder_config import (
     ARCHITECTURES as DECODER_ARCHITECTURES,
     DECODER_TYPES,

@@ -1,7 +1,7 @@
 """config.json <-> ModelConfig for the decoder families built like Llama: Llama 2/3.x,
 Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), OLMo 2 and Phi-3.
 
-They differ in options only (see depthjax.config): norm placement, activation, biases,
+They differ in options only (see depthjax.core.config): norm placement, activation, biases,
 q/k norms, Gemma's scalings and soft-caps, RoPE variants, and which layers attend through
 a sliding window (`layer_types`). Both config generations are read: transformers >= 5
 (`rope_parameters`, possibly nested per layer type) and the older top-level keys
@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..config import ModelConfig
-from ..rope import RopeError, RopeScaling
+from ..core.config import ModelConfig
+from ..core.rope import RopeError, RopeScaling
 from .reader import HFError, Reader, expect
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "phi3")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 
 Path = tuple[str, ...]
 

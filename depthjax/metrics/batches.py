@@ -1,4 +1,4 @@
-"""Batches for metrics: normalization of user input (the loss itself is depthjax.loss)."""
+"""Batches for metrics: normalization of user input (the loss itself is depthjax.core.loss)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import check_ids
+from ..core.model import check_ids
 from .scores import MetricError
 
 _KEYS = ("tokens", "mask")

@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
-from ..loss import nll_sums, require_causal
-from ..model import DepthModel, apply, default_positions, output_head, run_blocks
-from ..program import Program, map_programs
-from ..train.flops import sublayer_flops_per_token
+from ..core.flops import sublayer_flops_per_token
+from ..core.loss import nll_sums, require_causal
+from ..core.model import DepthModel, apply, default_positions, output_head, run_blocks
+from ..core.program import Program, map_programs
 from .batches import as_batches
 from .scores import MetricError, Scores
 

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..model import DepthModel
+from ..core.model import DepthModel
 from .coalitions import _unique_measures, active_units, coalition_measures, measure_name, n_units
 from .scores import MetricError
 

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..loss import loss_measure, require_causal
-from ..model import DepthModel, apply
+from ..core.loss import loss_measure, require_causal
+from ..core.model import DepthModel, apply
 from .batches import as_batches
 from .scores import Scores
 

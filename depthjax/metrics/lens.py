@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
-from ..loss import nll_sums, require_causal
-from ..model import DepthModel, Head, apply
+from ..core.loss import nll_sums, require_causal
+from ..core.model import DepthModel, Head, apply
 from .batches import as_batches
 from .scores import Scores
 

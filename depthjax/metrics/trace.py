@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
-from ..model import DepthModel, apply
+from ..core.model import DepthModel, apply
 from .batches import as_batches
 from .scores import MetricError, Scores
 

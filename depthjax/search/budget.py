@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
-from ..program import Program
-from ..train.flops import sublayer_forward_flops
+from ..core.config import ModelConfig
+from ..core.flops import sublayer_forward_flops
+from ..core.program import Program
 from .space import SearchError
 
 
@@ -68,7 +68,7 @@ class LatencyModel:
     def measure(cls, model, batch_shape: tuple[int, int], repeats: int = 20) -> LatencyModel:
         """Median wall time of one attention and one MLP sublayer of `model` (table row 0)
         on activations [B, T, D], jitted, on the default device."""
-        from ..block import Block
+        from ..core.block import Block
 
         cfg = model.config
         B, T = batch_shape

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 
 from .. import progress
+from ..core.loss import loss_measure, require_causal
+from ..core.model import DepthModel
 from ..depth.edit import selected_parallel
-from ..loss import loss_measure, require_causal
 from ..metrics.gates import gate_derivatives, taylor_estimate
-from ..model import DepthModel
 from .budget import as_budget
 from .evaluate import Evaluator
 from .objective import Objective, TaskObjective, as_objective

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.model import DepthModel, apply
+from ..core.program import Program
 from ..metrics.coalitions import chunk_size
-from ..model import DepthModel, apply
-from ..program import Program
 from .objective import Objective, TaskObjective
 from .space import Candidate, SearchError, Space
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..loss import loss_measure
+from ..core.loss import loss_measure
 from ..metrics.batches import as_batches
 from ..metrics.coalitions import is_task
 from .space import SearchError

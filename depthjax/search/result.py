@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import DepthModel
-from ..program import Program
+from ..core.model import DepthModel
+from ..core.program import Program
 from .space import Candidate, Space
 
 
@@ -140,7 +140,7 @@ class SearchResult:
 
     def plot(self, path) -> None:
         """Score vs cost of every evaluated program, the Pareto front and the start."""
-        from ..report import pyplot
+        from ..pruning.report import pyplot
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..model import apply
+from ..core.model import apply
 from .evaluate import Evaluator
 from .objective import Objective
 from .result import PerExampleResult

@@ -25,9 +25,9 @@ from collections.abc import Iterable
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.model import DepthModel
+from ..core.program import Program, ProgramError
 from ..depth.edit import select_steps, selected_parallel
-from ..model import DepthModel
-from ..program import Program, ProgramError
 
 MOVES = ("drop", "drop_sublayer", "repeat", "swap", "parallelize")
 

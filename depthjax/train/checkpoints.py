@@ -2,7 +2,7 @@
 
 Once orbax has committed checkpoint N (renamed its temporary directory into place), a
 background thread of process 0 writes N/depthjax-integrity.json: the SHA-256 of every
-file orbax wrote (depthjax.integrity). Restoring verifies that record first (the
+file orbax wrote (depthjax.files.integrity). Restoring verifies that record first (the
 processes of a multi-host run split the reading), so bit rot, truncation or an edit of
 any file is caught before a single weight is used. A checkpoint that fails -- changed
 bytes, no record (the run stopped between orbax's commit and the seal: an unfinished
@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from .. import integrity
+from ..files import integrity
 from . import hosts
 from .config import TrainConfig
 from .logs import RunLog
@@ -36,7 +36,7 @@ _COMMITTED = "commit_success.txt"  # orbax writes it into a step directory befor
 class TrainCheckpoints:
     """A training run's orbax CheckpointManager over DIR/checkpoints, items state (TrainState),
     data (grain iterator states) and meta (config, program). Native `dj.save` checkpoints of
-    a finished model are depthjax.checkpoint's business.
+    a finished model are depthjax.files.checkpoint's business.
 
     unsealed_before: steps below it may lack an integrity record (written before sealing)."""
 

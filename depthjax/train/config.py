@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 
 
 class TrainConfigError(ValueError):
@@ -271,9 +271,9 @@ class TrainConfig:
         object.__setattr__(self, "exit_weights", weights)
 
     def model_config(self) -> ModelConfig:
-        from .. import presets
+        from .. import configs
 
-        return presets.get(self.model, **self.model_overrides)
+        return configs.get(self.model, **self.model_overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

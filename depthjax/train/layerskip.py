@@ -6,7 +6,7 @@ in the paper, so step 0 is never dropped and the last step at p_max; ``linear``:
 ``uniform``: 1) and S follows the training step t of T (``constant``: 1; ``linear``:
 t/(T-1); ``exp``: 2^(t/(T-1)) - 1, the paper's schedule for pretraining from scratch). A
 dropped step adds nothing to the residual stream (its update is scaled by 0, see
-`depthjax.step_params`; outputs are not rescaled, as in the paper). The masks are drawn
+`depthjax.core.step_params`; outputs are not rescaled, as in the paper). The masks are drawn
 from ``fold_in(key(seed), step)``: a function of the seed and the step only, so a resumed
 run draws exactly the masks of an uninterrupted one, and the mask of a global batch is
 drawn before it is split into micro-batches (gradient accumulation changes nothing).
@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
-from ..loss import packed_nll_sums
-from ..model import DepthModel, apply, output_head
-from ..program import Program, is_concrete
+from ..core.config import ModelConfig
+from ..core.loss import packed_nll_sums
+from ..core.model import DepthModel, apply, output_head
+from ..core.program import Program, is_concrete
 from .config import TrainConfigError
 
 DEPTH_SCALES = ("exp", "linear", "uniform")

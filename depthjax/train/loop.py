@@ -3,7 +3,7 @@
     run(out_dir, TrainConfig) -> final TrainState
 
 One process per host (jax.distributed on TPU pods / multi-GPU), a Mesh(data, fsdp,
-tensor) over all devices, parameters sharded by the rules in depthjax.sharding, the step
+tensor) over all devices, parameters sharded by the rules in depthjax.core.sharding, the step
 jitted with explicit shardings. The run directory is owned (run_dir: run.json says which
 run it holds, run.lock who writes it). Checkpoints (orbax CheckpointManager, async,
 keep-last-N, atomic, sealed with the SHA-256 of every file) hold the train state, the
@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import atomic, checkpoint as native_ckpt, data as data_lib, sharding as shd
-from ..model import DepthModel, count_params, init
-from ..program import Program
-from . import flops as flops_lib, hosts, run_dir
+from ..core import flops as flops_lib, sharding as shd
+from ..core.model import DepthModel, count_params, init
+from ..core.program import Program
+from ..files import atomic, checkpoint as native_ckpt
+from . import data as data_lib, hosts, run_dir
 from .checkpoints import TrainCheckpoints
 from .config import TrainConfig, TrainConfigError
 from .layerskip import LayerSkip

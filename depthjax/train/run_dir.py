@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..atomic import pid_alive
+from ..files.atomic import pid_alive
 
 RECORD, LOCK = "run.json", "run.lock"
 FORMAT = "depthjax-run"

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..config import ModelConfig
-from ..loss import packed_nll_sums
-from ..model import DepthModel, apply
-from ..program import Program
+from ..core.config import ModelConfig
+from ..core.loss import packed_nll_sums
+from ..core.model import DepthModel, apply
+from ..core.program import Program
 from . import layerskip as layerskip_lib
 from .config import TrainConfig, TrainConfigError
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M, progress
-from .metrics.scores import Scores
-from .model import DepthModel
+from .. import metrics as M, progress
+from ..core.model import DepthModel
+from ..metrics.scores import Scores
 
 
 def _log(msg: str) -> None:
@@ -25,7 +25,7 @@ def default_measure(model: DepthModel, batches, mode: str = "mean", normalize: b
     model; for an encoder, 1 - the cosine of its pooled embeddings to the full model's."""
     if model.config.causal:
         return "loss"
-    from .eval import Representation
+    from ..eval import Representation
 
     return Representation(batches, mode, normalize)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import atomic
+from ..core.model import DepthModel
+from ..core.program import ProgramError, is_concrete
 from ..depth import folding as fold_lib
-from ..model import DepthModel
-from ..program import ProgramError, is_concrete
+from ..files import atomic
 from . import tensor_map
 from .config import HFError, default_model_type, to_hf
 from .safetensors_files import INDEX, write
@@ -141,7 +141,7 @@ def save(
     differs from the model); without it an adapter that cannot be folded raises HFError.
     tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json; files: other files to
     copy in (tokenizer_config.json, ...). overwrite=True replaces an existing checkpoint at
-    `path`: the new one is written beside it and swapped in (depthjax.atomic), so a kill at
+    `path`: the new one is written beside it and swapped in (depthjax.files.atomic), so a kill at
     any moment leaves the old or the new one whole; other files already in `path` (a
     README, a tokenizer) are kept. Returns the names of the files written.
     """

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import depth, progress
-from .metrics.coalitions import active_units
-from .metrics.scores import Scores
-from .model import DepthModel
+from .. import depth, progress
+from ..core.model import DepthModel
+from ..metrics.coalitions import active_units
+from ..metrics.scores import Scores
 
 
 class PruneError(ValueError):
@@ -82,7 +82,7 @@ def prune(
             "prune needs unit='block'|'attn'|'mlp'|'sublayer' (or Scores that carry one)"
         )
     if measure is not None and metric is None:
-        from .metrics import ablation
+        from ..metrics import ablation
 
         metric = lambda m: ablation(m, batches, unit=unit, measure=measure)
     if not iterative:

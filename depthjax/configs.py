@@ -1,4 +1,4 @@
-"""Named ModelConfig presets: `dj.presets.get("llama-tiny", n_layers=8)` (also `dj.configs`).
+"""Named ModelConfig presets: `dj.configs.get("llama-tiny", n_layers=8)`.
 
 The tiny presets are what tests, the demo and the notebooks use; the larger ones are the
 configs of well-known checkpoints, field for field (tests/test_presets.py reads their
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 
-from .config import ConfigError, ModelConfig
+from .core.config import ConfigError, ModelConfig
 
 _GEMMA = dict(norm_placement="peri", mlp="geglu", tie_embeddings=True)
 _LLAMA3 = dict(

@@ -65,7 +65,7 @@ def packed_nll_sums(logits_BTV, targets_BT, segment_ids_BT):
 def require_causal(model, what: str) -> None:
     """The next-token loss needs a causal model: a clear error for an encoder."""
     if not model.config.causal:
-        from .metrics.scores import MetricError  # at call time: depthjax.metrics imports this
+        from ..metrics.scores import MetricError  # at call time: depthjax.metrics imports this
 
         raise MetricError(
             f"{what} uses the next-token loss, which a bidirectional "

@@ -3,7 +3,7 @@
 A model has one or two RoPE *tables*: table 0 is `rope_theta` with the optional
 `rope_scaling`, table 1 (only when `local_rope_theta` is set) is plain RoPE at that base,
 used by the local ("L") rows of the block table (Gemma 3). Which table a row uses is
-per-row data of the table (`depthjax.kinds`), gathered with the row at each step.
+per-row data of the table (`depthjax.core.kinds`), gathered with the row at each step.
 
 Variants (`RopeScaling.type`, named as in transformers' `rope_type`):
 

@@ -41,11 +41,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kinds as kinds_lib, program as program_lib, step_params as steps_lib
-from .block import step_updates
+from ..core import kinds as kinds_lib, program as program_lib, step_params as steps_lib
+from ..core.block import step_updates
+from ..core.model import (
+    DepthModel,
+    Embed,
+    check_inputs,
+    default_positions,
+    output_head,
+    rematerialized,
+)
+from ..core.program import ProgramError, is_concrete
 from .kv_cache import StepCache
-from .model import DepthModel, Embed, check_inputs, default_positions, output_head, rematerialized
-from .program import ProgramError, is_concrete
 
 
 @dataclasses.dataclass(frozen=True)

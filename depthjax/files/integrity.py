@@ -10,7 +10,7 @@ to the file goes unnoticed -- not even one that parses to the same value (`1e-08
 `seal(directory)` writes such a record listing every file below `directory`;
 `verify(directory)` raises IntegrityError naming the first file that is missing, changed
 or unexpected. Training checkpoints (depthjax.train.checkpoints) and native checkpoints
-(depthjax.checkpoint, whose manifest is a sealed record) both use these.
+(depthjax.files.checkpoint, whose manifest is a sealed record) both use these.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ post-norm too: its norm goes with it) and the traced updates add up to the resid
 
 `Block` is an ordinary Flax module (both sublayers always run). The model walks its table
 with `step_updates`, the same composition on a parameter row where a sublayer whose gate
-is 0 is not computed (see depthjax.gating).
+is 0 is not computed (see depthjax.core.gating).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Block(nn.Module):
     ):
         """The attention sublayer's ungated update u_attn [B, T, D] (the block adds
         attn_gate * u_attn); with `kv_cache` (see `Attention`) returns (u_attn, kv_cache).
-        window / rope_table: this row's attention kind (depthjax.kinds, `Attention`)."""
+        window / rope_table: this row's attention kind (depthjax.core.kinds, `Attention`)."""
         cfg = self.cfg
         x_BTD = x_BTD.astype(cfg.dtype)
         cache = [kv_cache]  # attn swaps in the updated cache
@@ -130,7 +130,7 @@ def step_updates(
     only the sublayers that run. Returns (u_attn, u_mlp) (+ kv_cache when one is given).
 
     attn / mlp say when a sublayer runs: None = when its gate is not 0, decided at run
-    time (one compiled function serves every gate; see depthjax.gating); True = always
+    time (one compiled function serves every gate; see depthjax.core.gating); True = always
     (gate times update); False = never (statically: the caller knows its gate is 0).
     With a `kv_cache`, `attn` must be static (the cache write happens or it does not).
     """

@@ -9,7 +9,7 @@ with the program. It holds what makes one step differ from the shared row it run
 * ``scale``: [depth] multiplier on the step's whole update (averaged parallel groups);
 * ``adapter``: ``{"bias": [D], "a": [D, r], "b": [r, D]}`` (a/b optional): the step's
   input x becomes x + bias + (x @ a) @ b before the block runs (recovery of pruned units,
-  see depthjax.recover). A group's input is adapted once, at the group's first step.
+  see depthjax.pruning.recovery). A group's input is adapted once, at the group's first step.
 
 Transforms that select, reorder or insert steps move these leaves with the program
 (see `depthjax.depth`).

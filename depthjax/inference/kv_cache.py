@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .program import Program, ProgramError, is_concrete
+from ..core.config import ModelConfig
+from ..core.program import Program, ProgramError, is_concrete
 
 
 def attention_steps(program: Program, depth: int | None = None) -> tuple[int, ...]:

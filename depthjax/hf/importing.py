@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..model import DepthModel, init
-from ..program import Program
+from ..core.model import DepthModel, init
+from ..core.program import Program
 from . import tensor_map
 from .config import HFError, from_hf
 from .safetensors_files import Checkpoint

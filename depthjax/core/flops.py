@@ -6,7 +6,7 @@ scores and values cost 2 * 2 * T * H * Dh per token and layer, counted in full (
 causal halving, which is what the XLA attention computes). Recomputation from remat is
 not counted: this is MFU, not hardware utilization. `train_flops_per_token` counts every
 step of a depth; `forward_flops_per_token` counts what a program runs (a sublayer whose gate
-is 0 is skipped, see depthjax.gating).
+is 0 is skipped, see depthjax.core.gating).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ..config import ModelConfig
+from .config import ModelConfig
 
 # Dense peak FLOP/s per chip: (bfloat16/float16, float32) from vendor data sheets; float32
 # on NVIDIA is TF32 tensor-core throughput, which XLA uses for float32 matmuls by default.

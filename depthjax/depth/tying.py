@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import kinds, step_params as steps_lib
-from ..model import DepthModel
-from ..program import ProgramError, is_concrete
+from ..core import kinds, step_params as steps_lib
+from ..core.model import DepthModel
+from ..core.program import ProgramError, is_concrete
 from .table import step_rows, with_table
 
 

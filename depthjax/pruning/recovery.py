@@ -5,7 +5,7 @@ sublayers in the order attn_0, mlp_0, attn_1, ... . Each span maps its input x (
 original residual stream where the span starts) to an update d (the residual where it
 ends, minus x). An adapter fitted on calibration tokens adds g(x) ~ d where the next kept
 unit reads its input: at the following step (params["steps"]["adapter"], see
-depthjax.step_params) or before the head (params["final_adapter"]).
+depthjax.core.step_params) or before the head (params["final_adapter"]).
 
 methods: "bias"   g(x) = mean d;
          "linear" g(x) = c + x W, W of rank r: closed-form least squares, reduced to rank r
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import progress
-from .loss import nll_sums, require_causal
-from .metrics.batches import as_batches
-from .model import DepthModel, apply
-from .program import ProgramError
+from .. import progress
+from ..core.loss import nll_sums, require_causal
+from ..core.model import DepthModel, apply
+from ..core.program import ProgramError
+from ..metrics.batches import as_batches
 
 # rank=None: what recover uses (the CLI documents the same).
 DEFAULT_RANK = {"linear": 16, "lora": 8}
@@ -249,8 +249,8 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     the next-token loss, cycling through the batches."""
     from flax import traverse_util
 
-    from . import step_params as steps_lib
-    from .depth.table import step_rows
+    from ..core import step_params as steps_lib
+    from ..depth.table import step_rows
 
     require_causal(pruned, "method='lora'")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:

@@ -32,7 +32,7 @@ def row_windows(cfg: ModelConfig) -> np.ndarray:
 
 
 def row_rope_tables(cfg: ModelConfig) -> np.ndarray:
-    """int32 [n_layers]: the RoPE table of each row (1 = local_rope_theta, see depthjax.rope)."""
+    """int32 [n_layers]: the RoPE table of each row (1 = local_rope_theta; depthjax.core.rope)."""
     if cfg.local_rope_theta is None:
         return np.zeros(cfg.n_layers, np.int32)
     return (row_windows(cfg) != GLOBAL).astype(np.int32)

@@ -8,11 +8,11 @@ A checkpoint is a directory:
     (tokenizer files)    anything passed as save(..., files=), e.g. a tokenizer.json
     manifest.json        format version, the parameter tree ("dtype[shape]" per leaf, so
                          empty subtrees survive) and the SHA-256 of every other file; a
-                         sealed record (depthjax.integrity), so an edit to any byte of any
+                         sealed record (depthjax.files.integrity), so an edit to any byte of any
                          file -- config, program, weights, tokenizer or the manifest
                          itself -- is detected on load
 
-Saves are atomic (depthjax.atomic): everything is written to a staging directory beside
+Saves are atomic (depthjax.files.atomic): everything is written to a staging directory beside
 `path`, flushed, and swapped into place, so a reader sees the old checkpoint or the new
 one, never a half-written one or none. Loading is bit-exact and checks the parameters
 against the config.
@@ -33,10 +33,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from ..core.config import ModelConfig
+from ..core.model import DepthModel, init
+from ..core.program import Program
 from . import atomic, integrity
-from .config import ModelConfig
-from .model import DepthModel, init
-from .program import Program
 
 FORMAT = "depthjax-checkpoint"
 VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
@@ -317,7 +317,7 @@ def load_model(path) -> DepthModel:
     if (p / "manifest.json").is_file():
         return load(p)
     if (p / "config.json").is_file() or (p / "modules.json").is_file():
-        from . import hf
+        from .. import hf
 
         return hf.load(p)
     raise CheckpointError(

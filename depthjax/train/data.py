@@ -2,7 +2,7 @@
 into fixed-length rows with segment ids (document masking).
 
 Sources (each a grain MapDataset of documents, str or bytes):
-* ``stdlib``: the embedded default corpus (depthjax.corpus), split by file;
+* ``stdlib``: the embedded default corpus (depthjax.files.corpus), split by file;
 * ``files``: local .txt files (one document each) and .jsonl files (one per line, field
   `text_key`), written once to array_record by the `TextFiles` TFDS builder (no
   TensorFlow) and read back with `tfds.data_source`;
@@ -33,16 +33,16 @@ import grain  # noqa: E402
 import grain.experimental as gx  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from . import corpus  # noqa: E402
-from .textfiles import DataError, expand_files, read_documents  # noqa: E402,F401
-from .tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
+from ..files import corpus  # noqa: E402
+from ..files.textfiles import DataError, expand_files, read_documents  # noqa: E402,F401
+from ..files.tokenizer import ByteTokenizer, JsonTokenizer, TokenizerError, load_tokenizer  # noqa: E402,F401
 
 SPLITS = ("train", "valid")
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")  # every batch's arrays
 
 
-# Tokenizers live in depthjax.tokenizer and file reading in depthjax.textfiles (both light to
-# import); re-exported for the pipeline.
+# Tokenizers live in depthjax.files.tokenizer and file reading in depthjax.files.textfiles
+# (both light to import); re-exported for the pipeline.
 
 
 # -- document sources --------------------------------------------------------------------

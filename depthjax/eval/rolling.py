@@ -3,7 +3,7 @@ once through disjoint windows (lm-eval's loglikelihood_rolling), batched on devi
 
 Documents come from a list of strings, text/JSONL files (paths, globs or directories),
 `tfds:NAME[:SPLIT]` (an installed TFDS dataset, read with `tfds.data_source`), or any
-sequence of documents (e.g. `depthjax.data.documents(...)`).
+sequence of documents (e.g. `depthjax.train.data.documents(...)`).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import DepthModel
-from ..textfiles import DataError, expand_files, read_documents
+from ..core.model import DepthModel
+from ..files.textfiles import DataError, expand_files, read_documents
 from .scoring import loglikelihoods, resolve_tokenizer, rolling_requests, stack_programs
 
 
 def documents(data, *, text_key: str = "text", data_dir=None) -> list[str]:
     """The documents of `data` as strings (see the module docstring)."""
     if isinstance(data, (str, Path)) and str(data).startswith("tfds:"):
-        from ..data import documents as data_documents
+        from ..train.data import documents as data_documents
 
         name, _, split = str(data)[5:].partition(":")
         docs = data_documents(

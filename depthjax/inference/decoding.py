@@ -5,7 +5,7 @@
     out = generate(model, prompt_BT, 32, mask=mask_BT, temperature=0.0)
 
 Decoding walks the program with the same `program_step` as the training forward
-(depthjax.model), in one `lax.scan` over steps. A step with no cache slot (attention gate
+(depthjax.core.model), in one `lax.scan` over steps. A step with no cache slot (attention gate
 0) skips its attention sublayer entirely (`lax.cond`), so pruned attention costs neither
 KV memory nor compute.
 
@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.model import DepthModel, Embed, check_ids, output_head, program_step
+from ..core.program import ProgramError, is_concrete
 from .kv_cache import KVCache, StepCache, attention_steps
-from .model import DepthModel, Embed, check_ids, output_head, program_step
-from .program import ProgramError, is_concrete
 from .sampling import GenerationError, sample
-from .specialize import Plan, Specialized, walk as specialized_walk
+from .specialized import Plan, Specialized, walk as specialized_walk
 
 if TYPE_CHECKING:  # speculative imports this module
     from .speculative import DraftStats
@@ -60,7 +60,7 @@ class _Exit:
     threshold: float | None = None
     kv: str = "skip"
     start: int = 0  # first step run (a walk resumed from residual[start])
-    plan: Plan | None = None  # a specialized model's plan (depthjax.specialize)
+    plan: Plan | None = None  # a specialized model's plan (depthjax.inference.specialized)
 
 
 # ------------------------------------------------------------------ host-side checks
@@ -351,12 +351,12 @@ def generate(
     """Sample `max_new_tokens` tokens after each prompt row, in one compiled loop.
 
     prompt_tokens int [B, T] with `mask` (1 = real token; padding left or right).
-    temperature=0 is greedy; top_k / top_p filter before sampling (see depthjax.sampling).
+    temperature=0 is greedy; top_k / top_p filter before sampling (see depthjax.inference.sampling).
     A row stops at `eos_id` (later tokens are eos_id); the loop ends when every row has.
 
     draft=k (or a Program / DepthModel over the same table): self-speculative decoding,
     `draft_tokens` proposals per round by the draft, verified by the full program in one
-    pass (depthjax.speculative). The output is the full model's: token for token at
+    pass (depthjax.inference.speculative). The output is the full model's: token for token at
     temperature 0, in distribution when sampling. `Generation.draft` holds the counts.
     `model` may be a `dj.specialize`d model: prefill and decoding then run its plan.
     """

@@ -3,7 +3,7 @@
 Masks are described, not materialized, by the caller (causal flag, segment ids for packed
 documents, key padding, a sliding window), so that fused kernels can use them without a
 T x S mask. The window is an int that may be traced (each table row has its own, see
-depthjax.kinds): query t sees keys s with t - s < window. Attention logit soft-capping
+depthjax.core.kinds): query t sees keys s with t - s < window. Attention logit soft-capping
 (Gemma 2: scores -> cap * tanh(scores / cap)) is a static float.
 
 Implementations (``ModelConfig.attention_impl``):

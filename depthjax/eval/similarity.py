@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.model import DepthModel, apply
+from ..core.program import map_programs, share_structure
 from ..hf.pooling import pool
 from ..metrics.batches import as_batches
 from ..metrics.coalitions import chunk_size
-from ..model import DepthModel, apply
-from ..program import map_programs, share_structure
 from .scoring import stack_programs
 
 

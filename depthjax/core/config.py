@@ -149,7 +149,7 @@ class ModelConfig:
     final_norm: bool | None = None  # norm before the output head
     parallel_block: bool = False  # GPT-J block: attention and MLP read the same input
     # Execution.
-    attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.attention)
+    attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.core.attention)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: Remat = Remat.NONE
     init_std: float = 0.02

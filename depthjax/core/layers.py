@@ -1,4 +1,4 @@
-"""Reusable Flax linen layers: norms, attention (with RoPE, see depthjax.rope), MLP.
+"""Reusable Flax linen layers: norms, attention (with RoPE, see depthjax.core.rope), MLP.
 
 Each is an ordinary `nn.Module` configured by a `ModelConfig`, usable outside depthjax:
 
@@ -44,7 +44,7 @@ def make_norm(cfg: ModelConfig, name: str, *, kind: str | None = None, axes: int
 
 def rope(x_BTHD, positions_BT, theta: float):
     """Plain rotary position embedding at base `theta` (half-split, as HF `rotate_half`);
-    models use `depthjax.rope` (scaled variants, partial rotary, per-row tables)."""
+    models use `depthjax.core.rope` (scaled variants, partial rotary, per-row tables)."""
     inv_F = 1.0 / theta ** (
         jnp.arange(0, x_BTHD.shape[-1], 2, dtype=jnp.float32) / x_BTHD.shape[-1]
     )
@@ -69,11 +69,11 @@ class Attention(nn.Module):
         window=None,
         rope_table=None,
     ):
-        """Returns y [B, T, D]; with `kv_cache` (a depthjax.kv_cache.StepCache), returns
+        """Returns y [B, T, D]; with `kv_cache` (a depthjax.inference.kv_cache.StepCache), returns
         (y, kv_cache) after writing this call's keys/values and attending over the cache.
 
         window: int (may be traced), query t sees keys s with t - s < window (this row's
-        sliding window; None: no window). rope_table: this row's RoPE table (depthjax.rope).
+        sliding window; None: no window). rope_table: this row's RoPE table (depthjax.core.rope).
         """
         cfg = self.cfg
         dense = lambda heads, name, bias: nn.DenseGeneral(

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import program as program_lib
+from ..core import program as program_lib
+from ..core.model import DepthModel, Embed, output_head
+from ..core.program import Program, ProgramError
 from .kv_cache import KVCache, attention_steps
-from .model import DepthModel, Embed, output_head
-from .program import Program, ProgramError
 from .sampling import GenerationError, filter_logits, sample
 
 
@@ -125,7 +125,7 @@ def draft_model(model: DepthModel, draft) -> tuple[DepthModel, int]:
                 f"draft={k} splits a parallel group (step {k} reads the same "
                 f"input as step {k - 1}); draft to a group boundary"
             )
-        from .depth.edit import select_steps
+        from ..depth.edit import select_steps
 
         return select_steps(model, np.arange(k)), k
     if isinstance(draft, Program):

@@ -2,8 +2,8 @@
 in one `lax.scan`, and the output head.
 
 Parameters: {"embed": ..., "blocks": every leaf [n_blocks, ...], "head": ...} and
-optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.step_params) and
-"final_adapter" (applied to the last residual before the head; see depthjax.recover).
+optionally "steps" (per-step parameters, leaves [depth, ...]; see depthjax.core.step_params) and
+"final_adapter" (applied to the last residual before the head; see depthjax.pruning.recovery).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def program_step(
 
     A sublayer whose gate is 0 is not computed (`attn`: see `block.step_updates`).
     Returns (carry, u_attn_BTD, u_mlp_BTD), and the updated `kv_cache` when one is given
-    (decoding, see depthjax.decoding). The training forward and decoding share this.
+    (decoding, see depthjax.inference.decoding). The training forward and decoding share this.
     """
     base, acc = carry
     base = jnp.where(step_prog.parallel, base, base + acc)
@@ -273,7 +273,7 @@ def run_blocks(
 ):
     """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
 
-    `step_params` (leaves [depth, ...], see depthjax.step_params) is scanned with the program.
+    `step_params` (leaves [depth, ...], see depthjax.core.step_params) is scanned with the program.
 
     The carry is (base, acc): `base` is the input shared by the current parallel group and
     `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
