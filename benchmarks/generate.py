@@ -1,26 +1,23 @@
 """Decode throughput and KV-cache bytes of pruned programs, as ratios to the full model,
-through dj.generate's path on the DepthModel (one compiled scan, runtime skipping) and on
+through dj.generate on the DepthModel (one compiled scan, runtime skipping) and on
 dj.specialize(model) (the program compiled as structure).
 
 For the full program and for programs with 25% / 50% of attention sublayers gated off,
 25% of blocks dropped and 2 pairs of steps parallelized: prefill a prompt, then time
-`--new-tokens` greedy decode steps in one compiled loop (the same `decode_step` path as
-dj.generate), at each batch size.
+`--new-tokens` greedy decode steps in dj.generate's compiled loop (its time for 1 + n
+tokens minus its time for 1), at each batch size.
 
     python benchmarks/generate.py [--model llama-1b] [--dtype bfloat16] [--batches 1,32]
                                   [--prompt-len 1024] [--new-tokens 64]
 """
 
 import argparse
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import depthjax as dj
 from common import header, timed
-from depthjax.inference import decoding
 
 
 def spread(depth: int, fraction: float) -> list[int]:
@@ -29,27 +26,16 @@ def spread(depth: int, fraction: float) -> list[int]:
     return sorted({int(i) for i in np.linspace(depth - 1, 1, n)})
 
 
-@functools.partial(jax.jit, static_argnames=("n", "ex"))
-def decode_loop(model, cache, logits_BV, *, n, ex):
-    """n greedy decode steps; returns the last logits (to block on)."""
-
-    def body(_, state):
-        logits_BV, cache = state
-        tok_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
-        logits_BV, cache, _ = decoding._decode(model, cache, tok_B, ex)
-        return logits_BV, cache
-
-    return jax.lax.fori_loop(0, n, body, (logits_BV, cache))[0]
-
-
 def measure(model, batch, prompt_len, new_tokens):
-    """(decode tokens/s, KV-cache bytes); `model` is a DepthModel or a dj.specialize'd one."""
+    """(decode tokens/s, KV-cache bytes); `model` is a DepthModel or a dj.specialize'd one.
+    Decode time is dj.generate's time for 1 + new_tokens tokens minus its time for 1 token
+    (the prefill and the first token): both one compiled loop, greedy."""
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, model.config.vocab_size)
-    logits, cache = dj.prefill(model, prompt, max_len=prompt_len + new_tokens)
-    depth_model, plan = decoding._unwrap(model)
-    ex = decoding._exit_settings(depth_model, None, None, None, "skip", plan)
-    seconds = timed(lambda: decode_loop(depth_model, cache, logits, n=new_tokens, ex=ex), repeat=3)
-    return batch * new_tokens / seconds, cache.nbytes
+    run = lambda n: dj.generate(model, prompt, n, temperature=0.0)
+    prefill = timed(lambda: run(1).tokens, repeat=3)
+    total = timed(lambda: run(1 + new_tokens).tokens, repeat=3)
+    cache = run(1 + new_tokens).cache
+    return batch * new_tokens / max(total - prefill, 1e-9), cache.nbytes
 
 
 def main():

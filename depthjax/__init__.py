@@ -18,17 +18,23 @@ train      the training loop, data, checkpoints of runs
 cli        one module per command of the `depthjax` console script
 """
 
-from . import configs, depth, eval, hf, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
+from . import configs, depth, eval, hf, inference, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
 from .core.config import ConfigError, ModelConfig, Remat
 from .core.model import DepthModel, InputError, Trace, apply, init
 from .core.program import Program, ProgramError
 from .errors import DepthjaxError
 from .files.checkpoint import CheckpointError, load, save
-from .inference.decoding import Generation, decode_step, generate, prefill
-from .inference.kv_cache import KVCache
-from .inference.sampling import GenerationError
-from .inference.specialized import Specialized, specialize
-from .inference.speculative import DraftStats
+from .inference import (
+    DraftStats,
+    Generation,
+    GenerationError,
+    KVCache,
+    Specialized,
+    decode_step,
+    generate,
+    prefill,
+    specialize,
+)
 from .pruning.choose import PruneError, prune
 from .pruning.recovery import RecoverError, recover
 
@@ -56,6 +62,7 @@ __all__ = [
     "recover",
     "RecoverError",
     "search",
+    "inference",
     "eval",
     "specialize",
     "Specialized",

@@ -140,14 +140,9 @@ def main(argv=None):
     gen = {}
     tol_gen = adaptive[len(adaptive) // 2]["tol"]
     for schedule in RD.SCHEDULES:
-        run = lambda: RD.generate(
-            recurrent,
-            rec,
-            prompts,
-            args.new_tokens,
-            tol=tol_gen,
-            max_loops=args.adaptive_max,
-            schedule=schedule,  # noqa: B023 (run() is called at once)
+        policy = RD.Looped(rec, tol=tol_gen, max_loops=args.adaptive_max, schedule=schedule)
+        run = lambda policy=policy: dj.generate(
+            recurrent, prompts, args.new_tokens, temperature=0.0, policy=policy
         )
         jax.block_until_ready(run())
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 
 import common
 import depthjax as dj
-from depthjax.adaptive import first, fit
+from depthjax.adaptive import first, fit, routed_decode
 from depthjax.core.loss import nll_sums
 
 
@@ -150,7 +150,9 @@ def main(argv=None):
     mid = results[len(results) // 2]
     routed = models[mid["cost"]]
     prompts = data[0][:4, :prompt_len]
-    toks, run = first.generate(routed, spec, prompts, 16)
+    run = first.choose(routed, spec, prompts)
+    policy = routed_decode.Routed(row_steps=run)
+    toks = dj.generate(routed, prompts, 16, temperature=0.0, policy=policy).tokens
     run = np.asarray(run)
     same = all(
         np.array_equal(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
-from depthjax.adaptive import AdaptiveError, first
+from depthjax.adaptive import AdaptiveError, first, routed_decode
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_each_row_runs_its_own_program_in_forward_and_decoding(routed):
     tokens = np.concatenate([prompts, _tokens(B=4, T=4, seed=4)], 1)
     logits, gates = first.apply(model, spec, tokens, prompt_len=6)
     np.testing.assert_array_equal(np.asarray(gates) > 0.5, run)
-    toks, run2 = first.generate(model, spec, prompts, 4)
-    np.testing.assert_array_equal(run2, run)
+    policy = routed_decode.Routed(row_steps=first.choose(model, spec, prompts))
+    toks = dj.generate(model, prompts, 4, temperature=0.0, policy=policy).tokens
     for choice in {tuple(r) for r in run}:  # one reference compile per distinct program
         rows = np.flatnonzero((run == choice).all(1))
         program = first.program_for(model, np.asarray(choice))
@@ -72,7 +72,9 @@ def test_each_row_runs_its_own_program_in_forward_and_decoding(routed):
     keep_all = keep_all.replace(
         params={**keep_all.params, "first": {**keep_all.params["first"], "w2": jnp.zeros_like(w2)}}
     )
-    toks, run = first.generate(keep_all, spec, prompts, 4)
+    run = first.choose(keep_all, spec, prompts)
+    policy = routed_decode.Routed(row_steps=run)
+    toks = dj.generate(keep_all, prompts, 4, temperature=0.0, policy=policy).tokens
     assert np.asarray(run).all()
     np.testing.assert_array_equal(toks, dj.generate(base, prompts, 4, temperature=0.0).tokens)
 

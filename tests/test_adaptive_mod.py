@@ -185,7 +185,9 @@ def test_generate_equals_teacher_forced_causal_forward_with_padding(routed_model
     mask = np.ones(batch.shape, bool)
     mask[1, :3] = False
     N = 4
-    toks, ran, _ = routed_decode.generate(model, batch, N, mask=mask, mod=spec, routed_len=6)
+    policy = routed_decode.Routed(mod=spec, routed_len=6)
+    out = dj.generate(model, batch, N, mask=mask, temperature=0.0, policy=policy)
+    toks, ran = out.tokens, out.ran
     for b, real in ((0, prompt[0]), (1, prompt[0, 3:])):
         seq = np.concatenate([real, np.asarray(toks[b])])[None]
         full, routes = mod.apply(model, spec, seq, routing="causal", budget=6)

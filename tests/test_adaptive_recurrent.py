@@ -10,7 +10,7 @@ import pytest
 
 import depthjax as dj
 from depthjax.adaptive import AdaptiveError, recurrent as R, recurrent_decode as RD
-from depthjax.core.model import run_blocks
+from depthjax.core.walk import run_blocks
 
 SPAN = (1, 3)  # steps 1..2 are the looped core of the 4-step llama-tiny
 
@@ -112,14 +112,19 @@ def test_adaptive_loop_counts_are_causal(looped):
     np.testing.assert_allclose(logits[:, :6], logits2[:, :6], rtol=1e-5, atol=1e-5)
 
 
+def _generate(model, rec, prompt, n, schedule="depthwise"):
+    policy = RD.Looped(rec, tol=TOL, max_loops=MAX, schedule=schedule)
+    return dj.generate(model, prompt, n, temperature=0.0, policy=policy)
+
+
 @pytest.mark.slow
 def test_depthwise_batched_generation_equals_one_row_at_a_time(looped):
     model, rec = looped
     prompt = _tokens(B=3, T=5, seed=2)
-    batched = RD.generate(model, rec, prompt, 5, tol=TOL, max_loops=MAX)
+    batched = _generate(model, rec, prompt, 5)
     assert len(np.unique(batched.loops[:, 5:])) > 1  # rows really loop differently
     for b in range(3):
-        alone = RD.generate(model, rec, prompt[b : b + 1], 5, tol=TOL, max_loops=MAX)
+        alone = _generate(model, rec, prompt[b : b + 1], 5)
         np.testing.assert_array_equal(alone.tokens[0], batched.tokens[b])
         np.testing.assert_array_equal(alone.loops[0], batched.loops[b])
 
@@ -129,8 +134,8 @@ def test_generation_equals_lockstep_and_the_full_adaptive_forward(looped):
     model, rec = looped
     prompt = _tokens(B=3, T=5, seed=2)
     N = 5
-    batched = RD.generate(model, rec, prompt, N, tol=TOL, max_loops=MAX)
-    lockstep = RD.generate(model, rec, prompt, N, tol=TOL, max_loops=MAX, schedule="lockstep")
+    batched = _generate(model, rec, prompt, N)
+    lockstep = _generate(model, rec, prompt, N, schedule="lockstep")
     np.testing.assert_array_equal(batched.tokens, lockstep.tokens)
     np.testing.assert_array_equal(batched.loops, lockstep.loops)
     assert int(batched.ticks) <= int(lockstep.ticks)

@@ -3,12 +3,11 @@ input checks of a forward, the per-step loss sums, and routed-token gathering.""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import loss as loss_lib
-from ..core.model import DepthModel, Embed, check_inputs as check_model_inputs, program_step
+from ..core import loss as loss_lib, walk as walk_lib
+from ..core.model import DepthModel, Embed, check_inputs as check_model_inputs
 from ..core.program import ProgramError, is_concrete
 
 
@@ -72,30 +71,32 @@ def scatter_add(x_BTD, idx_BL, update_BLD):
     return x_BTD.at[rows_B1, idx_BL].add(update_BLD.astype(x_BTD.dtype))
 
 
-def walk(cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None, kv_mask_BT=None):
-    """Run `program` (any depth, even 0) on x with `model.program_step`, one scan.
+def with_views(step: walk_lib.Step, carry, state, view):
+    """Walk policy: each step attends through its own cache view (xs: views stacked on a
+    leading [depth] axis, objects with the `update` protocol of depthjax.adaptive.caches);
+    with a cache the attention runs (and writes) whatever its gate. ys: the updated views."""
+    if view is None:
+        return step.run(carry)[0], state, None
+    out = step.run(carry, kv_cache=view, attn=True)
+    return out[0], state, out[3]
 
-    views: optional per-step caches stacked on a leading [depth] axis (objects with the
-    `update` protocol of depthjax.adaptive.caches); returns (x_out_BTD, updated views).
-    """
 
-    def step(carry, xs):
-        prog, sp, view = xs
-        # with a cache the attention runs (and writes) whatever its gate: attn=True
-        out = program_step(
-            cfg,
-            blocks,
-            carry,
-            prog,
-            sp,
-            positions_BT,
-            kv_cache=view,
-            attn=True if view is not None else None,
-            kv_mask_BT=kv_mask_BT,
-        )
-        return out[0], (out[3] if view is not None else None)
+def walk_views(
+    cfg, blocks, program, step_params, x_BTD, positions_BT, *, views=None, kv_mask_BT=None
+):
+    """Run `program` (any depth, even 0) on x, one scan (depthjax.core.walk).
 
-    (base, acc), views = jax.lax.scan(
-        step, (x_BTD, jnp.zeros_like(x_BTD)), (program, step_params, views)
+    views: optional per-step caches stacked on a leading [depth] axis (`with_views`);
+    returns (x_out_BTD, updated views)."""
+    x_BTD, _, views = walk_lib.walk(
+        cfg,
+        blocks,
+        program,
+        step_params,
+        x_BTD,
+        positions_BT,
+        policy=with_views,
+        xs=views,
+        kv_mask_BT=kv_mask_BT,
     )
-    return base + acc, views
+    return x_BTD, views

@@ -6,16 +6,16 @@
     params, _ = fit(..., trainable="^first/")                       # the model stays frozen
     run_BS = first.choose(model, spec, prompt_BT)                   # bool [B, depth]
     first.program_for(model, run_BS[0])                              # that row's program
-    out = first.generate(model, spec, prompt_BT, 32)                 # decode with it
+    out = dj.generate(model, prompt_BT, 32, policy=routed_decode.Routed(row_steps=run_BS))
 
 The router is a small MLP on the mean over the prompt of the RMS-normalized residual after
 the first `after` steps (which always run); it gives every later step a probability p of
 running, and the step runs when p > 0.5. That decision is made once per sequence, from
 the prompt alone, and kept while decoding: `program_for` turns a row's decision into an
 ordinary program (the skipped steps dropped: `dj.generate` then caches only the steps that
-run), and `generate` decodes a batch whose rows run different steps through
-depthjax.adaptive.routed_decode (each step's cache holds only the rows that run it; a step
-no row runs costs nothing).
+run), and `dj.generate` with the `routed_decode.Routed(row_steps=...)` policy decodes a
+batch whose rows run different steps (each step's cache holds only the rows that run it; a
+step no row runs costs nothing).
 
 Training (on a frozen model): the sequence's later steps are gated by a straight-through
 estimate, gate = hard + p - stop_gradient(p): the forward is exactly the inference program,
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.model import DepthModel, output_head, program_step
+from ..core import walk as walk_lib
+from ..core.model import DepthModel, output_head
 from ..depth import drop
-from .common import AdaptiveError, check_inputs, embed, nll_sums, reject_parallel, walk
+from .common import AdaptiveError, check_inputs, embed, nll_sums, reject_parallel, walk_views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _prefix(model, spec, tokens_BT, prompt_mask_BT):
     """Run the first `after` steps; returns (h_BTD, positions, p [B, depth])."""
     x_BTD, positions_BT = embed(model, tokens_BT)
     cut = lambda a: a[: spec.after]
-    h_BTD, _ = walk(
+    h_BTD, _ = walk_views(
         model.config,
         model.params["blocks"],
         jax.tree.map(cut, model.program),
@@ -139,22 +140,23 @@ def _apply(model, tokens_BT, *, spec, prompt_len):
     h_BTD, positions_BT, p_BS = _prefix(model, spec, tokens_BT, prompt_BT)
     gates_BS = (p_BS > 0.5).astype(jnp.float32) + p_BS - jax.lax.stop_gradient(p_BS)
 
-    def step(x, xs):
-        step_prog, sp, g_B = xs
-        (base, acc), _, _ = program_step(
-            cfg, model.params["blocks"], (x, jnp.zeros_like(x)), step_prog, sp, positions_BT
-        )
-        return x + (base + acc - x) * g_B[:, None, None].astype(x.dtype), None
+    def gated(step: walk_lib.Step, carry, state, g_B):
+        """Each row's step update scaled by its gate (1: runs, 0: skipped)."""
+        x = step.residual(carry)
+        out, _, _ = step.run((x, jnp.zeros_like(x)))
+        x = x + (step.residual(out) - x) * g_B[:, None, None].astype(x.dtype)
+        return (x, jnp.zeros_like(x)), state, None
 
     cut = lambda a: a[spec.after :]
-    x_BTD, _ = jax.lax.scan(
-        step,
+    x_BTD, _, _ = walk_lib.walk(
+        cfg,
+        model.params["blocks"],
+        jax.tree.map(cut, model.program),
+        jax.tree.map(cut, model.params.get("steps")),
         h_BTD,
-        (
-            jax.tree.map(cut, model.program),
-            jax.tree.map(cut, model.params.get("steps")),
-            gates_BS.T[spec.after :],
-        ),
+        positions_BT,
+        policy=gated,
+        xs=gates_BS.T[spec.after :],
     )
     return output_head(cfg, model.params, x_BTD), gates_BS, p_BS
 
@@ -192,17 +194,3 @@ def program_for(model: DepthModel, run_S) -> DepthModel:
         raise AdaptiveError(f"a step selection must be bool [{model.depth}], got {run_S.shape}")
     params = {k: v for k, v in model.params.items() if k != "first"}
     return drop(model.replace(params=params), np.flatnonzero(~run_S).tolist())
-
-
-def generate(
-    model: DepthModel, spec: First, prompt_BT, max_new_tokens: int, *, mask=None, **sampling
-):
-    """Choose each row's steps from its prompt, then decode with them (routed_decode).
-    Returns (tokens int32 [B, N], run bool [B, depth])."""
-    from . import routed_decode
-
-    run_BS = choose(model, spec, prompt_BT, mask)
-    toks, _, _ = routed_decode.generate(
-        model, prompt_BT, max_new_tokens, mask=mask, row_steps=run_BS, **sampling
-    )
-    return toks, run_BS

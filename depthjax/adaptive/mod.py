@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..core.model import DepthModel, output_head, program_step
+from ..core import walk as walk_lib
+from ..core.model import DepthModel, output_head
 from .common import (
     AdaptiveError,
     check_inputs,
@@ -162,12 +163,14 @@ def _walk(
     budget,
     unroll,
 ):
-    cfg, blocks = model.config, model.params["blocks"]
+    """The program walk (depthjax.core.walk) with routed steps. Returns (x_BTD, (select,
+    router weight, predictor logit) [depth, B, T])."""
     B, T, _ = x_BTD.shape
     real_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
     L = spec.tokens_routed(T) if routing == "topk" else T
 
-    def routed(x, step_prog, sp):
+    def routed(step: walk_lib.Step, x):
+        sp = step.params
         r_BT = router_weight(sp["mod"], x)
         logit_BT = predictor_logit(sp["mod"], x)
         if routing == "topk":
@@ -181,37 +184,38 @@ def _walk(
             return x, (sel_BT, r_BT, logit_BT)
         idx_BL, valid_BL = gather_plan(sel_BT, L)
         x_BLD = take(x, idx_BL)
-        (base, acc), _, _ = program_step(
-            cfg,
-            blocks,
+        carry, _, _ = step.run(
             (x_BLD, jnp.zeros_like(x_BLD)),
-            step_prog,
-            sp,
-            take(positions_BT, idx_BL),
+            positions_BT=take(positions_BT, idx_BL),
             kv_mask_BT=valid_BL,
         )
         w_BL = take(r_BT, idx_BL) * valid_BL
-        x = scatter_add(x, idx_BL, (base + acc - x_BLD) * w_BL[..., None].astype(x.dtype))
-        return x, (sel_BT, r_BT, logit_BT)
+        update_BLD = (step.residual(carry) - x_BLD) * w_BL[..., None].astype(x.dtype)
+        return scatter_add(x, idx_BL, update_BLD), (sel_BT, r_BT, logit_BT)
 
-    def dense(x, step_prog, sp):
-        (base, acc), _, _ = program_step(
-            cfg, blocks, (x, jnp.zeros_like(x)), step_prog, sp, positions_BT, kv_mask_BT=mask_BT
+    def dense(step: walk_lib.Step, x):
+        carry, _, _ = step.run((x, jnp.zeros_like(x)))
+        return step.residual(carry), (jnp.ones((B, T), bool), jnp.ones((B, T)), jnp.zeros((B, T)))
+
+    def policy(step: walk_lib.Step, carry, state, is_routed):
+        x, y = jax.lax.cond(
+            is_routed, lambda x: routed(step, x), lambda x: dense(step, x), step.residual(carry)
         )
-        return base + acc, (jnp.ones((B, T), bool), jnp.ones((B, T)), jnp.zeros((B, T)))
+        return (x, jnp.zeros_like(x)), state, y
 
-    def step(x, xs):
-        step_prog, sp, is_routed = xs
-        return jax.lax.cond(is_routed, routed, dense, x, step_prog, sp)
-
-    xs = (model.program, model.params["steps"], spec.routed)
-    if unroll:
-        ys = []
-        for i in range(model.depth):
-            x_BTD, y = step(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
-            ys.append(y)
-        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
-    return jax.lax.scan(step, x_BTD, xs)
+    x_BTD, _, ys = walk_lib.walk(
+        model.config,
+        model.params["blocks"],
+        model.program,
+        model.params["steps"],
+        x_BTD,
+        positions_BT,
+        policy=policy,
+        xs=spec.routed,
+        unroll=unroll,
+        kv_mask_BT=mask_BT,
+    )
+    return x_BTD, ys
 
 
 def apply(

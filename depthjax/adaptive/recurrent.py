@@ -42,7 +42,7 @@ import numpy as np
 
 from ..core.model import DepthModel, output_head
 from .caches import LatestView
-from .common import AdaptiveError, check_inputs, embed, nll_sums, walk
+from .common import AdaptiveError, check_inputs, embed, nll_sums, walk_views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ class _Parts:
         params = self.model.params if params is None else params
         lo, hi = self.spans[part]
         cut = lambda a: a[lo:hi]
-        return walk(
+        return walk_views(
             self.model.config,
             params["blocks"],
             jax.tree.map(cut, self.model.program),

@@ -1,6 +1,6 @@
 """Generation with recurrent depth: a loop count per token, and depth-wise batching.
 
-    out = generate(model, rec, prompt_BT, 32, tol=0.05, max_loops=16)
+    out = dj.generate(model, prompt_BT, 32, policy=Looped(rec, tol=0.05, max_loops=16))
     out.tokens [B, N]; out.loops [B, T + N - 1] (loops each fed token ran); out.ticks
 
 Each row of the batch runs its current token through the core until the state settles
@@ -22,129 +22,118 @@ on the batch (tested). Sampling draws row b's k-th token with fold_in(fold_in(ke
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..core.model import Embed, output_head
-from ..inference.sampling import GenerationError, sample
+from ..inference.sampling import GenerationError
 from .caches import LoopView, RowView
 from .recurrent import Recurrence, _Parts, adaptive_loops, check_adaptive, relative_change
 
 SCHEDULES = ("depthwise", "lockstep")
 
 
-class RecurrentGeneration(NamedTuple):
-    tokens: jax.Array  # int32 [B, N]
-    loops: jax.Array  # int32 [B, T + N - 1]: core loops of every fed token (prompt first)
-    ticks: jax.Array  # int32 []: core iterations run for the batch after the prompt
+@dataclasses.dataclass(frozen=True)
+class Looped:
+    """The `dj.generate(..., policy=Looped(rec, tol=, max_loops=))` policy: every token
+    loops the core until its state settles (module docstring). Generation.loops [B, T + N
+    - 1] holds the core loops of every fed token (prompt first), Generation.ticks the core
+    iterations run after the prompt, Generation.exit_steps the steps each token took."""
 
+    rec: Recurrence
+    tol: float
+    max_loops: int
+    min_loops: int = 1
+    schedule: str = "depthwise"
 
-def generate(
-    model,
-    rec: Recurrence,
-    prompt_BT,
-    max_new_tokens: int,
-    *,
-    tol: float,
-    max_loops: int,
-    min_loops: int = 1,
-    schedule: str = "depthwise",
-    temperature: float = 0.0,
-    top_k=None,
-    top_p=None,
-    key=None,
-) -> RecurrentGeneration:
-    """Sample `max_new_tokens` after each prompt row (all rows the same length, no padding)."""
-    check_adaptive(tol, max_loops, min_loops)
-    rec.check(model)
-    if schedule not in SCHEDULES:
-        raise GenerationError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature != 0 and key is None:
-        raise GenerationError("sampling (temperature > 0) needs a PRNG key")
-    if not model.config.causal:
-        raise GenerationError("generation needs a causal model")
-    prompt_BT = jnp.asarray(prompt_BT)
-    if prompt_BT.ndim != 2 or not jnp.issubdtype(prompt_BT.dtype, jnp.integer):
-        raise GenerationError(
-            f"prompt tokens must be int [batch, time], got {prompt_BT.dtype} {prompt_BT.shape}"
+    def prepare(self, model, tokens_BT, mask_BT, max_new_tokens: int):
+        check_adaptive(self.tol, self.max_loops, self.min_loops)
+        self.rec.check(model)
+        if self.schedule not in SCHEDULES:
+            raise GenerationError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not bool(np.asarray(mask_BT).all()):
+            raise GenerationError(
+                "recurrent generation takes prompts of one length without padding (mask all 1)"
+            )
+        decoder = LoopedDecoder(
+            self.rec, int(self.max_loops), int(self.min_loops), self.schedule == "lockstep"
         )
-    if (
-        model.config.position == "learned"
-        and prompt_BT.shape[1] + max_new_tokens > model.config.max_seq_len
-    ):
-        raise GenerationError("prompt + new tokens exceed max_seq_len")
-    sampler = (
-        ("temperature", float(temperature)),
-        ("top_k", top_k),
-        ("top_p", None if top_p is None else float(top_p)),
-    )
-    return _generate(
-        model,
-        prompt_BT.astype(jnp.int32),
-        jax.random.key(0) if key is None else key,
-        jnp.float32(tol),
-        rec=rec,
-        n=int(max_new_tokens),
-        max_loops=int(max_loops),
-        min_loops=int(min_loops),
-        lockstep=schedule == "lockstep",
-        sampler=sampler,
-    )
+        return decoder, jnp.float32(self.tol)
 
 
 def _row_sample(logits_BV, key, rows_B, index_B, sampler):
+    """Row b's k-th token from fold_in(fold_in(key, b), k): independent of the batch."""
     keys = jax.vmap(lambda b, i: jax.random.fold_in(jax.random.fold_in(key, b), i))(rows_B, index_B)
-    return jax.vmap(lambda logits_V, k: sample(logits_V[None], k, **dict(sampler))[0])(
-        logits_BV, keys
-    )
+    return jax.vmap(lambda logits_V, k: sampler.sample(logits_V[None], k)[0])(logits_BV, keys)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("rec", "n", "max_loops", "min_loops", "lockstep", "sampler")
-)
-def _generate(model, prompt_BT, key, tol, *, rec, n, max_loops, min_loops, lockstep, sampler):
-    cfg = model.config
-    B, T = prompt_BT.shape
-    S, J = T + n - 1, max_loops
-    zeros = lambda *lead: jnp.zeros(lead + (B, S, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
-    n_pre, n_core, n_coda = rec.start, rec.stop - rec.start, model.depth - rec.stop
-    rows = jnp.arange(B)
-    fan = lambda x, m: jnp.broadcast_to(x, (m,) + x.shape)
-    embed = lambda tok_BT, pos_BT: Embed(cfg).apply(
-        {"params": model.params["embed"]}, tok_BT, pos_BT
-    )
+@dataclasses.dataclass(frozen=True)
+class LoopedDecoder:
+    """The static decoder of `Looped`; its data is the tolerance (float32 [])."""
 
-    # -- prompt: the full adaptive forward, recording every cache --
-    parts = _Parts(model, rec, jnp.broadcast_to(jnp.arange(T), (B, T)))
-    ones_B, count_B = jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32)
-    pre = RowView(zeros(n_pre), zeros(n_pre), fan(count_B, n_pre), fan(ones_B, n_pre), True)
-    coda = RowView(zeros(n_coda), zeros(n_coda), fan(count_B, n_coda), fan(ones_B, n_coda), True)
-    core = (jnp.zeros((n_core, B, S, J, cfg.n_kv_heads, cfg.head_dim), cfg.dtype),) * 2
-    s, pre = parts.run("prelude", embed(prompt_BT, parts.positions), views=pre)
-    s, loops_BT, core = adaptive_loops(
-        parts, s, tol=tol, max_loops=J, min_loops=min_loops, record=core
-    )
-    s, coda = parts.run("coda", s, views=coda)
-    logits = output_head(cfg, model.params, s[:, -1:])[:, 0]
-    tokens = (
-        jnp.zeros((B, n), jnp.int32)
-        .at[:, 0]
-        .set(_row_sample(logits, key, rows, jnp.zeros((B,), jnp.int32), sampler))
-    )
-    loops_BS = jnp.full((B, S), J, jnp.int32).at[:, :T].set(loops_BT)
+    rec: Recurrence
+    max_loops: int
+    min_loops: int
+    lockstep: bool
 
-    def feed(state, rows_on):
-        """Embed + prelude the last sampled token of rows_on (at position t)."""
-        t = state["t"]
-        tok = jnp.take_along_axis(state["tokens"], state["gen"][:, None] - 1, axis=1)
-        x = embed(tok, t[:, None])
-        view = RowView(state["pre_k"], state["pre_v"], fan(t, n_pre), fan(rows_on, n_pre))
-        x, view = parts.at(t[:, None]).run("prelude", x, views=view)
+    def _parts(self, model, positions_BT):
+        return _Parts(model, self.rec, positions_BT)
+
+    def start(self, model, tol, tokens_BT, mask_BT, key, *, n, sampler):
+        """The prompt through the full adaptive forward, recording every cache; the first
+        token; then that token's prelude (the next loops start from it)."""
+        cfg, rec = model.config, self.rec
+        B, T = tokens_BT.shape
+        S, J = T + n - 1, self.max_loops
+        zeros = lambda *lead: jnp.zeros(lead + (B, S, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
+        n_pre, n_core, n_coda = rec.start, rec.stop - rec.start, model.depth - rec.stop
+        parts = self._parts(model, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        ones_B, count_B = jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32)
+        fan = lambda x, m: jnp.broadcast_to(x, (m,) + x.shape)
+        pre = RowView(zeros(n_pre), zeros(n_pre), fan(count_B, n_pre), fan(ones_B, n_pre), True)
+        coda = RowView(
+            zeros(n_coda), zeros(n_coda), fan(count_B, n_coda), fan(ones_B, n_coda), True
+        )
+        core = (jnp.zeros((n_core, B, S, J, cfg.n_kv_heads, cfg.head_dim), cfg.dtype),) * 2
+        s, pre = parts.run("prelude", _embed(model, tokens_BT, parts.positions), views=pre)
+        s, loops_BT, core = adaptive_loops(
+            parts, s, tol=tol, max_loops=J, min_loops=self.min_loops, record=core
+        )
+        s, coda = parts.run("coda", s, views=coda)
+        logits = output_head(cfg, model.params, s[:, -1:])[:, 0]
+        rows = jnp.arange(B)
+        first_B = _row_sample(logits, key, rows, jnp.zeros((B,), jnp.int32), sampler)
+        state = dict(
+            key=key,
+            gen=jnp.ones((B,), jnp.int32),
+            t=jnp.full((B,), T, jnp.int32),
+            j=jnp.zeros((B,), jnp.int32),
+            s=s[:, -1:],
+            e=s[:, -1:],
+            loops=jnp.full((B, S), J, jnp.int32).at[:, :T].set(loops_BT),
+            pre_k=pre.k,
+            pre_v=pre.v,
+            coda_k=coda.k,
+            coda_v=coda.v,
+            core_k=core[0],
+            core_v=core[1],
+            waiting=jnp.zeros((B,), bool),
+            ticks=jnp.zeros((), jnp.int32),
+        )
+        if n > 1:
+            state = self._feed(model, state, first_B, ones_B)
+        return state, first_B, {}
+
+    def _feed(self, model, state, tok_B, rows_on):
+        """Embed + prelude the token tok_B of rows_on (at position t)."""
+        n_pre, t = self.rec.start, state["t"]
+        x = _embed(model, tok_B[:, None], t[:, None])
+        fan = lambda x: jnp.broadcast_to(x, (n_pre,) + x.shape)
+        view = RowView(state["pre_k"], state["pre_v"], fan(t), fan(rows_on))
+        x, view = self._parts(model, t[:, None]).run("prelude", x, views=view)
         on = rows_on[:, None, None]
         return dict(
             state,
@@ -155,80 +144,79 @@ def _generate(model, prompt_BT, key, tol, *, rec, n, max_loops, min_loops, locks
             j=jnp.where(rows_on, 0, state["j"]),
         )
 
-    state = dict(
-        tokens=tokens,
-        gen=jnp.ones((B,), jnp.int32),
-        t=jnp.full((B,), T, jnp.int32),
-        j=jnp.zeros((B,), jnp.int32),
-        s=s[:, -1:],
-        e=s[:, -1:],
-        loops=loops_BS,
-        pre_k=pre.k,
-        pre_v=pre.v,
-        coda_k=coda.k,
-        coda_v=coda.v,
-        core_k=core[0],
-        core_v=core[1],
-        waiting=jnp.zeros((B,), bool),
-        ticks=jnp.zeros((), jnp.int32),
-    )
-    if n > 1:
-        state = feed(state, ones_B)
-
-    def finish(state, ready):
+    def _finish(self, model, state, ready, *, n, sampler):
         """Rows that settled: record their loop count, coda + head, sample, feed."""
-        t = state["t"]
+        B, n_coda = ready.shape[0], model.depth - self.rec.stop
+        rows, t = jnp.arange(B), state["t"]
         loops = (
             state["loops"].at[rows, t].set(jnp.where(ready, state["j"], state["loops"][rows, t]))
         )
-        view = RowView(state["coda_k"], state["coda_v"], fan(t, n_coda), fan(ready, n_coda))
-        x, view = parts.at(t[:, None]).run("coda", state["s"], views=view)
-        tok = _row_sample(output_head(cfg, model.params, x)[:, 0], key, rows, state["gen"], sampler)
-        gen = state["gen"]
-        tokens = (
-            state["tokens"]
-            .at[rows, gen]
-            .set(jnp.where(ready, tok, state["tokens"][rows, jnp.minimum(gen, n - 1)]), mode="drop")
-        )
-        gen = gen + ready
+        fan = lambda x: jnp.broadcast_to(x, (n_coda,) + x.shape)
+        view = RowView(state["coda_k"], state["coda_v"], fan(t), fan(ready))
+        x, view = self._parts(model, t[:, None]).run("coda", state["s"], views=view)
+        logits = output_head(model.config, model.params, x)[:, 0]
+        tok_B = _row_sample(logits, state["key"], rows, state["gen"], sampler)
+        gen = state["gen"] + ready
         state = dict(
             state,
             loops=loops,
             coda_k=view.k,
             coda_v=view.v,
-            tokens=tokens,
             gen=gen,
             waiting=state["waiting"] & ~ready,
         )
         more = ready & (gen < n)
         state = dict(state, t=t + more)
-        return feed(state, more)
+        return self._feed(model, state, tok_B, more), tok_B
 
-    def tick(state):
-        done = state["gen"] >= n
+    def advance(self, model, tol, state, last_B, active_B, *, n, sampler):
+        """One core loop for every row that is looping, whatever loop it is at; rows that
+        settle emit their next token."""
+        n_core, J = self.rec.stop - self.rec.start, self.max_loops
+        done = ~active_B | (state["gen"] >= n)
         run = ~done & ~state["waiting"]
+        fan = lambda x: jnp.broadcast_to(x, (n_core,) + x.shape)
         view = LoopView(
             state["core_k"],
             state["core_v"],
-            fan(state["t"], n_core),
-            fan(state["j"], n_core),
-            fan(state["loops"], n_core),
-            fan(run, n_core),
+            fan(state["t"]),
+            fan(state["j"]),
+            fan(state["loops"]),
+            fan(run),
         )
-        s_new, view = parts.at(state["t"][:, None]).loop(state["s"], state["e"], views=view)
+        parts = self._parts(model, state["t"][:, None])
+        s_new, view = parts.loop(state["s"], state["e"], views=view)
         s_new = jnp.where(run[:, None, None], s_new, state["s"])
         j = state["j"] + run
-        settled = run & (
-            ((relative_change(s_new, state["s"])[:, 0] < tol) & (j >= min_loops)) | (j >= J)
-        )
+        change = relative_change(s_new, state["s"])[:, 0]
+        settled = run & (((change < tol) & (j >= self.min_loops)) | (j >= J))
         state = dict(state, s=s_new, j=j, core_k=view.k, core_v=view.v, ticks=state["ticks"] + 1)
-        if lockstep:
+        if self.lockstep:
             waiting = state["waiting"] | settled
             ready = jnp.where(jnp.all(waiting | done), waiting, False)
             state = dict(state, waiting=waiting)
         else:
             ready = settled
-        return jax.lax.cond(jnp.any(ready), finish, lambda st, _: st, state, ready)
+        state, tok_B = jax.lax.cond(
+            jnp.any(ready),
+            lambda st: self._finish(model, st, ready, n=n, sampler=sampler),
+            lambda st: (st, jnp.zeros_like(last_B)),
+            state,
+        )
+        return state, tok_B[:, None], ready.astype(jnp.int32), {}
 
-    state = jax.lax.while_loop(lambda st: jnp.any(st["gen"] < n), tick, state)
-    return RecurrentGeneration(state["tokens"], state["loops"], state["ticks"])
+    def finish(self, model, tol, state, generation):
+        """Loop counts, ticks, and the steps each generated token took."""
+        rec, loops = self.rec, state["loops"]
+        B, N = generation.tokens.shape
+        T = loops.shape[1] - N + 1
+        fixed = rec.start + model.depth - rec.stop
+        steps_BN = fixed + (rec.stop - rec.start) * loops[:, T - 1 :]
+        steps_BN = jnp.where(jnp.arange(N)[None] < generation.lengths[:, None], steps_BN, 0)
+        return generation._replace(
+            loops=loops, ticks=state["ticks"], exit_steps=steps_BN.astype(jnp.int32)
+        )
+
+
+def _embed(model, tokens_BT, positions_BT):
+    return Embed(model.config).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)

@@ -3,7 +3,7 @@ KV cache holds only their entries.
 
     logits_BV, cache = prefill(model, prompt_BT, max_len=64, mod=spec)
     logits_BV, cache, ran_BS = decode_step(model, cache, next_B, mod=spec)
-    out = generate(model, prompt_BT, 32, mod=spec, routed_len=16)
+    out = dj.generate(model, prompt_BT, 32, policy=Routed(mod=spec, routed_len=16))
 
 Two kinds of routing, alone or together:
 
@@ -29,9 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.model import DepthModel, Embed, output_head, program_step
+from ..core import walk as walk_lib
+from ..core.model import DepthModel, Embed, output_head
 from ..core.program import is_concrete
-from ..inference.sampling import GenerationError, sample
+from ..inference.cached import last_real, prompt_mask, prompt_positions
+from ..inference.driver import TokenByToken
+from ..inference.sampling import GenerationError
 from . import mod as mod_lib
 from .caches import RowView
 from .common import AdaptiveError, gather_plan, reject_parallel, scatter_add, take
@@ -148,79 +151,79 @@ def _walk(
     kind, slot = lay.slots()
     stacks = {False: ("k", "v", "count", lay.max_len), True: ("rk", "rv", "rcount", lay.routed_len)}
 
-    def branch(routed: bool):
+    def run_step(routed: bool, step: walk_lib.Step, x, c, s, sel_BT):
+        """One step of one kind (routed or ordinary) on the rows and tokens that run it."""
         kn, vn, cn, limit = stacks[routed]
+        k, v, count = getattr(c, kn)[s], getattr(c, vn)[s], getattr(c, cn)[s]
+        if routed:
+            sel_BT = sel_BT & (mod_lib.predictor_logit(step.params["mod"], x) > lay.threshold)
+            w_BT = mod_lib.router_weight(step.params["mod"], x)
+        else:
+            w_BT = jnp.ones((B, T))
+        if prefill:
+            sel_BT = sel_BT & (jnp.cumsum(sel_BT, axis=1) <= limit)
+        else:
+            sel_BT = sel_BT & (count < limit)[:, None]
 
-        def run_step(x, c, step_prog, sp, s, sel_BT):
-            k, v, count = getattr(c, kn)[s], getattr(c, vn)[s], getattr(c, cn)[s]
-            if routed:
-                sel_BT = sel_BT & (mod_lib.predictor_logit(sp["mod"], x) > lay.threshold)
-                w_BT = mod_lib.router_weight(sp["mod"], x)
-            else:
-                w_BT = jnp.ones((B, T))
+        def compute(x, k, v, count):
             if prefill:
-                sel_BT = sel_BT & (jnp.cumsum(sel_BT, axis=1) <= limit)
+                idx, valid = gather_plan(sel_BT, min(T, limit))
+                x_in, pos, w = take(x, idx), take(positions_BT, idx), take(w_BT, idx) * valid
+                view = RowView(k, v, count, jnp.ones((B,), bool), prefill=True)
+                mask = valid
             else:
-                sel_BT = sel_BT & (count < limit)[:, None]
-
-            def compute(x, k, v, count):
-                if prefill:
-                    idx, valid = gather_plan(sel_BT, min(T, limit))
-                    x_in, pos, w = take(x, idx), take(positions_BT, idx), take(w_BT, idx) * valid
-                    view = RowView(k, v, count, jnp.ones((B,), bool), prefill=True)
-                    mask = valid
-                else:
-                    x_in, pos, w = x, positions_BT, w_BT * sel_BT
-                    view, mask = RowView(k, v, count, sel_BT[:, 0]), None
-                (base, acc), _, _, view = program_step(
-                    cfg,
-                    blocks,
-                    (x_in, jnp.zeros_like(x_in)),
-                    step_prog,
-                    sp,
-                    pos,
-                    kv_cache=view,
-                    attn=True,
-                    kv_mask_BT=mask,
-                )
-                delta = (base + acc - x_in) * w[..., None].astype(x.dtype)
-                x = scatter_add(x, idx, delta) if prefill else x + delta
-                return x, view.k, view.v, count + jnp.sum(sel_BT, axis=1, dtype=jnp.int32)
-
-            x, k, v, count = jax.lax.cond(jnp.any(sel_BT), compute, lambda *a: a, x, k, v, count)
-            c = dataclasses.replace(
-                c,
-                **{
-                    kn: getattr(c, kn).at[s].set(k),
-                    vn: getattr(c, vn).at[s].set(v),
-                    cn: getattr(c, cn).at[s].set(count),
-                },
+                x_in, pos, w = x, positions_BT, w_BT * sel_BT
+                view, mask = RowView(k, v, count, sel_BT[:, 0]), None
+            carry, _, _, view = step.run(
+                (x_in, jnp.zeros_like(x_in)),
+                positions_BT=pos,
+                kv_cache=view,
+                attn=True,
+                kv_mask_BT=mask,
             )
-            return x, c, sel_BT
+            delta = (step.residual(carry) - x_in) * w[..., None].astype(x.dtype)
+            x = scatter_add(x, idx, delta) if prefill else x + delta
+            return x, view.k, view.v, count + jnp.sum(sel_BT, axis=1, dtype=jnp.int32)
 
-        return run_step
+        x, k, v, count = jax.lax.cond(jnp.any(sel_BT), compute, lambda *a: a, x, k, v, count)
+        c = dataclasses.replace(
+            c,
+            **{
+                kn: getattr(c, kn).at[s].set(k),
+                vn: getattr(c, vn).at[s].set(v),
+                cn: getattr(c, cn).at[s].set(count),
+            },
+        )
+        return x, c, sel_BT
 
     kinds = set(lay.routed)
 
-    def step(carry, xs):
-        x, c = carry
-        step_prog, sp, is_routed, s, on_B = xs
-        sel_BT = real_BT & on_B[:, None]
-        args = (x, c, step_prog, sp, s, sel_BT)
+    def policy(step: walk_lib.Step, carry, c, xs):
+        """Routed-cache policy: the state is the RoutedCache; xs = (routed?, slot, on_B)."""
+        is_routed, s, on_B = xs
+        args = (step.residual(carry), c, s, real_BT & on_B[:, None])
         if len(kinds) == 1:
-            x, c, sel_BT = branch(next(iter(kinds)))(*args)
+            x, c, sel_BT = run_step(next(iter(kinds)), step, *args)
         else:
-            x, c, sel_BT = jax.lax.cond(is_routed, branch(True), branch(False), *args)
-        return (x, c), sel_BT
+            x, c, sel_BT = jax.lax.cond(
+                is_routed,
+                lambda *a: run_step(True, step, *a),
+                lambda *a: run_step(False, step, *a),
+                *args,
+            )
+        return (x, jnp.zeros_like(x)), c, sel_BT
 
-    xs = (
+    x_BTD, cache, ran_SBT = walk_lib.walk(
+        cfg,
+        blocks,
         model.program,
         model.params.get("steps"),
-        jnp.asarray(kind, bool),
-        jnp.asarray(slot),
-        row_steps_BS.T,
+        x_BTD,
+        positions_BT,
+        policy=policy,
+        state=cache,
+        xs=(jnp.asarray(kind, bool), jnp.asarray(slot), row_steps_BS.T),
     )
-    (x_BTD, cache), ran_SBT = jax.lax.scan(step, (x_BTD, cache), xs)
     return x_BTD, cache, jnp.moveaxis(ran_SBT, 0, -1)
 
 
@@ -228,16 +231,16 @@ def _walk(
 def _prefill(model, tokens_BT, mask_BT, row_steps_BS, *, layout: Layout):
     cfg = model.config
     cache = RoutedCache.empty(cfg, layout, tokens_BT.shape[0])
-    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+    positions_BT = prompt_positions(mask_BT)
     x_BTD = Embed(cfg).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
     x_BTD, cache, ran = _walk(
         model, cache, x_BTD, positions_BT, mask_BT, row_steps_BS, prefill=True
     )
-    T = tokens_BT.shape[1]
-    last_B = T - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
-    logits_BV = output_head(cfg, model.params, take(x_BTD, last_B[:, None]))[:, 0]
+    logits_BV = output_head(cfg, model.params, last_real(x_BTD, mask_BT))[:, 0]
     cache = dataclasses.replace(
-        cache, next_pos=mask_BT.sum(1).astype(jnp.int32), length=jnp.asarray(T, jnp.int32)
+        cache,
+        next_pos=mask_BT.sum(1).astype(jnp.int32),
+        length=jnp.asarray(tokens_BT.shape[1], jnp.int32),
     )
     return logits_BV, cache, ran
 
@@ -255,20 +258,6 @@ def _decode(model, cache: RoutedCache, tokens_B, row_steps_BS):
 _decode_jit = jax.jit(_decode)
 
 
-def _prompt(tokens_BT, mask_BT):
-    tokens_BT = jnp.asarray(tokens_BT)
-    if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise GenerationError(
-            f"prompt tokens must be int [batch, time], got {tokens_BT.dtype} {tokens_BT.shape}"
-        )
-    mask_BT = jnp.ones(tokens_BT.shape, bool) if mask_BT is None else jnp.asarray(mask_BT, bool)
-    if mask_BT.shape != tokens_BT.shape:
-        raise GenerationError(f"mask shape {mask_BT.shape} != prompt shape {tokens_BT.shape}")
-    if not bool(jnp.all(mask_BT.any(1))):
-        raise GenerationError("every prompt row needs at least one real token")
-    return tokens_BT.astype(jnp.int32), mask_BT
-
-
 def prefill(
     model: DepthModel,
     tokens_BT,
@@ -282,7 +271,7 @@ def prefill(
 ):
     """Run the prompt [B, T] and build a routed cache with room for `max_len` tokens.
     Returns (next-token logits float32 [B, V], RoutedCache, ran bool [B, T, depth])."""
-    tokens_BT, mask_BT = _prompt(tokens_BT, mask_BT)
+    tokens_BT, mask_BT, _ = prompt_mask(model, tokens_BT, mask_BT)
     if max_len < tokens_BT.shape[1]:
         raise GenerationError(
             f"max_len={max_len} is shorter than the prompt ({tokens_BT.shape[1]})"
@@ -311,65 +300,38 @@ def decode_step(model: DepthModel, cache: RoutedCache, tokens_B, *, row_steps=No
     return _decode_jit(model, cache, tokens_B.astype(jnp.int32), _row_steps(model, row_steps, B))
 
 
-def generate(
-    model: DepthModel,
-    prompt_BT,
-    max_new_tokens: int,
-    *,
-    mask=None,
-    mod=None,
-    threshold: float = 0.0,
-    routed_len: int | None = None,
-    row_steps=None,
-    temperature: float = 0.0,
-    top_k=None,
-    top_p=None,
-    key=None,
-):
-    """Sample `max_new_tokens` after each prompt row in one compiled loop (greedy at
-    temperature 0). Returns (tokens int32 [B, N], ran bool [B, N, depth]: which steps each
-    generated token's *input* ran (the prompt's last token first), RoutedCache)."""
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature != 0 and key is None:
-        raise GenerationError("sampling (temperature > 0) needs a PRNG key")
-    tokens_BT, mask_BT = _prompt(prompt_BT, mask)
-    B, T = tokens_BT.shape
-    layout = _layout(model, mod, T + max_new_tokens - 1, routed_len, threshold)
-    sampler = (
-        ("temperature", float(temperature)),
-        ("top_k", top_k),
-        ("top_p", None if top_p is None else float(top_p)),
-    )
-    return _generate(
-        model,
-        tokens_BT,
-        mask_BT,
-        _row_steps(model, row_steps, B),
-        jax.random.key(0) if key is None else key,
-        n=max_new_tokens,
-        layout=layout,
-        sampler=sampler,
-    )
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """The `dj.generate(..., policy=Routed(...))` policy: MoD-routed steps (`mod`, with its
+    predictor `threshold` and `routed_len` cache entries per routed step) and / or per-row
+    programs (`row_steps` bool [B, depth], e.g. FiRST's `first.choose`). Generation.ran
+    [B, N, depth] says which steps each generated token's input ran (the prompt's last
+    token first); Generation.cache is the RoutedCache."""
+
+    mod: mod_lib.MoD | None = None
+    threshold: float = 0.0
+    routed_len: int | None = None
+    row_steps: jax.Array | None = None
+
+    def prepare(self, model: DepthModel, tokens_BT, mask_BT, max_new_tokens: int):
+        B, T = tokens_BT.shape
+        layout = _layout(model, self.mod, T + max_new_tokens - 1, self.routed_len, self.threshold)
+        return RoutedDecoder(layout), _row_steps(model, self.row_steps, B)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "layout", "sampler"))
-def _generate(model, tokens_BT, mask_BT, row_steps_BS, key, *, n, layout, sampler):
-    logits, cache, ran_BTS = _prefill(model, tokens_BT, mask_BT, row_steps_BS, layout=layout)
-    last_B = tokens_BT.shape[1] - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
-    first_ran = take(ran_BTS, last_B[:, None])[:, 0]
+@dataclasses.dataclass(frozen=True)
+class RoutedDecoder(TokenByToken):
+    """The static decoder of `Routed`; its data is row_steps bool [B, depth]."""
 
-    def body(state, i):
-        logits, cache, key = state
-        key, sub = jax.random.split(key)
-        tok = sample(logits, sub, **dict(sampler))
-        logits, cache, ran = jax.lax.cond(
-            i + 1 < n,
-            lambda: _decode(model, cache, tok, row_steps_BS),
-            lambda: (logits, cache, jnp.zeros(first_ran.shape, bool)),
+    layout: Layout
+
+    def prefill(self, model, row_steps_BS, tokens_BT, mask_BT, max_len):
+        logits_BV, cache, ran_BTS = _prefill(
+            model, tokens_BT, mask_BT, row_steps_BS, layout=self.layout
         )
-        return (logits, cache, key), (tok, ran)
+        ran_BS = last_real(ran_BTS, mask_BT)[:, 0]
+        return logits_BV, cache, {"ran": ran_BS, "exit_steps": ran_BS.sum(-1, dtype=jnp.int32)}
 
-    (_, cache, _), (toks_NB, ran_NBS) = jax.lax.scan(body, (logits, cache, key), jnp.arange(n))
-    ran = jnp.concatenate([first_ran[None], ran_NBS[:-1]], 0)
-    return toks_NB.T, jnp.moveaxis(ran, 0, 1), cache
+    def decode(self, model, row_steps_BS, cache, tokens_B):
+        logits_BV, cache, ran_BS = _decode(model, cache, tokens_B, row_steps_BS)
+        return logits_BV, cache, {"ran": ran_BS, "exit_steps": ran_BS.sum(-1, dtype=jnp.int32)}

@@ -11,18 +11,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kinds as kinds_lib, program as program_lib, step_params as steps_lib
-from .block import Block, step_updates
-from .config import ModelConfig, Remat
+from . import program as program_lib, step_params as steps_lib
+from .block import Block
+from .config import ModelConfig
 from .layers import init_normal, make_norm
 from .program import Program, ProgramError
+from .walk import run_blocks
 
 
 class InputError(ValueError):
@@ -185,20 +185,6 @@ def init(cfg: ModelConfig, key: jax.Array, program: Program | None = None) -> De
     return DepthModel(cfg, params, program)
 
 
-_REMAT_POLICIES = {
-    Remat.FULL: None,
-    Remat.DOTS: jax.checkpoint_policies.checkpoint_dots,
-    Remat.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def rematerialized(cfg: ModelConfig, fn, *, prevent_cse: bool = True):
-    """`fn` under the config's remat policy (`jax.checkpoint`); fn itself for Remat.NONE."""
-    if cfg.remat is Remat.NONE:
-        return fn
-    return jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=prevent_cse)
-
-
 def segment_positions(segment_ids_BT):
     """Positions that restart at 0 where a new segment (packed document) begins."""
     T = segment_ids_BT.shape[1]
@@ -211,112 +197,6 @@ def segment_positions(segment_ids_BT):
         axis=1,
     )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-
-
-def program_step(
-    cfg: ModelConfig,
-    blocks,
-    carry,
-    step_prog: Program,
-    step_params,
-    positions_BT,
-    *,
-    kv_cache=None,
-    attn: bool | None = None,
-    **attn_kwargs,
-):
-    """One step of the program on the residual carry (base, acc); see `run_blocks`.
-
-    A sublayer whose gate is 0 is not computed (`attn`: see `block.step_updates`).
-    Returns (carry, u_attn_BTD, u_mlp_BTD), and the updated `kv_cache` when one is given
-    (decoding, see depthjax.inference.decoding). The training forward and decoding share this.
-    """
-    base, acc = carry
-    base = jnp.where(step_prog.parallel, base, base + acc)
-    acc = jnp.where(step_prog.parallel, acc, jnp.zeros_like(acc))
-    if step_params and "adapter" in step_params:
-        update = steps_lib.adapter_update(step_params["adapter"], base)
-        base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
-    row = jax.tree.map(lambda table: table[step_prog.block], blocks)
-    row = steps_lib.effective_row(row, step_params)
-    attn_kwargs.update(kinds_lib.row_kind(cfg, step_prog.block))  # gathered like the row
-    out = step_updates(
-        cfg,
-        row,
-        base,
-        step_prog.attn,
-        step_prog.mlp,
-        positions_BT,
-        attn=attn,
-        kv_cache=kv_cache,
-        **attn_kwargs,
-    )
-    s = steps_lib.scale(step_params)
-    u_attn, u_mlp = (u * jnp.asarray(s, u.dtype) for u in out[:2])
-    acc = acc + u_attn + u_mlp
-    return ((base, acc), u_attn, u_mlp) + tuple(out[2:])
-
-
-def run_blocks(
-    cfg: ModelConfig,
-    blocks,
-    program: Program,
-    x_BTD,
-    positions_BT,
-    *,
-    step_params=None,
-    segment_ids_BT=None,
-    kv_mask_BT=None,
-    trace: bool = False,
-    unroll: bool = False,
-    start=None,
-):
-    """Walk the program over the block table. Returns (x_out_BTD, per-step ys or None).
-
-    `step_params` (leaves [depth, ...], see depthjax.core.step_params) is scanned with the program.
-
-    The carry is (base, acc): `base` is the input shared by the current parallel group and
-    `acc` the sum of its updates so far, so the residual stream is base + acc. A step with
-    parallel=False first commits the previous group (base += acc).
-
-    start (int32 [], may be traced): x_BTD is the residual *at* step `start` (the input of
-    that step, which must begin a parallel group) and steps before it are skipped at run
-    time: a suffix of the program, in the same compiled function for every start.
-    """
-
-    def step(carry, xs):
-        i, step_prog, step_params = xs
-        run = lambda: program_step(
-            cfg,
-            blocks,
-            carry,
-            step_prog,
-            step_params,
-            positions_BT,
-            segment_ids_BT=segment_ids_BT,
-            kv_mask_BT=kv_mask_BT,
-        )
-        if start is None:
-            new, u_attn, u_mlp = run()
-        else:
-            zeros = jnp.zeros_like(carry[0])
-            new, u_attn, u_mlp = jax.lax.cond(i < start, lambda: (carry, zeros, zeros), run)
-        base, acc = new
-        return new, ((base + acc, u_attn, u_mlp) if trace else None)
-
-    step = rematerialized(cfg, step, prevent_cse=unroll)
-    carry = (x_BTD, jnp.zeros_like(x_BTD))
-    xs = (jnp.arange(program.depth), program, step_params)
-    if unroll:
-        ys = []
-        for i in range(program.depth):
-            carry, y = step(carry, jax.tree.map(operator.itemgetter(i), xs))
-            ys.append(y)
-        ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if trace else None
-    else:
-        carry, ys = jax.lax.scan(step, carry, xs)
-    base, acc = carry
-    return base + acc, ys
 
 
 def default_positions(tokens_BT, segment_ids_BT=None):

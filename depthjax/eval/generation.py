@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from ..core.model import DepthModel
-from ..inference.decoding import generate
+from ..inference.driver import generate
 from ..progress import track
 from .scoring import EvalError, require_causal, resolve_tokenizer, stack_programs
 from .tasks import TaskError, _examples

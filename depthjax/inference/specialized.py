@@ -42,16 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import kinds as kinds_lib, program as program_lib, step_params as steps_lib
-from ..core.block import step_updates
-from ..core.model import (
-    DepthModel,
-    Embed,
-    check_inputs,
-    default_positions,
-    output_head,
-    rematerialized,
-)
+from ..core.model import DepthModel, Embed, check_inputs, default_positions, output_head
 from ..core.program import ProgramError, is_concrete
+from ..core.walk import rematerialized, sublayer_updates
 from .kv_cache import StepCache
 
 
@@ -239,41 +232,6 @@ def _step_data(model: DepthModel, steps):
     return _take((prog.attn, prog.mlp, model.params.get("steps")), steps)
 
 
-def _one_step(
-    cfg,
-    row,
-    x_BTD,
-    attn_gate,
-    mlp_gate,
-    step,
-    positions_BT,
-    *,
-    attn,
-    mlp,
-    adapter,
-    view=None,
-    **attn_kwargs,
-):
-    """(x + the step's update, view'): a sequential step with static sublayers (program_step
-    without the group bookkeeping). `view`: the step's StepCache when decoding."""
-    if adapter:
-        x_BTD = x_BTD + steps_lib.adapter_update(step["adapter"], x_BTD)
-    u_attn, u_mlp, view = _updates(
-        cfg,
-        row,
-        x_BTD,
-        attn_gate,
-        mlp_gate,
-        step,
-        positions_BT,
-        attn=attn,
-        mlp=mlp,
-        view=view,
-        **attn_kwargs,
-    )
-    return x_BTD + (u_attn + u_mlp), view
-
-
 def shares_normalized_input(cfg) -> bool:
     """Whether an RMS-normalized block input can be shared by a parallel group's members
     with each member's norm gain folded into the projections that read it (see
@@ -302,45 +260,6 @@ def fold_input_gain(cfg, row: dict) -> dict:
     return out
 
 
-def _updates(
-    cfg,
-    row,
-    x_BTD,
-    attn_gate,
-    mlp_gate,
-    step,
-    positions_BT,
-    *,
-    attn,
-    mlp,
-    view=None,
-    fold=False,
-    **attn_kwargs,
-):
-    row = steps_lib.effective_row(row, step)
-    if fold:
-        row = fold_input_gain(cfg, row)
-    if view is not None and attn:
-        u_attn, u_mlp, view = step_updates(
-            cfg,
-            row,
-            x_BTD,
-            attn_gate,
-            mlp_gate,
-            positions_BT,
-            attn=True,
-            mlp=mlp,
-            kv_cache=view,
-            **attn_kwargs,
-        )
-    else:
-        u_attn, u_mlp = step_updates(
-            cfg, row, x_BTD, attn_gate, mlp_gate, positions_BT, attn=attn, mlp=mlp, **attn_kwargs
-        )
-    s = steps_lib.scale(step)
-    return u_attn * jnp.asarray(s, u_attn.dtype), u_mlp * jnp.asarray(s, u_mlp.dtype), view
-
-
 def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **attn_kwargs):
     """One Run: a scan over its repetitions, each the pattern's steps in turn. Returns
     (x, cache).
@@ -365,7 +284,9 @@ def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **
         row = jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, r, keepdims=False), blocks)
         kind = kinds_lib.row_kind(cfg, r)  # each row's attention kind travels with it
         view = StepCache(kv, slot, jnp.ones(x.shape[:1], bool), prefill) if uses_cache else None
-        x, view = _one_step(
+        if parts.adapter:  # a recovery adapter on the step's input
+            x = x + steps_lib.adapter_update(s["adapter"], x)
+        out = sublayer_updates(
             cfg,
             row,
             x,
@@ -373,14 +294,14 @@ def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **
             m,
             s,
             positions_BT,
-            view=view,
             attn=parts.attn,
             mlp=parts.mlp,
-            adapter=parts.adapter,
+            kv_cache=view,
             **attn_kwargs,
             **kind,
         )
-        return x, view.cache if uses_cache else kv
+        x = x + (out[0] + out[1])
+        return x, out[2].cache if uses_cache else kv
 
     # as in dj.apply; CSE is only a risk for the forward outside a scan
     steps = [
@@ -413,19 +334,20 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
             rows = _take(blocks, [m.row for m in batch])
             kind = kinds_lib.row_kind(cfg, jnp.asarray([m.row for m in batch]))
             ga, gm, sp = _step_data(model, [m.step for m in batch])
+            fold = batch[0].attn and len(batch) > 1 and shares_normalized_input(cfg)
             updates_fn = functools.partial(
-                _updates,
+                sublayer_updates,
                 cfg,
                 attn=batch[0].attn,
                 mlp=batch[0].mlp,
-                fold=batch[0].attn and len(batch) > 1 and shares_normalized_input(cfg),
+                row_fn=functools.partial(fold_input_gain, cfg) if fold else None,
                 **attn_kwargs,
             )
             member = rematerialized(
                 cfg,
                 lambda r, k, a, m, s, fn=updates_fn: fn(r, x_BTD, a, m, s, positions_BT, **k),
             )
-            u_attn, u_mlp, _ = jax.vmap(member)(rows, kind, ga, gm, sp)
+            u_attn, u_mlp = jax.vmap(member)(rows, kind, ga, gm, sp)
             updates.update({m.step: (u_attn[k], u_mlp[k]) for k, m in enumerate(batch)})
     else:  # decoding: member by member, each writing its own slot
         slot_map = cache.slot_map()
@@ -439,7 +361,7 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
                 if m.attn
                 else None
             )
-            u_attn, u_mlp, view = _updates(
+            out = sublayer_updates(
                 cfg,
                 row,
                 x_BTD,
@@ -449,10 +371,12 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
                 positions_BT,
                 attn=m.attn,
                 mlp=m.mlp,
-                view=view,
+                kv_cache=view,
                 **attn_kwargs,
                 **kinds_lib.row_kind(cfg, m.row),
             )
+            u_attn, u_mlp = out[:2]
+            view = out[2] if m.attn else None
             cache = view.cache if m.attn else cache
             updates[m.step] = (u_attn, u_mlp)
     acc = jnp.zeros_like(x_BTD)
@@ -461,7 +385,7 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
     return x_BTD + acc, cache
 
 
-def walk(
+def run_plan(
     model: DepthModel, plan: Plan, x_BTD, positions_BT, *, cache=None, prefill=True, **attn_kwargs
 ):
     """Run the plan's segments on the embedded input. Returns (residual_BTD, cache)."""
@@ -489,7 +413,7 @@ def _forward(
     if positions_BT is None:
         positions_BT = default_positions(tokens_BT, segment_ids_BT)
     x_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions_BT, token_types_BT)
-    x_BTD, _ = walk(
+    x_BTD, _ = run_plan(
         model, fast.plan, x_BTD, positions_BT, segment_ids_BT=segment_ids_BT, kv_mask_BT=mask_BT
     )
     return output_head(cfg, params, x_BTD, logits=output == "logits")

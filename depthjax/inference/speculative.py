@@ -32,7 +32,6 @@ overwritten by the next round.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -42,8 +41,10 @@ import numpy as np
 from ..core import program as program_lib
 from ..core.model import DepthModel, Embed, output_head
 from ..core.program import Program, ProgramError
+from ..depth.edit import select_steps
+from .cached import Exit, last_real, prompt_positions, walk_cached
 from .kv_cache import KVCache, attention_steps
-from .sampling import GenerationError, filter_logits, sample
+from .sampling import GenerationError, Sampler
 
 
 class DraftStats(NamedTuple):
@@ -60,8 +61,22 @@ class DraftStats(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static layout of one compiled speculative loop."""
+class Draft:
+    """The self-speculative policy of `dj.generate(..., draft=, draft_tokens=)`."""
+
+    draft: object  # a depth k, a Program or a DepthModel over the model's table
+    tokens: int = 4  # draft tokens per round
+
+    def prepare(self, model: DepthModel, tokens_BT, mask_BT, max_new_tokens):
+        """(the static Plan, the draft model): checked on the host."""
+        draft, shared = draft_model(model, self.draft)
+        return plan(model, draft, shared, self.tokens), draft
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static layout of one compiled speculative loop; the decoder `dj.generate` drives
+    (depthjax.inference.driver); its data is the draft model."""
 
     depth: int  # steps of the full program
     shared: int  # m: leading steps the draft shares with it
@@ -70,10 +85,135 @@ class _Plan:
     cache_steps: tuple[int, ...]  # the full program's attention steps (its cache slots)
     tail_steps: tuple[int, ...]  # the draft's attention steps in [shared, draft_depth)
 
-    def walk(self, start: int, stop: int, steps: tuple[int, ...]):
-        from .decoding import _Exit
+    def span(self, start: int, stop: int, steps: tuple[int, ...]) -> Exit:
+        """The cached walk of steps start..stop-1 with cache slots for `steps`."""
+        return Exit(stop, steps, start=start)
 
-        return _Exit(stop, steps, start=start)
+    # ---------------------------------------------------- the decoder (traced)
+    def start(self, model: DepthModel, draft: DepthModel, tokens_BT, mask_BT, key, *, n, sampler):
+        """Prefill the full program over the prompt and the draft's own steps past m; the
+        first token is sampled from the full model."""
+        cfg, (B, T) = model.config, tokens_BT.shape
+        m, L = self.shared, self.depth
+        max_len = T + n + self.n  # each round writes n + 1 entries past a row's emitted tokens
+        positions_BT = prompt_positions(mask_BT)
+        cache = KVCache.empty(cfg, self.cache_steps, L, B, max_len)
+        tail = KVCache.empty(cfg, self.tail_steps, self.draft_depth, B, max_len)
+        x_BTD = Embed(cfg).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
+        if m:
+            x_BTD, cache, _ = walk_cached(
+                model,
+                x_BTD,
+                positions_BT,
+                mask_BT,
+                cache,
+                self.span(0, m, self.cache_steps),
+                prefill=True,
+            )
+        if self.draft_depth > m:
+            _, tail, _ = walk_cached(
+                draft,
+                x_BTD,
+                positions_BT,
+                mask_BT,
+                tail,
+                self.span(m, self.draft_depth, self.tail_steps),
+                prefill=True,
+            )
+        x_BTD, cache, _ = walk_cached(
+            model,
+            x_BTD,
+            positions_BT,
+            mask_BT,
+            cache,
+            self.span(m, L, self.cache_steps),
+            prefill=True,
+        )
+        logits_BV = output_head(cfg, model.params, last_real(x_BTD, mask_BT))[:, 0]
+        length_B, pos_B = jnp.full((B,), T, jnp.int32), mask_BT.sum(1).astype(jnp.int32)
+        cache, tail = _at(cache, length_B, pos_B), _at(tail, length_B, pos_B)
+        key, sub = jax.random.split(key)
+        first_B = sampler.sample(logits_BV, sub)
+        zeros_B = jnp.zeros((B,), jnp.int32)
+        state = (cache, tail, key, DraftStats(zeros_B, zeros_B, zeros_B))
+        return state, first_B, {"exit_steps": jnp.full((B,), L, jnp.int32)}
+
+    def advance(self, model, draft, state, last_B, active_B, *, n, sampler: Sampler):
+        """One round from x_0 = each row's last emitted token: draft, verify, accept;
+        emits a + 1 tokens per row (module docstring)."""
+        cfg, B, nd = model.config, last_B.shape[0], self.n
+        m, L = self.shared, self.depth
+        shared_ex, rest_ex = self.span(0, m, self.cache_steps), self.span(m, L, self.cache_steps)
+        tail_ex = self.span(m, self.draft_depth, self.tail_steps)
+        embed = lambda tok_BT, pos_BT: Embed(cfg).apply(
+            {"params": model.params["embed"]}, tok_BT, pos_BT
+        )
+        cache, tail, key, stats = state
+        key, k_draft, k_accept = jax.random.split(key, 3)
+
+        def draft_step(carry, i):
+            """Feed token i of the round (x_0, then d_i) through the draft; propose d_{i+1}."""
+            cache, tail, tok_B = carry
+            length, pos = cache.length + i, cache.next_pos + i  # base + i (reset after the scan)
+            pos_B1 = pos[:, None]
+            r_B1D = embed(tok_B[:, None], pos_B1)
+            if m:
+                r_B1D, c, _ = walk_cached(
+                    model, r_B1D, pos_B1, None, _at(cache, length, pos), shared_ex, prefill=False
+                )
+                cache = _at(c, cache.length, cache.next_pos)
+            h_B1D = r_B1D
+            if self.draft_depth > m:
+                h_B1D, c, _ = walk_cached(
+                    draft, r_B1D, pos_B1, None, _at(tail, length, pos), tail_ex, prefill=False
+                )
+                tail = _at(c, tail.length, tail.next_pos)
+
+            def propose():  # the last fed token's proposal would not be verified: skip its head
+                q_BV = output_head(cfg, draft.params, h_B1D)[:, 0]
+                return q_BV, sampler.sample(q_BV, jax.random.fold_in(k_draft, i))
+
+            q_BV, d_B = jax.lax.cond(
+                i < nd,
+                propose,
+                lambda: (jnp.zeros((B, cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32)),
+            )
+            return (cache, tail, d_B), (r_B1D[:, 0], d_B, q_BV)
+
+        (cache, tail, _), (r_TBD, d_TB, q_TBV) = jax.lax.scan(
+            draft_step, (cache, tail, last_B), jnp.arange(nd + 1)
+        )
+        # Verify: the full program's steps m.. on the n + 1 residuals, in one pass.
+        pos_BT = cache.next_pos[:, None] + jnp.arange(nd + 1)
+        z_BTD, cache, _ = walk_cached(
+            model, jnp.swapaxes(r_TBD, 0, 1), pos_BT, None, cache, rest_ex, prefill=False
+        )
+        z_BTV = output_head(cfg, model.params, z_BTD)
+        d_BN = jnp.swapaxes(d_TB[:nd], 0, 1)
+        if sampler.greedy:
+            a_B, emit_BT = _accept_greedy(z_BTV, d_BN)
+        else:
+            q_BNV = jnp.swapaxes(q_TBV[:nd], 0, 1)
+            a_B, emit_BT = _accept_sampled(z_BTV, q_BNV, d_BN, k_accept, sampler)
+        # The cache keeps x_0, d_1..d_a of active rows; x_0 of the next round is e_a.
+        advance_B = jnp.where(active_B, a_B + 1, 0)
+        move = lambda c: _at(c, c.length + advance_B, c.next_pos + advance_B)
+        stats = DraftStats(
+            stats.accepted + jnp.where(active_B, a_B, 0),
+            stats.drafted + jnp.where(active_B, nd, 0),
+            stats.rounds + active_B,
+        )
+        exit_BT = jnp.full(emit_BT.shape, L, jnp.int32)
+        state = (move(cache), move(tail), key, stats)
+        return state, emit_BT, a_B + 1, {"exit_steps": exit_BT}
+
+    def finish(self, model, draft, state, generation):
+        return generation._replace(cache=state[0], draft=state[3])
+
+
+def _at(cache: KVCache, length_B, pos_B) -> KVCache:
+    """The cache with its write indices and positions moved."""
+    return cache.replace(length=length_B, next_pos=pos_B)
 
 
 # ------------------------------------------------------------------ host-side checks
@@ -125,8 +265,6 @@ def draft_model(model: DepthModel, draft) -> tuple[DepthModel, int]:
                 f"draft={k} splits a parallel group (step {k} reads the same "
                 f"input as step {k - 1}); draft to a group boundary"
             )
-        from ..depth.edit import select_steps
-
         return select_steps(model, np.arange(k)), k
     if isinstance(draft, Program):
         if not program_lib.is_concrete(draft) or draft.block.ndim != 1:
@@ -159,7 +297,7 @@ def draft_model(model: DepthModel, draft) -> tuple[DepthModel, int]:
     return draft, m
 
 
-def plan(model: DepthModel, draft: DepthModel, shared: int, draft_tokens: int) -> _Plan:
+def plan(model: DepthModel, draft: DepthModel, shared: int, draft_tokens: int) -> Plan:
     if (
         isinstance(draft_tokens, bool)
         or not isinstance(draft_tokens, (int, np.integer))
@@ -167,7 +305,7 @@ def plan(model: DepthModel, draft: DepthModel, shared: int, draft_tokens: int) -
     ):
         raise GenerationError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
     tail = tuple(s for s in attention_steps(draft.program) if s >= shared)
-    return _Plan(
+    return Plan(
         depth=model.depth,
         shared=shared,
         draft_depth=draft.depth,
@@ -186,15 +324,11 @@ def _accept_greedy(z_BTV, d_BN):
     return a_B, target_BT  # drafts that were accepted equal the targets there
 
 
-def _accept_sampled(z_BTV, q_logits_BNV, d_BN, key, sampler):
+def _accept_sampled(z_BTV, q_logits_BNV, d_BN, key, sampler: Sampler):
     """Rejection sampling: (accepted a [B], emitted tokens [B, n+1], valid up to index a)."""
     B, T, V = z_BTV.shape
     n = T - 1
-    temperature, top_k, top_p = sampler["temperature"], sampler["top_k"], sampler["top_p"]
-    probs = lambda logits: jax.nn.softmax(
-        filter_logits(logits.reshape(-1, V) / temperature, top_k=top_k, top_p=top_p), -1
-    ).reshape(logits.shape)
-    p_BTV, q_BNV = probs(z_BTV), probs(q_logits_BNV)
+    p_BTV, q_BNV = sampler.probs(z_BTV), sampler.probs(q_logits_BNV)
     pick = lambda x, i: jnp.take_along_axis(x, i[..., None], -1)[..., 0]
     k_accept, k_fix = jax.random.split(key)
     u_BN = jax.random.uniform(k_accept, (B, n))
@@ -210,153 +344,3 @@ def _accept_sampled(z_BTV, q_logits_BNV, d_BN, key, sampler):
     j = jnp.arange(T)
     d_BT = jnp.concatenate([d_BN, jnp.zeros((B, 1), jnp.int32)], axis=1)
     return a_B, jnp.where(j[None] < a_B[:, None], d_BT, fix_B[:, None])
-
-
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "plan", "eos_id", "sampler"))
-def generate(
-    model: DepthModel,
-    draft: DepthModel,
-    tokens_BT,
-    mask_BT,
-    key,
-    *,
-    max_new_tokens: int,
-    plan: _Plan,
-    eos_id: int | None,
-    sampler: tuple,
-):
-    """The whole self-speculative generation in one compiled loop (arguments checked by
-    `depthjax.generate`). Returns a `Generation` with `draft` statistics."""
-    from .decoding import Generation, _walk
-
-    cfg, (B, T), N, n = model.config, tokens_BT.shape, max_new_tokens, plan.n
-    m, L = plan.shared, plan.depth
-    sampler = dict(sampler)
-    greedy = sampler["temperature"] == 0
-    shared_ex = plan.walk(0, m, plan.cache_steps)
-    rest_ex = plan.walk(m, L, plan.cache_steps)
-    tail_ex = plan.walk(m, plan.draft_depth, plan.tail_steps)
-    has_tail = plan.draft_depth > m
-    embed = lambda tok_BT, pos_BT: Embed(cfg).apply(
-        {"params": model.params["embed"]}, tok_BT, pos_BT
-    )
-
-    # Prefill: the full program over the prompt, and the draft's own steps past m.
-    max_len = T + N + n  # each round writes n + 1 entries past a row's emitted tokens
-    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-    cache = KVCache.empty(cfg, plan.cache_steps, L, B, max_len)
-    tail = KVCache.empty(cfg, plan.tail_steps, plan.draft_depth, B, max_len)
-    x_BTD = embed(tokens_BT, positions_BT)
-    if m:
-        x_BTD, cache, _ = _walk(model, x_BTD, positions_BT, mask_BT, cache, shared_ex, prefill=True)
-    if has_tail:
-        _, tail, _ = _walk(draft, x_BTD, positions_BT, mask_BT, tail, tail_ex, prefill=True)
-    x_BTD, cache, _ = _walk(model, x_BTD, positions_BT, mask_BT, cache, rest_ex, prefill=True)
-    last_B = T - 1 - jnp.argmax(mask_BT[:, ::-1], axis=1)
-    logits_BV = output_head(
-        cfg, model.params, jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
-    )[:, 0]
-    at = lambda c, length, pos: c.replace(length=length, next_pos=pos)
-    length_B, pos_B = jnp.full((B,), T, jnp.int32), mask_BT.sum(1).astype(jnp.int32)
-    cache, tail = at(cache, length_B, pos_B), at(tail, length_B, pos_B)
-
-    key, sub = jax.random.split(key)
-    x0_B = sample(logits_BV, sub, **sampler)
-    pad = 0 if eos_id is None else eos_id
-    zeros_B = jnp.zeros((B,), jnp.int32)
-    state = dict(
-        cache=cache,
-        tail=tail,
-        x0=x0_B,
-        key=key,
-        tokens=jnp.full((B, N), pad, jnp.int32).at[:, 0].set(x0_B),
-        emitted=jnp.ones((B,), jnp.int32),
-        done=(jnp.full((B,), N == 1) if eos_id is None else (x0_B == eos_id) | (N == 1)),
-        stats=DraftStats(zeros_B, zeros_B, zeros_B),
-    )
-
-    def draft_step(carry, i):
-        """Feed token i of the round (x_0, then d_i) through the draft; propose d_{i+1}."""
-        cache, tail, tok_B, k_draft = carry
-        length, pos = cache.length + i, cache.next_pos + i  # base + i (reset after the scan)
-        pos_B1 = pos[:, None]
-        r_B1D = embed(tok_B[:, None], pos_B1)
-        if m:
-            r_B1D, c, _ = _walk(
-                model, r_B1D, pos_B1, None, at(cache, length, pos), shared_ex, prefill=False
-            )
-            cache = at(c, cache.length, cache.next_pos)
-        h_B1D = r_B1D
-        if has_tail:
-            h_B1D, c, _ = _walk(
-                draft, r_B1D, pos_B1, None, at(tail, length, pos), tail_ex, prefill=False
-            )
-            tail = at(c, tail.length, tail.next_pos)
-
-        def propose():  # the last fed token's proposal would not be verified: skip its head
-            q_BV = output_head(cfg, draft.params, h_B1D)[:, 0]
-            return q_BV, sample(q_BV, jax.random.fold_in(k_draft, i), **sampler)
-
-        q_BV, d_B = jax.lax.cond(
-            i < n,
-            propose,
-            lambda: (jnp.zeros((B, cfg.vocab_size), jnp.float32), jnp.zeros((B,), jnp.int32)),
-        )
-        return (cache, tail, d_B, k_draft), (r_B1D[:, 0], d_B, q_BV)
-
-    def round_(s):
-        key, k_draft, k_accept = jax.random.split(s["key"], 3)
-        cache, tail = s["cache"], s["tail"]
-        (cache, tail, _, _), (r_TBD, d_TB, q_TBV) = jax.lax.scan(
-            draft_step, (cache, tail, s["x0"], k_draft), jnp.arange(n + 1)
-        )
-        # Verify: the full program's steps m.. on the n + 1 residuals, in one pass.
-        pos_BT = cache.next_pos[:, None] + jnp.arange(n + 1)
-        z_BTD, cache, _ = _walk(
-            model, jnp.swapaxes(r_TBD, 0, 1), pos_BT, None, cache, rest_ex, prefill=False
-        )
-        z_BTV = output_head(cfg, model.params, z_BTD)
-        d_BN = jnp.swapaxes(d_TB[:n], 0, 1)
-        if greedy:
-            a_B, emit_BT = _accept_greedy(z_BTV, d_BN)
-        else:
-            a_B, emit_BT = _accept_sampled(
-                z_BTV, jnp.swapaxes(q_TBV[:n], 0, 1), d_BN, k_accept, sampler
-            )
-        # Emit a + 1 tokens per active row (fewer at eos or max_new_tokens).
-        j = jnp.arange(n + 1)
-        count_B = a_B + 1
-        stop_B = jnp.zeros((B,), bool)
-        if eos_id is not None:
-            is_eos_BT = (emit_BT == eos_id) & (j[None] < count_B[:, None])
-            stop_B = is_eos_BT.any(1)
-            count_B = jnp.where(stop_B, jnp.argmax(is_eos_BT, 1) + 1, count_B)
-        active_B = ~s["done"]
-        count_B = jnp.where(active_B, jnp.minimum(count_B, N - s["emitted"]), 0)
-        where_BT = jnp.where(j[None] < count_B[:, None], s["emitted"][:, None] + j[None], N)
-        rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], where_BT.shape)
-        tokens = s["tokens"].at[rows_BT, where_BT].set(emit_BT, mode="drop")
-        emitted = s["emitted"] + count_B
-        # The cache keeps x_0, d_1..d_a of active rows; x_0 of the next round is e_a.
-        advance_B = jnp.where(active_B, a_B + 1, 0)
-        move = lambda c: at(c, c.length + advance_B, c.next_pos + advance_B)
-        st = s["stats"]
-        stats = DraftStats(
-            st.accepted + jnp.where(active_B, a_B, 0),
-            st.drafted + jnp.where(active_B, n, 0),
-            st.rounds + active_B,
-        )
-        return dict(
-            cache=move(cache),
-            tail=move(tail),
-            key=key,
-            tokens=tokens,
-            x0=jnp.take_along_axis(emit_BT, a_B[:, None], 1)[:, 0],
-            emitted=emitted,
-            done=s["done"] | (emitted >= N) | (stop_B & active_B),
-            stats=stats,
-        )
-
-    s = jax.lax.while_loop(lambda s: ~s["done"].all(), round_, state)
-    exit_steps = jnp.where(jnp.arange(N)[None] < s["emitted"][:, None], L, 0).astype(jnp.int32)
-    return Generation(s["tokens"], s["emitted"], exit_steps, s["cache"], s["stats"])

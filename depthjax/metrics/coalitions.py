@@ -39,8 +39,9 @@ import numpy as np
 from .. import progress
 from ..core.flops import sublayer_flops_per_token
 from ..core.loss import nll_sums, require_causal
-from ..core.model import DepthModel, apply, default_positions, output_head, run_blocks
+from ..core.model import DepthModel, apply, default_positions, output_head
 from ..core.program import Program, map_programs
+from ..core.walk import run_blocks
 from .batches import as_batches
 from .scores import MetricError, Scores
 
