@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ..errors import DepthjaxError
 from .config import ATTENTION_IMPLS as IMPLS
 
 log = logging.getLogger(__name__)
 
 
-class AttentionUnavailable(ValueError):
+class AttentionUnavailable(DepthjaxError):
     """A forced attention implementation cannot run this problem on this backend."""
 
 

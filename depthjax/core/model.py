@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import DepthjaxError
 from . import kinds as kinds_lib, program as program_lib, step_params as steps_lib
 from .block import Block, step_updates
 from .config import ModelConfig, Remat
@@ -25,7 +26,7 @@ from .layers import init_normal, make_norm
 from .program import Program, ProgramError
 
 
-class InputError(ValueError):
+class InputError(DepthjaxError):
     """Model inputs (tokens, masks, token types, positions) that do not fit the model."""
 
 

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import DepthjaxError
 
-class ProgramError(ValueError):
+
+class ProgramError(DepthjaxError):
     """A program that cannot be run on the model it is given to."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..errors import DepthjaxError
 
-class GenerationError(ValueError):
+
+class GenerationError(DepthjaxError):
     """Generation arguments that do not fit the model or each other."""
 
 
