@@ -145,10 +145,7 @@ class DepthModel:
             f"{self.program!r}"
         )
 
-    def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
-        from .display import model_html
-
-        return model_html(self)
+    # `_repr_html_` (notebooks) is attached by depthjax/core/display.py.
 
 
 @functools.partial(

@@ -104,10 +104,7 @@ class Program:
         batch = f", batch={self.block.shape[:-1]}" if self.block.ndim > 1 else ""
         return f"Program(depth={self.depth}{batch})\n" + "\n".join(rows)
 
-    def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
-        from .display import program_html
-
-        return program_html(self)
+    # `_repr_html_` (notebooks) is attached by depthjax/core/display.py.
 
 
 def _gates(values, name: str) -> np.ndarray:
