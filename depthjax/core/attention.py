@@ -205,7 +205,7 @@ def choose(impl: str, problem: Problem) -> str:
 def _pallas(
     q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, window, softcap, backend, interpret
 ):
-    from depthjax.kernels.flash_attention import KV_PAD_SEGMENT, flash_attention
+    from depthjax.kernels.flash import KV_PAD_SEGMENT, flash_attention
     from depthjax.kernels.splash import splash_attention
 
     kv_seg = None
