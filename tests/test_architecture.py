@@ -286,7 +286,7 @@ def test_every_error_is_a_depthjax_error(imported):
     assert not not_imported, (
         f"error classes in the source but not in the imported modules: {not_imported} (define "
         "them at module level; is depthjax or depthjax.kernels imported from another checkout? "
-        f"{depthjax.__file__}, {imported['depthjax.kernels'].__file__})"
+        f"{imported['depthjax'].__file__}, {imported['depthjax.kernels'].__file__})"
     )
     wrong = sorted(
         f"{m}.{n}" for (m, n), cls in errors.items() if not issubclass(cls, DepthjaxError)
