@@ -318,7 +318,7 @@ def _strip_magics(code: str) -> str:
 
 
 def _notebook_code(path: Path) -> str:
-    """The code cells of a notebook, one after the other."""
+    """The code cells of a notebook, joined (line numbers count through all of them)."""
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     sources = (c["source"] if isinstance(c["source"], str) else "".join(c["source"]) for c in cells)
     return "\n".join(_strip_magics(source) for source in sources)
