@@ -85,7 +85,7 @@ def main():
             )
         )
     ratio = timed(lambda: M.ablation(model, tokens).values, repeat=3) / ((S + 1) * plain)
-    compiles = C._prefix_sums._cache_size() + C._batched_sums._cache_size()
+    compiles = C.prefix_sums._cache_size() + C.batched_sums._cache_size()
     print(
         f"M.ablation: {ratio:.2f}x {S + 1} plain forwards (goal <= 0.6x): "
         f"{'met' if ratio <= 0.6 else 'NOT met'}; {compiles} compilation(s) per strategy"
@@ -115,9 +115,9 @@ def main():
     chunk = C.chunk_size(K, tokens.shape, model.config)
     row_mib = sum(x[0].nbytes for x in jax.tree.leaves(model.params["blocks"])) / 2**20
     mem_old = temp_mib(_old_sums, model, programs, tokens, mask)
-    mem_new = temp_mib(C._batched_sums, model, attn, mlp, tokens, mask, measure="loss", chunk=chunk)
+    mem_new = temp_mib(C.batched_sums, model, attn, mlp, tokens, mask, measure="loss", chunk=chunk)
     mem_prefix = temp_mib(
-        C._prefix_sums,
+        C.prefix_sums,
         model,
         attn,
         mlp,

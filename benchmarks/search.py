@@ -58,10 +58,10 @@ def main():
     objective = search.loss([tokens])
 
     evaluator = ev_lib.Evaluator(space, objective)
-    before = ev_lib._pooled._cache_size()
+    before = ev_lib.pooled_sums._cache_size()
     with Clock() as cold_batched:
         evaluator.pooled(cands)
-    compiles = ev_lib._pooled._cache_size() - before
+    compiles = ev_lib.pooled_sums._cache_size() - before
     evaluator.scores.clear()
     with Clock() as batched:
         evaluator.pooled(cands)

@@ -6,7 +6,7 @@ supports segment ids and grouped-query attention (MQA kernel per K/V head), and 
 own forward and backward. A second TPU kernel would duplicate it without hardware here to
 tune it. What this module adds is depthjax's calling convention: layout [B, T, H, D],
 GQA without repeating K/V, a softmax scale, any length (padded and masked), and the
-same segment-id semantics as `kernels.flash_attention`.
+same segment-id semantics as `kernels.flash.flash_attention`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .flash_attention import KV_PAD_SEGMENT, Q_PAD_SEGMENT, _round_up, check_inputs
+from .flash import KV_PAD_SEGMENT, Q_PAD_SEGMENT, _round_up, check_inputs
 
 
 @functools.lru_cache(maxsize=64)

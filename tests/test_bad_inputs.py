@@ -1,6 +1,6 @@
-"""Every anticipated bad input gets a named error (a ValueError subclass) with a message
-naming the problem -- never a raw traceback, never a silently wrong answer. One table for
-the Python API, one for the command line (exit code 2, one line, no traceback)."""
+"""Every anticipated bad input gets a named error (a `dj.DepthjaxError`, a ValueError) with a
+message naming the problem -- never a raw traceback, never a silently wrong answer. One table
+for the Python API, one for the command line (exit code 2, one line, no traceback)."""
 
 import math
 
@@ -10,6 +10,8 @@ import pytest
 
 import depthjax as dj
 from depthjax import cli
+from depthjax.adaptive.common import AdaptiveError
+from depthjax.core.rope import RopeError
 from depthjax.files.tokenizer import TokenizerError, load_tokenizer
 from depthjax.inference.sampling import GenerationError
 from depthjax.metrics import MetricError
@@ -403,7 +405,7 @@ API = [
 def test_api_rejects_bad_input(name, call, error, message, m, bert):
     with pytest.raises(error, match=message) as info:
         call(m, bert)
-    assert type(info.value) is not ValueError, "a named subclass, not a bare ValueError"
+    assert isinstance(info.value, dj.DepthjaxError), "a depthjax error, not a bare ValueError"
 
 
 def _cli(argv, capsys):
@@ -717,13 +719,39 @@ def test_there_are_at_least_60_bad_inputs():
     assert len(API) + len(CLI) >= 60
 
 
-def test_unexpected_errors_show_a_traceback_and_say_it_is_a_bug(monkeypatch, capsys):
-    class Broken:  # a command with a bug in it
+def _command_raising(error):
+    def run(args):
+        raise error
+
+    class Raises:  # a command that raises `error` from deep inside the library
         @staticmethod
         def add_command(sub):
-            sub.add_parser("broken").set_defaults(func=lambda args: {}["missing"])
+            sub.add_parser("raises").set_defaults(func=run)
 
-    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + (Broken,))
-    assert cli.main(["broken"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "KeyError" in err and "this is a bug in depthjax" in err
+    return Raises
+
+
+@pytest.mark.parametrize("error", [KeyError("x"), ValueError("x")], ids=lambda e: type(e).__name__)
+def test_unexpected_errors_show_a_traceback_and_say_it_is_a_bug(error, monkeypatch, capsys):
+    """Any exception that is not a depthjax error is a bug, a bare ValueError included."""
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + (_command_raising(error),))
+    code, err = _cli(["raises"], capsys)  # a command with a bug in it
+    assert code == 1, err
+    assert "Traceback" in err and type(error).__name__ in err and "this is a bug in depthjax" in err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AdaptiveError("capacity must be in (0, 1], got 2"),
+        RopeError("rope_scaling factor must be > 0, got -1"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_library_error_is_a_user_error(error, monkeypatch, capsys):
+    """The boundary catches the one base class, so errors it never listed (AdaptiveError and
+    RopeError were missing from its old hand-written tuple) are exit 2 with one line too."""
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + (_command_raising(error),))
+    code, err = _cli(["raises"], capsys)
+    assert code == 2, err
+    assert err.strip() == f"depthjax raises: error: {error}", err

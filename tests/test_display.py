@@ -1,4 +1,4 @@
-"""Notebook rendering of DepthModel / Program (depthjax/display.py): the HTML is parsed
+"""Notebook rendering of DepthModel / Program (depthjax/core/display.py): the HTML is parsed
 back into its table and checked against what each transform is known to do to the program
 (computed here by hand), not against the renderer's own helpers."""
 

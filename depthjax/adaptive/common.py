@@ -9,9 +9,10 @@ import numpy as np
 from ..core import loss as loss_lib, walk as walk_lib
 from ..core.model import DepthModel, Embed, check_inputs as check_model_inputs
 from ..core.program import ProgramError, is_concrete
+from ..errors import DepthjaxError
 
 
-class AdaptiveError(ValueError):
+class AdaptiveError(DepthjaxError):
     """An adaptive-depth setting (capacity, loop count, span, router) that cannot work."""
 
 

@@ -8,8 +8,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ..errors import DepthjaxError
 
-class UsageError(ValueError):
+
+class UsageError(DepthjaxError):
     """Flags that do not fit together (reported as `depthjax CMD: error: ...`, exit 2)."""
 
 

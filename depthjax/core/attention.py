@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ..errors import DepthjaxError
 from .config import ATTENTION_IMPLS as IMPLS
 
 log = logging.getLogger(__name__)
 
 
-class AttentionUnavailable(ValueError):
+class AttentionUnavailable(DepthjaxError):
     """A forced attention implementation cannot run this problem on this backend."""
 
 
@@ -204,7 +205,7 @@ def choose(impl: str, problem: Problem) -> str:
 def _pallas(
     q, k, v, *, causal, segment_ids_BT, kv_mask_BS, scale, window, softcap, backend, interpret
 ):
-    from depthjax.kernels.flash_attention import KV_PAD_SEGMENT, flash_attention
+    from depthjax.kernels.flash import KV_PAD_SEGMENT, flash_attention
     from depthjax.kernels.splash import splash_attention
 
     kv_seg = None

@@ -26,6 +26,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import DepthjaxError
 from .rope import RopeError, RopeScaling
 
 FAMILIES = ("llama", "gpt2", "bert")
@@ -98,7 +99,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(DepthjaxError):
     """A ModelConfig (or config dictionary) that cannot describe a model."""
 
 

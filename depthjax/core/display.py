@@ -7,7 +7,9 @@ adapter). A strip above the table draws the program left to right, parallel grou
 stacked, tied rows in one colour, gated-off sublayers faded.
 
 The structured rows (`step_rows`) are what the HTML is made from; the plain-text
-`__repr__` of Program stays in program.py.
+`__repr__` of Program stays in program.py. This module attaches the `_repr_html_` hooks to
+DepthModel and Program when it is imported (depthjax/core/__init__.py imports it), so that
+model.py and program.py never import their renderer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from . import kinds
-from .model import count_params
+from .model import DepthModel, count_params
 from .program import Program
 
 # Pastel colours for table rows run by more than one step (ties); dark text on top.
@@ -324,3 +326,7 @@ def model_html(model) -> str:
         model.program, model.params.get("steps"), n_blocks=model.n_blocks, cfg=model.config
     )
     return f'<div style="font-family:monospace;font-size:12px">{head}{body}</div>'
+
+
+DepthModel._repr_html_ = model_html
+Program._repr_html_ = program_html

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import DepthjaxError
 from . import program as program_lib, step_params as steps_lib
 from .block import Block
 from .config import ModelConfig
@@ -25,7 +26,7 @@ from .program import Program, ProgramError
 from .walk import run_blocks
 
 
-class InputError(ValueError):
+class InputError(DepthjaxError):
     """Model inputs (tokens, masks, token types, positions) that do not fit the model."""
 
 
@@ -144,10 +145,7 @@ class DepthModel:
             f"{self.program!r}"
         )
 
-    def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
-        from .display import model_html
-
-        return model_html(self)
+    # `_repr_html_` (notebooks) is attached by depthjax/core/display.py.
 
 
 @functools.partial(

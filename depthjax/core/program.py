@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import DepthjaxError
 
-class ProgramError(ValueError):
+
+class ProgramError(DepthjaxError):
     """A program that cannot be run on the model it is given to."""
 
 
@@ -102,10 +104,7 @@ class Program:
         batch = f", batch={self.block.shape[:-1]}" if self.block.ndim > 1 else ""
         return f"Program(depth={self.depth}{batch})\n" + "\n".join(rows)
 
-    def _repr_html_(self) -> str:  # notebooks: see depthjax/display.py
-        from .display import program_html
-
-        return program_html(self)
+    # `_repr_html_` (notebooks) is attached by depthjax/core/display.py.
 
 
 def _gates(values, name: str) -> np.ndarray:

@@ -34,6 +34,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import DepthjaxError
+
 TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 # Fields each type cannot do without (the rest have transformers' defaults).
 _REQUIRED = {
@@ -68,7 +70,7 @@ _READS = {
 }
 
 
-class RopeError(ValueError):
+class RopeError(DepthjaxError):
     """A RoPE scaling description that is incomplete or inconsistent."""
 
 

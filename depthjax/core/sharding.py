@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ..errors import DepthjaxError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes (a tuple shards over their product); the ONE rules table.
@@ -55,7 +57,7 @@ _PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
 ]
 
 
-class ShardingError(ValueError):
+class ShardingError(DepthjaxError):
     """A mesh request that the available devices cannot satisfy."""
 
 

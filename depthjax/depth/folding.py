@@ -29,6 +29,7 @@ from flax import traverse_util
 from ..core import kinds, step_params as steps_lib
 from ..core.model import DepthModel
 from ..core.program import Program, ProgramError
+from ..errors import DepthjaxError
 
 # The leaves that write each sublayer's update, per norm placement (a path prefix in a row).
 _WRITERS = {
@@ -39,7 +40,7 @@ _WRITERS = {
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class FoldError(ValueError):
+class FoldError(DepthjaxError):
     """A gate, per-step scale or adapter that cannot be folded into the weights exactly."""
 
 

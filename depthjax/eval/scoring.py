@@ -24,11 +24,12 @@ import optax
 from ..core import program as program_lib
 from ..core.model import DepthModel, apply
 from ..core.program import Program, ProgramError, map_programs, share_structure
+from ..errors import DepthjaxError
 from ..metrics.coalitions import chunk_size
 from ..progress import track
 
 
-class EvalError(ValueError):
+class EvalError(DepthjaxError):
     """An evaluation that cannot run as asked (a model, tokenizer or request that does not fit)."""
 
 

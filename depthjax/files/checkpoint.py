@@ -36,6 +36,7 @@ import safetensors.numpy
 from ..core.config import ModelConfig
 from ..core.model import DepthModel, init
 from ..core.program import Program
+from ..errors import DepthjaxError
 from . import atomic, integrity
 
 FORMAT = "depthjax-checkpoint"
@@ -60,7 +61,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DepthjaxError):
     """A checkpoint directory that is missing, incomplete, corrupt or inconsistent."""
 
 

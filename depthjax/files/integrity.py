@@ -20,11 +20,13 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import DepthjaxError
+
 RECORD = "depthjax-integrity.json"
 FORMAT = "depthjax-integrity"
 
 
-class IntegrityError(ValueError):
+class IntegrityError(DepthjaxError):
     """A checkpoint whose files do not match their integrity record (bit rot, truncation,
     an edit after saving, or a save that never finished)."""
 

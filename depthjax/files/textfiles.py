@@ -8,8 +8,10 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import DepthjaxError
 
-class DataError(ValueError):
+
+class DataError(DepthjaxError):
     """Data that cannot be read or does not fit the model."""
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DepthjaxError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(DepthjaxError):
     """A tokenizer that cannot be read or does not fit the model."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import DepthjaxError
 
-class HFError(ValueError):
+
+class HFError(DepthjaxError):
     """A Hugging Face checkpoint or config that depthjax cannot read or write exactly."""
 
 

@@ -7,13 +7,14 @@ own only in its gates, so all coalitions of a call go through one compiled funct
 no weights are copied per coalition. Two strategies, and `strategy="auto"` takes the one
 that computes fewer FLOPs (`evaluation_costs`):
 
-* "batched": chunks of coalitions `vmap`-ed over their gates only. Each table row is
-  gathered once per step and shared by the whole chunk (one wider matmul); under vmap a
-  gated-off sublayer is selected away, not skipped, so every coalition costs a forward.
-* "prefix": one coalition after another, each starting from the model's own residual at
-  the first step where its gates differ (taken from one traced forward of the model), and
-  skipping its gated-off sublayers at run time. All n leave-one-out ablations then cost
-  about 1 + (n - 1) / 2 forwards.
+* "batched" (`batched_sums`): chunks of coalitions `vmap`-ed over their gates only. Each
+  table row is gathered once per step and shared by the whole chunk (one wider matmul);
+  under vmap a gated-off sublayer is selected away, not skipped, so every coalition costs
+  a forward.
+* "prefix" (`prefix_sums`): one coalition after another, each starting from the model's
+  own residual at the first step where its gates differ (taken from one traced forward of
+  the model), and skipping its gated-off sublayers at run time. All n leave-one-out
+  ablations then cost about 1 + (n - 1) / 2 forwards.
 
 Memory does not grow with the number of coalitions beyond a chunk's activations. The
 measure of each coalition is accumulated over batches on device.
@@ -133,7 +134,7 @@ def _measure_sums(logits, ref, tokens_BT, mask_BT, measure):
 
 
 @functools.partial(jax.jit, static_argnames=("measure", "chunk"))
-def _batched_sums(model, attn_KS, mlp_KS, tokens_BT, mask_BT, *, measure, chunk):
+def batched_sums(model, attn_KS, mlp_KS, tokens_BT, mask_BT, *, measure, chunk):
     """[K] (measure sums, weights): chunks of coalitions vmapped over their gates only."""
     ref = apply(model, tokens_BT, mask=mask_BT) if measure == "logit" else None
 
@@ -146,7 +147,7 @@ def _batched_sums(model, attn_KS, mlp_KS, tokens_BT, mask_BT, *, measure, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("measure",))
-def _prefix_sums(model, attn_KS, mlp_KS, start_K, tokens_BT, mask_BT, *, measure):
+def prefix_sums(model, attn_KS, mlp_KS, start_K, tokens_BT, mask_BT, *, measure):
     """[K] (measure sums, weights): coalition k runs from step start_K[k] on the model's own
     residual there, skipping its gated-off sublayers (one coalition at a time)."""
     cfg, params = model.config, model.params
@@ -219,7 +220,7 @@ def coalition_measures(
     total = weight = 0.0
     for b in progress.track(data, f"{description} ({len(attn)} programs, {strategy})"):
         if strategy == "batched":
-            s, w = _batched_sums(
+            s, w = batched_sums(
                 model,
                 attn,
                 mlp,
@@ -229,7 +230,7 @@ def coalition_measures(
                 chunk=chunk_size(len(attn), b.tokens.shape, model.config),
             )
         else:
-            s, w = _prefix_sums(model, attn, mlp, start, b.tokens, b.mask, measure=measure)
+            s, w = prefix_sums(model, attn, mlp, start, b.tokens, b.mask, measure=measure)
         total, weight = total + s, weight + w
     return np.asarray(total / weight, np.float64)
 

@@ -6,10 +6,12 @@ import dataclasses
 
 import numpy as np
 
+from ..errors import DepthjaxError
+
 UNITS = ("block", "attn", "mlp", "sublayer", "span")
 
 
-class MetricError(ValueError):
+class MetricError(DepthjaxError):
     """Metric arguments or batches that cannot be scored (bad tokens, units, counts)."""
 
 

@@ -17,11 +17,12 @@ import numpy as np
 
 from .. import depth, progress
 from ..core.model import DepthModel
+from ..errors import DepthjaxError
 from ..metrics.coalitions import active_units
 from ..metrics.scores import Scores
 
 
-class PruneError(ValueError):
+class PruneError(DepthjaxError):
     """A pruning request that the model or the scores cannot satisfy."""
 
 

@@ -27,13 +27,14 @@ from .. import progress
 from ..core.loss import nll_sums, require_causal
 from ..core.model import DepthModel, apply
 from ..core.program import ProgramError
+from ..errors import DepthjaxError
 from ..metrics.batches import as_batches
 
 # rank=None: what recover uses (the CLI documents the same).
 DEFAULT_RANK = {"linear": 16, "lora": 8}
 
 
-class RecoverError(ValueError):
+class RecoverError(DepthjaxError):
     """Recovery arguments that do not fit the models (method, rank, a different base)."""
 
 

@@ -50,7 +50,7 @@ def candidate_model(model: DepthModel, c: dict) -> DepthModel:
 
 
 @functools.partial(jax.jit, static_argnames=("measure",))
-def _pooled(model, cands, batch, *, measure):
+def pooled_sums(model, cands, batch, *, measure):
     """{key: [C]} sums of the measure of every candidate over the batch's rows."""
 
     def one(c):
@@ -173,7 +173,7 @@ class Evaluator:
         for n, part in _chunks(packed, C):
             acc = None
             for batch in self.objective.batches:
-                out = _pooled(self.space.model, part, batch, measure=self.objective.measure)
+                out = pooled_sums(self.space.model, part, batch, measure=self.objective.measure)
                 acc = out if acc is None else jax.tree.map(jnp.add, acc, out)
             sums.append((n, acc))
         total = {

@@ -28,11 +28,12 @@ import numpy as np
 from ..core.model import DepthModel
 from ..core.program import Program, ProgramError
 from ..depth.edit import select_steps, selected_parallel
+from ..errors import DepthjaxError
 
 MOVES = ("drop", "drop_sublayer", "repeat", "swap", "parallelize")
 
 
-class SearchError(ValueError):
+class SearchError(DepthjaxError):
     """A search that cannot run as asked (bad moves, budget, objective or strategy)."""
 
 

@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 from ..core.config import ModelConfig
+from ..errors import DepthjaxError
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(DepthjaxError):
     """A training key or value that is not understood."""
 
 

@@ -33,6 +33,7 @@ import optax
 from ..core import flops as flops_lib, sharding as shd
 from ..core.model import DepthModel, count_params, init
 from ..core.program import Program
+from ..errors import DepthjaxError
 from ..files import atomic, checkpoint as native_ckpt
 from . import data as data_lib, hosts, run_dir
 from .checkpoints import TrainCheckpoints
@@ -42,8 +43,9 @@ from .logs import RunLog
 from .step import TrainState, eval_loss_sums, learning_rate, optimizer, train_step, trainable_mask
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because a loss or gradient was NaN/inf (nan_policy='stop')."""
+class NonFiniteLossError(DepthjaxError, RuntimeError):
+    """Training stopped because a loss or gradient was NaN/inf (nan_policy='stop'). Still a
+    RuntimeError too; `depthjax train` reports it with exit code 3, not as bad input."""
 
 
 def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> None:

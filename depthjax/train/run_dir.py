@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import DepthjaxError
 from ..files.atomic import pid_alive
 
 RECORD, LOCK = "run.json", "run.lock"
@@ -68,7 +69,7 @@ FREE_KEYS = {
 EXECUTION_KEYS = {"dtype", "remat", "attention_impl"}
 
 
-class RunDirError(ValueError):
+class RunDirError(DepthjaxError):
     """A run directory that cannot be used: another run's, in use, or not a directory."""
 
 
