@@ -312,15 +312,8 @@ def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
 
 def load_model(path) -> DepthModel:
     """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json,
-    or a sentence-transformers modules.json)."""
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return load(p)
-    if (p / "config.json").is_file() or (p / "modules.json").is_file():
-        from .. import hf
+    or a sentence-transformers modules.json); `ModelDir.read(path)` also gives its
+    tokenizer and files."""
+    from .model_dir import ModelDir
 
-        return hf.load(p)
-    raise CheckpointError(
-        f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
-        "Hugging Face directory (no config.json)"
-    )
+    return ModelDir.read(path).model
