@@ -1,6 +1,6 @@
-"""What several commands share: reading a model directory once (a ModelDir), calibration data (the
-embedded corpus or the user's files), task measures, argument types and checks of output
-paths."""
+"""What several commands share: reading a model directory once (a ModelDir), calibration
+data (the embedded corpus or the user's files), task measures, argument types and checks of
+output paths."""
 
 from __future__ import annotations
 
