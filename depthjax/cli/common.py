@@ -1,6 +1,6 @@
-"""What several commands share: loading a model with its tokenizer, calibration data (the
-embedded corpus or the user's files), task measures, argument types and checks of output
-paths."""
+"""What several commands share: reading a model directory once (a ModelDir), calibration
+data (the embedded corpus or the user's files), task measures, argument types and checks of
+output paths."""
 
 from __future__ import annotations
 
@@ -47,19 +47,18 @@ def check_out_dir(path, flag: str = "--out", *, checkpoint: bool = False) -> Non
         )
 
 
-def load_model(path, tokenizer: str | None = None, program: str | None = None):
-    """(model, tokenizer) of a native checkpoint or a local Hugging Face directory;
+def read_model(path, tokenizer: str | None = None, program: str | None = None, **options):
+    """The ModelDir of a native checkpoint or a local Hugging Face directory, read once:
     `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own; `program` is a
-    slice spec applied to the model's table."""
-    from ..files.checkpoint import load_model as load
-    from ..files.tokenizer import tokenizer_for
+    slice spec applied to the model's table; `options` go to the loader (ModelDir.read)."""
+    from ..files import ModelDir
 
-    model = load(path)
+    md = ModelDir.read(path, tokenizer=tokenizer, **options)
     if program is not None:
         from ..depth import from_spec, load_spec
 
-        model = from_spec(model, load_spec(program))
-    return model, tokenizer_for(path, model.config.vocab_size, tokenizer)
+        md = dataclasses.replace(md, model=from_spec(md.model, load_spec(program)))
+    return md
 
 
 def add_quiet_arg(p) -> None:
@@ -114,6 +113,7 @@ class Data:
     evals: list
     task: object = None  # a depthjax.eval task from --task
     pooling: dict | None = None  # a sentence-transformers directory's pooling
+    model_dir: object = None  # the ModelDir read from --model (its files travel on save)
 
     def measure(self, batches):
         """The --task, else the model's default measure on `batches` (next-token loss; for
@@ -132,7 +132,8 @@ def load_with_data(args) -> Data:
     corpus (train split to score, validation split to evaluate), and the --task."""
     from ..files import corpus
 
-    model, tok = load_model(Path(args.model), args.tokenizer)
+    md = read_model(args.model, args.tokenizer)
+    model, tok = md.model, md.tokenizer
     n, B, T = args.batches, args.batch_size, args.seq_len
     if args.data:
         import numpy as np
@@ -163,7 +164,7 @@ def load_with_data(args) -> Data:
         evals = [window("valid", args.seed + 1000 + i) for i in range(n)]
         source = "stdlib source (train to score, valid to evaluate)"
     print(f"[data] {n} x {B} x {T} tokens of {source}", flush=True)
-    data = Data(model, tok, calib, evals)
+    data = Data(model, tok, calib, evals, model_dir=md)
     if args.task:
         from ..eval import MultipleChoice, load_task
 
@@ -172,9 +173,7 @@ def load_with_data(args) -> Data:
             data.task.metric = args.task_metric
         print(f"[task] {data.task.name}: {type(data.task).__name__} of {args.task}", flush=True)
     elif not model.config.causal:
-        from ..hf import sentence_pooling
-
-        data.pooling = sentence_pooling(args.model)
+        data.pooling = md.pooling
         print(
             f"[task] {model.config.family} encoder: measuring 1 - cosine of "
             f"{(data.pooling or {}).get('mode', 'mean')}-pooled embeddings to the full "

@@ -13,26 +13,25 @@ import argparse
 import os
 import time
 
+from .common import read_model
+
 
 def _convert(args) -> int:
     import depthjax as dj
-    from ..hf.importing import model_directory, read_config
-    from ..hf.tokenizer import tokenizer_files
 
     t0 = time.time()
     to_format = args.to_format or ("native" if args.source_format == "hf" else "hf")
     if args.source_format == "hf":
-        model = dj.hf.load(args.source, progress=True, ignore_keys=tuple(args.ignore_key))
-        source_dir = model_directory(args.source)
-        source_type = read_config(source_dir)["model_type"]  # hf -> hf keeps it
+        options = dict(kind="hf", progress=True, ignore_keys=tuple(args.ignore_key))
     else:
-        model = dj.load(args.source)
-        source_dir, source_type = args.source, None
+        options = dict(kind="depthjax")
+    md = read_model(args.source, **options)
+    model, files = md.model, md.files
+    source_type = (md.hf_config or {}).get("model_type")  # hf -> hf keeps it
     print(
         f"[convert] read {args.source_format} {args.source}: {repr(model).splitlines()[0]}",
         flush=True,
     )
-    files = tokenizer_files(source_dir)
     if to_format == "hf":
         dj.hf.save(
             model,

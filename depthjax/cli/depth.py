@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, check_out_dir
+from .common import UsageError, check_out_dir, read_model
 
 
 def _depth(args) -> int:
@@ -16,9 +16,9 @@ def _depth(args) -> int:
 
     from ..depth import compact, from_spec, load_spec, to_spec
     from ..files import checkpoint
-    from ..hf.tokenizer import tokenizer_files
 
-    model = checkpoint.load(args.input)
+    md = read_model(args.input, kind="depthjax")
+    model = md.model
     if args.spec is None:
         print(yaml.safe_dump(to_spec(model), sort_keys=False), end="")
         return 0
@@ -28,7 +28,7 @@ def _depth(args) -> int:
     model = from_spec(model, load_spec(args.spec))
     if args.compact:
         model = compact(model)
-    checkpoint.save(model, args.out, files=tokenizer_files(args.input))
+    checkpoint.save(model, args.out, files=md.files)
     print(f"wrote {args.out}: {model.depth} steps over {model.n_blocks} table rows")
     print(model.program)
     return 0

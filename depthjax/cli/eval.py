@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import UsageError, load_model
+from .common import UsageError, read_model
 
 
 def _eval(args) -> int:
@@ -26,7 +26,8 @@ def _eval(args) -> int:
 
     if not args.task and not args.data:
         raise UsageError("give at least one --task FILE.jsonl or --data FILES")
-    model, tok = load_model(Path(args.model), args.tokenizer, args.program)
+    md = read_model(args.model, args.tokenizer, args.program)
+    model, tok = md.model, md.tokenizer
     print(f"[eval] {repr(model).splitlines()[0]}", flush=True)
     results = {}
     for path in args.task or []:

@@ -3,19 +3,10 @@ checkpoint (dj.save) or a Hugging Face directory, byte-level or with its tokeniz
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
-from .common import UsageError, count, load_model, natural
-
-
-def _eos_id(model_dir: Path):
-    """eos_token_id of a Hugging Face config.json, if there is one."""
-    config = model_dir / "config.json"
-    eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
-    return eos[0] if isinstance(eos, list) else eos
+from .common import UsageError, count, natural, read_model
 
 
 def _generate(args) -> int:
@@ -24,12 +15,12 @@ def _generate(args) -> int:
 
     import depthjax as dj
 
-    model_dir = Path(args.model)
-    model, tok = load_model(model_dir, args.tokenizer)
+    md = read_model(args.model, args.tokenizer)
+    model, tok = md.model, md.tokenizer
     ids = tok.encode(args.prompt)
     if not ids.size:
         raise UsageError("the prompt encodes to no tokens")
-    eos = args.eos_id if args.eos_id is not None else _eos_id(model_dir)
+    eos = args.eos_id if args.eos_id is not None else md.special_token("eos_token_id")
     kw = dict(
         temperature=args.temperature,
         top_k=args.top_k,

@@ -120,7 +120,6 @@ def _prune(args) -> int:
     import depthjax as dj
     from .. import metrics as M
     from ..files import checkpoint
-    from ..hf.tokenizer import tokenizer_files
     from ..pruning import report
 
     check_out_dir(args.out, checkpoint=True)
@@ -164,7 +163,7 @@ def _prune(args) -> int:
         )
         print(f"{what} after {args.recover} recovery: {value(pruned):.4f}")
     print(pruned.program)
-    files = tokenizer_files(args.model)
+    files = data.model_dir.files
     checkpoint.save(pruned, args.out, files=files)
     print(
         f"wrote {args.out}"

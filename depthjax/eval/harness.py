@@ -17,33 +17,16 @@ tokens; generation is greedy (`dj.eval.generate_until`).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from ..core.model import DepthModel
-from ..files.checkpoint import load_model
+from ..files.model_dir import ModelDir
 from .generation import generate_until
 from .scoring import EvalError, Request, loglikelihoods, resolve_tokenizer, rolling_requests
 
 _LM_EVAL_ARGS = {"device", "max_batch_size", "trust_remote_code", "dtype"}
-
-
-def _special_token(path: Path, *names) -> int | None:
-    """The first of `names` (e.g. bos_token_id) set in a Hugging Face config.json."""
-    config = path / "config.json"
-    if not config.is_file() or (path / "manifest.json").is_file():
-        return None
-    cfg = json.loads(config.read_text())
-    for name in names:
-        value = cfg.get(name)
-        value = value[0] if isinstance(value, list) and value else value
-        if isinstance(value, int):
-            return value
-    return None
 
 
 @register_model("depthjax")
@@ -69,12 +52,11 @@ class DepthjaxLM(TemplateLM):
                 f"unknown depthjax model_args {sorted(unknown)}; known: path, "
                 "program, tokenizer, batch_size, max_length, prefix_token, max_gen_toks"
             )
-        from ..files.tokenizer import tokenizer_for
-
         if (path is None) == (model is None):
             raise EvalError("the depthjax model needs path=DIR (or, in Python, model=)")
-        if model is None:
-            model = load_model(path)
+        spec = tokenizer if isinstance(tokenizer, str) else None
+        md = ModelDir.read(path, tokenizer=spec) if path is not None else None  # read once
+        model = md.model if md else model
         if program is not None:
             from ..depth import from_spec, load_spec
 
@@ -83,19 +65,15 @@ class DepthjaxLM(TemplateLM):
         if tokenizer is not None and not isinstance(tokenizer, str):
             self.tokenizer_obj = tokenizer
         else:
-            self.tokenizer_obj = (
-                tokenizer_for(path, model.config.vocab_size, tokenizer)
-                if path
-                else resolve_tokenizer(model, tokenizer)
-            )
+            self.tokenizer_obj = md.tokenizer if md else resolve_tokenizer(model, tokenizer)
         self.batch_size = 16 if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
         self._max_length = int(max_length) if max_length else model.config.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
-        found = _special_token(Path(path), "bos_token_id", "eos_token_id") if path else None
+        found = md.special_token("bos_token_id", "eos_token_id") if md else None
         self._prefix = (
             int(prefix_token) if prefix_token is not None else (found if found is not None else 10)
         )
-        self._eos = _special_token(Path(path), "eos_token_id") if path else None
+        self._eos = md.special_token("eos_token_id") if md else None
 
     # -- what TemplateLM needs ---------------------------------------------------------
     @property

@@ -116,14 +116,6 @@ def _unflatten(tree: dict, flat: dict[str, np.ndarray], prefix: str = "") -> dic
     return out
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def _write_json(path: Path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -191,11 +183,22 @@ def _listed_files(path: Path) -> list[str]:
         return []
 
 
-def _read_json(path: Path):
+def _read(path: Path, name: str, digests: dict[str, str]) -> bytes:
+    """The bytes of one file of the checkpoint, read once; checked against its SHA-256 when
+    `digests` (the manifest's, under verify=True) lists it."""
     try:
-        return json.loads(path.read_text())
+        if name in digests:
+            return integrity.read_checked(path, name, digests[name])
+        return (path / name).read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{path.parent} is incomplete: {path.name} is missing") from None
+        raise CheckpointError(f"{path} is incomplete: {name} is missing") from None
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
+
+
+def _json(raw: bytes, path: Path):
+    try:
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
 
@@ -203,15 +206,17 @@ def _read_json(path: Path):
 def load(path, *, verify: bool = True) -> DepthModel:
     """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
 
-    verify=True checks the SHA-256 of every file against the manifest (one pass over
-    each); the manifest's own checksum is always checked.
+    verify=True checks the SHA-256 of every file against the manifest; the manifest's own
+    checksum is always checked. Each file is read once: the files parsed here are checked
+    from the bytes that are parsed.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
             f"no checkpoint at {path}: {'not a directory' if path.exists() else 'does not exist'}"
         )
-    manifest = _read_json(path / "manifest.json")
+    raw = _read(path, "manifest.json", {})
+    manifest = _json(raw, path / "manifest.json")
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
@@ -220,29 +225,33 @@ def load(path, *, verify: bool = True) -> DepthModel:
             f"{path} has checkpoint version {manifest.get('version')}; "
             f"this depthjax reads versions 1..{VERSION}"
         )
+    digests = {}  # of the files read below, checked as they are read
     try:
         if manifest["version"] >= 2:
-            manifest = integrity.load_sealed(path / "manifest.json")
+            manifest = integrity.parse_sealed(raw, "manifest.json")
             if verify:
-                integrity.check_digests(path, manifest["files"])
+                digests = manifest["files"]
+                others = {k: v for k, v in digests.items() if k not in FILES}
+                integrity.check_digests(path, others)  # tokenizer files, ...
     except integrity.IntegrityError as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {e}") from None
+    config_file = path / "config.json"
     try:
-        config = ModelConfig.from_dict(_read_json(path / "config.json"))
+        config = ModelConfig.from_dict(_json(_read(path, "config.json", digests), config_file))
     except (TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{path}/config.json does not describe a model: {e}") from None
+        raise CheckpointError(f"{config_file} does not describe a model: {e}") from None
     params_file = path / "params.safetensors"
-    if not params_file.exists():
-        raise CheckpointError(f"{path} is incomplete: params.safetensors is missing")
-    if verify and manifest["version"] == 1 and _crc32(params_file) != manifest["params_crc32"]:
+    data = _read(path, params_file.name, digests)
+    if verify and manifest["version"] == 1 and zlib.crc32(data) != manifest["params_crc32"]:
         raise CheckpointError(
             f"{params_file} is corrupt: its CRC-32 does not match the "
             "manifest (truncated or modified after saving)"
         )
     try:
-        tensors = safetensors.deserialize(params_file.read_bytes())
+        tensors = safetensors.deserialize(data)
+        del data  # the tensors are copies: do not hold the file's bytes a second time
         flat = {
             name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
             for name, t in tensors
@@ -257,7 +266,8 @@ def load(path, *, verify: bool = True) -> DepthModel:
     check_params(config, params)
     params = jax.tree.map(jnp.asarray, params)
     n_blocks = jax.tree.leaves(params["blocks"])[0].shape[0]
-    program = Program.from_dict(_read_json(path / "program.json"), n_blocks=n_blocks)
+    program_json = _json(_read(path, "program.json", digests), path / "program.json")
+    program = Program.from_dict(program_json, n_blocks=n_blocks)
     return DepthModel(config, params, program)
 
 
@@ -313,15 +323,8 @@ def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
 
 def load_model(path) -> DepthModel:
     """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json,
-    or a sentence-transformers modules.json)."""
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return load(p)
-    if (p / "config.json").is_file() or (p / "modules.json").is_file():
-        from .. import hf
+    or a sentence-transformers modules.json); `ModelDir.read(path)` also gives its
+    tokenizer and files."""
+    from .model_dir import ModelDir
 
-        return hf.load(p)
-    raise CheckpointError(
-        f"{p} is neither a depthjax checkpoint (no manifest.json) nor a "
-        "Hugging Face directory (no config.json)"
-    )
+    return ModelDir.read(path).model

@@ -67,16 +67,20 @@ def load_sealed(path) -> dict:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise IntegrityError(f"{path.name} is missing") from None
+    return parse_sealed(raw, path.name)
+
+
+def parse_sealed(raw: bytes, name: str) -> dict:
+    """`load_sealed` of bytes already read (from the file `name`)."""
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path.name} is not valid JSON ({e})") from None
+        raise IntegrityError(f"{name} is not valid JSON ({e})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("sha256"), str):
-        raise IntegrityError(f"{path.name} is not a sealed record (no sha256 field)")
+        raise IntegrityError(f"{name} is not a sealed record (no sha256 field)")
     if raw != dump_sealed(obj):  # dump_sealed recomputes the digest from the body
         raise IntegrityError(
-            f"{path.name} was modified after it was written (its bytes do "
-            "not match its own checksum)"
+            f"{name} was modified after it was written (its bytes do not match its own checksum)"
         )
     return obj
 
@@ -103,17 +107,32 @@ def file_digests(directory, names=None) -> dict[str, str]:
 def check_digests(directory, expected: dict[str, str]) -> None:
     """Raise IntegrityError for the first listed file that is missing, lies outside
     `directory`, or whose digest differs."""
-    directory = Path(directory)
     for name, digest in sorted(expected.items()):
-        file = directory / name
-        if not Path(os.path.realpath(file)).is_relative_to(os.path.realpath(directory)):
-            raise IntegrityError(f"the record lists {name!r}, a path outside {directory}")
-        if not file.is_file():
-            raise IntegrityError(f"{name} is missing")
-        if sha256_file(file) != digest:
-            raise IntegrityError(
-                f"{name} does not match its SHA-256 (bit rot, truncation or an edit after saving)"
-            )
+        if sha256_file(_listed(directory, name)) != digest:
+            raise IntegrityError(_MISMATCH.format(name))
+
+
+def read_checked(directory, name: str, digest: str) -> bytes:
+    """The bytes of one listed file, read once and checked against `digest` (so a loader
+    that parses a file need not read it a second time to verify it)."""
+    data = _listed(directory, name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise IntegrityError(_MISMATCH.format(name))
+    return data
+
+
+_MISMATCH = "{} does not match its SHA-256 (bit rot, truncation or an edit after saving)"
+
+
+def _listed(directory, name: str) -> Path:
+    """directory/name of a listed file; IntegrityError if it is outside or missing."""
+    directory = Path(directory)
+    file = directory / name
+    if not Path(os.path.realpath(file)).is_relative_to(os.path.realpath(directory)):
+        raise IntegrityError(f"the record lists {name!r}, a path outside {directory}")
+    if not file.is_file():
+        raise IntegrityError(f"{name} is missing")
+    return file
 
 
 def seal(directory, **info) -> None:

@@ -117,6 +117,7 @@ def load(
     shardings: ShardingSpec = None,
     ignore_keys=(),
     progress: bool | None = None,
+    config: dict[str, Any] | None = None,
     **execution,
 ) -> DepthModel:
     """Load a local Hugging Face directory (config.json + safetensors) as a DepthModel.
@@ -126,6 +127,8 @@ def load(
     `(path: tuple[str, ...], shape) -> Sharding | None`; None uses the default device.
     ignore_keys: config.json keys to skip knowingly (unknown keys raise otherwise).
     progress: print one line per tensor group (default: for checkpoints over 256 MiB).
+    config: the directory's config.json as already read (`ModelDir.read` passes it, so the
+    file is read once); None reads it here.
     execution: how to run it -- dtype, remat, attention_impl (ModelConfig fields); the
     weights themselves are always stored in float32.
     """
@@ -137,7 +140,9 @@ def load(
             f"load() got unexpected keyword arguments {bad}; the model's shape "
             f"comes from config.json, only {_EXECUTION} may be chosen"
         )
-    cfg, model_type = from_hf(read_config(directory), ignore_keys=ignore_keys)
+    if config is None:
+        config = read_config(directory)
+    cfg, model_type = from_hf(config, ignore_keys=ignore_keys)
     cfg = cfg.replace(**execution)
     family = tensor_map.hf_family(model_type)
     shapes = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
