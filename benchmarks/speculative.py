@@ -29,7 +29,6 @@ import numpy as np
 
 import depthjax as dj
 from common import header
-from depthjax.files.checkpoint import load_model
 from depthjax.files.corpus import sample_windows
 
 
@@ -110,7 +109,7 @@ def main():
         f"{'accept':>7} {'tok/pass':>8} {'agree':>6}"
     )
     for path in args.model:
-        model = load_model(path)
+        model = dj.files.ModelDir.read(path).model
         d = model.depth
         drafts = (
             [int(k) for k in args.drafts.split(",")]

@@ -18,7 +18,7 @@ train      the training loop, data, checkpoints of runs
 cli        one module per command of the `depthjax` console script
 """
 
-from . import configs, depth, eval, hf, inference, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
+from . import configs, depth, eval, files, hf, inference, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
 from .core.config import ConfigError, ModelConfig, Remat
 from .core.model import DepthModel, InputError, Trace, apply, init
 from .core.program import Program, ProgramError
@@ -63,6 +63,7 @@ __all__ = [
     "RecoverError",
     "search",
     "inference",
+    "files",
     "eval",
     "specialize",
     "Specialized",

@@ -319,12 +319,3 @@ def _flat_specs(tree: dict, prefix: str = "") -> dict[str, str]:
     for k, v in tree.items():
         out.update(_flat_specs(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
     return out
-
-
-def load_model(path) -> DepthModel:
-    """A native checkpoint (manifest.json) or a local Hugging Face directory (config.json,
-    or a sentence-transformers modules.json); `ModelDir.read(path)` also gives its
-    tokenizer and files."""
-    from .model_dir import ModelDir
-
-    return ModelDir.read(path).model

@@ -35,6 +35,7 @@ from ..core.model import DepthModel, count_params, init
 from ..core.program import Program
 from ..errors import DepthjaxError
 from ..files import atomic, checkpoint as native_ckpt
+from ..files.model_dir import ModelDir
 from . import data as data_lib, hosts, run_dir
 from .checkpoints import TrainCheckpoints
 from .config import TrainConfig, TrainConfigError
@@ -78,7 +79,7 @@ def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> Non
 def _initial_model(tc: TrainConfig) -> tuple:
     """(config, program, params init fn or loaded params) for a fresh run."""
     if tc.init_from:
-        model = native_ckpt.load_model(tc.init_from)  # native or Hugging Face
+        model = ModelDir.read(tc.init_from).model  # native or Hugging Face
         cfg = model.config.replace(**tc.model_overrides) if tc.model_overrides else model.config
         native_ckpt.check_params(cfg, model.params)
         return cfg, model.program, model.params
