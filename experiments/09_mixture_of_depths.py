@@ -162,8 +162,8 @@ def main(argv=None):
     max_len = prompts.shape[1] + args.new_tokens - 1
     routed_len = max(1, int(np.ceil(2 * c0 * max_len)))
     policy = routed_decode.Routed(mod=spec, routed_len=routed_len)
-    out = dj.generate(model, prompts, args.new_tokens, temperature=0.0, policy=policy)
-    toks, cache = out.tokens, out.cache
+    generation = dj.generate(model, prompts, args.new_tokens, temperature=0.0, policy=policy)
+    toks, cache = generation.tokens, generation.cache
     full = routed_decode.RoutedCache.empty(
         model.config, routed_decode.Layout((False,) * S, max_len, max_len, 0.0), prompts.shape[0]
     )
