@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import loss as loss_lib, walk as walk_lib
-from ..core.model import DepthModel, Embed, check_inputs as check_model_inputs
+from ..core import walk as walk_lib
+from ..core.model import DepthModel, check_inputs as check_model_inputs, embed as embed_tokens
 from ..core.program import ProgramError, is_concrete
 from ..errors import DepthjaxError
 
@@ -24,7 +24,7 @@ def check_inputs(model: DepthModel, tokens_BT, mask_BT=None) -> None:
 def embed(model: DepthModel, tokens_BT):
     """tokens -> (x0_BTD, positions_BT) as `dj.apply` starts its forward."""
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    x_BTD = Embed(model.config).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
+    x_BTD = embed_tokens(model, tokens_BT, positions_BT)
     return x_BTD, positions_BT
 
 
@@ -38,12 +38,6 @@ def reject_parallel(model: DepthModel, what: str) -> None:
             f"{what} needs a program without parallel groups; steps "
             f"{np.flatnonzero(par).tolist()} share their input"
         )
-
-
-def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
-    """depthjax.core.loss.nll_sums with an optional mask (None: every token is real)."""
-    mask = jnp.ones(tokens_BT.shape, jnp.float32) if mask_BT is None else mask_BT
-    return loss_lib.nll_sums(logits_BTV, tokens_BT, jnp.asarray(mask, jnp.float32))
 
 
 def gather_plan(select_BT, L: int):

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import walk as walk_lib
+from ..core.loss import nll_sums
 from ..core.model import DepthModel, output_head
 from ..depth import drop
-from .common import AdaptiveError, check_inputs, embed, nll_sums, reject_parallel, walk_views
+from .common import AdaptiveError, check_inputs, embed, reject_parallel, walk_views
 
 
 @dataclasses.dataclass(frozen=True)

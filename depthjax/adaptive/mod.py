@@ -40,13 +40,13 @@ import numpy as np
 import optax
 
 from ..core import walk as walk_lib
+from ..core.loss import nll_sums
 from ..core.model import DepthModel, output_head
 from .common import (
     AdaptiveError,
     check_inputs,
     embed,
     gather_plan,
-    nll_sums,
     reject_parallel,
     scatter_add,
     take,

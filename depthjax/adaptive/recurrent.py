@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.loss import nll_sums
 from ..core.model import DepthModel, output_head
 from .caches import LatestView
-from .common import AdaptiveError, check_inputs, embed, nll_sums, walk_views
+from .common import AdaptiveError, check_inputs, embed, walk_views
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.model import Embed, output_head
+from ..core.model import embed, output_head
 from ..inference.sampling import GenerationError
 from .caches import LoopView, RowView
 from .recurrent import Recurrence, _Parts, adaptive_loops, check_adaptive, relative_change
@@ -98,7 +98,7 @@ class LoopedDecoder:
             zeros(n_coda), zeros(n_coda), fan(count_B, n_coda), fan(ones_B, n_coda), True
         )
         core = (jnp.zeros((n_core, B, S, J, cfg.n_kv_heads, cfg.head_dim), cfg.dtype),) * 2
-        s, pre = parts.run("prelude", _embed(model, tokens_BT, parts.positions), views=pre)
+        s, pre = parts.run("prelude", embed(model, tokens_BT, parts.positions), views=pre)
         s, loops_BT, core = adaptive_loops(
             parts, s, tol=tol, max_loops=J, min_loops=self.min_loops, record=core
         )
@@ -130,7 +130,7 @@ class LoopedDecoder:
     def _feed(self, model, state, tok_B, rows_on):
         """Embed + prelude the token tok_B of rows_on (at position t)."""
         n_pre, t = self.rec.start, state["t"]
-        x = _embed(model, tok_B[:, None], t[:, None])
+        x = embed(model, tok_B[:, None], t[:, None])
         fan = lambda x: jnp.broadcast_to(x, (n_pre,) + x.shape)
         view = RowView(state["pre_k"], state["pre_v"], fan(t), fan(rows_on))
         x, view = self._parts(model, t[:, None]).run("prelude", x, views=view)
@@ -216,7 +216,3 @@ class LoopedDecoder:
         return generation._replace(
             loops=loops, ticks=state["ticks"], exit_steps=steps_BN.astype(jnp.int32)
         )
-
-
-def _embed(model, tokens_BT, positions_BT):
-    return Embed(model.config).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)

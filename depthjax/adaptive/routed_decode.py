@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import walk as walk_lib
-from ..core.model import DepthModel, Embed, output_head
+from ..core.model import DepthModel, embed, output_head
 from ..core.program import is_concrete
-from ..inference.cached import last_real, prompt_mask, prompt_positions
+from ..inference.cached import last_real, prompt_mask, prompt_positions, step_tokens
 from ..inference.driver import TokenByToken
 from ..inference.sampling import GenerationError
 from . import mod as mod_lib
@@ -232,7 +232,7 @@ def _prefill(model, tokens_BT, mask_BT, row_steps_BS, *, layout: Layout):
     cfg = model.config
     cache = RoutedCache.empty(cfg, layout, tokens_BT.shape[0])
     positions_BT = prompt_positions(mask_BT)
-    x_BTD = Embed(cfg).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
+    x_BTD = embed(model, tokens_BT, positions_BT)
     x_BTD, cache, ran = _walk(
         model, cache, x_BTD, positions_BT, mask_BT, row_steps_BS, prefill=True
     )
@@ -247,7 +247,7 @@ def _prefill(model, tokens_BT, mask_BT, row_steps_BS, *, layout: Layout):
 
 def _decode(model, cache: RoutedCache, tokens_B, row_steps_BS):
     pos_B1 = cache.next_pos[:, None]
-    x_B1D = Embed(model.config).apply({"params": model.params["embed"]}, tokens_B[:, None], pos_B1)
+    x_B1D = embed(model, tokens_B[:, None], pos_B1)
     real = jnp.ones(pos_B1.shape, bool)
     x_B1D, cache, ran = _walk(model, cache, x_B1D, pos_B1, real, row_steps_BS, prefill=False)
     logits_BV = output_head(model.config, model.params, x_B1D)[:, 0]
@@ -284,20 +284,14 @@ def prefill(
 
 def decode_step(model: DepthModel, cache: RoutedCache, tokens_B, *, row_steps=None):
     """Feed one token per row. Returns (logits [B, V], cache, ran bool [B, depth])."""
-    tokens_B = jnp.asarray(tokens_B)
-    B = cache.next_pos.shape[0]
-    if tokens_B.shape != (B,) or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
-        raise GenerationError(
-            f"decode_step takes int tokens [{B}], got {tokens_B.dtype} {tokens_B.shape}"
-        )
     if len(cache.layout.routed) != model.depth:
         raise AdaptiveError(
             f"the cache was built for {len(cache.layout.routed)} steps; the "
             f"program has {model.depth}"
         )
-    if int(cache.length) >= cache.layout.max_len:
-        raise GenerationError(f"the cache is full ({cache.layout.max_len} tokens)")
-    return _decode_jit(model, cache, tokens_B.astype(jnp.int32), _row_steps(model, row_steps, B))
+    lay = cache.layout
+    tokens_B = step_tokens(model, tokens_B, cache.next_pos, cache.length, lay.max_len)
+    return _decode_jit(model, cache, tokens_B, _row_steps(model, row_steps, tokens_B.shape[0]))
 
 
 @dataclasses.dataclass(frozen=True)

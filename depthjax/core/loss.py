@@ -37,15 +37,17 @@ def weighted_nll_sums(logits_BTV, labels_BT, weight_BT):
     return jnp.sum(s_B), jnp.sum(w_B)
 
 
-def row_nll_sums(logits_BTV, tokens_BT, mask_BT):
-    """Per row [B]: position t predicts token t+1 where both are real (mask 1)."""
+def row_nll_sums(logits_BTV, tokens_BT, mask_BT=None):
+    """Per row [B]: position t predicts token t+1 where both are real (mask 1; None: every
+    token is real)."""
+    mask_BT = jnp.ones(tokens_BT.shape) if mask_BT is None else jnp.asarray(mask_BT, jnp.float32)
     chex.assert_equal_shape([tokens_BT, mask_BT])
     w_BT = mask_BT[:, 1:] * mask_BT[:, :-1]
     return weighted_nll_rows(logits_BTV[:, :-1], tokens_BT[:, 1:], w_BT)
 
 
-def nll_sums(logits_BTV, tokens_BT, mask_BT):
-    """Position t predicts token t+1 where both are real (mask 1)."""
+def nll_sums(logits_BTV, tokens_BT, mask_BT=None):
+    """Position t predicts token t+1 where both are real (mask 1; None: all real)."""
     s_B, w_B = row_nll_sums(logits_BTV, tokens_BT, mask_BT)
     return jnp.sum(s_B), jnp.sum(w_B)
 
@@ -62,12 +64,10 @@ def packed_nll_sums(logits_BTV, targets_BT, segment_ids_BT):
     return weighted_nll_sums(logits_BTV, targets_BT, (segment_ids_BT > 0).astype(jnp.float32))
 
 
-def require_causal(model, what: str) -> None:
-    """The next-token loss needs a causal model: a clear error for an encoder."""
+def require_causal(model, what: str, error: type[Exception]) -> None:
+    """The next-token loss needs a causal model: a clear `error` for an encoder."""
     if not model.config.causal:
-        from ..metrics.scores import MetricError  # at call time: depthjax.metrics imports this
-
-        raise MetricError(
+        raise error(
             f"{what} uses the next-token loss, which a bidirectional "
             f"{model.config.family} encoder does not define; use measure='logit' "
             "or a representation task (depthjax.eval.Representation)"

@@ -241,6 +241,12 @@ def check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment_
     steps_lib.check(model.params.get("steps"), model.program.depth)
 
 
+def embed(model: DepthModel, tokens_BT, positions_BT, token_types_BT=None):
+    """The residual stream's start x0 [B, T, D] (token, position and type embeddings)."""
+    params = {"params": model.params["embed"]}
+    return Embed(model.config).apply(params, tokens_BT, positions_BT, token_types_BT)
+
+
 def output_head(cfg: ModelConfig, params: dict, x_BTD, *, logits: bool = True):
     """The last residual [B, T, D] -> logits float32 [B, T, vocab] (or, logits=False, the
     final hidden states after the final norm). Shared by `apply` and decoding."""
@@ -276,7 +282,7 @@ def apply(
     cfg, params = model.config, model.params
     if positions is None:
         positions = default_positions(tokens_BT, segment_ids)
-    x0_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions, token_types)
+    x0_BTD = embed(model, tokens_BT, positions, token_types)
     x_BTD, ys = run_blocks(
         cfg,
         params["blocks"],

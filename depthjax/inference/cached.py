@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import walk as walk_lib
-from ..core.model import DepthModel, Embed, check_ids, output_head
+from ..core.model import DepthModel, check_ids, embed, output_head
 from ..core.program import ProgramError, is_concrete
 from .kv_cache import KVCache, StepCache, attention_steps
 from .sampling import GenerationError
@@ -238,7 +238,7 @@ def prefill_jitted(model, tokens_BT, mask_BT, *, max_len: int, ex: Exit):
     cfg = model.config
     positions_BT = prompt_positions(mask_BT)
     cache = KVCache.empty(cfg, ex.cache_steps, ex.depth, tokens_BT.shape[0], max_len)
-    x_BTD = Embed(cfg).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
+    x_BTD = embed(model, tokens_BT, positions_BT)
     x_BTD, cache, _ = walk_cached(model, x_BTD, positions_BT, mask_BT, cache, ex, prefill=True)
     logits_BV = output_head(cfg, model.params, last_real(x_BTD, mask_BT))[:, 0]
     cache = cache.replace(
@@ -250,9 +250,7 @@ def prefill_jitted(model, tokens_BT, mask_BT, *, max_len: int, ex: Exit):
 
 def decode(model, cache: KVCache, tokens_B, ex: Exit):
     positions_B1 = cache.next_pos[:, None]
-    x_B1D = Embed(model.config).apply(
-        {"params": model.params["embed"]}, tokens_B[:, None], positions_B1
-    )
+    x_B1D = embed(model, tokens_B[:, None], positions_B1)
     x_B1D, cache, exit_B = walk_cached(model, x_B1D, positions_B1, None, cache, ex, prefill=False)
     logits_BV = output_head(model.config, model.params, x_B1D)[:, 0]
     cache = cache.replace(length=cache.length + 1, next_pos=cache.next_pos + 1)
@@ -300,13 +298,20 @@ def decode_step(
     check_decodable(model)
     ex = exit_settings(model, exit_at, exit_threshold, exit_steps, exit_kv, plan)
     cache.check_program(model.program, ex.depth)
+    tokens_B = step_tokens(model, tokens_B, cache.next_pos, cache.length, cache.max_len)
+    return _decode_jitted(model, cache, tokens_B, ex=ex)
+
+
+def step_tokens(model: DepthModel, tokens_B, next_pos_B, length, max_len: int):
+    """The checked int32 [B] tokens of one decode step over a cache holding `length` of its
+    `max_len` entries."""
     tokens_B = jnp.asarray(tokens_B)
-    if tokens_B.shape != cache.next_pos.shape or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
+    if tokens_B.shape != next_pos_B.shape or not jnp.issubdtype(tokens_B.dtype, jnp.integer):
         raise GenerationError(
-            f"decode_step takes int tokens [{cache.next_pos.shape[0]}], got "
+            f"decode_step takes int tokens [{next_pos_B.shape[0]}], got "
             f"{tokens_B.dtype} {tokens_B.shape}"
         )
     check_ids(tokens_B, model.config.vocab_size, "tokens", GenerationError)
-    if is_concrete(cache) and int(cache.length.max()) >= cache.max_len:
-        raise GenerationError(f"the cache is full ({cache.max_len} tokens)")
-    return _decode_jitted(model, cache, tokens_B.astype(jnp.int32), ex=ex)
+    if is_concrete(length) and int(jnp.max(length)) >= max_len:
+        raise GenerationError(f"the cache is full ({max_len} tokens)")
+    return tokens_B.astype(jnp.int32)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import kinds as kinds_lib, program as program_lib, step_params as steps_lib
-from ..core.model import DepthModel, Embed, check_inputs, default_positions, output_head
+from ..core.model import DepthModel, check_inputs, default_positions, embed, output_head
 from ..core.program import ProgramError, is_concrete
 from ..core.walk import rematerialized, sublayer_updates
 from .kv_cache import StepCache
@@ -412,7 +412,7 @@ def _forward(
     cfg, params = model.config, model.params
     if positions_BT is None:
         positions_BT = default_positions(tokens_BT, segment_ids_BT)
-    x_BTD = Embed(cfg).apply({"params": params["embed"]}, tokens_BT, positions_BT, token_types_BT)
+    x_BTD = embed(model, tokens_BT, positions_BT, token_types_BT)
     x_BTD, _ = run_plan(
         model, fast.plan, x_BTD, positions_BT, segment_ids_BT=segment_ids_BT, kv_mask_BT=mask_BT
     )

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import program as program_lib
-from ..core.model import DepthModel, Embed, output_head
+from ..core.model import DepthModel, embed, output_head
 from ..core.program import Program, ProgramError
 from ..depth.edit import select_steps
 from .cached import Exit, last_real, prompt_positions, walk_cached
@@ -99,7 +99,7 @@ class Plan:
         positions_BT = prompt_positions(mask_BT)
         cache = KVCache.empty(cfg, self.cache_steps, L, B, max_len)
         tail = KVCache.empty(cfg, self.tail_steps, self.draft_depth, B, max_len)
-        x_BTD = Embed(cfg).apply({"params": model.params["embed"]}, tokens_BT, positions_BT)
+        x_BTD = embed(model, tokens_BT, positions_BT)
         if m:
             x_BTD, cache, _ = walk_cached(
                 model,
@@ -145,9 +145,6 @@ class Plan:
         m, L = self.shared, self.depth
         shared_ex, rest_ex = self.span(0, m, self.cache_steps), self.span(m, L, self.cache_steps)
         tail_ex = self.span(m, self.draft_depth, self.tail_steps)
-        embed = lambda tok_BT, pos_BT: Embed(cfg).apply(
-            {"params": model.params["embed"]}, tok_BT, pos_BT
-        )
         cache, tail, key, stats = state
         key, k_draft, k_accept = jax.random.split(key, 3)
 
@@ -156,7 +153,7 @@ class Plan:
             cache, tail, tok_B = carry
             length, pos = cache.length + i, cache.next_pos + i  # base + i (reset after the scan)
             pos_B1 = pos[:, None]
-            r_B1D = embed(tok_B[:, None], pos_B1)
+            r_B1D = embed(model, tok_B[:, None], pos_B1)
             if m:
                 r_B1D, c, _ = walk_cached(
                     model, r_B1D, pos_B1, None, _at(cache, length, pos), shared_ex, prefill=False

@@ -210,7 +210,7 @@ def coalition_measures(
     if strategy not in STRATEGIES:
         raise MetricError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if measure == "loss":
-        require_causal(model, "measure='loss'")
+        require_causal(model, "measure='loss'", MetricError)
     attn, mlp = coalition_gates(model, unit, keep)
     data = as_batches(batches, model.config.vocab_size)
     if strategy == "auto":

@@ -27,7 +27,7 @@ import numpy as np
 from ..core.loss import loss_measure, require_causal
 from ..core.model import DepthModel, apply
 from .batches import as_batches
-from .scores import Scores
+from .scores import MetricError, Scores
 
 
 def _gates(model: DepthModel) -> jax.Array:
@@ -83,7 +83,7 @@ def gate_derivatives(model: DepthModel, batches, measure=loss_measure, *, hessia
     """(mean measure, dL/dg [2S], d2L/dg2 [2S, 2S] or None) over the batches, where the
     mean is sum(score) / sum(weight) over every row (the token-mean loss by default)."""
     if measure is loss_measure:
-        require_causal(model, "the gate gradient of the loss")
+        require_causal(model, "the gate gradient of the loss", MetricError)
     value = weight = 0.0
     grad = hess = None
     for b in _dicts(batches):

@@ -12,7 +12,7 @@ from .. import progress
 from ..core.loss import nll_sums, require_causal
 from ..core.model import DepthModel, Head, apply
 from .batches import as_batches
-from .scores import Scores
+from .scores import MetricError, Scores
 
 _EPS = 1e-12
 
@@ -41,7 +41,7 @@ def _lens_sums(model: DepthModel, tokens_BT, mask_BT):
 def logit_lens(model: DepthModel, batches) -> Scores:
     """Next-token loss of decoding residual[i] (i = 0..depth) with the final norm and head;
     extra["kl"] is the mean KL(final distribution || lens distribution) per token."""
-    require_causal(model, "logit_lens")
+    require_causal(model, "logit_lens", MetricError)
     nll = n = kl = tokens = 0.0
     for b in progress.track(as_batches(batches, model.config.vocab_size), "logit lens"):
         a, c, k, t = _lens_sums(model, b.tokens, b.mask)

@@ -29,6 +29,7 @@ from ..core.model import DepthModel, apply
 from ..core.program import ProgramError
 from ..errors import DepthjaxError
 from ..metrics.batches import as_batches
+from ..metrics.scores import MetricError
 
 # rank=None: what recover uses (the CLI documents the same).
 DEFAULT_RANK = {"linear": 16, "lora": 8}
@@ -253,7 +254,7 @@ def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
     from ..core import step_params as steps_lib
     from ..depth.table import step_rows
 
-    require_causal(pruned, "method='lora'")
+    require_causal(pruned, "method='lora'", MetricError)
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise RecoverError(f"method='lora' needs a positive integer rank, got {rank!r}")
     data = as_batches(batches, pruned.config.vocab_size)

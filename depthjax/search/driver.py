@@ -12,6 +12,7 @@ from ..core.loss import loss_measure, require_causal
 from ..core.model import DepthModel
 from ..depth.edit import selected_parallel
 from ..metrics.gates import gate_derivatives, taylor_estimate
+from ..metrics.scores import MetricError
 from .budget import as_budget
 from .evaluate import Evaluator
 from .objective import Objective, TaskObjective, as_objective
@@ -50,7 +51,7 @@ def _prior(space: Space, objective: Objective, kind):
     model = space.model
     measure = objective.measure if objective.differentiable else loss_measure
     if measure is loss_measure:
-        require_causal(model, "the gradient prior (next-token loss)")
+        require_causal(model, "the gradient prior (next-token loss)", MetricError)
     value, grad, hess = gate_derivatives(
         model, list(objective.batches), measure, hessian=kind == "hessian"
     )
@@ -116,7 +117,7 @@ def run(
     t0 = time.perf_counter()
     objective = as_objective(objective, batches)
     if getattr(objective, "measure", None) is loss_measure:
-        require_causal(model, "objective 'loss'")
+        require_causal(model, "objective 'loss'", MetricError)
     if per_example and isinstance(objective, TaskObjective):
         raise SearchError(
             f"per_example=True scores each input row alone; task {objective.name!r} "
