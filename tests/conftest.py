@@ -1,4 +1,5 @@
 import os
+import time
 
 # Tests compile hundreds of tiny programs: XLA:CPU's LLVM optimisation costs more than it
 # saves on them (about 30% of the suite's time). Set before jax starts its backend;
@@ -33,3 +34,46 @@ def _release_compiled_code():
     one pytest run) ends with LLVM failing to map more and segfaulting inside a compile."""
     yield
     jax.clear_caches()
+
+
+# DEPTHJAX_TEST_PROFILE=1: at the end, each test file's wall time, the part of it XLA spent
+# compiling and the part jax spent tracing and lowering (jax.monitoring events), slowest
+# first: where the suite's time goes.
+_PROFILE = os.environ.get("DEPTHJAX_TEST_PROFILE") == "1"
+_compile_s: dict[str, float] = {}
+_trace_s: dict[str, float] = {}
+_TRACE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+)
+_wall_s: dict[str, float] = {}
+_current: list[str] = [""]
+
+if _PROFILE:
+
+    def _on_duration(event: str, seconds: float, **_) -> None:
+        totals = _compile_s if event.endswith("backend_compile_duration") else _trace_s
+        if totals is _compile_s or event in _TRACE_EVENTS:
+            totals[_current[0]] = totals.get(_current[0], 0.0) + seconds
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _current[0] = item.location[0]
+        t0 = time.perf_counter()
+        try:
+            return (yield)
+        finally:
+            _wall_s[item.location[0]] = _wall_s.get(item.location[0], 0.0) + (
+                time.perf_counter() - t0
+            )
+
+    def pytest_terminal_summary(terminalreporter):
+        rows = sorted(_wall_s.items(), key=lambda kv: -kv[1])
+        terminalreporter.section("time by test file: wall s, XLA compile s, trace+lower s")
+        rows.append(("total", sum(_wall_s.values())))
+        for path, wall in rows:
+            c = sum(_compile_s.values()) if path == "total" else _compile_s.get(path, 0.0)
+            tr = sum(_trace_s.values()) if path == "total" else _trace_s.get(path, 0.0)
+            terminalreporter.write_line(f"{wall:8.1f} {c:8.1f} {tr:8.1f}  {path}")
