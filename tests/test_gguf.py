@@ -204,11 +204,12 @@ def test_convert_command_writes_gguf(tiny, tmp_path, capsys):
 # -- llama.cpp as the client ----------------------------------------------------------------
 
 
-def _run_llama(path, prompt_ids, n_new):
+def _run_llama(path, prompt_ids, n_new, **options):
     """llama.cpp's logits over the prompt, its greedy continuation (one token at a time
     through its KV cache) and the logits of each decoding step."""
     llama_cpp = _llama_cpp()
     llm = llama_cpp.Llama(
+        **options,
         model_path=str(path),
         n_ctx=64,
         n_batch=64,
@@ -254,8 +255,26 @@ def test_llama_cpp_logits_and_greedy_equal_depthjax_f32(tiny, tmp_path, variant)
     _check_client(model, tmp_path / "m.gguf")
 
 
-def test_llama_cpp_runs_qwen2_biases_and_tied_head(tmp_path):
-    model = dj.init(dj.configs.get("qwen2-tiny"), jax.random.key(1))
+_LLAMA3 = dict(
+    type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_seq_len=16,  # most of head_dim 16's frequencies are scaled at 16 positions
+)
+
+
+@pytest.mark.parametrize(
+    "preset, changes",
+    [
+        ("qwen2-tiny", {}),  # q/k/v biases, tied head, rope_theta 1e6
+        ("llama-tiny", dict(rope_scaling=dict(type="linear", factor=4.0))),
+        ("llama-tiny", dict(rope_scaling=_LLAMA3)),  # written as the rope_freqs tensor
+    ],
+    ids=["qwen2", "rope-linear", "rope-llama3"],
+)
+def test_llama_cpp_runs_the_families_and_rope_scalings(tmp_path, preset, changes):
+    model = dj.init(dj.configs.get(preset, **changes), jax.random.key(1))
     model = dj.depth.drop_sublayers(model, attn=[3])
     _llama_cpp()
     _save(model, tmp_path / "m.gguf")
@@ -285,6 +304,19 @@ def test_llama_cpp_tokenizes_like_the_tokenizer_json(tmp_path):
         ids = tok.encode(text, add_special_tokens=False).ids
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
         assert llm.detokenize(ids).decode() == text
+
+
+def test_llama_cpp_flash_attention_runs_deci(tiny, tmp_path):
+    """Serving setting (flash attention: then layers with 0 KV heads hold no V cache
+    either): llama.cpp's CPU flash attention rounds through f16 (measured 3.3e-4)."""
+    model = dj.depth.drop_sublayers(tiny, attn=[0, 2])
+    _llama_cpp()
+    _save(model, tmp_path / "m.gguf")
+    prompt = ByteTokenizer().encode(PROMPT)
+    _, logits, _, _ = _run_llama(tmp_path / "m.gguf", prompt, 0, flash_attn=True)
+    full = np.asarray(_apply(model, np.asarray(prompt, np.int32)[None]))[0]
+    assert np.abs(logits - full).max() < 2e-3
+    assert (np.argmax(logits, -1) == np.argmax(full, -1)).all()
 
 
 @pytest.mark.parametrize("dtype, max_error", [("f16", 2e-3), ("q8_0", 3e-2)])  # 3.5e-4, 1.0e-2

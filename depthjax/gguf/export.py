@@ -215,13 +215,15 @@ def save(
     )
     for tensor_name, array in extra.items():
         writer.add_tensor(tensor_name, array)
-    try:
+    try:  # written beside, then renamed: a killed export leaves no half file at `path`
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
     finally:
         writer.close()
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
     return {
         "architecture": arch,
         "steps": [layer.step for layer in layers],
