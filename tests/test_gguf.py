@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 
+import gguf
 import jax
 import numpy as np
 import pytest
@@ -21,8 +22,6 @@ from depthjax.cli import main as cli_main
 from depthjax.files.tokenizer import ByteTokenizer
 from depthjax.gguf import GGUFError, layout
 from depthjax.gguf.vocab import byte_unicode
-
-gguf = pytest.importorskip("gguf")
 
 # llama.cpp's f32 CPU kernels (f32 KV cache) against jax at highest precision: measured
 # <= 2.7e-7 on logits spanning about +-0.6; without the q/k permutation the error is 4.5e-3
