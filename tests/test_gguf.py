@@ -200,6 +200,17 @@ def test_convert_command_writes_gguf(tiny, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_convert_from_hf_takes_its_tokenizer_json(tmp_path):
+    tok = _bpe_tokenizer()
+    model = dj.init(dj.configs.get("llama-tiny", vocab_size=320), jax.random.key(0))
+    dj.hf.save(model, str(tmp_path / "hf"), tokenizer=tok)
+    out = tmp_path / "m.gguf"
+    assert cli_main(["convert", "--from", "hf", str(tmp_path / "hf"), "--to", str(out)]) == 0
+    tokens = _fields(out)["tokenizer.ggml.tokens"]
+    n = tok.get_vocab_size()
+    assert tokens[:n] == [tok.id_to_token(i) for i in range(n)] and len(tokens) == 320
+
+
 # -- llama.cpp as the client ----------------------------------------------------------------
 
 
