@@ -252,6 +252,11 @@ def _variants():
         "block-dropped+linear": recovered,
         "looped": lambda m: dj.depth.repeat(m, [1, 2], 2),
         "step0-attn+mlp-off": lambda m: dj.depth.drop_sublayers(m, attn=[0], mlp=[2]),
+        # step 1 gated off whole; the bias adapter at step 2 folds into step 1's MLP bias,
+        # so step 1 stays as a zero feed-forward layer carrying it
+        "block-gated+bias": lambda m: dj.recover(
+            dj.depth.drop_sublayers(m, attn=[1], mlp=[1]), m, CALIB, method="bias"
+        ),
     }
 
 
