@@ -53,6 +53,7 @@ setup(
         "chex",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "importlib_resources",  # imported by tensorflow-datasets builders, not declared by it
+        "gguf>=0.19,<0.20",  # GGUF files for llama.cpp (depthjax.gguf)
     ],
     extras_require={
         # tensorboard: its event reader checks our event files (it needs no TensorFlow).

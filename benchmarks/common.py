@@ -47,6 +47,15 @@ def timed_interleaved(fns: dict, repeat: int = 3, clock=None) -> dict:
     return best
 
 
+def spread(depth: int, fraction: float) -> list[int]:
+    """`fraction` of the steps, evenly spread, never step 0 (the pruned programs of
+    pruning.py and gguf.py)."""
+    import numpy as np
+
+    n = round(depth * fraction)
+    return sorted({int(i) for i in np.linspace(depth - 1, 1, n)})
+
+
 def clock_name() -> str:
     return "CPU seconds of this process" if jax.devices()[0].platform == "cpu" else "wall time"
 

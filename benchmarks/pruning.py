@@ -13,18 +13,11 @@ both paths, and the specialized parallel program faster than the full one.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import depthjax as dj
-from common import clock_name, model_from_args, timed_interleaved
+from common import clock_name, model_from_args, spread, timed_interleaved
 from depthjax.core.flops import forward_flops_per_token
 from depthjax.core.loss import nll_sums
-
-
-def spread(depth: int, fraction: float) -> list[int]:
-    """`fraction` of the steps, evenly spread, never step 0."""
-    n = round(depth * fraction)
-    return sorted({int(i) for i in np.linspace(depth - 1, 1, n)})
 
 
 def variants(model):

@@ -14,11 +14,12 @@ eval       task evaluation and the lm-eval adapter
 search     program search under a budget
 files      files on disk: model directories, checkpoints, integrity, tokenizers, corpora
 hf         Hugging Face checkpoints in and out
+gguf       GGUF files for llama.cpp (gated-off sublayers stay skipped)
 train      the training loop, data, checkpoints of runs
 cli        one module per command of the `depthjax` console script
 """
 
-from . import configs, depth, eval, files, hf, inference, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
+from . import configs, depth, eval, files, gguf, hf, inference, metrics, search  # noqa: A004 (dj.eval: DESIGN name)
 from .core.config import ConfigError, ModelConfig, Remat
 from .core.model import DepthModel, InputError, Trace, apply, init
 from .core.program import Program, ProgramError
@@ -72,6 +73,7 @@ __all__ = [
     "load",
     "CheckpointError",
     "hf",
+    "gguf",
     # generation
     "generate",
     "prefill",

@@ -398,6 +398,19 @@ API = [
         "nothing matches",
     ),
     ("tokenizer spec", lambda m, b: load_tokenizer("bpe"), TokenizerError, "expected 'byte'"),
+    # GGUF export (refused before anything is written)
+    (
+        "gguf of an encoder",
+        lambda m, b: dj.gguf.save(b, "/nonexistent/x.gguf"),
+        dj.gguf.GGUFError,
+        "family 'bert'",
+    ),
+    (
+        "gguf dtype",
+        lambda m, b: dj.gguf.save(m, "/nonexistent/x.gguf", dtype="q4_0"),
+        dj.gguf.GGUFError,
+        "dtype='q4_0'",
+    ),
 ]
 
 
@@ -699,6 +712,20 @@ CLI = [
             str(d / "t.json"),
         ],
         "tokenizer",
+    ),
+    (
+        "convert to gguf onto a file",
+        lambda d: [
+            "convert",
+            "--from",
+            "native",
+            str(d / "ck"),
+            "--to",
+            str(d / "a_file"),
+            "--to-format",
+            "gguf",
+        ],
+        "--overwrite",
     ),
 ]
 

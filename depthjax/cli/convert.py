@@ -1,10 +1,13 @@
-"""`depthjax convert`: Hugging Face directories <-> native depthjax checkpoints.
+"""`depthjax convert`: Hugging Face directories <-> native depthjax checkpoints, and GGUF.
 
     depthjax convert --from hf DIR --to OUT            HF -> native (dj.save; keeps ties)
     depthjax convert --from native DIR --to OUT        native -> HF (dj.hf.save)
     depthjax convert --from hf DIR --to OUT --to-format hf    HF -> HF (re-shard, rewrite)
+    depthjax convert --from native DIR --to OUT.gguf [--dtype q8_0]   -> GGUF (llama.cpp;
+        dj.gguf.save: gated-off sublayers stay skipped; `--to-format gguf` for other names)
 
-Tokenizer files travel with the weights in every direction.
+Tokenizer files travel with the weights in every direction (into a GGUF file as its
+tokenizer metadata).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ def _convert(args) -> int:
     import depthjax as dj
 
     t0 = time.time()
-    to_format = args.to_format or ("native" if args.source_format == "hf" else "hf")
+    to_format = args.to_format or (
+        "gguf"
+        if str(args.out).endswith(".gguf")
+        else "native"
+        if args.source_format == "hf"
+        else "hf"
+    )
     if args.source_format == "hf":
         options = dict(kind="hf", progress=True, ignore_keys=tuple(args.ignore_key))
     else:
@@ -32,7 +41,24 @@ def _convert(args) -> int:
         f"[convert] read {args.source_format} {args.source}: {repr(model).splitlines()[0]}",
         flush=True,
     )
-    if to_format == "hf":
+    if to_format == "gguf":
+        info = dj.gguf.save(
+            model,
+            args.out,
+            dtype=args.dtype,
+            tokenizer=md.tokenizer,
+            bos_token_id=md.special_token("bos_token_id"),
+            eos_token_id=md.special_token("eos_token_id"),
+            drop_adapters=args.drop_adapters,
+            overwrite=args.overwrite,
+        )
+        files = []
+        print(
+            f"[convert] {info['architecture']} graph, {len(info['steps'])} layers; heads "
+            f"{info['head_count']}, kv heads {info['head_count_kv']}, feed-forward "
+            f"{info['feed_forward_length']}"
+        )
+    elif to_format == "hf":
         dj.hf.save(
             model,
             args.out,
@@ -72,9 +98,15 @@ def add_command(sub) -> None:
     p.add_argument("--to", dest="out", metavar="OUT", required=True, help="output directory")
     p.add_argument(
         "--to-format",
-        choices=("hf", "native"),
+        choices=("hf", "native", "gguf"),
         default=None,
-        help="output format (default: the other one)",
+        help="output format (default: gguf for OUT ending in .gguf, else the other one)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("f32", "f16", "q8_0"),
+        default="f32",
+        help="GGUF matrix type (default f32; norms and biases stay f32)",
     )
     p.add_argument(
         "--model-type",
@@ -95,7 +127,9 @@ def add_command(sub) -> None:
         "one cannot be folded exactly; the export then differs from the model)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="HF shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing HF checkpoint or GGUF file"
+    )
     p.add_argument(
         "--ignore-key",
         action="append",

@@ -39,6 +39,11 @@ class JsonTokenizer:
             raise TokenizerError(f"cannot read tokenizer {path}: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` (its JSON travels into GGUF files)."""
+        return self._tok
+
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")

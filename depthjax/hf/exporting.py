@@ -55,18 +55,25 @@ def parse_size(size: int | str) -> int:
 
 
 def export_plan(
-    model: DepthModel, *, zero_gated: bool = False, drop_adapters: bool = False
+    model: DepthModel,
+    *,
+    zero_gated: bool = False,
+    drop_adapters: bool = False,
+    skip_gated: bool = False,
+    error: type[Exception] = HFError,
 ) -> fold_lib.Folded:
-    """The folded layers of the export (see depthjax.depth.fold). Raises HFError for
-    programs and per-step state Hugging Face cannot express."""
+    """The folded layers of the export (see depthjax.depth.fold). Raises `error` (HFError)
+    for programs and per-step state the target cannot express. skip_gated: the target
+    skips gated-off sublayers itself (GGUF's deci graph), so they are allowed; their folded
+    weights are zero and the caller leaves them out."""
     program = model.program
     if not is_concrete(program) or program.block.ndim != 1:
-        raise HFError("export needs one concrete program (not traced, not a batch)")
+        raise error("export needs one concrete program (not traced, not a batch)")
     rows = np.asarray(program.block)
     for name, gate in (("attn", np.asarray(program.attn)), ("mlp", np.asarray(program.mlp))):
         off = np.flatnonzero(gate == 0)
-        if off.size and not zero_gated:
-            raise HFError(
+        if off.size and not (zero_gated or skip_gated):
+            raise error(
                 f"{name} is gated off at steps {off.tolist()}, which Hugging Face "
                 "architectures cannot skip; pass zero_gated=True to export those "
                 "sublayers with zero output weights"
@@ -98,7 +105,7 @@ def export_plan(
             if "adapter" in str(e)
             else ""
         )
-        raise HFError(f"cannot export: {e}{hint}") from None
+        raise error(f"cannot export: {e}{hint}") from None
 
 
 def _is_weights_file(name: str) -> bool:
