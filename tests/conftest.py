@@ -16,6 +16,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import depthjax as dj  # noqa: E402
 
 
+def import_lm_eval(module: str = "lm_eval"):
+    """`module` of lm-eval (the [eval] extra): the test skips without it, and fails instead
+    under DEPTHJAX_REQUIRE_LM_EVAL=1 (CI's stage that installs the extra)."""
+    if os.environ.get("DEPTHJAX_REQUIRE_LM_EVAL") == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 @pytest.fixture(scope="session")
 def tokens():
     """int32 [2, 12] byte tokens."""

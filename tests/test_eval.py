@@ -12,6 +12,7 @@ import depthjax as dj
 import depthjax.depth as D
 import depthjax.metrics as M
 from depthjax.eval import scoring
+from tests.conftest import import_lm_eval
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_rolling_windows_score_each_token_once_with_its_window(model, context_le
 
 
 def test_rolling_windows_match_lm_eval():
-    lm_utils = pytest.importorskip("lm_eval.utils")
+    lm_utils = import_lm_eval("lm_eval.utils")
     ids = list(range(1, 38))
     for max_len, context_len in ((8, 1), (8, 3), (40, 1)):
         ours = [

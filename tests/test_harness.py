@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-if os.environ.get("DEPTHJAX_REQUIRE_LM_EVAL"):  # CI's harness step: a missing lm_eval fails
-    import lm_eval  # noqa: F401
-pytest.importorskip("lm_eval")
+from tests.conftest import import_lm_eval
+
+import_lm_eval()  # skips without lm_eval; fails in CI's [eval] stage
 pytestmark = pytest.mark.slow  # CI runs these in their own step, after installing [eval]
 
 import depthjax as dj  # noqa: E402
