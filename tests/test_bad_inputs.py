@@ -398,6 +398,19 @@ API = [
         "nothing matches",
     ),
     ("tokenizer spec", lambda m, b: load_tokenizer("bpe"), TokenizerError, "expected 'byte'"),
+    # quantization (dj.depth.quantize)
+    (
+        "quantize to 3 bits",
+        lambda m, b: dj.depth.quantize(m, 3),
+        dj.depth.QuantizedError,
+        "4, 8 or 16",
+    ),
+    (
+        "hf export of a quantized model",
+        lambda m, b: dj.hf.save(dj.depth.quantize(m, 8), "/nonexistent/q"),
+        dj.hf.HFError,
+        "quantized.*dequantize=True",
+    ),
 ]
 
 
