@@ -10,7 +10,7 @@ from flax import traverse_util
 
 import depthjax as dj
 import depthjax.depth as D
-from depthjax.core import quant
+from depthjax.core import quant, rows as rows_lib
 from depthjax.depth.quantization import row_importance
 from depthjax.hf.config import HFError
 from depthjax.metrics.scores import Scores
@@ -46,7 +46,7 @@ def _in_dims(path):
 
 def test_quantize_error_is_within_half_a_step_per_group(llama, quantized):
     plain = traverse_util.flatten_dict(llama.params["blocks"])
-    deq = traverse_util.flatten_dict(quant.dequantize(quantized.params["blocks"]))
+    deq = traverse_util.flatten_dict(rows_lib.floats(quantized.params["blocks"]))
     assert set(plain) == set(deq)
     for path, table in plain.items():
         for row, bits in BITS.items():
@@ -168,4 +168,118 @@ def test_table_transforms_on_a_quantized_table(quantized, tokens):
 )
 def test_quantize_refuses(llama, call, match):
     with pytest.raises(D.QuantizedError, match=match):
+        call(llama)
+
+
+# -- TLEG linear expansion ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gene():
+    """A 2-row learngene [theta_A, theta_B] with non-trivial norms (random scales)."""
+    m = dj.init(dj.configs.get("llama-tiny", n_layers=2), jax.random.key(1))
+    rng = np.random.default_rng(0)
+    blocks = jax.tree.map(
+        lambda t: t + 0.1 * rng.standard_normal(t.shape).astype(t.dtype), m.params["blocks"]
+    )
+    return m.replace(params={**m.params, "blocks": blocks})
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_linear_expansion_matches_the_formula_in_numpy(gene, depth, tokens):
+    out = D.linear_expand(gene, depth)
+    assert out.n_blocks == depth and out.depth == depth and out.config.n_layers == depth
+    plain = traverse_util.flatten_dict(gene.params["blocks"])
+    got = traverse_util.flatten_dict(out.params["blocks"])
+    for path, t in plain.items():
+        a, b = np.asarray(t[0], np.float64), np.asarray(t[1], np.float64)
+        for pos in range(depth):
+            want = a + (pos / (depth - 1) if depth > 1 else 0.0) * b
+            np.testing.assert_allclose(np.asarray(got[path][pos]), want, rtol=1e-6, atol=1e-7)
+    trained = D.linear_expand(gene, depth, train=True)
+    assert D.is_expanded(trained) and not D.is_expanded(out)
+    want = reference.forward(out, tokens, reference.sequential(range(depth)))
+    np.testing.assert_allclose(dj.apply(trained, tokens), want, **TOL)
+    np.testing.assert_array_equal(dj.apply(trained, tokens), dj.apply(out, tokens))
+
+
+def test_learngene_round_trips_and_fits_a_line(gene):
+    back = D.learngene(D.linear_expand(gene, 7, train=True))  # exact: the stored genes
+    for a, b in zip(jax.tree.leaves(back.params["blocks"]), jax.tree.leaves(gene.params["blocks"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fitted = D.learngene(D.linear_expand(gene, 6))  # least squares through 6 collinear rows
+    for a, b in zip(
+        jax.tree.leaves(fitted.params["blocks"]), jax.tree.leaves(gene.params["blocks"])
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _loss(params, model, tokens, w):
+    return jnp.sum(dj.apply(model.replace(params=params), tokens) * w)
+
+
+def test_expansion_gradient_matches_finite_differences(gene, tokens):
+    model = D.linear_expand(gene, 4, train=True)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 12, 256)), jnp.float32) / 100
+    params = model.params
+    grads = jax.grad(_loss, allow_int=True)(params, model, tokens, w)
+    # only the genes get gradients (positions are integers, not differentiated)
+    up = grads["blocks"]["mlp"]["up"]["kernel"]
+    assert up["lx_pos"].dtype == jax.dtypes.float0
+    # the chain rule through the expansion: dA = sum_l dtheta_l, dB = sum_l l/(L-1) dtheta_l
+    flat = D.linear_expand(gene, 4)
+    g_rows = jax.grad(_loss)(flat.params, flat, tokens, w)["blocks"]["mlp"]["up"]["kernel"]
+    c = np.arange(4) / 3
+    np.testing.assert_allclose(up["lx_a"], np.asarray(g_rows).sum(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        up["lx_b"], np.tensordot(c, np.asarray(g_rows), axes=1), rtol=1e-4, atol=1e-6
+    )
+    # central finite differences along random directions of theta_A and theta_B
+    rng = np.random.default_rng(2)
+    for key in ("lx_a", "lx_b"):
+        v = rng.standard_normal(up[key].shape).astype(np.float32)
+        v /= np.linalg.norm(v)
+
+        def moved(eps, key=key, v=v):
+            p = jax.tree.map(lambda x: x, params)
+            node = dict(p["blocks"]["mlp"]["up"]["kernel"])
+            node[key] = node[key] + eps * v
+            p["blocks"] = {**p["blocks"], "mlp": {**p["blocks"]["mlp"], "up": {"kernel": node}}}
+            return float(_loss(p, model, tokens, w))
+
+        eps = 1e-2
+        fd = (moved(eps) - moved(-eps)) / (2 * eps)
+        np.testing.assert_allclose(fd, float(np.sum(np.asarray(up[key]) * v)), rtol=2e-2, atol=1e-5)
+
+
+def test_training_keeps_the_expansion_exact(gene, tokens, tmp_path):
+    from depthjax.adaptive.training import fit
+    from depthjax.core.loss import nll_sums
+
+    model = D.linear_expand(gene, 3, train=True)
+
+    def loss(p, t):
+        s, n = nll_sums(dj.apply(model.replace(params=p), t), t, jnp.ones_like(t))
+        return s / n, {}
+
+    params, history = fit(loss, model.params, lambda i: (tokens,), steps=3, lr=1e-2, log=None)
+    node = params["blocks"]["attn"]["q"]["kernel"]
+    assert not np.array_equal(node["lx_a"], model.params["blocks"]["attn"]["q"]["kernel"]["lx_a"])
+    assert np.asarray(node["lx_pos"]).tolist() == [0, 1, 2]  # integers are never trained
+    trained = model.replace(params=params)
+    rows = rows_lib.floats(trained.params["blocks"])["attn"]["q"]["kernel"]
+    np.testing.assert_allclose(rows[1], node["lx_a"] + 0.5 * node["lx_b"], rtol=1e-6, atol=1e-7)
+    dj.save(trained, tmp_path / "tleg")
+    back = dj.load(tmp_path / "tleg")
+    assert D.is_expanded(back)
+    np.testing.assert_array_equal(dj.apply(back, tokens), dj.apply(trained, tokens))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: D.linear_expand(m, 4), "2-row table"),
+        (lambda m: D.linear_expand(D.learngene(m), 0), "positive int"),
+    ],
+)
+def test_linear_expand_refuses(llama, call, match):
+    with pytest.raises(D.LearngeneError, match=match):
         call(llama)

@@ -2,11 +2,13 @@
 
 Program-only edits (drop, drop_sublayers, repeat, reorder, parallelize) share the block
 table's buffers; table edits (tie, materialize, compact, grow) rewrite it; quantize stores
-it in integers with a bit width per row; fold bakes gates, scales and adapters into a plain
-sequential table (what an export needs).
+it in integers with a bit width per row; linear_expand builds a table of any depth from a
+two-row learngene (TLEG); fold bakes gates, scales and adapters into a plain sequential table
+(what an export needs).
 """
 
 from .edit import drop, drop_sublayers, parallelize, reorder, repeat, select_steps
+from .expansion import LearngeneError, is_expanded, learngene, linear_expand
 from .folding import FoldError, fold
 from .merge import average, lines
 from .quantization import QuantizedError, allocate, dequantize, quantize, row_bits, table_bytes
@@ -16,6 +18,7 @@ from .tying import relax, tie, tie_map
 
 __all__ = [
     "FoldError",
+    "LearngeneError",
     "QuantizedError",
     "allocate",
     "average",
@@ -26,6 +29,9 @@ __all__ = [
     "fold",
     "from_spec",
     "grow",
+    "is_expanded",
+    "learngene",
+    "linear_expand",
     "lines",
     "load_spec",
     "materialize",

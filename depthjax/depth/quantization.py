@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ..core import quant, step_params as steps_lib
+from ..core import quant, rows as rows_lib, step_params as steps_lib
 from ..core.model import DepthModel
 from ..core.quant import QuantizedError
 
@@ -161,6 +161,7 @@ def quantize(
     blocks = model.params["blocks"]
     if quant.is_quantized(blocks):
         raise QuantizedError("the model is already quantized; dequantize it first")
+    blocks = rows_lib.floats(blocks)  # a linearly expanded table quantizes as its rows
     if not isinstance(group_size, (int, np.integer)) or group_size < 1:
         raise QuantizedError(f"group_size must be a positive int, got {group_size!r}")
     row_bits = _row_bits(model, bits, average, widths)
@@ -176,15 +177,17 @@ def quantize(
 
 
 def dequantize(model: DepthModel) -> DepthModel:
-    """The model with a float table: each quantized row as the step runs it."""
-    return model.replace(
-        params={**model.params, "blocks": quant.dequantize(model.params["blocks"])}
-    )
+    """The model with a plain float table: each row as the step runs it (quantized rows
+    dequantized, linearly expanded ones computed)."""
+    return model.replace(params={**model.params, "blocks": rows_lib.floats(model.params["blocks"])})
 
 
 def row_bits(model: DepthModel) -> np.ndarray:
     """Bit width of each table row (16 everywhere for a float table)."""
-    return np.asarray(jax.device_get(quant.row_bits(model.params["blocks"])), np.int64)
+    found = quant.row_bits(model.params["blocks"])
+    if found is None:
+        return np.full(model.n_blocks, 16, np.int64)
+    return np.asarray(jax.device_get(found), np.int64)
 
 
 def table_bytes(model: DepthModel, *, packed: bool = False) -> int:
@@ -201,5 +204,5 @@ def table_bytes(model: DepthModel, *, packed: bool = False) -> int:
             per_row = int(np.prod(x[quant.QINT].shape[1:]))
             total -= per_row * int((np.asarray(x[quant.QBITS]) == 4).sum()) // 2
 
-    quant.map_leaves(one, model.params["blocks"])
+    rows_lib.map_leaves(one, model.params["blocks"])
     return total

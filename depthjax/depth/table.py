@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ..core import kinds, quant, step_params as steps_lib
+from ..core import kinds, quant, rows as rows_lib, step_params as steps_lib
 from ..core.model import DepthModel
 from ..core.program import ProgramError
 from .edit import select_steps
@@ -28,7 +28,7 @@ def with_table(model: DepthModel, blocks, program, steps=None, *, rows) -> Depth
     params["blocks"] = blocks
     if steps:
         params["steps"] = steps
-    n = quant.rows(blocks)
+    n = rows_lib.count(blocks)
     if len(np.asarray(rows).reshape(-1)) != n:
         raise ValueError(
             f"with_table: {len(np.asarray(rows).reshape(-1))} source rows for {n} table rows"
@@ -41,7 +41,7 @@ def step_rows(model: DepthModel):
     """The block parameters each step runs, per-step deltas and LoRA folded in:
     leaves [depth, ...]."""
     blocks, steps = model.params["blocks"], model.params.get("steps") or {}
-    rows = quant.take(blocks, model.program.block)  # dequantized, if quantized
+    rows = rows_lib.take(blocks, model.program.block)  # floats, whatever the storage
     folded = {k: v for k, v in steps.items() if k in FOLDED}
     if not folded:
         return rows
@@ -77,7 +77,7 @@ def compact(model: DepthModel) -> DepthModel:
     used, block = np.unique(np.asarray(model.program.block), return_inverse=True)
     if len(used) == model.n_blocks:
         return model
-    blocks = quant.select(model.params["blocks"], used)  # stays quantized
+    blocks = rows_lib.select(model.params["blocks"], used)  # keeps the storage
     program = model.program.replace(block=jnp.asarray(block, jnp.int32))
     return with_table(model, blocks, program, model.params.get("steps"), rows=used)
 

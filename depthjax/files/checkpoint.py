@@ -33,7 +33,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from ..core import quant
+from ..core import rows as rows_lib
 from ..core.config import ModelConfig
 from ..core.model import DepthModel, init
 from ..core.program import Program
@@ -266,7 +266,7 @@ def load(path, *, verify: bool = True) -> DepthModel:
         )
     check_params(config, params)
     params = jax.tree.map(jnp.asarray, params)
-    n_blocks = quant.rows(params["blocks"])
+    n_blocks = rows_lib.count(params["blocks"])
     program_json = _json(_read(path, "program.json", digests), path / "program.json")
     program = Program.from_dict(program_json, n_blocks=n_blocks)
     return DepthModel(config, params, program)
@@ -282,14 +282,13 @@ def check_params(config: ModelConfig, params: dict) -> None:
     for part in ("embed", "blocks", "head"):
         if part not in params:
             raise CheckpointError(f"params lack the {part!r} subtree")
-    rows = {x.shape[0] for x in quant.table_leaves(params["blocks"])}
+    rows = {x.shape[0] for x in rows_lib.leading(params["blocks"])}
     if len(rows) != 1:
         raise CheckpointError(f"block table leaves disagree on the number of rows: {sorted(rows)}")
-    try:
-        quant.check(params["blocks"])
-    except quant.QuantizedError as e:
-        raise CheckpointError(str(e)) from None
-    params = {**params, "blocks": quant.logical(params["blocks"])}
+    problems = rows_lib.problems(params["blocks"])
+    if problems:
+        raise CheckpointError("malformed stored block table: " + "; ".join(problems[:4]))
+    params = {**params, "blocks": rows_lib.logical(params["blocks"])}
     # shapes do not depend on the rows' attention kinds
     cfg = config.replace(n_layers=rows.pop(), layer_types=None, sliding_window=None)
     expected = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))

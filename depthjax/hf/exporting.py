@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..core import quant
+from ..core import quant, rows as rows_lib
 from ..core.model import DepthModel
 from ..core.program import ProgramError, is_concrete
 from ..depth import folding as fold_lib
@@ -159,8 +159,9 @@ def save(
                 "checkpoint cannot express; pass dequantize=True to export its rows "
                 "dequantized to floats"
             )
+    if not rows_lib.is_plain(model.params["blocks"]):  # dequantized or expanded rows
         model = model.replace(
-            params={**model.params, "blocks": quant.dequantize(model.params["blocks"])}
+            params={**model.params, "blocks": rows_lib.floats(model.params["blocks"])}
         )
     model_type = model_type or default_model_type(model.config)
     folded = export_plan(model, zero_gated=zero_gated, drop_adapters=drop_adapters)
