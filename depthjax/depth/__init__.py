@@ -11,7 +11,15 @@ from .edit import drop, drop_sublayers, parallelize, reorder, repeat, select_ste
 from .expansion import LearngeneError, is_expanded, learngene, linear_expand
 from .folding import FoldError, fold
 from .merge import average, lines
-from .quantization import QuantizedError, allocate, dequantize, quantize, row_bits, table_bytes
+from .quantization import (
+    QuantizedError,
+    allocate,
+    dequantize,
+    quantize,
+    row_bits,
+    row_importance,
+    table_bytes,
+)
 from .spec import from_spec, load_spec, to_spec
 from .table import compact, grow, materialize, step_rows
 from .tying import relax, tie, tie_map
@@ -41,6 +49,7 @@ __all__ = [
     "reorder",
     "repeat",
     "row_bits",
+    "row_importance",
     "select_steps",
     "step_rows",
     "table_bytes",
