@@ -1,4 +1,4 @@
-"""Quantized block tables: how they are stored, and the one place a row is read back.
+"""Quantized block tables: how they are stored, and how one row is read back.
 
 `dj.depth.quantize` replaces each kernel leaf of `params["blocks"]` (a table [n, *in, *out])
 by a dict holding the table in integers with per-row bit widths:
@@ -17,11 +17,11 @@ width would need a branch or a compile per width). 4- and 8-bit rows share int8 
 take). A 16-bit row is "not quantized": it must run bit-identical to the original, which no
 16-bit integer (or float16 copy of a float32 row) can promise, so those rows sit in a side
 table `qfull` of the kernel's own dtype, holding only them (m rows, not n). That side table
-is the one leaf without the table's leading [n] axis: rows are read through `take`, never
-by indexing leaves directly, and `rows` counts the table.
+is the one leaf without the table's leading [n] axis: rows are read through
+`depthjax.core.rows.take`, never by indexing leaves directly, and `rows.count` counts them.
 
 Norm scales and biases stay in floats; embeddings and the head are not in the table.
-`take(blocks, r)` is the only place a quantized row is dequantized: every path that walks a
+`dequantize_row` is called only by `rows.take`, the one row reader: every path that walks a
 program (dj.apply, traces, decoding, dj.specialize) gathers its rows through it, inside the
 step, so the float table never exists in memory.
 """
