@@ -411,6 +411,12 @@ API = [
         dj.hf.HFError,
         "quantized.*dequantize=True",
     ),
+    (
+        "linear_expand of a 3-row table",
+        lambda m, b: dj.depth.linear_expand(dj.depth.grow(m, 0), 4),
+        dj.depth.LearngeneError,
+        "2-row table",
+    ),
 ]
 
 
