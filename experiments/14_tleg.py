@@ -85,10 +85,14 @@ def main(argv=None):
     aux_losses = []
     for seed in range(args.seeds):
         cfg = dj.configs.get(args.model, **common.model_overrides(args, n_layers=2))
-        seed_gene = dj.init(cfg, jax.random.key(seed))  # rows: theta_A, theta_B
+        # the line through two random layers: theta_A = layer 0, theta_B = layer 1 - layer 0
+        # (norm scales: theta_B = 0, so every layer starts at scale 1)
+        seed_gene = depth.learngene(dj.init(cfg, jax.random.key(seed)))
         aux = depth.linear_expand(seed_gene, args.aux_depth, train=True)
-        settings = dict(base, kind="aux", depth=args.aux_depth, steps=aux_steps, seed=seed)
-        aux = trained_fit(args, f"tleg-aux-s{seed}", settings, aux, aux_steps, seed)
+        aux_settings = dict(
+            base, kind="aux", init="line", depth=args.aux_depth, steps=aux_steps, seed=seed
+        )
+        aux = trained_fit(args, f"tleg-aux-s{seed}", aux_settings, aux, aux_steps, seed)
         aux_losses.append(common.loss(aux, data))
         gene = depth.learngene(aux)
         for d in depths:
@@ -96,11 +100,10 @@ def main(argv=None):
             settings = dict(
                 base,
                 kind="tune",
-                aux=aux_steps,
+                aux=aux_settings,  # a new auxiliary run is a new tuning
                 depth=d,
                 steps=args.tune_steps,
                 seed=seed,
-                aux_depth=args.aux_depth,
             )
             tuned = trained_fit(
                 args, f"tleg-d{d}-s{seed}", settings, expanded, args.tune_steps, seed + 100
