@@ -34,12 +34,9 @@ def span_curve(model, data, score_data) -> np.ndarray:
 
 def main(argv=None):
     p = common.parser("01_metric_comparison", __doc__)
-    p.add_argument("--shapley-permutations", type=int, default=24)
-    p.add_argument("--random-orders", type=int, default=8)
+    common.ordering_flags(p)
     args = common.parse(p, argv, __file__)
-    out = common.out_dir(args)
-    model = common.base_model(args)
-    score_data, data = common.score_batches(args), common.eval_batches(args)
+    out, model, score_data, data = common.scored_base(args)
     S = model.depth
 
     scores, seconds = {}, {}

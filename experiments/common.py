@@ -127,6 +127,17 @@ def batches(args, n: int, seed: int) -> list[np.ndarray]:
     ]
 
 
+def ordering_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of scripts that compare importance orderings with random controls."""
+    p.add_argument("--shapley-permutations", type=int, default=24)
+    p.add_argument("--random-orders", type=int, default=8)
+
+
+def scored_base(args):
+    """(results dir, base model, score batches, eval batches) of an ordering script."""
+    return out_dir(args), base_model(args), score_batches(args), eval_batches(args)
+
+
 def eval_batches(args):
     return batches(args, args.eval_batches, seed=1000)
 

@@ -411,6 +411,25 @@ API = [
         dj.gguf.GGUFError,
         "dtype='q4_0'",
     ),
+    # quantization (dj.depth.quantize)
+    (
+        "quantize to 3 bits",
+        lambda m, b: dj.depth.quantize(m, 3),
+        dj.depth.QuantizedError,
+        "4, 8 or 16",
+    ),
+    (
+        "hf export of a quantized model",
+        lambda m, b: dj.hf.save(dj.depth.quantize(m, 8), "/nonexistent/q"),
+        dj.hf.HFError,
+        "quantized.*dequantize=True",
+    ),
+    (
+        "linear_expand of a 3-row table",
+        lambda m, b: dj.depth.linear_expand(dj.depth.grow(m, 0), 4),
+        dj.depth.LearngeneError,
+        "2-row table",
+    ),
 ]
 
 

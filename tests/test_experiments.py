@@ -231,3 +231,33 @@ def test_search_and_attribution_script(cache, tmp_path):
     ranks = {name: rank for _, name, _, rank, *_ in data["search_rows"]}
     assert ranks["enumeration (all subsets)"] == 1 and ranks["beam (width 4)"] == 1
     assert all(r == "-" or r >= 1 for r in ranks.values())
+
+
+@pytest.mark.slow
+def test_layerwise_quantization_script(cache, tmp_path):
+    """Experiment 13 at the tiniest flags: every curve starts at the all-8-bit loss and
+    ends at the all-4-bit loss (whatever the ordering), each point is the naive loss of the
+    model quantized as the ordering says, and the random control has one std per point."""
+    flags = ["--shapley-permutations", "2", "--random-orders", "2"]
+    out, md, data = run("13_layerwise_quantization", cache, tmp_path, *flags)
+    assert (out / "loss_vs_fraction.png").stat().st_size > 1000
+    curves = data["curves"]
+    starts = {round(c[0], 6) for c in curves.values()}
+    ends = {round(c[-1], 6) for c in curves.values()}
+    assert len(starts) == 1 and len(ends) == 1 and len(data["random_std"]) == 5
+    exp = script("13_layerwise_quantization")
+    args = script("common").parser("x", "").parse_args(TINY + ["--cache", str(cache)])
+    model, batches = script("common").base_model(args), script("common").eval_batches(args)
+    order = data["orders"]["ablation"]
+    q = dj.depth.quantize(model, exp.bits_for(order, 2, 4, 4, 8), group_size=32)
+    assert naive_loss(q, batches) == pytest.approx(curves["ablation"][2], abs=2e-5)
+
+
+@pytest.mark.slow
+def test_tleg_script(cache, tmp_path):
+    """Experiment 14 at the tiniest flags: two seeds, two depths, a loss per seed each."""
+    flags = ["--depths", "2,3", "--seeds", "2", "--aux-depth", "3", "--tune-steps", "2"]
+    out, md, data = run("14_tleg", cache, tmp_path, *flags)
+    assert (out / "tleg_vs_scratch.png").stat().st_size > 1000
+    assert all(len(v) == 2 and np.isfinite(v).all() for v in data["losses"].values())
+    assert "+-" in md

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import DepthjaxError
-from . import program as program_lib, step_params as steps_lib
+from . import program as program_lib, rows as rows_lib, step_params as steps_lib
 from .block import Block
 from .config import ModelConfig
 from .layers import init_normal, make_norm
@@ -119,7 +119,7 @@ class DepthModel:
     @property
     def n_blocks(self) -> int:
         """Rows of the block table."""
-        return jax.tree.leaves(self.params["blocks"])[0].shape[0]
+        return rows_lib.count(self.params["blocks"])
 
     @property
     def depth(self) -> int:
@@ -229,7 +229,7 @@ def check_inputs(model: DepthModel, tokens_BT, mask_BT, token_types_BT, segment_
         types = np.asarray(token_types_BT)
         if types.size and (types.min() < 0 or types.max() >= cfg.type_vocab_size):
             raise InputError(f"token_types hold values outside 0..{cfg.type_vocab_size - 1}")
-    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(model.params["blocks"])}
+    sizes = {leaf.shape[0] for leaf in rows_lib.leading(model.params["blocks"])}
     if sizes != {model.n_blocks}:
         raise ProgramError(f"block table leaves disagree on the number of rows: {sorted(sizes)}")
     if model.program.block.ndim != 1:

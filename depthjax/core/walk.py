@@ -33,7 +33,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import kinds as kinds_lib, step_params as steps_lib
+from . import kinds as kinds_lib, rows as rows_lib, step_params as steps_lib
 from .block import step_updates
 from .config import ModelConfig, Remat
 from .program import Program
@@ -118,7 +118,7 @@ def program_step(
     if step_params and "adapter" in step_params:
         update = steps_lib.adapter_update(step_params["adapter"], base)
         base = base + jnp.where(step_prog.parallel, jnp.zeros_like(update), update)
-    row = jax.tree.map(lambda table: table[step_prog.block], blocks)
+    row = rows_lib.take(blocks, step_prog.block)  # stored rows are made floats here
     attn_kwargs.update(kinds_lib.row_kind(cfg, step_prog.block))  # gathered like the row
     out = sublayer_updates(
         cfg,

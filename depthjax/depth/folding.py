@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ..core import kinds, step_params as steps_lib
+from ..core import kinds, quant, step_params as steps_lib
 from ..core.model import DepthModel
 from ..core.program import Program, ProgramError
 from ..errors import DepthjaxError
@@ -81,6 +81,7 @@ def adapter_name(model: DepthModel, step: int) -> str:
 def check_foldable(model: DepthModel) -> None:
     """Raise FoldError (ProgramError for parallel groups) naming the first gate, scale or
     adapter that `fold` cannot fold exactly."""
+    quant.require_float(model.params["blocks"], "fold")
     cfg = model.config
     if np.asarray(model.program.parallel).any():
         raise ProgramError(

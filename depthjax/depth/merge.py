@@ -9,12 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core import quant
 from ..core.model import DepthModel
 from ..core.program import ProgramError
 
 
 def _check_same_table(models: Sequence[DepthModel], what: str) -> None:
     first = models[0]
+    for m in models:
+        quant.require_float(m.params["blocks"], what)
     ref = jax.tree.structure(first.params)
     for i, m in enumerate(models[1:], 1):
         if m.config != first.config:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ..core import kinds, step_params as steps_lib
+from ..core import kinds, quant, rows as rows_lib, step_params as steps_lib
 from ..core.model import DepthModel
 from ..core.program import ProgramError
 from .edit import select_steps
@@ -28,7 +28,7 @@ def with_table(model: DepthModel, blocks, program, steps=None, *, rows) -> Depth
     params["blocks"] = blocks
     if steps:
         params["steps"] = steps
-    n = jax.tree.leaves(blocks)[0].shape[0]
+    n = rows_lib.count(blocks)
     if len(np.asarray(rows).reshape(-1)) != n:
         raise ValueError(
             f"with_table: {len(np.asarray(rows).reshape(-1))} source rows for {n} table rows"
@@ -41,7 +41,7 @@ def step_rows(model: DepthModel):
     """The block parameters each step runs, per-step deltas and LoRA folded in:
     leaves [depth, ...]."""
     blocks, steps = model.params["blocks"], model.params.get("steps") or {}
-    rows = jax.tree.map(lambda t: t[model.program.block], blocks)
+    rows = rows_lib.take(blocks, model.program.block)  # floats, whatever the storage
     folded = {k: v for k, v in steps.items() if k in FOLDED}
     if not folded:
         return rows
@@ -77,7 +77,7 @@ def compact(model: DepthModel) -> DepthModel:
     used, block = np.unique(np.asarray(model.program.block), return_inverse=True)
     if len(used) == model.n_blocks:
         return model
-    blocks = jax.tree.map(lambda t: t[used], model.params["blocks"])
+    blocks = rows_lib.select(model.params["blocks"], used)  # keeps the storage
     program = model.program.replace(block=jnp.asarray(block, jnp.int32))
     return with_table(model, blocks, program, model.params.get("steps"), rows=used)
 
@@ -101,6 +101,7 @@ def grow(model: DepthModel, after: int, init: str = "identity") -> DepthModel:
     init="identity": that copy with its output projections zeroed, so the model's function
     is unchanged (LLaMA-Pro / depth up-scaling). Post-norm blocks cannot be an identity.
     """
+    quant.require_float(model.params["blocks"], "grow")
     if init not in ("identity", "copy"):
         raise ValueError(f"init must be 'identity' or 'copy', got {init!r}")
     if init == "identity" and model.config.norm_placement == "post":

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ..core import kinds, step_params as steps_lib
+from ..core import kinds, quant, step_params as steps_lib
 from ..core.model import DepthModel
 from ..core.program import ProgramError, is_concrete
 from .table import step_rows, with_table
@@ -130,6 +130,8 @@ def relax(
     vectors=True, biases and norm weights also get exact per-step deltas
     (params["steps"]["delta"]), which are tiny next to the kernels.
     """
+    quant.require_float(model.params["blocks"], "relax")
+    quant.require_float(original.params["blocks"], "relax (the original)")
     if original.depth != model.depth:
         raise ProgramError(
             f"relax needs programs of equal depth: model has {model.depth} "

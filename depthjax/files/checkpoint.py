@@ -33,6 +33,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from ..core import rows as rows_lib
 from ..core.config import ModelConfig
 from ..core.model import DepthModel, init
 from ..core.program import Program
@@ -265,7 +266,7 @@ def load(path, *, verify: bool = True) -> DepthModel:
         )
     check_params(config, params)
     params = jax.tree.map(jnp.asarray, params)
-    n_blocks = jax.tree.leaves(params["blocks"])[0].shape[0]
+    n_blocks = rows_lib.count(params["blocks"])
     program_json = _json(_read(path, "program.json", digests), path / "program.json")
     program = Program.from_dict(program_json, n_blocks=n_blocks)
     return DepthModel(config, params, program)
@@ -274,15 +275,20 @@ def load(path, *, verify: bool = True) -> DepthModel:
 def check_params(config: ModelConfig, params: dict) -> None:
     """Raise CheckpointError unless embed/blocks/head have exactly the shapes `config` makes.
 
-    The block table may have any number of rows (tied or grown models); other top-level
-    subtrees (e.g. adapters) are not checked here.
+    The block table may have any number of rows (tied or grown models) and may be quantized
+    (each quantized kernel checked for consistency, then as the float table it stands for);
+    other top-level subtrees (e.g. adapters) are not checked here.
     """
     for part in ("embed", "blocks", "head"):
         if part not in params:
             raise CheckpointError(f"params lack the {part!r} subtree")
-    rows = {x.shape[0] for x in jax.tree.leaves(params["blocks"])}
+    rows = {x.shape[0] for x in rows_lib.leading(params["blocks"])}
     if len(rows) != 1:
         raise CheckpointError(f"block table leaves disagree on the number of rows: {sorted(rows)}")
+    problems = rows_lib.problems(params["blocks"])
+    if problems:
+        raise CheckpointError("malformed stored block table: " + "; ".join(problems[:4]))
+    params = {**params, "blocks": rows_lib.logical(params["blocks"])}
     # shapes do not depend on the rows' attention kinds
     cfg = config.replace(n_layers=rows.pop(), layer_types=None, sliding_window=None)
     expected = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ..core import quant, rows as rows_lib
 from ..core.model import DepthModel
 from ..core.program import ProgramError, is_concrete
 from ..depth import folding as fold_lib
@@ -133,6 +134,7 @@ def save(
     model_type: str | None = None,
     zero_gated: bool = False,
     drop_adapters: bool = False,
+    dequantize: bool = False,
     max_shard_size: int | str = "5GB",
     tokenizer=None,
     files=(),
@@ -146,12 +148,28 @@ def save(
     or output norms of peri/out-norm models). drop_adapters: export without any recovery
     adapter, foldable ones included (with a warning naming their steps: the export then
     differs from the model); without it an adapter that cannot be folded raises HFError.
+    dequantize: export a quantized model (dj.depth.quantize) with its rows dequantized to
+    floats; without it a quantized model raises HFError (Hugging Face configs cannot say
+    which layer holds which bit width).
     tokenizer: a `tokenizers.Tokenizer` to write as tokenizer.json; files: other files to
     copy in (tokenizer_config.json, ...). overwrite=True replaces an existing checkpoint at
     `path`: the new one is written beside it and swapped in (depthjax.files.atomic), so a kill at
     any moment leaves the old or the new one whole; other files already in `path` (a
     README, a tokenizer) are kept. Returns the names of the files written.
     """
+    if quant.is_quantized(model.params["blocks"]):
+        if not dequantize:
+            widths = sorted(set(np.asarray(quant.row_bits(model.params["blocks"])).tolist()))
+            raise HFError(
+                f"this model is quantized (dj.depth.quantize: bit widths {widths} per "
+                "table row), which a Hugging Face "
+                "checkpoint cannot express; pass dequantize=True to export its rows "
+                "dequantized to floats"
+            )
+    if not rows_lib.is_plain(model.params["blocks"]):  # dequantized or expanded rows
+        model = model.replace(
+            params={**model.params, "blocks": rows_lib.floats(model.params["blocks"])}
+        )
     model_type = model_type or default_model_type(model.config)
     folded = export_plan(model, zero_gated=zero_gated, drop_adapters=drop_adapters)
     out_cfg = folded.config

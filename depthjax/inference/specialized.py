@@ -41,7 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import kinds as kinds_lib, program as program_lib, step_params as steps_lib
+from ..core import (
+    kinds as kinds_lib,
+    program as program_lib,
+    rows as rows_lib,
+    step_params as steps_lib,
+)
 from ..core.model import DepthModel, check_inputs, default_positions, embed, output_head
 from ..core.program import ProgramError, is_concrete
 from ..core.walk import rematerialized, sublayer_updates
@@ -281,7 +286,7 @@ def _run(cfg, model, run: Run, x_BTD, positions_BT, cache=None, prefill=True, **
         x, kv = carry
         r, a, m, s, slot = xs
         uses_cache = cache is not None and parts.attn
-        row = jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, r, keepdims=False), blocks)
+        row = rows_lib.take(blocks, r)
         kind = kinds_lib.row_kind(cfg, r)  # each row's attention kind travels with it
         view = StepCache(kv, slot, jnp.ones(x.shape[:1], bool), prefill) if uses_cache else None
         if parts.adapter:  # a recovery adapter on the step's input
@@ -331,7 +336,12 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
     blocks = model.params["blocks"]
     if cache is None:  # one vmapped call per batch of members with the same sublayers
         for batch in group.batches():
-            rows = _take(blocks, [m.row for m in batch])
+            idx = [m.row for m in batch]
+            rows = (
+                _take(blocks, idx)
+                if rows_lib.is_plain(blocks)
+                else rows_lib.take(blocks, np.asarray(idx, np.int32))
+            )
             kind = kinds_lib.row_kind(cfg, jnp.asarray([m.row for m in batch]))
             ga, gm, sp = _step_data(model, [m.step for m in batch])
             fold = batch[0].attn and len(batch) > 1 and shares_normalized_input(cfg)
@@ -352,7 +362,7 @@ def _group(cfg, model, group: Group, x_BTD, positions_BT, cache=None, prefill=Tr
     else:  # decoding: member by member, each writing its own slot
         slot_map = cache.slot_map()
         for m in group.members:
-            row = jax.tree.map(lambda a, m=m: a[m.row], blocks)
+            row = rows_lib.take(blocks, m.row)
             ga, gm, sp = jax.tree.map(lambda a: a[0], _step_data(model, [m.step]))
             view = (
                 StepCache(

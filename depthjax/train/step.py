@@ -41,12 +41,19 @@ def path_str(path) -> str:
 
 
 def trainable_mask(params, pattern: str):
-    """Bool tree: True for leaves whose path ('blocks/attn/q/kernel') matches `pattern`."""
+    """Bool tree: True for float leaves whose path ('blocks/attn/q/kernel') matches
+    `pattern`. Integer leaves (quantized integers, a linear expansion's row positions) are
+    never trained."""
     try:
         regex = re.compile(pattern)
     except re.error as e:
         raise TrainConfigError(f"trainable={pattern!r} is not a valid regex: {e}") from None
-    mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(path_str(p))), params)
+    mask = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            bool(regex.search(path_str(p))) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        ),
+        params,
+    )
     if not any(jax.tree.leaves(mask)):
         paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
         raise TrainConfigError(
