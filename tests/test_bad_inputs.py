@@ -411,6 +411,12 @@ API = [
         dj.gguf.GGUFError,
         "dtype='q4_0'",
     ),
+    (
+        "gguf of a quantized model",
+        lambda m, b: dj.gguf.save(dj.depth.quantize(m, 8), "/nonexistent/x.gguf"),
+        dj.gguf.GGUFError,
+        "quantized.*dequantize",
+    ),
     # quantization (dj.depth.quantize)
     (
         "quantize to 3 bits",

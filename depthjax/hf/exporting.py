@@ -70,6 +70,15 @@ def export_plan(
     program = model.program
     if not is_concrete(program) or program.block.ndim != 1:
         raise error("export needs one concrete program (not traced, not a batch)")
+    if quant.is_quantized(model.params["blocks"]):
+        raise error(
+            "this model is quantized (dj.depth.quantize), which the export cannot express; "
+            "dequantize it first (dj.depth.dequantize, or dj.hf.save(..., dequantize=True))"
+        )
+    if not rows_lib.is_plain(model.params["blocks"]):  # linearly expanded rows (TLEG)
+        model = model.replace(
+            params={**model.params, "blocks": rows_lib.floats(model.params["blocks"])}
+        )
     rows = np.asarray(program.block)
     for name, gate in (("attn", np.asarray(program.attn)), ("mlp", np.asarray(program.mlp))):
         off = np.flatnonzero(gate == 0)
