@@ -880,16 +880,10 @@ def test_shuffle_window_0_is_said_in_the_first_log_line():
 def test_tokenizer_json_truncation_and_padding_do_not_cut_documents(tmp_path):
     """all-MiniLM's tokenizer.json truncates to 128 and pads: that is for single model
     inputs; corpus and task text are encoded whole."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tests.conftest import char_tokenizer
 
-    tok = Tokenizer(
-        models.WordLevel({chr(i): i for i in range(255)} | {"[UNK]": 255}, unk_token="[UNK]")
-    )
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.enable_truncation(max_length=8)
-    tok.enable_padding(length=16, pad_id=0, pad_token="\x00")
-    tok.save(str(tmp_path / "tokenizer.json"))
-    ids = load_tokenizer(str(tmp_path / "tokenizer.json")).encode("a longer document " * 4)
+    path = char_tokenizer(tmp_path / "tokenizer.json", truncate=8, pad=16)
+    ids = load_tokenizer(str(path)).encode("a longer document " * 4)
     assert len(ids) == 72 and 0 not in ids.tolist()
 
 

@@ -158,16 +158,10 @@ def test_score_on_a_sentence_transformers_directory(tmp_path):
 def test_encoder_directory_whose_tokenizer_truncates_and_pads(tmp_path, capsys):
     """all-MiniLM ships a tokenizer.json with truncation (max_length 128) and padding:
     score, prune and eval must still see whole documents."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tests.conftest import char_tokenizer
 
     st = _sentence_transformers_dir(tmp_path)
-    tok = Tokenizer(
-        models.WordLevel({chr(i): i for i in range(255)} | {"[UNK]": 255}, unk_token="[UNK]")
-    )
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.enable_truncation(max_length=8)
-    tok.enable_padding(length=8, pad_id=0, pad_token="\x00")
-    tok.save(str(st / "tokenizer.json"))
+    char_tokenizer(st / "tokenizer.json", truncate=8, pad=8)
     (tmp_path / "any.txt").write_text("a sentence that is longer than eight tokens. " * 40)
     data = ["--data", str(tmp_path / "any.txt"), "--batches", "1", "--batch-size", "2"]
     data += ["--seq-len", "32"]
