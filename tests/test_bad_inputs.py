@@ -470,6 +470,11 @@ CLI = [
         r"key 1 \(int\) is not a name",
     ),
     (
+        "train batch that cannot fit",
+        lambda d: ["train", "--out", str(d / "big"), "model=llama-tiny", "batch_size=1000000"],
+        r"needs at least [\d.]+ GiB per device .* but a device has",
+    ),
+    (
         "train --config missing",
         lambda d: ["train", "--out", str(d / "r"), "--config", str(d / "nope.yaml")],
         "nope.yaml",
@@ -938,3 +943,15 @@ def test_a_run_that_cannot_fit_is_refused_before_the_first_step():
     with pytest.raises(TrainConfigError, match=r"needs at least .* GiB per device .* has "):
         memory.check_fits(cfg, tc, **kw)
     memory.check_fits(cfg, parse(["model=llama-tiny", "batch_size=8"]), **kw)  # fits
+
+
+def test_a_collective_that_cannot_complete_names_the_silent_process(monkeypatch):
+    from depthjax.train import hosts
+
+    monkeypatch.setattr(hosts, "silent_processes", lambda: [1])
+    error = hosts.lost("barrier 'depthjax-compiled'", RuntimeError("Gloo all-reduce failed"))
+    assert isinstance(error, dj.DepthjaxError)
+    assert "process(es) 1 stopped answering" in str(error)
+    assert "Gloo all-reduce failed" in str(error) and "resume" in str(error)
+    monkeypatch.setattr(hosts, "silent_processes", lambda: None)
+    assert "cannot say which" in str(hosts.lost("a collective", RuntimeError("x")))
