@@ -26,6 +26,23 @@ def import_lm_eval(module: str = "lm_eval"):
     return pytest.importorskip(module)
 
 
+def char_tokenizer(path, *, truncate: int | None = None, pad: int | None = None):
+    """Write a character-level tokenizer.json (255 characters + [UNK] = 256 ids) to `path`,
+    optionally with the truncation and padding settings a shipped tokenizer may carry."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(
+        models.WordLevel({chr(i): i for i in range(255)} | {"[UNK]": 255}, unk_token="[UNK]")
+    )
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if truncate:
+        tok.enable_truncation(max_length=truncate)
+    if pad:
+        tok.enable_padding(length=pad, pad_id=0, pad_token="\x00")
+    tok.save(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokens():
     """int32 [2, 12] byte tokens."""

@@ -39,6 +39,7 @@ def files(tmp_path_factory, m):
     (d / "a_file").write_text("not a directory")
     (d / "broken.yaml").write_text("steps: [1, 2\nlr: 3\n")
     (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "int_key.yaml").write_text("1: 2\n")
     (d / "spec_parallel.yaml").write_text('slices:\n  - layers: [0, 1]\n    parallel: "false"\n')
     (d / "spec_bool_rows.yaml").write_text("slices:\n  - layers: [true, 1]\n")
     (d / "spec_string_gate.yaml").write_text('slices:\n  - layers: [0, 1]\n    mlp: "0.5"\n')
@@ -46,8 +47,33 @@ def files(tmp_path_factory, m):
     (d / "spec_range_bool.yaml").write_text("slices:\n  - layer_range: [0, true]\n")
     (d / "spec_list.yaml").write_text("- layers: [0]\n")
     (d / "spec_ok.yaml").write_text("slices:\n  - layers: [1, 0]\n")
+    (d / "spec_empty_layers.yaml").write_text("slices:\n  - layers: []\n")
     dj.hf.save(m, str(d / "hf"))
+    _bad_checkpoints(d, m)
     return d
+
+
+def _bad_checkpoints(d, m):
+    """Checkpoints whose digests are all consistent but whose content is not a model."""
+    import json
+    import shutil
+
+    from depthjax.files import integrity
+
+    dj.save(m, d / "ck_no_files")
+    manifest = json.loads((d / "ck_no_files" / "manifest.json").read_text())
+    del manifest["files"], manifest["sha256"]
+    integrity.write_sealed(d / "ck_no_files" / "manifest.json", manifest)
+    dj.save(m.replace(params=jax.tree.map(lambda x: x.astype(np.int32), m.params)), d / "ck_int")
+    for name, key, value in [
+        ("hf_rope_scaling_text", "rope_scaling", "linear"),
+        ("hf_rope_parameters_text", "rope_parameters", "linear"),
+        ("hf_auto_map", "auto_map", {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}),
+        ("hf_minus_layers", "num_hidden_layers", -1),
+    ]:
+        shutil.copytree(d / "hf", d / name)
+        config = json.loads((d / name / "config.json").read_text())
+        (d / name / "config.json").write_text(json.dumps({**config, key: value}))
 
 
 def _ids(m, value):
@@ -145,6 +171,12 @@ API = [
         lambda m, b: dj.generate(m, OK, 2, temperature=1.0, top_p=math.nan, key=jax.random.key(0)),
         GenerationError,
         "top_p",
+    ),
+    (
+        "generate top_k 2.5",
+        lambda m, b: dj.generate(m, OK, 3, temperature=1.0, top_k=2.5, key=jax.random.key(0)),
+        GenerationError,
+        r"top_k must be an integer >= 1, got 2\.5",
     ),
     (
         "generate top_k 0",
@@ -471,6 +503,16 @@ CLI = [
         r"binary\.yaml",
     ),
     (
+        "train --config non-string key",
+        lambda d: ["train", "--out", str(d / "r"), "--config", str(d / "int_key.yaml")],
+        r"key 1 \(int\) is not a name",
+    ),
+    (
+        "train batch that cannot fit",
+        lambda d: ["train", "--out", str(d / "big"), "model=llama-tiny", "batch_size=1000000"],
+        r"needs at least [\d.]+ GiB per device .* but a device has",
+    ),
+    (
         "train --config missing",
         lambda d: ["train", "--out", str(d / "r"), "--config", str(d / "nope.yaml")],
         "nope.yaml",
@@ -681,6 +723,63 @@ CLI = [
     ),
     ("depth of an HF directory", lambda d: ["depth", "--in", str(d / "hf")], "manifest.json"),
     (
+        "native manifest without files",
+        lambda d: ["convert", "--from", "native", str(d / "ck_no_files"), "--to", str(d / "o1")],
+        r"manifest\.json is not a complete depthjax manifest.*'files' \(missing\)",
+    ),
+    (
+        "native int32 tensors",
+        lambda d: ["convert", "--from", "native", str(d / "ck_int"), "--to", str(d / "o2")],
+        r"embed/.* has dtype int32, not floating point",
+    ),
+    (
+        "hf rope_scaling is text",
+        lambda d: [
+            "convert",
+            "--from",
+            "hf",
+            str(d / "hf_rope_scaling_text"),
+            "--to",
+            str(d / "o3"),
+        ],
+        r"rope_scaling.*'linear'",
+    ),
+    (
+        "hf rope_parameters is text",
+        lambda d: [
+            "convert",
+            "--from",
+            "hf",
+            str(d / "hf_rope_parameters_text"),
+            "--to",
+            str(d / "o4"),
+        ],
+        r"rope_parameters.*'linear'",
+    ),
+    (
+        "hf num_hidden_layers -1",
+        lambda d: ["convert", "--from", "hf", str(d / "hf_minus_layers"), "--to", str(d / "o6")],
+        r"num_hidden_layers must be a positive integer, got -1",
+    ),
+    (
+        "spec with empty layers",
+        lambda d: [
+            "depth",
+            "--in",
+            str(d / "ck"),
+            "--spec",
+            str(d / "spec_empty_layers.yaml"),
+            "--out",
+            str(d / "o7"),
+        ],
+        r"slice 0: layers is empty",
+    ),
+    (
+        "hf auto_map",
+        lambda d: ["convert", "--from", "hf", str(d / "hf_auto_map"), "--to", str(d / "o5")],
+        r"auto_map",
+    ),
+    (
         "convert onto a checkpoint",
         lambda d: ["convert", "--from", "native", str(d / "ck"), "--to", str(d / "hf")],
         "already holds a checkpoint",
@@ -807,3 +906,104 @@ def test_every_library_error_is_a_user_error(error, monkeypatch, capsys):
     code, err = _cli(["raises"], capsys)
     assert code == 2, err
     assert err.strip() == f"depthjax raises: error: {error}", err
+
+
+def test_data_files_that_are_not_utf8_are_refused_by_byte(tmp_path):
+    from depthjax.files.textfiles import read_documents
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"fine text\n" + bytes([0xFF, 0xFE, 0x00]) + b"more")
+    with pytest.raises(DataError, match=r"blob\.bin is not UTF-8 text: byte 10 \(0xff\)"):
+        list(read_documents(blob))
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(b'{"text": "a"}\n{"text": "\xc3"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl is not UTF-8 text: byte 24"):
+        list(read_documents(jsonl))
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes("caf\u00e9\r\nline".encode())
+    assert list(read_documents(crlf)) == [("crlf.txt", "caf\u00e9\nline")]
+
+
+def test_shuffle_window_0_is_said_in_the_first_log_line():
+    from depthjax.train.loop import describe_data
+
+    assert "no shuffling (shuffle_window=0" in describe_data(parse(["shuffle_window=0"]))
+    assert "shuffle window 1024" in describe_data(parse([]))
+    from depthjax.train.config import help_text
+
+    assert "0 or 1: no shuffling" in help_text()
+
+
+def test_tokenizer_json_truncation_and_padding_do_not_cut_documents(tmp_path):
+    """all-MiniLM's tokenizer.json truncates to 128 and pads: that is for single model
+    inputs; corpus and task text are encoded whole."""
+    from tests.conftest import char_tokenizer
+
+    path = char_tokenizer(tmp_path / "tokenizer.json", truncate=8, pad=16)
+    ids = load_tokenizer(str(path)).encode("a longer document " * 4)
+    assert len(ids) == 72 and 0 not in ids.tolist()
+
+
+@pytest.mark.parametrize(
+    "failure", [OSError("transient I/O error"), ValueError("tree structure differs")]
+)
+def test_only_a_failed_integrity_check_sets_a_checkpoint_aside(failure, tmp_path, monkeypatch):
+    import io
+
+    import jax.numpy as jnp
+
+    from depthjax.train.checkpoints import RestoreError, TrainCheckpoints
+    from depthjax.train.logs import RunLog
+    from depthjax.train.step import TrainState
+
+    tc = parse(["async_checkpoint=false", "tensorboard=false"])
+    state = TrainState(
+        step=jnp.int32(2),
+        params={"w": jnp.ones(3)},
+        opt_state={},
+        bad_step=jnp.int32(-1),
+        skipped=jnp.int32(0),
+    )
+    ckpts = TrainCheckpoints(tmp_path / "checkpoints", tc)
+    ckpts.save(2, state, {"shard": 0}, {"meta": 1})
+    ckpts.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(ckpts.manager, "restore", fail)
+    log = RunLog(tmp_path, 2, tensorboard=False, enabled=True, stream=io.StringIO())
+    with pytest.raises(RestoreError, match=r"checkpoint 2 .* passed its integrity check but "):
+        ckpts.restore_latest(abstract, log)
+    assert isinstance(RestoreError("x"), dj.DepthjaxError)
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+    monkeypatch.undo()
+    step, restored, data, meta = ckpts.restore_latest(abstract, log)
+    assert step == 2 and data == {"shard": 0} and float(restored.params["w"][0]) == 1.0
+    ckpts.close()
+
+
+def test_a_run_that_cannot_fit_is_refused_before_the_first_step():
+    from depthjax.core import sharding as shd
+    from depthjax.train import memory
+
+    tc = parse(["model=llama-tiny", "batch_size=1000000"])
+    cfg, mesh = tc.model_config(), shd.make_mesh(tc.mesh.data, tc.mesh.fsdp, tc.mesh.tensor)
+    kw = dict(depth=cfg.n_layers, n_params=10**6, n_trainable=10**6, mesh=mesh)
+    with pytest.raises(TrainConfigError, match=r"needs at least .* GiB per device .* has "):
+        memory.check_fits(cfg, tc, **kw)
+    memory.check_fits(cfg, parse(["model=llama-tiny", "batch_size=8"]), **kw)  # fits
+
+
+def test_a_collective_that_cannot_complete_names_the_silent_process(monkeypatch):
+    from depthjax.train import hosts
+
+    monkeypatch.setattr(hosts, "silent_processes", lambda: [1])
+    error = hosts.lost("barrier 'depthjax-compiled'", RuntimeError("Gloo all-reduce failed"))
+    assert isinstance(error, dj.DepthjaxError)
+    assert "process(es) 1 stopped answering" in str(error)
+    assert "Gloo all-reduce failed" in str(error) and "resume" in str(error)
+    monkeypatch.setattr(hosts, "silent_processes", lambda: None)
+    assert "cannot say which" in str(hosts.lost("a collective", RuntimeError("x")))

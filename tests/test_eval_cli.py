@@ -113,8 +113,7 @@ def test_score_and_prune_measure_a_task_on_user_data(files, capsys):
     assert "1 - acc (mc): full" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_score_on_a_sentence_transformers_directory(tmp_path):
+def _sentence_transformers_dir(tmp_path):
     bert = dj.init(dj.configs.get("bert-tiny"), jax.random.key(0))
     dj.hf.save(bert, tmp_path / "st")
     (tmp_path / "st" / "modules.json").write_text(
@@ -139,6 +138,12 @@ def test_score_on_a_sentence_transformers_directory(tmp_path):
     (tmp_path / "st" / "1_Pooling" / "config.json").write_text(
         json.dumps({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
     )
+    return tmp_path / "st"
+
+
+@pytest.mark.slow
+def test_score_on_a_sentence_transformers_directory(tmp_path):
+    _sentence_transformers_dir(tmp_path)
     assert (
         cli.main(["score", "--model", str(tmp_path / "st"), "--out", str(tmp_path / "rep"), *SMALL])
         == 0
@@ -147,6 +152,27 @@ def test_score_on_a_sentence_transformers_directory(tmp_path):
     assert rep["scores"]["ablation_block"]["name"] == "ablation_representation"
     assert "logit_lens" not in rep["scores"] and rep["measure"] == "1 - cosine to the full model"
     assert rep["removal_curves"]["ablation_block"][0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_encoder_directory_whose_tokenizer_truncates_and_pads(tmp_path, capsys):
+    """all-MiniLM ships a tokenizer.json with truncation (max_length 128) and padding:
+    score, prune and eval must still see whole documents."""
+    from tests.conftest import char_tokenizer
+
+    st = _sentence_transformers_dir(tmp_path)
+    char_tokenizer(st / "tokenizer.json", truncate=8, pad=8)
+    (tmp_path / "any.txt").write_text("a sentence that is longer than eight tokens. " * 40)
+    data = ["--data", str(tmp_path / "any.txt"), "--batches", "1", "--batch-size", "2"]
+    data += ["--seq-len", "32"]
+    assert cli.main(["score", "--model", str(st), "--out", str(tmp_path / "rep"), *data]) == 0
+    prune = ["prune", "--model", str(st), "--n", "1", "--out", str(tmp_path / "p"), *data]
+    assert cli.main(prune) == 0
+    assert dj.load(tmp_path / "p").depth == dj.configs.get("bert-tiny").n_layers - 1
+    # eval has no encoder measure on the command line: refused by name, not for the length
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(st), "--data", str(tmp_path / "any.txt")]) == 2
+    assert "bidirectional bert encoder" in capsys.readouterr().err
 
 
 def test_bad_task_file_is_a_one_line_error(files, capsys):

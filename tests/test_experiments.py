@@ -172,18 +172,13 @@ def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
 @pytest.mark.slow
 def test_adaptive_depth_scripts(cache, tmp_path):
     """Experiments 9-11 (Mixture-of-Depths, recurrent depth, FiRST) at the tiniest flags."""
+    # The routed cache keeps 2 x capacity of the tokens (headroom): at capacity 0.5 it is as
+    # large as the dense one, at 0.25 half of it on the routed steps.
     _, md, data = run(
-        # capacity 0.25: routed steps keep 2 * capacity of the tokens, a cache half the dense
-        # one (at 0.5 they would keep all of them and the two caches be the same size)
-        "09_mixture_of_depths",
-        cache,
-        tmp_path,
-        "--new-tokens",
-        "3",
-        "--capacities",
-        "0.25",
+        "09_mixture_of_depths", cache, tmp_path, "--new-tokens", "3", "--capacities", "0.25"
     )
     assert set(data["mod c=0.25"]["causal"]) == {"loss", "routed_fraction", "predictor_accuracy"}
+    assert data["decode"]["routed_len"] < data["decode"]["max_len"]
     assert data["decode"]["cache_bytes"] < data["decode"]["dense_cache_bytes"]
     _, md, data = run(
         "10_recurrent_depth",

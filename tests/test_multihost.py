@@ -125,3 +125,44 @@ def test_two_processes_train_like_one(tmp_path):
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     assert json.loads((out / "run.json").read_text())["train"]["steps"] == 6
+
+
+def test_resume_onto_another_process_count(tmp_path):
+    """A run started with two processes resumes with one (and the reverse), on the same
+    four devices: the same data order and the parameters of an uninterrupted run."""
+    import depthjax as dj
+
+    ref_out = tmp_path / "ref"
+    ref = _launch(ref_out, _env(4))
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+    reference, ref_model = _losses(ref_out), dj.load(ref_out / "model")
+
+    def check(out, resumed_from):
+        got = _losses(out)
+        for step in range(resumed_from + 1, 7):
+            np.testing.assert_allclose(got[step][-1], reference[step][0], rtol=1e-5)
+        import jax
+
+        model = dj.load(out / "model")
+        for x, y in zip(jax.tree.leaves(model.params), jax.tree.leaves(ref_model.params)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+    # Two processes (process 1 dies in checkpoint 4's save), then one process.
+    out = tmp_path / "two-then-one"
+    (_, err0, *_), (rc1, err1, *_) = _two_processes(out, tmp_path / "r1", kill_process_1_in_save=4)
+    assert rc1 == -signal.SIGKILL, err1[-3000:]
+    one = _launch(out, _env(4))
+    _, err = one.communicate(timeout=600)
+    assert one.returncode == 0 and "resumed from checkpoint 2" in err, err[-3000:]
+    check(out, 2)
+
+    # One process (killed in checkpoint 4's save), then two processes.
+    out = tmp_path / "one-then-two"
+    one = _launch(out, _env(4, {"DEPTHJAX_TEST_KILL_IN_SAVE": "4"}))
+    _, err = one.communicate(timeout=600)
+    assert one.returncode == -signal.SIGKILL, err[-3000:]
+    (rc0, err0, *_), (rc1, err1, *_) = _two_processes(out, tmp_path / "r2")
+    assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
+    assert "resumed from checkpoint 2" in err0, err0[-3000:]
+    check(out, 2)

@@ -109,6 +109,8 @@ def from_spec(model: DepthModel, spec: dict) -> DepthModel:
             rows = list(range(r[0], r[1]))
         else:
             rows = sl["layers"] if isinstance(sl["layers"], list) else [sl["layers"]]
+            if not rows:
+                raise ProgramError(f"{where}: layers is empty; list at least one table row")
         bad = [r for r in rows if not _is_int(r) or not 0 <= r < model.n_blocks]
         if bad:
             raise ProgramError(

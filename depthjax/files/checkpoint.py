@@ -230,6 +230,7 @@ def load(path, *, verify: bool = True) -> DepthModel:
     try:
         if manifest["version"] >= 2:
             manifest = integrity.parse_sealed(raw, "manifest.json")
+            _check_manifest(manifest, path)
             if verify:
                 digests = manifest["files"]
                 others = {k: v for k, v in digests.items() if k not in FILES}
@@ -272,6 +273,21 @@ def load(path, *, verify: bool = True) -> DepthModel:
     return DepthModel(config, params, program)
 
 
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """A sealed manifest whose digest is right may still lack what `save` writes."""
+    wanted = {"files": dict, "params": dict}
+    wrong = [
+        f"{key!r} ({'missing' if key not in manifest else type(manifest[key]).__name__})"
+        for key, tp in wanted.items()
+        if not isinstance(manifest.get(key), tp)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path / 'manifest.json'} is not a complete depthjax manifest: it needs the "
+            f"mappings 'files' and 'params', got {', '.join(wrong)}"
+        )
+
+
 def check_params(config: ModelConfig, params: dict) -> None:
     """Raise CheckpointError unless embed/blocks/head have exactly the shapes `config` makes.
 
@@ -311,6 +327,12 @@ def check_params(config: ModelConfig, params: dict) -> None:
         f"{k} has shape [{flat_got[k]}, config needs [{v}"
         for k, v in flat_want.items()
         if k in flat_got and flat_got[k] != v
+    ]
+    problems += [
+        f"{k} has dtype {leaf.dtype}, not floating point"
+        for part in ("embed", "blocks", "head")
+        for k, leaf in _flat_specs(params[part], part + "/").items()
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact)
     ]
     if problems:
         raise CheckpointError(

@@ -38,19 +38,33 @@ def read_documents(path: Path, text_key: str = "text"):
     """(key, text) of each document in one file; a .jsonl line that is not an object with a
     string `text_key` raises DataError naming the file and line."""
     path = Path(path)
+    text = _utf8(path)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: invalid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise DataError(
-                        f"{path}:{i + 1}: expected an object with a string field {text_key!r}"
-                    )
-                yield f"{path.name}:{i}", record[text_key]
+        for i, line in enumerate(text.split("\n")):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i + 1}: invalid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise DataError(
+                    f"{path}:{i + 1}: expected an object with a string field {text_key!r}"
+                )
+            yield f"{path.name}:{i}", record[text_key]
     else:
-        yield path.name, path.read_text(encoding="utf-8", errors="replace")
+        yield path.name, text
+
+
+def _utf8(path: Path) -> str:
+    """The file's text; DataError naming the first byte that is not UTF-8 (nothing is
+    replaced silently: a binary file is not a corpus)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text: byte {e.start} (0x{data[e.start]:02x}) cannot be "
+            "decoded; data files must be UTF-8 text or JSONL"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode reads

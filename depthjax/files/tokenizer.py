@@ -37,6 +37,10 @@ class JsonTokenizer:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"cannot read tokenizer {path}: {e}") from None
+        # tokenizer.json's truncation and padding (all-MiniLM's max_length 128) are for
+        # single model inputs: documents and task text are encoded whole, then cut by us.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     @property

@@ -120,6 +120,14 @@ def from_hf(d: Mapping[str, Any], *, ignore_keys=()) -> tuple[ModelConfig, str]:
         else from_hf_decoder(r, model_type)
     )
     unknown = [k for k in r.leftover() if k not in ignore_keys]
+    if "auto_map" in unknown:
+        raise HFError(
+            f"config.json has auto_map={d['auto_map']!r}: the model comes with its own "
+            "modelling code, which depthjax never runs, so it may not be the "
+            f"{model_type} architecture its model_type says; pass ignore_keys=('auto_map',) "
+            "(depthjax convert --ignore-key auto_map) only if you know the code is "
+            f"{model_type}'s own"
+        )
     if unknown:
         raise HFError(
             f"config.json has keys depthjax does not implement for {model_type}: "

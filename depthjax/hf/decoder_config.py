@@ -156,6 +156,12 @@ def _rope(r: Reader, model_type: str, max_pos: int) -> dict:
     gemma3 = model_type == "gemma3_text"
     local = r.get("rope_local_base_freq", None) if gemma3 else None
     original = r.get("original_max_position_embeddings", None) if model_type == "phi3" else None
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise HFError(
+                f"config.json has {key}={value!r}: expected an object such as "
+                '{"rope_type": "linear", "factor": 2.0} or null'
+            )
     nested = isinstance(params, dict) and set(params) & set(_LAYER_TYPES)
     if nested and not gemma3:
         raise HFError(
@@ -379,6 +385,8 @@ def from_hf_decoder(r: Reader, model_type: str) -> dict:
             )
         qkv_bias = bias = False
     n_layers = r.get("num_hidden_layers")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise HFError(f"num_hidden_layers must be a positive integer, got {n_layers!r}")
     max_pos = r.get("max_position_embeddings")
     fields = dict(
         family="llama",

@@ -53,7 +53,6 @@ INERT = {
     "task_specific_params",
     "gradient_checkpointing",
     "cache_implementation",
-    "auto_map",
     # Numerics only: upcasting inside attention changes nothing in float32.
     "reorder_and_upcast_attn",
 }

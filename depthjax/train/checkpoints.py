@@ -4,10 +4,11 @@ Once orbax has committed checkpoint N (renamed its temporary directory into plac
 background thread of process 0 writes N/depthjax-integrity.json: the SHA-256 of every
 file orbax wrote (depthjax.files.integrity). Restoring verifies that record first (the
 processes of a multi-host run split the reading), so bit rot, truncation or an edit of
-any file is caught before a single weight is used. A checkpoint that fails -- changed
-bytes, no record (the run stopped between orbax's commit and the seal: an unfinished
-save), or an orbax error -- is moved to checkpoints_corrupt/N-TIME/ with a REASON.txt,
-and the next older one is tried. Checkpoints older than the run's record (written before
+any file is caught before a single weight is used. A checkpoint that fails it -- changed
+bytes, or no record (the run stopped between orbax's commit and the seal: an unfinished
+save) -- is moved to checkpoints_corrupt/N-TIME/ with a REASON.txt, and the next older
+one is tried. Any other failure to restore (an I/O error, another parameter tree) is a
+RestoreError and nothing is moved. Checkpoints older than the run's record (written before
 depthjax sealed them) restore unverified, with a warning.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from ..errors import DepthjaxError
 from ..files import integrity
 from . import hosts
 from .config import TrainConfig
@@ -31,6 +33,22 @@ from .logs import RunLog
 from .step import TrainState
 
 _COMMITTED = "commit_success.txt"  # orbax writes it into a step directory before the rename
+
+
+class RestoreError(DepthjaxError):
+    """A checkpoint whose files verify but that cannot be restored into this run."""
+
+
+def _coordination_barriers() -> None:
+    """Make orbax's barriers go through the coordination service. By default they are
+    device collectives (sync_global_devices), issued from orbax's background threads while
+    the main thread runs the train step's all-reduces: the two processes may then queue
+    them in different orders, and gloo waits for a partner that never comes."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 class TrainCheckpoints:
@@ -56,6 +74,8 @@ class TrainCheckpoints:
         self._open()
 
     def _open(self):
+        if jax.process_count() > 1:
+            _coordination_barriers()
         self.manager = ocp.CheckpointManager(
             self.directory, options=self.options, item_names=("state", "data", "meta")
         )
@@ -143,7 +163,8 @@ class TrainCheckpoints:
 
     def restore_latest(self, abstract_state, log: RunLog):
         """(step, state, data_state, meta) of the newest checkpoint that verifies and
-        restores, or None; every other one tried is set aside with its reason."""
+        restores, or None; newer ones that fail verification are set aside with their
+        reason. RestoreError when one that verifies cannot be restored."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             problem = self.problem(step, log)
             if problem is None:
@@ -156,11 +177,19 @@ class TrainCheckpoints:
                             meta=ocp.args.JsonRestore(),
                         ),
                     )
-                except Exception as e:  # any failure to read means this checkpoint is unusable
-                    problem = f"orbax cannot restore it ({type(e).__name__}: {str(e)[:300]})"
+                except Exception as e:  # an I/O error, another parameter tree, ...
+                    problem = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 problem = hosts.first_problem(problem)
                 if problem is None:
                     return step, r.state, r.data, r.meta
+                # Its bytes are the ones written: the failure is not corruption, and only a
+                # failed integrity check may move a checkpoint.
+                raise RestoreError(
+                    f"checkpoint {step} in {self.directory} passed its integrity check but "
+                    f"cannot be restored ({problem}); nothing was moved. A transient I/O "
+                    "error: run again; a changed model, program or optimizer: train into "
+                    "another --out (or --fresh)"
+                )
             self._set_aside(step, problem, log)
         return None
 

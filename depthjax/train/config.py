@@ -146,7 +146,9 @@ class TrainConfig:
     valid_split: str = _key("validation", "TFDS split for evaluation")
     tokenizer: str = _key("byte", "'byte' or a path to a tokenizer.json")
     shuffle_window: int = _key(
-        1024, "chunks mixed by the window shuffle before packing (in total over the data shards)"
+        1024,
+        "chunks mixed by the window shuffle before packing (in total over the data shards); "
+        "0 or 1: no shuffling, documents in file order",
     )
     data_shards: int = _key(
         0,
@@ -317,6 +319,11 @@ def _suggest(key: str, known) -> str:
 
 
 def _set(tree: dict, key: str, value: Any, cls=TrainConfig, prefix: str = "") -> None:
+    if not isinstance(key, str):  # YAML `1: 2` or `true: x`: keys are names
+        raise TrainConfigError(
+            f"key {prefix}{key!r} ({type(key).__name__}) is not a name; config keys are "
+            "names such as 'lr' or 'mesh.data'"
+        )
     head, _, rest = key.partition(".")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if head == "model" and rest:  # model.FIELD -> model_overrides

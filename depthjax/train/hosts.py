@@ -7,10 +7,23 @@ it, in the same order.
 
 from __future__ import annotations
 
+import collections
 import json
 
 import jax
 import numpy as np
+
+from ..errors import DepthjaxError
+
+BARRIER_TIMEOUT_S = 3600  # data preparation or compilation on one process may take long
+
+
+class HostLostError(DepthjaxError, RuntimeError):
+    """A process of a multi-host run stopped answering (died, hung or was preempted); the
+    run resumes from its last checkpoint when all processes are started again."""
+
+
+_barriers: collections.Counter = collections.Counter()
 
 
 def gather_text(text: str) -> list[str]:
@@ -42,8 +55,49 @@ def merged_json(local: dict) -> dict:
     return merged
 
 
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process got here. Through the coordination service, not a device
+    collective: a device collective issued here could interleave with orbax's or the train
+    step's on the other processes, and would wait out gloo's timeout, unnamed."""
+    if jax.process_count() == 1:
+        return
+    _barriers[name] += 1  # every process passes the same barriers in the same order
+    try:
+        _client().wait_at_barrier(f"{name}-{_barriers[name]}", int(timeout_s * 1000))
+    except Exception as e:  # the client raises its runtime's own error types
+        raise lost(f"barrier {name!r}", e) from e
 
-        multihost_utils.sync_global_devices(name)
+
+def _client():
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def silent_processes() -> list[int] | None:
+    """The processes the coordination service no longer hears from (None if it cannot
+    say, e.g. because the coordinator itself is gone)."""
+    try:
+        live = _client().get_live_nodes(list(range(jax.process_count())))
+    except Exception:
+        return None
+    return sorted(set(range(jax.process_count())) - set(live))
+
+
+def lost(where: str, error: BaseException) -> HostLostError:
+    """The named error for a collective or barrier that could not complete."""
+    silent = silent_processes()
+    who = (
+        f"process(es) {', '.join(map(str, silent))} stopped answering"
+        if silent
+        else "another process stopped answering (the coordinator cannot say which)"
+        if silent is None
+        else "every process still answers the coordinator, so one of them hangs or "
+        "took another code path"
+    )
+    first = " ".join(str(error).split())[:300]
+    return HostLostError(
+        f"process {jax.process_index()} of {jax.process_count()}: {where} could not "
+        f"complete: {who} ({type(error).__name__}: {first}); restart all processes "
+        "to resume from the last checkpoint"
+    )

@@ -36,7 +36,7 @@ from ..core.program import Program
 from ..errors import DepthjaxError
 from ..files import atomic, checkpoint as native_ckpt
 from ..files.model_dir import ModelDir
-from . import data as data_lib, hosts, run_dir
+from . import data as data_lib, hosts, memory, run_dir
 from .checkpoints import TrainCheckpoints
 from .config import TrainConfig, TrainConfigError
 from .layerskip import LayerSkip
@@ -73,6 +73,11 @@ def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> Non
         if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
             explicit["heartbeat_timeout_seconds"] = heartbeat_timeout
         jax.distributed.initialize(**explicit)
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # jax's persistent compilation cache hands a process the CPU executable another
+        # process compiled for its own devices; with gloo, the step's all-reduces then wait
+        # for partners that never come (the run hangs until the collective timeout).
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 # -- setup -------------------------------------------------------------------------------
@@ -90,6 +95,16 @@ def _initial_model(tc: TrainConfig) -> tuple:
 def data_shards(tc: TrainConfig) -> int:
     """The number of data shards: `data_shards`, or gcd(batch_size, 64)."""
     return tc.data_shards or math.gcd(tc.batch_size, 64)
+
+
+def describe_data(tc: TrainConfig) -> str:
+    """How batches are drawn, for the run's first log line."""
+    shuffle = (
+        f"shuffle window {tc.shuffle_window}"
+        if tc.shuffle_window > 1
+        else f"no shuffling (shuffle_window={tc.shuffle_window}: documents in file order)"
+    )
+    return f"{data_shards(tc)} data shards, {shuffle}"
 
 
 def local_shards(sharding, tc: TrainConfig) -> list[int]:
@@ -246,6 +261,10 @@ def run(out_dir, tc: TrainConfig, *, stream=None, fresh: bool = False) -> TrainS
     lock = _claim(out_dir)
     try:
         return _run(out_dir, tc, stream, fresh, lock)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1:  # a collective with a process that stopped answering
+            raise hosts.lost("a collective (train step, gather or checkpoint)", e) from e
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -263,6 +282,21 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
             f"{tc.grad_accum} x the {shd.batch_divisor(mesh)} data-parallel "
             "devices"
         )
+    abstract_params = (
+        jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
+        if loaded_params is None
+        else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params)
+    )
+    mask = trainable_mask(abstract_params, tc.trainable)
+    trainable = jax.tree.map(lambda x, m: x if m else None, abstract_params, mask)
+    memory.check_fits(
+        cfg,
+        tc,
+        depth=program.depth,
+        n_params=count_params(abstract_params),
+        n_trainable=count_params(trainable),
+        mesh=mesh,
+    )
     ckpts_dir = (out_dir / "checkpoints").absolute()
     meta = {
         "model_config": cfg.to_dict(),
@@ -281,12 +315,6 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     if main_process:  # leftovers of a killed final save (we hold the lock: nobody else writes)
         atomic.clean_stale(out_dir / "model", any_owner=True)
 
-    abstract_params = (
-        jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
-        if loaded_params is None
-        else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded_params)
-    )
-    mask = trainable_mask(abstract_params, tc.trainable)
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
     param_sh, repl = state_sh.params, state_sh.step
@@ -369,8 +397,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
         log.message(
             f"{cfg.family} model, {count_params(abstract_params):,} parameters, mesh "
             f"{dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].device_kind} "
-            f"device(s), {jax.process_count()} process(es), {data_shards(tc)} data "
-            "shards"
+            f"device(s), {jax.process_count()} process(es), {describe_data(tc)}"
         )
 
     def check_finite(state, step):
