@@ -287,6 +287,12 @@ def test_per_example_equals_a_search_on_each_row(model):
         )
 
 
+def test_latency_model_times_the_models_own_sublayers(model):
+    """LatencyModel.measure runs row 0's sublayers (it raised a TypeError before)."""
+    lat = search.LatencyModel.measure(model, (1, 8), repeats=2)
+    assert lat.attn_s >= 0 and lat.mlp_s > 0 and lat.step_s == 0
+
+
 def test_budgets_and_pareto(model):
     from depthjax.core.flops import sublayer_forward_flops
 

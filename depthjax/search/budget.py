@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import rows as rows_lib
+from ..core.block import step_updates
 from ..core.config import ModelConfig
 from ..core.flops import sublayer_forward_flops
 from ..core.program import Program
@@ -69,8 +70,6 @@ class LatencyModel:
     def measure(cls, model, batch_shape: tuple[int, int], repeats: int = 20) -> LatencyModel:
         """Median wall time of one attention and one MLP sublayer of `model` (table row 0)
         on activations [B, T, D], jitted, on the default device."""
-        from ..core.block import Block
-
         cfg = model.config
         B, T = batch_shape
         x = jnp.ones((B, T, cfg.d_model), cfg.dtype)
@@ -79,9 +78,7 @@ class LatencyModel:
 
         def timed(attn_on: bool) -> float:
             f = jax.jit(
-                lambda r, x: sum(
-                    Block(cfg).apply({"params": r}, x, 1.0, 1.0, pos, attn_enabled=attn_on)
-                )
+                lambda r, x: sum(step_updates(cfg, r, x, 1.0, 1.0, pos, attn=attn_on, mlp=True))
             )
             jax.block_until_ready(f(row, x))
             times = []
@@ -91,7 +88,7 @@ class LatencyModel:
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
 
-        # attn_enabled=False skips attention's compute (a gate of 0 would still run it), so
+        # attn=False skips attention's compute statically (a gate of 0 is a run-time cond), so
         # the MLP's time is what is left without attention, and attention's the rest.
         both, mlp_only = timed(True), timed(False)
         return cls(attn_s=max(both - mlp_only, 0.0), mlp_s=mlp_only)
