@@ -1,3 +1,4 @@
+import importlib
 import os
 import time
 
@@ -16,14 +17,23 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import depthjax as dj  # noqa: E402
 
 
-def import_lm_eval(module: str = "lm_eval"):
-    """`module` of lm-eval (the [eval] extra): the test skips without it, and fails instead
-    under DEPTHJAX_REQUIRE_LM_EVAL=1 (CI's stage that installs the extra)."""
-    if os.environ.get("DEPTHJAX_REQUIRE_LM_EVAL") == "1":
-        import importlib
-
+def import_reference(module: str, *, required: bool, hint: str = ""):
+    """A reference library the test compares against (lm-eval, llama.cpp): without it the
+    test skips with the reason, or fails when `required` (where CI installs it)."""
+    try:
         return importlib.import_module(module)
-    return pytest.importorskip(module)
+    except ImportError as e:
+        msg = f"could not import {module!r} ({e}){'; ' + hint if hint else ''}"
+        if required:
+            pytest.fail(msg)
+        pytest.skip(msg, allow_module_level=True)
+
+
+def import_lm_eval(module: str = "lm_eval"):
+    """`module` of lm-eval (the [eval] extra), required under DEPTHJAX_REQUIRE_LM_EVAL=1
+    (CI's stage that installs the extra)."""
+    required = os.environ.get("DEPTHJAX_REQUIRE_LM_EVAL") == "1"
+    return import_reference(module, required=required, hint="pip install -e '.[eval]'")
 
 
 def char_tokenizer(path, *, truncate: int | None = None, pad: int | None = None):

@@ -22,6 +22,7 @@ from depthjax.cli import main as cli_main
 from depthjax.files.tokenizer import ByteTokenizer
 from depthjax.gguf import GGUFError, layout
 from depthjax.gguf.vocab import byte_unicode
+from tests.conftest import import_reference
 
 # llama.cpp's f32 CPU kernels (f32 KV cache) against jax at highest precision: measured
 # <= 2.7e-7 on logits spanning about +-0.6; without the q/k permutation the error is 4.5e-3
@@ -33,14 +34,8 @@ CALIB = [RNG.integers(0, 256, (4, 32)).astype(np.int32) for _ in range(3)]
 
 
 def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        msg = f"llama-cpp-python is not installed ({e}); ./dj test installs it"
-        if os.environ.get("CI") == "true" or os.environ.get("DEPTHJAX_REQUIRE_LLAMA_CPP"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return llama_cpp
+    required = os.environ.get("CI") == "true" or bool(os.environ.get("DEPTHJAX_REQUIRE_LLAMA_CPP"))
+    return import_reference("llama_cpp", required=required, hint="./dj test installs it")
 
 
 @pytest.fixture(scope="module")
