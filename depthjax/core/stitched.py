@@ -173,14 +173,14 @@ def check(s: Stitched) -> None:
             f"the stitching map is W {tuple(np.shape(s.W))}, c {tuple(np.shape(s.c))}; "
             f"the parts need W {want} and c ({want[1]},)"
         )
-    if a.config.vocab_size != b.config.vocab_size:
-        raise StitchError(
-            f"the parts' vocabularies differ ({a.config.vocab_size} vs {b.config.vocab_size} "
-            "tokens): a stitched model needs one tokenizer"
-        )
     for name, m in (("a", a), ("b", b)):
         if not m.config.causal:
             raise StitchError(
                 f"model {name} is a bidirectional {m.config.family} encoder; stitching "
                 "joins decoders (causal language models)"
             )
+    if a.config.vocab_size != b.config.vocab_size:
+        raise StitchError(
+            f"the parts' vocabularies differ ({a.config.vocab_size} vs {b.config.vocab_size} "
+            "tokens): a stitched model needs one tokenizer"
+        )
