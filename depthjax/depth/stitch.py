@@ -178,22 +178,27 @@ def tune_map(s: Stitched, calibration, steps: int, learning_rate: float = 1e-3) 
     calibration batches (cycled); the parts stay frozen."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise StitchError(f"fine_tune must be a number of steps >= 0, got {steps!r}")
+    if not learning_rate > 0:
+        raise StitchError(f"learning_rate must be > 0, got {learning_rate!r}")
     data = as_batches(calibration, s.config.vocab_size)
-    opt = optax.adam(learning_rate)
+    Wc = (s.W, s.c)
+    state = _adam(learning_rate).init(Wc)
+    for t in range(int(steps)):
+        batch = data[t % len(data)]
+        Wc, state = _tune_step(s, Wc, state, batch.tokens, batch.mask)
+    return s.replace(W=Wc[0], c=Wc[1])
 
-    def loss(Wc, tokens, mask):
-        total, count = nll_sums(s.replace(W=Wc[0], c=Wc[1]).apply(tokens, mask=mask), tokens, mask)
+
+# The learning rate lives in the optimizer state, so one compile serves every rate.
+_adam = optax.inject_hyperparams(optax.adam)
+
+
+@jax.jit
+def _tune_step(s: Stitched, Wc, state, tokens_BT, mask_BT):
+    def loss(Wc):
+        logits = s.replace(W=Wc[0], c=Wc[1]).apply(tokens_BT, mask=mask_BT)
+        total, count = nll_sums(logits, tokens_BT, mask_BT)
         return total / count
 
-    @jax.jit
-    def update(Wc, state, tokens, mask):
-        grads = jax.grad(loss)(Wc, tokens, mask)
-        upd, state = opt.update(grads, state, Wc)
-        return optax.apply_updates(Wc, upd), state
-
-    Wc = (s.W, s.c)
-    state = opt.init(Wc)
-    for t in range(int(steps)):
-        bt = data[t % len(data)]
-        Wc, state = update(Wc, state, bt.tokens, bt.mask)
-    return s.replace(W=Wc[0], c=Wc[1])
+    updates, state = _adam(learning_rate=0.0).update(jax.grad(loss)(Wc), state, Wc)
+    return optax.apply_updates(Wc, updates), state
