@@ -41,6 +41,11 @@ def loss(model, data) -> float:
     return float(sum(s for s, _ in sums) / sum(n for _, n in sums))
 
 
+def calibration(batch_size: int, seq_len: int, *, seed: int, batches: int) -> list:
+    """Calibration set `seed`: `batches` windows [batch_size, seq_len] of the training split."""
+    return [sample_windows(batch_size, seq_len, seed=5000 + 100 * seed + i) for i in range(batches)]
+
+
 def stat(xs) -> dict:
     xs = np.asarray(xs, float)
     n = len(xs)
@@ -140,10 +145,7 @@ def main(argv=None):
         )
 
     calib = [
-        [
-            sample_windows(args.batch_size, args.seq_len, seed=5000 + 100 * s + i)
-            for i in range(args.calib_batches)
-        ]
+        calibration(args.batch_size, args.seq_len, seed=s, batches=args.calib_batches)
         for s in range(args.calib_seeds)
     ]
     stitched = {}

@@ -22,7 +22,7 @@ from .quantization import (
     table_bytes,
 )
 from .spec import from_spec, load_spec, to_spec
-from .stitch import Stitched, StitchError, fit_map, stitch, tune_map
+from .stitching import Stitched, StitchError, fit_map, stitch, tune_map
 from .table import compact, grow, materialize, step_rows
 from .tying import relax, tie, tie_map
 
