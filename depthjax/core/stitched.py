@@ -165,14 +165,19 @@ def walk_part(
 def check(s: Stitched) -> None:
     """Raise StitchError unless the parts and the map fit together (host-side)."""
     a, b = s.parts
-    if not (isinstance(a, DepthModel) and isinstance(b, DepthModel)):
-        raise StitchError("a stitched model's parts are DepthModels")
+    check_parts(a, b)
     want = (a.config.d_model, b.config.d_model)
     if tuple(np.shape(s.W)) != want or tuple(np.shape(s.c)) != want[1:]:
         raise StitchError(
             f"the stitching map is W {tuple(np.shape(s.W))}, c {tuple(np.shape(s.c))}; "
             f"the parts need W {want} and c ({want[1]},)"
         )
+
+
+def check_parts(a: DepthModel, b: DepthModel) -> None:
+    """Raise StitchError unless a and b are decoders with one vocabulary."""
+    if not (isinstance(a, DepthModel) and isinstance(b, DepthModel)):
+        raise StitchError("a stitched model's parts are DepthModels")
     for name, m in (("a", a), ("b", b)):
         if not m.config.causal:
             raise StitchError(

@@ -29,7 +29,7 @@ import optax
 from ..core.loss import nll_sums
 from ..core.model import DepthModel, default_positions, embed
 from ..core.program import is_concrete
-from ..core.stitched import Stitched, StitchError, check, walk_part
+from ..core.stitched import Stitched, StitchError, check, check_parts, walk_part
 from ..metrics.batches import as_batches
 from .edit import select_steps
 
@@ -90,6 +90,9 @@ def stitch(
     next-token loss of the calibration batches, training the map only.
     """
     _check_models(a, b)
+    check_parts(a, b)
+    if fine_tune and calibration is None:
+        raise StitchError("fine_tune needs calibration= batches to train the map on")
     at = _point(at, "at", 1, a.depth)
     if resume is None:
         resume = min(int(np.floor(at * b.depth / a.depth + 0.5)), b.depth - 1)
@@ -110,8 +113,6 @@ def stitch(
     out = Stitched(front, back, W, c, at, resume)
     check(out)
     if fine_tune:
-        if calibration is None:
-            raise StitchError("fine_tune needs calibration= batches to train the map on")
         out = tune_map(out, calibration, fine_tune, learning_rate)
     return out
 
