@@ -36,6 +36,7 @@ def bert():
 def files(tmp_path_factory, m):
     d = tmp_path_factory.mktemp("bad")
     dj.save(m, d / "ck")
+    dj.save(dj.depth.stitch(m, m, at=1), d / "stitched")
     (d / "a_file").write_text("not a directory")
     (d / "broken.yaml").write_text("steps: [1, 2\nlr: 3\n")
     (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
@@ -468,6 +469,79 @@ API = [
         dj.depth.LearngeneError,
         "2-row table",
     ),
+    # stitching (dj.depth.stitch)
+    (
+        "stitch models of two vocabularies",
+        lambda m, b: dj.depth.stitch(m, m.replace(config=m.config.replace(vocab_size=128)), at=1),
+        dj.depth.StitchError,
+        "vocabularies differ",
+    ),
+    (
+        "stitch an encoder",
+        lambda m, b: dj.depth.stitch(m, b, at=1),
+        dj.depth.StitchError,
+        "model b is a bidirectional",
+    ),
+    (
+        "stitch at past a's depth",
+        lambda m, b: dj.depth.stitch(m, m, at=3),
+        dj.depth.StitchError,
+        r"at must be an int in 1\.\.2",
+    ),
+    (
+        "stitch resume at b's depth",
+        lambda m, b: dj.depth.stitch(m, m, at=1, resume=2),
+        dj.depth.StitchError,
+        r"resume must be an int in 0\.\.1",
+    ),
+    (
+        "stitch two widths without a map",
+        lambda m, b: dj.depth.stitch(m, m.replace(config=m.config.replace(d_model=48)), at=1),
+        dj.depth.StitchError,
+        "need a stitching map",
+    ),
+    (
+        "stitch inside a parallel group",
+        lambda m, b: dj.depth.stitch(dj.depth.parallelize(m, [[0, 1]]), m, at=1),
+        dj.depth.StitchError,
+        "splits a parallel group of model a",
+    ),
+    (
+        "stitch fine_tune without calibration",
+        lambda m, b: dj.depth.stitch(m, m, at=1, fine_tune=2),
+        dj.depth.StitchError,
+        "fine_tune needs calibration",
+    ),
+    (
+        "trace a stitched model",
+        lambda m, b: dj.apply(dj.depth.stitch(m, m, at=1), np.zeros((1, 4), int), trace=True),
+        dj.depth.StitchError,
+        "trace=True",
+    ),
+    (
+        "hf export of a stitched model",
+        lambda m, b: dj.hf.save(dj.depth.stitch(m, m, at=1), "/nonexistent/s"),
+        dj.hf.HFError,
+        "stitched model",
+    ),
+    (
+        "gguf of a stitched model",
+        lambda m, b: dj.gguf.save(dj.depth.stitch(m, m, at=1), "/nonexistent/s.gguf"),
+        dj.gguf.GGUFError,
+        "stitched model",
+    ),
+    (
+        "programs= for a stitched model",
+        lambda m, b: dj.eval.perplexity(dj.depth.stitch(m, m, at=1), ["ab"], programs=m.program),
+        dj.eval.EvalError,
+        "stitched model",
+    ),
+    (
+        "draft= for a stitched model",
+        lambda m, b: dj.generate(dj.depth.stitch(m, m, at=1), [[1, 2]], 2, temperature=0, draft=1),
+        GenerationError,
+        "stitched model",
+    ),
 ]
 
 
@@ -487,6 +561,11 @@ def _cli(argv, capsys):
 
 
 CLI = [
+    (
+        "a stitched model where one model is expected",
+        lambda d: ["prune", "--model", str(d / "stitched"), "--n", "1", "--out", str(d / "p")],
+        "holds a stitched model",
+    ),
     (
         "train --out is a file",
         lambda d: ["train", "--out", str(d / "a_file"), "steps=1"],

@@ -256,3 +256,32 @@ def test_tleg_script(cache, tmp_path):
     assert (out / "tleg_vs_scratch.png").stat().st_size > 1000
     assert all(len(v) == 2 and np.isfinite(v).all() for v in data["losses"].values())
     assert "+-" in md
+
+
+@pytest.mark.slow
+def test_stitching_script(cache, tmp_path):
+    """Experiment 15 at tiny flags: every stitching point both ways, a loss per calibration
+    seed, FLOPs between the anchors', and the first point's loss equal to a naive loss of
+    the stitched model rebuilt from the same calibration set."""
+    flags = ["--layers", "2", "--widths", "16,32", "--calib-seeds", "2"]
+    flags += ["--calib-batches", "1", "--tune-steps", "0"]
+    out, md, data = run("15_stitching", cache, tmp_path, *flags)
+    assert (out / "pareto.png").stat().st_size > 1000 and "+-" in md
+    flops = sorted(a["flops"] for a in data["anchors"].values())
+    for rows in data["stitched"].values():
+        assert [r["at"] for r in rows] == [1] and len(rows[0]["fitted_runs"]) == 2
+        assert flops[0] < rows[0]["flops"] < flops[1]
+    exp, common = script("15_stitching"), script("common")
+    args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache), "--layers", "2"])
+    small, large = (
+        common.trained(
+            args,
+            f"stitch-{name}",
+            common.train_config(args, model_overrides=common.model_overrides(args, d_model=w)),
+        )
+        for name, w in (("small", 16), ("large", 32))
+    )
+    calib = exp.calibration(args.batch_size, args.seq_len, seed=0, batches=1)
+    s = dj.depth.stitch(small, large, at=1, calibration=calib)
+    got = data["stitched"]["small -> large"][0]["fitted_runs"][0]
+    assert naive_loss(s, common.eval_batches(args)) == pytest.approx(got, abs=2e-5)

@@ -1,6 +1,6 @@
-"""The seed methods of issue 27: layer-wise quantization (dj.depth.quantize), TLEG linear
-expansion (dj.depth.linear_expand) and stitching (dj.depth.stitch), each against an
-independent reference (numpy, finite differences, tests/reference.py)."""
+"""The seed methods of issue 27: layer-wise quantization (dj.depth.quantize) and TLEG linear
+expansion (dj.depth.linear_expand), each against an independent reference (numpy, finite
+differences, tests/reference.py). Stitching (dj.depth.stitch) is tests/test_stitch.py."""
 
 import jax
 import jax.numpy as jnp

@@ -276,6 +276,14 @@ def apply(
     hidden states [B, T, D] (after the final norm) instead of logits. With trace=True,
     returns (out, Trace). unroll=True walks the program in Python (same block function).
     """
+    if not isinstance(model, DepthModel):
+        parts = getattr(model, "apply", None)  # a model of parts (core.stitched) walks each
+        if parts is None:
+            raise InputError(f"apply takes a DepthModel, got {type(model).__name__}")
+        options = dict(mask=mask, token_types=token_types, segment_ids=segment_ids)
+        return parts(
+            tokens_BT, positions=positions, trace=trace, unroll=unroll, output=output, **options
+        )
     if output not in ("logits", "hidden"):
         raise InputError(f"output must be 'logits' or 'hidden', got {output!r}")
     check_inputs(model, tokens_BT, mask, token_types, segment_ids)

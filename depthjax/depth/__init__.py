@@ -3,7 +3,8 @@
 Program-only edits (drop, drop_sublayers, repeat, reorder, parallelize) share the block
 table's buffers; table edits (tie, materialize, compact, grow) rewrite it; quantize stores
 it in integers with a bit width per row; linear_expand builds a table of any depth from a
-two-row learngene (TLEG); fold bakes gates, scales and adapters into a plain sequential table
+two-row learngene (TLEG); stitch joins two models of different widths through a
+linear map (a `Stitched` model); fold bakes gates, scales and adapters into a plain sequential table
 (what an export needs).
 """
 
@@ -21,6 +22,7 @@ from .quantization import (
     table_bytes,
 )
 from .spec import from_spec, load_spec, to_spec
+from .stitching import Stitched, StitchError, fit_map, stitch, tune_map
 from .table import compact, grow, materialize, step_rows
 from .tying import relax, tie, tie_map
 
@@ -28,12 +30,15 @@ __all__ = [
     "FoldError",
     "LearngeneError",
     "QuantizedError",
+    "StitchError",
+    "Stitched",
     "allocate",
     "average",
     "compact",
     "dequantize",
     "drop",
     "drop_sublayers",
+    "fit_map",
     "fold",
     "from_spec",
     "grow",
@@ -52,8 +57,10 @@ __all__ = [
     "row_importance",
     "select_steps",
     "step_rows",
+    "stitch",
     "table_bytes",
     "tie",
     "tie_map",
     "to_spec",
+    "tune_map",
 ]

@@ -66,10 +66,14 @@ def generate_until(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     B = min(batch_size, 1 << max(0, len(prompts) - 1).bit_length())
     groups = [order[s : s + B] for s in range(0, len(order), B)]
-    K = stacked.block.shape[0]
+    K = 1 if stacked is None else stacked.block.shape[0]  # None: a stitched model
     outs = [[""] * len(prompts) for _ in range(K)]
     for k in range(K):
-        m = model.with_program(jax.tree.map(lambda a, k=k: a[k], stacked))
+        m = (
+            model
+            if stacked is None
+            else model.with_program(jax.tree.map(lambda a, k=k: a[k], stacked))
+        )
         for group in track(groups, "generate" + (f" (program {k + 1}/{K})" if K > 1 else "")):
             T = min(room, max(8, 1 << (max(len(prompts[i]) for i in group) - 1).bit_length()))
             tokens, mask = np.zeros((B, T), np.int32), np.zeros((B, T), bool)

@@ -24,6 +24,7 @@ import optax
 from ..core import program as program_lib
 from ..core.model import DepthModel, apply
 from ..core.program import Program, ProgramError, map_programs, share_structure
+from ..core.stitched import Stitched
 from ..errors import DepthjaxError
 from ..metrics.coalitions import chunk_size
 from ..progress import track
@@ -79,7 +80,15 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
 def stack_programs(model: DepthModel, programs) -> tuple[Program, bool]:
     """(programs [K, depth], whether the caller gave a batch). None is the model's own
     program; a Program is one (1-d) or a batch ([K, depth]); a sequence of Programs or
-    DepthModels (sharing the model's table) is stacked."""
+    DepthModels (sharing the model's table) is stacked. A stitched model runs its parts'
+    own programs: (None, False)."""
+    if isinstance(model, Stitched):
+        if programs is not None:
+            raise EvalError(
+                "programs= walks one table; a stitched model (dj.depth.stitch) runs its "
+                "two parts' own programs: evaluate it without programs="
+            )
+        return None, False
     if programs is None:
         programs, batched = model.program, False
     elif isinstance(programs, Program):
@@ -129,21 +138,29 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, -(-n // step) * step)
 
 
+def _token_scores(logits_BTV, targets_BT, on_BT):
+    """([B] summed log-probabilities of the targets where on, [B] all of them greedy)."""
+    logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return jnp.sum(jnp.where(on_BT, logp_BT, 0.0), axis=1), jnp.all(greedy_BT | ~on_BT, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _batch_scores(model, programs, tokens_BT, targets_BT, weights_BT, *, chunk):
     """([K, B] summed log-probabilities of the weighted targets, [K, B] all greedy)."""
     on_BT = weights_BT > 0
 
     def one(program):
-        logits_BTV = apply(model.replace(program=program), tokens_BT)
-        logp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-        greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-        return (
-            jnp.sum(jnp.where(on_BT, logp_BT, 0.0), axis=1),
-            jnp.all(greedy_BT | ~on_BT, axis=1),
-        )
+        return _token_scores(apply(model.replace(program=program), tokens_BT), targets_BT, on_BT)
 
     return map_programs(one, programs, batch_size=chunk)
+
+
+@jax.jit
+def _stitched_scores(model: Stitched, tokens_BT, targets_BT, weights_BT):
+    """`_batch_scores` of a stitched model, with K = 1."""
+    s, g = _token_scores(apply(model, tokens_BT), targets_BT, weights_BT > 0)
+    return s[None], g[None]
 
 
 def loglikelihoods(
@@ -157,6 +174,7 @@ def loglikelihoods(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p(continuation | context) [K, N] (float64) and whether every continuation
     token is the argmax [K, N], for K programs (see `stack_programs`; K = 1 for None).
+    `model` may be a stitched model (dj.depth.stitch; programs=None).
 
     A request longer than max_len + 1 tokens (default: the config's max_seq_len) loses
     context from the left, as lm-eval truncates; a continuation must fit in max_len.
@@ -183,7 +201,7 @@ def loglikelihoods(
                 f"request {i}: token ids outside the vocabulary (0..{model.config.vocab_size - 1})"
             )
         rows.append((seq, cont.size))
-    N, K = len(rows), programs.block.shape[0]
+    N, K = len(rows), 1 if programs is None else programs.block.shape[0]
     ll, greedy = np.zeros((K, N)), np.zeros((K, N), bool)
     if not N:
         return ll, greedy
@@ -199,14 +217,17 @@ def loglikelihoods(
             L = len(seq) - 1
             tokens[r, :L], targets[r, :L] = seq[:-1], seq[1:]
             weights[r, L - n : L] = 1.0
-        s, g = _batch_scores(
-            model,
-            share_structure(programs),  # gate-only batches share each gathered row
-            tokens,
-            targets,
-            weights,
-            chunk=chunk_size(K, (B, T), model.config),
-        )
+        if programs is None:  # a stitched model
+            s, g = _stitched_scores(model, tokens, targets, weights)
+        else:
+            s, g = _batch_scores(
+                model,
+                share_structure(programs),  # gate-only batches share each gathered row
+                tokens,
+                targets,
+                weights,
+                chunk=chunk_size(K, (B, T), model.config),
+            )
         ll[:, group], greedy[:, group] = (
             np.asarray(s)[:, : len(group)],
             np.asarray(g)[:, : len(group)],

@@ -20,7 +20,7 @@ from ..core.program import map_programs, share_structure
 from ..hf.pooling import pool
 from ..metrics.batches import as_batches
 from ..metrics.coalitions import chunk_size
-from .scoring import stack_programs
+from .scoring import EvalError, stack_programs
 
 
 def _pooled(model, tokens_BT, mask_BT, mode, normalize):
@@ -79,6 +79,10 @@ class Representation:
     def cosine(self, model: DepthModel, programs=None) -> np.ndarray:
         """[K] mean cosine over rows."""
         stacked, _ = stack_programs(model, programs)
+        if stacked is None:
+            raise EvalError(
+                "representation similarity compares encoders; a stitched model is not one"
+            )
         total, rows = 0.0, 0
         for b, ref_BD in zip(self.batches, self._references(model)):
             total = total + _cosine_sums(

@@ -12,6 +12,14 @@ A checkpoint is a directory:
                          file -- config, program, weights, tokenizer or the manifest
                          itself -- is detected on load
 
+A stitched model (dj.depth.stitch) is a directory of its own format, "depthjax-stitched":
+`front/` and `back/` (each a checkpoint as above: model a with its program cut to the first
+`at` steps, model b with its program from `resume`), `map.safetensors` (W [D_a, D_b],
+c [D_b]) and a sealed manifest.json holding at, resume and the SHA-256 of map.safetensors,
+of both parts' manifests (which cover their own files) and of any extra files. `load`
+returns it as a `Stitched`; a loader that expects one model (depthjax.files.ModelDir,
+every command) refuses it by name.
+
 Saves are atomic (depthjax.files.atomic): everything is written to a staging directory beside
 `path`, flushed, and swapped into place, so a reader sees the old checkpoint or the new
 one, never a half-written one or none. Loading is bit-exact and checks the parameters
@@ -37,10 +45,12 @@ from ..core import rows as rows_lib
 from ..core.config import ModelConfig
 from ..core.model import DepthModel, init
 from ..core.program import Program
+from ..core.stitched import Stitched, check as check_stitched
 from ..errors import DepthjaxError
 from . import atomic, integrity
 
 FORMAT = "depthjax-checkpoint"
+STITCHED = "depthjax-stitched"  # the format of a stitched model's directory
 VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
 
@@ -134,6 +144,8 @@ def save(model: DepthModel, path, *, files=()) -> Path:
     any other existing file or non-empty directory is left alone and raises
     FileExistsError.
     """
+    if isinstance(model, Stitched):
+        return _save_stitched(model, Path(path), files)
     if not isinstance(model, DepthModel):
         raise TypeError(f"save expects a DepthModel, got {type(model).__name__}")
     if model.program.block.ndim != 1:
@@ -204,8 +216,9 @@ def _json(raw: bytes, path: Path):
         raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
 
 
-def load(path, *, verify: bool = True) -> DepthModel:
+def load(path, *, verify: bool = True) -> DepthModel | Stitched:
     """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
+    A stitched model's directory gives a `Stitched` (module docstring).
 
     verify=True checks the SHA-256 of every file against the manifest; the manifest's own
     checksum is always checked. Each file is read once: the files parsed here are checked
@@ -219,6 +232,8 @@ def load(path, *, verify: bool = True) -> DepthModel:
     raw = _read(path, "manifest.json", {})
     manifest = _json(raw, path / "manifest.json")
     found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found == STITCHED:
+        return _load_stitched(path, raw, verify)
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
     if manifest.get("version") not in (1, VERSION):
@@ -271,6 +286,79 @@ def load(path, *, verify: bool = True) -> DepthModel:
     program_json = _json(_read(path, "program.json", digests), path / "program.json")
     program = Program.from_dict(program_json, n_blocks=n_blocks)
     return DepthModel(config, params, program)
+
+
+def _save_stitched(model: Stitched, path: Path, files) -> Path:
+    check_stitched(model)
+    if path.exists() and not (
+        path.is_dir() and ((path / "manifest.json").exists() or not any(path.iterdir()))
+    ):
+        raise FileExistsError(
+            f"{path} exists and is not a depthjax checkpoint; refusing to overwrite it"
+        )
+    extra = [Path(f) for f in files]
+    for f in extra:
+        if f.name in ("front", "back", "map.safetensors", "manifest.json") or not f.is_file():
+            raise CheckpointError(f"save(files=...): {f} cannot go into a stitched checkpoint")
+    with atomic.replacing(path) as tmp:
+        save(model.front, tmp / "front")
+        save(model.back, tmp / "back")
+        stitch_map = {"W": np.asarray(model.W), "c": np.asarray(model.c)}
+        safetensors.numpy.save_file(stitch_map, tmp / "map.safetensors")
+        for f in extra:
+            shutil.copyfile(f, tmp / f.name)
+        names = ["map.safetensors", "front/manifest.json", "back/manifest.json"]
+        integrity.write_sealed(
+            tmp / "manifest.json",
+            {
+                "format": STITCHED,
+                "version": 1,
+                "at": model.at,
+                "resume": model.resume,
+                "files": integrity.file_digests(tmp, names + [f.name for f in extra]),
+            },
+        )
+    return path
+
+
+def _load_stitched(path: Path, raw: bytes, verify: bool) -> Stitched:
+    try:
+        manifest = integrity.parse_sealed(raw, "manifest.json")
+        digests = manifest.get("files")
+        if not isinstance(digests, dict) or not all(
+            isinstance(manifest.get(k), int) for k in ("at", "resume")
+        ):
+            raise CheckpointError(f"{path / 'manifest.json'} is not a complete stitched manifest")
+        if verify:  # map.safetensors is checked as it is read below
+            others = {k: v for k, v in digests.items() if k != "map.safetensors"}
+            integrity.check_digests(path, others)
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"stitched checkpoint {path} is corrupt: {e}") from None
+    front, back = (load(path / part, verify=verify) for part in ("front", "back"))
+    if not (isinstance(front, DepthModel) and isinstance(back, DepthModel)):
+        raise CheckpointError(f"{path}: the parts of a stitched model are single models")
+    data = _read(path, "map.safetensors", digests if verify else {})
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as e:  # the Rust reader raises its own error types
+        raise CheckpointError(f"{path / 'map.safetensors'} is corrupt: {e}") from None
+    if set(tensors) != {"W", "c"}:
+        raise CheckpointError(
+            f"{path / 'map.safetensors'} must hold W and c, has {sorted(tensors)}"
+        )
+    model = Stitched(
+        front,
+        back,
+        jnp.asarray(tensors["W"]),
+        jnp.asarray(tensors["c"]),
+        manifest["at"],
+        manifest["resume"],
+    )
+    try:
+        check_stitched(model)
+    except DepthjaxError as e:
+        raise CheckpointError(f"{path} does not hold a consistent stitched model: {e}") from None
+    return model
 
 
 def _check_manifest(manifest: dict, path: Path) -> None:

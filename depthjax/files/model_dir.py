@@ -73,6 +73,11 @@ class ModelDir:
         hf_config = None
         if kind == "depthjax":
             weights, model = p, checkpoint.load(p, **options)
+            if not isinstance(model, DepthModel):
+                raise CheckpointError(
+                    f"{p} holds a stitched model (dj.depth.stitch: two models joined by a "
+                    "map); this needs a single model. Load it in Python with dj.load"
+                )
         else:
             from ..hf.importing import load, model_directory, read_config
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..core import rope
 from ..core.model import DepthModel
-from ..hf.exporting import export_plan
+from ..core.stitched import Stitched
+from ..hf.exporting import export_plan, stitched_message
 from . import layout, vocab
 from .layout import GGUFError
 
@@ -138,6 +139,8 @@ def save(
     Returns {"architecture", "steps" (the exported step of each layer), "head_count",
     "head_count_kv", "feed_forward_length"} (per layer).
     """
+    if isinstance(model, Stitched):
+        raise GGUFError(stitched_message("one GGUF file"))
     gguf = _gguf()
     if dtype not in DTYPES:
         raise GGUFError(f"dtype={dtype!r} is not one of {DTYPES}")

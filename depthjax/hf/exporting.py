@@ -27,6 +27,7 @@ import numpy as np
 from ..core import quant, rows as rows_lib
 from ..core.model import DepthModel
 from ..core.program import ProgramError, is_concrete
+from ..core.stitched import Stitched
 from ..depth import folding as fold_lib
 from ..files import atomic
 from . import tensor_map
@@ -136,6 +137,14 @@ def _check_target(path: str, overwrite: bool) -> None:
         )
 
 
+def stitched_message(target: str) -> str:
+    return (
+        "a stitched model (dj.depth.stitch: two models of different widths joined by a "
+        f"linear map) cannot be written as {target}, which holds one width; save it with "
+        "dj.save, or export its parts (stitched.front, stitched.back)"
+    )
+
+
 def save(
     model: DepthModel,
     path: str,
@@ -166,6 +175,8 @@ def save(
     any moment leaves the old or the new one whole; other files already in `path` (a
     README, a tokenizer) are kept. Returns the names of the files written.
     """
+    if isinstance(model, Stitched):
+        raise HFError(stitched_message("a Hugging Face checkpoint"))
     if quant.is_quantized(model.params["blocks"]):
         if not dequantize:
             widths = sorted(set(np.asarray(quant.row_bits(model.params["blocks"])).tolist()))

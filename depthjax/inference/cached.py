@@ -233,27 +233,40 @@ def last_real(x_BT, mask_BT):
     return jnp.take_along_axis(x_BT, idx, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "ex"))
-def prefill_jitted(model, tokens_BT, mask_BT, *, max_len: int, ex: Exit):
-    cfg = model.config
-    positions_BT = prompt_positions(mask_BT)
-    cache = KVCache.empty(cfg, ex.cache_steps, ex.depth, tokens_BT.shape[0], max_len)
-    x_BTD = embed(model, tokens_BT, positions_BT)
+def prefill_walk(model: DepthModel, x_BTD, positions_BT, mask_BT, ex: Exit, max_len: int):
+    """The prompt's residual x [B, T, D] walked through steps ex.start..ex.depth-1 into a new
+    cache with room for `max_len` tokens. Returns (residual_BTD, cache)."""
+    cache = KVCache.empty(model.config, ex.cache_steps, ex.depth, x_BTD.shape[0], max_len)
     x_BTD, cache, _ = walk_cached(model, x_BTD, positions_BT, mask_BT, cache, ex, prefill=True)
-    logits_BV = output_head(cfg, model.params, last_real(x_BTD, mask_BT))[:, 0]
     cache = cache.replace(
-        length=jnp.full_like(cache.length, tokens_BT.shape[1]),
+        length=jnp.full_like(cache.length, x_BTD.shape[1]),
         next_pos=mask_BT.sum(1).astype(jnp.int32),
     )
+    return x_BTD, cache
+
+
+def decode_walk(model: DepthModel, cache: KVCache, x_B1D, ex: Exit):
+    """One fed token's residual x [B, 1, D] (at positions cache.next_pos) walked through the
+    cached steps. Returns (residual_B1D, cache advanced by one token, exit_B)."""
+    positions_B1 = cache.next_pos[:, None]
+    x_B1D, cache, exit_B = walk_cached(model, x_B1D, positions_B1, None, cache, ex, prefill=False)
+    cache = cache.replace(length=cache.length + 1, next_pos=cache.next_pos + 1)
+    return x_B1D, cache, exit_B
+
+
+@functools.partial(jax.jit, static_argnames=("max_len", "ex"))
+def prefill_jitted(model, tokens_BT, mask_BT, *, max_len: int, ex: Exit):
+    positions_BT = prompt_positions(mask_BT)
+    x_BTD = embed(model, tokens_BT, positions_BT)
+    x_BTD, cache = prefill_walk(model, x_BTD, positions_BT, mask_BT, ex, max_len)
+    logits_BV = output_head(model.config, model.params, last_real(x_BTD, mask_BT))[:, 0]
     return logits_BV, cache
 
 
 def decode(model, cache: KVCache, tokens_B, ex: Exit):
-    positions_B1 = cache.next_pos[:, None]
-    x_B1D = embed(model, tokens_B[:, None], positions_B1)
-    x_B1D, cache, exit_B = walk_cached(model, x_B1D, positions_B1, None, cache, ex, prefill=False)
+    x_B1D = embed(model, tokens_B[:, None], cache.next_pos[:, None])
+    x_B1D, cache, exit_B = decode_walk(model, cache, x_B1D, ex)
     logits_BV = output_head(model.config, model.params, x_B1D)[:, 0]
-    cache = cache.replace(length=cache.length + 1, next_pos=cache.next_pos + 1)
     return logits_BV, cache, exit_B
 
 

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.model import DepthModel
+from ..core.model import DepthModel, embed, output_head
+from ..core.stitched import Stitched
 from . import cached, speculative
 from .kv_cache import KVCache
 from .sampling import GenerationError, Sampler
@@ -55,7 +56,7 @@ class Generation(NamedTuple):
     tokens: jax.Array  # int32 [B, N]; after `eos_id` the rows hold eos_id
     lengths: jax.Array  # int32 [B]: generated tokens up to and including eos
     exit_steps: jax.Array  # int32 [B, N]: steps run for each token (0: not generated)
-    cache: KVCache | None = None  # the policy's cache after the last fed token
+    cache: KVCache | None = None  # the policy's cache after the last fed token (stitched: a pair)
     draft: DraftStats | None = None  # self-speculative decoding (draft=): its counts
     ran: jax.Array | None = None  # bool [B, N, depth]: steps the token's input ran (routed)
     loops: jax.Array | None = None  # int32 [B, T + N - 1]: core loops per fed token (looped)
@@ -115,6 +116,49 @@ class Plain(TokenByToken):
         return logits_BV, cache, {"exit_steps": exit_B}
 
 
+@dataclasses.dataclass(frozen=True)
+class Stitching(TokenByToken):
+    """The policy of a stitched model (dj.depth.stitch), chosen by `generate` itself: each
+    part walks its program over its own KV cache (`cached.prefill_walk` / `decode_walk`)
+    and the stitching map joins them token by token. `Generation.cache` is the pair
+    (front cache, back cache); `front` / `back` are each part's static cache layout."""
+
+    front: cached.Exit
+    back: cached.Exit
+
+    @classmethod
+    def create(cls, model: Stitched) -> Stitching:
+        layout = lambda m: cached.exit_settings(m, None, None, None, "skip")
+        return cls(layout(model.front), layout(model.back))
+
+    def prepare(self, model, tokens_BT, mask_BT, max_new_tokens):
+        return self, None
+
+    def _steps(self, x_B):
+        return {"exit_steps": jnp.full(x_B.shape[:1], self.front.depth + self.back.depth)}
+
+    def prefill(self, model: Stitched, data, tokens_BT, mask_BT, max_len):
+        front, back = model.parts
+        positions_BT = cached.prompt_positions(mask_BT)
+        x_BTD = embed(front, tokens_BT, positions_BT)
+        x_BTD, kv_front = cached.prefill_walk(
+            front, x_BTD, positions_BT, mask_BT, self.front, max_len
+        )
+        x_BTD, kv_back = cached.prefill_walk(
+            back, model.map(x_BTD), positions_BT, mask_BT, self.back, max_len
+        )
+        logits_BV = output_head(back.config, back.params, cached.last_real(x_BTD, mask_BT))[:, 0]
+        return logits_BV, (kv_front, kv_back), self._steps(tokens_BT)
+
+    def decode(self, model: Stitched, data, cache, tokens_B):
+        (front, back), (kv_front, kv_back) = model.parts, cache
+        x_B1D = embed(front, tokens_B[:, None], kv_front.next_pos[:, None])
+        x_B1D, kv_front, _ = cached.decode_walk(front, kv_front, x_B1D, self.front)
+        x_B1D, kv_back, _ = cached.decode_walk(back, kv_back, model.map(x_B1D), self.back)
+        logits_BV = output_head(back.config, back.params, x_B1D)[:, 0]
+        return logits_BV, (kv_front, kv_back), self._steps(tokens_B)
+
+
 def _check_length(max_new_tokens) -> None:
     if (
         isinstance(max_new_tokens, bool)
@@ -125,7 +169,7 @@ def _check_length(max_new_tokens) -> None:
 
 
 def generate(
-    model: DepthModel | Specialized,
+    model: DepthModel | Specialized | Stitched,
     prompt_tokens,
     max_new_tokens: int,
     *,
@@ -148,7 +192,8 @@ def generate(
     prompt_tokens int [B, T] with `mask` (1 = real token; padding left or right).
     temperature=0 is greedy; top_k / top_p filter before sampling (depthjax.inference.
     sampling). A row stops at `eos_id` (later tokens are eos_id); the loop ends when every
-    row has. `model` may be a `dj.specialize`d model: prefill and decoding run its plan.
+    row has. `model` may be a `dj.specialize`d model: prefill and decoding run its plan;
+    or a stitched model (dj.depth.stitch), decoded by the `Stitching` policy.
 
     How tokens are produced is a policy (module docstring):
     * default: the program with a KV cache; exit_at / exit_threshold / exit_steps / exit_kv
@@ -162,7 +207,9 @@ def generate(
       depthjax.adaptive.recurrent_decode.Looped (recurrent depth, a loop count per token).
     """
     model, plan = cached.unwrap(model)
-    cached.check_decodable(model)
+    parts = model.parts if isinstance(model, Stitched) else (model,)
+    for part in parts:
+        cached.check_decodable(part)
     _check_length(max_new_tokens)
     sampler = Sampler.create(temperature, top_k, top_p)
     if not sampler.greedy and key is None:
@@ -176,7 +223,8 @@ def generate(
             f"eos_id={eos_id!r} is not a token of the vocabulary 0..{model.config.vocab_size - 1}"
         )
     tokens_BT, mask_BT, longest = cached.prompt_mask(model, prompt_tokens, mask)
-    cached.check_positions(model, longest + max_new_tokens - 1)
+    for part in parts:
+        cached.check_positions(part, longest + max_new_tokens - 1)
     early_exit = (exit_at, exit_threshold, exit_steps)
     chosen = [
         name
@@ -196,7 +244,14 @@ def generate(
             "draft= and policy= walk the program step by step; pass the model, not its "
             "dj.specialize form"
         )
-    if draft is not None:
+    if isinstance(model, Stitched):
+        if chosen:
+            raise GenerationError(
+                f"{chosen[0]} walks one program; a stitched model (dj.depth.stitch) decodes "
+                "its two parts with its own policy"
+            )
+        policy = Stitching.create(model)
+    elif draft is not None:
         policy = speculative.Draft(draft, draft_tokens)
     elif policy is None:
         policy = Plain(
