@@ -120,8 +120,10 @@ def blockwise_attention(
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s_BKGQS - m_safe[..., None])
             corr = jnp.exp(m_prev - m_safe)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_blk.dtype), v_blk)
-            acc = acc_prev * corr[..., None] + pv.astype(f32)
+            pv = jnp.einsum(
+                "bkgqs,bskd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=f32
+            )
+            acc = acc_prev * corr[..., None] + pv
             l_new = l_prev * corr + jnp.sum(p, axis=-1)
             seen = seen_prev | jnp.any(mask, axis=-1)
             return m_new, l_new, acc, seen
