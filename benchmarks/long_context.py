@@ -97,7 +97,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seq", type=int, nargs="+", default=[1024, 8192, 32768])
-    p.add_argument("--chunk", type=int, default=512, help="blockwise block size (default 512)")
+    p.add_argument("--chunk", type=int, default=512, help="attention_chunk (default: 512)")
     p.add_argument("--max-dense-gib", type=float, default=4.0)
     p.add_argument("--no-warm", action="store_true", help="time only the first call")
     p.add_argument("--child", type=int, nargs=2, help=argparse.SUPPRESS)
@@ -106,6 +106,8 @@ def main() -> None:
         child(*args.child, warm=not args.no_warm)
         return
     import jax
+
+    from depthjax.core.blockwise import use_blockwise
 
     print(f"# jax {jax.__version__} on {jax.devices()[0].platform}; {MODEL}, one sequence")
     print("# time: child CPU seconds (all threads); peak: child VmHWM; one run each")
@@ -122,9 +124,11 @@ def main() -> None:
                 f"{dense_score_gib(seq):.0f} GiB | | | | |"
             )
         else:
-            rows["dense"] = run_child(seq, 0, not args.no_warm)
-        rows[f"blockwise {args.chunk}"] = run_child(seq, args.chunk, not args.no_warm)
-        dense = rows.get("dense")
+            rows["attention_chunk=0 (dense)"] = run_child(seq, 0, not args.no_warm)
+        path = "blockwise" if use_blockwise(seq, seq, args.chunk) else "dense: below threshold"
+        chunked = f"attention_chunk={args.chunk} ({path})"
+        rows[chunked] = run_child(seq, args.chunk, not args.no_warm)
+        dense = rows.get("attention_chunk=0 (dense)")
         for name, r in rows.items():
             warm = r["second_s"]
             peak_ratio = f"{r['peak_gib'] / dense['peak_gib']:.2f}x" if dense else "-"
@@ -138,8 +142,7 @@ def main() -> None:
         if dense:
             import numpy as np
 
-            chunked = rows[f"blockwise {args.chunk}"]
-            gap = np.max(np.abs(np.subtract(dense["scores"], chunked["scores"])))
+            gap = np.max(np.abs(np.subtract(dense["scores"], rows[chunked]["scores"])))
             print(f"#   {seq} tokens: block influence, blockwise vs dense: max |diff| {gap:.1e}")
     print("\n# one attention call of llama-small (causal, float32): XLA temp memory, compiled")
     print("| tokens | dense fwd MiB | blockwise fwd MiB | dense grad MiB | blockwise grad MiB |")

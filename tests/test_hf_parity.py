@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
+from depthjax.core.blockwise import use_blockwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "hf_reference", "make_reference.py")
@@ -135,7 +136,10 @@ def test_blockwise_attention_matches_transformers(reference, case):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*pooler.*")
         model = dj.hf.load(entry["dir"], attention_chunk=4)
-    got = _run(model, entry["kind"], dict(np.load(entry["inputs"])))
+    inputs = dict(np.load(entry["inputs"]))
+    T = inputs["tokens"].shape[1]
+    assert use_blockwise(T, T, 4)
+    got = _run(model, entry["kind"], inputs)
     np.testing.assert_allclose(got, np.load(entry["expected"]), atol=TOL, rtol=0)
 
 

@@ -13,7 +13,6 @@ import pytest
 import depthjax as dj
 from depthjax.core.attention import attend
 from depthjax.core.blockwise import use_blockwise
-from depthjax.core.config import ConfigError
 from depthjax.metrics.scores import MetricError
 from tests import reference
 
@@ -105,12 +104,10 @@ def test_rows_that_see_no_key_average_values_uniformly():
     np.testing.assert_allclose(out[0, 2], want, atol=1e-6)
 
 
-def test_blockwise_threshold_and_knob():
-    assert not use_blockwise(512, 512, 512) and use_blockwise(513, 512, 512)
+def test_blockwise_threshold():
+    assert not use_blockwise(1024, 1024, 512) and use_blockwise(1025, 1024, 512)
     assert not use_blockwise(10**6, 10**6, 0)  # 0: always dense
-    assert use_blockwise(1, 600 * 600 + 1, 600)  # one query over a long cache: key blocks
-    with pytest.raises(ConfigError, match="attention_chunk"):
-        dj.configs.get("llama-tiny").replace(attention_chunk=-1)
+    assert use_blockwise(1, 4 * 600 * 600 + 1, 600)  # one query over a long cache: key blocks
 
 
 @pytest.mark.parametrize(

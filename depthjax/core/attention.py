@@ -8,8 +8,8 @@ depthjax.core.kinds): query t sees keys s with t - s < window. Attention logit s
 
 Implementations (``ModelConfig.attention_impl``):
 
-* ``"xla"``    `jax.nn.dot_product_attention(implementation="xla")`, runs everywhere; above
-  ``ModelConfig.attention_chunk`` ** 2 scores (T * S) it runs blockwise instead
+* ``"xla"``    `jax.nn.dot_product_attention(implementation="xla")`, runs everywhere; when
+  T * S > 4 * ``ModelConfig.attention_chunk`` ** 2 it runs blockwise instead
   (`depthjax.core.blockwise`: online softmax, memory linear in the context);
 * ``"cudnn"``  cuDNN flash attention through the same JAX function (GPU, bf16/fp16; a
   traced window becomes a dense mask; no soft-capping);
@@ -310,7 +310,7 @@ def attend(
     Query rows that can see no key: xla/cudnn average V uniformly, pallas returns zeros.
     A per-query key mask kv_mask_BS [B, T, S] (decoding from a cache) runs on xla only.
     chunk: xla (soft-capped or not) runs blockwise, in blocks of `chunk` queries and keys
-    (`depthjax.core.blockwise`), when T * S > chunk ** 2; 0 always holds the dense T x S
+    (`depthjax.core.blockwise`), when T * S > 4 * chunk ** 2; 0 always holds the dense T x S
     scores. Same numbers up to float reassociation.
     """
     if window is not None and not causal:

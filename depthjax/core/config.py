@@ -152,7 +152,7 @@ class ModelConfig:
     # Execution.
     attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.core.attention)
     attention_chunk: int = 512  # xla attention runs in query x key blocks of this size when
-    # T * S > attention_chunk ** 2 (depthjax.core.blockwise); 0: always dense T x S scores
+    # T * S > 4 * attention_chunk ** 2 (depthjax.core.blockwise); 0: always dense scores
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: Remat = Remat.NONE
     init_std: float = 0.02

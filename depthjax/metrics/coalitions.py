@@ -198,8 +198,8 @@ def coalition_measures(
 
     chunk: rows per forward (None: each batch whole). A forward then holds, for `chunk`
     rows of T tokens, the logits of a few programs and (strategy "prefix") the model's
-    [depth+1, chunk, T, D] residual stack; attention is blockwise above
-    `ModelConfig.attention_chunk` ** 2 scores, so memory is linear in T."""
+    [depth+1, chunk, T, D] residual stack; attention is blockwise when T * T > 4 *
+    `ModelConfig.attention_chunk` ** 2, so memory is linear in T."""
     if is_task(measure):
         values = np.asarray(measure.measure(model, programs_for(model, unit, keep)), np.float64)
         if values.shape != (np.shape(keep)[0],):

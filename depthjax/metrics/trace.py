@@ -85,7 +85,7 @@ def trace_statistics(model: DepthModel, batches, chunk: int | None = None) -> di
 
     chunk: rows per forward (None: each batch whole). One forward holds the trace of
     `chunk` rows, (3 * depth + 1) * chunk * T * D floats (residual stack and both
-    sublayer outputs), plus attention's scores, which are blockwise above
+    sublayer outputs), plus attention's scores, blockwise when T * T > 4 *
     `ModelConfig.attention_chunk` ** 2 (depthjax.core.blockwise): memory linear in T."""
     total = None
     data = row_chunks(as_batches(batches, model.config.vocab_size), chunk)
