@@ -52,19 +52,25 @@ def _attention(cfg, p, x, pos, allowed, row_id=0):
         if _local(cfg, row_id) and cfg.local_rope_theta is not None:
             theta = cfg.local_rope_theta
         q, k = _rope(q, pos, theta, cfg.rope_fraction), _rope(k, pos, theta, cfg.rope_fraction)
-    rep = cfg.n_heads // cfg.n_kv_heads
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     scale_dim = cfg.head_dim if cfg.query_scale_dim is None else cfg.query_scale_dim
-    s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(scale_dim)
-    if cfg.attn_softcap is not None:
-        s = cfg.attn_softcap * jnp.tanh(s / cfg.attn_softcap)
     if _local(cfg, row_id):
         T = x.shape[1]
         t, u = np.arange(T)[:, None], np.arange(T)[None, :]
         allowed = allowed & (t - u < cfg.sliding_window)[None]
-    s = jnp.where(allowed[:, None], s, -1e30)
-    o = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), v)
+    o = attend(q, k, v, allowed, 1 / np.sqrt(scale_dim), cfg.attn_softcap)
     return _dense(p["o"], o, "bthk,hkd->btd")
+
+
+def attend(q_BTHD, k_BSKD, v_BSKD, allowed_BTS, scale, softcap=None):
+    """Softmax attention with an explicit boolean mask [B, T, S] (heads repeated for GQA,
+    optional logit soft-cap); a query row that sees no key averages V uniformly."""
+    rep = q_BTHD.shape[2] // k_BSKD.shape[2]
+    k, v = jnp.repeat(k_BSKD, rep, axis=2), jnp.repeat(v_BSKD, rep, axis=2)
+    s = jnp.einsum("bthk,bshk->bhts", q_BTHD, k) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(allowed_BTS[:, None], s, -1e30)
+    return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), v)
 
 
 def _mlp(cfg, p, x):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
+from depthjax.core.blockwise import use_blockwise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "hf_reference", "make_reference.py")
@@ -45,6 +46,9 @@ def _reference(command: str, path: str) -> None:
         "TRANSFORMERS_VERBOSITY": "error",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    # The reference imports transformers only: a PYTHONPATH holding this repository would
+    # let its `kernels/` folder shadow the `kernels` package transformers probes for.
+    env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [_reference_python(), SCRIPT, command, path],
         env=env,
@@ -122,6 +126,21 @@ def test_load_matches_transformers(reference, case):
         np.testing.assert_allclose(
             np.asarray(dj.apply(model, inputs["tokens"], unroll=True)), got, atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.parametrize("case", ["gemma2", "mistral_window", "bert"])
+def test_blockwise_attention_matches_transformers(reference, case):
+    """Attention in blocks of 4 queries x 4 keys (depthjax.core.blockwise, forced far below
+    its default threshold): soft-capping, sliding windows, bidirectional with padding."""
+    entry = reference[case]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pooler.*")
+        model = dj.hf.load(entry["dir"], attention_chunk=4)
+    inputs = dict(np.load(entry["inputs"]))
+    T = inputs["tokens"].shape[1]
+    assert use_blockwise(T, T, 4)
+    got = _run(model, entry["kind"], inputs)
+    np.testing.assert_allclose(got, np.load(entry["expected"]), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("case", DECODERS)

@@ -56,6 +56,7 @@ def test_apply_rejects_program_built_without_checks(llama, tokens):
         (dict(remat="sometimes"), "remat='sometimes'"),
         (dict(n_layers=0), "n_layers must be a positive integer"),
         (dict(attention_impl="magic"), "attention_impl='magic'"),
+        (dict(attention_chunk=-1), "attention_chunk must be >= 0"),
     ],
 )
 def test_invalid_configs_are_rejected(kwargs, message):

@@ -8,7 +8,9 @@ depthjax.core.kinds): query t sees keys s with t - s < window. Attention logit s
 
 Implementations (``ModelConfig.attention_impl``):
 
-* ``"xla"``    `jax.nn.dot_product_attention(implementation="xla")`, runs everywhere;
+* ``"xla"``    `jax.nn.dot_product_attention(implementation="xla")`, runs everywhere; when
+  T * S > 4 * ``ModelConfig.attention_chunk`` ** 2 it runs blockwise instead
+  (`depthjax.core.blockwise`: online softmax, memory linear in the context);
 * ``"cudnn"``  cuDNN flash attention through the same JAX function (GPU, bf16/fp16; a
   traced window becomes a dense mask; no soft-capping);
 * ``"pallas"`` depthjax's own kernels: `depthjax.kernels.flash_attention` (Triton backend)
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ..errors import DepthjaxError
+from .blockwise import blockwise_attention, use_blockwise
 from .config import ATTENTION_IMPLS as IMPLS
 
 log = logging.getLogger(__name__)
@@ -298,6 +301,7 @@ def attend(
     window=None,
     softcap: float | None = None,
     impl: str = "xla",
+    chunk: int = 0,
 ):
     """Softmax attention; H must be a multiple of K (grouped-query). Returns [B, T, H, D].
 
@@ -305,6 +309,9 @@ def attend(
     and S aligned at 0). softcap: logits become softcap * tanh(logits / softcap).
     Query rows that can see no key: xla/cudnn average V uniformly, pallas returns zeros.
     A per-query key mask kv_mask_BS [B, T, S] (decoding from a cache) runs on xla only.
+    chunk: xla (soft-capped or not) runs blockwise, in blocks of `chunk` queries and keys
+    (`depthjax.core.blockwise`), when T * S > 4 * chunk ** 2; 0 always holds the dense T x S
+    scores. Same numbers up to float reassociation.
     """
     if window is not None and not causal:
         raise ValueError("a sliding window needs causal attention")
@@ -346,6 +353,19 @@ def attend(
             return run(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS, window)
         return _sharded(run, mesh, q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, kv_mask_BS, window)
     T, S = q_BTHD.shape[1], k_BSKD.shape[1]
+    if chosen == "xla" and use_blockwise(T, S, chunk):
+        return blockwise_attention(
+            q_BTHD,
+            k_BSKD,
+            v_BSKD,
+            causal=causal,
+            segment_ids_BT=segment_ids_BT,
+            kv_mask_BS=kv_mask_BS,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            chunk=chunk,
+        )
     mask = None
     if segment_ids_BT is not None or kv_mask_BS is not None or window is not None:
         mask = attention_mask(

@@ -151,6 +151,8 @@ class ModelConfig:
     parallel_block: bool = False  # GPT-J block: attention and MLP read the same input
     # Execution.
     attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.core.attention)
+    attention_chunk: int = 512  # xla attention runs in query x key blocks of this size when
+    # T * S > 4 * attention_chunk ** 2 (depthjax.core.blockwise); 0: always dense scores
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: Remat = Remat.NONE
     init_std: float = 0.02
@@ -221,6 +223,10 @@ class ModelConfig:
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("qk_norm", self.qk_norm, QK_NORMS)
+        if self.attention_chunk < 0:
+            raise ConfigError(
+                f"attention_chunk must be >= 0 (0: dense attention), got {self.attention_chunk}"
+            )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

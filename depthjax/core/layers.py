@@ -111,6 +111,7 @@ class Attention(nn.Module):
             window=window,
             softcap=cfg.attn_softcap,
             impl=cfg.attention_impl,
+            chunk=cfg.attention_chunk,
         )
         y_BTD = nn.DenseGeneral(
             cfg.d_model,

@@ -108,7 +108,7 @@ def _check_names(ckpt: Checkpoint, rules, prefix: str, cfg, family: str) -> list
     return sorted(names & unmodelled)
 
 
-_EXECUTION = ("dtype", "remat", "attention_impl")
+_EXECUTION = ("dtype", "remat", "attention_impl", "attention_chunk")
 
 
 def load(
@@ -129,8 +129,8 @@ def load(
     progress: print one line per tensor group (default: for checkpoints over 256 MiB).
     config: the directory's config.json as already read (`ModelDir.read` passes it, so the
     file is read once); None reads it here.
-    execution: how to run it -- dtype, remat, attention_impl (ModelConfig fields); the
-    weights themselves are always stored in float32.
+    execution: how to run it -- dtype, remat, attention_impl, attention_chunk (ModelConfig
+    fields); the weights themselves are always stored in float32.
     """
     t0 = time.time()
     directory = model_directory(path)

@@ -56,3 +56,19 @@ def as_batches(batches, vocab_size: int | None = None) -> list[Batch]:
     if not out:
         raise MetricError("no batches: metrics need at least one batch of tokens")
     return out
+
+
+def row_chunks(batches: list[Batch], chunk: int | None) -> list[Batch]:
+    """Each batch split into consecutive slices of at most `chunk` rows (None: as they are).
+
+    Metrics sum over rows, so the result is the same; a forward then holds activations
+    (and a trace's [depth+1, rows, T, D] residual stack) for `chunk` rows at a time."""
+    if chunk is None:
+        return batches
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise MetricError(f"chunk must be a positive number of rows or None, got {chunk!r}")
+    return [
+        Batch(b.tokens[i : i + chunk], b.mask[i : i + chunk])
+        for b in batches
+        for i in range(0, len(b.tokens), chunk)
+    ]

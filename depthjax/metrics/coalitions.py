@@ -43,7 +43,7 @@ from ..core.loss import nll_sums, require_causal
 from ..core.model import DepthModel, apply, default_positions, output_head
 from ..core.program import Program, map_programs
 from ..core.walk import run_blocks
-from .batches import as_batches
+from .batches import as_batches, row_chunks
 from .scores import MetricError, Scores
 
 MEASURES = ("loss", "logit")
@@ -190,10 +190,16 @@ def coalition_measures(
     measure="loss",
     description: str = "coalitions",
     strategy: str = "auto",
+    chunk: int | None = None,
 ):
     """Mean measure [K] of the model with each coalition keep[k] (1 = unit on); a task
     measures the programs itself. `description` labels the progress bar over batches;
-    strategy: "batched", "prefix" or "auto" (fewer FLOPs; see the module docstring)."""
+    strategy: "batched", "prefix" or "auto" (fewer FLOPs; see the module docstring).
+
+    chunk: rows per forward (None: each batch whole). A forward then holds, for `chunk`
+    rows of T tokens, the logits of a few programs and (strategy "prefix") the model's
+    [depth+1, chunk, T, D] residual stack; attention is blockwise when T * T > 4 *
+    `ModelConfig.attention_chunk` ** 2, so memory is linear in T."""
     if is_task(measure):
         values = np.asarray(measure.measure(model, programs_for(model, unit, keep)), np.float64)
         if values.shape != (np.shape(keep)[0],):
@@ -212,7 +218,7 @@ def coalition_measures(
     if measure == "loss":
         require_causal(model, "measure='loss'", MetricError)
     attn, mlp = coalition_gates(model, unit, keep)
-    data = as_batches(batches, model.config.vocab_size)
+    data = row_chunks(as_batches(batches, model.config.vocab_size), chunk)
     if strategy == "auto":
         costs = evaluation_costs(model, attn, mlp, data[0].tokens.shape[1])
         strategy = min(costs, key=costs.get)
@@ -244,18 +250,22 @@ def loss(model: DepthModel, batches) -> float:
     )
 
 
-def _unique_measures(model, batches, unit, keep, measure, description):
+def _unique_measures(model, batches, unit, keep, measure, description, chunk=None):
     """Measures of coalition rows, evaluating each distinct coalition once."""
     uniq, inverse = np.unique(np.asarray(keep, np.int8), axis=0, return_inverse=True)
-    return coalition_measures(model, batches, unit, uniq, measure, description)[inverse.reshape(-1)]
+    m = coalition_measures(model, batches, unit, uniq, measure, description, chunk=chunk)
+    return m[inverse.reshape(-1)]
 
 
-def ablation(model: DepthModel, batches=None, unit: str = "block", measure="loss") -> Scores:
+def ablation(
+    model: DepthModel, batches=None, unit: str = "block", measure="loss", chunk: int | None = None
+) -> Scores:
     """Leave-one-out: rise of the measure when each unit alone is switched off.
-    extra["full"] is the full model's measure."""
+    extra["full"] is the full model's measure. chunk: rows per forward
+    (`coalition_measures`)."""
     n = n_units(model, unit)
     keep = np.vstack([np.ones((1, n)), 1 - np.eye(n)])
-    m = coalition_measures(model, batches, unit, keep, measure, f"ablation {unit}")
+    m = coalition_measures(model, batches, unit, keep, measure, f"ablation {unit}", chunk=chunk)
     return Scores(f"ablation_{measure_name(measure)}", unit, m[1:] - m[0], {"full": float(m[0])})
 
 
@@ -266,12 +276,12 @@ def _permutations(n, num_permutations, key, antithetic):
     return np.concatenate([perms, perms[:, ::-1]]) if antithetic else perms
 
 
-def _exact_shapley(model, batches, unit, measure, n):
+def _exact_shapley(model, batches, unit, measure, n, chunk):
     """Exact Shapley values from all 2**n coalitions: phi_i = sum over S without i of
     |S|! (n-|S|-1)! / n! * (v(S + i) - v(S)), v = -measure."""
     idx = np.arange(1 << n)
     keep = ((idx[:, None] >> np.arange(n)) & 1).astype(np.int8)  # [2**n, n]
-    v = -coalition_measures(model, batches, unit, keep, measure)
+    v = -coalition_measures(model, batches, unit, keep, measure, chunk=chunk)
     size = keep.sum(1)
     weight = np.array(
         [
@@ -296,6 +306,7 @@ def shapley(
     *,
     max_coalitions: int = 4096,
     antithetic: bool = True,
+    chunk: int | None = None,
 ) -> Scores:
     """Shapley values of the units for v(S) = -measure(S) (higher = more important).
 
@@ -306,7 +317,7 @@ def shapley(
     its reverse (a unit joining late in one joins early in the other, which cancels much
     of the order noise). extra["stderr"] is the estimator's standard error (0 when exact;
     over antithetic pairs). The values sum to v(all) - v(none) = measure(none) -
-    measure(all), exactly, in every case.
+    measure(all), exactly, in every case. chunk: rows per forward (`coalition_measures`).
     """
     n = n_units(model, unit)
     if num_permutations is None:
@@ -316,7 +327,7 @@ def shapley(
                 f"coalitions, more than max_coalitions={max_coalitions:,}; pass "
                 "num_permutations for an estimate (or raise max_coalitions)"
             )
-        values, total = _exact_shapley(model, batches, unit, measure, n)
+        values, total = _exact_shapley(model, batches, unit, measure, n, chunk)
         return Scores(
             f"shapley_{measure_name(measure)}",
             unit,
@@ -340,7 +351,7 @@ def shapley(
         for j, u in enumerate(perm):
             keep[p, j + 1 :, u] = 1
     m = _unique_measures(
-        model, batches, unit, keep.reshape(-1, n), measure, f"shapley {unit}"
+        model, batches, unit, keep.reshape(-1, n), measure, f"shapley {unit}", chunk
     ).reshape(P, n + 1)
     marginal = np.zeros((P, n))
     marginal[np.arange(P)[:, None], perms] = m[:, :-1] - m[:, 1:]

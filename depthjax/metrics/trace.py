@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import progress
 from ..core.model import DepthModel, apply
-from .batches import as_batches
+from .batches import as_batches, row_chunks
 from .scores import MetricError, Scores
 
 _EPS = 1e-12
@@ -80,10 +80,16 @@ def _batch_sums(model: DepthModel, tokens_BT, mask_BT) -> dict:
     }
 
 
-def trace_statistics(model: DepthModel, batches) -> dict[str, np.ndarray]:
-    """Means over real tokens (rows, for the last-token angular matrix) of every trace sum."""
+def trace_statistics(model: DepthModel, batches, chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Means over real tokens (rows, for the last-token angular matrix) of every trace sum.
+
+    chunk: rows per forward (None: each batch whole). One forward holds the trace of
+    `chunk` rows, (3 * depth + 1) * chunk * T * D floats (residual stack and both
+    sublayer outputs), plus attention's scores, blockwise when T * T > 4 *
+    `ModelConfig.attention_chunk` ** 2 (depthjax.core.blockwise): memory linear in T."""
     total = None
-    for b in progress.track(as_batches(batches, model.config.vocab_size), "trace metrics"):
+    data = row_chunks(as_batches(batches, model.config.vocab_size), chunk)
+    for b in progress.track(data, "trace metrics"):
         sums = _batch_sums(model, b.tokens, b.mask)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
@@ -112,21 +118,24 @@ def _from_stats(stats, name, span=1):
     raise KeyError(name)
 
 
-def block_influence(model: DepthModel, batches) -> Scores:
-    """1 - mean over real tokens of cos(residual[i], residual[i+1]), per step."""
-    return _from_stats(trace_statistics(model, batches), "block_influence")
+def block_influence(model: DepthModel, batches, chunk: int | None = None) -> Scores:
+    """1 - mean over real tokens of cos(residual[i], residual[i+1]), per step.
+    chunk: rows per forward (memory bound: `trace_statistics`)."""
+    return _from_stats(trace_statistics(model, batches, chunk), "block_influence")
 
 
-def angular_distance(model: DepthModel, batches, span: int = 1) -> Scores:
+def angular_distance(model: DepthModel, batches, span: int = 1, chunk: int | None = None) -> Scores:
     """arccos(cos(residual[i], residual[i+span])) / pi on each row's last real token,
     averaged over rows, for every start i; extra["best_start"] is the span to drop."""
-    return _from_stats(trace_statistics(model, batches), "angular_distance", span)
+    return _from_stats(trace_statistics(model, batches, chunk), "angular_distance", span)
 
 
-def relative_contribution(model: DepthModel, batches) -> dict[str, Scores]:
+def relative_contribution(
+    model: DepthModel, batches, chunk: int | None = None
+) -> dict[str, Scores]:
     """Per step: |attn update| / |residual in|, |mlp update| / |residual after attention|,
     |block update| / |residual in|, with the matching cosines in extra["cos"]."""
-    return _contributions(trace_statistics(model, batches))
+    return _contributions(trace_statistics(model, batches, chunk))
 
 
 def _contributions(stats) -> dict[str, Scores]:
@@ -151,21 +160,23 @@ def _module_similarity(stats) -> Scores:
     )
 
 
-def module_similarity(model: DepthModel, batches) -> Scores:
+def module_similarity(model: DepthModel, batches, chunk: int | None = None) -> Scores:
     """ "What Matters in Transformers?": 1 - mean cos(X, Y) over real tokens of each
     sublayer's input X and output Y (the residual after its update), for the attention
     sublayers of steps 0..S-1 then the MLPs: unit "sublayer", for prune(unit="sublayer")."""
-    return _module_similarity(trace_statistics(model, batches))
+    return _module_similarity(trace_statistics(model, batches, chunk))
 
 
-def residual_norm(model: DepthModel, batches) -> np.ndarray:
+def residual_norm(model: DepthModel, batches, chunk: int | None = None) -> np.ndarray:
     """Mean |residual[i]| over real tokens, i = 0..depth."""
-    return trace_statistics(model, batches)["residual_norm"]
+    return trace_statistics(model, batches, chunk)["residual_norm"]
 
 
-def trace_metrics(model: DepthModel, batches, span: int = 1) -> dict[str, Scores]:
-    """Every trace metric from one pass over the batches."""
-    stats = trace_statistics(model, batches)
+def trace_metrics(
+    model: DepthModel, batches, span: int = 1, chunk: int | None = None
+) -> dict[str, Scores]:
+    """Every trace metric from one pass over the batches (chunk: rows per forward)."""
+    stats = trace_statistics(model, batches, chunk)
     out = {
         "block_influence": _from_stats(stats, "block_influence"),
         "angular_distance": _from_stats(stats, "angular_distance", span),

@@ -66,7 +66,7 @@ FREE_KEYS = {
     "mesh",
 }
 # Model fields that choose how the same model executes.
-EXECUTION_KEYS = {"dtype", "remat", "attention_impl"}
+EXECUTION_KEYS = {"dtype", "remat", "attention_impl", "attention_chunk"}
 
 
 class RunDirError(DepthjaxError):
