@@ -151,7 +151,10 @@ class ModelConfig:
     parallel_block: bool = False  # GPT-J block: attention and MLP read the same input
     # Execution.
     attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.core.attention)
-    dtype: str = "float32"  # compute dtype; parameters are always float32
+    dtype: str = "float32"  # compute dtype (activations, matmuls)
+    param_dtype: str = "float32"  # storage dtype of the weights: float32 master weights for
+    # training; bfloat16 halves memory for inference and analysis (logits and losses stay
+    # float32 either way)
     remat: Remat = Remat.NONE
     init_std: float = 0.02
 
@@ -220,6 +223,7 @@ class ModelConfig:
         _choice("mlp", self.mlp, MLPS)
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("param_dtype", self.param_dtype, DTYPES)
         _choice("qk_norm", self.qk_norm, QK_NORMS)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:

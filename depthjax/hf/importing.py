@@ -1,26 +1,32 @@
 """`load(dir)`: a local Hugging Face checkpoint as a DepthModel, streamed tensor by tensor.
 
 Every tensor is checked before any data is read (missing, unexpected, wrong shape), then
-each rule's leaves are filled layer by layer into one preallocated [n_layers, ...] numpy
-stack, placed on device (optionally sharded) and freed before the next, so host memory
-holds at most one stacked leaf group next to the memory-mapped files.
+each rule's leaves are filled layer by layer (threads, one layer each) into one
+preallocated [n_layers, ...] numpy stack in the chosen param_dtype, placed on device
+(optionally sharded) and freed before the next, so host memory holds at most one stacked
+leaf group beyond the weights already placed. Files are read with `pread`, not mapped, so
+no page of them stays resident.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..core.model import DepthModel, init
 from ..core.program import Program
+from ..files.safetensors_io import copy_into
 from . import tensor_map
 from .config import HFError, from_hf
 from .safetensors_files import Checkpoint
@@ -70,6 +76,25 @@ def _sharding_for(shardings: ShardingSpec, path: tuple[str, ...], shape) -> Shar
     return node
 
 
+def _threads() -> int:
+    """Reader threads: reads and numpy copies release the GIL, so layers fill in parallel."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def _fill(ckpt: Checkpoint, rule, prefix: str, stacks, pdt, layer: int | None) -> None:
+    """Read one layer's HF tensor of `rule` and write its pieces into row `layer` of the
+    preallocated stacks (the whole stack for a non-layer rule), in dtype `pdt`.
+
+    The tensor is read in its stored dtype; a narrower one is widened before the
+    rule's arithmetic (Gemma's 1 + w), so a float32 load of a bfloat16 file is exact and
+    a bfloat16 load rounds once."""
+    raw = ckpt.get(rule.hf_name(prefix, layer))
+    if raw.dtype.itemsize < pdt.itemsize:
+        raw = raw.astype(pdt)
+    for stack, piece in zip(stacks, rule.to_ours(raw)):
+        copy_into(stack if layer is None else stack[layer], piece)
+
+
 def _put(tree: dict, path, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -108,7 +133,7 @@ def _check_names(ckpt: Checkpoint, rules, prefix: str, cfg, family: str) -> list
     return sorted(names & unmodelled)
 
 
-_EXECUTION = ("dtype", "remat", "attention_impl")
+_EXECUTION = ("dtype", "param_dtype", "remat", "attention_impl")
 
 
 def load(
@@ -129,8 +154,13 @@ def load(
     progress: print one line per tensor group (default: for checkpoints over 256 MiB).
     config: the directory's config.json as already read (`ModelDir.read` passes it, so the
     file is read once); None reads it here.
-    execution: how to run it -- dtype, remat, attention_impl (ModelConfig fields); the
-    weights themselves are always stored in float32.
+    execution: ModelConfig fields that say how to hold and run it -- param_dtype (the
+    weights' dtype: "float32" by default, "bfloat16" reads a bfloat16 checkpoint with no
+    float32 round trip and half the memory), dtype (compute), remat, attention_impl.
+
+    Memory: each parameter is filled into one preallocated [n_layers, ...] host array in
+    param_dtype by reader threads (no memory map), placed on device and freed before the
+    next, so peak host memory is the loaded weights plus one stacked group.
     """
     t0 = time.time()
     directory = model_directory(path)
@@ -178,43 +208,39 @@ def load(
                         f"config implies {list(want)}"
                     )
             structs.append(leaves)
-        total = sum(int(np.prod(ckpt.shape(n))) for n in names) * 4
+        pdt = jnp.dtype(cfg.param_dtype)
+        total = ckpt.nbytes()
         verbose = total > 256 * 2**20 if progress is None else progress
         params: dict = {}
-        for k, (rule, leaves) in enumerate(zip(rules, structs)):
-            stacks = [np.empty(x.shape, np.float32) for x in leaves]
-            layers = range(cfg.n_layers) if rule.per_layer else [None]
-            for i in layers:
-                pieces = rule.to_ours(ckpt.get(rule.hf_name(prefix, i)))
-                for stack, piece in zip(stacks, pieces):
-                    if i is None:
-                        stack[...] = piece
-                    else:
-                        stack[i] = piece
-            for leaf_path, stack in zip(rule.leaves, stacks):
-                sharding = _sharding_for(shardings, leaf_path, stack.shape)
-                try:
-                    _put(params, leaf_path, jax.device_put(stack, sharding))
-                except ValueError as e:
-                    raise HFError(
-                        f"cannot place parameter {'/'.join(leaf_path)} "
-                        f"{list(stack.shape)} with {sharding}: {e}"
-                    ) from None
-            # transfers are asynchronous and hold their host stack until done: wait, so
-            # host memory never holds more than this group's stacks
-            jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
-            del stacks
-            if verbose:
-                print(
-                    f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
-                    f"({time.time() - t0:.1f}s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        with ThreadPoolExecutor(_threads()) as pool:
+            for k, (rule, leaves) in enumerate(zip(rules, structs)):
+                stacks = [np.empty(x.shape, pdt) for x in leaves]
+                layers = list(range(cfg.n_layers)) if rule.per_layer else [None]
+                fill = functools.partial(_fill, ckpt, rule, prefix, stacks, pdt)
+                list(pool.map(fill, layers))  # re-raises a worker's error
+                for leaf_path, stack in zip(rule.leaves, stacks):
+                    sharding = _sharding_for(shardings, leaf_path, stack.shape)
+                    try:
+                        _put(params, leaf_path, jax.device_put(stack, sharding))
+                    except ValueError as e:
+                        raise HFError(
+                            f"cannot place parameter {'/'.join(leaf_path)} "
+                            f"{list(stack.shape)} with {sharding}: {e}"
+                        ) from None
+                # transfers are asynchronous and hold their host stack until done: wait, so
+                # host memory never holds more than this group's stacks
+                jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
+                del stacks
+                if verbose:
+                    print(
+                        f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
+                        f"({time.time() - t0:.1f}s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if cfg.tie_embeddings and "lm_head.weight" in names and family != "bert":
-            if not np.array_equal(
-                ckpt.get("lm_head.weight"), np.asarray(params["embed"]["tok"]["embedding"])
-            ):
+            head = ckpt.get("lm_head.weight").astype(pdt, copy=False)
+            if not np.array_equal(head, np.asarray(params["embed"]["tok"]["embedding"])):
                 raise HFError(
                     "tie_word_embeddings is true but lm_head.weight differs from the "
                     "token embedding; set tie_word_embeddings=false in config.json"

@@ -2,20 +2,19 @@
 
 Layouts: a single `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed
 by `model.safetensors.index.json` ({"weight_map": {tensor name: shard file}}). Reading is
-memory-mapped and tensor by tensor; writing holds one shard in memory at a time.
+tensor by tensor into owned arrays (no memory map); writing holds one shard in memory at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ..files import safetensors_io as st_io
 from .config import HFError
 
 SINGLE = "model.safetensors"
@@ -38,13 +37,15 @@ def inside(directory: str, name, where: str) -> str:
 
 
 class Checkpoint:
-    """The tensors of one directory, opened lazily; use as a context manager."""
+    """The tensors of one directory: every shard's header is read (and checked) up front,
+    tensor data on demand with `pread` into arrays the caller owns (no memory map, so
+    nothing of the file stays resident; see depthjax.files.safetensors_io). Reads are
+    thread-safe. Use as a context manager."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        self._files: dict[str, object] = {}
-        self._keys: dict[str, set[str]] = {}
-        self._stack = contextlib.ExitStack()
+        self._fds: dict[str, int] = {}
+        self._infos: dict[str, dict[str, st_io.TensorInfo]] = {}
         index_path = os.path.join(directory, INDEX)
         single_path = os.path.join(directory, SINGLE)
         if os.path.exists(index_path):
@@ -67,7 +68,7 @@ class Checkpoint:
                         "which does not exist"
                     )
         elif os.path.exists(single_path):
-            self.weight_map = dict.fromkeys(self._keys_of(single_path), single_path)
+            self.weight_map = dict.fromkeys(self._infos_of(single_path), single_path)
         else:
             others = sorted(
                 f
@@ -77,47 +78,54 @@ class Checkpoint:
             hint = f" (found {others}; only safetensors are read)" if others else ""
             raise HFError(f"no {SINGLE} or {INDEX} in {directory}{hint}")
         for name, path in self.weight_map.items():
-            if name not in self._keys_of(path):
+            if name not in self._infos_of(path):
                 raise HFError(
                     f"{INDEX} lists tensor {name!r} in {os.path.basename(path)}, "
                     "but that file does not contain it"
                 )
 
-    def _open(self, path: str):
-        if path not in self._files:
+    def _infos_of(self, path: str) -> dict[str, st_io.TensorInfo]:
+        if path not in self._infos:
             try:
-                self._files[path] = self._stack.enter_context(safe_open(path, framework="np"))
-            except (SafetensorError, OSError) as e:
+                self._infos[path], _ = st_io.read_header(path)
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            except (st_io.SafetensorsError, OSError) as e:
                 raise HFError(
                     f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
                 ) from None
-        return self._files[path]
-
-    def _keys_of(self, path: str) -> set[str]:
-        if path not in self._keys:
-            self._keys[path] = set(self._open(path).keys())
-        return self._keys[path]
+        return self._infos[path]
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
+    def info(self, name: str) -> st_io.TensorInfo:
+        return self._infos_of(self.weight_map[name])[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+        return self.info(name).shape
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the checkpoint."""
+        return sum(self.info(name).nbytes for name in self.weight_map)
 
     def get(self, name: str) -> np.ndarray:
-        """One tensor as a float32 numpy array."""
+        """One tensor as a new numpy array of its stored floating dtype (bfloat16 stays
+        bfloat16)."""
+        info = self.info(name)
+        if not (np.issubdtype(info.dtype, np.floating) or info.dtype.name == "bfloat16"):
+            raise HFError(f"tensor {name!r} has dtype {info.dtype}, expected floating point")
+        path = self.weight_map[name]
         try:
-            array = self._open(self.weight_map[name]).get_tensor(name)
-        except SafetensorError as e:
+            return st_io.read(self._fds[path], info)
+        except (st_io.SafetensorsError, OSError) as e:
             raise HFError(
-                f"cannot read tensor {name!r} from {os.path.basename(self.weight_map[name])}: {e}"
+                f"cannot read tensor {name!r} from {os.path.basename(path)}: {e}"
             ) from None
-        if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
-            raise HFError(f"tensor {name!r} has dtype {array.dtype}, expected floating point")
-        return array.astype(np.float32, copy=False)
 
     def close(self) -> None:
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self):
         return self
