@@ -4,8 +4,7 @@
 Memory-mapped reading (safetensors' `safe_open`) leaves every touched page of the file
 resident in the process (counted in its RSS until the file is closed), so a loader that
 copies tensors out of a map holds the checkpoint twice. Reading into owned arrays holds it
-once; `pread` is thread-safe, so shards and layers can be read in parallel threads (the
-reads and numpy's copies release the GIL).
+once; `pread` is thread-safe and releases the GIL, so layers are read in parallel threads.
 
 Format: 8 bytes little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
 "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data (offsets relative to
@@ -120,20 +119,11 @@ def read(fd: int, info: TensorInfo) -> np.ndarray:
     return read_into(fd, info, np.empty(info.shape, info.dtype))
 
 
-def copy_into(dst: np.ndarray, src) -> None:
-    """dst[...] = src (casting), fast for transposed views: numpy copies a transposed
-    view element by element with cache misses on every read, so the copy goes in slabs of
-    16 along the axis that src strides farthest, each slab reading contiguous source rows."""
-    if dst.dtype == src.dtype and dst.dtype.itemsize == 2:  # native copy loops for bf16
-        dst, src = dst.view(np.uint16), src.view(np.uint16)
-    if src.ndim < 2 or src.flags.c_contiguous:
-        np.copyto(dst, src, casting="unsafe")
-        return
-    ax = int(np.argmax(src.strides))
-    if ax == 0:
-        np.copyto(dst, src, casting="unsafe")
-        return
-    index = [slice(None)] * src.ndim
-    for j in range(0, src.shape[ax], 16):
-        index[ax] = slice(j, j + 16)
-        np.copyto(dst[tuple(index)], src[tuple(index)], casting="unsafe")
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.empty aligned to `align` bytes: jax's CPU backend adopts such a host array as a
+    device buffer without copying it (numpy's own allocations are 16-byte aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start : start + nbytes].view(dtype).reshape(shape)

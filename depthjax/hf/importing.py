@@ -1,16 +1,16 @@
 """`load(dir)`: a local Hugging Face checkpoint as a DepthModel, streamed tensor by tensor.
 
-Every tensor is checked before any data is read (missing, unexpected, wrong shape), then
-each rule's leaves are filled layer by layer (threads, one layer each) into one
-preallocated [n_layers, ...] numpy stack in the chosen param_dtype, placed on device
-(optionally sharded) and freed before the next, so host memory holds at most one stacked
-leaf group beyond the weights already placed. Files are read with `pread`, not mapped, so
-no page of them stays resident.
+Every tensor is checked before any data is read (missing, unexpected, wrong shape). Then,
+per rule, every layer's tensor is read (threads, `pread`, no memory map) straight into its
+slot of one preallocated [n_layers, ...] array in the stored dtype; rules that only
+reshape become a view of it (adopted by jax's CPU backend without a copy), the others
+(transposes, head splits, Gemma's 1 + w) are one jitted, vmapped conversion that also
+casts to `param_dtype`. Each group is placed (optionally sharded) and freed before the
+next, so host memory holds the placed weights plus one raw stacked group.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..core.model import DepthModel, init
 from ..core.program import Program
-from ..files.safetensors_io import copy_into
+from ..files.safetensors_io import aligned_empty
 from . import tensor_map
 from .config import HFError, from_hf
 from .safetensors_files import Checkpoint
@@ -77,22 +77,45 @@ def _sharding_for(shardings: ShardingSpec, path: tuple[str, ...], shape) -> Shar
 
 
 def _threads() -> int:
-    """Reader threads: reads and numpy copies release the GIL, so layers fill in parallel."""
+    """Reader threads: `pread` releases the GIL, so layers are read in parallel."""
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def _fill(ckpt: Checkpoint, rule, prefix: str, stacks, pdt, layer: int | None) -> None:
-    """Read one layer's HF tensor of `rule` and write its pieces into row `layer` of the
-    preallocated stacks (the whole stack for a non-layer rule), in dtype `pdt`.
+def _group(ckpt: Checkpoint, rule, prefix: str, n_layers: int, pool) -> np.ndarray:
+    """The rule's HF tensor of every layer, stacked [n_layers, *hf_shape] (one tensor for a
+    non-layer rule) in its stored dtype: each layer read straight into its slot (threads),
+    in a 64-byte aligned array that jax's CPU backend adopts without a copy."""
+    names = _names(rule, prefix, n_layers)
+    first = ckpt.info(names[0])
+    raw = aligned_empty(((len(names),) if rule.per_layer else ()) + first.shape, first.dtype)
+    slots = raw if rule.per_layer else raw[None]
+    list(pool.map(lambda j: ckpt.read_into(names[j], slots[j]), range(len(names))))
+    return raw
 
-    The tensor is read in its stored dtype; a narrower one is widened before the
-    rule's arithmetic (Gemma's 1 + w), so a float32 load of a bfloat16 file is exact and
-    a bfloat16 load rounds once."""
-    raw = ckpt.get(rule.hf_name(prefix, layer))
-    if raw.dtype.itemsize < pdt.itemsize:
-        raw = raw.astype(pdt)
-    for stack, piece in zip(stacks, rule.to_ours(raw)):
-        copy_into(stack if layer is None else stack[layer], piece)
+
+def _as_view(rule, raw: np.ndarray, pdt) -> np.ndarray | None:
+    """Our leaf as a view of `raw` when the rule only reshapes it (embeddings, norms,
+    biases) and no cast is needed; else None."""
+    layer = raw[0] if rule.per_layer else raw
+    pieces = rule.to_ours(layer)  # numpy views, or a new array for arithmetic rules
+    if raw.dtype != pdt or len(pieces) != 1:
+        return None
+    (piece,) = pieces
+    if not (piece.flags.c_contiguous and piece.size == layer.size):
+        return None
+    if not np.shares_memory(piece, layer) or piece.ctypes.data != layer.ctypes.data:
+        return None
+    return raw.reshape(raw.shape[:1] * rule.per_layer + piece.shape)
+
+
+def _convert(rule, raw: np.ndarray, pdt) -> tuple:
+    """Our leaves from a raw group, computed by XLA (transposes, head splits, Gemma's 1 + w)
+    and cast to `pdt` in the same pass; the arithmetic runs in the wider of the stored and
+    the parameter dtype, so a float32 load of a bfloat16 file is exact and a bfloat16 load
+    rounds once."""
+    wide = jnp.promote_types(raw.dtype, pdt)
+    one = lambda w: tuple(p.astype(pdt) for p in rule.to_ours(w.astype(wide)))
+    return jax.jit(jax.vmap(one) if rule.per_layer else one)(raw)
 
 
 def _put(tree: dict, path, value) -> None:
@@ -158,9 +181,8 @@ def load(
     weights' dtype: "float32" by default, "bfloat16" reads a bfloat16 checkpoint with no
     float32 round trip and half the memory), dtype (compute), remat, attention_impl.
 
-    Memory: each parameter is filled into one preallocated [n_layers, ...] host array in
-    param_dtype by reader threads (no memory map), placed on device and freed before the
-    next, so peak host memory is the loaded weights plus one stacked group.
+    Memory: peak host memory is the loaded weights in param_dtype plus one stacked tensor
+    group in the file's dtype (benchmarks/load.py measures it against transformers).
     """
     t0 = time.time()
     directory = model_directory(path)
@@ -193,7 +215,6 @@ def load(
                 f"checkpoint {directory} has none of {probes}: not a {model_type} model's weights"
             )
         unmodelled = _check_names(ckpt, rules, prefix, cfg, family)
-        structs = []
         for rule in rules:
             leaves = [tensor_map.leaf_at(shapes, p) for p in rule.leaves]
             per_layer = [
@@ -207,30 +228,28 @@ def load(
                         f"tensor {name!r} has shape {list(ckpt.shape(name))}, the "
                         f"config implies {list(want)}"
                     )
-            structs.append(leaves)
         pdt = jnp.dtype(cfg.param_dtype)
         total = ckpt.nbytes()
         verbose = total > 256 * 2**20 if progress is None else progress
         params: dict = {}
         with ThreadPoolExecutor(_threads()) as pool:
-            for k, (rule, leaves) in enumerate(zip(rules, structs)):
-                stacks = [np.empty(x.shape, pdt) for x in leaves]
-                layers = list(range(cfg.n_layers)) if rule.per_layer else [None]
-                fill = functools.partial(_fill, ckpt, rule, prefix, stacks, pdt)
-                list(pool.map(fill, layers))  # re-raises a worker's error
-                for leaf_path, stack in zip(rule.leaves, stacks):
-                    sharding = _sharding_for(shardings, leaf_path, stack.shape)
+            for k, rule in enumerate(rules):
+                raw = _group(ckpt, rule, prefix, cfg.n_layers, pool)
+                view = _as_view(rule, raw, pdt)
+                leaves = (view,) if view is not None else _convert(rule, raw, pdt)
+                for leaf_path, leaf in zip(rule.leaves, leaves):
+                    sharding = _sharding_for(shardings, leaf_path, leaf.shape)
                     try:
-                        _put(params, leaf_path, jax.device_put(stack, sharding))
+                        _put(params, leaf_path, jax.device_put(leaf, sharding))
                     except ValueError as e:
                         raise HFError(
                             f"cannot place parameter {'/'.join(leaf_path)} "
-                            f"{list(stack.shape)} with {sharding}: {e}"
+                            f"{list(leaf.shape)} with {sharding}: {e}"
                         ) from None
-                # transfers are asynchronous and hold their host stack until done: wait, so
-                # host memory never holds more than this group's stacks
+                # transfers are asynchronous and hold the raw group until done: wait, so
+                # host memory never holds more than one raw group beyond the weights
                 jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
-                del stacks
+                del raw, view, leaves
                 if verbose:
                     print(
                         f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "

@@ -108,19 +108,32 @@ class Checkpoint:
         """Bytes of tensor data in the checkpoint."""
         return sum(self.info(name).nbytes for name in self.weight_map)
 
-    def get(self, name: str) -> np.ndarray:
-        """One tensor as a new numpy array of its stored floating dtype (bfloat16 stays
-        bfloat16)."""
+    def _checked(self, name: str) -> st_io.TensorInfo:
         info = self.info(name)
         if not (np.issubdtype(info.dtype, np.floating) or info.dtype.name == "bfloat16"):
             raise HFError(f"tensor {name!r} has dtype {info.dtype}, expected floating point")
-        path = self.weight_map[name]
+        return info
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Fill the C-contiguous array `out` (the tensor's shape) with the tensor: straight
+        from the file when the dtypes agree, else through a cast."""
+        info, path = self._checked(name), self.weight_map[name]
         try:
-            return st_io.read(self._fds[path], info)
+            if info.dtype == out.dtype:
+                st_io.read_into(self._fds[path], info, out)
+            else:
+                out[...] = st_io.read(self._fds[path], info)
         except (st_io.SafetensorsError, OSError) as e:
             raise HFError(
                 f"cannot read tensor {name!r} from {os.path.basename(path)}: {e}"
             ) from None
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as a new numpy array of its stored floating dtype (bfloat16 stays
+        bfloat16)."""
+        out = np.empty(self.shape(name), self._checked(name).dtype)
+        self.read_into(name, out)
+        return out
 
     def close(self) -> None:
         for fd in self._fds.values():
