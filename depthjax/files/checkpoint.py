@@ -20,6 +20,7 @@ against the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,38 +29,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from ..core import rows as rows_lib
 from ..core.config import ModelConfig
 from ..core.model import DepthModel, init
 from ..core.program import Program
 from ..errors import DepthjaxError
-from . import atomic, integrity
+from . import atomic, integrity, safetensors_io
 
 FORMAT = "depthjax-checkpoint"
 VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
-
-# safetensors dtype codes -> numpy dtypes (safetensors.numpy cannot read bfloat16).
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U64": np.uint64,
-    "U32": np.uint32,
-    "U16": np.uint16,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 
 
 class CheckpointError(DepthjaxError):
@@ -160,7 +141,7 @@ def save(model: DepthModel, path, *, files=()) -> Path:
     with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_json(tmp / "program.json", model.program.to_dict())
-        safetensors.numpy.save_file(flat, tmp / "params.safetensors")
+        safetensors_io.write(tmp / "params.safetensors", flat)
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         names = ["config.json", "program.json", "params.safetensors"] + [f.name for f in extra]
@@ -204,12 +185,16 @@ def _json(raw: bytes, path: Path):
         raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
 
 
-def load(path, *, verify: bool = True) -> DepthModel:
+def load(path, *, verify: bool = True, param_dtype: str | None = None) -> DepthModel:
     """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
 
     verify=True checks the SHA-256 of every file against the manifest; the manifest's own
-    checksum is always checked. Each file is read once: the files parsed here are checked
-    from the bytes that are parsed.
+    checksum is always checked. Each file is read once: the weights are read straight into
+    their own arrays while their digest is computed, so peak host memory is the weights'
+    bytes (plus one leaf when param_dtype casts).
+    param_dtype: cast the floating parameters of embed/blocks/head (and any adapters) to
+    this dtype ("float32", "bfloat16", "float16"); None keeps the dtype they were saved
+    with, and the config's param_dtype says which.
     """
     path = Path(path)
     if not path.is_dir():
@@ -245,32 +230,85 @@ def load(path, *, verify: bool = True) -> DepthModel:
             raise
         raise CheckpointError(f"{config_file} does not describe a model: {e}") from None
     params_file = path / "params.safetensors"
-    data = _read(path, params_file.name, digests)
-    if verify and manifest["version"] == 1 and zlib.crc32(data) != manifest["params_crc32"]:
-        raise CheckpointError(
-            f"{params_file} is corrupt: its CRC-32 does not match the "
-            "manifest (truncated or modified after saving)"
-        )
-    try:
-        tensors = safetensors.deserialize(data)
-        del data  # the tensors are copies: do not hold the file's bytes a second time
-        flat = {
-            name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
-            for name, t in tensors
-        }
-    except Exception as e:  # the Rust reader raises its own error types
-        raise CheckpointError(f"{params_file} is corrupt: {e}") from None
+    flat = _read_params(params_file, manifest, digests, verify)
     params = _unflatten(manifest["params"], flat)
     if flat:
         raise CheckpointError(
             f"params.safetensors holds tensors not in the manifest: {sorted(flat)[:5]}"
         )
     check_params(config, params)
-    params = jax.tree.map(jnp.asarray, params)
+    stored = _float_dtype(params)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+        params = _cast_floats(params, jnp.dtype(param_dtype))
+    elif stored is not None and stored != config.param_dtype:
+        config = config.replace(param_dtype=stored)  # weights cast before saving
+    params = jax.tree.map(jax.device_put, params)  # aligned host arrays: adopted, no copy
     n_blocks = rows_lib.count(params["blocks"])
     program_json = _json(_read(path, "program.json", digests), path / "program.json")
     program = Program.from_dict(program_json, n_blocks=n_blocks)
     return DepthModel(config, params, program)
+
+
+def _read_params(file: Path, manifest: dict, digests: dict, verify: bool) -> dict:
+    """{name: array} of params.safetensors, read once, checked against the manifest's
+    SHA-256 (or a version-1 CRC-32) as it is read when verify asks for it."""
+    v1 = manifest["version"] == 1
+    hasher = None
+    if verify and v1:
+        hasher = _Crc32()
+    elif file.name in digests:
+        hasher = hashlib.sha256()
+    if not file.exists():
+        raise CheckpointError(f"{file.parent} is incomplete: {file.name} is missing")
+    try:
+        flat = safetensors_io.read_all(file, hasher)
+    except (safetensors_io.SafetensorsError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt: {e}") from None
+    if v1 and hasher is not None and hasher.value != manifest["params_crc32"]:
+        raise CheckpointError(
+            f"{file} is corrupt: its CRC-32 does not match the "
+            "manifest (truncated or modified after saving)"
+        )
+    if not v1 and hasher is not None and hasher.hexdigest() != digests[file.name]:
+        raise CheckpointError(
+            f"checkpoint {file.parent} is corrupt: " + integrity.MISMATCH.format(file.name)
+        )
+    return flat
+
+
+class _Crc32:
+    """zlib.crc32 behind hashlib's update()."""
+
+    value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+def _float_dtype(params: dict) -> str | None:
+    """The one floating dtype of the embed/blocks/head leaves, if they share one."""
+    found = {
+        np.dtype(x.dtype).name
+        for part in ("embed", "blocks", "head")
+        for x in jax.tree.leaves(params[part])
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def _cast_floats(params: dict, dtype) -> dict:
+    """Floating leaves cast to `dtype` (integer leaves of quantized or expanded tables
+    keep theirs), each into an aligned array so the device can adopt it."""
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        out = safetensors_io.aligned_empty(x.shape, dtype)
+        out[...] = x
+        return out
+
+    return jax.tree.map(cast, params)
 
 
 def _check_manifest(manifest: dict, path: Path) -> None:

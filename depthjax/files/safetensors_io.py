@@ -54,19 +54,20 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path) -> tuple[dict[str, TensorInfo], dict]:
-    """({name: TensorInfo}, metadata) of a safetensors file, every entry checked against
-    the file's size; SafetensorsError names what is wrong."""
+def read_header(f, path) -> tuple[dict[str, TensorInfo], dict]:
+    """({name: TensorInfo}, metadata) of the safetensors file open as `f` (binary) at
+    `path`, every entry checked against the file's size; SafetensorsError names what is
+    wrong."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SafetensorsError(f"{path}: {len(head)} bytes, too short for a header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise SafetensorsError(f"{path}: header length {n} exceeds the file ({size} B)")
-            raw = f.read(n)
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: {len(head)} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise SafetensorsError(f"{path}: header length {n} exceeds the file ({size} B)")
+        raw = f.read(n)
     except OSError as e:
         raise SafetensorsError(f"{path}: {e}") from None
     try:
@@ -127,3 +128,58 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     buf = np.empty(nbytes + align, np.uint8)
     start = -buf.ctypes.data % align
     return buf[start : start + nbytes].view(dtype).reshape(shape)
+
+
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+def write(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as a safetensors file, streaming each array's bytes to the file (no
+    serialized copy of the whole file in memory), flushed to disk before returning."""
+    arrays, header, offset = [], {}, 0
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _CODES:
+            raise SafetensorsError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
+        header[name] = {
+            "dtype": _CODES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+        arrays.append(array)
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for array in arrays:
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_all(path, hasher=None) -> dict[str, np.ndarray]:
+    """Every tensor of a file as its own 64-byte aligned array, reading the file once in
+    order; `hasher` (e.g. hashlib.sha256()) is fed every byte of the file, so the caller
+    can check a digest without reading the file twice. The data must be contiguous (as
+    every writer lays it out)."""
+    with open(path, "rb") as f:
+        infos, _ = read_header(f, path)
+        data_start = f.tell()
+        if hasher is not None:
+            f.seek(0)
+            hasher.update(f.read(data_start))
+        end, out = data_start, {}
+        for name, info in sorted(infos.items(), key=lambda kv: kv[1].offset):
+            if info.offset != end:
+                raise SafetensorsError(f"{path}: tensor {name!r} does not follow the previous one")
+            out[name] = read_into(f.fileno(), info, aligned_empty(info.shape, info.dtype))
+            if hasher is not None:
+                hasher.update(memoryview(out[name].reshape(-1).view(np.uint8)))
+            end += info.nbytes
+        size = os.fstat(f.fileno()).st_size
+    if end != size:
+        raise SafetensorsError(f"{path}: {size - end} bytes after the last tensor")
+    return out

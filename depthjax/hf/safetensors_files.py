@@ -44,7 +44,7 @@ class Checkpoint:
 
     def __init__(self, directory: str):
         self.directory = directory
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, object] = {}
         self._infos: dict[str, dict[str, st_io.TensorInfo]] = {}
         index_path = os.path.join(directory, INDEX)
         single_path = os.path.join(directory, SINGLE)
@@ -87,8 +87,8 @@ class Checkpoint:
     def _infos_of(self, path: str) -> dict[str, st_io.TensorInfo]:
         if path not in self._infos:
             try:
-                self._infos[path], _ = st_io.read_header(path)
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                self._files[path] = open(path, "rb")  # closed by close()
+                self._infos[path], _ = st_io.read_header(self._files[path], path)
             except (st_io.SafetensorsError, OSError) as e:
                 raise HFError(
                     f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
@@ -120,9 +120,9 @@ class Checkpoint:
         info, path = self._checked(name), self.weight_map[name]
         try:
             if info.dtype == out.dtype:
-                st_io.read_into(self._fds[path], info, out)
+                st_io.read_into(self._files[path].fileno(), info, out)
             else:
-                out[...] = st_io.read(self._fds[path], info)
+                out[...] = st_io.read(self._files[path].fileno(), info)
         except (st_io.SafetensorsError, OSError) as e:
             raise HFError(
                 f"cannot read tensor {name!r} from {os.path.basename(path)}: {e}"
@@ -136,9 +136,9 @@ class Checkpoint:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self):
         return self
