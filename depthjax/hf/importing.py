@@ -113,9 +113,20 @@ def _convert(rule, raw: np.ndarray, pdt) -> tuple:
     and cast to `pdt` in the same pass; the arithmetic runs in the wider of the stored and
     the parameter dtype, so a float32 load of a bfloat16 file is exact and a bfloat16 load
     rounds once."""
-    wide = jnp.promote_types(raw.dtype, pdt)
-    one = lambda w: tuple(p.astype(pdt) for p in rule.to_ours(w.astype(wide)))
-    return jax.jit(jax.vmap(one) if rule.per_layer else one)(raw)
+    layer = jax.ShapeDtypeStruct(raw.shape[rule.per_layer :], raw.dtype)
+    shapes = tuple(x.shape for x in jax.eval_shape(rule.to_ours, layer))
+    # the converter's code and every shape fix what it computes: reloads reuse the compile
+    key = (rule.to_ours.__code__, raw.shape, raw.dtype, pdt, shapes, rule.per_layer)
+    if key not in _CONVERTERS:
+        if len(_CONVERTERS) > 256:  # many different models in one process
+            _CONVERTERS.clear()
+        wide = jnp.promote_types(raw.dtype, pdt)
+        one = lambda w: tuple(p.astype(pdt) for p in rule.to_ours(w.astype(wide)))
+        _CONVERTERS[key] = jax.jit(jax.vmap(one) if rule.per_layer else one)
+    return _CONVERTERS[key](raw)
+
+
+_CONVERTERS: dict = {}
 
 
 def _put(tree: dict, path, value) -> None:

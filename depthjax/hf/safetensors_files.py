@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from ..files import safetensors_io as st_io
 from .config import HFError
@@ -178,7 +177,7 @@ def write(
     weight_map = {}
     for file, members in zip(files, plan):
         tensors = {items[j][0]: np.ascontiguousarray(items[j][2]()) for j in members}
-        save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+        st_io.write(os.path.join(directory, file), tensors, metadata={"format": "pt"})
         weight_map.update({name: file for name in tensors})
         if progress:
             progress(
