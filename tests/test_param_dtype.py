@@ -79,6 +79,22 @@ def test_bfloat16_weights_compute_in_float32_exactly(models):
     assert {np.asarray(v).dtype for v in stats.values()} == {np.dtype(np.float32)}
 
 
+def test_linear_recovery_of_bfloat16_weights_fits_in_float32(models):
+    """The fit reads float32 statistics of the same forward, so it equals the fit on the
+    float32 model with rounded weights, and its adapters are float32."""
+    f32, b16 = models
+    rounded = f32.replace(params=_cast(_cast(f32.params, BF16), jnp.float32))
+    tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 64)
+    fits = [
+        dj.recover(dj.depth.drop(m, [1]), m, tokens, method="linear", rank=4)
+        for m in (b16, rounded)
+    ]
+    adapters = [m.params["steps"]["adapter"] for m in fits]
+    assert {str(x.dtype) for x in jax.tree.leaves(adapters[0])} == {"float32"}
+    for a, b in zip(jax.tree.leaves(adapters[0]), jax.tree.leaves(adapters[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_bfloat16_compute_has_float32_logits(models):
     _, b16 = models
     tokens = jnp.zeros((1, 4), jnp.int32)
@@ -155,7 +171,8 @@ def test_relaxed_lora_on_bfloat16_rows_is_float32(models):
     lora = relaxed.params["steps"]["lora"]
     assert {str(x.dtype) for x in jax.tree.leaves(lora)} == {"float32"}
     tokens = jax.random.randint(jax.random.key(3), (1, 8), 0, 64)
-    np.testing.assert_allclose(dj.apply(relaxed, tokens), dj.apply(b16, tokens), atol=2e-3)
+    apply = jax.jit(dj.apply)
+    np.testing.assert_allclose(apply(relaxed, tokens), apply(b16, tokens), atol=2e-3)
 
 
 _RSS_CHILD = textwrap.dedent(
