@@ -48,8 +48,8 @@ class CheckpointError(DepthjaxError):
 
 
 # -- parameter trees <-> flat dicts ----------------------------------------------------
-def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
-    """{"a/b/c": host array} for a nested dict of arrays (keys must be '/'-free strings)."""
+def flatten_params(params, prefix: str = "") -> dict:
+    """{"a/b/c": leaf} for a nested dict of arrays (keys must be '/'-free strings)."""
     flat = {}
     for key, value in params.items():
         if not isinstance(key, str) or "/" in key or not key:
@@ -60,7 +60,7 @@ def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "/"))
         elif isinstance(value, (jax.Array, np.ndarray)):
-            flat[path] = np.asarray(jax.device_get(value))
+            flat[path] = value
         else:
             raise CheckpointError(
                 f"parameter {path!r} is a {type(value).__name__}; "
@@ -141,7 +141,14 @@ def save(model: DepthModel, path, *, files=()) -> Path:
     with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_json(tmp / "program.json", model.program.to_dict())
-        safetensors_io.write(tmp / "params.safetensors", flat)
+        # each leaf comes to the host as it is written: one leaf beyond the model at a time
+        safetensors_io.write(
+            tmp / "params.safetensors",
+            [
+                (k, v.shape, v.dtype, lambda v=v: np.asarray(jax.device_get(v)))
+                for k, v in flat.items()
+            ],
+        )
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         names = ["config.json", "program.json", "params.safetensors"] + [f.name for f in extra]

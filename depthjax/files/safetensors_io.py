@@ -133,29 +133,39 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
-def write(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` as a safetensors file, streaming each array's bytes to the file (no
-    serialized copy of the whole file in memory), flushed to disk before returning."""
-    arrays, header, offset = [], {}, 0
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
-        if array.dtype not in _CODES:
-            raise SafetensorsError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
+def write(path, tensors, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file from `tensors`: (name, shape, dtype, make) with `make()`
+    returning that array, called one tensor at a time as the file is written, so memory
+    holds one tensor beyond the caller's (no serialized copy of the file). Flushed to disk
+    before returning."""
+    tensors = list(tensors)
+    header, offset = {}, 0
+    for name, shape, dtype, _ in tensors:
+        dtype = np.dtype(dtype)
+        if dtype not in _CODES:
+            raise SafetensorsError(f"tensor {name!r}: dtype {dtype} has no safetensors code")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         header[name] = {
-            "dtype": _CODES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
+            "dtype": _CODES[dtype],
+            "shape": [int(d) for d in shape],
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += array.nbytes
-        arrays.append(array)
+        offset += nbytes
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for array in arrays:
+        for name, shape, dtype, make in tensors:
+            array = np.ascontiguousarray(make())
+            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise SafetensorsError(
+                    f"tensor {name!r} is {array.dtype}{list(array.shape)}, announced as "
+                    f"{np.dtype(dtype)}{list(shape)}"
+                )
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            del array
         f.flush()
         os.fsync(f.fileno())
 

@@ -214,12 +214,13 @@ def save(
     for rule in tensor_map.rules_for(out_cfg, model_type):
         for layer in range(n_layers) if rule.per_layer else [None]:
             structs = [jax.ShapeDtypeStruct(shape(p, layer), dtype) for p in rule.leaves]
-            nbytes = int(np.prod(jax.eval_shape(rule.to_hf, *structs).shape)) * dtype.itemsize
+            hf_shape = jax.eval_shape(rule.to_hf, *structs).shape
             make = lambda rule=rule, layer=layer: rule.to_hf(
                 *(leaf(p, layer) for p in rule.leaves)
             ).astype(dtype, copy=False)
-            items.append((rule.hf_name(prefix, layer), nbytes, make))
-    verbose = sum(n for _, n, _ in items) > 256 * 2**20 if progress is None else progress
+            items.append((rule.hf_name(prefix, layer), hf_shape, dtype, make))
+    total = sum(int(np.prod(s)) for _, s, _, _ in items) * dtype.itemsize
+    verbose = total > 256 * 2**20 if progress is None else progress
     report = (
         (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
     )

@@ -2,7 +2,7 @@
 
 Layouts: a single `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed
 by `model.safetensors.index.json` ({"weight_map": {tensor name: shard file}}). Reading is
-tensor by tensor into owned arrays (no memory map); writing holds one shard in memory at a time.
+tensor by tensor into owned arrays (no memory map); writing holds one tensor in memory at a time.
 """
 
 from __future__ import annotations
@@ -159,16 +159,19 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
 
 def write(
     directory: str,
-    items: Iterable[tuple[str, int, Callable[[], np.ndarray]]],
+    items: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
     *,
     max_shard_bytes: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Write tensors given as (name, nbytes, make_array) into `directory`, one shard in
-    memory at a time. One shard: model.safetensors; more: shards plus the index.
-    Returns the file names written."""
+    """Write tensors given as (name, shape, dtype, make_array) into `directory`, each made
+    as it is written (one tensor in memory at a time). One shard: model.safetensors; more:
+    shards plus the index. Returns the file names written."""
     items = list(items)
-    plan = _shard_plan([n for _, n, _ in items], max_shard_bytes)
+    sizes = [
+        int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for _, shape, dt, _ in items
+    ]
+    plan = _shard_plan(sizes, max_shard_bytes)
     files = (
         [SINGLE]
         if len(plan) == 1
@@ -176,18 +179,19 @@ def write(
     )
     weight_map = {}
     for file, members in zip(files, plan):
-        tensors = {items[j][0]: np.ascontiguousarray(items[j][2]()) for j in members}
-        st_io.write(os.path.join(directory, file), tensors, metadata={"format": "pt"})
-        weight_map.update({name: file for name in tensors})
+        st_io.write(
+            os.path.join(directory, file), [items[j] for j in members], metadata={"format": "pt"}
+        )
+        weight_map.update({items[j][0]: file for j in members})
         if progress:
             progress(
-                f"wrote {file} ({len(tensors)} tensors, "
-                f"{sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB)"
+                f"wrote {file} ({len(members)} tensors, "
+                f"{sum(sizes[j] for j in members) / 2**20:.1f} MiB)"
             )
-        del tensors
     if len(plan) > 1:
-        total = sum(n for _, n, _ in items)
         with open(os.path.join(directory, INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump(
+                {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2
+            )
         files.append(INDEX)
     return files
