@@ -383,6 +383,12 @@ API = [
         "norm_eps",
     ),
     ("config text bool", lambda m, b: dj.ModelConfig(qk_norm="yes"), dj.ConfigError, "qk_norm"),
+    (
+        "config param_dtype",
+        lambda m, b: dj.ModelConfig(param_dtype="int8"),
+        dj.ConfigError,
+        "param_dtype='int8'",
+    ),
     # training keys
     ("train lr < 0", lambda m, b: parse(["lr=-1e-3"]), TrainConfigError, "lr="),
     ("train lr nan", lambda m, b: parse(["lr=.nan"]), TrainConfigError, "lr="),

@@ -81,10 +81,9 @@ def _why() -> str:
 
 def _count_reads(monkeypatch, root: Path) -> collections.Counter:
     """{(directory, file, why): times} for every file read below `root` from now on: Python
-    opens, safetensors' memory maps and tokenizers' own reads of tokenizer.json."""
+    opens (safetensors files too: depthjax reads them with its own reader) and tokenizers'
+    own reads of tokenizer.json."""
     import tokenizers
-
-    import depthjax.hf.safetensors_files as sf
 
     counts = collections.Counter()
     root = os.path.realpath(root)
@@ -94,16 +93,12 @@ def _count_reads(monkeypatch, root: Path) -> collections.Counter:
         if path.startswith(root + os.sep):
             counts[(*Path(os.path.relpath(path, root)).parts, why)] += 1
 
-    real_open, real_safe_open, real_tokenizer = io.open, sf.safe_open, tokenizers.Tokenizer
+    real_open, real_tokenizer = io.open, tokenizers.Tokenizer
 
     def counting_open(file, mode="r", *args, **kwargs):
         if isinstance(file, (str, os.PathLike)) and not set(mode) & set("wax+"):
             note(file, _why())
         return real_open(file, mode, *args, **kwargs)
-
-    def safe_open(file, *args, **kwargs):
-        note(file, "read")
-        return real_safe_open(file, *args, **kwargs)
 
     class Tokenizer:
         @staticmethod
@@ -113,7 +108,6 @@ def _count_reads(monkeypatch, root: Path) -> collections.Counter:
 
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(io, "open", counting_open)
-    monkeypatch.setattr(sf, "safe_open", safe_open)
     monkeypatch.setattr(tokenizers, "Tokenizer", Tokenizer)
     return counts
 

@@ -47,18 +47,41 @@ def check_out_dir(path, flag: str = "--out", *, checkpoint: bool = False) -> Non
         )
 
 
-def read_model(path, tokenizer: str | None = None, program: str | None = None, **options):
+def read_model(
+    path,
+    tokenizer: str | None = None,
+    program: str | None = None,
+    param_dtype: str | None = None,
+    **options,
+):
     """The ModelDir of a native checkpoint or a local Hugging Face directory, read once:
     `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own; `program` is a
-    slice spec applied to the model's table; `options` go to the loader (ModelDir.read)."""
+    slice spec applied to the model's table; `param_dtype` (--param-dtype) the weights'
+    dtype (None: float32 for a Hugging Face directory, the saved one for a native
+    checkpoint); `options` go to the loader (ModelDir.read)."""
     from ..files import ModelDir
 
+    if param_dtype is not None:
+        options["param_dtype"] = param_dtype
     md = ModelDir.read(path, tokenizer=tokenizer, **options)
     if program is not None:
         from ..depth import from_spec, load_spec
 
         md = dataclasses.replace(md, model=from_spec(md.model, load_spec(program)))
     return md
+
+
+def add_param_dtype_arg(p) -> None:
+    """--param-dtype for a command that loads a model."""
+    from ..core.config import DTYPES
+
+    p.add_argument(
+        "--param-dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype the weights are held in (default: float32 for a Hugging Face "
+        "directory, as saved for a native checkpoint); bfloat16 halves their memory",
+    )
 
 
 def add_quiet_arg(p) -> None:
@@ -73,6 +96,7 @@ def add_quiet_arg(p) -> None:
 def add_data_args(p) -> None:
     """--model and the calibration / task flags of `score` and `prune`."""
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")
+    add_param_dtype_arg(p)
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -132,7 +156,7 @@ def load_with_data(args) -> Data:
     corpus (train split to score, validation split to evaluate), and the --task."""
     from ..files import corpus
 
-    md = read_model(args.model, args.tokenizer)
+    md = read_model(args.model, args.tokenizer, param_dtype=args.param_dtype)
     model, tok = md.model, md.tokenizer
     n, B, T = args.batches, args.batch_size, args.seq_len
     if args.data:

@@ -153,7 +153,10 @@ class ModelConfig:
     attention_impl: str = "xla"  # "auto" | "xla" | "cudnn" | "pallas" (depthjax.core.attention)
     attention_chunk: int = 512  # xla attention runs in query x key blocks of this size when
     # T * S > 4 * attention_chunk ** 2 (depthjax.core.blockwise); 0: always dense scores
-    dtype: str = "float32"  # compute dtype; parameters are always float32
+    dtype: str = "float32"  # compute dtype (activations, matmuls)
+    param_dtype: str = "float32"  # storage dtype of the weights: float32 master weights for
+    # training; bfloat16 halves memory for inference and analysis (logits and losses stay
+    # float32 either way)
     remat: Remat = Remat.NONE
     init_std: float = 0.02
 
@@ -222,6 +225,7 @@ class ModelConfig:
         _choice("mlp", self.mlp, MLPS)
         _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("param_dtype", self.param_dtype, DTYPES)
         _choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.attention_chunk < 0:
             raise ConfigError(

@@ -6,7 +6,8 @@ Each is an ordinary `nn.Module` configured by a `ModelConfig`, usable outside de
     params = attn.init(key, x_BTD, positions_BT)["params"]
     y_BTD = attn.apply({"params": params}, x_BTD, positions_BT)
 
-Parameters are float32; computation runs in `cfg.dtype`. Parameter names are fixed
+Parameters are stored in `cfg.param_dtype` (float32 by default); computation runs in
+`cfg.dtype`. Parameter names are fixed
 (q, k, v, o, gate, up, down, scale, bias): checkpoint import and sharding rules rely on them.
 """
 
@@ -22,7 +23,10 @@ from .config import ModelConfig
 
 
 def init_normal(cfg: ModelConfig):
-    return nn.initializers.normal(cfg.init_std)
+    """N(0, init_std) drawn in float32 and rounded to the parameter dtype, so a model
+    initialized in bfloat16 equals the float32 one cast (same key, same values)."""
+    draw = nn.initializers.normal(cfg.init_std)
+    return lambda key, shape, dtype=jnp.float32: draw(key, shape, jnp.float32).astype(dtype)
 
 
 def make_norm(cfg: ModelConfig, name: str, *, kind: str | None = None, axes: int = 1) -> nn.Module:
@@ -30,11 +34,17 @@ def make_norm(cfg: ModelConfig, name: str, *, kind: str | None = None, axes: int
     over = tuple(range(-axes, 0))
     if (kind or cfg.norm) == "rms":
         return nn.RMSNorm(
-            epsilon=cfg.norm_eps, dtype=cfg.dtype, reduction_axes=over, feature_axes=over, name=name
+            epsilon=cfg.norm_eps,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            reduction_axes=over,
+            feature_axes=over,
+            name=name,
         )
     return nn.LayerNorm(
         epsilon=cfg.norm_eps,
         dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
         use_fast_variance=False,
         reduction_axes=over,
         feature_axes=over,
@@ -80,6 +90,7 @@ class Attention(nn.Module):
             (heads, cfg.head_dim),
             use_bias=bias,
             dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=init_normal(cfg),
             name=name,
         )
@@ -118,6 +129,7 @@ class Attention(nn.Module):
             axis=(-2, -1),
             use_bias=cfg.bias,
             dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=init_normal(cfg),
             name="o",
         )(out_BTHD)
@@ -135,7 +147,12 @@ class MLP(nn.Module):
     def __call__(self, x_BTD):
         cfg = self.cfg
         dense = lambda features, name: nn.Dense(
-            features, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=init_normal(cfg), name=name
+            features,
+            use_bias=cfg.bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=init_normal(cfg),
+            name=name,
         )
         if cfg.mlp in ("swiglu", "geglu"):
             act = nn.silu if cfg.mlp == "swiglu" else lambda g: jax.nn.gelu(g, approximate=True)

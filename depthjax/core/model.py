@@ -53,7 +53,15 @@ class Embed(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, token_types_BT=None):
         cfg = self.cfg
-        embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init_normal(cfg), name=name)
+        # looked up in float32 (exact for any param_dtype), cast to cfg.dtype at the end
+        embed = lambda n, name: nn.Embed(
+            n,
+            cfg.d_model,
+            dtype=jnp.float32,
+            param_dtype=cfg.param_dtype,
+            embedding_init=init_normal(cfg),
+            name=name,
+        )
         x_BTD = embed(cfg.vocab_size, "tok")(tokens_BT)
         if cfg.embed_scale is not None:
             x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, x_BTD.dtype)
@@ -92,6 +100,7 @@ class Head(nn.Module):
                 cfg.vocab_size,
                 use_bias=False,
                 dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
                 kernel_init=init_normal(cfg),
                 name="out",
             )(x_BTD).astype(jnp.float32)
@@ -168,8 +177,21 @@ class Trace:
     mlp_out: jax.Array
 
 
-def init(cfg: ModelConfig, key: jax.Array, program: Program | None = None) -> DepthModel:
-    """Random parameters for `cfg.n_layers` table rows; the default program is sequential."""
+def init(
+    cfg: ModelConfig,
+    key: jax.Array,
+    program: Program | None = None,
+    *,
+    param_dtype: str | None = None,
+) -> DepthModel:
+    """Random parameters for `cfg.n_layers` table rows; the default program is sequential.
+
+    Parameters are created in `cfg.param_dtype` (float32 by default); `param_dtype` (e.g.
+    "bfloat16") overrides it and is recorded in the returned model's config. Values are
+    drawn in float32 and rounded, so a bfloat16 init equals the float32 init cast.
+    """
+    if param_dtype is not None:
+        cfg = cfg.replace(param_dtype=param_dtype)
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
     tokens = jnp.zeros((1, 1), jnp.int32)
     x = jnp.zeros((1, 1, cfg.d_model), jnp.float32)

@@ -13,6 +13,10 @@ with the program. It holds what makes one step differ from the shared row it run
 
 Transforms that select, reorder or insert steps move these leaves with the program
 (see `depthjax.depth`).
+
+dtype rule: per-step parameters are float32 whatever the model's param_dtype (they are
+small, often trained, and hold corrections a bfloat16 weight would round away); a row plus
+its delta / LoRA is summed in float32 and then runs in the compute dtype.
 """
 
 from __future__ import annotations
@@ -47,7 +51,11 @@ def effective_row(row: dict, step: dict | None) -> dict:
 
 def effective_leaf(path: tuple, w, delta: dict, lora: dict):
     """One leaf of `effective_row`: the row's leaf at `path` plus this step's delta and
-    LoRA (flat dicts of one step's values; LoRA keyed kernel path + ("a",) / ("b",))."""
+    LoRA (flat dicts of one step's values; LoRA keyed kernel path + ("a",) / ("b",)).
+    The sum is formed in float32 (at least), so a bfloat16 row keeps a small float32
+    correction instead of rounding it away."""
+    if path in delta or path + ("a",) in lora:
+        w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
     if path in delta:
         w = w + delta[path]
     if path + ("a",) in lora:

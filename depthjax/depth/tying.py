@@ -161,7 +161,9 @@ def relax(
     want = traverse_util.flatten_dict(step_rows(original))
     lora, delta = {}, {}
     for path, w in have.items():
-        diff = want[path] - w  # [depth, ...]
+        # float32 whatever the param_dtype: LoRA factors and deltas are float32 (the rule
+        # of depthjax.core.step_params), and the SVD needs it
+        diff = jnp.asarray(want[path], jnp.float32) - jnp.asarray(w, jnp.float32)
         if path[-1] != "kernel":
             if vectors:
                 delta[path] = diff

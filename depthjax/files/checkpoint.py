@@ -28,6 +28,7 @@ against the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,10 +37,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from ..core import rows as rows_lib
 from ..core.config import ModelConfig
@@ -47,29 +45,12 @@ from ..core.model import DepthModel, init
 from ..core.program import Program
 from ..core.stitched import Stitched, check as check_stitched
 from ..errors import DepthjaxError
-from . import atomic, integrity
+from . import atomic, integrity, safetensors_io
 
 FORMAT = "depthjax-checkpoint"
 STITCHED = "depthjax-stitched"  # the format of a stitched model's directory
 VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
-
-# safetensors dtype codes -> numpy dtypes (safetensors.numpy cannot read bfloat16).
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U64": np.uint64,
-    "U32": np.uint32,
-    "U16": np.uint16,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 
 
 class CheckpointError(DepthjaxError):
@@ -77,8 +58,8 @@ class CheckpointError(DepthjaxError):
 
 
 # -- parameter trees <-> flat dicts ----------------------------------------------------
-def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
-    """{"a/b/c": host array} for a nested dict of arrays (keys must be '/'-free strings)."""
+def flatten_params(params, prefix: str = "") -> dict:
+    """{"a/b/c": leaf} for a nested dict of arrays (keys must be '/'-free strings)."""
     flat = {}
     for key, value in params.items():
         if not isinstance(key, str) or "/" in key or not key:
@@ -89,7 +70,7 @@ def flatten_params(params, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "/"))
         elif isinstance(value, (jax.Array, np.ndarray)):
-            flat[path] = np.asarray(jax.device_get(value))
+            flat[path] = value
         else:
             raise CheckpointError(
                 f"parameter {path!r} is a {type(value).__name__}; "
@@ -172,7 +153,14 @@ def save(model: DepthModel, path, *, files=()) -> Path:
     with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_json(tmp / "program.json", model.program.to_dict())
-        safetensors.numpy.save_file(flat, tmp / "params.safetensors")
+        # each leaf comes to the host as it is written: one leaf beyond the model at a time
+        safetensors_io.write(
+            tmp / "params.safetensors",
+            [
+                (k, v.shape, v.dtype, lambda v=v: np.asarray(jax.device_get(v)))
+                for k, v in flat.items()
+            ],
+        )
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         names = ["config.json", "program.json", "params.safetensors"] + [f.name for f in extra]
@@ -216,13 +204,17 @@ def _json(raw: bytes, path: Path):
         raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
 
 
-def load(path, *, verify: bool = True) -> DepthModel | Stitched:
+def load(path, *, verify: bool = True, param_dtype: str | None = None) -> DepthModel | Stitched:
     """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
     A stitched model's directory gives a `Stitched` (module docstring).
 
     verify=True checks the SHA-256 of every file against the manifest; the manifest's own
-    checksum is always checked. Each file is read once: the files parsed here are checked
-    from the bytes that are parsed.
+    checksum is always checked. Each file is read once: the weights are read straight into
+    their own arrays while their digest is computed, so peak host memory is the weights'
+    bytes (plus one leaf when param_dtype casts).
+    param_dtype: cast the floating parameters of embed/blocks/head (and any adapters) to
+    this dtype ("float32", "bfloat16", "float16"); None keeps the dtype they were saved
+    with, and the config's param_dtype says which.
     """
     path = Path(path)
     if not path.is_dir():
@@ -233,7 +225,7 @@ def load(path, *, verify: bool = True) -> DepthModel | Stitched:
     manifest = _json(raw, path / "manifest.json")
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found == STITCHED:
-        return _load_stitched(path, raw, verify)
+        return _load_stitched(path, raw, verify, param_dtype)
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
     if manifest.get("version") not in (1, VERSION):
@@ -260,28 +252,20 @@ def load(path, *, verify: bool = True) -> DepthModel | Stitched:
             raise
         raise CheckpointError(f"{config_file} does not describe a model: {e}") from None
     params_file = path / "params.safetensors"
-    data = _read(path, params_file.name, digests)
-    if verify and manifest["version"] == 1 and zlib.crc32(data) != manifest["params_crc32"]:
-        raise CheckpointError(
-            f"{params_file} is corrupt: its CRC-32 does not match the "
-            "manifest (truncated or modified after saving)"
-        )
-    try:
-        tensors = safetensors.deserialize(data)
-        del data  # the tensors are copies: do not hold the file's bytes a second time
-        flat = {
-            name: np.frombuffer(t["data"], _DTYPES[t["dtype"]]).reshape(t["shape"])
-            for name, t in tensors
-        }
-    except Exception as e:  # the Rust reader raises its own error types
-        raise CheckpointError(f"{params_file} is corrupt: {e}") from None
+    flat = _read_params(params_file, manifest, digests, verify)
     params = _unflatten(manifest["params"], flat)
     if flat:
         raise CheckpointError(
             f"params.safetensors holds tensors not in the manifest: {sorted(flat)[:5]}"
         )
     check_params(config, params)
-    params = jax.tree.map(jnp.asarray, params)
+    stored = _float_dtype(params)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+        params = _cast_floats(params, jnp.dtype(param_dtype))
+    elif stored is not None and stored != config.param_dtype:
+        config = config.replace(param_dtype=stored)  # weights cast before saving
+    params = jax.tree.map(jax.device_put, params)  # aligned host arrays: adopted, no copy
     n_blocks = rows_lib.count(params["blocks"])
     program_json = _json(_read(path, "program.json", digests), path / "program.json")
     program = Program.from_dict(program_json, n_blocks=n_blocks)
@@ -304,7 +288,7 @@ def _save_stitched(model: Stitched, path: Path, files) -> Path:
         save(model.front, tmp / "front")
         save(model.back, tmp / "back")
         stitch_map = {"W": np.asarray(model.W), "c": np.asarray(model.c)}
-        safetensors.numpy.save_file(stitch_map, tmp / "map.safetensors")
+        safetensors_io.write(tmp / "map.safetensors", stitch_map)
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         names = ["map.safetensors", "front/manifest.json", "back/manifest.json"]
@@ -321,7 +305,7 @@ def _save_stitched(model: Stitched, path: Path, files) -> Path:
     return path
 
 
-def _load_stitched(path: Path, raw: bytes, verify: bool) -> Stitched:
+def _load_stitched(path: Path, raw: bytes, verify: bool, param_dtype: str | None) -> Stitched:
     try:
         manifest = integrity.parse_sealed(raw, "manifest.json")
         digests = manifest.get("files")
@@ -334,14 +318,24 @@ def _load_stitched(path: Path, raw: bytes, verify: bool) -> Stitched:
             integrity.check_digests(path, others)
     except integrity.IntegrityError as e:
         raise CheckpointError(f"stitched checkpoint {path} is corrupt: {e}") from None
-    front, back = (load(path / part, verify=verify) for part in ("front", "back"))
+    front, back = (
+        load(path / part, verify=verify, param_dtype=param_dtype) for part in ("front", "back")
+    )
     if not (isinstance(front, DepthModel) and isinstance(back, DepthModel)):
         raise CheckpointError(f"{path}: the parts of a stitched model are single models")
-    data = _read(path, "map.safetensors", digests if verify else {})
+    map_file = path / "map.safetensors"
+    if not map_file.exists():
+        raise CheckpointError(f"{path} is incomplete: map.safetensors is missing")
+    hasher = hashlib.sha256() if verify and "map.safetensors" in digests else None
     try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as e:  # the Rust reader raises its own error types
-        raise CheckpointError(f"{path / 'map.safetensors'} is corrupt: {e}") from None
+        tensors = safetensors_io.read_all(map_file, hasher)
+    except (safetensors_io.SafetensorsError, OSError) as e:
+        raise CheckpointError(f"{map_file} is corrupt: {e}") from None
+    if hasher is not None and hasher.hexdigest() != digests["map.safetensors"]:
+        raise CheckpointError(
+            f"stitched checkpoint {path} is corrupt: "
+            + integrity.MISMATCH.format("map.safetensors")
+        )
     if set(tensors) != {"W", "c"}:
         raise CheckpointError(
             f"{path / 'map.safetensors'} must hold W and c, has {sorted(tensors)}"
@@ -359,6 +353,67 @@ def _load_stitched(path: Path, raw: bytes, verify: bool) -> Stitched:
     except DepthjaxError as e:
         raise CheckpointError(f"{path} does not hold a consistent stitched model: {e}") from None
     return model
+
+
+def _read_params(file: Path, manifest: dict, digests: dict, verify: bool) -> dict:
+    """{name: array} of params.safetensors, read once, checked against the manifest's
+    SHA-256 (or a version-1 CRC-32) as it is read when verify asks for it."""
+    v1 = manifest["version"] == 1
+    hasher = None
+    if verify and v1:
+        hasher = _Crc32()
+    elif file.name in digests:
+        hasher = hashlib.sha256()
+    if not file.exists():
+        raise CheckpointError(f"{file.parent} is incomplete: {file.name} is missing")
+    try:
+        flat = safetensors_io.read_all(file, hasher)
+    except (safetensors_io.SafetensorsError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt: {e}") from None
+    if v1 and hasher is not None and hasher.value != manifest["params_crc32"]:
+        raise CheckpointError(
+            f"{file} is corrupt: its CRC-32 does not match the "
+            "manifest (truncated or modified after saving)"
+        )
+    if not v1 and hasher is not None and hasher.hexdigest() != digests[file.name]:
+        raise CheckpointError(
+            f"checkpoint {file.parent} is corrupt: " + integrity.MISMATCH.format(file.name)
+        )
+    return flat
+
+
+class _Crc32:
+    """zlib.crc32 behind hashlib's update()."""
+
+    value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+def _float_dtype(params: dict) -> str | None:
+    """The one floating dtype of the embed/blocks/head leaves, if they share one."""
+    found = {
+        np.dtype(x.dtype).name
+        for part in ("embed", "blocks", "head")
+        for x in jax.tree.leaves(params[part])
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def _cast_floats(params: dict, dtype) -> dict:
+    """Floating leaves cast to `dtype` (integer leaves of quantized or expanded tables
+    keep theirs), each into an aligned array so the device can adopt it."""
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        out = safetensors_io.aligned_empty(x.shape, dtype)
+        out[...] = x
+        return out
+
+    return jax.tree.map(cast, params)
 
 
 def _check_manifest(manifest: dict, path: Path) -> None:

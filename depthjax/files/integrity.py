@@ -109,7 +109,7 @@ def check_digests(directory, expected: dict[str, str]) -> None:
     `directory`, or whose digest differs."""
     for name, digest in sorted(expected.items()):
         if sha256_file(_listed(directory, name)) != digest:
-            raise IntegrityError(_MISMATCH.format(name))
+            raise IntegrityError(MISMATCH.format(name))
 
 
 def read_checked(directory, name: str, digest: str) -> bytes:
@@ -117,11 +117,11 @@ def read_checked(directory, name: str, digest: str) -> bytes:
     that parses a file need not read it a second time to verify it)."""
     data = _listed(directory, name).read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
-        raise IntegrityError(_MISMATCH.format(name))
+        raise IntegrityError(MISMATCH.format(name))
     return data
 
 
-_MISMATCH = "{} does not match its SHA-256 (bit rot, truncation or an edit after saving)"
+MISMATCH = "{} does not match its SHA-256 (bit rot, truncation or an edit after saving)"
 
 
 def _listed(directory, name: str) -> Path:

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..core import quant, rows as rows_lib
@@ -159,7 +160,9 @@ def save(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> list[str]:
-    """Write `model` to `path` as config.json + safetensors (sharded past max_shard_size).
+    """Write `model` to `path` as config.json + safetensors (sharded past max_shard_size),
+    in the model's param_dtype (a bfloat16 model writes a bfloat16 checkpoint, as
+    transformers' save_pretrained does).
 
     model_type: one of depthjax.hf.config.MODEL_TYPES (default: inferred from the config).
     zero_gated: export gated-off sublayers as zeroed output weights (output projections,
@@ -217,15 +220,18 @@ def save(
 
     items = []
     n_layers = out_cfg.n_layers
+    dtype = jnp.dtype(model.config.param_dtype)  # the weights' own dtype, no widening
+    config["dtype"] = model.config.param_dtype
     for rule in tensor_map.rules_for(out_cfg, model_type):
         for layer in range(n_layers) if rule.per_layer else [None]:
-            structs = [jax.ShapeDtypeStruct(shape(p, layer), np.float32) for p in rule.leaves]
-            nbytes = int(np.prod(jax.eval_shape(rule.to_hf, *structs).shape)) * 4
+            structs = [jax.ShapeDtypeStruct(shape(p, layer), dtype) for p in rule.leaves]
+            hf_shape = jax.eval_shape(rule.to_hf, *structs).shape
             make = lambda rule=rule, layer=layer: rule.to_hf(
                 *(leaf(p, layer) for p in rule.leaves)
-            ).astype(np.float32)
-            items.append((rule.hf_name(prefix, layer), nbytes, make))
-    verbose = sum(n for _, n, _ in items) > 256 * 2**20 if progress is None else progress
+            ).astype(dtype, copy=False)
+            items.append((rule.hf_name(prefix, layer), hf_shape, dtype, make))
+    total = sum(int(np.prod(s)) for _, s, _, _ in items) * dtype.itemsize
+    verbose = total > 256 * 2**20 if progress is None else progress
     report = (
         (lambda msg: print(f"[hf.save] {msg}", file=sys.stderr, flush=True)) if verbose else None
     )

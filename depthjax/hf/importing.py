@@ -1,9 +1,12 @@
 """`load(dir)`: a local Hugging Face checkpoint as a DepthModel, streamed tensor by tensor.
 
-Every tensor is checked before any data is read (missing, unexpected, wrong shape), then
-each rule's leaves are filled layer by layer into one preallocated [n_layers, ...] numpy
-stack, placed on device (optionally sharded) and freed before the next, so host memory
-holds at most one stacked leaf group next to the memory-mapped files.
+Every tensor is checked before any data is read (missing, unexpected, wrong shape). Then,
+per rule, every layer's tensor is read (threads, `pread`, no memory map) straight into its
+slot of one preallocated [n_layers, ...] array in the stored dtype; rules that only
+reshape become a view of it (adopted by jax's CPU backend without a copy), the others
+(transposes, head splits, Gemma's 1 + w) are one jitted, vmapped conversion that also
+casts to `param_dtype`. Each group is placed (optionally sharded) and freed before the
+next, so host memory holds the placed weights plus one raw stacked group.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..core.model import DepthModel, init
 from ..core.program import Program
+from ..files.safetensors_io import aligned_empty
 from . import tensor_map
 from .config import HFError, from_hf
 from .safetensors_files import Checkpoint
@@ -70,6 +76,59 @@ def _sharding_for(shardings: ShardingSpec, path: tuple[str, ...], shape) -> Shar
     return node
 
 
+def _threads() -> int:
+    """Reader threads: `pread` releases the GIL, so layers are read in parallel."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def _group(ckpt: Checkpoint, rule, prefix: str, n_layers: int, pool) -> np.ndarray:
+    """The rule's HF tensor of every layer, stacked [n_layers, *hf_shape] (one tensor for a
+    non-layer rule) in its stored dtype: each layer read straight into its slot (threads),
+    in a 64-byte aligned array that jax's CPU backend adopts without a copy."""
+    names = _names(rule, prefix, n_layers)
+    first = ckpt.info(names[0])
+    raw = aligned_empty(((len(names),) if rule.per_layer else ()) + first.shape, first.dtype)
+    slots = raw if rule.per_layer else raw[None]
+    list(pool.map(lambda j: ckpt.read_into(names[j], slots[j]), range(len(names))))
+    return raw
+
+
+def _as_view(rule, raw: np.ndarray, pdt) -> np.ndarray | None:
+    """Our leaf as a view of `raw` when the rule only reshapes it (embeddings, norms,
+    biases) and no cast is needed; else None."""
+    layer = raw[0] if rule.per_layer else raw
+    pieces = rule.to_ours(layer)  # numpy views, or a new array for arithmetic rules
+    if raw.dtype != pdt or len(pieces) != 1:
+        return None
+    (piece,) = pieces
+    if not (piece.flags.c_contiguous and piece.size == layer.size):
+        return None
+    if not np.shares_memory(piece, layer) or piece.ctypes.data != layer.ctypes.data:
+        return None
+    return raw.reshape(raw.shape[:1] * rule.per_layer + piece.shape)
+
+
+def _convert(rule, raw: np.ndarray, pdt) -> tuple:
+    """Our leaves from a raw group, computed by XLA (transposes, head splits, Gemma's 1 + w)
+    and cast to `pdt` in the same pass; the arithmetic runs in the wider of the stored and
+    the parameter dtype, so a float32 load of a bfloat16 file is exact and a bfloat16 load
+    rounds once."""
+    layer = jax.ShapeDtypeStruct(raw.shape[rule.per_layer :], raw.dtype)
+    shapes = tuple(x.shape for x in jax.eval_shape(rule.to_ours, layer))
+    # the converter's code and every shape fix what it computes: reloads reuse the compile
+    key = (rule.to_ours.__code__, raw.shape, raw.dtype, pdt, shapes, rule.per_layer)
+    if key not in _CONVERTERS:
+        if len(_CONVERTERS) > 256:  # many different models in one process
+            _CONVERTERS.clear()
+        wide = jnp.promote_types(raw.dtype, pdt)
+        one = lambda w: tuple(p.astype(pdt) for p in rule.to_ours(w.astype(wide)))
+        _CONVERTERS[key] = jax.jit(jax.vmap(one) if rule.per_layer else one)
+    return _CONVERTERS[key](raw)
+
+
+_CONVERTERS: dict = {}
+
+
 def _put(tree: dict, path, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -108,7 +167,7 @@ def _check_names(ckpt: Checkpoint, rules, prefix: str, cfg, family: str) -> list
     return sorted(names & unmodelled)
 
 
-_EXECUTION = ("dtype", "remat", "attention_impl", "attention_chunk")
+_EXECUTION = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk")
 
 
 def load(
@@ -129,8 +188,13 @@ def load(
     progress: print one line per tensor group (default: for checkpoints over 256 MiB).
     config: the directory's config.json as already read (`ModelDir.read` passes it, so the
     file is read once); None reads it here.
-    execution: how to run it -- dtype, remat, attention_impl, attention_chunk (ModelConfig
-    fields); the weights themselves are always stored in float32.
+    execution: ModelConfig fields that say how to hold and run it -- param_dtype (the
+    weights' dtype: "float32" by default, "bfloat16" reads a bfloat16 checkpoint with no
+    float32 round trip and half the memory), dtype (compute), remat, attention_impl,
+    attention_chunk.
+
+    Memory: peak host memory is the loaded weights in param_dtype plus one stacked tensor
+    group in the file's dtype (benchmarks/load.py measures it against transformers).
     """
     t0 = time.time()
     directory = model_directory(path)
@@ -163,7 +227,6 @@ def load(
                 f"checkpoint {directory} has none of {probes}: not a {model_type} model's weights"
             )
         unmodelled = _check_names(ckpt, rules, prefix, cfg, family)
-        structs = []
         for rule in rules:
             leaves = [tensor_map.leaf_at(shapes, p) for p in rule.leaves]
             per_layer = [
@@ -177,44 +240,38 @@ def load(
                         f"tensor {name!r} has shape {list(ckpt.shape(name))}, the "
                         f"config implies {list(want)}"
                     )
-            structs.append(leaves)
-        total = sum(int(np.prod(ckpt.shape(n))) for n in names) * 4
+        pdt = jnp.dtype(cfg.param_dtype)
+        total = ckpt.nbytes()
         verbose = total > 256 * 2**20 if progress is None else progress
         params: dict = {}
-        for k, (rule, leaves) in enumerate(zip(rules, structs)):
-            stacks = [np.empty(x.shape, np.float32) for x in leaves]
-            layers = range(cfg.n_layers) if rule.per_layer else [None]
-            for i in layers:
-                pieces = rule.to_ours(ckpt.get(rule.hf_name(prefix, i)))
-                for stack, piece in zip(stacks, pieces):
-                    if i is None:
-                        stack[...] = piece
-                    else:
-                        stack[i] = piece
-            for leaf_path, stack in zip(rule.leaves, stacks):
-                sharding = _sharding_for(shardings, leaf_path, stack.shape)
-                try:
-                    _put(params, leaf_path, jax.device_put(stack, sharding))
-                except ValueError as e:
-                    raise HFError(
-                        f"cannot place parameter {'/'.join(leaf_path)} "
-                        f"{list(stack.shape)} with {sharding}: {e}"
-                    ) from None
-            # transfers are asynchronous and hold their host stack until done: wait, so
-            # host memory never holds more than this group's stacks
-            jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
-            del stacks
-            if verbose:
-                print(
-                    f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
-                    f"({time.time() - t0:.1f}s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        with ThreadPoolExecutor(_threads()) as pool:
+            for k, rule in enumerate(rules):
+                raw = _group(ckpt, rule, prefix, cfg.n_layers, pool)
+                view = _as_view(rule, raw, pdt)
+                leaves = (view,) if view is not None else _convert(rule, raw, pdt)
+                for leaf_path, leaf in zip(rule.leaves, leaves):
+                    sharding = _sharding_for(shardings, leaf_path, leaf.shape)
+                    try:
+                        _put(params, leaf_path, jax.device_put(leaf, sharding))
+                    except ValueError as e:
+                        raise HFError(
+                            f"cannot place parameter {'/'.join(leaf_path)} "
+                            f"{list(leaf.shape)} with {sharding}: {e}"
+                        ) from None
+                # transfers are asynchronous and hold the raw group until done: wait, so
+                # host memory never holds more than one raw group beyond the weights
+                jax.block_until_ready([tensor_map.leaf_at(params, p) for p in rule.leaves])
+                del raw, view, leaves
+                if verbose:
+                    print(
+                        f"[hf.load] {k + 1}/{len(rules)} {rule.name.format(p=prefix, i='*')} "
+                        f"({time.time() - t0:.1f}s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if cfg.tie_embeddings and "lm_head.weight" in names and family != "bert":
-            if not np.array_equal(
-                ckpt.get("lm_head.weight"), np.asarray(params["embed"]["tok"]["embedding"])
-            ):
+            head = ckpt.get("lm_head.weight").astype(pdt, copy=False)
+            if not np.array_equal(head, np.asarray(params["embed"]["tok"]["embedding"])):
                 raise HFError(
                     "tie_word_embeddings is true but lm_head.weight differs from the "
                     "token embedding; set tie_word_embeddings=false in config.json"

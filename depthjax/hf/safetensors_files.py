@@ -2,20 +2,18 @@
 
 Layouts: a single `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed
 by `model.safetensors.index.json` ({"weight_map": {tensor name: shard file}}). Reading is
-memory-mapped and tensor by tensor; writing holds one shard in memory at a time.
+tensor by tensor into owned arrays (no memory map); writing holds one tensor in memory at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
+from ..files import safetensors_io as st_io
 from .config import HFError
 
 SINGLE = "model.safetensors"
@@ -38,13 +36,15 @@ def inside(directory: str, name, where: str) -> str:
 
 
 class Checkpoint:
-    """The tensors of one directory, opened lazily; use as a context manager."""
+    """The tensors of one directory: every shard's header is read (and checked) up front,
+    tensor data on demand with `pread` into arrays the caller owns (no memory map, so
+    nothing of the file stays resident; see depthjax.files.safetensors_io). Reads are
+    thread-safe. Use as a context manager."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self._files: dict[str, object] = {}
-        self._keys: dict[str, set[str]] = {}
-        self._stack = contextlib.ExitStack()
+        self._infos: dict[str, dict[str, st_io.TensorInfo]] = {}
         index_path = os.path.join(directory, INDEX)
         single_path = os.path.join(directory, SINGLE)
         if os.path.exists(index_path):
@@ -67,7 +67,7 @@ class Checkpoint:
                         "which does not exist"
                     )
         elif os.path.exists(single_path):
-            self.weight_map = dict.fromkeys(self._keys_of(single_path), single_path)
+            self.weight_map = dict.fromkeys(self._infos_of(single_path), single_path)
         else:
             others = sorted(
                 f
@@ -77,47 +77,67 @@ class Checkpoint:
             hint = f" (found {others}; only safetensors are read)" if others else ""
             raise HFError(f"no {SINGLE} or {INDEX} in {directory}{hint}")
         for name, path in self.weight_map.items():
-            if name not in self._keys_of(path):
+            if name not in self._infos_of(path):
                 raise HFError(
                     f"{INDEX} lists tensor {name!r} in {os.path.basename(path)}, "
                     "but that file does not contain it"
                 )
 
-    def _open(self, path: str):
-        if path not in self._files:
+    def _infos_of(self, path: str) -> dict[str, st_io.TensorInfo]:
+        if path not in self._infos:
             try:
-                self._files[path] = self._stack.enter_context(safe_open(path, framework="np"))
-            except (SafetensorError, OSError) as e:
+                self._files[path] = open(path, "rb")  # closed by close()
+                self._infos[path], _ = st_io.read_header(self._files[path], path)
+            except (st_io.SafetensorsError, OSError) as e:
                 raise HFError(
                     f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
                 ) from None
-        return self._files[path]
-
-    def _keys_of(self, path: str) -> set[str]:
-        if path not in self._keys:
-            self._keys[path] = set(self._open(path).keys())
-        return self._keys[path]
+        return self._infos[path]
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
+    def info(self, name: str) -> st_io.TensorInfo:
+        return self._infos_of(self.weight_map[name])[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+        return self.info(name).shape
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the checkpoint."""
+        return sum(self.info(name).nbytes for name in self.weight_map)
+
+    def _checked(self, name: str) -> st_io.TensorInfo:
+        info = self.info(name)
+        if not (np.issubdtype(info.dtype, np.floating) or info.dtype.name == "bfloat16"):
+            raise HFError(f"tensor {name!r} has dtype {info.dtype}, expected floating point")
+        return info
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Fill the C-contiguous array `out` (the tensor's shape) with the tensor: straight
+        from the file when the dtypes agree, else through a cast."""
+        info, path = self._checked(name), self.weight_map[name]
+        try:
+            if info.dtype == out.dtype:
+                st_io.read_into(self._files[path].fileno(), info, out)
+            else:
+                out[...] = st_io.read(self._files[path].fileno(), info)
+        except (st_io.SafetensorsError, OSError) as e:
+            raise HFError(
+                f"cannot read tensor {name!r} from {os.path.basename(path)}: {e}"
+            ) from None
 
     def get(self, name: str) -> np.ndarray:
-        """One tensor as a float32 numpy array."""
-        try:
-            array = self._open(self.weight_map[name]).get_tensor(name)
-        except SafetensorError as e:
-            raise HFError(
-                f"cannot read tensor {name!r} from {os.path.basename(self.weight_map[name])}: {e}"
-            ) from None
-        if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
-            raise HFError(f"tensor {name!r} has dtype {array.dtype}, expected floating point")
-        return array.astype(np.float32, copy=False)
+        """One tensor as a new numpy array of its stored floating dtype (bfloat16 stays
+        bfloat16)."""
+        out = np.empty(self.shape(name), self._checked(name).dtype)
+        self.read_into(name, out)
+        return out
 
     def close(self) -> None:
-        self._stack.close()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def __enter__(self):
         return self
@@ -139,16 +159,19 @@ def _shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
 
 def write(
     directory: str,
-    items: Iterable[tuple[str, int, Callable[[], np.ndarray]]],
+    items: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
     *,
     max_shard_bytes: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Write tensors given as (name, nbytes, make_array) into `directory`, one shard in
-    memory at a time. One shard: model.safetensors; more: shards plus the index.
-    Returns the file names written."""
+    """Write tensors given as (name, shape, dtype, make_array) into `directory`, each made
+    as it is written (one tensor in memory at a time). One shard: model.safetensors; more:
+    shards plus the index. Returns the file names written."""
     items = list(items)
-    plan = _shard_plan([n for _, n, _ in items], max_shard_bytes)
+    sizes = [
+        int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for _, shape, dt, _ in items
+    ]
+    plan = _shard_plan(sizes, max_shard_bytes)
     files = (
         [SINGLE]
         if len(plan) == 1
@@ -156,18 +179,19 @@ def write(
     )
     weight_map = {}
     for file, members in zip(files, plan):
-        tensors = {items[j][0]: np.ascontiguousarray(items[j][2]()) for j in members}
-        save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in tensors})
+        st_io.write(
+            os.path.join(directory, file), [items[j] for j in members], metadata={"format": "pt"}
+        )
+        weight_map.update({items[j][0]: file for j in members})
         if progress:
             progress(
-                f"wrote {file} ({len(tensors)} tensors, "
-                f"{sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB)"
+                f"wrote {file} ({len(members)} tensors, "
+                f"{sum(sizes[j] for j in members) / 2**20:.1f} MiB)"
             )
-        del tensors
     if len(plan) > 1:
-        total = sum(n for _, n, _ in items)
         with open(os.path.join(directory, INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump(
+                {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2
+            )
         files.append(INDEX)
     return files

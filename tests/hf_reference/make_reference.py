@@ -15,6 +15,7 @@ file, "expected": npy file}} (causal cases also "generate": {"prompt", "mask", "
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -285,11 +286,29 @@ def make(out: str) -> None:
             with open(os.path.join(sharded, "tokenizer_expected.json"), "w") as f:
                 json.dump(_tokenizer(sharded), f)
             manifest["llama_sharded"] = {**manifest[case], "dir": sharded}
+        if case == "llama":  # the same weights in bfloat16, run by transformers in bfloat16
+            manifest["llama_bf16"] = _bfloat16(out, model, inputs)
         if case == "bert":  # a sentence-transformers layout around the same weights
             manifest["sentence"] = _sentence_transformers(out, model, inputs)
         print(f"[reference] {case}: {type(model).__name__}", flush=True)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
+
+
+def _bfloat16(out: str, model, inputs) -> dict:
+    """save_pretrained of the model cast to bfloat16, and its bfloat16 logits (eager
+    attention, every op in bfloat16 as transformers runs it)."""
+    directory = os.path.join(out, "llama_bf16")
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    np.savez(os.path.join(directory, "inputs.npz"), **inputs)
+    np.save(os.path.join(directory, "expected.npy"), _forward(model, "causal", inputs))
+    return {
+        "dir": directory,
+        "kind": "causal",
+        "inputs": os.path.join(directory, "inputs.npz"),
+        "expected": os.path.join(directory, "expected.npy"),
+    }
 
 
 def _sentence_transformers(out: str, model, inputs) -> dict:

@@ -1,0 +1,163 @@
+"""Loading a Hugging Face checkpoint: `dj.hf.load` against transformers' `from_pretrained`.
+
+    python benchmarks/load.py [--layers 6] [--repeat 3] [--dir DIR] [--keep]
+
+Writes a random Llama checkpoint in bfloat16 with transformers (TinyLlama's shapes: d_model
+2048, 32 heads, 4 KV heads, d_ff 5632, vocab 32000; `--layers` of them; 6 layers is ~400M
+parameters, ~0.8 GB) through the Python 3.11 reference environment (DEPTHJAX_REF_PYTHON,
+default .venv-ref/bin/python), then loads it in fresh subprocesses, in turns:
+transformers `from_pretrained(dtype=torch.bfloat16)`, `dj.hf.load(dir,
+param_dtype="bfloat16")` and `dj.hf.load(dir)` (float32). Each child reports its load time
+(imports excluded), its resident memory after imports (the baseline), its peak (VmHWM)
+after loading, and its peak after reading every weight once (transformers maps the file
+and reads a page only when a weight is used, so its peak right after loading does not
+yet hold the weights). The file is in the page cache for every load (written just before).
+Prints min / max over repeats and the ratios to transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WRITE = """
+import sys, torch, transformers as tf
+torch.manual_seed(0)
+cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+    num_hidden_layers=int(sys.argv[2]), num_attention_heads=32, num_key_value_heads=4,
+    max_position_embeddings=2048, tie_word_embeddings=False)
+model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(sys.argv[1])
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+# every child prints one JSON line: seconds, baseline and peak resident KiB
+_MEASURE = """
+import json, time
+def kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+{imports}
+base = kib("VmRSS:")
+t0 = time.perf_counter()
+{load}
+seconds = time.perf_counter() - t0
+peak = kib("VmHWM:")
+{touch}
+print(json.dumps({{"seconds": seconds, "base": base, "peak": peak, "touched": kib("VmHWM:")}}))
+"""
+
+CHILDREN = {
+    "transformers bf16": (
+        "ref",
+        "import torch, transformers as tf",
+        "m = tf.AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.bfloat16)",
+        "[float(p.sum()) for p in m.parameters()]",
+    ),
+    "depthjax bf16": (
+        "dj",
+        "import jax, depthjax as dj",
+        "m = dj.hf.load(DIR, param_dtype='bfloat16', progress=False); jax.block_until_ready(m)",
+        "[float(p.sum()) for p in jax.tree.leaves(m.params)]",
+    ),
+    "depthjax f32": (
+        "dj",
+        "import jax, depthjax as dj",
+        "m = dj.hf.load(DIR, progress=False); jax.block_until_ready(m)",
+        "[float(p.sum()) for p in jax.tree.leaves(m.params)]",
+    ),
+}
+
+
+def _ref_python() -> str:
+    return os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin", "python")
+
+
+def _run(python: str, code: str, *, ref: bool) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if ref:  # the repo's kernels/ folder would shadow the `kernels` package transformers probes
+        env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [python, "-c", code],
+        env=env,
+        cwd=tempfile.gettempdir() if ref else REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode:
+        sys.exit(f"child failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def measure(name: str, directory: str) -> dict:
+    env, imports, load, touch = CHILDREN[name]
+    load = load.replace("DIR", repr(directory))
+    code = _MEASURE.format(imports=imports, load=load, touch=touch)
+    ref = env == "ref"
+    return json.loads(_run(_ref_python() if ref else sys.executable, code, ref=ref))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--repeat", type=int, default=1, help="loads per loader, taken in turns")
+    p.add_argument("--dir", default=None, help="checkpoint directory (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    args = p.parse_args()
+    directory = args.dir or tempfile.mkdtemp(prefix="depthjax-load-")
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        code = WRITE.replace("sys.argv[1]", repr(directory))
+        n = _run(_ref_python(), code.replace("sys.argv[2]", str(args.layers)), ref=True)
+        print(f"wrote {directory}: {int(n) / 1e6:.0f}M parameters", flush=True)
+    nbytes = sum(
+        os.path.getsize(os.path.join(directory, f))
+        for f in os.listdir(directory)
+        if f.endswith(".safetensors")
+    )
+    print(f"checkpoint: {nbytes / 2**30:.2f} GiB of safetensors (bfloat16)")
+    runs: dict[str, list[dict]] = {name: [] for name in CHILDREN}
+    for _ in range(args.repeat):
+        for name in CHILDREN:
+            runs[name].append(measure(name, directory))
+    gib = lambda kib: kib / 2**20
+    span = lambda xs, f: f"{f(min(xs))}" if len(xs) == 1 else f"{f(min(xs))}-{f(max(xs))}"
+    print(
+        f"\n{'loader':<20} {'load s':>12} {'peak GiB':>12} {'+ read weights':>15}"
+        f" {'over imports':>13}   ({args.repeat} run{'s' if args.repeat > 1 else ''}: min-max)"
+    )
+    best = {}
+    for name, rs in runs.items():
+        secs = [r["seconds"] for r in rs]
+        peak = [gib(r["peak"]) for r in rs]
+        touched = [gib(r["touched"]) for r in rs]
+        over = [gib(r["touched"] - r["base"]) for r in rs]
+        best[name] = (min(secs), min(touched), min(over))
+        f2 = "{:.2f}".format
+        print(
+            f"{name:<20} {span(secs, f2):>12} {span(peak, f2):>12} {span(touched, f2):>15}"
+            f" {span(over, f2):>13}"
+        )
+    tf_s, tf_peak, _ = best["transformers bf16"]
+    for name in ("depthjax bf16", "depthjax f32"):
+        s, peak, over = best[name]
+        print(
+            f"{name} / transformers: time {s / tf_s:.2f}x, peak RSS with the weights read "
+            f"{peak / tf_peak:.2f}x; over imports {over / (nbytes / 2**30):.2f}x the "
+            "checkpoint's bytes"
+        )
+    if not (args.keep or args.dir):
+        for f in os.listdir(directory):
+            os.remove(os.path.join(directory, f))
+        os.rmdir(directory)
+
+
+if __name__ == "__main__":
+    main()
