@@ -288,7 +288,10 @@ def _save_stitched(model: Stitched, path: Path, files) -> Path:
         save(model.front, tmp / "front")
         save(model.back, tmp / "back")
         stitch_map = {"W": np.asarray(model.W), "c": np.asarray(model.c)}
-        safetensors_io.write(tmp / "map.safetensors", stitch_map)
+        safetensors_io.write(
+            tmp / "map.safetensors",
+            [(k, v.shape, v.dtype, lambda v=v: v) for k, v in stitch_map.items()],
+        )
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
         names = ["map.safetensors", "front/manifest.json", "back/manifest.json"]
