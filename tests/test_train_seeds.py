@@ -70,6 +70,34 @@ def test_each_seed_equals_its_own_run(stacked, separate):
     assert len({_records(run)[-1]["loss"] for run in separate.values()}) == len(SEEDS)
 
 
+def test_seed_streams_are_single_runs_streams_and_restore_from_one_state():
+    from depthjax.train import data
+
+    docs, tok = data.documents("stdlib", "train"), data.ByteTokenizer()
+    kw = dict(seq_len=16, batch_size=4, n_shards=2, shards=[0, 1], shuffle_window=8)
+    both = data.SeedBatches(docs, tok, seeds=[3, 4], **kw)
+    next(both)
+    state = json.loads(json.dumps(both.get_state()))  # as a checkpoint stores it
+    assert sorted(state) == ["3/0", "3/1", "4/0", "4/1"]
+    after = [next(both) for _ in range(2)]
+    resumed = data.SeedBatches(docs, tok, seeds=[3, 4], **kw)
+    resumed.set_state(state)
+    again = [next(resumed) for _ in range(2)]
+    for i, seed in enumerate((3, 4)):
+        alone = data.ShardedBatches(docs, tok, seed=seed, **kw)
+        next(alone)
+        for got, back in zip(after, again):
+            want = next(alone)
+            for shard in (0, 1):
+                for key in data.BATCH_KEYS:
+                    np.testing.assert_array_equal(got[i][shard][key], want[shard][key])
+                    np.testing.assert_array_equal(back[i][shard][key], want[shard][key])
+    assert not np.array_equal(after[0][0][0]["inputs"], after[0][1][0]["inputs"])
+    one = data.SeedBatches(docs, tok, seeds=[3], **kw)  # one seed: a single run's format
+    assert sorted(one.get_state()) == ["0", "1"]
+
+
+@pytest.mark.slow  # the data states are checked above; this is the whole run, killed
 def test_a_killed_multi_seed_run_resumes_exactly(stacked, tmp_path):
     out = tmp_path / "run"
     keys = [*KEYS, f"seeds={len(SEEDS)}"]
