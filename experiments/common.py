@@ -13,6 +13,7 @@ run, so a seed trained either way is reused by both.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -141,7 +142,7 @@ def trained_seeds(args, tag: str, tc: TrainConfig, seeds) -> list[dj.DepthModel]
     together, each run of consecutive seeds in one vmapped program (`seeds=N`, equal to
     separate runs to float tolerance), or one run per seed where memory says the stack
     does not fit (memory.DoesNotFit)."""
-    one = lambda s: TrainConfig(**{**tc.to_dict(), "seed": s, "seeds": 1})
+    one = lambda s: dataclasses.replace(tc, seed=s, seeds=1)
     dirs = {s: cached_run_dir(args, tag, one(s)) for s in seeds}
     missing = [s for s in sorted(set(seeds)) if not (dirs[s] / "model").is_dir()]
     groups = [g for g in np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1) if len(g)]
@@ -150,7 +151,7 @@ def trained_seeds(args, tag: str, tc: TrainConfig, seeds) -> list[dj.DepthModel]
         if n == 1:
             trained(args, tag, one(first))
             continue
-        stacked = TrainConfig(**{**tc.to_dict(), "seed": first, "seeds": n})
+        stacked = dataclasses.replace(tc, seed=first, seeds=n)
         run_dir = cached_run_dir(args, f"{tag}-seeds", stacked)
         log(f"training {tag}: seeds {first}..{first + n - 1} in one program into {run_dir}")
         try:

@@ -2,6 +2,7 @@
 CDF integrated numerically, published quantiles, coverage by simulation), and its per-seed
 model cache (which seeds it trains, in which runs, and where it keeps them)."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -80,12 +81,14 @@ def _args(tmp_path, **kw):
 @pytest.fixture
 def fake_training(monkeypatch):
     """train_run replaced by an init per seed, laid out as depthjax.train.run lays out its
-    models; records (seed, seeds) of every run. `refuse_stacks` plays an out-of-memory
-    stack (memory.DoesNotFit)."""
-    calls, refuse = [], []
+    models; records (seed, seeds) of every run and checks that its config is configs[0]
+    with only those changed. A True in `refuse` plays an out-of-memory stack
+    (memory.DoesNotFit)."""
+    calls, refuse, configs = [], [], []
 
     def train_run(run_dir, tc):
         calls.append((tc.seed, tc.seeds))
+        assert tc == dataclasses.replace(configs[0], seed=tc.seed, seeds=tc.seeds)
         if refuse and tc.seeds > 1:
             raise common.DoesNotFit("needs more than a device has")
         cfg = tc.model_config()
@@ -94,12 +97,13 @@ def fake_training(monkeypatch):
             dj.save(dj.init(cfg, jax.random.key(s)), path)
 
     monkeypatch.setattr(common, "train_run", train_run)
-    return calls, refuse
+    return calls, refuse, configs
 
 
 def test_seeds_are_trained_in_one_run_and_cached_per_seed(tmp_path, fake_training):
-    calls, _ = fake_training
+    calls, _, configs = fake_training
     args = _args(tmp_path, seed=4, seeds=2)
+    configs.append(common.train_config(args))
     models = common.base_models(args)
     assert calls == [(4, 2)]
     for s, model in zip((4, 5), models):  # each where a single-seed run of it is cached
@@ -121,8 +125,10 @@ def test_seeds_are_trained_in_one_run_and_cached_per_seed(tmp_path, fake_trainin
 
 
 def test_a_stack_that_does_not_fit_is_trained_one_seed_at_a_time(tmp_path, fake_training):
-    calls, refuse = fake_training
+    calls, refuse, configs = fake_training
     refuse.append(True)
-    models = common.base_models(_args(tmp_path, seed=0, seeds=3))
+    args = _args(tmp_path, seed=0, seeds=3)
+    configs.append(common.train_config(args))
+    models = common.base_models(args)
     assert calls == [(0, 3), (0, 1), (1, 1), (2, 1)]
     assert len({float(jax.tree.leaves(m.params)[0].ravel()[0]) for m in models}) == 3
