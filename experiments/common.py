@@ -1,16 +1,23 @@
-"""Shared pieces of the experiment scripts: flags, a cached trained model, evaluation
-batches, the loss of any program, and result files (JSON, Markdown table, plots).
+"""Shared pieces of the experiment scripts: flags, cached trained models (one or one per
+seed), evaluation batches, the loss of any program, result files (JSON, Markdown table,
+plots), and the statistics every figure is reported with (mean ± std and a 95% t-interval
+over seeds; whether two settings separate).
 
 Every script trains (or reuses) its models through `depthjax.train.run`; a model is cached
 under --cache (default experiments/.cache, gitignored) keyed by its full TrainConfig, so
-the scripts that share the base model train it once.
+the scripts that share the base model train it once. `base_models` trains --seeds seeds
+in one vmapped program (`seeds=N`) and caches each under the key of its own single-seed
+run, so a seed trained either way is reused by both.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +29,7 @@ from depthjax import metrics as M
 from depthjax.files.corpus import sample_windows
 from depthjax.pruning import report
 from depthjax.train import TrainConfig, run as train_run
+from depthjax.train.memory import DoesNotFit
 
 HERE = Path(__file__).resolve().parent
 _T0 = time.perf_counter()
@@ -49,6 +57,12 @@ def parser(name: str, doc: str, **defaults) -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="seeds --seed, --seed+1, ... that base_models trains (in one vmapped program)",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--eval-batches",
@@ -97,7 +111,10 @@ def train_config(args, **changes) -> TrainConfig:
 
 def cached_run_dir(args, tag: str, tc: TrainConfig) -> Path:
     """The cache directory of the run `tc` (named by a hash of its whole config)."""
-    key = json.dumps(tc.to_dict(), sort_keys=True, default=str)
+    config = tc.to_dict()
+    if config["seeds"] == 1:  # the key of caches written before `seeds` existed
+        del config["seeds"]
+    key = json.dumps(config, sort_keys=True, default=str)
     return Path(args.cache) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -117,6 +134,47 @@ def trained(args, tag: str, tc: TrainConfig) -> dj.DepthModel:
 
 def base_model(args) -> dj.DepthModel:
     return trained(args, "base", train_config(args))
+
+
+def trained_seeds(args, tag: str, tc: TrainConfig, seeds) -> list[dj.DepthModel]:
+    """The models of `tc` trained with each of `seeds`, in that order. Each is cached
+    where `trained(args, tag, tc with seed=s)` caches it; the missing ones are trained
+    together, each run of consecutive seeds in one vmapped program (`seeds=N`, equal to
+    separate runs to float tolerance), or one run per seed where memory says the stack
+    does not fit (memory.DoesNotFit)."""
+    one = lambda s: dataclasses.replace(tc, seed=s, seeds=1)
+    dirs = {s: cached_run_dir(args, tag, one(s)) for s in seeds}
+    missing = [s for s in sorted(set(seeds)) if not (dirs[s] / "model").is_dir()]
+    groups = [g for g in np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1) if len(g)]
+    for group in groups:
+        first, n = int(group[0]), len(group)
+        if n == 1:
+            trained(args, tag, one(first))
+            continue
+        stacked = dataclasses.replace(tc, seed=first, seeds=n)
+        run_dir = cached_run_dir(args, f"{tag}-seeds", stacked)
+        log(f"training {tag}: seeds {first}..{first + n - 1} in one program into {run_dir}")
+        try:
+            train_run(run_dir, stacked)
+        except DoesNotFit as e:
+            log(f"{e}: training the seeds one at a time")
+            for s in range(first, first + n):
+                trained(args, tag, one(s))
+            continue
+        for s in range(first, first + n):  # each seed's model where its own run keeps it
+            dirs[s].mkdir(parents=True, exist_ok=True)
+            tmp = dirs[s] / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(run_dir / "models" / f"seed-{s}", tmp)
+            tmp.rename(dirs[s] / "model")
+    if not missing:
+        log(f"reusing {tag} seeds {list(seeds)} from {args.cache}")
+    return [dj.load(dirs[s] / "model") for s in seeds]
+
+
+def base_models(args) -> list[dj.DepthModel]:
+    """The base model of every seed --seed .. --seed + --seeds - 1."""
+    return trained_seeds(args, "base", train_config(args), range(args.seed, args.seed + args.seeds))
 
 
 def batches(args, n: int, seed: int) -> list[np.ndarray]:
@@ -214,3 +272,67 @@ def train_batches(args, seed: int = 0):
     return lambda step: (
         sample_windows(args.batch_size, args.seq_len, seed=seed * 1_000_003 + step),
     )
+
+
+# -- statistics over seeds -----------------------------------------------------------------
+# Two-sided 95% quantiles of Student's t (the 0.975 quantile) for 1..30 degrees of freedom.
+_T975 = (
+    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
+    2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
+    2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
+    2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
+)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom: the table above for
+    df <= 30, else the Cornish-Fisher expansion around the normal quantile (error < 1e-6
+    there)."""
+    if df < 1:
+        raise ValueError(f"a t quantile needs df >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def spread(values) -> tuple[float, float, tuple[float, float]]:
+    """(mean, sample std (ddof=1), 95% t-interval of the mean) of >= 2 values, e.g. one
+    figure over seeds."""
+    x = np.asarray(values, np.float64).ravel()
+    if x.size < 2 or not np.isfinite(x).all():
+        raise ValueError(f"spread needs at least 2 finite values, got {x.tolist()}")
+    mean, std = float(x.mean()), float(x.std(ddof=1))
+    half = t975(x.size - 1) * std / math.sqrt(x.size)
+    return mean, std, (mean - half, mean + half)
+
+
+def fmt(values, digits: int = 4) -> str:
+    """ "mean ± std [lo, hi] (n=N)" with the 95% interval of `spread`; one value alone is
+    shown as "x (n=1, no spread)"."""
+    x = np.asarray(values, np.float64).ravel()
+    if x.size == 1:
+        return f"{x[0]:.{digits}f} (n=1, no spread)"
+    mean, std, (lo, hi) = spread(x)
+    return f"{mean:.{digits}f} ± {std:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={x.size})"
+
+
+def separated(a, b, paired: bool = True) -> bool:
+    """Whether the figures `a` and `b` of two settings (one value per seed) differ at 95%.
+
+    paired (the default; a[i] and b[i] come from the same seed, e.g. two prunings of one
+    trained model): the 95% t-interval of the differences a[i] - b[i] excludes 0, which
+    removes the seed-to-seed variation both settings share. Unpaired: the two settings'
+    95% intervals do not overlap (conservative). Say "not resolved at this scale" where
+    this is False."""
+    if paired:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"paired figures need one value per seed each: {a.shape} vs {b.shape}")
+        _, _, (lo, hi) = spread(a - b)
+        return lo > 0 or hi < 0
+    (_, _, (lo_a, hi_a)), (_, _, (lo_b, hi_b)) = spread(a), spread(b)
+    return hi_a < lo_b or hi_b < lo_a

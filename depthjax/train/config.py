@@ -67,6 +67,12 @@ class TrainConfig:
     seq_len: int = _key(256, "tokens per sequence (packed documents)")
     grad_accum: int = _key(1, "micro-batches per step; batch_size must be divisible by it")
     seed: int = _key(0, "seed for init and data order")
+    seeds: int = _key(
+        1,
+        "train seeds seed..seed+seeds-1 in one compiled program (vmap over a leading seed "
+        "axis of the state and batch); each equals its own run with that seed; final models "
+        "in DIR/models/seed-S when > 1",
+    )
     lr: float = _key(3e-4, "peak learning rate")
     warmup_steps: int = _key(20, "linear warmup steps, then cosine decay to lr*min_lr_ratio")
     min_lr_ratio: float = _key(0.1, "final learning rate as a fraction of lr")
@@ -187,6 +193,7 @@ class TrainConfig:
             "checkpoint_every",
             "keep_checkpoints",
             "eval_batches",
+            "seeds",
         ):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -246,6 +253,12 @@ class TrainConfig:
             )
         if self.exit_rotation < 1 or self.exit_curriculum_steps < 0:
             raise TrainConfigError("exit_rotation must be >= 1 and exit_curriculum_steps >= 0")
+        if self.seeds > 1 and self.layer_dropout:
+            raise TrainConfigError(
+                f"seeds={self.seeds} with layer_dropout={self.layer_dropout}: the dropout "
+                "masks are drawn from the run's seed, not per seed, so the seeds would "
+                "share them; train each seed in its own run (seeds=1, seed=S)"
+            )
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Raise TrainConfigError when the keys do not fit the model they train."""

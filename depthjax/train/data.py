@@ -317,6 +317,41 @@ class ShardedBatches:
             it.set_state(state[str(s)])
 
 
+class SeedBatches:
+    """One `ShardedBatches` per seed of a multi-seed run (seeds seed, seed+1, ...), each the
+    stream a run with that seed alone would read. next() -> [per seed {shard: batch}].
+
+    get_state() of one seed is that seed's ShardedBatches state unchanged (so a seeds=1 run
+    stores what it always stored); of several, {"SEED/SHARD": grain state}: flat, so the
+    processes' shard states merge key by key (hosts.merged_json)."""
+
+    def __init__(self, docs, tokenizer, *, seeds, **kw):
+        self.seeds = list(seeds)
+        self._its = [ShardedBatches(docs, tokenizer, seed=s, **kw) for s in self.seeds]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        return [next(it) for it in self._its]
+
+    def get_state(self) -> dict:
+        if len(self._its) == 1:
+            return self._its[0].get_state()
+        return {
+            f"{seed}/{shard}": state
+            for seed, it in zip(self.seeds, self._its)
+            for shard, state in it.get_state().items()
+        }
+
+    def set_state(self, state: dict) -> None:
+        if len(self._its) == 1:
+            return self._its[0].set_state(state)
+        for seed, it in zip(self.seeds, self._its):
+            prefix = f"{seed}/"
+            it.set_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 def _rename(batch):
     return {
         "inputs": batch["inputs"],

@@ -12,6 +12,14 @@ the latest complete checkpoint and continues bit-for-bit; one that fails verific
 restore is set aside with its reason. The global batch of step k is a function of the
 seed, k and the data keys only (data.ShardedBatches), so a run also resumes on any
 number of processes whose devices split the batch along data-shard boundaries.
+
+Seeds as an axis (`seeds=N`): the TrainState gets a leading [N] axis (seed seed+i's init
+in row i; the axis is not sharded), `jax.vmap` of the train step maps it and a [N, B, T]
+batch stacked from one data stream per seed, sharing the program; evaluation is vmapped
+the same way. Each seed's numbers equal a separate run with that seed (to float
+tolerance: XLA may fuse the batched step differently), checkpoints hold the stacked state
+and every seed's data state, and the final models go to DIR/models/seed-S. With seeds=1
+nothing is vmapped: the step is the one a single run always compiled.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..core import flops as flops_lib, sharding as shd
 from ..core.model import DepthModel, count_params, init
@@ -130,41 +139,71 @@ def _documents(tc: TrainConfig, split: str, out_dir: Path):
     return docs if docs is not None else data_lib.documents(tc.data, split, **kw)
 
 
+def run_seeds(tc: TrainConfig) -> list[int]:
+    """The seeds one run trains: seed, seed+1, ..., seed+seeds-1."""
+    return list(range(tc.seed, tc.seed + tc.seeds))
+
+
 def _data_iter(tc: TrainConfig, split: str, out_dir: Path, vocab_size: int, shards):
+    """One data stream per seed (data_lib.SeedBatches), over documents read once."""
     tok = data_lib.load_tokenizer(tc.tokenizer)
     if tok.vocab_size > vocab_size:
         raise data_lib.DataError(
             f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}"
         )
-    return data_lib.ShardedBatches(
+    return data_lib.SeedBatches(
         _documents(tc, split, out_dir),
         tok,
+        seeds=run_seeds(tc),
         seq_len=tc.seq_len,
         batch_size=tc.batch_size,
         n_shards=data_shards(tc),
         shards=shards,
-        seed=tc.seed,
         shuffle_window=tc.shuffle_window,
     )
 
 
-def _global_batch(shard_batches: dict, sharding, tc: TrainConfig) -> dict:
-    """The global [batch_size, seq_len] arrays from this process's shards (shard s holds
-    rows [s*b, (s+1)*b)); each device gets its rows."""
-    rows, first = tc.batch_size // data_shards(tc), min(shard_batches)
+def _global_batch(seed_batches: list[dict], sharding, tc: TrainConfig) -> dict:
+    """The global arrays from this process's shards (shard s holds rows [s*b, (s+1)*b));
+    each device gets its rows. seed_batches: one {shard: batch} per seed; int32
+    [batch_size, seq_len] each for one seed, [seeds, batch_size, seq_len] for several."""
+    stacked = tc.seeds > 1  # then axis 0 is the (unsharded) seed axis
+    rows, first = tc.batch_size // data_shards(tc), min(seed_batches[0])
+    shape = (tc.seeds, tc.batch_size, tc.seq_len) if stacked else (tc.batch_size, tc.seq_len)
     out = {}
-    for key in shard_batches[first]:
-        local = np.concatenate(
-            [np.asarray(shard_batches[s][key], np.int32) for s in sorted(shard_batches)]
-        )
+    for key in seed_batches[0][first]:
+        local = np.stack(
+            [
+                np.concatenate([np.asarray(b[s][key], np.int32) for s in sorted(b)])
+                for b in seed_batches
+            ]
+        )  # [seeds, local rows, seq_len]
 
         def rows_of(index, local=local):
-            r = index[0]
+            r = index[int(stacked)]
             stop = tc.batch_size if r.stop is None else r.stop
-            return local[(r.start or 0) - first * rows : stop - first * rows]
+            local_rows = slice((r.start or 0) - first * rows, stop - first * rows)
+            return local[index[0], local_rows] if stacked else local[0, local_rows]
 
-        out[key] = jax.make_array_from_callback((tc.batch_size, tc.seq_len), sharding, rows_of)
+        out[key] = jax.make_array_from_callback(shape, sharding, rows_of)
     return out
+
+
+def _seed_axis(sharding: NamedSharding) -> NamedSharding:
+    """The sharding of a [seeds, ...] stack of arrays sharded like `sharding`."""
+    return NamedSharding(sharding.mesh, P(None, *sharding.spec))
+
+
+def _fields(name: str, values, tc: TrainConfig, reduce=np.mean) -> dict:
+    """Log fields of a metric: {name: value} for one seed; for several, their `reduce`
+    (mean) as `name` and each seed's as "name/seed-S"."""
+    values = np.asarray(values)
+    if tc.seeds == 1:
+        return {name: values.item()}
+    return {
+        name: reduce(values).item(),
+        **{f"{name}/seed-{s}": v.item() for s, v in zip(run_seeds(tc), values)},
+    }
 
 
 def state_shardings(abstract_params, mask, tx, mesh) -> TrainState:
@@ -249,7 +288,8 @@ def _legacy_record(ckpts_dir: Path, step: int) -> dict | None:
 # -- the loop ----------------------------------------------------------------------------
 def run(out_dir, tc: TrainConfig, *, stream=None, fresh: bool = False) -> TrainState:
     """Train into `out_dir` (resuming from its checkpoints). Returns the final state and
-    writes the final model with dj.save to out_dir/model.
+    writes the final model with dj.save to out_dir/model; with seeds > 1 the state has a
+    leading [seeds] axis and seed S's model goes to out_dir/models/seed-S.
 
     Refuses (run_dir.RunDirError) a directory that another process is writing, or that
     holds a different run; fresh=True first moves a previous run to DIR.prev-TIMESTAMP."""
@@ -313,12 +353,16 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     for text in ([lock.took_over] if lock is not None and lock.took_over else []) + messages:
         log.message(text)
     if main_process:  # leftovers of a killed final save (we hold the lock: nobody else writes)
-        atomic.clean_stale(out_dir / "model", any_owner=True)
+        for path in _final_paths(out_dir, tc):
+            atomic.clean_stale(path, any_owner=True)
 
     tx, schedule = optimizer(tc), learning_rate(tc)
     state_sh = state_shardings(abstract_params, mask, tx, mesh)
-    param_sh, repl = state_sh.params, state_sh.step
-    batch_sh = shd.batch_sharding(mesh)
+    repl, batch_sh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    shards = local_shards(batch_sh, tc)
+    if tc.seeds > 1:
+        state_sh, batch_sh = jax.tree.map(_seed_axis, state_sh), _seed_axis(batch_sh)
+    param_sh = state_sh.params
 
     def fresh_state(key):
         params = init(cfg, key).params if loaded_params is None else loaded_params
@@ -331,13 +375,17 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
             skipped=jnp.int32(0),
         )
 
+    # seeds > 1: one state per seed, stacked; row i from key(seed + i) as its own run's.
+    keys = jax.random.key(tc.seed)
+    if tc.seeds > 1:
+        fresh_state = jax.vmap(fresh_state)
+        keys = jax.vmap(jax.random.key)(jnp.asarray(run_seeds(tc)))
     ckpts = TrainCheckpoints(ckpts_dir, tc, unsealed_before=unsealed_before)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(fresh_state, jax.random.key(0)),
+        jax.eval_shape(fresh_state, keys),
         state_sh,
     )
-    shards = local_shards(batch_sh, tc)
     data_it = _data_iter(tc, "train", out_dir, cfg.vocab_size, shards)
 
     restored = ckpts.restore_latest(abstract_state, log)
@@ -353,27 +401,35 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
             )
     else:
         step0 = 0
-        state = jax.jit(fresh_state, out_shardings=state_sh)(jax.random.key(tc.seed))
+        state = jax.jit(fresh_state, out_shardings=state_sh)(keys)
 
     program_dev = jax.device_put(program, repl)
+    batch_shape = (
+        (tc.batch_size, tc.seq_len) if tc.seeds == 1 else (tc.seeds, tc.batch_size, tc.seq_len)
+    )
     batch_struct = {
-        k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+        k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh)
         for k in data_lib.BATCH_KEYS
     }
+    one_step = functools.partial(
+        train_step,
+        cfg=cfg,
+        tx=tx,
+        mask=mask,
+        grad_accum=tc.grad_accum,
+        nan_policy=tc.nan_policy,
+        schedule=schedule,
+        layerskip=layerskip,
+    )
+    one_eval = functools.partial(eval_loss_sums, cfg=cfg)
+    if tc.seeds > 1:  # (state, batch) mapped over seeds, the program shared
+        one_step = jax.vmap(one_step, in_axes=(0, 0, None))
+        one_eval = jax.vmap(one_eval, in_axes=(0, 0, None))
     # Compiled ahead of the loop, then a barrier, so that all processes start the first
     # step together: gloo gives a process 30 s to join a collective it has not run before.
     step_fn = (
         jax.jit(
-            functools.partial(
-                train_step,
-                cfg=cfg,
-                tx=tx,
-                mask=mask,
-                grad_accum=tc.grad_accum,
-                nan_policy=tc.nan_policy,
-                schedule=schedule,
-                layerskip=layerskip,
-            ),
+            one_step,
             in_shardings=(state_sh, batch_sh, repl),
             out_shardings=(state_sh, repl),
             donate_argnums=0,
@@ -381,9 +437,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
         .lower(abstract_state, batch_struct, program_dev)
         .compile()
     )
-    eval_fn = jax.jit(
-        functools.partial(eval_loss_sums, cfg=cfg), in_shardings=(param_sh, batch_sh, repl)
-    )
+    eval_fn = jax.jit(one_eval, in_shardings=(param_sh, batch_sh, repl))
     if tc.eval_every:
         eval_fn = eval_fn.lower(abstract_state.params, batch_struct, program_dev).compile()
     hosts.barrier("depthjax-compiled")
@@ -401,7 +455,9 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
         )
 
     def check_finite(state, step):
-        bad = int(jax.device_get(state.bad_step))
+        bad_steps = np.ravel(jax.device_get(state.bad_step))  # one per seed
+        first = int(np.argmax(bad_steps >= 0))
+        bad = int(bad_steps[first])
         if bad >= 0:
             ckpts.wait()
             good = ckpts.latest_step()
@@ -410,8 +466,9 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
                 if good is not None
                 else "no checkpoint (none was saved yet)"
             )
+            seed = f" of seed {run_seeds(tc)[first]}" if tc.seeds > 1 else ""
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {bad + 1}: "
+                f"non-finite loss or gradient at step {bad + 1}{seed}: "
                 f"training stopped at step {step}; last good state: "
                 f"{where} (nan_policy=skip would skip such steps)"
             )
@@ -426,31 +483,30 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
             if step % tc.log_every == 0 or done:
                 m = jax.device_get(metrics)
                 now = time.time()
-                tps = (step - last_step) * tc.batch_size * tc.seq_len / (now - last_t)
+                tokens = tc.seeds * tc.batch_size * tc.seq_len  # every seed's
+                tps = (step - last_step) * tokens / (now - last_t)
                 record = {
                     "step": step,
                     "time": now,
-                    "loss": float(m["loss"]),
-                    "grad_norm": float(m["grad_norm"]),
-                    "lr": float(m["lr"]),
+                    **_fields("loss", m["loss"], tc),
+                    **_fields("grad_norm", m["grad_norm"], tc),
+                    "lr": float(np.ravel(m["lr"])[0]),  # one schedule for every seed
                     "tokens_per_s": tps,
                     "mfu": (tps * flops_per_token / (peak * jax.device_count()) if peak else None),
                     "step_time_s": (now - last_t) / (step - last_step),
                 }
                 if layerskip is not None:
-                    record["objective"] = float(m["objective"])
-                    record.update(
-                        {
-                            f"exit_loss_{k}": float(v)
-                            for k, v in zip(layerskip.exits, m["exit_loss"])
-                        }
-                    )
+                    record.update(_fields("objective", m["objective"], tc))
+                    for i, k in enumerate(layerskip.exits):
+                        record.update(_fields(f"exit_loss_{k}", m["exit_loss"][..., i], tc))
                 if tc.nan_policy == "skip":
-                    record["skipped"] = int(jax.device_get(state.skipped))
+                    skipped = jax.device_get(state.skipped)
+                    record.update(_fields("skipped", skipped, tc, reduce=np.sum))
                 if tc.eval_every and (step % tc.eval_every == 0 or done):
-                    record["eval_loss"] = _evaluate(
+                    eval_loss = _evaluate(
                         tc, out_dir, cfg, eval_fn, state, program_dev, batch_sh, shards
                     )
+                    record.update(_fields("eval_loss", eval_loss, tc))
                 check_finite(state, step)
                 log.log(record)
                 last_t, last_step = time.time(), step
@@ -459,16 +515,26 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
                 log.flush()
                 ckpts.save(step, state, hosts.merged_json(data_it.get_state()), meta)
         ckpts.wait()
-        _save_final(out_dir / "model", DepthModel(cfg, state.params, program))
-        log.message(f"done: {step} steps; final model in {out_dir / 'model'}")
+        paths = _final_paths(out_dir, tc)
+        _save_final(paths, DepthModel(cfg, state.params, program))
+        where = paths[0] if tc.seeds == 1 else f"{out_dir / 'models'}/seed-*"
+        log.message(f"done: {step} steps; final model in {where}")
     finally:
         ckpts.close()
         log.close()
     return state
 
 
-def _save_final(path: Path, model: DepthModel) -> None:
-    """dj.save the trained model from process 0 (parameters gathered from every host)."""
+def _final_paths(out_dir: Path, tc: TrainConfig) -> list[Path]:
+    """Where the final models go: out_dir/model, or out_dir/models/seed-S per seed."""
+    if tc.seeds == 1:
+        return [out_dir / "model"]
+    return [out_dir / "models" / f"seed-{s}" for s in run_seeds(tc)]
+
+
+def _save_final(paths: list[Path], model: DepthModel) -> None:
+    """dj.save the trained model(s) from process 0 (parameters gathered from every host);
+    with several paths, model.params has a leading seed axis and row i goes to paths[i]."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -476,14 +542,20 @@ def _save_final(path: Path, model: DepthModel) -> None:
     else:
         params = jax.device_get(model.params)
     if jax.process_index() == 0:
-        native_ckpt.save(model.replace(params=params), path)
+        if len(paths) == 1:
+            native_ckpt.save(model.replace(params=params), paths[0])
+            return
+        for i, path in enumerate(paths):
+            path.parent.mkdir(exist_ok=True)
+            native_ckpt.save(model.replace(params=jax.tree.map(lambda x, i=i: x[i], params)), path)
 
 
-def _evaluate(tc, out_dir, cfg, eval_fn, state, program_dev, batch_sh, shards) -> float:
-    """Mean loss over the first `eval_batches` validation batches (the same every time)."""
+def _evaluate(tc, out_dir, cfg, eval_fn, state, program_dev, batch_sh, shards) -> np.ndarray:
+    """Mean loss over the first `eval_batches` validation batches (the same every time),
+    float64 [] or [seeds]: each seed's own validation stream, as its separate run's."""
     it = _data_iter(tc, "valid", out_dir, cfg.vocab_size, shards)
     total, count = 0.0, 0.0
     for _ in range(tc.eval_batches):
         s, n = eval_fn(state.params, _global_batch(next(it), batch_sh, tc), program_dev)
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+        total, count = total + np.asarray(s, np.float64), count + np.asarray(n, np.float64)
+    return total / np.maximum(count, 1.0)

@@ -40,6 +40,7 @@ IDENTITY_KEYS = {
     "batch_size",
     "seq_len",
     "seed",
+    "seeds",
     "data",
     "data_files",
     "text_key",
