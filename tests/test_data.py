@@ -249,3 +249,36 @@ def test_sharding_rules_for_llama_parameters():
     assert tuple(spec) == (None, "fsdp", "tensor", None)
     # Not divisible -> replicated along that axis rather than an error.
     assert tuple(logical_to_spec(("embed", "mlp"), (63, 3), FakeMesh)) == (None, None)
+
+
+def test_corpus_digest_names_the_files_it_read(tmp_path, monkeypatch):
+    """corpus.describe's SHA-256 equals one computed by hand over (split, path, content
+    digest) in path order, and changes when one file's bytes change."""
+    import hashlib
+    import sysconfig
+
+    from depthjax.files import corpus
+
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "site-packages").mkdir()
+    files = {"a.py": b"x = 1\n", "pkg/b.py": b"y = 2\n", "pkg/c.py": b"z = 3\n"}
+    for rel, text in files.items():
+        (root / rel).write_bytes(text)
+    (root / "site-packages" / "skip.py").write_bytes(b"ignored")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+
+    def by_hand():
+        h = hashlib.sha256()
+        for rel in sorted(files):
+            split = "valid" if root / rel in corpus.stdlib_files("valid") else "train"
+            digest = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            h.update(f"{split}\0{rel}\0{digest}\n".encode())
+        return h.hexdigest()
+
+    d = corpus.describe()
+    assert d["sha256"] == by_hand() and d["bytes"] == sum(map(len, files.values()))
+    assert sum(d["files"].values()) == 3
+    (root / "pkg" / "b.py").write_bytes(b"y = 3\n")
+    changed = corpus.describe()["sha256"]
+    assert changed != d["sha256"] and changed == by_hand()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from depthjax import cli
+from depthjax.files import corpus
 
 
 @pytest.mark.slow
@@ -15,6 +16,8 @@ def test_demo_quick_writes_a_consistent_report(tmp_path, capsys):
     for name in ("report.json", "report.md", "profiles.png", "removal_curves.png", "recovery.png"):
         assert (out / name).stat().st_size > 500, name
     report = json.loads((out / "report.json").read_text())
+    assert report["corpus"] == corpus.describe()  # the corpus named by its digest
+    assert report["corpus"]["sha256"][:16] in (out / "report.md").read_text()
     depth, n = report["model"]["depth"], report["n_blocks"]
     assert n == max(1, depth // 4)
     full = report["full_loss"]

@@ -119,9 +119,12 @@ def _markdown(report: dict) -> str:
         "# depthjax demo report",
         "",
         f"Model: `{r['model']['preset']}` ({r['model']['params']:,} parameters, "
-        f"{r['model']['depth']} steps), trained {r['train']['steps']} steps on Python "
-        f"standard library sources (byte-level). Full-model validation loss: "
-        f"**{r['full_loss']:.4f}** nats/byte.",
+        f"{r['model']['depth']} steps), trained {r['train']['steps']} steps on the "
+        f"{r['corpus']['name']} (byte-level; {r['corpus']['files']['train']} train and "
+        f"{r['corpus']['files']['valid']} validation files, corpus SHA-256 "
+        f"`{r['corpus']['sha256'][:16]}`). Full-model validation loss: "
+        f"**{r['full_loss']:.4f}** nats/byte. The figures are one training run: another "
+        "machine (or corpus digest) trains a different model, and the blocks chosen can differ.",
         "",
         "## Step scores (higher = more important)",
         "",
@@ -282,6 +285,7 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
             "params": model.n_params,
         },
         "train": {"steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"]},
+        "corpus": corpus.describe(),
         "full_loss": full,
         "n_blocks": n,
         "n_attn": n,
@@ -317,7 +321,9 @@ def _run_demo(out, quick: bool, seed: int, stages) -> dict:
 
 
 def _summary(res: dict) -> None:
-    print(f"\nvalidation loss, full model: {res['full_loss']:.4f}")
+    c = res["corpus"]
+    print(f"\ncorpus: {c['name']}, {c['bytes']:,} bytes, SHA-256 {c['sha256'][:16]}")
+    print(f"validation loss, full model: {res['full_loss']:.4f}")
     for unit, rows in res["pruning"].items():
         print(f"\n{unit} pruning ({res['n_' + ('blocks' if unit == 'block' else 'attn')]} removed)")
         print(f"  {'metric':<28} {'removed':<12} {'pruned':>8} {'+bias':>8} {'+linear':>8}")

@@ -8,6 +8,7 @@ stdlib root.
 from __future__ import annotations
 
 import hashlib
+import platform
 import sysconfig
 from pathlib import Path
 
@@ -16,22 +17,45 @@ import numpy as np
 from .textfiles import DataError
 
 
-def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Path]:
-    """Sorted .py files of the standard library (site-packages excluded) in `split`."""
-    if split not in ("train", "valid"):
-        raise DataError(f"split must be 'train' or 'valid', got {split!r}")
+def _stdlib_sources(valid_fraction: float) -> list[tuple[str, Path, str]]:
+    """(path relative to the stdlib root, path, split) of every corpus file, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+    out = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if "site-packages" in rel or "/test" in "/" + rel:
             continue
         h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:4], "little") / 2**32
-        if (h < valid_fraction) == (split == "valid"):
-            files.append(path)
-    if not files:
+        out.append((rel, path, "valid" if h < valid_fraction else "train"))
+    if not out:
         raise RuntimeError(f"no standard library sources found under {root}")
-    return files
+    return out
+
+
+def stdlib_files(split: str = "train", valid_fraction: float = 0.05) -> list[Path]:
+    """Sorted .py files of the standard library (site-packages excluded) in `split`."""
+    if split not in ("train", "valid"):
+        raise DataError(f"split must be 'train' or 'valid', got {split!r}")
+    return [path for _, path, s in _stdlib_sources(valid_fraction) if s == split]
+
+
+def describe(valid_fraction: float = 0.05) -> dict:
+    """What the embedded corpus is on this machine: the Python version, the file and byte
+    counts per split, and a SHA-256 over every file's relative path and content digest (in
+    path order). Two machines with the same digest read the same corpus; a different
+    standard library shows up as a different digest, not as a silent change of results."""
+    total, counts, nbytes = hashlib.sha256(), {"train": 0, "valid": 0}, 0
+    for rel, path, split in _stdlib_sources(valid_fraction):
+        data = path.read_bytes()
+        total.update(f"{split}\0{rel}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+        counts[split] += 1
+        nbytes += len(data)
+    return {
+        "name": f"Python {platform.python_version()} standard library sources",
+        "files": counts,
+        "bytes": nbytes,
+        "sha256": total.hexdigest(),
+    }
 
 
 def sample_windows(
