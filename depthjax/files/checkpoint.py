@@ -135,19 +135,7 @@ def save(model: DepthModel, path, *, files=()) -> Path:
             f"programs {model.program.block.shape}"
         )
     path = Path(path)
-    if path.exists() and not (
-        path.is_dir() and ((path / "manifest.json").exists() or not any(path.iterdir()))
-    ):
-        raise FileExistsError(
-            f"{path} exists and is not a depthjax checkpoint; refusing to overwrite it"
-        )
-    extra = [Path(f) for f in files]
-    for f in extra:
-        if f.name in FILES or not f.is_file():
-            raise CheckpointError(
-                f"save(files=...): {f} is not a file that can go into a "
-                f"checkpoint (names {FILES} are reserved)"
-            )
+    extra = _save_target(path, files, FILES)
     flat = flatten_params(model.params)
     old_files = set(FILES) | set(_listed_files(path))
     with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
@@ -272,8 +260,9 @@ def load(path, *, verify: bool = True, param_dtype: str | None = None) -> DepthM
     return DepthModel(config, params, program)
 
 
-def _save_stitched(model: Stitched, path: Path, files) -> Path:
-    check_stitched(model)
+def _save_target(path: Path, files, reserved) -> list[Path]:
+    """Refuse to overwrite anything but a checkpoint or an empty directory at `path`;
+    the extra `files` as paths, none of them named like the checkpoint's own."""
     if path.exists() and not (
         path.is_dir() and ((path / "manifest.json").exists() or not any(path.iterdir()))
     ):
@@ -282,8 +271,17 @@ def _save_stitched(model: Stitched, path: Path, files) -> Path:
         )
     extra = [Path(f) for f in files]
     for f in extra:
-        if f.name in ("front", "back", "map.safetensors", "manifest.json") or not f.is_file():
-            raise CheckpointError(f"save(files=...): {f} cannot go into a stitched checkpoint")
+        if f.name in reserved or not f.is_file():
+            raise CheckpointError(
+                f"save(files=...): {f} is not a file that can go into a "
+                f"checkpoint (names {tuple(reserved)} are reserved)"
+            )
+    return extra
+
+
+def _save_stitched(model: Stitched, path: Path, files) -> Path:
+    check_stitched(model)
+    extra = _save_target(path, files, ("front", "back", "map.safetensors", "manifest.json"))
     with atomic.replacing(path) as tmp:
         save(model.front, tmp / "front")
         save(model.back, tmp / "back")
