@@ -256,3 +256,27 @@ def test_tleg_script(cache, tmp_path):
     assert (out / "tleg_vs_scratch.png").stat().st_size > 1000
     assert all(len(v) == 2 and np.isfinite(v).all() for v in data["losses"].values())
     assert "+-" in md
+
+
+@pytest.mark.slow
+def test_recovery_methods_script(cache, tmp_path):
+    """Experiment 16 at the tiniest flags: two seeds, every method per seed; the full
+    model's losses are the naive loss of each seed's base model, and the intervals are
+    mean +- t(0.975, n-1) * std / sqrt(n) (t = 12.706 for two seeds)."""
+    flags = ["--seeds", "2", "--recover-steps", "2", "--task-examples", "4"]
+    out, md, data = run("16_recovery_methods", cache, tmp_path, *flags, "--calib-batches", "1")
+    assert (out / "recovery_methods.png").stat().st_size > 1000
+    common = script("common")
+    for i, seed in enumerate(data["seeds"]):
+        args = common.parser("x", "").parse_args(
+            TINY + ["--cache", str(cache), "--seed", str(seed)]
+        )
+        want = naive_loss(common.base_model(args), common.eval_batches(args))
+        assert data["full"]["loss"][i] == pytest.approx(want, abs=2e-5)
+    for unit in ("block", "attn"):
+        for method, raw in data["raw"][unit].items():
+            xs = np.asarray(raw["loss"])
+            s = data["summary"][unit][method]["loss"]
+            half = 12.706 * xs.std(ddof=1) / np.sqrt(2)
+            assert s["ci95"] == pytest.approx([xs.mean() - half, xs.mean() + half], abs=1e-6)
+    assert "not resolved at this scale" in md or "has the lower loss" in md
