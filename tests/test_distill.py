@@ -117,3 +117,20 @@ def test_distillation_trains_earlier_adapters_and_the_hidden_term(model):
         > 0
     )
     assert healed.params["blocks"] is pruned.params["blocks"]
+
+
+@pytest.mark.slow
+def test_prune_cli_recovers_by_distillation(model, tmp_path, capsys):
+    """`depthjax prune --recover distill` (with its options) writes the pruned model with
+    its trained LoRA."""
+    from depthjax import cli
+
+    dj.save(model, tmp_path / "ck")
+    argv = ["prune", "--model", str(tmp_path / "ck"), "--n", "1", "--recover", "distill"]
+    argv += ["--lora-steps", "3", "--temperature", "2", "--hidden", "0.1"]
+    argv += ["--random-subsets", "0", "--batches", "1", "--batch-size", "2", "--seq-len", "16"]
+    assert cli.main([*argv, "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "after distill recovery" in out
+    healed = dj.load(tmp_path / "p")
+    assert healed.depth == 3 and "lora" in healed.params["steps"]
