@@ -289,3 +289,28 @@ def test_stitching_script(cache, tmp_path):
     s = dj.depth.stitch(small, large, at=1, calibration=calib)
     got = data["stitched"]["small -> large"][0]["fitted_runs"][0]
     assert naive_loss(s, common.eval_batches(args)) == pytest.approx(got, abs=2e-5)
+
+
+@pytest.mark.slow
+def test_recovery_methods_script(cache, tmp_path):
+    """Experiment 16 at the tiniest flags: two seeds, every method per seed; the full
+    model's losses are the naive loss of each seed's base model, and the intervals are
+    mean +- t(0.975, n-1) * std / sqrt(n) (two seeds: t with 1 degree of freedom is the
+    Cauchy distribution, whose 0.975 quantile is tan(0.475 pi) = 12.706)."""
+    flags = ["--seeds", "2", "--recover-steps", "2", "--task-examples", "4"]
+    out, md, data = run("16_recovery_methods", cache, tmp_path, *flags, "--calib-batches", "1")
+    assert (out / "recovery_methods.png").stat().st_size > 1000
+    common = script("common")
+    for i, seed in enumerate(data["seeds"]):
+        args = common.parser("x", "").parse_args(
+            TINY + ["--cache", str(cache), "--seed", str(seed)]
+        )
+        want = naive_loss(common.base_model(args), common.eval_batches(args))
+        assert data["full"]["loss"][i] == pytest.approx(want, abs=2e-5)
+    for unit in ("block", "attn"):
+        for method, raw in data["raw"][unit].items():
+            xs = np.asarray(raw["loss"])
+            s = data["summary"][unit][method]["loss"]
+            half = np.tan(0.475 * np.pi) * xs.std(ddof=1) / np.sqrt(2)
+            assert s["ci95"] == pytest.approx([xs.mean() - half, xs.mean() + half], abs=1e-6)
+    assert "not resolved at this scale" in md or "has the lower loss" in md

@@ -2,8 +2,9 @@
 by transformers in the Python 3.11 reference environment (tests/hf_reference), then
 depthjax loads them and must reproduce the logits / last hidden states to 1e-4 (fp32) and
 the greedy continuations of a left-padded batch exactly. Exports (`dj.hf.save`) -- also
-of looped, attention-dropped and bias-recovered programs -- are reloaded by transformers
-and must give the same outputs again. Two reference subprocesses serve every family.
+of looped, attention-dropped, bias-recovered and distilled programs -- are reloaded by
+transformers and must give the same outputs again. Two reference subprocesses serve every
+family.
 """
 
 from __future__ import annotations
@@ -240,6 +241,13 @@ def exports(reference, tmp_path_factory):
     calib = [np.random.default_rng(7).integers(0, 128, (4, 16)).astype(np.int32)]
     healed = dj.recover(pruned, llama, calib, method="bias")
     export("llama_pruned_bias", healed, reference["llama"], _run(healed, "causal", inputs))
+    # then distilled: LoRA on every kernel plus the bias adapters, trained (folded on export)
+    distilled = dj.recover(
+        healed, llama, calib, method="distill", rank=2, lora_steps=3, learning_rate=1e-2
+    )
+    lora_b = distilled.params["steps"]["lora"]["mlp"]["up"]["kernel"]["b"]
+    assert np.abs(np.asarray(lora_b)).max() > 0  # the LoRA moved: its fold is tested
+    export("llama_pruned_distill", distilled, reference["llama"], _run(distilled, "causal", inputs))
     looped = llama.with_program(dj.Program.create([0, 1, 1, 2, 0]))
     with pytest.warns(UserWarning, match="materializes"):
         export("llama_looped", looped, reference["llama"], _run(looped, "causal", inputs))
@@ -273,6 +281,7 @@ EXPORTS = (
         "gpt2_zero_gated",
         "qwen3_small_shards",
         "llama_pruned_bias",
+        "llama_pruned_distill",
     ]
     + [f"{c}_looped_dropped" for c in ["llama"] + MODERN]
 )

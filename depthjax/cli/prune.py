@@ -2,7 +2,8 @@
 
     depthjax prune --model DIR --metric block_influence --n 2 [--unit block]
                    [--data FILES] [--task TASK.jsonl]
-                   [--recover bias|linear|lora] [--rank 8] [--lora-steps 100]
+                   [--recover bias|linear|lora|distill] [--rank 8] [--lora-steps 100]
+                   [--temperature 1.0] [--hidden 0.0]
                    [--random-subsets 16] --out CKPT
 
 Scores and recovery are calibrated on --data (its first 80%) or the embedded corpus's train
@@ -10,6 +11,9 @@ split; the measure before and after (the --task, else the validation loss, or th
 representation cosine for encoders) on the rest, beside the random control: its mean and
 spread over --random-subsets random subsets of the same size. ablation and shapley rank
 by that measure; module_similarity ("What Matters in Transformers?") ranks sublayers.
+--recover distill trains the pruned program's LoRA to match the full model's next-token
+distribution (KL at --temperature, plus --hidden times the MSE of the residual stream after
+each kept step); the full model is the same table walked by its own program.
 """
 
 from __future__ import annotations
@@ -105,7 +109,14 @@ def _check(args, model) -> None:
         )
     if args.random_subsets == 1:
         raise UsageError("--random-subsets 1: a spread needs at least 2 subsets (0 skips it)")
-    if args.recover in ("linear", "lora"):
+    for flag, value in (("--temperature", args.temperature), ("--hidden", args.hidden)):
+        if value is not None and args.recover != "distill":
+            raise UsageError(f"{flag} applies to --recover distill only")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.hidden is not None and not args.hidden >= 0:
+        raise UsageError(f"--hidden must be >= 0, got {args.hidden}")
+    if args.recover in ("linear", "lora", "distill"):
         if args.rank is None:
             args.rank = min(DEFAULT_RANK[args.recover], model.config.d_model)
         if args.recover == "linear" and args.rank > model.config.d_model:
@@ -159,6 +170,11 @@ def _prune(args) -> int:
             method=args.recover,
             rank=args.rank,
             lora_steps=args.lora_steps,
+            **(
+                {"temperature": args.temperature, "hidden": args.hidden}
+                if args.recover == "distill"
+                else {}
+            ),
             log_every=max(1, args.lora_steps // 10),
         )
         print(f"{what} after {args.recover} recovery: {value(pruned):.4f}")
@@ -184,15 +200,35 @@ def add_command(sub) -> None:
     p.add_argument("--n", type=count, required=True, help="units to remove")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp", "sublayer"])
     p.add_argument("--iterative", action="store_true", help="re-score after each removal")
-    p.add_argument("--recover", choices=["bias", "linear", "lora"])
+    p.add_argument(
+        "--recover",
+        choices=["bias", "linear", "lora", "distill"],
+        help="bias / linear: closed-form adapters; lora: LoRA trained on the LM loss; "
+        "distill: LoRA trained on the KL to the full model (same table, no second copy)",
+    )
     p.add_argument(
         "--rank",
         type=count,
         default=None,
-        help="rank for linear / lora recovery (default: 16 for linear, capped at "
-        "d_model; 8 for lora)",
+        help="rank for linear / lora / distill recovery (default: 16 for linear, capped at "
+        "d_model; 8 for lora and distill)",
     )
-    p.add_argument("--lora-steps", type=count, default=100)
+    p.add_argument(
+        "--lora-steps", type=count, default=100, help="Adam steps of lora / distill recovery"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="distill: softmax temperature of teacher and student (default 1.0)",
+    )
+    p.add_argument(
+        "--hidden",
+        type=float,
+        default=None,
+        help="distill: weight of the residual-stream MSE after each kept step "
+        "(default 0.0: logits only)",
+    )
     p.add_argument(
         "--shapley-permutations",
         type=count,

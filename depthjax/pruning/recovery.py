@@ -10,7 +10,12 @@ depthjax.core.step_params) or before the head (params["final_adapter"]).
 methods: "bias"   g(x) = mean d;
          "linear" g(x) = c + x W, W of rank r: closed-form least squares, reduced to rank r
                   along the top principal directions of the fitted values;
-         "lora"   per-step LoRA of rank r on the pruned blocks, trained on the LM loss.
+         "lora"   per-step LoRA of rank r on the pruned blocks, trained on the LM loss;
+         "distill" the same LoRA trained to match the original program's next-token
+                  distribution (KL at temperature T, optionally plus the residual stream
+                  after each kept step); the teacher walks the same table.
+"lora" and "distill" share one training loop (depthjax.pruning.healing) and also train the
+adapters of an earlier "bias" or "linear" recovery where the pruned model has them.
 """
 
 from __future__ import annotations
@@ -21,18 +26,19 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from .. import progress
-from ..core.loss import nll_sums, require_causal
+from ..core.loss import require_causal
 from ..core.model import DepthModel, apply
 from ..core.program import ProgramError
 from ..errors import DepthjaxError
 from ..metrics.batches import as_batches
 from ..metrics.scores import MetricError
+from . import healing
 
+METHODS = ("bias", "linear", "lora", "distill")
 # rank=None: what recover uses (the CLI documents the same).
-DEFAULT_RANK = {"linear": 16, "lora": 8}
+DEFAULT_RANK = {"linear": 16, "lora": 8, "distill": 8}
 
 
 class RecoverError(DepthjaxError):
@@ -193,6 +199,8 @@ def recover(
     *,
     lora_steps: int = 100,
     learning_rate: float = 1e-3,
+    temperature: float | None = None,
+    hidden: float | None = None,
     key=None,
     log_every: int = 0,
 ) -> DepthModel:
@@ -200,14 +208,35 @@ def recover(
     docstring). `batches` are calibration tokens (any iterable metrics accept).
 
     rank: of the linear map or the LoRA; None takes DEFAULT_RANK (16 linear, capped at
-    d_model; 8 LoRA)."""
-    if method not in ("bias", "linear", "lora"):
-        raise RecoverError(f"method must be 'bias', 'linear' or 'lora', got {method!r}")
+    d_model; 8 LoRA and distill). lora_steps, learning_rate, key (LoRA init; default
+    key(0)): the Adam training of "lora" and "distill", cycling through the batches.
+    temperature (default 1.0, > 0) and hidden (default 0.0: logits only; >= 0, the
+    weight of the residual-stream MSE): "distill" only."""
+    if method not in METHODS:
+        raise RecoverError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    for name, value in (("temperature", temperature), ("hidden", hidden)):
+        if value is not None and method != "distill":
+            raise RecoverError(f"{name}= applies to method='distill' only, not {method!r}")
     _check_same_model(pruned, original)
     if rank is None and method != "bias":
         rank = min(DEFAULT_RANK[method], original.config.d_model)
-    if method == "lora":
-        return _heal_lora(pruned, batches, rank, lora_steps, learning_rate, key, log_every)
+    if method in ("lora", "distill"):
+        options = dict(
+            temperature=healing.DEFAULT_TEMPERATURE if temperature is None else temperature,
+            hidden=healing.DEFAULT_HIDDEN if hidden is None else hidden,
+        )
+        return _heal(
+            method,
+            pruned,
+            original,
+            batches,
+            rank,
+            lora_steps,
+            learning_rate,
+            key,
+            log_every,
+            **options,
+        )
     if method == "linear" and (
         isinstance(rank, bool)
         or not isinstance(rank, (int, np.integer))
@@ -246,55 +275,98 @@ def _check_same_model(pruned: DepthModel, original: DepthModel) -> None:
         )
 
 
-def _heal_lora(pruned, batches, rank, steps, learning_rate, key, log_every):
-    """Per-step LoRA (a ~ N(0, 1/in), b = 0) on every kernel, trained alone with Adam on
-    the next-token loss, cycling through the batches."""
-    from flax import traverse_util
+def _real(name: str, value, low: float, inclusive: bool) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and np.isfinite(value) and (value >= low if inclusive else value > low)
+    if not ok:
+        raise RecoverError(
+            f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}"
+        )
+    return float(value)
 
-    from ..core import step_params as steps_lib
-    from ..depth.table import step_rows
 
-    require_causal(pruned, "method='lora'", MetricError)
+def kept_steps(pruned: DepthModel, original: DepthModel) -> np.ndarray:
+    """Original step of every pruned step: `_align` after dropping steps, the same step
+    when sublayers were gated off at equal depth. int [pruned.depth]."""
+    find_spans(pruned, original)  # refuses what recover cannot align
+    return _align(pruned, original) if pruned.depth < original.depth else np.arange(pruned.depth)
+
+
+def _check_same_table(pruned: DepthModel, original: DepthModel) -> None:
+    """distill runs original's program on pruned's table and shared parameters (one copy of
+    the weights): they must hold the same values."""
+    shared = lambda m: {k: v for k, v in m.params.items() if k not in ("steps", "final_adapter")}
+    a, b = shared(pruned), shared(original)
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        raise RecoverError(
+            "method='distill' walks pruned's block table with original's program, but their "
+            "parameter trees differ (a compacted or re-quantized table?)"
+        )
+    differ = [
+        jax.tree_util.keystr(path)
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+        if x is not y and (x.shape != y.shape or not bool(jnp.array_equal(x, y)))
+    ]
+    if differ:
+        raise RecoverError(
+            "method='distill' walks pruned's block table with original's program (one copy "
+            "of the weights), so their shared parameters must be equal; these differ: "
+            + ", ".join(differ[:4])
+        )
+
+
+def _heal(
+    method,
+    pruned,
+    original,
+    batches,
+    rank,
+    steps,
+    learning_rate,
+    key,
+    log_every,
+    *,
+    temperature,
+    hidden,
+):
+    """Per-step LoRA (healing.init_lora), plus the adapters pruned already has, trained
+    alone with Adam on the LM loss ("lora") or on the distillation loss ("distill")."""
+    require_causal(pruned, f"method={method!r}", MetricError)
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise RecoverError(f"method='lora' needs a positive integer rank, got {rank!r}")
+        raise RecoverError(f"method={method!r} needs a positive integer rank, got {rank!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise RecoverError(f"lora_steps must be a positive integer, got {steps!r}")
+    learning_rate = _real("learning_rate", learning_rate, 0.0, inclusive=False)
     data = as_batches(batches, pruned.config.vocab_size)
     key = jax.random.key(0) if key is None else key
-    lora = {}
-    for i, (path, w) in enumerate(traverse_util.flatten_dict(step_rows(pruned)).items()):
-        if path[-1] != "kernel":
-            continue
-        mats = jax.vmap(functools.partial(steps_lib.to_2d, path))(w)  # [S, in, out]
-        S, n_in, n_out = mats.shape
-        a = jax.random.normal(jax.random.fold_in(key, i), (S, n_in, rank))
-        lora[path + ("a",)] = a / np.sqrt(n_in)
-        lora[path + ("b",)] = jnp.zeros((S, rank, n_out))
-    lora = traverse_util.unflatten_dict(lora)
-    base = {k: v for k, v in (pruned.params.get("steps") or {}).items() if k != "lora"}
-
-    def with_lora(lo):
-        return pruned.replace(params={**pruned.params, "steps": {**base, "lora": lo}})
-
-    def loss(lo, tokens, mask):
-        s, n = nll_sums(apply(with_lora(lo), tokens, mask=mask), tokens, mask)
-        return s / n
-
-    opt = optax.adam(learning_rate)
-
-    @jax.jit
-    def update(lo, state, tokens, mask):
-        value, grads = jax.value_and_grad(loss)(lo, tokens, mask)
-        upd, state = opt.update(grads, state, lo)
-        return optax.apply_updates(lo, upd), state, value
-
-    state = opt.init(lora)
-    every = log_every or max(1, steps // 20)  # reading the loss syncs with the device
-    with progress.bar("recover lora", total=steps) as bar:
-        for t in range(steps):
-            b = data[t % len(data)]
-            lora, state, value = update(lora, state, b.tokens, b.mask)
-            last = t == steps - 1
-            if bar.drawing:
-                bar.advance(**({"loss": float(value)} if t % every == 0 or last else {}))
-            elif log_every and (t % log_every == 0 or last) and not progress.silenced():
-                print(f"[recover lora] step {t + 1}/{steps} loss {float(value):.4f}", flush=True)
-    return with_lora(lora)
+    trainable = {"lora": healing.init_lora(pruned, rank, key)}
+    if "adapter" in (pruned.params.get("steps") or {}):
+        trainable["adapter"] = pruned.params["steps"]["adapter"]
+    if "final_adapter" in pruned.params:
+        trainable["final_adapter"] = pruned.params["final_adapter"]
+    if method == "lora":
+        objective, teacher = healing.lm_objective, None
+    else:
+        temperature = _real("temperature", temperature, 0.0, inclusive=False)
+        hidden = _real("hidden", hidden, 0.0, inclusive=True)
+        kept = kept_steps(pruned, original)
+        _check_same_table(pruned, original)
+        objective = functools.partial(
+            healing.distill_objective, temperature=temperature, hidden=hidden, kept=kept
+        )
+        own = ("steps", "final_adapter")  # the teacher's per-step parameters, if any
+        teacher = {
+            "program": original.program,
+            "params": {k: original.params[k] for k in own if original.params.get(k) is not None},
+        }
+    return healing.train(
+        pruned,
+        trainable,
+        objective,
+        teacher,
+        data,
+        steps=int(steps),
+        learning_rate=learning_rate,
+        label=f"recover {method}",
+        log_every=log_every,
+    )
