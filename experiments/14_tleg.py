@@ -62,9 +62,6 @@ def trained_fit(args, tag: str, settings: dict, model: dj.DepthModel, steps: int
 def main(argv=None):
     p = common.parser("14_tleg", __doc__)
     p.add_argument("--depths", default="4,6,8", help="depths to expand to, comma-separated")
-    p.add_argument(
-        "--seeds", type=int, default=3, help="seeds 0..N-1 (every model trains per seed)"
-    )
     p.add_argument("--aux-depth", type=int, default=8, help="steps of the auxiliary model")
     p.add_argument("--aux-steps", type=int, default=None, help="default: --steps")
     p.add_argument("--tune-steps", type=int, default=100)
@@ -83,7 +80,7 @@ def main(argv=None):
 
     losses = {f"{kind} depth {d}": [] for d in depths for kind in ("tleg", "scratch")}
     aux_losses = []
-    for seed in range(args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):  # common's --seeds
         cfg = dj.configs.get(args.model, **common.model_overrides(args, n_layers=2))
         # the line through two random layers: theta_A = layer 0, theta_B = layer 1 - layer 0
         # (norm scales: theta_B = 0, so every layer starts at scale 1)

@@ -83,6 +83,15 @@ def test_parallel_layers_script_and_program_loss(cache, tmp_path):
     assert (out / "pairs.png").stat().st_size > 0 and (out / "spans.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("path", sorted(EXP.glob("[0-9][0-9]_*.py")), ids=lambda p: p.stem)
+def test_every_script_parses_its_flags(path, capsys):
+    """Each script's --help exits 0: its own flags do not clash with common's (argparse
+    raises on a second --seeds, which only a run of that script would otherwise show)."""
+    with pytest.raises(SystemExit) as exit_info:
+        script(path.stem).main(["--help"])
+    assert exit_info.value.code == 0 and "--seed" in capsys.readouterr().out
+
+
 def test_fixed_permutation_task_answers_compose_the_permutation():
     hops = script("04_skip_or_loop")
     rng = np.random.default_rng(0)
