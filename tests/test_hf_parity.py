@@ -130,6 +130,9 @@ def test_load_matches_transformers(reference, case):
         )
 
 
+# slow: tests/test_long_context.py checks blockwise attention against the naive reference
+# for every mask kind in the default suite; this is the end-to-end check against transformers.
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gemma2", "mistral_window", "bert"])
 def test_blockwise_attention_matches_transformers(reference, case):
     """Attention in blocks of 4 queries x 4 keys (depthjax.core.blockwise, forced far below

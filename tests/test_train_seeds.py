@@ -14,11 +14,11 @@ import depthjax as dj
 from depthjax.train import TrainConfigError, parse
 from tests.test_train import _records, _run_record, _train
 
-# On top of test_train's TINY (seed=3): seeds 3, 4, 5. Six steps, so that the resume test
+# On top of test_train's TINY (seed=3): seeds 3 and 4. Six steps, so that the resume test
 # can kill the run in checkpoint 4's save and go on from checkpoint 2. One data shard per
 # seed: grain's packing of 4 one-row shards took most of a run's CPU time.
 KEYS = ["steps=6", "checkpoint_every=2", "eval_every=3", "eval_batches=1", "data_shards=1"]
-SEEDS = (3, 4, 5)
+SEEDS = (3, 4)
 # Separate runs compile the unbatched step; XLA may fuse the batched one differently, so
 # they agree to float32 rounding (on the 2-core CPU here they came out bit-identical).
 RTOL, ATOL = 1e-5, 1e-6
