@@ -1,5 +1,8 @@
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 import time
 
 # Tests compile hundreds of tiny programs: XLA:CPU's LLVM optimisation costs more than it
@@ -51,6 +54,18 @@ def char_tokenizer(path, *, truncate: int | None = None, pad: int | None = None)
         tok.enable_padding(length=pad, pad_id=0, pad_token="\x00")
     tok.save(str(path))
     return path
+
+
+# One run's compiled executables are kept on disk (a fresh temporary directory, never
+# shared with another process: a shared cache hung the two-process tests), so a module
+# that compiles what an earlier module compiled, after _release_compiled_code dropped it,
+# reads it back instead of compiling again.
+if os.environ.get("DEPTHJAX_TEST_JAX_CACHE", "1") == "1":
+    _XLA_CACHE = tempfile.mkdtemp(prefix="depthjax-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
