@@ -169,7 +169,6 @@ def _global_batch(seed_batches: list[dict], sharding, tc: TrainConfig) -> dict:
     [batch_size, seq_len] each for one seed, [seeds, batch_size, seq_len] for several."""
     stacked = tc.seeds > 1  # then axis 0 is the (unsharded) seed axis
     rows, first = tc.batch_size // data_shards(tc), min(seed_batches[0])
-    shape = (tc.seeds, tc.batch_size, tc.seq_len) if stacked else (tc.batch_size, tc.seq_len)
     out = {}
     for key in seed_batches[0][first]:
         local = np.stack(
@@ -185,8 +184,15 @@ def _global_batch(seed_batches: list[dict], sharding, tc: TrainConfig) -> dict:
             local_rows = slice((r.start or 0) - first * rows, stop - first * rows)
             return local[index[0], local_rows] if stacked else local[0, local_rows]
 
-        out[key] = jax.make_array_from_callback(shape, sharding, rows_of)
+        out[key] = jax.make_array_from_callback(_batch_shape(tc), sharding, rows_of)
     return out
+
+
+def _batch_shape(tc: TrainConfig) -> tuple[int, ...]:
+    """A global batch array's shape: [batch_size, seq_len], with a leading [seeds] axis
+    when the run trains several seeds."""
+    one = (tc.batch_size, tc.seq_len)
+    return one if tc.seeds == 1 else (tc.seeds, *one)
 
 
 def _seed_axis(sharding: NamedSharding) -> NamedSharding:
@@ -404,11 +410,8 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
         state = jax.jit(fresh_state, out_shardings=state_sh)(keys)
 
     program_dev = jax.device_put(program, repl)
-    batch_shape = (
-        (tc.batch_size, tc.seq_len) if tc.seeds == 1 else (tc.seeds, tc.batch_size, tc.seq_len)
-    )
     batch_struct = {
-        k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sh)
+        k: jax.ShapeDtypeStruct(_batch_shape(tc), jnp.int32, sharding=batch_sh)
         for k in data_lib.BATCH_KEYS
     }
     one_step = functools.partial(
