@@ -17,6 +17,7 @@ caller, reported where it happens instead of as a broadcast.
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -57,6 +58,12 @@ def loss_measure(logits_BTV, batch: dict) -> dict:
     sums under "score", their counts under "weight"."""
     s_B, w_B = row_nll_sums(logits_BTV, batch["tokens"], batch["mask"])
     return {"score": s_B, "weight": w_B}
+
+
+def kl_rows(p_logits, q_logits):
+    """KL(p || q) per position [...], from logits [..., V] of the two distributions."""
+    lp, lq = jax.nn.log_softmax(p_logits, -1), jax.nn.log_softmax(q_logits, -1)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), -1)
 
 
 def packed_nll_sums(logits_BTV, targets_BT, segment_ids_BT):

@@ -9,18 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
-from ..core.loss import nll_sums, require_causal
+from ..core.loss import kl_rows, nll_sums, require_causal
 from ..core.model import DepthModel, Head, apply
 from .batches import as_batches
 from .scores import MetricError, Scores
 
 _EPS = 1e-12
-
-
-def _kl(p_logits, q_logits):
-    """KL(p || q) per position, from logits [..., V]."""
-    lp, lq = jax.nn.log_softmax(p_logits, -1), jax.nn.log_softmax(q_logits, -1)
-    return jnp.sum(jnp.exp(lp) * (lp - lq), -1)
 
 
 @jax.jit
@@ -32,7 +26,7 @@ def _lens_sums(model: DepthModel, tokens_BT, mask_BT):
     def decode(x_BTD):  # the model's own final norm and head
         logits = Head(model.config).apply({"params": params["head"]}, x_BTD, tok)
         nll, n = nll_sums(logits, tokens_BT, mask_BT)
-        return nll, n, jnp.sum(_kl(final, logits) * mask_BT)
+        return nll, n, jnp.sum(kl_rows(final, logits) * mask_BT)
 
     nll, n, kl = jax.lax.map(decode, tr.residual)  # [S+1] each
     return nll, n, kl, jnp.sum(mask_BT)
@@ -67,7 +61,7 @@ def _skip_sums(model: DepthModel, tokens_BT, mask_BT):
         rel = jnp.linalg.norm(u - u_full, axis=-1) / jnp.maximum(
             jnp.linalg.norm(u_full, axis=-1), _EPS
         )
-        return jnp.sum(rel * w, axis=(-2, -1)), jnp.sum(_kl(full, logits) * w)
+        return jnp.sum(rel * w, axis=(-2, -1)), jnp.sum(kl_rows(full, logits) * w)
 
     rel, kl = jax.lax.map(skip, jnp.arange(S))  # [S, S], [S]
     return rel, kl, jnp.sum(w)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from .. import progress
-from ..core.loss import nll_sums
+from ..core.loss import kl_rows, nll_sums
 from ..core.model import DepthModel, apply
 from ..depth.table import step_rows
 
@@ -66,9 +66,9 @@ def with_trained(frozen: DepthModel, trained: dict) -> DepthModel:
 def kl_sums(student_BTV, teacher_BTV, mask_BT, temperature: float = DEFAULT_TEMPERATURE):
     """(sum over real positions (mask 1) of KL(softmax(teacher / T) || softmax(student / T)),
     number of real positions), float32 scalars."""
-    log_q = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / temperature, axis=-1)
-    log_p = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32) / temperature, axis=-1)
-    kl_BT = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    kl_BT = kl_rows(
+        teacher_BTV.astype(jnp.float32) / temperature, student_BTV.astype(jnp.float32) / temperature
+    )
     w_BT = jnp.asarray(mask_BT, jnp.float32)
     return jnp.sum(kl_BT * w_BT), jnp.sum(w_BT)
 
