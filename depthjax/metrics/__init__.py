@@ -23,6 +23,7 @@ from .coalitions import (
 )
 from .controls import RandomControl, random_pruning, random_removal_curves
 from .gates import gate_derivatives, gate_gradient, gate_interactions, taylor_estimate
+from .intervals import fmt, separated, spread
 from .lens import logit_lens, skip_effect
 from .scores import MetricError, Scores
 from .trace import (
@@ -47,6 +48,7 @@ __all__ = [
     "coalition_measures",
     "gate_derivatives",
     "gate_gradient",
+    "fmt",
     "gate_interactions",
     "logit_lens",
     "loss",
@@ -57,7 +59,9 @@ __all__ = [
     "relative_contribution",
     "removal_curve",
     "residual_norm",
+    "separated",
     "shapley",
+    "spread",
     "skip_effect",
     "taylor_estimate",
     "trace_metrics",

@@ -175,22 +175,26 @@ def pyplot():
     return plt
 
 
-def plot_profiles(scores: dict[str, Scores], path, title: str = "") -> None:
-    """One panel per metric across depth; cosine metrics carry the residual norm."""
+def plot_profiles(scores, path, title: str = "") -> None:
+    """One panel per metric across depth; cosine metrics carry the residual norm.
+    `scores`: {name: Scores}, or a list of them (one per seed) drawn as one line each."""
+    runs = scores if isinstance(scores, list) else [scores]
     plt = pyplot()
-    names = list(scores)
+    names = list(runs[0])
     cols = 3
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        s = scores[name]
-        ax.plot(np.arange(len(s.values)), s.values, "o-", ms=3)
+        twin = ax.twinx() if "residual_norm" in runs[0][name].extra else None
+        for i, run in enumerate(runs):
+            s = run[name]
+            ax.plot(np.arange(len(s.values)), s.values, "o-", ms=3, color=f"C{i}")
+            if twin is not None:
+                norm = np.asarray(s.extra["residual_norm"])
+                twin.plot(np.arange(len(norm)), norm, ":", color=f"C{i}", lw=1, alpha=0.6)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step" if s.unit != "span" else "depth index")
-        if "residual_norm" in s.extra:
-            twin = ax.twinx()
-            norm = np.asarray(s.extra["residual_norm"])
-            twin.plot(np.arange(len(norm)), norm, ":", color="gray", lw=1)
+        ax.set_xlabel("step" if runs[0][name].unit != "span" else "depth index")
+        if twin is not None:
             twin.set_ylabel("|residual|", fontsize=7, color="gray")
             twin.tick_params(labelsize=6, colors="gray")
         ax.tick_params(labelsize=7)

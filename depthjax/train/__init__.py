@@ -29,6 +29,7 @@ _EXPORTS = {
     "learning_rate": "step",
     "train_step": "step",
     "run": "loop",
+    "model_paths": "loop",
     "NonFiniteLossError": "loop",
     "maybe_initialize_distributed": "loop",
     "TrainCheckpoints": "checkpoints",

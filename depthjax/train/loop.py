@@ -359,7 +359,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     for text in ([lock.took_over] if lock is not None and lock.took_over else []) + messages:
         log.message(text)
     if main_process:  # leftovers of a killed final save (we hold the lock: nobody else writes)
-        for path in _final_paths(out_dir, tc):
+        for path in model_paths(out_dir, tc):
             atomic.clean_stale(path, any_owner=True)
 
     tx, schedule = optimizer(tc), learning_rate(tc)
@@ -518,7 +518,7 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
                 log.flush()
                 ckpts.save(step, state, hosts.merged_json(data_it.get_state()), meta)
         ckpts.wait()
-        paths = _final_paths(out_dir, tc)
+        paths = model_paths(out_dir, tc)
         _save_final(paths, DepthModel(cfg, state.params, program))
         where = paths[0] if tc.seeds == 1 else f"{out_dir / 'models'}/seed-*"
         log.message(f"done: {step} steps; final model in {where}")
@@ -528,8 +528,9 @@ def _run(out_dir: Path, tc: TrainConfig, stream, fresh: bool, lock) -> TrainStat
     return state
 
 
-def _final_paths(out_dir: Path, tc: TrainConfig) -> list[Path]:
-    """Where the final models go: out_dir/model, or out_dir/models/seed-S per seed."""
+def model_paths(out_dir: Path, tc: TrainConfig) -> list[Path]:
+    """Where run(out_dir, tc) puts its final models: [out_dir/model], or
+    out_dir/models/seed-S for each seed S of a multi-seed run."""
     if tc.seeds == 1:
         return [out_dir / "model"]
     return [out_dir / "models" / f"seed-{s}" for s in run_seeds(tc)]
