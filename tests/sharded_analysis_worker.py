@@ -94,6 +94,10 @@ def main(directory: str) -> None:
     report = {"bytes": per_device_bytes(sharded.params), "error": {}, "max_device": {}}
     report["error"]["hf.load"] = error(single.params, sharded.params)
     report["same_as_dj.shard"] = spec(dj.shard(single, mesh)) == spec(sharded)
+    # the compiled forward's per-device scratch memory: a gathered table would add the
+    # whole model's weights to it
+    forward = jax.jit(dj.apply).lower(sharded, jnp.zeros((4, 16), jnp.int32)).compile()
+    report["forward_temp"] = forward.memory_analysis().temp_size_in_bytes
     rng = np.random.default_rng(0)
     calib = [jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 16)), jnp.int32) for _ in range(2)]
     (want, _), (got, made) = steps(single, calib, calib[0]), steps(sharded, calib, calib[0])

@@ -38,7 +38,7 @@ STEPS = [  # every step of the loop the worker compares
 ]
 
 
-@pytest.mark.slow  # about 150 s on the 2-core machine: the loop compiles twice
+@pytest.mark.slow  # 2-core machine: 126 s cold, 42 s with the compile cache (two compiles)
 def test_research_loop_sharded_over_8_devices_equals_one_device(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tests.sharded_analysis_worker", str(tmp_path / "llama")],
@@ -54,6 +54,7 @@ def test_research_loop_sharded_over_8_devices_equals_one_device(tmp_path):
     b = report["bytes"]
     assert b["max_device"] <= b["total"] / 8 + b["replicated"]
     assert b["replicated"] < b["total"] / 100  # only norms are replicated
+    assert report["forward_temp"] < b["total"] / 2  # the forward never gathers the model
     # models the loop makes (pruned, recovered, searched) keep the blocks sharded: an
     # eighth of the matrices plus the replicated norms (about 2%) per device
     for name, fraction in report["max_device"].items():
