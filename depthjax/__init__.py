@@ -23,6 +23,7 @@ from . import configs, depth, eval, files, gguf, hf, inference, metrics, search 
 from .core.config import ConfigError, ModelConfig, Remat
 from .core.model import DepthModel, InputError, Trace, apply, init
 from .core.program import Program, ProgramError
+from .core.sharding import ShardingError, shard
 from .errors import DepthjaxError
 from .files.checkpoint import CheckpointError, load, save
 from .inference import (
@@ -55,6 +56,8 @@ __all__ = [
     "InputError",
     "Program",
     "ProgramError",
+    "shard",
+    "ShardingError",
     # depth, metrics, pruning
     "depth",
     "metrics",

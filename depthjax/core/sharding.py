@@ -10,6 +10,11 @@ of the `Mesh(data, fsdp, tensor)`:
 
 A logical axis whose size is not divisible by its mesh axes stays unsharded, so any
 model runs on any mesh; leaves with unknown names (e.g. adapters) are replicated.
+
+Training places its state by these rules; so do `dj.shard(model, mesh)`, `dj.load(dir,
+mesh=)` and `dj.hf.load(dir, mesh=)` for analysis. Every step of the research loop then
+runs on the sharded parameters (jit follows their shardings) with the outputs of the
+one-device run (tests/test_sharded_analysis.py).
 """
 
 from __future__ import annotations
@@ -94,26 +99,38 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(grid, MESH_AXES)
 
 
+def _keys(path) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", str(k)) for k in path)
+
+
+def leaf_logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of the parameter at `path` (keys from the params root) with
+    `ndim` dimensions; None for each axis of a leaf the table does not name."""
+    top, rest = path[0], "/".join(path[1:])
+    lead = ("layers",) if top == "blocks" else ()
+    for pattern, names in _PARAM_AXES:
+        if top in ("embed", "blocks", "head") and re.fullmatch(pattern, rest):
+            if len(names) == ndim - len(lead):
+                return lead + names
+    return lead + (None,) * (ndim - len(lead))  # unknown leaf (adapter, custom state): replicated
+
+
 def param_logical_axes(params) -> dict:
     """The params tree with each leaf replaced by a tuple of logical axis names (or None)."""
-
-    def axes(path, leaf):
-        keys = [getattr(k, "key", str(k)) for k in path]
-        top, rest = keys[0], "/".join(keys[1:])
-        lead = ("layers",) if top == "blocks" else ()
-        ndim = np.ndim(leaf) - len(lead)
-        for pattern, names in _PARAM_AXES:
-            if top in ("embed", "blocks", "head") and re.fullmatch(pattern, rest):
-                if len(names) == ndim:
-                    return lead + names
-        return lead + (None,) * ndim  # unknown leaf (adapter, custom state): replicated
-
-    return jax.tree_util.tree_map_with_path(axes, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf_logical_axes(_keys(path), np.ndim(leaf)), params
+    )
 
 
 def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
     """PartitionSpec for one array: each logical axis -> its mesh axes from RULES, unless a
     mesh axis is already used by an earlier dimension or does not divide the size."""
+    missing = [a for a in MESH_AXES if a not in mesh.shape]
+    if missing:
+        raise ShardingError(
+            f"mesh axes {tuple(mesh.axis_names)} lack {missing}: the sharding rules need "
+            f"a mesh with axes {MESH_AXES} (depthjax.core.sharding.make_mesh)"
+        )
     used, spec = set(), []
     for name, size in zip(axes, shape):
         mesh_axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
@@ -125,15 +142,25 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
     return P(*spec)
 
 
+def leaf_sharding(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """NamedSharding of the one parameter at `path` (what `dj.hf.load(mesh=)` places each
+    tensor with as it is read): the same rule as `param_shardings`."""
+    return NamedSharding(mesh, logical_to_spec(leaf_logical_axes(path, len(shape)), shape, mesh))
+
+
 def param_shardings(params, mesh: Mesh):
     """NamedSharding for every parameter leaf (params may be arrays or ShapeDtypeStructs)."""
-    axes = param_logical_axes(params)
-    return jax.tree.map(
-        lambda x, a: NamedSharding(mesh, logical_to_spec(a, np.shape(x), mesh)),
-        params,
-        axes,
-        is_leaf=lambda x: isinstance(x, tuple),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: leaf_sharding(_keys(path), np.shape(x), mesh), params
     )
+
+
+def shard(model, mesh: Mesh):
+    """`model` with every parameter placed on `mesh` by the rules table (blocks' and
+    embeddings' matrices sharded over fsdp x tensor, norms and adapters replicated). Every
+    depthjax function runs on the result as on a one-device model, with the same outputs:
+    jit follows the parameters' shardings, so the model is never gathered on one device."""
+    return model.replace(params=jax.device_put(model.params, param_shardings(model.params, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -7,7 +7,9 @@ spec (depthjax.depth.spec) applied to its table. Other model_args: tokenizer ('b
 tokenizer.json; default the directory's, else bytes), batch_size, max_length (the scoring
 window; default the config's max_seq_len), prefix_token (the token that conditions an empty
 context and each document's first token; default the config's bos/eos id, else 10, a
-newline, for byte-level models), max_gen_toks (default 256).
+newline, for byte-level models), max_gen_toks (default 256), fsdp and tensor (shard the
+parameters over a `data x fsdp x tensor` mesh of every device, as `dj.hf.load(mesh=)`;
+data fills the rest).
 
 The lm_eval command finds "depthjax" through the depthjax_lm_eval hook that the package
 installs (a .pth file); in Python, importing this module registers it. Log-likelihoods go
@@ -22,6 +24,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from ..core.model import DepthModel
+from ..core.sharding import make_mesh
 from ..files.model_dir import ModelDir
 from .generation import generate_until
 from .scoring import EvalError, Request, loglikelihoods, resolve_tokenizer, rolling_requests
@@ -42,6 +45,8 @@ class DepthjaxLM(TemplateLM):
         max_length=None,
         prefix_token=None,
         max_gen_toks=256,
+        fsdp=None,
+        tensor=None,
         model: DepthModel | None = None,
         **kwargs,
     ):
@@ -50,12 +55,18 @@ class DepthjaxLM(TemplateLM):
         if unknown:
             raise EvalError(
                 f"unknown depthjax model_args {sorted(unknown)}; known: path, "
-                "program, tokenizer, batch_size, max_length, prefix_token, max_gen_toks"
+                "program, tokenizer, batch_size, max_length, prefix_token, max_gen_toks, "
+                "fsdp, tensor"
             )
         if (path is None) == (model is None):
             raise EvalError("the depthjax model needs path=DIR (or, in Python, model=)")
         spec = tokenizer if isinstance(tokenizer, str) else None
-        md = ModelDir.read(path, tokenizer=spec) if path is not None else None  # read once
+        options = {}
+        if fsdp is not None or tensor is not None:
+            if path is None:
+                raise EvalError("fsdp= and tensor= shard a model read from path=")
+            options["mesh"] = make_mesh(data=-1, fsdp=int(fsdp or 1), tensor=int(tensor or 1))
+        md = ModelDir.read(path, tokenizer=spec, **options) if path is not None else None
         model = md.model if md else model
         if program is not None:
             from ..depth import from_spec, load_spec

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import rows as rows_lib
+from ..core import rows as rows_lib, sharding as sharding_lib
 from ..core.config import ModelConfig
 from ..core.model import DepthModel, init
 from ..core.program import Program
@@ -192,8 +192,12 @@ def _json(raw: bytes, path: Path):
         raise CheckpointError(f"{path} is corrupt (not valid JSON: {e})") from None
 
 
-def load(path, *, verify: bool = True, param_dtype: str | None = None) -> DepthModel | Stitched:
-    """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device.
+def load(
+    path, *, verify: bool = True, param_dtype: str | None = None, mesh=None
+) -> DepthModel | Stitched:
+    """Read a checkpoint written by `save`. Bit-exact; parameters land on the default device,
+    or with mesh= (a `Mesh(data, fsdp, tensor)`) sharded by the rules table of
+    depthjax.core.sharding, each leaf sent from the host shard by shard (`dj.shard`).
     A stitched model's directory gives a `Stitched` (module docstring).
 
     verify=True checks the SHA-256 of every file against the manifest; the manifest's own
@@ -213,6 +217,8 @@ def load(path, *, verify: bool = True, param_dtype: str | None = None) -> DepthM
     manifest = _json(raw, path / "manifest.json")
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found == STITCHED:
+        if mesh is not None:
+            raise CheckpointError(f"{path} is a stitched model, which load(mesh=) cannot shard")
         return _load_stitched(path, raw, verify, param_dtype)
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
@@ -253,7 +259,9 @@ def load(path, *, verify: bool = True, param_dtype: str | None = None) -> DepthM
         params = _cast_floats(params, jnp.dtype(param_dtype))
     elif stored is not None and stored != config.param_dtype:
         config = config.replace(param_dtype=stored)  # weights cast before saving
-    params = jax.tree.map(jax.device_put, params)  # aligned host arrays: adopted, no copy
+    # aligned host arrays: adopted without a copy, or sent to the mesh shard by shard
+    where = None if mesh is None else sharding_lib.param_shardings(params, mesh)
+    params = jax.device_put(params, where)
     n_blocks = rows_lib.count(params["blocks"])
     program_json = _json(_read(path, "program.json", digests), path / "program.json")
     program = Program.from_dict(program_json, n_blocks=n_blocks)

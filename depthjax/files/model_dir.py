@@ -62,7 +62,7 @@ class ModelDir:
     def read(cls, path, *, kind: str | None = None, tokenizer: str | None = None, **options):
         """Read `path` once. kind: "depthjax" or "hf" to require one (None: whichever it
         is); tokenizer: overrides the directory's; options go to the loader (`dj.load`'s
-        verify; `dj.hf.load`'s ignore_keys, progress, shardings, dtype, ...). Raises
+        verify, mesh; `dj.hf.load`'s ignore_keys, progress, mesh, shardings, dtype, ...). Raises
         CheckpointError / HFError for folders that are not models."""
         from ..hf.tokenizer import tokenizer_files
 

@@ -6,11 +6,14 @@ slot of one preallocated [n_layers, ...] array in the stored dtype; rules that o
 reshape become a view of it (adopted by jax's CPU backend without a copy), the others
 (transposes, head splits, Gemma's 1 + w) are one jitted, vmapped conversion that also
 casts to `param_dtype`. Each group is placed (optionally sharded) and freed before the
-next, so host memory holds the placed weights plus one raw stacked group.
+next, so host memory holds the placed weights plus one raw stacked group. With mesh= the
+conversion runs on the host's CPU device and each device receives only its shards, so no
+accelerator ever holds a whole group.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core import sharding as sharding_lib
 from ..core.model import DepthModel, init
 from ..core.program import Program
 from ..files.safetensors_io import aligned_empty
@@ -108,7 +112,20 @@ def _as_view(rule, raw: np.ndarray, pdt) -> np.ndarray | None:
     return raw.reshape(raw.shape[:1] * rule.per_layer + piece.shape)
 
 
-def _convert(rule, raw: np.ndarray, pdt) -> tuple:
+def _mesh_sharding(mesh, path: tuple[str, ...], shape) -> Sharding:
+    return sharding_lib.leaf_sharding(path, tuple(shape), mesh)
+
+
+def _host_device():
+    """The CPU device: a sharded load converts groups there, so no accelerator ever holds
+    a whole group; None where jax runs without its CPU backend."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
+def _convert(rule, raw: np.ndarray, pdt, host=False) -> tuple:
     """Our leaves from a raw group, computed by XLA (transposes, head splits, Gemma's 1 + w)
     and cast to `pdt` in the same pass; the arithmetic runs in the wider of the stored and
     the parameter dtype, so a float32 load of a bfloat16 file is exact and a bfloat16 load
@@ -123,7 +140,8 @@ def _convert(rule, raw: np.ndarray, pdt) -> tuple:
         wide = jnp.promote_types(raw.dtype, pdt)
         one = lambda w: tuple(p.astype(pdt) for p in rule.to_ours(w.astype(wide)))
         _CONVERTERS[key] = jax.jit(jax.vmap(one) if rule.per_layer else one)
-    return _CONVERTERS[key](raw)
+    device = _host_device() if host else None
+    return _CONVERTERS[key](raw if device is None else jax.device_put(raw, device))
 
 
 _CONVERTERS: dict = {}
@@ -173,6 +191,7 @@ _EXECUTION = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chun
 def load(
     path: str,
     *,
+    mesh: jax.sharding.Mesh | None = None,
     shardings: ShardingSpec = None,
     ignore_keys=(),
     progress: bool | None = None,
@@ -181,8 +200,12 @@ def load(
 ) -> DepthModel:
     """Load a local Hugging Face directory (config.json + safetensors) as a DepthModel.
 
-    shardings: where each parameter goes -- one `jax.sharding.Sharding` for all, a pytree
-    shaped like `params` with a Sharding per leaf, or a callable
+    mesh: place every parameter on this `Mesh(data, fsdp, tensor)` (`dj.core.sharding.
+    make_mesh`) by the rules table of `depthjax.core.sharding`, each tensor group as it is
+    read (converted on the host, then sent shard by shard), so no device ever holds more
+    than its shards; the same placement as `dj.shard(model, mesh)`.
+    shardings: where each parameter goes (instead of mesh) -- one `jax.sharding.Sharding`
+    for all, a pytree shaped like `params` with a Sharding per leaf, or a callable
     `(path: tuple[str, ...], shape) -> Sharding | None`; None uses the default device.
     ignore_keys: config.json keys to skip knowingly (unknown keys raise otherwise).
     progress: print one line per tensor group (default: for checkpoints over 256 MiB).
@@ -204,6 +227,10 @@ def load(
             f"load() got unexpected keyword arguments {bad}; the model's shape "
             f"comes from config.json, only {_EXECUTION} may be chosen"
         )
+    if mesh is not None:
+        if shardings is not None:
+            raise HFError("pass mesh= or shardings=, not both")
+        shardings = functools.partial(_mesh_sharding, mesh)
     if config is None:
         config = read_config(directory)
     cfg, model_type = from_hf(config, ignore_keys=ignore_keys)
@@ -248,7 +275,9 @@ def load(
             for k, rule in enumerate(rules):
                 raw = _group(ckpt, rule, prefix, cfg.n_layers, pool)
                 view = _as_view(rule, raw, pdt)
-                leaves = (view,) if view is not None else _convert(rule, raw, pdt)
+                leaves = (
+                    (view,) if view is not None else _convert(rule, raw, pdt, host=mesh is not None)
+                )
                 for leaf_path, leaf in zip(rule.leaves, leaves):
                     sharding = _sharding_for(shardings, leaf_path, leaf.shape)
                     try:
