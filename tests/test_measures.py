@@ -44,22 +44,30 @@ def coalition(model, keep):
     return model.replace(program=p.replace(attn=p.attn * keep[:4], mlp=p.mlp * keep[4:]))
 
 
+def data():
+    """(tokens [B, T], mask [B, T]) of each batch of DATA."""
+    for b in DATA:
+        yield (b["tokens"], b["mask"]) if isinstance(b, dict) else (b, np.ones(b.shape))
+
+
+def run(model, tokens, mask, output="logits"):
+    return np.asarray(_apply(model, tokens, mask=mask, output=output), np.float64)
+
+
 def naive_distance(model, keep, output):
     """Mean L2 distance per real token of the coalition's output to the full model's."""
     total = count = 0.0
-    for b in DATA:
-        tokens, mask = (b["tokens"], b["mask"]) if isinstance(b, dict) else (b, np.ones(b.shape))
-        run = lambda m: np.asarray(_apply(m, tokens, mask=mask, output=output), np.float64)
-        dist = np.linalg.norm(run(coalition(model, keep)) - run(model), axis=-1)
+    for tokens, mask in data():
+        full, out = (run(m, tokens, mask, output) for m in (model, coalition(model, keep)))
+        dist = np.linalg.norm(out - full, axis=-1)
         total, count = total + (dist * mask).sum(), count + mask.sum()
     return total / count
 
 
 def naive_loss(model, keep):
     total = count = 0.0
-    for b in DATA:
-        tokens, mask = (b["tokens"], b["mask"]) if isinstance(b, dict) else (b, np.ones(b.shape))
-        logits = np.asarray(_apply(coalition(model, keep), tokens, mask=mask), np.float64)
+    for tokens, mask in data():
+        logits = run(coalition(model, keep), tokens, mask)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
         w = mask[:, 1:] * mask[:, :-1]
@@ -70,18 +78,13 @@ def naive_loss(model, keep):
 def naive_representation(model, keep):
     """1 - mean cosine of mean-pooled final hidden states to the full model's."""
     cos = []
-    for b in DATA:
-        tokens, mask = (b["tokens"], b["mask"]) if isinstance(b, dict) else (b, np.ones(b.shape))
-        pooled = lambda m: np.stack(
-            [
-                np.asarray(_apply(m, tokens, mask=mask, output="hidden"), np.float64)[r][
-                    mask[r] > 0
-                ].mean(0)
-                for r in range(len(tokens))
-            ]
+    for tokens, mask in data():
+        full, out = (
+            np.stack([h[mask[r] > 0].mean(0) for r, h in enumerate(run(m, tokens, mask, "hidden"))])
+            for m in (model, coalition(model, keep))
         )
-        a, f = pooled(coalition(model, keep)), pooled(model)
-        cos += list((a * f).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(f, axis=-1))
+        norms = np.linalg.norm(out, axis=-1) * np.linalg.norm(full, axis=-1)
+        cos += list((out * full).sum(-1) / norms)
     return 1 - np.mean(cos)
 
 

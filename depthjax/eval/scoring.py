@@ -11,7 +11,6 @@ a causal model's real positions never see the padding after them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
