@@ -1,5 +1,6 @@
-"""Every measure of depthjax.metrics (loss, logit, hidden, and the tasks of depthjax.eval)
-through both evaluation strategies, against each program run alone by dj.apply."""
+"""Every measure of depthjax.metrics (logit, hidden, and the tasks of depthjax.eval; the
+loss is test_metrics.py's test_coalition_strategies_match_separate_forwards) through both
+evaluation strategies, against each program run alone by dj.apply."""
 
 import jax
 import numpy as np
@@ -64,17 +65,6 @@ def naive_distance(model, keep, output):
     return total / count
 
 
-def naive_loss(model, keep):
-    total = count = 0.0
-    for tokens, mask in data():
-        logits = run(coalition(model, keep), tokens, mask)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
-        w = mask[:, 1:] * mask[:, :-1]
-        total, count = total + (nll * w).sum(), count + w.sum()
-    return total / count
-
-
 def naive_representation(model, keep):
     """1 - mean cosine of mean-pooled final hidden states to the full model's."""
     cos = []
@@ -112,7 +102,6 @@ def naive_choice_nll(model, keep):
 
 
 CASES = {
-    "loss": ("llama", "loss", naive_loss),
     "logit": ("llama", "logit", lambda m, k: naive_distance(m, k, "logits")),
     "hidden": ("bert", "hidden", lambda m, k: naive_distance(m, k, "hidden")),
     "representation": (
