@@ -194,13 +194,24 @@ def minilm(dtype: str):
     return dj.init(cfg, jax.random.key(0))
 
 
+@pytest.mark.slow  # ~35 s on the shared 2-core machine: two compiles of a 22M-parameter model
 def test_ablation_ranking_is_the_same_in_bfloat16_and_float32():
-    """Issue #29's test on a MiniLM-shaped model (all-MiniLM-L6-v2's shapes with random
-    weights: this machine cannot download the real ones): the leave-one-out ranking of
-    the 6 blocks by the representation measure is the same in bfloat16 and float32."""
+    """Issue #29's test on a MiniLM-shaped model: all-MiniLM-L6-v2's shapes with random
+    weights, because this machine cannot download the real ones. The leave-one-out ranking
+    of the 6 blocks by the representation measure is the same in bfloat16 and float32.
+
+    Random blocks are near-alike (their ablation values lie within 0.1% of each other, so
+    a ranking of them tests rounding, not the metric); trained blocks differ, so here the
+    steps' gates scale each block's updates differently (0.4 to 1.4), which keeps the
+    closest values ~20% apart, against bfloat16's ~1% change of them."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(1000, 30522, (32, 19)).astype(np.int32)
     task = dj.eval.Representation(tokens)
-    f32, bf16 = (M.ablation(minilm(d), None, measure=task) for d in ("float32", "bfloat16"))
+    gates = [0.6, 1.4, 0.8, 1.2, 1.0, 0.4]
+    program = dj.Program.create(list(range(6)), attn=gates, mlp=gates)
+    f32, bf16 = (
+        M.ablation(minilm(d).with_program(program), None, measure=task)
+        for d in ("float32", "bfloat16")
+    )
     assert f32.order().tolist() == bf16.order().tolist(), (f32.values, bf16.values)
-    np.testing.assert_allclose(bf16.values, f32.values, rtol=0.1)
+    np.testing.assert_allclose(bf16.values, f32.values, rtol=0.03)

@@ -103,11 +103,9 @@ def coalition_gates(model: DepthModel, unit: str, keep) -> tuple[np.ndarray, np.
 def programs_for(model: DepthModel, unit: str, keep) -> Program:
     """Stacked programs [K, depth]: the model's program with units where keep[k] == 0 off."""
     attn, mlp = coalition_gates(model, unit, keep)
-    tile = lambda a: jnp.broadcast_to(a, attn.shape)
+    tile = lambda a: np.broadcast_to(np.asarray(a), attn.shape)  # host arrays: checked there
     p = model.program
-    return Program(
-        block=tile(p.block), attn=jnp.asarray(attn), mlp=jnp.asarray(mlp), parallel=tile(p.parallel)
-    )
+    return Program(block=tile(p.block), attn=attn, mlp=mlp, parallel=tile(p.parallel))
 
 
 def is_task(measure) -> bool:

@@ -120,13 +120,15 @@ def choose(
     """ "batched" or "prefix": `strategy` checked, "auto" resolved by `evaluation_costs`."""
     if strategy not in STRATEGIES:
         raise MetricError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    costs = evaluation_costs(model, programs, seq_len, reduction)
-    if strategy == "prefix" and costs["prefix"] == float("inf"):
+    if strategy == "prefix" and np.shape(programs.block)[-1] != model.depth:
         raise MetricError(
             f"strategy='prefix' starts each program from the model's own residual, so the "
             f"programs need its depth {model.depth}; got depth {np.shape(programs.block)[-1]}"
         )
-    return min(costs, key=costs.get) if strategy == "auto" else strategy
+    if strategy != "auto":
+        return strategy
+    costs = evaluation_costs(model, programs, seq_len, reduction)
+    return min(costs, key=costs.get)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction", "chunk"))
