@@ -76,6 +76,6 @@ def require_causal(model, what: str, error: type[Exception]) -> None:
     if not model.config.causal:
         raise error(
             f"{what} uses the next-token loss, which a bidirectional "
-            f"{model.config.family} encoder does not define; use measure='logit' "
+            f"{model.config.family} encoder does not define; use measure='hidden' "
             "or a representation task (depthjax.eval.Representation)"
         )

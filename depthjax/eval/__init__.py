@@ -13,7 +13,10 @@ and tokenizer, and has
     task.evaluate(model, programs=None) -> dict of results
     task.measure(model, programs) -> np.ndarray [K], lower is better
 so it is a measure for depthjax.metrics (`ablation(model, None, measure=task)`), dj.prune
-and program search. `load_task(path)` reads a JSONL file by its fields.
+and program search. MultipleChoice, Perplexity and Representation evaluate their programs
+through depthjax.metrics.strategies (`measure(..., strategy="auto"|"batched"|"prefix")`):
+ablations start from the model's own residual where they first differ. `load_task(path)`
+reads a JSONL file by its fields.
 
 `corpus_tasks.next_line()` and `corpus_tasks.identifier_recall()` are two multiple-choice
 tasks built from the embedded corpus's held-out split (short- and long-range).

@@ -100,7 +100,7 @@ class Perplexity:
             self._cache[key] = (reqs, n_tokens, n_bytes)
         return self._cache[key]
 
-    def scores(self, model: DepthModel, programs=None) -> dict:
+    def scores(self, model: DepthModel, programs=None, *, strategy: str = "auto") -> dict:
         reqs, n_tokens, n_bytes = self.requests(model)
         if not n_tokens:
             raise DataError(
@@ -114,6 +114,7 @@ class Perplexity:
             batch_size=self.batch_size,
             max_len=self.max_len,
             description=self.name,
+            strategy=strategy,
         )
         nll = -ll.sum(1)  # [K]
         return {
@@ -133,9 +134,9 @@ class Perplexity:
             res = {k: float(v[0]) if isinstance(v, np.ndarray) else v for k, v in res.items()}
         return res
 
-    def measure(self, model: DepthModel, programs) -> np.ndarray:
+    def measure(self, model: DepthModel, programs, *, strategy: str = "auto") -> np.ndarray:
         """[K] nats per predicted token (lower is better)."""
-        return self.scores(model, programs)["nats_per_token"]
+        return self.scores(model, programs, strategy=strategy)["nats_per_token"]
 
 
 def perplexity(

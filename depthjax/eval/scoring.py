@@ -11,7 +11,6 @@ a causal model's real positions never see the padding after them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -23,10 +22,10 @@ import optax
 
 from ..core import program as program_lib
 from ..core.model import DepthModel, apply
-from ..core.program import Program, ProgramError, map_programs, share_structure
+from ..core.program import Program, ProgramError
 from ..core.stitched import Stitched
 from ..errors import DepthjaxError
-from ..metrics.coalitions import chunk_size
+from ..metrics.strategies import Reduction, evaluate
 from ..progress import track
 
 
@@ -145,20 +144,18 @@ def _token_scores(logits_BTV, targets_BT, on_BT):
     return jnp.sum(jnp.where(on_BT, logp_BT, 0.0), axis=1), jnp.all(greedy_BT | ~on_BT, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _batch_scores(model, programs, tokens_BT, targets_BT, weights_BT, *, chunk):
-    """([K, B] summed log-probabilities of the weighted targets, [K, B] all greedy)."""
-    on_BT = weights_BT > 0
+def _request_scores(logits_BTV, full, tokens_BT, mask_BT, aux):
+    """The reduction of each program's logits: `_token_scores` of (targets, weights) aux."""
+    targets_BT, weights_BT = aux
+    return _token_scores(logits_BTV, targets_BT, weights_BT > 0)
 
-    def one(program):
-        return _token_scores(apply(model.replace(program=program), tokens_BT), targets_BT, on_BT)
 
-    return map_programs(one, programs, batch_size=chunk)
+REQUEST_SCORES = Reduction(_request_scores, "logits")
 
 
 @jax.jit
 def _stitched_scores(model: Stitched, tokens_BT, targets_BT, weights_BT):
-    """`_batch_scores` of a stitched model, with K = 1."""
+    """The request scores of a stitched model, with K = 1."""
     s, g = _token_scores(apply(model, tokens_BT), targets_BT, weights_BT > 0)
     return s[None], g[None]
 
@@ -171,6 +168,7 @@ def loglikelihoods(
     batch_size: int = 32,
     max_len: int | None = None,
     description: str = "loglikelihood",
+    strategy: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p(continuation | context) [K, N] (float64) and whether every continuation
     token is the argmax [K, N], for K programs (see `stack_programs`; K = 1 for None).
@@ -178,6 +176,9 @@ def loglikelihoods(
 
     A request longer than max_len + 1 tokens (default: the config's max_seq_len) loses
     context from the left, as lm-eval truncates; a continuation must fit in max_len.
+    strategy: how the programs are evaluated (depthjax.metrics.strategies; "auto" picks
+    the prefix strategy for programs that share a prefix with the model's own, e.g.
+    ablations, where it computes fewer FLOPs).
     """
     require_causal(model, "log-likelihood scoring")
     programs, _ = stack_programs(model, programs)
@@ -220,13 +221,8 @@ def loglikelihoods(
         if programs is None:  # a stitched model
             s, g = _stitched_scores(model, tokens, targets, weights)
         else:
-            s, g = _batch_scores(
-                model,
-                share_structure(programs),  # gate-only batches share each gathered row
-                tokens,
-                targets,
-                weights,
-                chunk=chunk_size(K, (B, T), model.config),
+            s, g = evaluate(
+                model, programs, tokens, None, REQUEST_SCORES, (targets, weights), strategy=strategy
             )
         ll[:, group], greedy[:, group] = (
             np.asarray(s)[:, : len(group)],

@@ -9,17 +9,15 @@ so this is what depthjax.metrics measure for them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..core.model import DepthModel, apply
-from ..core.program import map_programs, share_structure
 from ..hf.pooling import pool
 from ..metrics.batches import as_batches
-from ..metrics.coalitions import chunk_size
+from ..metrics.strategies import Reduction, evaluate
 from .scoring import EvalError, stack_programs
 
 
@@ -31,16 +29,12 @@ def _pooled(model, tokens_BT, mask_BT, mode, normalize):
 _embed = jax.jit(_pooled, static_argnames=("mode", "normalize"))
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "normalize", "chunk"))
-def _cosine_sums(model, programs, tokens_BT, mask_BT, ref_BD, *, mode, normalize, chunk):
-    """[K] sums over rows of cos(pooled output of each program, ref_BD)."""
+def _cosine_sums(out_BTD, full_BTD, tokens_BT, mask_BT, ref_BD, *, mode, normalize):
+    """Sum over rows of cos(pooled out, reference): ref_BD, or (None) the pooled full_BTD."""
     unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    def one(program):
-        out_BD = _pooled(model.replace(program=program), tokens_BT, mask_BT, mode, normalize)
-        return jnp.sum(unit(out_BD) * unit(ref_BD))
-
-    return map_programs(one, programs, batch_size=chunk)
+    pooled = lambda h: pool(h.astype(jnp.float32), mask_BT, mode=mode, normalize=normalize)
+    ref_BD = pooled(full_BTD) if ref_BD is None else ref_BD
+    return jnp.sum(unit(pooled(out_BTD)) * unit(ref_BD))
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,12 +55,8 @@ class Representation:
         self.batches = as_batches(self.batches)
         self._ref = None
 
-    def _references(self, model):
-        if self.reference is None:
-            return [
-                _embed(model, b.tokens, b.mask, mode=self.pooling, normalize=self.normalize)
-                for b in self.batches
-            ]
+    def _references(self):
+        """[B, D] pooled embeddings of `reference` per batch (computed once)."""
         if self._ref is None:
             self._ref = [
                 _embed(
@@ -76,24 +66,25 @@ class Representation:
             ]
         return self._ref
 
-    def cosine(self, model: DepthModel, programs=None) -> np.ndarray:
-        """[K] mean cosine over rows."""
+    def cosine(self, model: DepthModel, programs=None, *, strategy: str = "auto") -> np.ndarray:
+        """[K] mean cosine over rows; strategy: see depthjax.metrics.strategies (the model's
+        own output, the default reference, comes free with the prefix strategy)."""
         stacked, _ = stack_programs(model, programs)
         if stacked is None:
             raise EvalError(
                 "representation similarity compares encoders; a stitched model is not one"
             )
+        reduction = Reduction(
+            _cosine_sums,
+            "hidden",
+            full=self.reference is None,
+            options=(("mode", self.pooling), ("normalize", self.normalize)),
+        )
+        refs = self._references() if self.reference is not None else [None] * len(self.batches)
         total, rows = 0.0, 0
-        for b, ref_BD in zip(self.batches, self._references(model)):
-            total = total + _cosine_sums(
-                model,
-                share_structure(stacked),  # gate-only batches share each gathered row
-                b.tokens,
-                b.mask,
-                ref_BD,
-                mode=self.pooling,
-                normalize=self.normalize,
-                chunk=chunk_size(stacked.block.shape[0], b.tokens.shape, model.config),
+        for b, ref_BD in zip(self.batches, refs):
+            total = total + evaluate(
+                model, stacked, b.tokens, b.mask, reduction, ref_BD, strategy=strategy
             )
             rows += b.tokens.shape[0]
         return np.asarray(total, np.float64) / rows
@@ -106,8 +97,8 @@ class Representation:
             "rows": sum(len(b.tokens) for b in self.batches),
         }
 
-    def measure(self, model: DepthModel, programs) -> np.ndarray:
-        return 1.0 - self.cosine(model, programs)
+    def measure(self, model: DepthModel, programs, *, strategy: str = "auto") -> np.ndarray:
+        return 1.0 - self.cosine(model, programs, strategy=strategy)
 
 
 def representation(

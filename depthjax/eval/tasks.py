@@ -110,7 +110,7 @@ class MultipleChoice:
             ]
         return self._requests[key]
 
-    def scores(self, model: DepthModel, programs=None) -> dict:
+    def scores(self, model: DepthModel, programs=None, *, strategy: str = "auto") -> dict:
         """Per-program arrays: acc, acc_norm, acc_bytes, nll [K] and the log-likelihoods
         [K, n_choices] of each example (a list)."""
         ll, greedy = loglikelihoods(
@@ -120,6 +120,7 @@ class MultipleChoice:
             batch_size=self.batch_size,
             max_len=self.max_len,
             description=f"{self.name}",
+            strategy=strategy,
         )
         out = {m: [] for m in ("acc", "acc_norm", "acc_bytes", "nll")}
         lls, greedies, start = [], [], 0
@@ -156,10 +157,10 @@ class MultipleChoice:
         out["n"] = len(self.examples)
         return out
 
-    def measure(self, model: DepthModel, programs) -> np.ndarray:
+    def measure(self, model: DepthModel, programs, *, strategy: str = "auto") -> np.ndarray:
         """[K] lower-is-better values: 1 - acc (acc_norm, acc_bytes), or the gold choice's
         mean cross-entropy over the choices (metric="nll")."""
-        res = self.scores(model, programs)
+        res = self.scores(model, programs, strategy=strategy)
         return res["nll"] if self.metric == "nll" else 1.0 - res[self.metric]
 
 

@@ -6,7 +6,9 @@ relative_contribution, module_similarity, residual_norm; trace_metrics returns a
 from one pass);
 coalition metrics evaluate programs with units switched off through one compiled
 function (ablation, shapley, present_minus_absent, removal_curve, and the random
-controls random_pruning and random_removal_curves); gate metrics
+controls random_pruning and random_removal_curves), by any measure ("loss", "logit",
+"hidden" or a depthjax.eval task), each a reduction of the programs' outputs that
+`strategies.evaluate` runs batched or from shared prefixes; gate metrics
 differentiate the loss with respect to the sublayer gates (gate_gradient,
 gate_interactions).
 """

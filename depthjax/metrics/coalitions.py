@@ -4,33 +4,38 @@ present-minus-absent estimator and removal curves.
 
 Every coalition is a *program* (the unit's gates set to 0) that differs from the model's
 own only in its gates, so all coalitions of a call go through one compiled function and
-no weights are copied per coalition. Two strategies, and `strategy="auto"` takes the one
-that computes fewer FLOPs (`evaluation_costs`):
-
-* "batched" (`batched_sums`): chunks of coalitions `vmap`-ed over their gates only. Each
-  table row is gathered once per step and shared by the whole chunk (one wider matmul);
-  under vmap a gated-off sublayer is selected away, not skipped, so every coalition costs
-  a forward.
-* "prefix" (`prefix_sums`): one coalition after another, each starting from the model's
-  own residual at the first step where its gates differ (taken from one traced forward of
-  the model), and skipping its gated-off sublayers at run time. All n leave-one-out
-  ablations then cost about 1 + (n - 1) / 2 forwards.
-
-Memory does not grow with the number of coalitions beyond a chunk's activations. The
-measure of each coalition is accumulated over batches on device.
+no weights are copied per coalition. They are evaluated by depthjax.metrics.strategies:
+"batched" (chunks of coalitions vmapped over their gates) or "prefix" (each coalition
+from the model's own residual at its first switched-off unit, gated-off sublayers
+skipped: all n leave-one-out ablations cost about (n + 1) / 2 forwards); `strategy="auto"`
+takes the one with fewer FLOPs. Memory does not grow with the number of coalitions
+beyond a chunk's activations. The measure of each coalition is accumulated over batches
+on device.
 
 A unit is a step ("block": both gates), an attention or MLP sublayer ("attn", "mlp"), or
 any sublayer ("sublayer": attn_0..attn_{S-1}, mlp_0..mlp_{S-1}, ranked jointly).
-The measure of a coalition is its next-token loss ("loss"), the mean L2 distance of its
-logits to the full model's ("logit"), or a task's (any object with `measure(model,
-programs) -> [K]` and a `name`, e.g. a depthjax.eval task: 1 - accuracy, perplexity, or 1
-- the representation cosine for encoders); lower is better, and a unit's value is how much
-the measure rises without it. With a task, `batches` may be None: the task has its data.
+The measure of a coalition is one of `MEASURES`:
+
+* "loss": its next-token loss (causal models);
+* "logit": the mean L2 distance of its logits [V] to the full model's, per real token
+  (causal models: an encoder has no LM head, and dj.apply's logits for one are its
+  hidden states times the word embeddings, a projection the encoder never makes, which
+  costs more than its blocks; refused by name rather than silently read as hidden
+  states, so "ablation_logit" always means logits);
+* "hidden": the mean L2 distance of its final hidden states [D] (after the final norm)
+  to the full model's, per real token (any model; the head is not run);
+* a task: any object with `measure(model, programs) -> [K]` and a `name`, e.g. a
+  depthjax.eval task: 1 - accuracy, perplexity, or 1 - the representation cosine for
+  encoders. The tasks of depthjax.eval (but not ExactMatch, which decodes) evaluate
+  their programs through the same strategies and take `strategy=`.
+
+Lower is better, and a unit's value is how much the measure rises without it. With a
+task, `batches` may be None: the task has its data.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
 import math
 
 import jax
@@ -38,16 +43,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import progress
-from ..core.flops import sublayer_flops_per_token
 from ..core.loss import nll_sums, require_causal
-from ..core.model import DepthModel, apply, default_positions, output_head
-from ..core.program import Program, map_programs
-from ..core.walk import run_blocks
+from ..core.model import DepthModel
+from ..core.program import Program
 from .batches import as_batches, row_chunks
 from .scores import MetricError, Scores
+from .strategies import STRATEGIES, Reduction, choose, evaluate
 
-MEASURES = ("loss", "logit")
-STRATEGIES = ("auto", "batched", "prefix")
+
+def _loss_sums(out, full, tokens_BT, mask_BT, aux):
+    return nll_sums(out, tokens_BT, mask_BT)
+
+
+def _distance_sums(out, full, tokens_BT, mask_BT, aux):
+    """(sum over real tokens of ||out - full||, their count): logits or hidden states."""
+    dist_BT = jnp.linalg.norm(out.astype(jnp.float32) - full.astype(jnp.float32), axis=-1)
+    return jnp.sum(dist_BT * mask_BT), jnp.sum(mask_BT)
+
+
+MEASURE_REDUCTIONS = {
+    "loss": Reduction(_loss_sums, "logits"),
+    "logit": Reduction(_distance_sums, "logits", full=True),
+    "hidden": Reduction(_distance_sums, "hidden", full=True),
+}
+MEASURES = tuple(MEASURE_REDUCTIONS)
 
 
 def n_units(model: DepthModel, unit: str) -> int:
@@ -84,93 +103,9 @@ def coalition_gates(model: DepthModel, unit: str, keep) -> tuple[np.ndarray, np.
 def programs_for(model: DepthModel, unit: str, keep) -> Program:
     """Stacked programs [K, depth]: the model's program with units where keep[k] == 0 off."""
     attn, mlp = coalition_gates(model, unit, keep)
-    tile = lambda a: jnp.broadcast_to(a, attn.shape)
+    tile = lambda a: np.broadcast_to(np.asarray(a), attn.shape)  # host arrays: checked there
     p = model.program
-    return Program(
-        block=tile(p.block), attn=jnp.asarray(attn), mlp=jnp.asarray(mlp), parallel=tile(p.parallel)
-    )
-
-
-def prefix_starts(program: Program, attn_KS, mlp_KS) -> np.ndarray:
-    """int32 [K]: the step each coalition starts at, from `program`'s own residual there:
-    its first step whose gates differ, moved back to the start of that parallel group
-    (depth when nothing differs: only the head runs)."""
-    differs = (attn_KS != np.asarray(program.attn)) | (mlp_KS != np.asarray(program.mlp))
-    S = differs.shape[1]
-    first = np.where(differs.any(1), differs.argmax(1), S)
-    group_start = np.maximum.accumulate(np.where(~np.asarray(program.parallel), np.arange(S), 0))
-    return np.where(first < S, group_start[np.minimum(first, S - 1)], S).astype(np.int32)
-
-
-def evaluation_costs(model: DepthModel, attn_KS, mlp_KS, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token of evaluating the coalitions with each strategy."""
-    f = sublayer_flops_per_token(model.config, seq_len)
-    K, S = attn_KS.shape
-    full = (
-        np.count_nonzero(np.asarray(model.program.attn)) * f["attn"]
-        + np.count_nonzero(np.asarray(model.program.mlp)) * f["mlp"]
-    )
-    after = np.arange(S)[None] >= prefix_starts(model.program, attn_KS, mlp_KS)[:, None]
-    prefix = (
-        (full + f["head"])
-        + np.sum(after * ((attn_KS != 0) * f["attn"] + (mlp_KS != 0) * f["mlp"]))
-        + K * f["head"]
-    )
-    return {"batched": float(K * (S * (f["attn"] + f["mlp"]) + f["head"])), "prefix": float(prefix)}
-
-
-def chunk_size(K: int, tokens_shape, cfg) -> int:
-    """Programs evaluated at once: bounded so each chunk's activations stay near 256 MiB."""
-    B, T = tokens_shape
-    per_program = B * T * (cfg.vocab_size + 8 * cfg.d_model) * 4
-    return int(max(1, min(K, (256 << 20) // per_program)))
-
-
-def _measure_sums(logits, ref, tokens_BT, mask_BT, measure):
-    if measure == "loss":
-        return nll_sums(logits, tokens_BT, mask_BT)
-    dist = jnp.linalg.norm(logits - ref, axis=-1)
-    return jnp.sum(dist * mask_BT), jnp.sum(mask_BT)
-
-
-@functools.partial(jax.jit, static_argnames=("measure", "chunk"))
-def batched_sums(model, attn_KS, mlp_KS, tokens_BT, mask_BT, *, measure, chunk):
-    """[K] (measure sums, weights): chunks of coalitions vmapped over their gates only."""
-    ref = apply(model, tokens_BT, mask=mask_BT) if measure == "logit" else None
-
-    def one(program):
-        logits = apply(model.replace(program=program), tokens_BT, mask=mask_BT)
-        return _measure_sums(logits, ref, tokens_BT, mask_BT, measure)
-
-    programs = model.program.replace(attn=attn_KS, mlp=mlp_KS)  # block ids, flags shared
-    return map_programs(one, programs, batch_size=chunk)
-
-
-@functools.partial(jax.jit, static_argnames=("measure",))
-def prefix_sums(model, attn_KS, mlp_KS, start_K, tokens_BT, mask_BT, *, measure):
-    """[K] (measure sums, weights): coalition k runs from step start_K[k] on the model's own
-    residual there, skipping its gated-off sublayers (one coalition at a time)."""
-    cfg, params = model.config, model.params
-    ref, trace = apply(model, tokens_BT, mask=mask_BT, trace=True)
-    positions_BT = default_positions(tokens_BT)
-
-    def one(xs):
-        attn, mlp, start = xs
-        program = model.program.replace(attn=attn, mlp=mlp)
-        x_BTD, _ = run_blocks(
-            cfg,
-            params["blocks"],
-            program,
-            trace.residual[start],
-            positions_BT,
-            step_params=params.get("steps"),
-            kv_mask_BT=mask_BT,
-            start=start,
-        )
-        logits = output_head(cfg, params, x_BTD)
-        return _measure_sums(logits, ref, tokens_BT, mask_BT, measure)
-
-    return jax.lax.map(one, (attn_KS, mlp_KS, start_K))
+    return Program(block=tile(p.block), attn=attn, mlp=mlp, parallel=tile(p.parallel))
 
 
 def is_task(measure) -> bool:
@@ -180,6 +115,38 @@ def is_task(measure) -> bool:
 
 def measure_name(measure) -> str:
     return measure.name if is_task(measure) else measure
+
+
+def _task_measures(model, task, programs, strategy):
+    """[K] `task.measure(model, programs)`, passing `strategy` on when it is not "auto"
+    (the tasks of depthjax.eval take it; a task of its own may not)."""
+    options = {}
+    if strategy != "auto":
+        if "strategy" not in inspect.signature(task.measure).parameters:
+            raise MetricError(
+                f"task {measure_name(task)!r} evaluates its programs itself and takes no "
+                f"strategy=; leave strategy='auto' (got {strategy!r})"
+            )
+        options["strategy"] = strategy
+    values = np.asarray(task.measure(model, programs, **options), np.float64)
+    if values.shape != (programs.block.shape[0],):
+        raise MetricError(
+            f"task {measure_name(task)!r} returned {values.shape} values "
+            f"for {programs.block.shape[0]} programs"
+        )
+    return values
+
+
+def require_logits(model: DepthModel) -> None:
+    """measure="logit" needs an LM head: an encoder's is refused by name (see MEASURES)."""
+    if not model.config.causal:
+        raise MetricError(
+            f"measure='logit' compares next-token logits, and a bidirectional "
+            f"{model.config.family} encoder has no LM head (its 'logits' would be the hidden "
+            "states times the word embeddings, a projection the encoder never makes); use "
+            "measure='hidden' (the same distance on the final hidden states) or a "
+            "representation task (depthjax.eval.Representation)"
+        )
 
 
 def coalition_measures(
@@ -194,49 +161,33 @@ def coalition_measures(
 ):
     """Mean measure [K] of the model with each coalition keep[k] (1 = unit on); a task
     measures the programs itself. `description` labels the progress bar over batches;
-    strategy: "batched", "prefix" or "auto" (fewer FLOPs; see the module docstring).
+    strategy: "batched", "prefix" or "auto" (fewer FLOPs; depthjax.metrics.strategies),
+    for every measure (a task: see `MEASURES`).
 
     chunk: rows per forward (None: each batch whole). A forward then holds, for `chunk`
-    rows of T tokens, the logits of a few programs and (strategy "prefix") the model's
+    rows of T tokens, the outputs of a few programs and (strategy "prefix") the model's
     [depth+1, chunk, T, D] residual stack; attention is blockwise when T * T > 4 *
     `ModelConfig.attention_chunk` ** 2, so memory is linear in T."""
+    if strategy not in STRATEGIES:
+        raise MetricError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    programs = programs_for(model, unit, keep)
     if is_task(measure):
-        values = np.asarray(measure.measure(model, programs_for(model, unit, keep)), np.float64)
-        if values.shape != (np.shape(keep)[0],):
-            raise MetricError(
-                f"task {measure_name(measure)!r} returned {values.shape} values "
-                f"for {np.shape(keep)[0]} programs"
-            )
-        return values
+        return _task_measures(model, measure, programs, strategy)
     if measure not in MEASURES:
         raise MetricError(
             f"measure must be one of {MEASURES} or a task (an object with "
             f".measure(model, programs)), got {measure!r}"
         )
-    if strategy not in STRATEGIES:
-        raise MetricError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if measure == "loss":
         require_causal(model, "measure='loss'", MetricError)
-    attn, mlp = coalition_gates(model, unit, keep)
+    if measure == "logit":
+        require_logits(model)
+    reduction = MEASURE_REDUCTIONS[measure]
     data = row_chunks(as_batches(batches, model.config.vocab_size), chunk)
-    if strategy == "auto":
-        costs = evaluation_costs(model, attn, mlp, data[0].tokens.shape[1])
-        strategy = min(costs, key=costs.get)
-    start = prefix_starts(model.program, attn, mlp)
+    strategy = choose(strategy, model, programs, data[0].tokens.shape[1], reduction)
     total = weight = 0.0
-    for b in progress.track(data, f"{description} ({len(attn)} programs, {strategy})"):
-        if strategy == "batched":
-            s, w = batched_sums(
-                model,
-                attn,
-                mlp,
-                b.tokens,
-                b.mask,
-                measure=measure,
-                chunk=chunk_size(len(attn), b.tokens.shape, model.config),
-            )
-        else:
-            s, w = prefix_sums(model, attn, mlp, start, b.tokens, b.mask, measure=measure)
+    for b in progress.track(data, f"{description} ({len(keep)} programs, {strategy})"):
+        s, w = evaluate(model, programs, b.tokens, b.mask, reduction, strategy=strategy)
         total, weight = total + s, weight + w
     return np.asarray(total / weight, np.float64)
 

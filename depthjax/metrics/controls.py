@@ -118,7 +118,7 @@ def random_pruning(
 ) -> RandomControl:
     """The measure after removing n random units (of those still on), over `num_subsets`
     distinct random subsets (all of them when there are fewer), evaluated as one batch of
-    programs. measure as in `coalition_measures` ("loss", "logit" or a task)."""
+    programs. measure as in `coalition_measures` ("loss", "logit", "hidden" or a task)."""
     n_all = n_units(model, unit)
     on, _ = _candidates(model, unit, n)
     subsets, exhaustive = random_subsets(on, n, _count("num_subsets", num_subsets), seed)

@@ -4,7 +4,7 @@ Blocks are dropped from the program (the table is shared, nothing is copied); at
 MLP or jointly ranked sublayers are gated off (depth unchanged; `depth.compact` removes
 steps left with both gates 0). Units already off are never chosen again.
 
-Without scores, `measure=` (a depthjax.eval task, or "loss"/"logit" with `batches=`) ranks
+Without scores, `measure=` (a depthjax.eval task, or "loss"/"logit"/"hidden" with `batches=`) ranks
 units by leave-one-out ablation of that measure: the units whose removal costs the task
 least go first.
 """
@@ -74,7 +74,7 @@ def prune(
     unit: "block" | "attn" | "mlp" | "sublayer" (joint ranking of all 2*depth sublayers;
     `metrics.module_similarity` is the criterion of "What Matters in Transformers?").
     measure: without scores or metric, rank by leave-one-out ablation of this measure
-    (a task, or "loss"/"logit" on `batches`). iterative=True re-scores with
+    (a task, or "loss"/"logit"/"hidden" on `batches`). iterative=True re-scores with
     `metric(model)` after each removal (scores may then be None).
     """
     unit = unit or getattr(scores, "unit", None) or getattr(metric, "unit", None)

@@ -33,7 +33,11 @@ def default_measure(model: DepthModel, batches, mode: str = "mean", normalize: b
 def measure_label(measure) -> str:
     """How a measure reads on a plot axis (lower is better for all of them)."""
     if isinstance(measure, str):
-        return {"loss": "validation loss", "logit": "logit distance"}.get(measure, measure)
+        return {
+            "loss": "validation loss",
+            "logit": "logit distance",
+            "hidden": "hidden-state distance",
+        }.get(measure, measure)
     kind = type(measure).__name__
     return {
         "MultipleChoice": f"1 - {getattr(measure, 'metric', 'acc')} ({measure.name})",

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core.model import DepthModel, apply
 from ..core.program import Program
-from ..metrics.coalitions import chunk_size
+from ..metrics.strategies import chunk_size
 from .objective import Objective, TaskObjective
 from .space import Candidate, SearchError, Space
 
