@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import depthjax as dj
-from common import header, timed
+from common import header, timed_interleaved
 
 
 def spread(depth: int, fraction: float) -> list[int]:
@@ -29,13 +29,15 @@ def spread(depth: int, fraction: float) -> list[int]:
 def measure(model, batch, prompt_len, new_tokens):
     """(decode tokens/s, KV-cache bytes); `model` is a DepthModel or a dj.specialize'd one.
     Decode time is dj.generate's time for 1 + new_tokens tokens minus its time for 1 token
-    (the prefill and the first token): both one compiled loop, greedy."""
+    (the prefill and the first token): both one compiled loop, greedy, timed in turns
+    (best of 3, this process's CPU time on a CPU). NaN when the difference is not positive:
+    the decode steps are lost in the timing noise."""
     prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, model.config.vocab_size)
     run = lambda n: dj.generate(model, prompt, n, temperature=0.0)
-    prefill = timed(lambda: run(1).tokens, repeat=3)
-    total = timed(lambda: run(1 + new_tokens).tokens, repeat=3)
+    t = timed_interleaved({"1": lambda: run(1).tokens, "n": lambda: run(1 + new_tokens).tokens})
+    decode = t["n"] - t["1"]
     cache = run(1 + new_tokens).cache
-    return batch * new_tokens / max(total - prefill, 1e-9), cache.nbytes
+    return (batch * new_tokens / decode if decode > 0 else float("nan")), cache.nbytes
 
 
 def main():
