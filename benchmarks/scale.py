@@ -189,8 +189,8 @@ def main():
 
     evals = stage("eval (recovered)", evaluate)
     export = os.path.join(work, "export")
-    with warnings.catch_warnings():  # drop_adapters warns, naming the adapters it leaves out
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # the warning naming the adapters the export leaves out
+        warnings.filterwarnings("ignore", message="drop_adapters=True")
         stage("export", lambda: dj.hf.save(recovered, export, drop_adapters=True, progress=False))
     logits_npy = os.path.join(work, "logits.npy")
     reload = run_ref(REF, "reload", export, tokens_npy, logits_npy)
