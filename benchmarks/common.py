@@ -1,8 +1,13 @@
-"""Timing helpers shared by the benchmark scripts."""
+"""Timing, memory and reference-environment helpers shared by the benchmark scripts."""
 
 import ctypes
 import ctypes.util
+import inspect
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -129,3 +134,100 @@ def model_from_args(
     model = dj.init(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 256, (args.batch, args.seq_len)).astype(np.int32)
     return args, model, tokens
+
+
+# -- peak resident memory and the transformers reference environment -------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kib(key: str = "VmHWM:") -> int:
+    """A /proc/self/status field in KiB: VmRSS (resident now) or VmHWM (peak resident)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def reset_peak() -> None:
+    """Reset this process's VmHWM to its current resident size (Linux clear_refs 5), so the
+    next `kib()` is the peak of what ran since."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measured(fn):
+    """(fn(), wall seconds, peak resident KiB while it ran: the memory already held counts)."""
+    reset_peak()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, kib("VmHWM:")
+
+
+def with_rss_helpers(code: str) -> str:
+    """`code` preceded by the source of kib, reset_peak and measured: a child in the
+    reference environment (no jax, so it cannot import this module) measures as this
+    process does."""
+    helpers = "".join(inspect.getsource(f) + "\n" for f in (kib, reset_peak, measured))
+    return "import time\n" + helpers + code
+
+
+def ref_python() -> str:
+    """The Python 3.11 interpreter with torch + transformers (DEPTHJAX_REF_PYTHON, default
+    .venv-ref/bin/python)."""
+    return os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin", "python")
+
+
+def run_child(python: str, code: str, *, ref: bool, args=()) -> str:
+    """Run `code` in a fresh `python` and return the last line it printed; exit with its
+    output when it fails. ref: the transformers environment (no PYTHONPATH)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if ref:  # the repo's kernels/ folder would shadow the `kernels` package transformers probes
+        env.pop("PYTHONPATH", None)
+    out = subprocess.run(
+        [python, "-c", code, *map(str, args)],
+        env=env,
+        cwd=tempfile.gettempdir() if ref else REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode:
+        sys.exit(f"child failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def run_ref(code: str, *args) -> dict:
+    """Run `code` (with the RSS helpers) in the transformers environment; it prints one JSON
+    line, returned as a dict."""
+    return json.loads(run_child(ref_python(), with_rss_helpers(code), ref=True, args=args))
+
+
+# A random Llama in bfloat16, written by transformers: argv = dir, layers, d_model, heads,
+# kv heads, d_ff, vocab. Prints its parameter count.
+WRITE_LLAMA = """
+import sys, torch, transformers as tf
+torch.manual_seed(0)
+d, L, D, H, K, F, V = sys.argv[1], *map(int, sys.argv[2:])
+cfg = tf.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
+    num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=K,
+    max_position_embeddings=2048, tie_word_embeddings=False)
+model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(d)
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+TINYLLAMA = dict(d_model=2048, heads=32, kv_heads=4, d_ff=5632, vocab=32000)
+
+
+def write_llama(directory: str, layers: int, *, d_model, heads, kv_heads, d_ff, vocab) -> int:
+    """Write a random bfloat16 Llama checkpoint with transformers; its parameter count."""
+    args = (directory, layers, d_model, heads, kv_heads, d_ff, vocab)
+    return int(run_child(ref_python(), WRITE_LLAMA, ref=True, args=args))
+
+
+def safetensors_bytes(directory: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(directory, f))
+        for f in os.listdir(directory)
+        if f.endswith(".safetensors")
+    )

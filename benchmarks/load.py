@@ -20,30 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-WRITE = """
-import sys, torch, transformers as tf
-torch.manual_seed(0)
-cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-    num_hidden_layers=int(sys.argv[2]), num_attention_heads=32, num_key_value_heads=4,
-    max_position_embeddings=2048, tie_word_embeddings=False)
-model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
-model.save_pretrained(sys.argv[1])
-print(sum(p.numel() for p in model.parameters()))
-"""
+from common import (
+    TINYLLAMA,
+    ref_python,
+    run_child,
+    safetensors_bytes,
+    with_rss_helpers,
+    write_llama,
+)
 
 # every child prints one JSON line: seconds, baseline and peak resident KiB
 _MEASURE = """
 import json, time
-def kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1])
 {imports}
 base = kib("VmRSS:")
 t0 = time.perf_counter()
@@ -76,33 +67,12 @@ CHILDREN = {
 }
 
 
-def _ref_python() -> str:
-    return os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin", "python")
-
-
-def _run(python: str, code: str, *, ref: bool) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    if ref:  # the repo's kernels/ folder would shadow the `kernels` package transformers probes
-        env.pop("PYTHONPATH", None)
-    out = subprocess.run(
-        [python, "-c", code],
-        env=env,
-        cwd=tempfile.gettempdir() if ref else REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode:
-        sys.exit(f"child failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return out.stdout.strip().splitlines()[-1]
-
-
 def measure(name: str, directory: str) -> dict:
     env, imports, load, touch = CHILDREN[name]
     load = load.replace("DIR", repr(directory))
-    code = _MEASURE.format(imports=imports, load=load, touch=touch)
+    code = with_rss_helpers(_MEASURE.format(imports=imports, load=load, touch=touch))
     ref = env == "ref"
-    return json.loads(_run(_ref_python() if ref else sys.executable, code, ref=ref))
+    return json.loads(run_child(ref_python() if ref else sys.executable, code, ref=ref))
 
 
 def main() -> None:
@@ -114,14 +84,9 @@ def main() -> None:
     args = p.parse_args()
     directory = args.dir or tempfile.mkdtemp(prefix="depthjax-load-")
     if not os.path.exists(os.path.join(directory, "config.json")):
-        code = WRITE.replace("sys.argv[1]", repr(directory))
-        n = _run(_ref_python(), code.replace("sys.argv[2]", str(args.layers)), ref=True)
-        print(f"wrote {directory}: {int(n) / 1e6:.0f}M parameters", flush=True)
-    nbytes = sum(
-        os.path.getsize(os.path.join(directory, f))
-        for f in os.listdir(directory)
-        if f.endswith(".safetensors")
-    )
+        n = write_llama(directory, args.layers, **TINYLLAMA)
+        print(f"wrote {directory}: {n / 1e6:.0f}M parameters", flush=True)
+    nbytes = safetensors_bytes(directory)
     print(f"checkpoint: {nbytes / 2**30:.2f} GiB of safetensors (bfloat16)")
     runs: dict[str, list[dict]] = {name: [] for name in CHILDREN}
     for _ in range(args.repeat):
