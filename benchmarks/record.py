@@ -45,6 +45,7 @@ RUNS = {
     "long_context": ["long_context.py"],
     "load": ["load.py"],
     "seeds": ["seeds.py"],
+    "scale": ["scale.py"],
 }
 
 

@@ -215,8 +215,8 @@ def _markdown(report: dict) -> str:
             f"random (control): per seed, the mean loss after removing {control['n']} "
             f"{'blocks' if unit == 'block' else 'attention sublayers'} chosen at random over "
             f"{over} subsets of that size (not recovered); the row is its spread over seeds. "
-            '"against random" compares each metric\'s pruned loss with the control, paired by '
-            "seed.",
+            "Losses are mean ± std over seeds; pruned - random is the mean per-seed difference "
+            "from the control with its 95% t-interval.",
             "",
         ]
     lines += [
