@@ -191,12 +191,19 @@ def test_adaptive_depth_scripts(cache, tmp_path):
     """Experiments 9-11 (Mixture-of-Depths, recurrent depth, FiRST) at the tiniest flags."""
     # The routed cache keeps 2 x capacity of the tokens (headroom): at capacity 0.5 it is as
     # large as the dense one, at 0.25 half of it on the routed steps.
-    _, md, data = run(
-        "09_mixture_of_depths", cache, tmp_path, "--new-tokens", "3", "--capacities", "0.25"
-    )
-    assert set(data["mod c=0.25"]["causal"]) == {"loss", "routed_fraction", "predictor_accuracy"}
-    assert data["decode"]["routed_len"] < data["decode"]["max_len"]
-    assert data["decode"]["cache_bytes"] < data["decode"]["dense_cache_bytes"]
+    flags = ["--new-tokens", "3", "--capacities", "0.25", "--seeds", "1"]  # one seed: fast
+    _, md, data = run("09_mixture_of_depths", cache, tmp_path, *flags)
+    assert data["seeds"] == [0] and len(data["per_seed"]) == 1
+    for seed in data["per_seed"]:
+        ev = seed["mod c=0.25"]
+        assert set(ev["causal"]) == {"loss", "routed_fraction"}
+        # top-k routing runs exactly k = 4 of 16 tokens per routed step: majority 0.75
+        assert ev["topk"]["routed_fraction"] == pytest.approx(0.25)
+        assert ev["topk"]["majority_accuracy"] == pytest.approx(0.75)
+        assert 0.0 <= ev["topk"]["predictor_accuracy"] <= 1.0
+        assert seed["decode"]["routed_len"] < seed["decode"]["max_len"]
+        assert seed["decode"]["cache_bytes"] < seed["decode"]["dense_cache_bytes"]
+    assert "majority-class accuracy" in md and "(n=1, no spread)" in md
     _, md, data = run(
         "10_recurrent_depth",
         cache,
