@@ -274,3 +274,33 @@ def train_batches(args, seed: int = 0):
     )
 
 
+# -- figures over seeds (spread, fmt, separated: depthjax.metrics.intervals) --------------
+
+
+def seed_list(args) -> list[int]:
+    """The seeds of base_models(args), in its order."""
+    return list(range(args.seed, args.seed + args.seeds))
+
+
+def mean_bands(curves: dict) -> tuple[dict, dict]:
+    """(mean curve, (mean - std, mean + std) band) of each [seeds, K] array in `curves`,
+    for report.plot_curves; one seed gives a zero-width band."""
+    means, bands = {}, {}
+    for name, v in curves.items():
+        v = np.asarray(v, np.float64)
+        std = v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1:])
+        means[name], bands[name] = v.mean(0), (v.mean(0) - std, v.mean(0) + std)
+    return means, bands
+
+
+def compare(a, b, name_a: str, name_b: str, digits: int = 4, what: str = "loss") -> str:
+    """One line: the per-seed difference a - b (paired by seed) with its spread,
+    and what its 95% interval supports: which setting has the lower `what`, or "not
+    resolved at this scale" (always, for one seed)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a - b
+    if d.size < 2 or not separated(a, b):
+        verdict = "not resolved at this scale"
+    else:
+        verdict = f"{name_a if d.mean() < 0 else name_b} has the lower {what}"
+    return f"{name_a} minus {name_b}: {fmt(d, digits)}; {verdict}."

@@ -67,19 +67,24 @@ def naive_loss(model, batches):
 
 @pytest.mark.slow
 def test_parallel_layers_script_and_program_loss(cache, tmp_path):
-    out, md, data = run("05_parallel_layers", cache, tmp_path)
+    """Experiment 5 at the tiniest flags, two seeds: every loss is the naive loss of that
+    seed's cached base model, parallelized or cut."""
+    out, md, data = run("05_parallel_layers", cache, tmp_path, "--seeds", "2")
     common = script("common")
-    args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache)])
-    model = common.base_model(args)  # the cached model the script used
+    args = common.parser("x", "").parse_args(TINY + ["--cache", str(cache), "--seeds", "2"])
     batches = common.eval_batches(args)
-    assert data["full"] == pytest.approx(naive_loss(model, batches), rel=1e-5)
-    # 4 steps: one middle pair [1, 2]; "drop both" leaves steps 0 and 3
-    row = data["pairs"][0]
-    ends = dj.depth.drop(model, [1, 2])
-    assert row[:3] == [1, "[[1, 2]]", 3]
-    assert row[-1] == pytest.approx(naive_loss(ends, batches), rel=1e-5)
-    par = dj.depth.parallelize(model, [[1, 2]], combine="mean")
-    assert row[4] == pytest.approx(naive_loss(par, batches), rel=1e-5)
+    assert data["seeds"] == [0, 1] and data["pairs"]["1"] == [[1, 2]]  # 4 steps: one pair
+    for i, model in enumerate(common.base_models(args)):  # the cached models the script used
+        assert data["full"][i] == pytest.approx(naive_loss(model, batches), rel=1e-5)
+        ends = dj.depth.drop(model, [1, 2])  # "drop both" leaves steps 0 and 3
+        assert data["pair_loss"]["drop both"][i][0] == pytest.approx(
+            naive_loss(ends, batches), rel=1e-5
+        )
+        par = dj.depth.parallelize(model, [[1, 2]], combine="mean")
+        assert data["pair_loss"]["parallel (mean)"][i][0] == pytest.approx(
+            naive_loss(par, batches), rel=1e-5
+        )
+    assert "(n=2)" in md and "What the intervals support" in md
     assert (out / "pairs.png").stat().st_size > 0 and (out / "spans.png").stat().st_size > 0
 
 
@@ -146,8 +151,11 @@ def test_chain_search_scores_match_reordered_models():
 @pytest.mark.parametrize(
     "name,extra",
     [
-        ("01_metric_comparison", ["--shapley-permutations", "2", "--random-orders", "2"]),
-        ("02_attn_vs_mlp", []),
+        (
+            "01_metric_comparison",
+            ["--shapley-permutations", "2", "--random-orders", "2", "--seeds", "2"],
+        ),
+        ("02_attn_vs_mlp", ["--seeds", "2"]),
         ("03_recursive", ["--uptrain-steps", "2", "--ranks", "2"]),
         ("06_norm_placement", []),
         ("04_skip_or_loop", ["--train-docs", "200", "--examples", "12", "--rounds", "1"]),
@@ -183,12 +191,19 @@ def test_adaptive_depth_scripts(cache, tmp_path):
     """Experiments 9-11 (Mixture-of-Depths, recurrent depth, FiRST) at the tiniest flags."""
     # The routed cache keeps 2 x capacity of the tokens (headroom): at capacity 0.5 it is as
     # large as the dense one, at 0.25 half of it on the routed steps.
-    _, md, data = run(
-        "09_mixture_of_depths", cache, tmp_path, "--new-tokens", "3", "--capacities", "0.25"
-    )
-    assert set(data["mod c=0.25"]["causal"]) == {"loss", "routed_fraction", "predictor_accuracy"}
-    assert data["decode"]["routed_len"] < data["decode"]["max_len"]
-    assert data["decode"]["cache_bytes"] < data["decode"]["dense_cache_bytes"]
+    flags = ["--new-tokens", "3", "--capacities", "0.25", "--seeds", "1"]  # one seed: fast
+    _, md, data = run("09_mixture_of_depths", cache, tmp_path, *flags)
+    assert data["seeds"] == [0] and len(data["per_seed"]) == 1
+    for seed in data["per_seed"]:
+        ev = seed["mod c=0.25"]
+        assert set(ev["causal"]) == {"loss", "routed_fraction"}
+        # top-k routing runs exactly k = 4 of 16 tokens per routed step: majority 0.75
+        assert ev["topk"]["routed_fraction"] == pytest.approx(0.25)
+        assert ev["topk"]["majority_accuracy"] == pytest.approx(0.75)
+        assert 0.0 <= ev["topk"]["predictor_accuracy"] <= 1.0
+        assert seed["decode"]["routed_len"] < seed["decode"]["max_len"]
+        assert seed["decode"]["cache_bytes"] < seed["decode"]["dense_cache_bytes"]
+    assert "majority-class accuracy" in md and "(n=1, no spread)" in md
     _, md, data = run(
         "10_recurrent_depth",
         cache,

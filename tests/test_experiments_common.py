@@ -70,6 +70,20 @@ def test_separated_pairs_seeds_and_compares_intervals_otherwise():
         common.separated([1.0, 2.0], [1.0, 2.0, 3.0])
 
 
+def test_compare_states_the_paired_verdict_and_mean_bands_the_spread():
+    seed_effect = np.array([0.0, 0.3, -0.3])
+    a, b = 2.0 + seed_effect, 2.05 + seed_effect + np.array([0.001, -0.001, 0.0])
+    line = common.compare(a, b, "A", "B", digits=3)
+    assert line.startswith("A minus B: -0.050 ± 0.001 [") and line.endswith("A has the lower loss.")
+    assert common.compare(b, a, "B", "A", what="x").endswith("A has the lower x.")
+    noisy = a + np.array([0.01, -0.01, 0.002])
+    assert common.compare(noisy, a, "A", "B").endswith("not resolved at this scale.")
+    assert common.compare([1.0], [2.0], "A", "B").endswith("not resolved at this scale.")
+    means, bands = common.mean_bands({"c": [[1.0, 2.0], [3.0, 2.0]]})
+    np.testing.assert_allclose(means["c"], [2.0, 2.0])
+    np.testing.assert_allclose(bands["c"], [[2.0 - math.sqrt(2), 2.0], [2.0 + math.sqrt(2), 2.0]])
+
+
 def _args(tmp_path, **kw):
     p = common.parser("test", "")
     return p.parse_args(
