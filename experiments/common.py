@@ -336,3 +336,12 @@ def separated(a, b, paired: bool = True) -> bool:
         return lo > 0 or hi < 0
     (_, _, (lo_a, hi_a)), (_, _, (lo_b, hi_b)) = spread(a), spread(b)
     return hi_a < lo_b or hi_b < lo_a
+
+
+def compared(label: str, a, b, digits: int = 4) -> str:
+    """A Markdown list line for two settings' figures (one value per seed each, paired by
+    seed): the per-seed differences a - b as `fmt` shows them, and "separated" where
+    `separated(a, b)` holds, else "not resolved at this scale" (also for one seed)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    word = "separated" if d.size > 1 and separated(a, b) else "not resolved at this scale"
+    return f"- {label}: {fmt(d, digits)}; {word}."
