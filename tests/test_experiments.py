@@ -167,7 +167,8 @@ def test_script_runs(cache, tmp_path, name, extra):
 
 @pytest.mark.slow
 def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
-    flags = ["--task-examples", "4", "--shapley-permutations", "2", "--seeds", "2"]
+    # one seed keeps every source and method under test at the old cost (03 and 06 run two)
+    flags = ["--task-examples", "4", "--shapley-permutations", "2", "--seeds", "1"]
     flags += ["--tasks", "next_line,identifier_recall", "--methods", "ablation,shapley"]
     out, md, data = run("08_task_tradeoffs", cache, tmp_path, *flags)
     assert set(data["pruned"]) == {
@@ -179,7 +180,8 @@ def test_task_tradeoffs_script_prunes_by_each_task(cache, tmp_path):
     assert (out / "scores.png").stat().st_size > 1000 and "Pruning 1 of 4 blocks" in md
     full = data["full"]
     assert all(0.0 <= a <= 1.0 for t in ("next_line", "identifier_recall") for a in full[t])
-    assert all(len(r["loss"]) == len(r["removed"]) == 2 for r in data["pruned"].values())
+    assert all(len(r["loss"]) == len(r["removed"]) == 1 for r in data["pruned"].values())
+    assert "(n=1, no spread)" in md and "not resolved at this scale" in md
 
 
 @pytest.mark.slow
