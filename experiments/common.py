@@ -275,6 +275,7 @@ def train_batches(args, seed: int = 0):
 
 
 # -- figures over seeds (spread, fmt, separated: depthjax.metrics.intervals) --------------
+NOT_RESOLVED = "not resolved at this scale"
 
 
 def seed_list(args) -> list[int]:
@@ -293,14 +294,24 @@ def mean_bands(curves: dict) -> tuple[dict, dict]:
     return means, bands
 
 
+def resolved(a, b) -> tuple[np.ndarray, bool]:
+    """(a - b per seed, whether its 95% interval excludes 0): False for one seed."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return d, bool(d.size > 1 and separated(a, b))
+
+
 def compare(a, b, name_a: str, name_b: str, digits: int = 4, what: str = "loss") -> str:
     """One line: the per-seed difference a - b (paired by seed) with its spread,
     and what its 95% interval supports: which setting has the lower `what`, or "not
     resolved at this scale" (always, for one seed)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    d = a - b
-    if d.size < 2 or not separated(a, b):
-        verdict = "not resolved at this scale"
-    else:
-        verdict = f"{name_a if d.mean() < 0 else name_b} has the lower {what}"
-    return f"{name_a} minus {name_b}: {fmt(d, digits)}; {verdict}."
+    d, ok = resolved(a, b)
+    verdict = f"{name_a if d.mean() < 0 else name_b} has the lower {what}"
+    return f"{name_a} minus {name_b}: {fmt(d, digits)}; {verdict if ok else NOT_RESOLVED}."
+
+
+def compared(label: str, a, b, digits: int = 4) -> str:
+    """A Markdown list line for two settings' figures (one value per seed each, paired by
+    seed): the per-seed differences a - b as `fmt` shows them, and "separated" where
+    the 95% interval excludes 0, else "not resolved at this scale" (also for one seed)."""
+    d, ok = resolved(a, b)
+    return f"- {label}: {fmt(d, digits)}; {'separated' if ok else NOT_RESOLVED}."
