@@ -156,10 +156,9 @@ def _paired(a, b, below: str = "below", above: str = "above") -> str:
 
 def _removed_counts(removed: list[list[int]]) -> str:
     """'[2, 6] x2, [2, 5] x1': the sets removed over seeds, most frequent first."""
-    keys = [str(sorted(r)) for r in removed]
-    return ", ".join(
-        f"{k} x{keys.count(k)}" for k in sorted(set(keys), key=keys.count, reverse=True)
-    )
+    keys = [str(sorted(r)) for r in removed]  # ties keep the order of the seeds
+    ranked = sorted(dict.fromkeys(keys), key=lambda k: -keys.count(k))
+    return ", ".join(f"{k} x{keys.count(k)}" for k in ranked)
 
 
 def _markdown(report: dict) -> str:
