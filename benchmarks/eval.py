@@ -12,14 +12,12 @@ tokens, continuations of 2-12) on a random llama-style model:
     python benchmarks/eval.py [--examples 64] [--programs 8] [--depth 8] [--d-model 128]
 """
 
-import time
-
 import jax
 import numpy as np
 
 import depthjax as dj
 import depthjax.metrics as M
-from common import model_from_args
+from common import clock_name, model_from_args, timed_interleaved
 
 
 def main():
@@ -63,30 +61,29 @@ def main():
             out.append(logp[rows, seq[rows + 1]].sum())
         return np.array(out)
 
-    def warm(fn, repeat=3):
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    batched = warm(lambda: task.evaluate(model))
-    naive = warm(loop, repeat=1)
+    # best of 3 interleaved runs, warm (compiles excluded), by this process's CPU time on
+    # a CPU: the shared machine's load moves wall time by more than these ratios
+    t = timed_interleaved({"batched": lambda: task.evaluate(model), "loop": loop})
+    batched, naive = t["batched"], t["loop"]
     ll = np.concatenate([np.ravel(x) for x in task.evaluate(model)["loglikelihoods"]])
     err = np.abs(ll - loop()).max()
     print(
         f"{len(requests)} requests: batched {batched * 1e3:.0f} ms, per-request loop "
-        f"{naive * 1e3:.0f} ms -> {naive / batched:.1f}x faster (max |diff| {err:.1e})"
+        f"{naive * 1e3:.0f} ms -> {naive / batched:.1f}x faster (max |diff| {err:.1e}; "
+        f"best of 3 interleaved, {clock_name()})"
     )
 
     S = model.depth
     keep = 1 - np.eye(S)[: args.programs]
     programs = M.coalitions.programs_for(model, "block", keep)
-    one_call = warm(lambda: task.scores(model, programs), repeat=1)
     rows = [jax.tree.map(lambda a, k=k: a[k], programs) for k in range(args.programs)]
-    per_program = warm(lambda: [task.scores(model.with_program(p)) for p in rows], repeat=1)
+    t = timed_interleaved(
+        {
+            "one call": lambda: task.scores(model, programs),
+            "each": lambda: [task.scores(model.with_program(p)) for p in rows],
+        }
+    )
+    one_call, per_program = t["one call"], t["each"]
     print(
         f"{args.programs} programs: one call {one_call * 1e3:.0f} ms, one call each "
         f"{per_program * 1e3:.0f} ms -> {per_program / one_call:.2f}x"

@@ -12,7 +12,9 @@ param_dtype="bfloat16")` and `dj.hf.load(dir)` (float32). Each child reports its
 after loading, and its peak after reading every weight once (transformers maps the file
 and reads a page only when a weight is used, so its peak right after loading does not
 yet hold the weights). The file is in the page cache for every load (written just before).
-Prints min / max over repeats and the ratios to transformers.
+Prints min / max over repeats and the ratios to transformers. Then saving: each library
+loads the checkpoint in bfloat16 and writes it back (`save_pretrained` / `dj.hf.save`),
+timed with the peak resident memory above what the loaded model already held.
 """
 
 from __future__ import annotations
@@ -67,10 +69,33 @@ CHILDREN = {
 }
 
 
-def measure(name: str, directory: str) -> dict:
+# saving: load (untimed, every weight read), then time the save into a fresh directory
+_SAVE = """
+import json, tempfile, time
+{imports}
+{load}
+{touch}
+out = tempfile.mkdtemp(prefix="depthjax-save-")
+base = kib("VmRSS:")
+reset_peak()
+t0 = time.perf_counter()
+{save}
+seconds = time.perf_counter() - t0
+print(json.dumps({{"seconds": seconds, "over": kib("VmHWM:") - base}}))
+import shutil; shutil.rmtree(out)
+"""
+
+SAVES = {  # loader (CHILDREN) -> the save it times
+    "transformers bf16": "m.save_pretrained(out)",
+    "depthjax bf16": "dj.hf.save(m, out, overwrite=True, progress=False)",
+}
+
+
+def measure(name: str, directory: str, template: str = _MEASURE) -> dict:
     env, imports, load, touch = CHILDREN[name]
     load = load.replace("DIR", repr(directory))
-    code = with_rss_helpers(_MEASURE.format(imports=imports, load=load, touch=touch))
+    fields = dict(imports=imports, load=load, touch=touch, save=SAVES.get(name, ""))
+    code = with_rss_helpers(template.format(**fields))
     ref = env == "ref"
     return json.loads(run_child(ref_python() if ref else sys.executable, code, ref=ref))
 
@@ -118,6 +143,16 @@ def main() -> None:
             f"{peak / tf_peak:.2f}x; over imports {over / (nbytes / 2**30):.2f}x the "
             "checkpoint's bytes"
         )
+    saves = {name: [] for name in SAVES}
+    for _ in range(args.repeat):
+        for name in SAVES:
+            saves[name].append(measure(name, directory, _SAVE))
+    print(f"\n{'save (bfloat16)':<20} {'save s':>12} {'peak GiB over the model':>24}")
+    for name, rs in saves.items():
+        secs, over = [r["seconds"] for r in rs], [gib(r["over"]) for r in rs]
+        print(f"{name:<20} {span(secs, '{:.2f}'.format):>12} {span(over, '{:.2f}'.format):>24}")
+    tf_save, dj_save = (min(r["seconds"] for r in saves[n]) for n in SAVES)
+    print(f"depthjax bf16 / transformers: save time {dj_save / tf_save:.2f}x")
     if not (args.keep or args.dir):
         for f in os.listdir(directory):
             os.remove(os.path.join(directory, f))
