@@ -73,7 +73,7 @@ def main(argv=None):
         common.eval_batches(args),
     )
     models = common.base_models(args)
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    seeds = common.seed_list(args)
     n = models[0].n_blocks
     task = corpus_tasks.next_line(args.task_examples, seed=args.seed)
     quantized = lambda model, order, k: depth.quantize(
