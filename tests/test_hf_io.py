@@ -44,6 +44,24 @@ def saved(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny", "gemma2-tiny"])
+def test_large_tensors_converted_by_xla_write_the_numpy_bytes(tmp_path, preset, monkeypatch):
+    """dj.hf.save converts tensors of 8 MiB and more (transposes, head merges, casts) on
+    the device rather than in numpy; with the threshold at 0 every tensor takes that path,
+    and the files must be byte for byte the numpy path's."""
+    from depthjax.hf import exporting
+
+    cfg = dj.configs.get(preset, param_dtype="bfloat16")
+    model = dj.init(cfg, jax.random.key(0))
+    dj.hf.save(model, str(tmp_path / "numpy"))
+    monkeypatch.setattr(exporting, "_XLA_BYTES", 0)
+    dj.hf.save(model, str(tmp_path / "xla"))
+    names = sorted(p.name for p in (tmp_path / "numpy").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "xla").iterdir())
+    for name in names:
+        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "xla" / name).read_bytes()
+
+
 @pytest.mark.parametrize("preset", PRESETS + ["gpt2-untied"])
 def test_save_load_identity(tmp_path, preset):
     cfg = (

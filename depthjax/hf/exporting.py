@@ -47,6 +47,9 @@ _UNITS = {
 }
 
 
+_XLA_BYTES = 8 << 20  # tensors converted by XLA rather than numpy when saving
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from 5_000_000_000, "5GB" or "500MiB"."""
     if isinstance(size, int):
@@ -209,9 +212,15 @@ def save(
     _check_target(path, overwrite)
 
     def leaf(leaf_path, layer):
-        if layer is None:
-            return np.asarray(tensor_map.leaf_at(top, leaf_path))
-        return np.asarray(folded.leaf(layer, leaf_path[1:]))
+        value = (
+            tensor_map.leaf_at(top, leaf_path)
+            if layer is None
+            else folded.leaf(layer, leaf_path[1:])
+        )
+        # A large tensor stays a jax array: its conversion (mostly a transpose) then runs
+        # as XLA's tiled, threaded copy rather than numpy's strided one; small ones go to
+        # numpy and skip the dispatch.
+        return value if np.size(value) * dtype.itemsize >= _XLA_BYTES else np.asarray(value)
 
     def shape(leaf_path, layer):
         if layer is None:
@@ -226,9 +235,9 @@ def save(
         for layer in range(n_layers) if rule.per_layer else [None]:
             structs = [jax.ShapeDtypeStruct(shape(p, layer), dtype) for p in rule.leaves]
             hf_shape = jax.eval_shape(rule.to_hf, *structs).shape
-            make = lambda rule=rule, layer=layer: rule.to_hf(
-                *(leaf(p, layer) for p in rule.leaves)
-            ).astype(dtype, copy=False)
+            make = lambda rule=rule, layer=layer: np.asarray(
+                rule.to_hf(*(leaf(p, layer) for p in rule.leaves)).astype(dtype)
+            )
             items.append((rule.hf_name(prefix, layer), hf_shape, dtype, make))
     total = sum(int(np.prod(s)) for _, s, _, _ in items) * dtype.itemsize
     verbose = total > 256 * 2**20 if progress is None else progress
