@@ -98,3 +98,10 @@ def test_demo_refuses_zero_seeds(tmp_path):
 
     with pytest.raises(ValueError, match="at least one seed"):
         run_demo(tmp_path, quick=True, seeds=0)
+
+
+def test_demo_cli_names_a_bad_seed_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--seeds", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--seeds: must be >= 1, got 0" in capsys.readouterr().err

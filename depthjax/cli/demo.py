@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import add_quiet_arg
+from .common import add_quiet_arg, count
 
 SETTINGS = {  # quick: CI and tests; full: the README's main command (<= 15 min, 2-core CPU)
     "quick": dict(
@@ -457,7 +457,7 @@ def add_command(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     p.add_argument(
         "--seeds",
-        type=int,
+        type=count,
         default=None,
         help="models trained, seed..seed+N-1, in one program (default 3; --quick 2)",
     )
