@@ -15,6 +15,9 @@ yet hold the weights). The file is in the page cache for every load (written jus
 Prints min / max over repeats and the ratios to transformers. Then saving: each library
 loads the checkpoint in bfloat16 and writes it back (`save_pretrained` / `dj.hf.save`),
 timed with the peak resident memory above what the loaded model already held.
+`dj.hf.save` is crash-safe (every file fsynced before an atomic swap) and
+`save_pretrained` is not (its bytes may still sit in the page cache when it returns), so
+transformers is also timed with an fsync of its files: the same durability.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ CHILDREN = {
 
 # saving: load (untimed, every weight read), then time the save into a fresh directory
 _SAVE = """
-import json, tempfile, time
+import json, os, tempfile, time
 {imports}
 {load}
 {touch}
@@ -85,16 +88,21 @@ print(json.dumps({{"seconds": seconds, "over": kib("VmHWM:") - base}}))
 import shutil; shutil.rmtree(out)
 """
 
-SAVES = {  # loader (CHILDREN) -> the save it times
-    "transformers bf16": "m.save_pretrained(out)",
-    "depthjax bf16": "dj.hf.save(m, out, overwrite=True, progress=False)",
+_FSYNC = """
+for name in os.listdir(out):  # what a crash-safe save adds: the bytes on disk
+    fd = os.open(os.path.join(out, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
+"""
+SAVES = {  # save -> (loader in CHILDREN, the code it times)
+    "transformers": ("transformers bf16", "m.save_pretrained(out)"),
+    "transformers + fsync": ("transformers bf16", "m.save_pretrained(out)" + _FSYNC),
+    "depthjax": ("depthjax bf16", "dj.hf.save(m, out, overwrite=True, progress=False)"),
 }
 
 
-def measure(name: str, directory: str, template: str = _MEASURE) -> dict:
+def measure(name: str, directory: str, template: str = _MEASURE, save: str = "") -> dict:
     env, imports, load, touch = CHILDREN[name]
     load = load.replace("DIR", repr(directory))
-    fields = dict(imports=imports, load=load, touch=touch, save=SAVES.get(name, ""))
+    fields = dict(imports=imports, load=load, touch=touch, save=save)
     code = with_rss_helpers(template.format(**fields))
     ref = env == "ref"
     return json.loads(run_child(ref_python() if ref else sys.executable, code, ref=ref))
@@ -145,14 +153,15 @@ def main() -> None:
         )
     saves = {name: [] for name in SAVES}
     for _ in range(args.repeat):
-        for name in SAVES:
-            saves[name].append(measure(name, directory, _SAVE))
-    print(f"\n{'save (bfloat16)':<20} {'save s':>12} {'peak GiB over the model':>24}")
+        for name, (loader, code) in SAVES.items():
+            saves[name].append(measure(loader, directory, _SAVE, code))
+    print(f"\n{'save (bfloat16)':<22} {'save s':>12} {'peak GiB over the model':>24}")
     for name, rs in saves.items():
         secs, over = [r["seconds"] for r in rs], [gib(r["over"]) for r in rs]
-        print(f"{name:<20} {span(secs, '{:.2f}'.format):>12} {span(over, '{:.2f}'.format):>24}")
-    tf_save, dj_save = (min(r["seconds"] for r in saves[n]) for n in SAVES)
-    print(f"depthjax bf16 / transformers: save time {dj_save / tf_save:.2f}x")
+        print(f"{name:<22} {span(secs, '{:.2f}'.format):>12} {span(over, '{:.2f}'.format):>24}")
+    best = {name: min(r["seconds"] for r in rs) for name, rs in saves.items()}
+    for ref in ("transformers", "transformers + fsync"):
+        print(f"depthjax / {ref}: save time {best['depthjax'] / best[ref]:.2f}x (fastest runs)")
     if not (args.keep or args.dir):
         for f in os.listdir(directory):
             os.remove(os.path.join(directory, f))

@@ -43,7 +43,7 @@ RUNS = {
     "search": ["search.py"],
     "gguf": ["gguf.py"],
     "long_context": ["long_context.py"],
-    "load": ["load.py", "--repeat", "3"],
+    "load": ["load.py", "--repeat", "5"],
     "seeds": ["seeds.py"],
     "scale": ["scale.py"],
 }

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+import warnings
 
 import chex
 import jax
@@ -44,22 +45,65 @@ def saved(tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny", "gemma2-tiny"])
-def test_large_tensors_converted_by_xla_write_the_numpy_bytes(tmp_path, preset, monkeypatch):
-    """dj.hf.save converts tensors of 8 MiB and more (transposes, head merges, casts) on
-    the device rather than in numpy; with the threshold at 0 every tensor takes that path,
-    and the files must be byte for byte the numpy path's."""
-    from depthjax.hf import exporting
+def _edited(preset, **overrides):
+    """A model with what an export folds: tied rows walked twice, per-step LoRA and deltas,
+    fractional gates and recovery adapters' biases."""
+    import depthjax.depth as D
 
-    cfg = dj.configs.get(preset, param_dtype="bfloat16")
-    model = dj.init(cfg, jax.random.key(0))
-    dj.hf.save(model, str(tmp_path / "numpy"))
-    monkeypatch.setattr(exporting, "_XLA_BYTES", 0)
-    dj.hf.save(model, str(tmp_path / "xla"))
-    names = sorted(p.name for p in (tmp_path / "numpy").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "xla").iterdir())
-    for name in names:
-        assert (tmp_path / "numpy" / name).read_bytes() == (tmp_path / "xla" / name).read_bytes()
+    base = dj.init(dj.configs.get(preset, **overrides), jax.random.key(0))
+    relaxed = D.relax(D.tie(base, 2), base, rank=2)
+    gates = relaxed.program.replace(
+        attn=jax.numpy.asarray([1.0, 0.5, 1.0, 0.25]), mlp=jax.numpy.asarray([1.0, 1.0, 2.0, 1.0])
+    )
+    return _with_adapters(relaxed.with_program(gates), [1, 3])
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(lambda: _edited("llama-tiny"), id="llama-folded"),
+        pytest.param(lambda: _edited("gpt2-tiny"), id="gpt2-folded"),
+        pytest.param(
+            lambda: dj.init(
+                dj.configs.get("gemma2-tiny", param_dtype="bfloat16"), jax.random.key(0)
+            ),
+            id="gemma2-bf16",
+        ),
+    ],
+)
+def test_saved_tensors_are_numpys_conversion_of_the_folded_model(tmp_path, model):
+    """dj.hf.save converts every tensor in one compiled program per layer, step as data;
+    each tensor it writes equals, byte for byte, numpy's conversion of dj.depth.fold's
+    table row (an eager, one-leaf-at-a-time path)."""
+    from flax import traverse_util
+
+    from depthjax.depth.folding import fold
+    from depthjax.hf import tensor_map
+
+    model = model()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "program walks the table")  # the tied rows
+        dj.hf.save(model, str(tmp_path))
+    written = load_file(str(tmp_path / "model.safetensors"))
+    folded = fold(model)
+    dtype = np.dtype(model.config.param_dtype)
+    model_type = dj.hf.config.default_model_type(folded.config)
+    prefix = tensor_map.PREFIXES[tensor_map.hf_family(model_type)][0]
+    table = traverse_util.flatten_dict(folded.params["blocks"])
+    expected = {}
+    for rule in tensor_map.rules_for(folded.config, model_type):
+        for i in range(folded.depth) if rule.per_layer else [None]:
+            leaves = [
+                np.asarray(
+                    table[p[1:]][i] if rule.per_layer else tensor_map.leaf_at(folded.params, p)
+                )
+                for p in rule.leaves
+            ]
+            expected[rule.hf_name(prefix, i)] = np.asarray(rule.to_hf(*leaves)).astype(dtype)
+    assert sorted(written) == sorted(expected)
+    for name, array in expected.items():
+        assert written[name].dtype == array.dtype and written[name].shape == array.shape, name
+        assert written[name].tobytes() == array.tobytes(), name
 
 
 @pytest.mark.parametrize("preset", PRESETS + ["gpt2-untied"])

@@ -193,18 +193,43 @@ class Folded:
         """Shape of one row's leaf at `path`."""
         return self.table[path].shape[1:] if path in self.table else self._zero_bias(path).shape
 
-    def leaf(self, step: int, path: tuple):
-        row = int(self.block[step])
-        value = self.table[path][row] if path in self.table else self._zero_bias(path)
-        at_step = lambda flat: {
-            p: flat[p][step] for p in (path, path + ("a",), path + ("b",)) if p in flat
+    def arrays(self) -> dict:
+        """Every array `leaf` reads, as one pytree: pass it (with `step`) as an argument
+        to a jitted function that calls leaf(step, path, arrays), so one compiled program
+        serves every step and no table is baked into it as a constant."""
+        depth, d = self.model.depth, self.model.config.d_model
+        late = np.zeros((depth, d), np.float32)
+        for step, bias in self.late_bias.items():
+            late[step] = np.asarray(bias, np.float32)
+        return {
+            "table": self.table,
+            "delta": self.delta,
+            "lora": self.lora,
+            "block": self.block,
+            "factors": self.factors,
+            "late_bias": late,
         }
-        value = steps_lib.effective_leaf(path, value, at_step(self.delta), at_step(self.lora))
+
+    def leaf(self, step, path: tuple, arrays: dict | None = None):
+        """The folded leaf at `path` of step `step` (an int, or a traced int32 together
+        with `arrays`, the pytree from self.arrays())."""
+        a = self.arrays() if arrays is None else arrays
+        take = lambda stacked, i: jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
+        value = (
+            take(a["table"][path], a["block"][step])
+            if path in self.table
+            else self._zero_bias(path)
+        )
+        at_step = lambda flat: {
+            p: take(flat[p], step) for p in (path, path + ("a",), path + ("b",)) if p in flat
+        }
+        value = steps_lib.effective_leaf(path, value, at_step(a["delta"]), at_step(a["lora"]))
         for name, prefix in _WRITERS.get(_placement(self.model.config), {}).items():
-            if path[: len(prefix)] == prefix and self.factors[name][step] != 1:
-                value = value * self.factors[name][step]
-        if path == ("mlp", "down", "bias") and step in self.late_bias:
-            value = value + self.late_bias[step]
+            # x * 1 is exact, so steps whose factor is 1 keep their weights bit for bit
+            if path[: len(prefix)] == prefix and (self.factors[name] != 1).any():
+                value = value * a["factors"][name][step]
+        if path == ("mlp", "down", "bias") and self.late_bias:
+            value = value + a["late_bias"][step]
         return value
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -135,9 +136,9 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 def write(path, tensors, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file from `tensors`: (name, shape, dtype, make) with `make()`
-    returning that array, called one tensor at a time as the file is written, so memory
-    holds one tensor beyond the caller's (no serialized copy of the file). Flushed to disk
-    before returning."""
+    returning that array, called in order as the file is written (the next one on a worker
+    thread while this one is written), so memory holds two tensors beyond the caller's (no
+    serialized copy of the file). Flushed to disk before returning."""
     tensors = list(tensors)
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
@@ -155,15 +156,24 @@ def write(path, tensors, metadata: dict[str, str] | None = None) -> None:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
+    def made(name, shape, dtype, make):
+        array = np.ascontiguousarray(make())
+        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            raise SafetensorsError(
+                f"tensor {name!r} is {array.dtype}{list(array.shape)}, announced as "
+                f"{np.dtype(dtype)}{list(shape)}"
+            )
+        return array
+
+    # The next tensor is made on a worker thread while this one is written (both release
+    # the GIL), so memory holds two tensors beyond the caller's at most.
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as worker:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape, dtype, make in tensors:
-            array = np.ascontiguousarray(make())
-            if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-                raise SafetensorsError(
-                    f"tensor {name!r} is {array.dtype}{list(array.shape)}, announced as "
-                    f"{np.dtype(dtype)}{list(shape)}"
-                )
+        pending = worker.submit(made, *tensors[0]) if tensors else None
+        for k in range(len(tensors)):
+            array = pending.result()
+            if k + 1 < len(tensors):
+                pending = worker.submit(made, *tensors[k + 1])
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
             del array
         f.flush()

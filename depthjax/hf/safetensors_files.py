@@ -2,7 +2,8 @@
 
 Layouts: a single `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed
 by `model.safetensors.index.json` ({"weight_map": {tensor name: shard file}}). Reading is
-tensor by tensor into owned arrays (no memory map); writing holds one tensor in memory at a time.
+tensor by tensor into owned arrays (no memory map); writing makes each tensor as it is
+written (two in memory at a time).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def write(
     progress: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write tensors given as (name, shape, dtype, make_array) into `directory`, each made
-    as it is written (one tensor in memory at a time). One shard: model.safetensors; more:
+    as it is written (two tensors in memory at a time). One shard: model.safetensors; more:
     shards plus the index. Returns the file names written."""
     items = list(items)
     sizes = [
