@@ -9,6 +9,7 @@ import importlib.util
 import json
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,8 @@ def steps(model, calib, tokens_BT):
     out["gate_gradient"] = M.gate_gradient(model, calib)
     made["prune"] = dj.prune(model, out["block_influence"], 1, unit="block")
     out["prune"] = dj.apply(made["prune"], tokens_BT)
-    for method, rank in (("bias", None), ("linear", 4), ("lora", 2)):
-        extra = dict(lora_steps=3, learning_rate=1e-2) if method == "lora" else {}
+    for method, rank in (("bias", None), ("linear", 4), ("lora", 2), ("distill", 2)):
+        extra = dict(lora_steps=3, learning_rate=1e-2) if rank == 2 else {}
         made[method] = dj.recover(made["prune"], model, calib, method=method, rank=rank, **extra)
         out[f"recover_{method}"] = dj.apply(made[method], tokens_BT)
     out["perplexity"] = dj.eval.perplexity(model, ["hello sharded world " * 3])["nll"]
@@ -73,6 +74,13 @@ def harness(directory: str, **mesh) -> list:
 
     lm = DepthjaxLM(path=directory, **mesh)
     return lm._loglikelihood_tokens([(None, [10, 20, 30], [40, 50]), (None, [7], [8, 9, 10])])
+
+
+def gguf_tensors(path: str) -> dict:
+    """Every tensor of a GGUF file, by name (read with the gguf library)."""
+    from gguf import GGUFReader
+
+    return {t.name: np.array(t.data) for t in GGUFReader(path).tensors}
 
 
 def error(a, b, rtol=1e-5, atol=1e-5) -> float:
@@ -113,6 +121,18 @@ def main(directory: str) -> None:
     native = dj.load(directory + "-native", mesh=mesh)
     report["error"]["dj.load"] = error(single.params, native.params)
     report["dj.load_sharded"] = spec(native) == spec(sharded)
+    gguf = [
+        dj.gguf.save(m, f"{directory}-{name}.gguf") for name, m in (("1", single), ("8", sharded))
+    ]
+    report["error"]["gguf"] = error(*(gguf_tensors(f"{directory}-{n}.gguf") for n in "18"))
+    report["gguf_same_header"] = gguf[0] == gguf[1]
+    # a vocabulary the tensor axis does not divide: replicated there, and said so
+    odd = dj.init(cfg.replace(vocab_size=cfg.vocab_size + 1), jax.random.key(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        placed = dj.shard(odd, mesh)
+    report["unsharded_warning"] = [str(w.message) for w in caught]
+    report["odd_vocab_spec"] = str(placed.params["head"]["out"]["kernel"].sharding.spec)
     if importlib.util.find_spec("lm_eval") is not None:
         report["error"]["harness"] = error(harness(directory), harness(directory, fsdp=4, tensor=2))
     report["seconds"] = time.time() - t0

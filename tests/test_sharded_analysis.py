@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import depthjax as dj
@@ -29,12 +30,14 @@ STEPS = [  # every step of the loop the worker compares
     "recover_bias",
     "recover_linear",
     "recover_lora",
+    "recover_distill",
     "perplexity",
     "multiple_choice",
     "search",
     "generate",
     "export",
     "dj.load",
+    "gguf",
 ]
 
 
@@ -67,6 +70,12 @@ def test_research_loop_sharded_over_8_devices_equals_one_device(tmp_path):
     # and the loaded and exported weights exactly
     assert {k: v for k, v in errors.items() if v > 1} == {}
     assert errors["generate"] == errors["hf.load"] == errors["export"] == errors["dj.load"] == 0
+    assert errors["gguf"] == 0 and report["gguf_same_header"]
+    # llama-tiny's vocabulary + 1 is odd: tensor=2 cannot split it, the warning says where
+    (warning,) = report["unsharded_warning"]
+    assert "head/out/kernel: vocab 257 over tensor=2" in warning
+    assert "embed/tok/embedding: vocab 257 over tensor=2" in warning
+    assert report["odd_vocab_spec"] == str(jax.sharding.PartitionSpec("fsdp", None))
 
 
 def test_bad_meshes_raise_named_errors(tmp_path):
@@ -95,3 +104,54 @@ def test_shard_on_one_device_mesh_is_the_model(tmp_path):
     for loaded in (placed, dj.load(tmp_path / "n", mesh=mesh)):
         for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(loaded.params)):
             assert (a == b).all()
+
+
+@pytest.mark.slow  # two CLI runs on 8 fake devices: ~40 s on the 2-core machine
+def test_cli_mesh_shards_the_model_and_scores_as_one_device(tmp_path):
+    dj.hf.save(
+        dj.init(dj.configs.get("llama-tiny", max_seq_len=64), jax.random.key(0)), tmp_path / "m"
+    )
+
+    def score(*mesh):
+        out = tmp_path / ("scores" + "".join(mesh))
+        flags = ["--batches", "1", "--batch-size", "4", "--seq-len", "16", "--max-remove", "1"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "depthjax.cli", "score", "--model", str(tmp_path / "m")]
+            + flags
+            + ["--shapley-permutations", "1", "--out", str(out), "--quiet"]
+            + (["--mesh", *mesh] if mesh else []),
+            env=_env(8),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads((out / "scores.json").read_text()), proc.stderr
+
+    (one, _), (sharded, log) = score(), score("fsdp=4,tensor=2")
+    # 1/8 of the matrices plus the replicated norms
+    assert (
+        "sharded over {'data': 1, 'fsdp': 4, 'tensor': 2}: the busiest of 8 devices holds 12.7%"
+        in log
+    )
+    for name, score in one["scores"].items():
+        for key in ("values", "residual_norm"):
+            if key in score:
+                got, want = sharded["scores"][name][key], score[key]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+    for name, ys in one["removal_curves"].items():
+        np.testing.assert_allclose(sharded["removal_curves"][name], ys, rtol=1e-4, err_msg=name)
+
+
+def test_cli_mesh_errors_name_the_problem(tmp_path, capsys):
+    from depthjax.cli import main
+
+    dj.hf.save(dj.init(dj.configs.get("llama-tiny"), jax.random.key(0)), tmp_path / "m")
+    run = ["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--mesh"]
+    with pytest.raises(SystemExit) as usage:
+        main([*run, "fsdp=x"])
+    assert usage.value.code == 2
+    assert "'fsdp=x': 'x' is not an integer" in capsys.readouterr().err
+    assert main([*run, "fsdp=3"]) == 2
+    assert "1 devices cannot be split into mesh" in capsys.readouterr().err

@@ -47,23 +47,65 @@ def check_out_dir(path, flag: str = "--out", *, checkpoint: bool = False) -> Non
         )
 
 
+def mesh_sizes(text: str) -> dict[str, int]:
+    """argparse type of --mesh: 'fsdp=4,tensor=2' -> {"fsdp": 4, "tensor": 2} (axes data,
+    fsdp, tensor; one may be -1, and data is -1, the devices left, unless given)."""
+    from ..core.sharding import MESH_AXES
+
+    sizes = {}
+    for part in text.split(","):
+        axis, eq, value = part.strip().partition("=")
+        if axis not in MESH_AXES or not eq:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r}: expected AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}"
+            )
+        try:
+            sizes[axis] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r}: {value!r} is not an integer"
+            ) from None
+    return sizes
+
+
 def read_model(
     path,
     tokenizer: str | None = None,
     program: str | None = None,
     param_dtype: str | None = None,
+    mesh: dict[str, int] | None = None,
     **options,
 ):
     """The ModelDir of a native checkpoint or a local Hugging Face directory, read once:
     `tokenizer` ('byte' or a tokenizer.json) overrides the directory's own; `program` is a
     slice spec applied to the model's table; `param_dtype` (--param-dtype) the weights'
     dtype (None: float32 for a Hugging Face directory, the saved one for a native
-    checkpoint); `options` go to the loader (ModelDir.read)."""
+    checkpoint); `mesh` (--mesh) the mesh sizes to shard the weights over as they are read
+    (depthjax.core.sharding); `options` go to the loader (ModelDir.read)."""
     from ..files import ModelDir
 
     if param_dtype is not None:
         options["param_dtype"] = param_dtype
+    if mesh is not None:
+        from ..core.sharding import make_mesh
+
+        options["mesh"] = make_mesh(**{"data": -1, **mesh})
     md = ModelDir.read(path, tokenizer=tokenizer, **options)
+    if mesh is not None:
+        import sys
+
+        import jax
+
+        from ..core.sharding import device_bytes
+
+        held = device_bytes(md.model.params)
+        total = sum(x.nbytes for x in jax.tree.leaves(md.model.params))
+        print(
+            f"[load] weights sharded over {dict(options['mesh'].shape)}: the busiest of "
+            f"{len(held)} devices holds {max(held.values()) / total:.1%} of them",
+            file=sys.stderr,
+            flush=True,
+        )
     if program is not None:
         from ..depth import from_spec, load_spec
 
@@ -71,8 +113,8 @@ def read_model(
     return md
 
 
-def add_param_dtype_arg(p) -> None:
-    """--param-dtype for a command that loads a model."""
+def add_load_args(p) -> None:
+    """--param-dtype and --mesh for a command that loads a model."""
     from ..core.config import DTYPES
 
     p.add_argument(
@@ -81,6 +123,15 @@ def add_param_dtype_arg(p) -> None:
         default=None,
         help="dtype the weights are held in (default: float32 for a Hugging Face "
         "directory, as saved for a native checkpoint); bfloat16 halves their memory",
+    )
+    p.add_argument(
+        "--mesh",
+        type=mesh_sizes,
+        default=None,
+        metavar="AXIS=N,...",
+        help="shard the weights over the devices as they are read, e.g. fsdp=4,tensor=2 "
+        "(axes data, fsdp, tensor; data takes the devices left); results equal the "
+        "one-device run's",
     )
 
 
@@ -96,7 +147,7 @@ def add_quiet_arg(p) -> None:
 def add_data_args(p) -> None:
     """--model and the calibration / task flags of `score` and `prune`."""
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")
-    add_param_dtype_arg(p)
+    add_load_args(p)
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -156,7 +207,7 @@ def load_with_data(args) -> Data:
     corpus (train split to score, validation split to evaluate), and the --task."""
     from ..files import corpus
 
-    md = read_model(args.model, args.tokenizer, param_dtype=args.param_dtype)
+    md = read_model(args.model, args.tokenizer, param_dtype=args.param_dtype, mesh=args.mesh)
     model, tok = md.model, md.tokenizer
     n, B, T = args.batches, args.batch_size, args.seq_len
     if args.data:

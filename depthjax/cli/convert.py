@@ -16,7 +16,7 @@ import argparse
 import os
 import time
 
-from .common import add_param_dtype_arg, read_model
+from .common import add_load_args, read_model
 
 
 def _convert(args) -> int:
@@ -34,7 +34,7 @@ def _convert(args) -> int:
         options = dict(kind="hf", progress=True, ignore_keys=tuple(args.ignore_key))
     else:
         options = dict(kind="depthjax")
-    md = read_model(args.source, param_dtype=args.param_dtype, **options)
+    md = read_model(args.source, param_dtype=args.param_dtype, mesh=args.mesh, **options)
     model, files = md.model, md.files
     source_type = (md.hf_config or {}).get("model_type")  # hf -> hf keeps it
     print(
@@ -95,7 +95,7 @@ def add_command(sub) -> None:
         help="format of the source directory",
     )
     p.add_argument("source", metavar="DIR", help="source directory")
-    add_param_dtype_arg(p)
+    add_load_args(p)
     p.add_argument("--to", dest="out", metavar="OUT", required=True, help="output directory")
     p.add_argument(
         "--to-format",

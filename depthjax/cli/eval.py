@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import UsageError, add_param_dtype_arg, read_model
+from .common import UsageError, add_load_args, read_model
 
 
 def _eval(args) -> int:
@@ -26,7 +26,7 @@ def _eval(args) -> int:
 
     if not args.task and not args.data:
         raise UsageError("give at least one --task FILE.jsonl or --data FILES")
-    md = read_model(args.model, args.tokenizer, args.program, args.param_dtype)
+    md = read_model(args.model, args.tokenizer, args.program, args.param_dtype, args.mesh)
     model, tok = md.model, md.tokenizer
     print(f"[eval] {repr(model).splitlines()[0]}", flush=True)
     results = {}
@@ -82,7 +82,7 @@ def add_command(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")
-    add_param_dtype_arg(p)
+    add_load_args(p)
     p.add_argument(
         "--program", default=None, help="slice spec (YAML/JSON) run on the model's table"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import UsageError, add_param_dtype_arg, count, natural, read_model
+from .common import UsageError, add_load_args, count, natural, read_model
 
 
 def _generate(args) -> int:
@@ -15,7 +15,7 @@ def _generate(args) -> int:
 
     import depthjax as dj
 
-    md = read_model(args.model, args.tokenizer, param_dtype=args.param_dtype)
+    md = read_model(args.model, args.tokenizer, param_dtype=args.param_dtype, mesh=args.mesh)
     model, tok = md.model, md.tokenizer
     ids = tok.encode(args.prompt)
     if not ids.size:
@@ -57,7 +57,7 @@ def _generate(args) -> int:
 def add_command(sub) -> None:
     p = sub.add_parser("generate", help="sample a continuation of a prompt")
     p.add_argument("--model", required=True, help="native checkpoint or Hugging Face directory")
-    add_param_dtype_arg(p)
+    add_load_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)  # the library names a bad one
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

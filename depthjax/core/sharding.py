@@ -9,7 +9,8 @@ of the `Mesh(data, fsdp, tensor)`:
 * tensor: Megatron-style tensor parallelism over heads, MLP width and vocabulary.
 
 A logical axis whose size is not divisible by its mesh axes stays unsharded, so any
-model runs on any mesh; leaves with unknown names (e.g. adapters) are replicated.
+model runs on any mesh, with a warning naming each such dimension (it costs memory on
+every device); leaves with unknown names (e.g. adapters) are replicated.
 
 Training places its state by these rules; so do `dj.shard(model, mesh)`, `dj.load(dir,
 mesh=)` and `dj.hf.load(dir, mesh=)` for analysis. Every step of the research loop then
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -122,24 +124,53 @@ def param_logical_axes(params) -> dict:
     )
 
 
-def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
-    """PartitionSpec for one array: each logical axis -> its mesh axes from RULES, unless a
-    mesh axis is already used by an earlier dimension or does not divide the size."""
+def _resolve(axes: tuple, shape: tuple, mesh: Mesh) -> tuple[P, list[str]]:
+    """The PartitionSpec of one array, and a note for each dimension left unsharded
+    because its mesh axes do not divide its size."""
     missing = [a for a in MESH_AXES if a not in mesh.shape]
     if missing:
         raise ShardingError(
             f"mesh axes {tuple(mesh.axis_names)} lack {missing}: the sharding rules need "
             f"a mesh with axes {MESH_AXES} (depthjax.core.sharding.make_mesh)"
         )
-    used, spec = set(), []
+    used, spec, misses = set(), [], []
     for name, size in zip(axes, shape):
         mesh_axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
-        if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+        n = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and size % n == 0:
             used.update(mesh_axes)
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
         else:
             spec.append(None)
-    return P(*spec)
+            if mesh_axes:
+                misses.append(f"{name} {size} over {'x'.join(mesh_axes)}={n}")
+    return P(*spec), misses
+
+
+def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
+    """PartitionSpec for one array: each logical axis -> its mesh axes from RULES, unless a
+    mesh axis is already used by an earlier dimension or does not divide the size."""
+    return _resolve(axes, shape, mesh)[0]
+
+
+def warn_unsharded(shapes: dict, mesh: Mesh) -> list[str]:
+    """Warn (once, naming them) about the leaves of `shapes` ({path tuple: shape}) that the
+    rules would shard but the mesh does not divide: they are replicated on that axis, which
+    costs memory on every device. Returns the notes ("path: vocab 50257 over tensor=2")."""
+    notes = []
+    for path, shape in shapes.items():
+        _, misses = _resolve(leaf_logical_axes(path, len(shape)), tuple(shape), mesh)
+        notes += [f"{'/'.join(path)}: {m}" for m in misses]
+    if notes:
+        more = f"; and {len(notes) - 6} more" if len(notes) > 6 else ""
+        warnings.warn(
+            f"{len(notes)} parameter dimension(s) stay unsharded because the mesh does not "
+            f"divide them, so every device on that mesh axis holds them whole: "
+            f"{'; '.join(notes[:6])}{more}. Pick mesh sizes that divide these dimensions "
+            "(or pad the vocabulary) to shard them.",
+            stacklevel=3,
+        )
+    return notes
 
 
 def leaf_sharding(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
@@ -149,7 +180,10 @@ def leaf_sharding(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> 
 
 
 def param_shardings(params, mesh: Mesh):
-    """NamedSharding for every parameter leaf (params may be arrays or ShapeDtypeStructs)."""
+    """NamedSharding for every parameter leaf (params may be arrays or ShapeDtypeStructs);
+    warns about the dimensions the mesh does not divide (warn_unsharded)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    warn_unsharded({_keys(path): np.shape(x) for path, x in flat}, mesh)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: leaf_sharding(_keys(path), np.shape(x), mesh), params
     )
@@ -176,3 +210,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (the devices it is split over)."""
     return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
+def device_bytes(params) -> dict:
+    """Bytes of `params` each device holds ({device: bytes}): what sharding saves."""
+    held: dict = {}
+    for x in jax.tree.leaves(params):
+        for shard_ in x.addressable_shards:
+            held[shard_.device] = held.get(shard_.device, 0) + shard_.data.nbytes
+    return held

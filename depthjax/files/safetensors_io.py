@@ -156,6 +156,7 @@ def write(path, tensors, metadata: dict[str, str] | None = None) -> None:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+
     def made(name, shape, dtype, make):
         array = np.ascontiguousarray(make())
         if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
