@@ -233,3 +233,25 @@ def test_loading_peak_memory_is_the_checkpoint_plus_one_group(tmp_path):
     assert 90e6 < nbytes < 130e6
     assert m["rss"] - m["base"] >= 0.9 * nbytes  # the weights are resident
     assert m["peak"] - m["base"] <= nbytes + group + 32 * 2**20, (m, nbytes, group)
+
+
+def test_training_refuses_bfloat16_master_weights(tmp_path, capsys):
+    from depthjax.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), "model.param_dtype=bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "model.param_dtype=bfloat16: training keeps float32 master weights" in err
+    assert "model.dtype=bfloat16" in err
+
+
+@pytest.mark.slow  # one compile of the train step: ~15 s
+def test_training_from_a_bfloat16_checkpoint_holds_float32_master_weights(tmp_path):
+    from depthjax.cli import main
+
+    cfg = dj.configs.get("llama-tiny", n_layers=2, param_dtype="bfloat16")
+    dj.save(dj.init(cfg, jax.random.key(0)), tmp_path / "bf16")
+    run = ["train", "--out", str(tmp_path / "run"), "--quiet", f"init_from={tmp_path / 'bf16'}"]
+    assert main([*run, "steps=1", "batch_size=2", "seq_len=16"]) == 0
+    trained = dj.load(tmp_path / "run" / "model")
+    assert trained.config.param_dtype == "float32"
+    assert {x.dtype for x in jax.tree.leaves(trained.params)} == {np.dtype("float32")}

@@ -262,6 +262,14 @@ class TrainConfig:
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Raise TrainConfigError when the keys do not fit the model they train."""
+        if cfg.param_dtype != "float32":
+            raise TrainConfigError(
+                f"model.param_dtype={cfg.param_dtype}: training keeps float32 master weights "
+                "(bfloat16 would round most updates away); set model.dtype=bfloat16 for "
+                "bfloat16 compute, and hold the trained model in bfloat16 afterwards "
+                "(dj.load(DIR, param_dtype='bfloat16'), `depthjax convert --param-dtype "
+                "bfloat16`)"
+            )
         if self.seq_len > cfg.max_seq_len:
             raise TrainConfigError(
                 f"seq_len={self.seq_len} exceeds the model's max_seq_len="

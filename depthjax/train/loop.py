@@ -93,7 +93,8 @@ def maybe_initialize_distributed(mode: str, heartbeat_timeout: int = 100) -> Non
 def _initial_model(tc: TrainConfig) -> tuple:
     """(config, program, params init fn or loaded params) for a fresh run."""
     if tc.init_from:
-        model = ModelDir.read(tc.init_from).model  # native or Hugging Face
+        # native or Hugging Face, as float32 master weights whatever dtype it was saved in
+        model = ModelDir.read(tc.init_from, param_dtype="float32").model
         cfg = model.config.replace(**tc.model_overrides) if tc.model_overrides else model.config
         native_ckpt.check_params(cfg, model.params)
         return cfg, model.program, model.params
