@@ -41,10 +41,10 @@ STEPS = [  # every step of the loop the worker compares
 ]
 
 
-@pytest.mark.slow  # 2-core machine: 126 s cold, 42 s with the compile cache (two compiles)
-def test_research_loop_sharded_over_8_devices_equals_one_device(tmp_path):
+def _on_8_devices(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` with 8 fake CPU devices (fixed when jax starts), checked."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.sharded_analysis_worker", str(tmp_path / "llama")],
+        [sys.executable, "-m", module, *args],
         env=_env(8),
         cwd=ROOT,
         capture_output=True,
@@ -52,6 +52,12 @@ def test_research_loop_sharded_over_8_devices_equals_one_device(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow  # 2-core machine: 126 s cold, 42 s with the compile cache (two compiles)
+def test_research_loop_sharded_over_8_devices_equals_one_device(tmp_path):
+    proc = _on_8_devices("tests.sharded_analysis_worker", str(tmp_path / "llama"))
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(report)
     b = report["bytes"]
@@ -115,18 +121,11 @@ def test_cli_mesh_shards_the_model_and_scores_as_one_device(tmp_path):
     def score(*mesh):
         out = tmp_path / ("scores" + "".join(mesh))
         flags = ["--batches", "1", "--batch-size", "4", "--seq-len", "16", "--max-remove", "1"]
-        proc = subprocess.run(
-            [sys.executable, "-m", "depthjax.cli", "score", "--model", str(tmp_path / "m")]
-            + flags
-            + ["--shapley-permutations", "1", "--out", str(out), "--quiet"]
-            + (["--mesh", *mesh] if mesh else []),
-            env=_env(8),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        flags += ["--shapley-permutations", "1", "--out", str(out), "--quiet"]
+        mesh_flags = ["--mesh", *mesh] if mesh else []
+        proc = _on_8_devices(
+            "depthjax.cli", "score", "--model", str(tmp_path / "m"), *flags, *mesh_flags
         )
-        assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads((out / "scores.json").read_text()), proc.stderr
 
     (one, _), (sharded, log) = score(), score("fsdp=4,tensor=2")
