@@ -7,17 +7,19 @@ Writes a random Llama checkpoint in bfloat16 with transformers (TinyLlama's shap
 parameters, ~0.8 GB) through the Python 3.11 reference environment (DEPTHJAX_REF_PYTHON,
 default .venv-ref/bin/python), then loads it in fresh subprocesses, in turns:
 transformers `from_pretrained(dtype=torch.bfloat16)`, `dj.hf.load(dir,
-param_dtype="bfloat16")` and `dj.hf.load(dir)` (float32). Each child reports its load time
-(imports excluded), its resident memory after imports (the baseline), its peak (VmHWM)
-after loading, and its peak after reading every weight once (transformers maps the file
-and reads a page only when a weight is used, so its peak right after loading does not
-yet hold the weights). The file is in the page cache for every load (written just before).
-Prints min / max over repeats and the ratios to transformers. Then saving: each library
-loads the checkpoint in bfloat16 and writes it back (`save_pretrained` / `dj.hf.save`),
-timed with the peak resident memory above what the loaded model already held.
-`dj.hf.save` is crash-safe (every file fsynced before an atomic swap) and
-`save_pretrained` is not (its bytes may still sit in the page cache when it returns), so
-transformers is also timed with an fsync of its files: the same durability.
+param_dtype="bfloat16")`, `dj.hf.load(dir)` (float32) and `dj.load` of the same weights
+saved natively in bfloat16 (DIR-native, SHA-256 checked as it reads). Each child reports
+its load time (imports excluded), its resident memory after imports (the baseline), its
+peak (VmHWM) after loading, and its peak after reading every weight once (transformers
+maps the file and reads a page only when a weight is used, so its peak right after
+loading does not yet hold the weights). The file is in the page cache for every load
+(written just before). Prints min / max over repeats and the ratios to transformers.
+Then saving: each library loads the checkpoint in bfloat16 and writes it back
+(`save_pretrained`; `dj.hf.save`, and `dj.save` natively), timed with the peak resident
+memory above what the loaded model already held. `dj.hf.save` and `dj.save` are
+crash-safe (every file fsynced before an atomic swap) and `save_pretrained` is not (its
+bytes may still sit in the page cache when it returns), so transformers is also timed with
+an fsync of its files: the same durability.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -69,6 +72,12 @@ CHILDREN = {
         "m = dj.hf.load(DIR, progress=False); jax.block_until_ready(m)",
         "[float(p.sum()) for p in jax.tree.leaves(m.params)]",
     ),
+    "dj.load native bf16": (  # the same weights as a native checkpoint (DIR-native)
+        "dj",
+        "import jax, depthjax as dj",
+        "m = dj.load(DIR + '-native'); jax.block_until_ready(m)",
+        "[float(p.sum()) for p in jax.tree.leaves(m.params)]",
+    ),
 }
 
 
@@ -96,6 +105,7 @@ SAVES = {  # save -> (loader in CHILDREN, the code it times)
     "transformers": ("transformers bf16", "m.save_pretrained(out)"),
     "transformers + fsync": ("transformers bf16", "m.save_pretrained(out)" + _FSYNC),
     "depthjax": ("depthjax bf16", "dj.hf.save(m, out, overwrite=True, progress=False)"),
+    "dj.save native": ("depthjax bf16", "dj.save(m, os.path.join(out, 'native'))"),
 }
 
 
@@ -119,6 +129,10 @@ def main() -> None:
     if not os.path.exists(os.path.join(directory, "config.json")):
         n = write_llama(directory, args.layers, **TINYLLAMA)
         print(f"wrote {directory}: {n / 1e6:.0f}M parameters", flush=True)
+    if not os.path.exists(directory + "-native"):  # the native checkpoint dj.load reads
+        code = "import depthjax as dj, sys; d = sys.argv[1]\n"
+        code += "dj.save(dj.hf.load(d, param_dtype='bfloat16', progress=False), d + '-native')"
+        run_child(sys.executable, code + "\nprint('ok')", ref=False, args=[directory])
     nbytes = safetensors_bytes(directory)
     print(f"checkpoint: {nbytes / 2**30:.2f} GiB of safetensors (bfloat16)")
     runs: dict[str, list[dict]] = {name: [] for name in CHILDREN}
@@ -144,7 +158,7 @@ def main() -> None:
             f" {span(over, f2):>13}"
         )
     tf_s, tf_peak, _ = best["transformers bf16"]
-    for name in ("depthjax bf16", "depthjax f32"):
+    for name in ("depthjax bf16", "depthjax f32", "dj.load native bf16"):
         s, peak, over = best[name]
         print(
             f"{name} / transformers: time {s / tf_s:.2f}x, peak RSS with the weights read "
@@ -160,12 +174,12 @@ def main() -> None:
         secs, over = [r["seconds"] for r in rs], [gib(r["over"]) for r in rs]
         print(f"{name:<22} {span(secs, '{:.2f}'.format):>12} {span(over, '{:.2f}'.format):>24}")
     best = {name: min(r["seconds"] for r in rs) for name, rs in saves.items()}
-    for ref in ("transformers", "transformers + fsync"):
-        print(f"depthjax / {ref}: save time {best['depthjax'] / best[ref]:.2f}x (fastest runs)")
+    for ours in ("depthjax", "dj.save native"):
+        for ref in ("transformers", "transformers + fsync"):
+            print(f"{ours} / {ref}: save time {best[ours] / best[ref]:.2f}x (fastest runs)")
     if not (args.keep or args.dir):
-        for f in os.listdir(directory):
-            os.remove(os.path.join(directory, f))
-        os.rmdir(directory)
+        shutil.rmtree(directory)
+        shutil.rmtree(directory + "-native")
 
 
 if __name__ == "__main__":
