@@ -59,6 +59,19 @@ def test_bfloat16_and_extra_subtrees_round_trip(tmp_path):
     assert back.params["blocks"]["attn"]["q"]["kernel"].dtype == ml_dtypes.bfloat16
 
 
+def test_manifest_digests_are_those_of_the_files_on_disk(tmp_path):
+    """The params digest is taken from the bytes as they are written (no read-back): it
+    must equal SHA-256 of the file as it lies on disk, as every other file's does."""
+    import hashlib
+
+    model = dj.init(dj.configs.get("llama-tiny", param_dtype="bfloat16"), jax.random.key(0))
+    dj.save(model, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"config.json", "program.json", "params.safetensors"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((tmp_path / "ck" / name).read_bytes()).hexdigest() == digest, name
+
+
 def test_tied_table_keeps_its_row_count(tmp_path):
     # Two table rows walked four times: n_blocks != config.n_layers is allowed.
     cfg = dj.configs.get("llama-tiny", n_layers=2)

@@ -141,24 +141,31 @@ def save(model: DepthModel, path, *, files=()) -> Path:
     with atomic.replacing(path, carry=lambda name: name not in old_files) as tmp:
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_json(tmp / "program.json", model.program.to_dict())
-        # each leaf comes to the host as it is written: one leaf beyond the model at a time
+        # each leaf comes to the host as it is written: one leaf beyond the model at a
+        # time; the file's digest is taken from the bytes written, not read back
+        params_digest = hashlib.sha256()
         safetensors_io.write(
             tmp / "params.safetensors",
             [
                 (k, v.shape, v.dtype, lambda v=v: np.asarray(jax.device_get(v)))
                 for k, v in flat.items()
             ],
+            hasher=params_digest,
         )
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
-        names = ["config.json", "program.json", "params.safetensors"] + [f.name for f in extra]
+        names = ["config.json", "program.json"] + [f.name for f in extra]
+        digests = {
+            "params.safetensors": params_digest.hexdigest(),
+            **integrity.file_digests(tmp, names),
+        }
         integrity.write_sealed(
             tmp / "manifest.json",
             {
                 "format": FORMAT,
                 "version": VERSION,
                 "params": _describe(model.params),
-                "files": integrity.file_digests(tmp, names),
+                "files": digests,
             },
         )
     return path

@@ -134,11 +134,13 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
-def write(path, tensors, metadata: dict[str, str] | None = None) -> None:
+def write(path, tensors, metadata: dict[str, str] | None = None, hasher=None) -> None:
     """Write a safetensors file from `tensors`: (name, shape, dtype, make) with `make()`
     returning that array, called in order as the file is written (the next one on a worker
     thread while this one is written), so memory holds two tensors beyond the caller's (no
-    serialized copy of the file). Flushed to disk before returning."""
+    serialized copy of the file). Flushed to disk before returning. `hasher` (e.g.
+    hashlib.sha256()) is fed every byte of the file in order, on the worker thread, so
+    the caller has the file's digest without reading it back."""
     tensors = list(tensors)
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
@@ -164,12 +166,17 @@ def write(path, tensors, metadata: dict[str, str] | None = None) -> None:
                 f"tensor {name!r} is {array.dtype}{list(array.shape)}, announced as "
                 f"{np.dtype(dtype)}{list(shape)}"
             )
+        if hasher is not None:  # one worker, tensors in order: the file's byte order
+            hasher.update(memoryview(array.reshape(-1).view(np.uint8)))
         return array
 
     # The next tensor is made on a worker thread while this one is written (both release
     # the GIL), so memory holds two tensors beyond the caller's at most.
     with open(path, "wb") as f, ThreadPoolExecutor(1) as worker:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        head = struct.pack("<Q", len(raw)) + raw
+        f.write(head)
+        if hasher is not None:
+            hasher.update(head)
         pending = worker.submit(made, *tensors[0]) if tensors else None
         for k in range(len(tensors)):
             array = pending.result()
