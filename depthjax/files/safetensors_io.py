@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import DepthjaxError
+from . import atomic
 
 # safetensors dtype codes <-> numpy dtypes (bfloat16 through ml_dtypes)
 DTYPES = {
@@ -183,6 +184,8 @@ def write(path, tensors, metadata: dict[str, str] | None = None, hasher=None) ->
             if k + 1 < len(tensors):
                 pending = worker.submit(made, *tensors[k + 1])
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            f.flush()
+            atomic.start_writeback(f.fileno())  # the disk works while the next one is made
             del array
         f.flush()
         os.fsync(f.fileno())
