@@ -21,6 +21,8 @@ adapter, gate or scale.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,57 +182,59 @@ class Folded:
             ("mlp", n, "bias") for n in ("gate", "up", "down") if ("mlp", n, "kernel") in self.table
         ]
 
-    def _zero_bias(self, path):
-        cfg = self.model.config
-        heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads, "v": cfg.n_kv_heads}
-        if path[1] in heads:
-            return jnp.zeros((heads[path[1]], cfg.head_dim), jnp.float32)
-        if path[1] in ("o", "down"):
-            return jnp.zeros((cfg.d_model,), jnp.float32)
-        return jnp.zeros((cfg.d_ff,), jnp.float32)
-
     def shape(self, path: tuple) -> tuple[int, ...]:
         """Shape of one row's leaf at `path`."""
-        return self.table[path].shape[1:] if path in self.table else self._zero_bias(path).shape
+        if path in self.table:
+            return self.table[path].shape[1:]
+        return _zero_bias(self.model.config, path).shape
 
+    @functools.cached_property
     def arrays(self) -> dict:
-        """Every array `leaf` reads, as one pytree: pass it (with `step`) as an argument
-        to a jitted function that calls leaf(step, path, arrays), so one compiled program
-        serves every step and no table is baked into it as a constant."""
-        depth, d = self.model.depth, self.model.config.d_model
-        late = np.zeros((depth, d), np.float32)
-        for step, bias in self.late_bias.items():
-            late[step] = np.asarray(bias, np.float32)
-        return {
-            "table": self.table,
-            "delta": self.delta,
-            "lora": self.lora,
-            "block": self.block,
-            "factors": self.factors,
-            "late_bias": late,
-        }
+        """Every array a folded leaf reads, as one pytree (`fold_leaf`'s `arrays`). Only
+        the factors that are not all 1 and the late biases that exist are in it, so its
+        structure says what to fold, and a jitted function of it compiles once per kind of
+        model, with no table baked into it as a constant."""
+        arrays = {"table": self.table, "delta": self.delta, "lora": self.lora}
+        arrays["block"] = self.block
+        arrays["factors"] = {k: f for k, f in self.factors.items() if (f != 1).any()}
+        if self.late_bias:
+            late = np.zeros((self.model.depth, self.model.config.d_model), np.float32)
+            for step, bias in self.late_bias.items():
+                late[step] = np.asarray(bias, np.float32)
+            arrays["late_bias"] = late
+        return arrays
 
-    def leaf(self, step, path: tuple, arrays: dict | None = None):
-        """The folded leaf at `path` of step `step` (an int, or a traced int32 together
-        with `arrays`, the pytree from self.arrays())."""
-        a = self.arrays() if arrays is None else arrays
-        take = lambda stacked, i: jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
-        value = (
-            take(a["table"][path], a["block"][step])
-            if path in self.table
-            else self._zero_bias(path)
-        )
-        at_step = lambda flat: {
-            p: take(flat[p], step) for p in (path, path + ("a",), path + ("b",)) if p in flat
-        }
-        value = steps_lib.effective_leaf(path, value, at_step(a["delta"]), at_step(a["lora"]))
-        for name, prefix in _WRITERS.get(_placement(self.model.config), {}).items():
-            # x * 1 is exact, so steps whose factor is 1 keep their weights bit for bit
-            if path[: len(prefix)] == prefix and (self.factors[name] != 1).any():
-                value = value * a["factors"][name][step]
-        if path == ("mlp", "down", "bias") and self.late_bias:
-            value = value + a["late_bias"][step]
-        return value
+    def leaf(self, step: int, path: tuple):
+        """The folded leaf at `path` of step `step`."""
+        return fold_leaf(self.model.config, self.arrays, step, path)
+
+
+def _zero_bias(cfg, path):
+    heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads, "v": cfg.n_kv_heads}
+    if path[1] in heads:
+        return jnp.zeros((heads[path[1]], cfg.head_dim), jnp.float32)
+    if path[1] in ("o", "down"):
+        return jnp.zeros((cfg.d_model,), jnp.float32)
+    return jnp.zeros((cfg.d_ff,), jnp.float32)
+
+
+def fold_leaf(cfg, arrays: dict, step, path: tuple):
+    """The folded leaf at `path` of step `step` (an int, or a traced int32) of the model
+    with config `cfg` whose arrays are `arrays` (Folded.arrays)."""
+    take = lambda stacked, i: jax.lax.dynamic_index_in_dim(stacked, i, keepdims=False)
+    table = arrays["table"]
+    value = take(table[path], arrays["block"][step]) if path in table else _zero_bias(cfg, path)
+    at_step = lambda flat: {
+        p: take(flat[p], step) for p in (path, path + ("a",), path + ("b",)) if p in flat
+    }
+    value = steps_lib.effective_leaf(path, value, at_step(arrays["delta"]), at_step(arrays["lora"]))
+    for name, prefix in _WRITERS.get(_placement(cfg), {}).items():
+        # x * 1 is exact, so steps whose factor is 1 keep their weights bit for bit
+        if path[: len(prefix)] == prefix and name in arrays["factors"]:
+            value = value * arrays["factors"][name][step]
+    if path == ("mlp", "down", "bias") and "late_bias" in arrays:
+        value = value + arrays["late_bias"][step]
+    return value
 
 
 def fold(model: DepthModel) -> DepthModel:

@@ -13,6 +13,7 @@ folded is refused unless drop_adapters says to leave every adapter out.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -55,6 +56,26 @@ def parse_size(size: int | str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise HFError(f"max_shard_size={size!r} is not a size like 5GB or 500MiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+# The conversion to the Hugging Face layout (mostly transposes) runs compiled: XLA's
+# tiled, threaded copy is ~7x numpy's strided one. All tensors of a layer come from one
+# program that takes the step as data, cached across saves by the configs (a fresh process
+# compiles a handful of programs, not one per layer, tensor and eager op).
+@functools.partial(jax.jit, static_argnames=("source", "target", "model_type", "dtype"))
+def _convert_layer(arrays, step, *, source, target, model_type, dtype):
+    """[every per-layer HF tensor of step `step`] of the folded model whose arrays are
+    `arrays` (Folded.arrays), in tensor_map.rules_for order; source: its config."""
+    leaf = lambda p: fold_lib.fold_leaf(source, arrays, step, p[1:])
+    rules = [rule for rule in tensor_map.rules_for(target, model_type) if rule.per_layer]
+    return [rule.to_hf(*map(leaf, rule.leaves)).astype(dtype) for rule in rules]
+
+
+@functools.partial(jax.jit, static_argnames=("name", "target", "model_type", "dtype"))
+def _convert_top(top, *, name, target, model_type, dtype):
+    """The HF tensor of the top-level (not per-layer) rule `name` from {"embed", "head"}."""
+    (rule,) = [r for r in tensor_map.rules_for(target, model_type) if r.name == name]
+    return rule.to_hf(*(tensor_map.leaf_at(top, p) for p in rule.leaves)).astype(dtype)
 
 
 def export_plan(
@@ -213,29 +234,23 @@ def save(
     rules = tensor_map.rules_for(out_cfg, model_type)
     layer_rules = [rule for rule in rules if rule.per_layer]
 
-    # The conversion (mostly transposes) runs compiled: XLA's tiled, threaded copy is ~7x
-    # numpy's strided one. All tensors of a layer come from one program taking the step as
-    # data, so a fresh process compiles it once, not once per layer, rule and eager op;
-    # the next layer is dispatched (asynchronously) while this one is written, so memory
-    # holds two layers' converted tensors at most.
-    @jax.jit
-    def convert_layer(arrays, step):
-        leaf = lambda p: folded.leaf(step, p[1:], arrays)
-        return [rule.to_hf(*map(leaf, rule.leaves)).astype(dtype) for rule in layer_rules]
-
-    arrays, converted = folded.arrays(), {}
+    arrays, converted = folded.arrays, {}
+    static = dict(target=out_cfg, model_type=model_type, dtype=model.config.param_dtype)
 
     def layer_tensor(layer: int, k: int) -> np.ndarray:
+        # the next layer is dispatched (asynchronously) while this one is written, so
+        # memory holds two layers' converted tensors at most
         for i in (layer, layer + 1):
             if i not in converted and i < out_cfg.n_layers:
-                converted[i] = convert_layer(arrays, np.int32(i))
+                converted[i] = _convert_layer(
+                    arrays, np.int32(i), source=folded.model.config, **static
+                )
         for i in [i for i in converted if i < layer]:
             del converted[i]
         return np.asarray(converted[layer][k])
 
     def top_tensor(rule) -> np.ndarray:
-        convert = jax.jit(lambda *leaves: rule.to_hf(*leaves).astype(dtype))
-        return np.asarray(convert(*(tensor_map.leaf_at(top, p) for p in rule.leaves)))
+        return np.asarray(_convert_top(top, name=rule.name, **static))
 
     def hf_shape(rule, leaf_shape) -> tuple[int, ...]:
         structs = [jax.ShapeDtypeStruct(leaf_shape(p), dtype) for p in rule.leaves]
@@ -247,11 +262,11 @@ def save(
             shape = hf_shape(rule, lambda p: np.shape(tensor_map.leaf_at(top, p)))
             make = lambda rule=rule: top_tensor(rule)
             items.append((rule.hf_name(prefix), shape, dtype, make))
+    layer_shapes = [hf_shape(rule, lambda p: folded.shape(p[1:])) for rule in layer_rules]
     for layer in range(out_cfg.n_layers):
         for k, rule in enumerate(layer_rules):
-            shape = hf_shape(rule, lambda p: folded.shape(p[1:]))
             make = lambda layer=layer, k=k: layer_tensor(layer, k)
-            items.append((rule.hf_name(prefix, layer), shape, dtype, make))
+            items.append((rule.hf_name(prefix, layer), layer_shapes[k], dtype, make))
     total = sum(int(np.prod(s)) for _, s, _, _ in items) * dtype.itemsize
     verbose = total > 256 * 2**20 if progress is None else progress
     report = (
