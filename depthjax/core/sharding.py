@@ -153,14 +153,16 @@ def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh) -> P:
     return _resolve(axes, shape, mesh)[0]
 
 
-def warn_unsharded(shapes: dict, mesh: Mesh) -> list[str]:
-    """Warn (once, naming them) about the leaves of `shapes` ({path tuple: shape}) that the
-    rules would shard but the mesh does not divide: they are replicated on that axis, which
-    costs memory on every device. Returns the notes ("path: vocab 50257 over tensor=2")."""
+def warn_unsharded(params, mesh: Mesh) -> list[str]:
+    """Warn (once, naming them) about the dimensions of `params` (arrays or
+    ShapeDtypeStructs) that the rules would shard but the mesh does not divide: they are
+    replicated on that axis, which costs memory on every device. Returns the notes
+    ("head/out/kernel: vocab 50257 over tensor=2")."""
     notes = []
-    for path, shape in shapes.items():
-        _, misses = _resolve(leaf_logical_axes(path, len(shape)), tuple(shape), mesh)
-        notes += [f"{'/'.join(path)}: {m}" for m in misses]
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys, shape = _keys(path), tuple(np.shape(x))
+        _, misses = _resolve(leaf_logical_axes(keys, len(shape)), shape, mesh)
+        notes += [f"{'/'.join(keys)}: {m}" for m in misses]
     if notes:
         more = f"; and {len(notes) - 6} more" if len(notes) > 6 else ""
         warnings.warn(
@@ -182,8 +184,7 @@ def leaf_sharding(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> 
 def param_shardings(params, mesh: Mesh):
     """NamedSharding for every parameter leaf (params may be arrays or ShapeDtypeStructs);
     warns about the dimensions the mesh does not divide (warn_unsharded)."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    warn_unsharded({_keys(path): np.shape(x) for path, x in flat}, mesh)
+    warn_unsharded(params, mesh)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: leaf_sharding(_keys(path), np.shape(x), mesh), params
     )

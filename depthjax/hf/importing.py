@@ -238,7 +238,7 @@ def load(
     family = tensor_map.hf_family(model_type)
     shapes = jax.eval_shape(lambda k: init(cfg, k).params, jax.random.key(0))
     if mesh is not None:
-        sharding_lib.param_shardings(shapes, mesh)  # warns about what the mesh cannot split
+        sharding_lib.warn_unsharded(shapes, mesh)
     rules = tensor_map.rules_for(cfg, model_type)
     with Checkpoint(directory) as ckpt:
         names = ckpt.names()
