@@ -1,5 +1,6 @@
 """dj.save / dj.load: bit-exact round trips, atomic replacement, clear errors."""
 
+import hashlib
 import json
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import depthjax as dj
+from depthjax.files import integrity
 from depthjax.files.checkpoint import CheckpointError
 
 
@@ -59,17 +61,46 @@ def test_bfloat16_and_extra_subtrees_round_trip(tmp_path):
     assert back.params["blocks"]["attn"]["q"]["kernel"].dtype == ml_dtypes.bfloat16
 
 
-def test_manifest_digests_are_those_of_the_files_on_disk(tmp_path):
-    """The params digest is taken from the bytes as they are written (no read-back): it
-    must equal SHA-256 of the file as it lies on disk, as every other file's does."""
-    import hashlib
+def _piecewise_sha256(data: bytes, piece: int) -> str:
+    """The naive definition of integrity.PieceDigest: SHA-256 of the pieces' SHA-256s."""
+    pieces = [data[i : i + piece] for i in range(0, len(data), piece)] or [b""]
+    return hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()
 
+
+def test_manifest_digests_are_those_of_the_files_on_disk(tmp_path, monkeypatch):
+    """The params digest is taken from the bytes as they are written (no read-back): it
+    must equal the piecewise SHA-256 of the file as it lies on disk, and every other
+    file's its plain SHA-256."""
+    monkeypatch.setattr(integrity, "PIECE_BYTES", 4096)  # pieces spanning tensors
     model = dj.init(dj.configs.get("llama-tiny", param_dtype="bfloat16"), jax.random.key(0))
     dj.save(model, tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"config.json", "program.json", "params.safetensors"}
     for name, digest in manifest["files"].items():
-        assert hashlib.sha256((tmp_path / "ck" / name).read_bytes()).hexdigest() == digest, name
+        data = (tmp_path / "ck" / name).read_bytes()
+        if name == "params.safetensors":
+            assert manifest["piece_bytes"] == 4096 and len(data) > 100 * 4096
+            assert _piecewise_sha256(data, manifest["piece_bytes"]) == digest
+        else:
+            assert hashlib.sha256(data).hexdigest() == digest, name
+    monkeypatch.undo()  # the loader hashes with the manifest's piece size, not the default
+    _leaves_equal_bits(dj.load(tmp_path / "ck").params, model.params)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 64, 1000])
+def test_piece_digest_is_the_sha256_of_its_pieces_digests(piece):
+    """However the stream is split into update() calls (pieces spanning calls, empty
+    calls, a stream that ends on a piece boundary or is empty), the digest is the naive
+    definition's."""
+    rng = np.random.default_rng(piece)
+    for size in (0, piece, 3 * piece, 1000):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        cuts = np.sort(rng.integers(0, size + 1, 5))
+        digest = integrity.PieceDigest(piece, workers=2)
+        for a, b in zip([0, *cuts], [*cuts, size]):
+            digest.update(np.frombuffer(data[a:b], np.uint8))
+        assert digest.hexdigest() == _piecewise_sha256(data, piece), (piece, size)
+        assert digest.hexdigest() == _piecewise_sha256(data, piece)  # idempotent
 
 
 def test_tied_table_keeps_its_row_count(tmp_path):

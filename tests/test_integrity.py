@@ -116,6 +116,32 @@ def test_version_1_checkpoints_still_load(small, tmp_path):
     )
 
 
+def test_version_2_checkpoints_still_load_and_are_checked(small, tmp_path):
+    """Version 2 recorded the plain SHA-256 of params.safetensors."""
+    ck = dj.save(small, tmp_path / "ck")
+    record = integrity.load_sealed(ck / "manifest.json")
+    del record["piece_bytes"]
+    record["version"] = 2
+    record["files"]["params.safetensors"] = integrity.sha256_file(ck / "params.safetensors")
+    integrity.write_sealed(ck / "manifest.json", record)
+    np.testing.assert_array_equal(
+        dj.load(ck).params["embed"]["tok"]["embedding"], small.params["embed"]["tok"]["embedding"]
+    )
+    _flip(ck / "params.safetensors", 8 * (ck / "params.safetensors").stat().st_size - 1)
+    with pytest.raises(CheckpointError, match="params.safetensors does not match"):
+        dj.load(ck)
+
+
+@pytest.mark.parametrize("piece", [None, 0, -4, 2.5, True])
+def test_manifest_without_a_valid_piece_size_is_refused(small, tmp_path, piece):
+    ck = dj.save(small, tmp_path / "ck")
+    record = integrity.load_sealed(ck / "manifest.json")
+    record["piece_bytes"] = piece
+    integrity.write_sealed(ck / "manifest.json", record)
+    with pytest.raises(CheckpointError, match="piece_bytes"):
+        dj.load(ck)
+
+
 def test_save_keeps_unrelated_files_and_its_directory_mode(small, tmp_path):
     ck = dj.save(small, tmp_path / "ck", files=[_tokenizer_file(tmp_path)])
     os.chmod(ck, 0o750)

@@ -7,10 +7,12 @@ A checkpoint is a directory:
     params.safetensors   every parameter leaf, keyed by its "/"-joined path
     (tokenizer files)    anything passed as save(..., files=), e.g. a tokenizer.json
     manifest.json        format version, the parameter tree ("dtype[shape]" per leaf, so
-                         empty subtrees survive) and the SHA-256 of every other file; a
-                         sealed record (depthjax.files.integrity), so an edit to any byte of any
-                         file -- config, program, weights, tokenizer or the manifest
-                         itself -- is detected on load
+                         empty subtrees survive) and the SHA-256 of every other file
+                         (params.safetensors': the piecewise SHA-256 of
+                         integrity.PieceDigest, hashed on every core, with its
+                         "piece_bytes"); a sealed record (depthjax.files.integrity), so an
+                         edit to any byte of any file -- config, program, weights,
+                         tokenizer or the manifest itself -- is detected on load
 
 A stitched model (dj.depth.stitch) is a directory of its own format, "depthjax-stitched":
 `front/` and `back/` (each a checkpoint as above: model a with its program cut to the first
@@ -49,7 +51,7 @@ from . import atomic, integrity, safetensors_io
 
 FORMAT = "depthjax-checkpoint"
 STITCHED = "depthjax-stitched"  # the format of a stitched model's directory
-VERSION = 2  # 1: a CRC-32 of params.safetensors only (still read)
+VERSION = 3  # 1: a CRC-32 of params.safetensors only; 2: its plain SHA-256 (both still read)
 FILES = ("config.json", "program.json", "params.safetensors", "manifest.json")
 
 
@@ -143,7 +145,7 @@ def save(model: DepthModel, path, *, files=()) -> Path:
         _write_json(tmp / "program.json", model.program.to_dict())
         # each leaf comes to the host as it is written: one leaf beyond the model at a
         # time; the file's digest is taken from the bytes written, not read back
-        params_digest = hashlib.sha256()
+        params_digest = integrity.PieceDigest()
         safetensors_io.write(
             tmp / "params.safetensors",
             [
@@ -166,6 +168,7 @@ def save(model: DepthModel, path, *, files=()) -> Path:
                 "version": VERSION,
                 "params": _describe(model.params),
                 "files": digests,
+                "piece_bytes": params_digest.piece_bytes,
             },
         )
     return path
@@ -229,7 +232,7 @@ def load(
         return _load_stitched(path, raw, verify, param_dtype)
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
-    if manifest.get("version") not in (1, VERSION):
+    if manifest.get("version") not in (1, 2, VERSION):
         raise CheckpointError(
             f"{path} has checkpoint version {manifest.get('version')}; "
             f"this depthjax reads versions 1..{VERSION}"
@@ -373,13 +376,16 @@ def _load_stitched(path: Path, raw: bytes, verify: bool, param_dtype: str | None
 
 def _read_params(file: Path, manifest: dict, digests: dict, verify: bool) -> dict:
     """{name: array} of params.safetensors, read once, checked against the manifest's
-    SHA-256 (or a version-1 CRC-32) as it is read when verify asks for it."""
+    digest as it is read when verify asks for it: piecewise SHA-256 (version 3), SHA-256
+    (2) or CRC-32 (1)."""
     v1 = manifest["version"] == 1
     hasher = None
     if verify and v1:
         hasher = _Crc32()
-    elif file.name in digests:
+    elif file.name in digests and manifest["version"] == 2:
         hasher = hashlib.sha256()
+    elif file.name in digests:
+        hasher = integrity.PieceDigest(manifest["piece_bytes"])
     if not file.exists():
         raise CheckpointError(f"{file.parent} is incomplete: {file.name} is missing")
     try:
@@ -434,16 +440,21 @@ def _cast_floats(params: dict, dtype) -> dict:
 
 def _check_manifest(manifest: dict, path: Path) -> None:
     """A sealed manifest whose digest is right may still lack what `save` writes."""
-    wanted = {"files": dict, "params": dict}
     wrong = [
         f"{key!r} ({'missing' if key not in manifest else type(manifest[key]).__name__})"
-        for key, tp in wanted.items()
-        if not isinstance(manifest.get(key), tp)
+        for key in ("files", "params")
+        if not isinstance(manifest.get(key), dict)
     ]
     if wrong:
         raise CheckpointError(
             f"{path / 'manifest.json'} is not a complete depthjax manifest: it needs the "
             f"mappings 'files' and 'params', got {', '.join(wrong)}"
+        )
+    piece = manifest.get("piece_bytes")
+    if manifest["version"] >= 3 and not (type(piece) is int and piece > 0):
+        raise CheckpointError(
+            f"{path / 'manifest.json'} is not a complete depthjax manifest: version "
+            f"{manifest['version']} needs 'piece_bytes' (a positive int), got {piece!r}"
         )
 
 

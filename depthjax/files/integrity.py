@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DepthjaxError
@@ -34,6 +35,67 @@ class IntegrityError(DepthjaxError):
 def sha256_file(path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+PIECE_BYTES = 16 * 2**20
+
+
+class PieceDigest:
+    """hashlib-like digest of a byte stream that hashes on several threads: SHA-256 over
+    the concatenated SHA-256 digests of the stream's consecutive `piece_bytes` pieces (the
+    last one shorter; an empty stream is one empty piece).
+
+    One SHA-256 is sequential (~1.8 GB/s here); pieces are hashed as they fill, on
+    `workers` threads (hashlib releases the GIL), so a writer or reader that feeds it is
+    not held to one core's hashing speed. `update` keeps a view of its data, no copy: the
+    caller must not change the data afterwards. The digest depends on `piece_bytes`, which
+    a record must therefore state beside it."""
+
+    def __init__(self, piece_bytes: int | None = None, workers: int | None = None):
+        piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
+        if not isinstance(piece_bytes, int) or piece_bytes <= 0:
+            raise ValueError(f"piece_bytes must be a positive int, got {piece_bytes!r}")
+        self.piece_bytes = piece_bytes
+        self._pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
+        self._pieces = []  # futures of the pieces' digests, in stream order
+        self._open: list[memoryview] = []  # the unfinished piece
+        self._filled = 0
+        self._digest: bytes | None = None
+
+    def update(self, data) -> None:
+        if self._digest is not None:
+            raise ValueError("update() after digest()")
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            take = min(self.piece_bytes - self._filled, view.nbytes)
+            self._open.append(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.piece_bytes:
+                self._close_piece()
+
+    def _close_piece(self) -> None:
+        parts, self._open, self._filled = self._open, [], 0
+        self._pieces.append(self._pool.submit(_sha256_of, parts))
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            if self._open or not self._pieces:
+                self._close_piece()
+            self._digest = hashlib.sha256(b"".join(p.result() for p in self._pieces)).digest()
+            self._pool.shutdown()
+            self._pieces = []
+        return self._digest
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+
+def _sha256_of(parts: list[memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.digest()
 
 
 def canonical(obj) -> bytes:

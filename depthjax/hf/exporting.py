@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -234,20 +235,26 @@ def save(
     rules = tensor_map.rules_for(out_cfg, model_type)
     layer_rules = [rule for rule in rules if rule.per_layer]
 
-    arrays, converted = folded.arrays, {}
+    arrays, converted = folded.arrays, {}  # {layer: future of its converted tensors}
     static = dict(target=out_cfg, model_type=model_type, dtype=model.config.param_dtype)
+    # One thread traces, compiles and dispatches the layers' conversions: layer 0's
+    # compile runs while the top-level tensors are made and written, and layer i + 1 is
+    # dispatched (asynchronously) while layer i is written, so memory holds two layers'
+    # converted tensors at most.
+    dispatcher = ThreadPoolExecutor(1)
+
+    def dispatch(layer: int) -> None:
+        if layer not in converted and layer < out_cfg.n_layers:
+            converted[layer] = dispatcher.submit(
+                _convert_layer, arrays, np.int32(layer), source=folded.model.config, **static
+            )
 
     def layer_tensor(layer: int, k: int) -> np.ndarray:
-        # the next layer is dispatched (asynchronously) while this one is written, so
-        # memory holds two layers' converted tensors at most
-        for i in (layer, layer + 1):
-            if i not in converted and i < out_cfg.n_layers:
-                converted[i] = _convert_layer(
-                    arrays, np.int32(i), source=folded.model.config, **static
-                )
+        dispatch(layer)
+        dispatch(layer + 1)
         for i in [i for i in converted if i < layer]:
             del converted[i]
-        return np.asarray(converted[layer][k])
+        return np.asarray(converted[layer].result()[k])
 
     def top_tensor(rule) -> np.ndarray:
         return np.asarray(_convert_top(top, name=rule.name, **static))
@@ -276,7 +283,11 @@ def save(
     for f in extra:
         if _is_weights_file(f.name) or not f.is_file():
             raise HFError(f"save(files=...): {f} is not a file that can go beside the weights")
-    with atomic.replacing(path, carry=lambda name: not _is_weights_file(name)) as tmp:
+    with (
+        dispatcher,
+        atomic.replacing(path, carry=lambda name: not _is_weights_file(name)) as tmp,
+    ):
+        dispatch(0)
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2)
         written = ["config.json"] + write(
