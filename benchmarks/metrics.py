@@ -289,7 +289,11 @@ def minilm_case(args):
         "\n## all-MiniLM-L6-v2, 6 leave-one-out block ablations, 128 sequences of 19 tokens; "
         + ("CPU seconds, one thread on one core each side" if args.one_core else "wall time")
     )
-    directory = tempfile.mkdtemp(prefix="depthjax-minilm-")
+    with tempfile.TemporaryDirectory(prefix="depthjax-minilm-") as directory:
+        _minilm_case(args, clock, directory)
+
+
+def _minilm_case(args, clock, directory):
     ckpt, tokens = _minilm(args.random_weights, os.path.join(directory, "model"))
     tokens_file = os.path.join(directory, "tokens.npy")
     np.save(tokens_file, tokens)

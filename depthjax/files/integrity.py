@@ -38,6 +38,7 @@ def sha256_file(path) -> str:
 
 
 PIECE_BYTES = 16 * 2**20
+HASH_THREADS = min(4, os.cpu_count() or 1)  # hashlib releases the GIL while it hashes
 
 
 class PieceDigest:
@@ -56,7 +57,7 @@ class PieceDigest:
         if not isinstance(piece_bytes, int) or piece_bytes <= 0:
             raise ValueError(f"piece_bytes must be a positive int, got {piece_bytes!r}")
         self.piece_bytes = piece_bytes
-        self._pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(workers or HASH_THREADS)
         self._pieces = []  # futures of the pieces' digests, in stream order
         self._open: list[memoryview] = []  # the unfinished piece
         self._filled = 0
@@ -160,17 +161,20 @@ def list_files(directory) -> list[str]:
 def file_digests(directory, names=None) -> dict[str, str]:
     """{relative posix path: sha256} of `names` (default: `list_files(directory)`)."""
     directory = Path(directory)
-    return {
-        name: sha256_file(directory / name)
-        for name in (list_files(directory) if names is None else names)
-    }
+    names = list_files(directory) if names is None else list(names)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        return dict(zip(names, pool.map(lambda name: sha256_file(directory / name), names)))
 
 
 def check_digests(directory, expected: dict[str, str]) -> None:
     """Raise IntegrityError for the first listed file that is missing, lies outside
     `directory`, or whose digest differs."""
-    for name, digest in sorted(expected.items()):
-        if sha256_file(_listed(directory, name)) != digest:
+    names = sorted(expected)
+    files = [_listed(directory, name) for name in names]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        found = list(pool.map(sha256_file, files))
+    for name, digest in zip(names, found):
+        if digest != expected[name]:
             raise IntegrityError(MISMATCH.format(name))
 
 
