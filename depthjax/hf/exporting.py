@@ -79,6 +79,16 @@ def _convert_top(top, *, name, target, model_type, dtype):
     return rule.to_hf(*(tensor_map.leaf_at(top, p) for p in rule.leaves)).astype(dtype)
 
 
+def _is_identity(fn, leaves, dtype) -> bool:
+    """Whether fn(*leaves) is leaves[0] itself, already in `dtype` (nothing to compute)."""
+    closed = jax.make_jaxpr(fn)(*leaves)
+    return (
+        not closed.eqns
+        and closed.jaxpr.outvars == closed.jaxpr.invars[:1]
+        and leaves[0].dtype == dtype
+    )
+
+
 def export_plan(
     model: DepthModel,
     *,
@@ -237,10 +247,9 @@ def save(
 
     arrays, converted = folded.arrays, {}  # {layer: future of its converted tensors}
     static = dict(target=out_cfg, model_type=model_type, dtype=model.config.param_dtype)
-    # One thread traces, compiles and dispatches the layers' conversions: layer 0's
-    # compile runs while the top-level tensors are made and written, and layer i + 1 is
-    # dispatched (asynchronously) while layer i is written, so memory holds two layers'
-    # converted tensors at most.
+    # One thread traces, compiles and runs the layers' conversions: layers 0 and 1 while
+    # the top-level tensors are made and written, then layer i + 1 while layer i is
+    # written, so memory holds two layers' converted tensors at most.
     dispatcher = ThreadPoolExecutor(1)
 
     def dispatch(layer: int) -> None:
@@ -257,6 +266,9 @@ def save(
         return np.asarray(converted[layer].result()[k])
 
     def top_tensor(rule) -> np.ndarray:
+        leaves = [tensor_map.leaf_at(top, p) for p in rule.leaves]
+        if _is_identity(rule.to_hf, leaves, dtype):  # e.g. the embedding: no copy, no compile
+            return np.asarray(leaves[0])
         return np.asarray(_convert_top(top, name=rule.name, **static))
 
     def hf_shape(rule, leaf_shape) -> tuple[int, ...]:
@@ -288,6 +300,7 @@ def save(
         atomic.replacing(path, carry=lambda name: not _is_weights_file(name)) as tmp,
     ):
         dispatch(0)
+        dispatch(1)
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2)
         written = ["config.json"] + write(
