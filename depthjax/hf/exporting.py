@@ -247,11 +247,11 @@ def save(
 
     arrays, converted = folded.arrays, {}  # {layer: future of its converted tensors}
     static = dict(target=out_cfg, model_type=model_type, dtype=model.config.param_dtype)
-    # One thread traces, compiles and runs the layers' conversions: layers 0 and 1 while
-    # the top-level tensors are made and written, then layer i + 1 while layer i is
-    # written, so memory holds two layers' converted tensors at most.
-    dispatcher = ThreadPoolExecutor(1)
 
+    # One thread (`dispatcher`, opened with the staging directory below) traces, compiles
+    # and runs the layers' conversions: layers 0 and 1 while the top-level tensors are
+    # made and written, then layer i + 1 while layer i is written, so memory holds two
+    # layers' converted tensors at most.
     def dispatch(layer: int) -> None:
         if layer not in converted and layer < out_cfg.n_layers:
             converted[layer] = dispatcher.submit(
@@ -296,7 +296,7 @@ def save(
         if _is_weights_file(f.name) or not f.is_file():
             raise HFError(f"save(files=...): {f} is not a file that can go beside the weights")
     with (
-        dispatcher,
+        ThreadPoolExecutor(1) as dispatcher,
         atomic.replacing(path, carry=lambda name: not _is_weights_file(name)) as tmp,
     ):
         dispatch(0)
