@@ -12,7 +12,8 @@ the linear constraint holds exactly at every step); models of --depths are expan
 its learngene and fine-tuned for --tune-steps steps. The baseline trains each depth from
 scratch for --aux-steps + --tune-steps steps (the same number of steps as the expanded
 model's whole history; TLEG's cost per depth is lower, since the auxiliary run is shared).
-Every number is reported as mean +- standard deviation over the seeds.
+Every number is reported as mean ± standard deviation with its 95% t-interval over the
+seeds, and TLEG and scratch are compared paired by seed.
 """
 
 from __future__ import annotations
@@ -123,47 +124,35 @@ def main(argv=None):
                 f"scratch {losses[f'scratch depth {d}'][-1]:.4f}"
             )
 
-    stat = lambda xs: (float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
-    rows = []
-    for d in depths:
-        t, s = stat(losses[f"tleg depth {d}"]), stat(losses[f"scratch depth {d}"])
-        rows.append([d, f"{t[0]:.4f} +- {t[1]:.4f}", f"{s[0]:.4f} +- {s[1]:.4f}"])
-    aux_m = stat(aux_losses)
-    report.plot_curves(
+    rows = [
+        [d, common.fmt(losses[f"tleg depth {d}"]), common.fmt(losses[f"scratch depth {d}"])]
+        for d in depths
+    ]
+    means, bands = common.mean_bands(
         {
-            "TLEG (expanded + tuned)": np.array(
-                [stat(losses[f"tleg depth {d}"])[0] for d in depths]
-            ),
-            "from scratch": np.array([stat(losses[f"scratch depth {d}"])[0] for d in depths]),
-        },
+            name: np.array([losses[f"{k} depth {d}"] for d in depths]).T  # [seeds, depths]
+            for name, k in (("TLEG (expanded + tuned)", "tleg"), ("from scratch", "scratch"))
+        }
+    )
+    report.plot_curves(
+        means,
         out / "tleg_vs_scratch.png",
         xlabel=f"depth index ({', '.join(map(str, depths))})",
-        title=f"TLEG vs scratch, mean over {args.seeds} seeds",
-        bands={
-            name: (
-                np.array(
-                    [
-                        stat(losses[f"{k} depth {d}"])[0] - stat(losses[f"{k} depth {d}"])[1]
-                        for d in depths
-                    ]
-                ),
-                np.array(
-                    [
-                        stat(losses[f"{k} depth {d}"])[0] + stat(losses[f"{k} depth {d}"])[1]
-                        for d in depths
-                    ]
-                ),
-            )
-            for name, k in (("TLEG (expanded + tuned)", "tleg"), ("from scratch", "scratch"))
-        },
+        title=f"TLEG vs scratch, mean ± std over {args.seeds} seeds",
+        bands=bands,
     )
     sections = [
         f"Auxiliary: {args.aux_depth} steps parameterized by the learngene, {aux_steps} training "
-        f"steps; its validation loss {aux_m[0]:.4f} +- {aux_m[1]:.4f}. Expanded models are "
+        f"steps; its validation loss {common.fmt(aux_losses)}. Expanded models are "
         f"fine-tuned for {args.tune_steps} steps; scratch models train for "
         f"{aux_steps + args.tune_steps} steps. Steps of {args.batch_size}x{args.seq_len} tokens.",
-        f"## Validation loss (mean +- std over {args.seeds} seeds)\n\n"
+        f"## Validation loss (mean ± std [95% interval] over {args.seeds} seeds)\n\n"
         + common.md_table(["depth", "TLEG", "from scratch"], rows),
+        "## TLEG minus scratch, paired by seed\n\n"
+        + "\n".join(
+            common.compared(f"depth {d}", losses[f"tleg depth {d}"], losses[f"scratch depth {d}"])
+            for d in depths
+        ),
     ]
     common.write_results(
         args,
