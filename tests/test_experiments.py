@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
 import depthjax as dj
 
@@ -289,7 +290,12 @@ def test_tleg_script(cache, tmp_path):
     out, md, data = run("14_tleg", cache, tmp_path, *flags)
     assert (out / "tleg_vs_scratch.png").stat().st_size > 1000
     assert all(len(v) == 2 and np.isfinite(v).all() for v in data["losses"].values())
-    assert "+-" in md
+    for d in (2, 3):  # every figure with its interval, and TLEG - scratch paired by seed
+        tleg, scratch = data["losses"][f"tleg depth {d}"], data["losses"][f"scratch depth {d}"]
+        lo, hi = stats.t.interval(0.95, 1, loc=np.mean(tleg), scale=stats.sem(tleg))
+        assert f"{np.mean(tleg):.4f} ± {np.std(tleg, ddof=1):.4f} [{lo:.4f}, {hi:.4f}]" in md
+        diff = np.subtract(tleg, scratch)
+        assert f"- depth {d}: {np.mean(diff):.4f} ± {np.std(diff, ddof=1):.4f}" in md
 
 
 @pytest.mark.slow
