@@ -232,7 +232,7 @@ def load(
         return _load_stitched(path, raw, verify, param_dtype)
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a depthjax checkpoint (manifest format {found!r})")
-    if manifest.get("version") not in (1, 2, VERSION):
+    if manifest.get("version") not in range(1, VERSION + 1):
         raise CheckpointError(
             f"{path} has checkpoint version {manifest.get('version')}; "
             f"this depthjax reads versions 1..{VERSION}"

@@ -99,6 +99,12 @@ def _sha256_of(parts: list[memoryview]) -> bytes:
     return h.digest()
 
 
+def _sha256_files(paths) -> list[str]:
+    """sha256_file of each path, on HASH_THREADS threads."""
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def canonical(obj) -> bytes:
     return (
         json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
@@ -162,17 +168,14 @@ def file_digests(directory, names=None) -> dict[str, str]:
     """{relative posix path: sha256} of `names` (default: `list_files(directory)`)."""
     directory = Path(directory)
     names = list_files(directory) if names is None else list(names)
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        return dict(zip(names, pool.map(lambda name: sha256_file(directory / name), names)))
+    return dict(zip(names, _sha256_files([directory / name for name in names])))
 
 
 def check_digests(directory, expected: dict[str, str]) -> None:
     """Raise IntegrityError for the first listed file that is missing, lies outside
     `directory`, or whose digest differs."""
     names = sorted(expected)
-    files = [_listed(directory, name) for name in names]
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        found = list(pool.map(sha256_file, files))
+    found = _sha256_files([_listed(directory, name) for name in names])
     for name, digest in zip(names, found):
         if digest != expected[name]:
             raise IntegrityError(MISMATCH.format(name))
